@@ -1,0 +1,51 @@
+"""Attack objectives on logits, shared by every attack."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def other_max(logits: Tensor, label: Tensor) -> Tensor:
+    """max_{j != label} Z_j, with the label's logit masked by -inf (not by a zero one-hot,
+    which is wrong when every other logit is negative; torchattacks #184)."""
+    masked = logits.scatter(1, label[:, None], float("-inf"))
+    return masked.amax(dim=1)
+
+
+def other_max_index(logits: Tensor, label: Tensor) -> Tensor:
+    """argmax_{j != label} Z_j per sample, shape (N,)."""
+    return logits.scatter(1, label[:, None], float("-inf")).argmax(dim=1)
+
+
+def margin(logits: Tensor, label: Tensor, targeted: bool) -> Tensor:
+    """Signed margin that is <= 0 exactly when the attack succeeds (ties aside).
+
+    Targeted: max_{j != t} Z_j - Z_t. Untargeted: Z_{t0} - max_{j != t0} Z_j.
+    """
+    own = logits.gather(1, label[:, None])[:, 0]
+    rest = other_max(logits, label)
+    return rest - own if targeted else own - rest
+
+
+def cw_loss(logits: Tensor, label: Tensor, targeted: bool, kappa: float) -> Tensor:
+    """Carlini-Wagner hinge f_kappa = max(margin + kappa, 0), per sample, shape (N,)."""
+    return torch.clamp(margin(logits, label, targeted) + kappa, min=0.0)
+
+
+def ascent_objective(logits: Tensor, label: Tensor, targeted: bool, loss: str) -> Tensor:
+    """Per-sample objective an attack maximises: CE on the true label (untargeted), minus CE
+    on the target (targeted), or the negated margin."""
+    if loss == "ce":
+        ce = F.cross_entropy(logits, label, reduction="none")
+        return -ce if targeted else ce
+    if loss == "margin":
+        return -margin(logits, label, targeted)
+    raise ValueError(f"attack.loss must be 'ce' or 'margin', got {loss!r}")
+
+
+def is_success(logits: Tensor, y: Tensor, target: Tensor | None, targeted: bool) -> Tensor:
+    """Per-sample success from logits: prediction equals the target, or differs from y."""
+    pred = logits.argmax(dim=1)
+    return pred == target if targeted else pred != y

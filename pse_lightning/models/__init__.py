@@ -1,0 +1,15 @@
+"""Models take [0, 1] images; normalisation, hook names and heads live on the model."""
+
+from pse_lightning.models.checkpoint import CheckpointError, load_weights, save_checkpoint
+from pse_lightning.models.classifier import Classifier
+from pse_lightning.models.small_cnn import SmallCNN
+from pse_lightning.models.torchvision_nets import TorchvisionClassifier
+
+__all__ = [
+    "CheckpointError",
+    "Classifier",
+    "SmallCNN",
+    "TorchvisionClassifier",
+    "load_weights",
+    "save_checkpoint",
+]

@@ -1,0 +1,95 @@
+"""Argument checks shared by every configurable class.
+
+Each check names the config key it guards, so a bad override fails with a message that
+says which key to change and to what, before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def require_positive(key: str, value: float) -> float:
+    """Return ``value`` if it is a finite number > 0, else raise naming ``key``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{key} must be > 0, got {value}")
+    return float(value)
+
+
+def require_non_negative(key: str, value: float) -> float:
+    """Return ``value`` if it is a finite number >= 0, else raise naming ``key``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{key} must be >= 0, got {value}")
+    return float(value)
+
+
+def require_in_range(
+    key: str, value: float, low: float, high: float, *, low_open: bool = False, hint: str = ""
+) -> float:
+    """Return ``value`` if it lies in [low, high] (or (low, high] with ``low_open``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        suffix = f"; {hint}" if hint else ""
+        raise ValueError(f"{key} must be in {bracket}{low}, {high}], got {value}{suffix}")
+    return float(value)
+
+
+def require_at_least(key: str, value: int, minimum: int) -> int:
+    """Return ``value`` if it is an integer >= ``minimum``, else raise naming ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def require_choice(key: str, value: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise listing them."""
+    options = list(choices)
+    if value not in options:
+        raise ValueError(f"{key} must be one of {options}, got {value!r}")
+    return value
+
+
+def require_images(name: str, x: Tensor) -> None:
+    """Check that ``x`` is a finite float (N, C, H, W) batch in [0, 1].
+
+    Attacks and analyses work in pixel space; normalisation lives inside the model. A batch
+    outside [0, 1] almost always means the data pipeline normalised it, which silently
+    rescales every epsilon (torchattacks #63, foolbox #145).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values; check the data pipeline")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; remove the "
+            "Normalize transform from the data: normalisation lives inside the model"
+        )
+
+
+def require_labels(name: str, y: Tensor, batch: int, num_classes: int) -> None:
+    """Check that ``y`` is an integer (N,) label vector with values in [0, num_classes)."""
+    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor of class indices")
+    if y.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
