@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m pse_lightning.bench [attacks|pse|cam|dissection|ddp ...]``."""
