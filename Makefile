@@ -1,0 +1,43 @@
+# Set-up is part of every target: a fresh checkout needs only `make run` or `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The torch pair this project is tested with; override for another CUDA build, e.g.
+# make test TORCH_SPEC="torch==2.5.1 torchvision==0.20.1".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= test,peers,launchers
+
+.PHONY: install run test test-all bench lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+run: $(STAMP)  ## the main job on the embedded default (pass ARGS="key=value ...")
+	$(PY) -m pse_lightning $(ARGS)
+
+test: $(STAMP)  ## the fast test suite
+	$(PY) -m pytest $(ARGS)
+
+test-all: $(STAMP)  ## every test, the slow ones (DDP, multirun, cross-checks) included
+	$(PY) -m pytest -m "slow or not slow" $(ARGS)
+
+bench: $(STAMP)  ## benchmarks: ratios to the forward+backward floor and to peer libraries
+	$(PY) -m pse_lightning.bench $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pse_lightning tests
+	$(VENV)/bin/ruff format --check pse_lightning tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format pse_lightning tests
+	$(VENV)/bin/ruff check --fix pse_lightning tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,237 @@
+"""Pure tensor cores of the image-level analysis (METHODS.md section 3).
+
+Class activation maps (Zhou et al., 2016) and Grad-CAM (Selvaraju et al., 2017), their
+upsampling, normalisation and binarisation, and the interpretability score of a
+perturbation against a mask with its random-mask baselines. Tensors in, tensors out: no
+model, no state, everything batched with one target and one normalisation per image
+(pytorch-grad-cam #264 normalised over the whole batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Ties between a shifted and the original score are decided with this slack on IS^2 (a
+# number in [0, 1]), far above the float64 FFT round-off (~1e-15) and far below any
+# meaningful difference.
+_TIE_SLACK = 1e-9
+
+
+def weighted_channel_sum(features: Tensor, weights: Tensor) -> Tensor:
+    """sum_k weights[n, k] * features[n, k]: the map shared by CAM and Grad-CAM.
+
+    Args:
+        features: (N, K, h, w) activations A_k of the feature layer.
+        weights: (N, K) one channel-weight vector per image (its own target class).
+
+    Returns:
+        (N, h, w) raw maps, not rectified, not normalised.
+    """
+    if features.dim() != 4 or weights.shape != features.shape[:2]:
+        raise ValueError(
+            f"features must be (N, K, h, w) and weights (N, K); got {tuple(features.shape)} "
+            f"and {tuple(weights.shape)}"
+        )
+    return torch.einsum("nk,nkhw->nhw", weights.to(features.dtype), features)
+
+
+def cam_weights(head_weight: Tensor, target: Tensor) -> Tensor:
+    """CAM channel weights w_{c,k}: the head's row of each image's target class.
+
+    Args:
+        head_weight: (num_classes, K) weight of the linear layer after global average
+            pooling.
+        target: (N,) class per image.
+
+    Returns:
+        (N, K).
+    """
+    return head_weight[target]
+
+
+def gradcam_weights(grad: Tensor) -> Tensor:
+    """Grad-CAM channel weights alpha_k = mean_{u,v} dZ_c / dA_k(u, v).
+
+    On a GAP + linear head dZ_c / dA_k(u, v) = w_{c,k} / (h w) at every position, so these
+    are the CAM weights divided by h w (the identity the tests check).
+
+    Args:
+        grad: (N, K, h, w) gradient of each image's target logit w.r.t. the features.
+
+    Returns:
+        (N, K).
+    """
+    return grad.mean(dim=(2, 3))
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of (N, h, w) maps to (N, H, W), align_corners=False.
+
+    The mode is explicit because the default differs between libraries and shifts the maps
+    by half a cell.
+    """
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def minmax_normalise(maps: Tensor) -> Tensor:
+    """Scale each (h, w) map of an (N, h, w) batch to [0, 1] on its own.
+
+    A constant map carries no localisation and becomes all zeros, so it thresholds to an
+    empty mask instead of dividing by zero.
+    """
+    flat = maps.flatten(1)
+    low = flat.amin(dim=1, keepdim=True)
+    span = flat.amax(dim=1, keepdim=True) - low
+    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(maps.dtype).tiny),
+                         torch.zeros_like(flat))
+    return scaled.view_as(maps)
+
+
+def threshold_mask(maps: Tensor, threshold: float) -> Tensor:
+    """B = 1[M >= threshold] on normalised (N, H, W) maps; the CAM paper uses 0.2."""
+    return maps >= threshold
+
+
+def top_area_mask(maps: Tensor, area: float) -> Tensor:
+    """The round(area * H * W) highest-scoring pixels of each (N, H, W) map (at least one).
+
+    Unlike a value threshold this gives every image the same mask area, so scores compare
+    across images whose maps are flat or peaked.
+    """
+    n, h, w = maps.shape
+    k = min(h * w, max(1, round(area * h * w)))
+    flat = maps.flatten(1)
+    top = flat.topk(k, dim=1).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    return mask.view(n, h, w)
+
+
+def dilate_mask(mask: Tensor, radius: int) -> Tensor:
+    """Binary dilation of (N, H, W) masks by a (2 radius + 1)^2 square."""
+    if radius <= 0:
+        return mask
+    grown = F.max_pool2d(mask[:, None].float(), 2 * radius + 1, stride=1, padding=radius)
+    return grown[:, 0] > 0
+
+
+def pixel_energy(delta: Tensor) -> Tensor:
+    """Squared perturbation per pixel, summed over channels: (N, C, H, W) -> (N, H, W)."""
+    return delta.pow(2).sum(dim=1)
+
+
+def interpretability_score(delta: Tensor, mask: Tensor) -> Tensor:
+    """IS(delta, B) = ||B * delta||_2 / ||delta||_2, B broadcast over channels.
+
+    Args:
+        delta: (N, C, H, W) perturbation.
+        mask: (N, H, W) bool or {0, 1} mask.
+
+    Returns:
+        (N,) scores in [0, 1]; 0 where delta is zero (no perturbation has no location).
+    """
+    energy = pixel_energy(delta.double())
+    inside = (energy * mask.to(energy.dtype)).flatten(1).sum(dim=1)
+    total = energy.flatten(1).sum(dim=1)
+    score = torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+    return score.sqrt().to(delta.dtype)
+
+
+def mask_area(mask: Tensor) -> Tensor:
+    """Area share a = mean(B) of each (N, H, W) mask, shape (N,).
+
+    A random pixel mask that holds each pixel with probability a has E[IS^2] = a exactly
+    (E||B * delta||^2 = sum_i a delta_i^2), so a (and sqrt(a) on the IS scale) is the
+    random-mask baseline and IS^2 / a the lift over it.
+    """
+    return mask.flatten(1).float().mean(dim=1)
+
+
+def shifted_scores(energy: Tensor, mask: Tensor) -> Tensor:
+    """IS^2 of the perturbation for every cyclic shift of the mask, by FFT.
+
+    Entry [n, i, j] is sum_p e(p) B(p - (i, j)) / sum_p e(p), i.e. the score against
+    ``torch.roll(B, (i, j), dims=(-2, -1))``; [n, 0, 0] is the unshifted score. A cyclic
+    shift keeps the mask's shape and area, so it is a baseline that respects the blob
+    structure a pixelwise random mask destroys. Cross-correlation by FFT costs
+    O(H W log(H W)) per image for all H W shifts at once; float64 keeps it exact to ~1e-15.
+
+    Args:
+        energy: (N, H, W) per-pixel squared perturbation (:func:`pixel_energy`).
+        mask: (N, H, W) bool mask.
+
+    Returns:
+        (N, H, W) float64; rows of a zero perturbation are all zero.
+    """
+    h, w = energy.shape[-2:]
+    e = energy.double()
+    b = mask.double()
+    corr = torch.fft.irfft2(torch.fft.rfft2(e) * torch.fft.rfft2(b).conj(), s=(h, w))
+    total = e.flatten(1).sum(dim=1).view(-1, 1, 1)
+    return torch.where(total > 0, corr / total.clamp_min(torch.finfo(e.dtype).tiny), 0.0)
+
+
+def choose_shifts(height: int, width: int, count: int | None, seed: int) -> Tensor:
+    """``count`` distinct nonzero cyclic shifts of an H x W grid as flat indices i * W + j.
+
+    The same shifts serve every image (drawn once from ``seed`` on the CPU), so a sample's
+    p-value never depends on its batch or process. ``count=None`` (or more than there are)
+    takes every nonzero shift.
+    """
+    nonzero = height * width - 1
+    if count is None or count >= nonzero:
+        return torch.arange(1, nonzero + 1)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(nonzero, generator=gen)[:count] + 1
+
+
+def cyclic_shift_pvalue(energy: Tensor, mask: Tensor, shifts: Tensor) -> Tensor:
+    """Empirical p = (1 + #{r: IS_r >= IS}) / (R + 1) over R cyclic shifts of the mask.
+
+    Small p means the perturbation concentrates in the mask more than in a mask of the same
+    shape placed elsewhere. Ties count against the mask (conservative).
+
+    Args:
+        energy: (N, H, W) per-pixel squared perturbation.
+        mask: (N, H, W) bool.
+        shifts: (R,) flat shift indices from :func:`choose_shifts`.
+
+    Returns:
+        (N,) p-values in [1 / (R + 1), 1].
+    """
+    scores = shifted_scores(energy, mask).flatten(1)
+    observed = scores[:, :1]
+    shifted = scores[:, shifts.to(scores.device)]
+    exceed = (shifted >= observed - _TIE_SLACK).sum(dim=1)
+    return ((1 + exceed).double() / (len(shifts) + 1)).to(energy.dtype)
+
+
+def masked_share(attribution: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Share of a non-negative attribution that falls inside a mask.
+
+    Args:
+        attribution: (N, C, H, W) non-negative per-coordinate mass (promotion or
+            suppression).
+        mask: (N, H, W) bool, broadcast over channels.
+
+    Returns:
+        (share, valid): (N,) share in [0, 1] (0 where the total is 0) and (N,) bool, True
+        where the total is positive.
+    """
+    per_pixel = attribution.double().sum(dim=1)
+    total = per_pixel.flatten(1).sum(dim=1)
+    inside = (per_pixel * mask.double()).flatten(1).sum(dim=1)
+    valid = total > 0
+    share = torch.where(valid, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+    return share.to(attribution.dtype), valid
+
+
+def cell_radius(image_size: tuple[int, int], map_size: tuple[int, int], cells: int) -> int:
+    """Pixels spanned by ``cells`` feature-map cells at the image's resolution."""
+    if cells <= 0:
+        return 0
+    ratio = max(image_size[0] / map_size[0], image_size[1] / map_size[1])
+    return int(math.ceil(cells * ratio))

@@ -1,0 +1,70 @@
+"""Attack metrics of an evaluation, reduced exactly across processes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from pse_lightning.attacks.norms import flat_norm
+
+
+class AttackMetrics(Metric):
+    """Clean and adversarial accuracy, success rates and perturbation norms.
+
+    Counts are ``sum`` states. Perturbation norms are one float per sample, kept as ``cat``
+    states with their dataset index so the median is exact and a sample seen twice (a
+    padded DDP shard) would be detected instead of silently counted twice.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("total", "clean_correct", "adv_correct", "success", "success_on_correct"):
+            self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("index", [], dist_reduce_fx="cat")
+        self.add_state("l2", [], dist_reduce_fx="cat")
+        self.add_state("linf", [], dist_reduce_fx="cat")
+        self.add_state("succeeded", [], dist_reduce_fx="cat")
+
+    def update(self, x: Tensor, x_adv: Tensor, y: Tensor, logits_clean: Tensor,
+               logits_adv: Tensor, success: Tensor, index: Tensor) -> None:
+        clean_ok = logits_clean.argmax(dim=1) == y
+        self.total += len(y)
+        self.clean_correct += clean_ok.sum()
+        self.adv_correct += (logits_adv.argmax(dim=1) == y).sum()
+        self.success += success.sum()
+        self.success_on_correct += (success & clean_ok).sum()
+        delta = x_adv - x
+        self.index.append(index)
+        self.l2.append(flat_norm(delta, "l2"))
+        self.linf.append(flat_norm(delta, "linf"))
+        self.succeeded.append(success)
+
+    def compute(self) -> dict[str, Tensor]:
+        index = dim_zero_cat(self.index)
+        if index.numel() != int(self.total) or index.unique().numel() != index.numel():
+            raise RuntimeError(
+                f"evaluation saw {int(self.total)} samples but {index.unique().numel()} distinct "
+                "indices: a sampler padded or duplicated data; use the datamodule's loaders"
+            )
+        total = self.total.clamp_min(1).float()
+        ok = dim_zero_cat(self.succeeded).bool()
+        l2, linf = dim_zero_cat(self.l2)[ok], dim_zero_cat(self.linf)[ok]
+        nan = torch.tensor(float("nan"), device=total.device)
+        return {
+            "samples": self.total.float(),
+            "clean_acc": self.clean_correct / total,
+            "robust_acc": self.adv_correct / total,
+            "success_rate": self.success / total,
+            "success_rate_on_correct": self.success_on_correct
+            / self.clean_correct.clamp_min(1).float(),
+            "l2_mean": l2.mean() if l2.numel() else nan,
+            "l2_median": l2.median() if l2.numel() else nan,
+            "linf_mean": linf.mean() if linf.numel() else nan,
+            "linf_median": linf.median() if linf.numel() else nan,
+        }

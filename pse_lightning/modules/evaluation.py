@@ -1,0 +1,111 @@
+"""EvaluationModule: clean forward, attack, adversarial forward, analyses; per test batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.utilities import dim_zero_cat
+
+from pse_lightning.analysis.base import AdversarialBatch, Analysis
+from pse_lightning.attacks.base import Attack
+from pse_lightning.modules.attack_metrics import AttackMetrics
+
+
+class EvaluationModule(pl.LightningModule):
+    """Runs an attack on every test batch and feeds the result to each analysis.
+
+    Only orchestration lives here: attacks and analyses are plain objects usable without
+    Lightning. All metrics are torchmetrics states reduced at epoch end on every rank; the
+    computed results are kept in ``self.results`` for the pipeline to report on rank zero.
+
+    Args:
+        model: a :class:`~pse_lightning.models.Classifier` (kept in eval mode).
+        attack: the attack to run.
+        analyses: name -> analysis.
+        log_examples: keep images of the samples with dataset index < this for the report.
+    """
+
+    def __init__(self, model: nn.Module, attack: Attack,
+                 analyses: Mapping[str, Analysis] | None = None, log_examples: int = 8) -> None:
+        super().__init__()
+        self.model = model
+        self.attack = attack
+        self.analyses = nn.ModuleDict(dict(analyses or {}))
+        self.attack_metrics = AttackMetrics()
+        self.log_examples = int(log_examples)
+        self.examples: dict[str, list[Tensor]] = {}
+        self.results: dict[str, Any] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def on_test_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("attacks need gradients: set trainer.inference_mode=false")
+        self.model.eval()
+        self.examples = {k: [] for k in ("index", "x", "x_adv", "y", "pred_clean", "pred_adv")}
+        for analysis in self.analyses.values():
+            analysis.prepare(self.model, self.trainer.datamodule)
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        x, y, index = batch
+        with torch.no_grad():
+            logits_clean = self.model(x)
+        result = self.attack(self.model, x, y, index=index)
+        self.attack_metrics.update(x, result.x_adv, y, logits_clean, result.logits_adv,
+                                   result.success, index)
+        adv = AdversarialBatch(
+            x=x, y=y, index=index, logits_clean=logits_clean, x_adv=result.x_adv,
+            logits_adv=result.logits_adv, target=result.target, success=result.success,
+            targeted=result.targeted, extras=result.extras,
+        )
+        with torch.enable_grad():
+            for analysis in self.analyses.values():
+                analysis.update(self.model, adv)
+        self._keep_examples(adv)
+
+    def _keep_examples(self, adv: AdversarialBatch) -> None:
+        keep = adv.index < self.log_examples
+        if keep.any():
+            for key, value in (("index", adv.index), ("x", adv.x), ("x_adv", adv.x_adv),
+                               ("y", adv.y), ("pred_clean", adv.logits_clean.argmax(1)),
+                               ("pred_adv", adv.logits_adv.argmax(1))):
+                self.examples[key].append(value[keep].detach().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        scalars = {f"test/{k}": v for k, v in self.attack_metrics.compute().items()}
+        analysis_results = {}
+        for name, analysis in self.analyses.items():
+            computed = analysis.compute()
+            analysis_results[name] = computed
+            for key, value in computed.items():
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    scalars[f"test/{name}/{key}"] = value.float()
+        self.log_dict(scalars, sync_dist=False)
+        self.results = {
+            "scalars": {k: float(v) for k, v in scalars.items()},
+            "analyses": analysis_results,
+            "examples": self._gather_examples(),
+        }
+        self.attack_metrics.reset()
+        for analysis in self.analyses.values():
+            analysis.reset()
+
+    def _gather_examples(self) -> dict[str, Tensor]:
+        """All ranks' kept examples, sorted by dataset index (the same under any sharding)."""
+        local = {k: (torch.cat(v) if v else None) for k, v in self.examples.items()}
+        if self.trainer.world_size > 1:
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, local)
+            parts = [g for g in gathered if g["index"] is not None]
+        else:
+            parts = [local] if local["index"] is not None else []
+        if not parts:
+            return {}
+        merged = {k: dim_zero_cat([p[k] for p in parts]) for k in local}
+        order = merged["index"].argsort()
+        return {k: v[order] for k, v in merged.items()}

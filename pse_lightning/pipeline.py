@@ -1,0 +1,177 @@
+"""Compose the run's objects from the config and run its stages.
+
+``run(cfg)`` is the whole program behind ``python -m pse_lightning``: instantiate every
+component first (so a bad value fails before any heavy work), get a trained model (given
+checkpoint, cached checkpoint, or train one), evaluate it under attack with the analyses,
+and write the report. The logger is finished in ``finally`` so a failed job cannot stall
+or merge into the next job of a multirun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
+
+from pse_lightning.analysis.base import Analysis
+from pse_lightning.attacks.base import Attack
+from pse_lightning.data.base import ImageDataModule
+from pse_lightning.models.checkpoint import cache_path, config_digest, load_weights, save_checkpoint
+from pse_lightning.models.classifier import Classifier
+from pse_lightning.modules.evaluation import EvaluationModule
+from pse_lightning.modules.report_writer import ReportWriter
+from pse_lightning.modules.training import TrainingModule
+from pse_lightning.reporting.loggers import finish_logger
+from pse_lightning.validation import require_at_least, require_choice
+
+log = logging.getLogger(__name__)
+STAGES = ("auto", "fit", "evaluate")
+# Dataset keys that change how data is served, not what the model learns from.
+_SERVING_KEYS = ("batch_size", "num_workers", "eval_samples", "root", "download")
+
+
+@dataclass
+class Components:
+    """Everything a run is made of, instantiated and validated."""
+
+    datamodule: ImageDataModule
+    model: Classifier
+    attack: Attack
+    analyses: dict[str, Analysis]
+    logger: Logger | None
+
+
+def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """``analysis`` is empty (none), or maps names to analysis configs."""
+    node = cfg.get("analysis")
+    if node is None:
+        return {}
+    if "_target_" in node:
+        raise ValueError("the analysis group must map names to configs (analysis.pse, ...); "
+                         "start single analysis files with `# @package _group_.<name>`")
+    return {name: sub for name, sub in node.items() if sub is not None}
+
+
+def model_name(cfg: DictConfig) -> str:
+    return str(cfg.model.get("arch") or cfg.model._target_.rsplit(".", 1)[-1].lower())
+
+
+def build(cfg: DictConfig) -> Components:
+    """Instantiate and validate every component; heavy work (data, training) comes later."""
+    require_choice("stage", cfg.stage, STAGES)
+    require_at_least("log_examples", cfg.log_examples, 0)
+    datamodule = instantiate(cfg.dataset)
+    attack = instantiate(cfg.attack)
+    analyses = {name: instantiate(sub) for name, sub in _analysis_configs(cfg).items()}
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(
+        cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
+        mean=list(datamodule.mean), std=list(datamodule.std), image_size=datamodule.image_size,
+    )
+    return Components(datamodule, model, attack, analyses, logger)
+
+
+def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[str, Any]:
+    """What a cached checkpoint must match: names plus a hash of every learning-relevant key."""
+    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+               if k not in _SERVING_KEYS}
+    training = OmegaConf.to_container(cfg.training, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return {
+        "model": model_name(cfg),
+        "dataset": datamodule.name,
+        "training": str(cfg.training.name),
+        "num_classes": datamodule.num_classes,
+        "digest": config_digest(model, dataset, training, cfg.seed),
+    }
+
+
+def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl.Trainer:
+    return instantiate(cfg.trainer, logger=logger if logger is not None else False, **overrides)
+
+
+def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]) -> None:
+    """Train the model with the configured objective and cache its weights at ``path``."""
+    require_at_least("training.epochs", cfg.training.epochs, 1)
+    module = TrainingModule(
+        parts.model,
+        objective=instantiate(cfg.training.objective),
+        optimizer=instantiate(cfg.training.optimizer),
+        scheduler=instantiate(cfg.training.scheduler) if cfg.training.get("scheduler") else None,
+    )
+    trainer = make_trainer(cfg, parts.logger, max_epochs=cfg.training.epochs)
+    trainer.fit(module, datamodule=parts.datamodule)
+    val_acc = trainer.callback_metrics.get("val/acc")
+    meta = {**identity, "val_acc": None if val_acc is None else float(val_acc)}
+    if trainer.is_global_zero:
+        save_checkpoint(path, parts.model, meta)
+        log.info("checkpoint saved to %s (val/acc %s)", path, meta["val_acc"])
+
+
+def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, float]:
+    """Attack the test split, run the analyses and write the report; returns the scalars."""
+    run_dir = Path(cfg.paths.run_dir)
+    setup = {
+        "dataset": parts.datamodule.name,
+        "model": model_name(cfg),
+        "training": str(cfg.training.name),
+        "checkpoint": str(checkpoint),
+        "attack": f"{parts.attack.name} {OmegaConf.to_container(cfg.attack, resolve=True)}",
+        "analyses": ", ".join(parts.analyses) or "none",
+        "seed": str(cfg.seed),
+    }
+    writer = ReportWriter(run_dir, title=f"{parts.attack.name} on {model_name(cfg)} / "
+                          f"{parts.datamodule.name}", setup=setup,
+                          class_names=parts.datamodule.class_names)
+    module = EvaluationModule(parts.model, parts.attack, parts.analyses,
+                              log_examples=cfg.log_examples)
+    trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
+    trainer.test(module, datamodule=parts.datamodule, verbose=False)
+    metrics_file = run_dir / "metrics.json"
+    return json.loads(metrics_file.read_text())["metrics"] if metrics_file.exists() else {}
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run the configured stages; see the module docstring."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    parts = build(cfg)
+    failed = True
+    try:
+        if parts.logger is not None:
+            parts.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        identity = checkpoint_identity(cfg, parts.datamodule)
+        if cfg.model_checkpoint:
+            checkpoint = Path(cfg.model_checkpoint)
+            if cfg.stage == "fit":
+                raise ValueError("stage=fit trains a new model; drop model_checkpoint=...")
+        else:
+            checkpoint = cache_path(cfg.paths.checkpoint_dir, identity["model"],
+                                    identity["dataset"], identity["training"], identity["digest"])
+        trained = False
+        if cfg.stage == "fit" or (cfg.stage == "auto" and not cfg.model_checkpoint
+                                  and not checkpoint.exists()):
+            if cfg.stage == "auto":
+                log.info("no trained model cached at %s: training it first (stage=fit)",
+                         checkpoint)
+            fit(cfg, parts, checkpoint, identity)
+            trained = True
+        results: dict[str, float] = {}
+        if cfg.stage in ("auto", "evaluate"):
+            if not trained:
+                load_weights(parts.model, checkpoint,
+                             expect={k: identity[k] for k in ("model", "num_classes")})
+                log.info("loaded %s", checkpoint)
+            results = evaluate(cfg, parts, checkpoint)
+        failed = False
+        return results
+    finally:
+        finish_logger(parts.logger, failed=failed)

@@ -1,0 +1,71 @@
+"""Figures of the main report (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def to_image(x: Tensor) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W, C) or (H, W) numpy for imshow."""
+    array = x.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def perturbation_image(delta: Tensor) -> np.ndarray:
+    """A perturbation scaled to fill [0, 1] around grey 0.5 (signs visible)."""
+    scale = float(delta.abs().max()) or 1.0
+    return to_image(0.5 + 0.5 * delta / scale)
+
+
+def adversarial_examples_figure(
+    examples: dict[str, Tensor], class_names: Sequence[str], path: str | Path
+) -> Path:
+    """Columns of (clean, adversarial, amplified perturbation) with labels and predictions."""
+    n = len(examples["index"])
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n + 0.6, 5.2), squeeze=False)
+    cmap = "gray" if examples["x"].shape[1] == 1 else None
+    for j in range(n):
+        x, x_adv = examples["x"][j], examples["x_adv"][j]
+        y, p_clean, p_adv = (int(examples[k][j]) for k in ("y", "pred_clean", "pred_adv"))
+        delta = x_adv - x
+        panels = [
+            (to_image(x), f"#{int(examples['index'][j])} {class_names[y]}\npred {class_names[p_clean]}"),
+            (to_image(x_adv), f"adv pred\n{class_names[p_adv]}"),
+            (perturbation_image(delta), f"δ  L2 {float(delta.norm()):.2f}\nL∞ {float(delta.abs().max()):.3f}"),
+        ]
+        for i, (image, title) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(image, cmap=cmap if i < 2 else (cmap or None), vmin=0, vmax=1)
+            ax.set_title(title, fontsize=7, color="red" if i == 1 and p_adv != y else "black")
+            ax.axis("off")
+    for i, label in enumerate(("clean", "adversarial", "perturbation")):
+        axes[i, 0].text(-0.15, 0.5, label, transform=axes[i, 0].transAxes, rotation=90,
+                        va="center", ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def summary_bar_figure(scalars: dict[str, float], path: str | Path) -> Path:
+    """Clean accuracy, robust accuracy and success rate as one bar chart."""
+    keys = [("test/clean_acc", "clean acc"), ("test/robust_acc", "robust acc"),
+            ("test/success_rate", "attack success")]
+    values = [scalars.get(k, float("nan")) for k, _ in keys]
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    bars = ax.bar([label for _, label in keys], values, color=["#4c72b0", "#dd8452", "#c44e52"])
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("fraction of test samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

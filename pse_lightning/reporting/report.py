@@ -1,0 +1,94 @@
+"""The on-disk report of a run: ``metrics.json``, ``report.md`` and PNG figures.
+
+``metrics.json`` is written last and atomically: its presence means the run completed, so
+an interrupted evaluation never leaves a report that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+from pse_lightning.analysis.base import ReportSection
+from pse_lightning.reporting.figures import adversarial_examples_figure, summary_bar_figure
+from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def metrics_table(scalars: dict[str, float]) -> str:
+    rows = "\n".join(
+        f"| `{k}` | {'n/a' if isinstance(v, float) and math.isnan(v) else f'{v:.4g}'} |"
+        for k, v in sorted(scalars.items())
+    )
+    return "| metric | value |\n|---|---|\n" + rows
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    title: str,
+    setup: dict[str, str],
+    scalars: dict[str, float],
+    examples: dict[str, Any],
+    class_names: Sequence[str],
+    sections: Sequence[ReportSection] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write figures, ``report.md`` and finally ``metrics.json`` into ``run_dir``.
+
+    Returns:
+        name -> path of everything written (figures included), for logging.
+    """
+    run_dir = Path(run_dir)
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    written["summary"] = summary_bar_figure(scalars, fig_dir / "summary.png")
+    if examples:
+        written["examples"] = adversarial_examples_figure(
+            examples, class_names, fig_dir / "adversarial_examples.png"
+        )
+    lines = [f"# {title}", "", "## Setup", ""]
+    lines += [f"- **{k}**: `{v}`" for k, v in setup.items()]
+    lines += ["", "## Results", "", metrics_table(scalars), "",
+              f"![summary]({written['summary'].relative_to(run_dir)})", ""]
+    if "examples" in written:
+        lines += ["## Adversarial examples", "",
+                  "Top: clean image (index, label, clean prediction); middle: adversarial image "
+                  "(prediction in red when the attack succeeded); bottom: the perturbation, "
+                  "amplified to fill the grey range.", "",
+                  f"![examples]({written['examples'].relative_to(run_dir)})", ""]
+    for section in sections:
+        lines += [f"## {section.title}", "", section.markdown, ""]
+        for figure in section.figures:
+            rel = Path(figure).resolve().relative_to(run_dir.resolve())
+            lines += [f"![{Path(figure).stem}]({rel})", ""]
+            written[f"{section.title}/{Path(figure).stem}"] = Path(figure)
+    write_text_atomic(run_dir / "report.md", "\n".join(lines))
+    written["report"] = run_dir / "report.md"
+    payload = {"metrics": scalars, **(extra or {})}
+    written["metrics"] = write_json_atomic(run_dir / "metrics.json", payload)
+    log.info("report written to %s", run_dir / "report.md")
+    return written
+
+
+def log_report_to_wandb(logger: Logger | None, written: dict[str, Path],
+                        sections: Sequence[ReportSection]) -> None:
+    """Figures as W&B images and analysis tables as W&B tables (rank zero only)."""
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    images = {f"report/{name}": wandb.Image(str(path)) for name, path in written.items()
+              if path.suffix == ".png"}
+    tables = {
+        f"tables/{section.title}/{name}": wandb.Table(columns=list(columns), data=rows)
+        for section in sections for name, (columns, rows) in section.tables.items()
+    }
+    logger.experiment.log({**images, **tables})
