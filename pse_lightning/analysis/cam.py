@@ -119,7 +119,7 @@ class ActivationMap:
     def __call__(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         """Normalised (N, H, W) maps in [0, 1] at the input resolution, one per image."""
         _, (raw,) = self.raw_maps(model, x, [target])
-        return core.minmax_normalise(core.upsample(raw, tuple(x.shape[-2:])))
+        return core.image_maps(raw, (x.shape[-2], x.shape[-1]))
 
 
 class CAM(ActivationMap):
@@ -301,7 +301,7 @@ class CAMAnalysis(Analysis):
 
     def update(self, model: nn.Module, batch: AdversarialBatch) -> None:  # noqa: D102
         x, x_adv, y, target = batch.x, batch.x_adv, batch.y, batch.target
-        size = tuple(x.shape[-2:])
+        size = (x.shape[-2], x.shape[-1])
         keep = batch.index < self.examples
         want_examples = bool(keep.any())
         pred_clean = batch.logits_clean.argmax(dim=1)
@@ -314,8 +314,8 @@ class CAMAnalysis(Analysis):
             delta = (x_adv - x).detach()
             if self.pse_share:
                 attr_true, attr_target = grad_times_delta(model, x, delta, [y, target])
-        map_true = core.minmax_normalise(core.upsample(raw_clean[0], size))
-        map_target = core.minmax_normalise(core.upsample(raw_adv[0], size))
+        map_true = core.image_maps(raw_clean[0], size)
+        map_target = core.image_maps(raw_adv[0], size)
         mask = {"true": self.masks(map_true), "target": self.masks(map_target)}
         mask["union"] = mask["true"] | mask["target"]
 
@@ -367,8 +367,8 @@ class CAMAnalysis(Analysis):
         self.ex_mask_true.append(mask["true"][keep].float())
         self.ex_mask_target.append(mask["target"][keep].float())
         if want_examples:
-            self.ex_map_clean.append(core.minmax_normalise(core.upsample(raw_clean[1][keep], size)))
-            self.ex_map_adv.append(core.minmax_normalise(core.upsample(raw_adv[1][keep], size)))
+            self.ex_map_clean.append(core.image_maps(raw_clean[1][keep], size))
+            self.ex_map_adv.append(core.image_maps(raw_adv[1][keep], size))
         else:
             empty = x.new_zeros((0, *size))
             self.ex_map_clean.append(empty)
@@ -455,7 +455,7 @@ class CAMAnalysis(Analysis):
         tables: dict[str, tuple[list[str], list[list[Any]]]] = {}
         if examples:
             figures = self._figures(examples, out_dir)
-            rows = [[_cell(col, v) for col, v in zip(EXAMPLE_COLUMNS, row.tolist())]
+            rows = [[_cell(col, v) for col, v in zip(EXAMPLE_COLUMNS, row.tolist(), strict=True)]
                     for row in examples["stats"]]  # fmt: skip
             tables["cam_examples"] = (list(EXAMPLE_COLUMNS), rows)
         return ReportSection(title="cam", markdown="\n".join(body), figures=figures,

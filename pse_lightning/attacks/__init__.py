@@ -5,3 +5,7 @@ from pse_lightning.attacks.fgsm import FGSM
 from pse_lightning.attacks.pgd import PGD
 
 __all__ = ["Attack", "AttackResult", "FGSM", "PGD"]
+
+from pse_lightning.attacks.cam_guided import CAMGuided  # noqa: E402
+
+__all__ += ["CAMGuided"]

@@ -91,6 +91,12 @@ def minmax_normalise(maps: Tensor) -> Tensor:
     return scaled.view_as(maps)
 
 
+def image_maps(raw: Tensor, size: tuple[int, int]) -> Tensor:
+    """Raw (N, h, w) maps -> (N, H, W) in [0, 1]: bilinear upsampling, then per-image
+    min-max normalisation (the order of METHODS.md section 3)."""
+    return minmax_normalise(upsample(raw, size))
+
+
 def threshold_mask(maps: Tensor, threshold: float) -> Tensor:
     """B = 1[M >= threshold] on normalised (N, H, W) maps; the CAM paper uses 0.2."""
     return maps >= threshold

@@ -1,0 +1,105 @@
+"""The whole pipeline on a slice of shapes: train, attack, report, log; then reuse the cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pse_lightning import pipeline
+from pse_lightning.models import CheckpointError
+
+
+def _report_figures(run_dir: Path) -> list[Path]:
+    text = (run_dir / "report.md").read_text()
+    return [run_dir / rel for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
+
+
+def test_full_run_with_csv_logger_then_cached_evaluation(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("logger=csv")
+    results = pipeline.run(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert metrics == results
+    assert metrics["test/samples"] == 48
+    for key in ("test/clean_acc", "test/robust_acc", "test/success_rate"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # Untargeted success is exactly "adversarial prediction differs from the label".
+    assert metrics["test/success_rate"] == pytest.approx(1 - metrics["test/robust_acc"])
+    assert metrics["test/linf_median"] <= 0.03 + 1e-6
+    figures = _report_figures(run_dir)
+    assert figures and all(f.is_file() and f.stat().st_size > 1000 for f in figures)
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("test/clean_acc")]
+    assert float(logged[-1]["test/clean_acc"]) == pytest.approx(metrics["test/clean_acc"])
+    assert any(r.get("train/loss_epoch") for r in rows), "training was not logged"
+    checkpoints = list(Path(cfg.paths.checkpoint_dir).glob("smallcnn-shapes-standard-*.pt"))
+    assert len(checkpoints) == 1
+
+    # Second run: the cached model is found, nothing retrains, the numbers are identical.
+    again = make_cfg("logger=none", "stage=evaluate", f"paths.run_dir={tmp_path}/run2")
+    assert pipeline.run(again) == results
+
+
+def test_wandb_offline_run_reads_back(make_cfg) -> None:
+    cfg = make_cfg("logger=wandb", "attack=fgsm")
+    results = pipeline.run(cfg)
+    runs = list((Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
+                         capture_output=True, text=True, check=True)
+    record = json.loads(out.stdout)
+    text = json.dumps(record)
+    assert "test/clean_acc" in text and "pse_lightning.attacks.FGSM" in text
+    summary = _find_key(record, "test/robust_acc")
+    assert summary == pytest.approx(results["test/robust_acc"])
+
+
+def _find_key(node, key):
+    """Depth-first search for ``key`` in nested JSON (the summary layout is W&B's)."""
+    if isinstance(node, dict):
+        if key in node:
+            value = node[key]
+            return value.get("value", value) if isinstance(value, dict) else value
+        for child in node.values():
+            found = _find_key(child, key)
+            if found is not None:
+                return found
+    elif isinstance(node, list):
+        for child in node:
+            found = _find_key(child, key)
+            if found is not None:
+                return found
+    return None
+
+
+def test_evaluate_without_a_checkpoint_says_how_to_train(make_cfg) -> None:
+    cfg = make_cfg("stage=evaluate", "dataset.seed=123")
+    with pytest.raises(FileNotFoundError, match="stage=fit"):
+        pipeline.run(cfg)
+    assert not (Path(cfg.paths.run_dir) / "metrics.json").exists()
+
+
+def test_corrupt_given_checkpoint_is_refused(make_cfg, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = make_cfg("stage=evaluate", f"model_checkpoint={bad}")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        pipeline.run(cfg)
+
+
+def test_checkpoint_for_another_model_is_refused(make_cfg, tmp_path: Path) -> None:
+    pipeline.run(make_cfg("stage=fit"))
+    (ckpt,) = Path(make_cfg().paths.checkpoint_dir).glob("*.pt")
+    moved = tmp_path / "other.pt"
+    shutil.copy(ckpt, moved)
+    cfg = make_cfg("stage=evaluate", "model=resnet18", f"model_checkpoint={moved}")
+    with pytest.raises(CheckpointError, match="model='smallcnn'"):
+        pipeline.run(cfg)
