@@ -206,11 +206,12 @@ class Attack(ABC):
         return self.ball.sample(x, noise.to(x.dtype))
 
     def objective_gradient(
-        self, model: nn.Module, x_adv: Tensor, label: Tensor, loss: str
+        self, model: nn.Module, x_adv: Tensor, label: Tensor, loss: str,
+        reference: Tensor | None = None,
     ) -> Tensor:
         """Gradient of the per-sample ascent objective at ``x_adv`` (one fwd + one bwd)."""
         x_adv = x_adv.detach().requires_grad_(True)
-        objective = ascent_objective(model(x_adv), label, self.targeted, loss)
+        objective = ascent_objective(model(x_adv), label, self.targeted, loss, reference)
         return input_gradient(objective, x_adv)
 
     def choose_target(self, logits_clean: Tensor, y: Tensor, index: Tensor) -> Tensor:

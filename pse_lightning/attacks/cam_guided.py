@@ -52,8 +52,10 @@ class MaskedInput(nn.Module):
 class CAMGuided(Attack):
     """Run ``attack`` with its perturbation confined to the true class's CAM region.
 
-    Targets, norm, budget and seed are the wrapped attack's, so a run of ``attack`` and of
-    ``CAMGuided(attack)`` compare the same samples against the same targets.
+    Norm and budget are the wrapped attack's; ``targeted``, ``target_rule`` and ``seed``
+    are top-level keys as for every attack and are written into the wrapped attack, so
+    ``attack=cam_cw attack.targeted=true`` works like ``attack=cw attack.targeted=true`` and
+    both runs aim at the same targets with the same per-sample noise.
 
     Args:
         attack: the base attack (an :class:`Attack`; in YAML a nested config with
@@ -62,6 +64,7 @@ class CAMGuided(Attack):
         dilate: grow B by this many feature-map cells (METHODS.md: one), so the edge of
             the discriminative region stays attackable.
         method: 'auto' (CAM for GAP + linear heads, Grad-CAM otherwise), 'cam', 'gradcam'.
+        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``extras()`` after a call: the base attack's extras plus ``cam_area`` (N,), the share
     of pixels the perturbation was allowed to touch.
@@ -74,14 +77,19 @@ class CAMGuided(Attack):
         threshold: float = 0.2,
         dilate: int = 1,
         method: str = "auto",
+        targeted: bool = False,
+        target_rule: str = "random",
+        seed: int = 0,
     ) -> None:
         if not isinstance(attack, Attack):
             raise TypeError(
                 f"attack.attack must be an attack (a nested config with _target_, e.g. "
                 f"pse_lightning.attacks.CWL2), got {type(attack).__name__}"
             )
-        super().__init__(norm=attack.norm, eps=attack.eps, targeted=attack.targeted,
-                         target_rule=attack.target_rule, seed=attack.seed)  # fmt: skip
+        super().__init__(norm=attack.norm, eps=attack.eps, targeted=targeted,
+                         target_rule=target_rule, seed=seed)  # fmt: skip
+        # The wrapped attack's _perturb reads these (objective sign, random starts).
+        attack.targeted, attack.target_rule, attack.seed = self.targeted, self.target_rule, self.seed
         self.attack = attack
         self.threshold = require_in_range("attack.threshold", threshold, 0.0, 1.0)
         self.dilate = require_at_least("attack.dilate", dilate, 0)

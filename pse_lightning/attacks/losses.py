@@ -34,15 +34,29 @@ def cw_loss(logits: Tensor, label: Tensor, targeted: bool, kappa: float) -> Tens
     return torch.clamp(margin(logits, label, targeted) + kappa, min=0.0)
 
 
-def ascent_objective(logits: Tensor, label: Tensor, targeted: bool, loss: str) -> Tensor:
-    """Per-sample objective an attack maximises: CE on the true label (untargeted), minus CE
-    on the target (targeted), or the negated margin."""
+ATTACK_LOSSES: tuple[str, ...] = ("ce", "margin", "kl")
+
+
+def ascent_objective(
+    logits: Tensor, label: Tensor, targeted: bool, loss: str, reference: Tensor | None = None
+) -> Tensor:
+    """Per-sample objective an attack maximises.
+
+    'ce': CE on the true label (untargeted) or minus CE on the target (targeted);
+    'margin': the negated margin; 'kl': KL(p_ref || p) from the clean log-probabilities
+    ``reference`` (the inner problem of TRADES; labels are not used).
+    """
+    if loss == "kl":
+        if reference is None:
+            raise ValueError("the 'kl' attack loss needs the clean log-probabilities")
+        log_p = F.log_softmax(logits, dim=1)
+        return (reference.exp() * (reference - log_p)).sum(dim=1)
     if loss == "ce":
         ce = F.cross_entropy(logits, label, reduction="none")
         return -ce if targeted else ce
     if loss == "margin":
         return -margin(logits, label, targeted)
-    raise ValueError(f"attack.loss must be 'ce' or 'margin', got {loss!r}")
+    raise ValueError(f"attack.loss must be one of {list(ATTACK_LOSSES)}, got {loss!r}")
 
 
 def is_success(logits: Tensor, y: Tensor, target: Tensor | None, targeted: bool) -> Tensor:

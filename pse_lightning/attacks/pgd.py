@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from pse_lightning.attacks.base import Attack
+from pse_lightning.attacks.losses import ATTACK_LOSSES
 from pse_lightning.attacks.norms import Norm
 from pse_lightning.validation import require_at_least, require_choice, require_positive
 
@@ -18,7 +20,7 @@ class PGD(Attack):
         step_size: length of each ascent step, in the same units as eps.
         steps: number of gradient steps (each costs one forward and one backward pass).
         random_start: start from a uniform point of the ball instead of x.
-        loss: 'ce' or 'margin'.
+        loss: 'ce', 'margin', or 'kl' (maximise KL(f(x) || f(x')): the TRADES inner problem).
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
     """
 
@@ -40,11 +42,15 @@ class PGD(Attack):
         self.step_size = require_positive("attack.step_size", step_size)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.random_start = bool(random_start)
-        self.loss = require_choice("attack.loss", loss, ("ce", "margin"))
+        self.loss = require_choice("attack.loss", loss, ATTACK_LOSSES)
 
     def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
+        reference = None
+        if self.loss == "kl":
+            with torch.no_grad():
+                reference = torch.log_softmax(model(x), dim=1)
         x_adv = self.sample_start(x, index) if self.random_start else x
         for _ in range(self.steps):
-            grad = self.objective_gradient(model, x_adv, label, self.loss)
+            grad = self.objective_gradient(model, x_adv, label, self.loss, reference)
             x_adv = self.ball.project(x, self.ball.ascend(x_adv, grad, self.step_size))
         return x_adv

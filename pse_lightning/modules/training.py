@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+EPOCH_STRIDE = 1_000_003
+
 
 class TrainingModule(pl.LightningModule):
     """Orchestrates training: the objective computes the loss, this class only loops.
@@ -40,7 +42,9 @@ class TrainingModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, index = batch
-        loss, logs = self.objective(self.model, x, y, index)
+        # Attacks key their randomness by sample index: shifting it each epoch gives fresh,
+        # still reproducible random starts.
+        loss, logs = self.objective(self.model, x, y, index + self.current_epoch * EPOCH_STRIDE)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True,
                       on_step=True, on_epoch=True, batch_size=len(x))
         return loss

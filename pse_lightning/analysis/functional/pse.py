@@ -114,7 +114,9 @@ def pair_gradients(
         cot = torch.stack([cotangent_a, cotangent_b]).to(logits.dtype)
         (grads,) = torch.autograd.grad(logits, points, cot, is_grads_batched=True)
         return logits.detach(), grads[0], grads[1]
-    (grad_a,) = torch.autograd.grad(logits, points, cotangent_a.to(logits.dtype), retain_graph=True)
+    (grad_a,) = torch.autograd.grad(
+        logits, points, cotangent_a.to(logits.dtype), retain_graph=True
+    )
     (grad_b,) = torch.autograd.grad(logits, points, cotangent_b.to(logits.dtype))
     return logits.detach(), grad_a, grad_b
 
@@ -287,7 +289,14 @@ def pse_attributions(
     steps_used = torch.ones(len(x), dtype=torch.long, device=x.device)
     if method == "ig":
         attr_true, attr_target = integrated_gradients(
-            model, x, x_adv, y, target, steps=steps, center=center, chunk_size=chunk_size,
+            model,
+            x,
+            x_adv,
+            y,
+            target,
+            steps=steps,
+            center=center,
+            chunk_size=chunk_size,
             mode=mode,
         )
         steps_used = torch.full_like(steps_used, steps)
@@ -299,8 +308,15 @@ def pse_attributions(
             break
         current *= 2
         sub_true, sub_target = integrated_gradients(
-            model, x[redo], x_adv[redo], y[redo], target[redo], steps=current, center=center,
-            chunk_size=chunk_size, mode=mode,
+            model,
+            x[redo],
+            x_adv[redo],
+            y[redo],
+            target[redo],
+            steps=current,
+            center=center,
+            chunk_size=chunk_size,
+            mode=mode,
         )
         attr_true[redo], attr_target[redo] = sub_true, sub_target
         steps_used[redo] = current

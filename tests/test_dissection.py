@@ -1,0 +1,646 @@
+"""Network dissection, unit sensitivity and neuron masking: known answers and references.
+
+The probe data is an in-test fake datamodule (an object with ``probe_dataloader()``,
+``concepts`` and ``categories``), so these tests depend on no dataset module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from pse_lightning.analysis.base import AdversarialBatch
+from pse_lightning.analysis.dissection import Dissection
+from pse_lightning.analysis.functional.dissection import (
+    RadixQuantile,
+    hypergeom_sf,
+    iou_tally,
+    keys_to_values,
+    mann_whitney_u,
+    merge_top,
+    ordered_keys,
+    permutation_pvalue,
+    poisson_weights,
+    rankdata,
+    sensitivity_from_sums,
+    sensitivity_terms,
+    spearman,
+)
+from pse_lightning.attacks import FGSM
+from pse_lightning.data.base import Concept, ShardSampler, dist_rank_world
+from pse_lightning.models.neuron_mask import (
+    MaskedModel,
+    NeuronMask,
+    UnitSensitivity,
+    accuracy_vs_k,
+    neuron_mask,
+    select_units,
+    unit_sensitivity,
+)
+
+# Fake probe data ------------------------------------------------------------------------------
+
+
+class ProbeSet(Dataset):
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        return self.images[i], self.labels[i], i
+
+
+class FakeProbeData:
+    """What Dissection.prepare needs of a datamodule: a sharded probe loader and concepts."""
+
+    name = "fake"
+
+    def __init__(self, images: Tensor, labels: Tensor, concepts: list[Concept],
+                 categories: list[str], batch_size: int = 8) -> None:
+        self.dataset = ProbeSet(images, labels)
+        self.concepts, self.categories, self.batch_size = concepts, categories, batch_size
+
+    def probe_dataloader(self) -> DataLoader:
+        rank, world = dist_rank_world()
+        sampler = ShardSampler(len(self.dataset), rank, world)
+        return DataLoader(self.dataset, self.batch_size, sampler=sampler)
+
+
+COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.1, 0.1, 0.9)}
+TOY_CONCEPTS = [Concept("square", "object"), Concept("red", "colour"),
+                Concept("green", "colour"), Concept("blue", "colour"),
+                Concept("plain", "background")]
+
+
+def coloured_squares(n: int, size: int = 16, seed: int = 0) -> FakeProbeData:
+    """Squares of pure colours on darker noisy backgrounds, with concept labels.
+
+    Object pixels have R exactly 0.9 when red and <= 0.1 otherwise; background channels
+    stay below 0.5. Categories: object (square), colour (red/green/blue), background.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    images = 0.1 + 0.3 * torch.rand(n, 3, size, size, generator=gen)
+    labels = torch.zeros(n, 3, size, size, dtype=torch.long)
+    side = torch.randint(4, 9, (n,), generator=gen)
+    top = (torch.rand(n, generator=gen) * (size - side)).long()
+    left = (torch.rand(n, generator=gen) * (size - side)).long()
+    colour = torch.arange(n) % 3
+    ys, xs = torch.arange(size).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
+    inside = ((ys >= top.view(-1, 1, 1)) & (ys < (top + side).view(-1, 1, 1))
+              & (xs >= left.view(-1, 1, 1)) & (xs < (left + side).view(-1, 1, 1)))
+    rgb = torch.tensor(list(COLOURS.values()))[colour]  # (n, 3)
+    images = torch.where(inside.unsqueeze(1), rgb.view(n, 3, 1, 1), images)
+    labels[:, 0][inside] = 1
+    labels[:, 1] = torch.where(inside, (2 + colour).view(-1, 1, 1), 0)
+    labels[:, 2] = torch.where(inside, 0, 5)
+    return FakeProbeData(images, labels, TOY_CONCEPTS, ["object", "colour", "background"])
+
+
+class Detectors(nn.Module):
+    """Units: 0 copies R, 1 is the object mask (bright pixels), 2 copies G, 3 is dead."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        brightness = torch.relu(x.amax(dim=1, keepdim=True) - 0.5)
+        return torch.cat([x[:, :1], brightness, x[:, 1:2], torch.zeros_like(x[:, :1])], dim=1)
+
+
+class ToyNet(nn.Module):
+    """Hand-built detectors, a 2x2 average pool, GAP and a linear head."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.detect = Detectors()
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(4, num_classes)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[3.0, 0.0, -1.0, 0.0], [-1.0, 1.0, 2.0, 0.0],
+                                               [0.0, -1.0, 0.5, 0.0]]))
+            self.fc.bias.zero_()
+        self.num_classes = num_classes
+        self.feature_layer, self.head = "pool", "fc"
+        self.dissection_layers = ("detect", "pool")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.detect(x)).mean(dim=(2, 3)))
+
+
+class RandomConvNet(nn.Module):
+    """A small random conv net for reference comparisons (downsampling by 2 and 4)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(5, 6, 3, stride=2, padding=1))
+        self.fc = nn.Linear(6, 4)
+        self.num_classes = 4
+        self.feature_layer, self.head = "features.2", "fc"
+        self.dissection_layers = ("features.1", "features.2")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+RANDOM_CONCEPTS = [Concept(f"a{i}", "A") for i in range(3)] + [Concept(f"b{i}", "B")
+                                                              for i in range(2)]
+
+
+def random_probe(n: int = 24, size: int = 12, seed: int = 1, batch_size: int = 5) -> FakeProbeData:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=gen)
+    labels = torch.zeros(n, 2, size, size, dtype=torch.long)
+    labels[:, 0] = torch.randint(0, 4, (n, size, size), generator=gen)  # 0 (none) or 1..3
+    labels[:, 1] = torch.randint(4, 6, (n, size, size), generator=gen)  # 4..5
+    labels[::3, 1] = 0  # every third image is not annotated for category B
+    return FakeProbeData(images, labels, RANDOM_CONCEPTS, ["A", "B"], batch_size)
+
+
+# Reference implementation (numpy, loops) ------------------------------------------------------
+
+
+def bilinear_reference(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear upsampling with half-pixel centres (align_corners=False), in float64."""
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, wy = axis(a.shape[-2], out_h)
+    x0, x1, wx = axis(a.shape[-1], out_w)
+    top = a[..., y0, :][..., x0] * (1 - wx) + a[..., y0, :][..., x1] * wx
+    bottom = a[..., y1, :][..., x0] * (1 - wx) + a[..., y1, :][..., x1] * wx
+    return top * (1 - wy[:, None]) + bottom * wy[:, None]
+
+
+def dissect_reference(acts: np.ndarray, labels: np.ndarray, concept_category: list[int],
+                      q: float) -> tuple[np.ndarray, np.ndarray]:
+    """Thresholds (K,) and IoU (K, C+1) by the textbook definition, with explicit loops."""
+    n, k = acts.shape[:2]
+    size = labels.shape[-2:]
+    thresholds = np.array([np.quantile(acts[:, u].astype(np.float64), 1 - q) for u in range(k)])
+    floors = acts.min(axis=(0, 2, 3)).astype(np.float64)
+    s = bilinear_reference(acts.astype(np.float64), *size)
+    iou = np.zeros((k, len(concept_category)))
+    for u in range(k):
+        mask = (s[:, u] >= thresholds[u]) & (s[:, u] > floors[u])
+        for c in range(1, len(concept_category)):
+            g = concept_category[c]
+            annotated = (labels[:, g] > 0).reshape(n, -1).any(axis=1)
+            concept = labels[:, g] == c
+            inter = (mask & concept).sum()
+            union = (mask[annotated] | concept[annotated]).sum()
+            iou[u, c] = inter / union if union else 0.0
+    return thresholds, iou
+
+
+def all_activations(model: nn.Module, images: Tensor, layer: str) -> np.ndarray:
+    captured = {}
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: captured.__setitem__("a", out.detach()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return captured["a"].numpy()
+
+
+# Thresholds -----------------------------------------------------------------------------------
+
+
+def radix_thresholds(data: Tensor, q: float, bins: int, batches: int) -> Tensor:
+    rq = RadixQuantile(data.shape[1], q, bins, torch.device("cpu"))
+    while not rq.done:
+        tallies = rq.new_tallies()
+        for chunk in data.chunk(batches):
+            rq.accumulate(tallies, chunk)
+        rq.advance(tallies)
+    return rq.thresholds()
+
+
+def test_ordered_keys_sort_like_floats_and_invert() -> None:
+    x = torch.cat([torch.randn(500) * 10, torch.tensor([0.0, -0.0, 1e-38, -1e-38, 3e38])])
+    keys = ordered_keys(x)
+    assert torch.equal(keys_to_values(keys), x)
+    assert bool((keys >= 0).all() and (keys < 2**32).all())
+    assert torch.equal(x[keys.argsort()].sort().values, x.sort().values)
+
+
+@pytest.mark.parametrize("bins", [16, 256, 65536])
+@pytest.mark.parametrize("kind", ["normal", "relu", "ties", "constant", "signed_zeros"])
+def test_radix_thresholds_equal_numpy_quantile(bins: int, kind: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    data = {
+        "normal": torch.randn(60, 3, 5, 5, generator=gen) * 4,
+        "relu": torch.relu(torch.randn(60, 3, 5, 5, generator=gen)),
+        "ties": torch.randint(-2, 3, (60, 3, 5, 5), generator=gen).float(),
+        "constant": torch.full((60, 3, 5, 5), 0.25),
+        "signed_zeros": torch.tensor([0.0, -0.0, 1.0]).repeat(500).view(60, 1, 5, 5),
+    }[kind]
+    for q in (0.005, 0.05, 0.37):
+        got = radix_thresholds(data, q, bins, batches=7).double().numpy()
+        flat = data.transpose(0, 1).reshape(data.shape[1], -1).double().numpy()
+        ref = np.quantile(flat, 1 - q, axis=1)
+        # Stated bound: exact order statistics, one float32 rounding of numpy's lerp.
+        np.testing.assert_allclose(got, ref, rtol=2**-23, atol=0)
+
+
+def test_radix_thresholds_do_not_depend_on_batching() -> None:
+    data = torch.randn(40, 4, 3, 3)
+    a = radix_thresholds(data, 0.005, 256, batches=1)
+    b = radix_thresholds(data[torch.randperm(40)], 0.005, 256, batches=9)
+    assert torch.equal(a, b)
+
+
+# IoU --------------------------------------------------------------------------------------------
+
+
+def test_iou_tally_counts_by_hand() -> None:
+    masks = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0, :] = True  # image 0: top row
+    masks[1, 0, :, 0] = True  # image 1: left column
+    labels = torch.zeros(2, 1, 2, 2, dtype=torch.long)
+    labels[0, 0, 0, 0] = 1
+    labels[0, 0, 1, :] = 2
+    tally = iou_tally(masks, labels, concepts=2)
+    assert tally.intersection.tolist() == [[3, 1, 0]]  # column 0: mask pixels with no label
+    assert tally.mask_area.tolist() == [[2]]  # image 1 has no label: not annotated
+    assert tally.label_area[1:].tolist() == [1, 2]
+
+
+def test_hand_built_detectors_find_their_concepts() -> None:
+    data = coloured_squares(30)
+    model = ToyNet().eval()
+    dissection = Dissection(permutations=0, bootstrap=0)
+    dissection.prepare(model, data)
+    detect = dissection.probe.layers["detect"]
+    names = [c.name for c in TOY_CONCEPTS]
+    # unit 0 copies R: exactly the red objects; unit 1 is the object mask: the square.
+    assert names[int(detect.best_concept[0]) - 1] == "red"
+    assert float(detect.best_iou[0]) == pytest.approx(1.0)
+    assert names[int(detect.best_concept[1]) - 1] == "square"
+    assert float(detect.best_iou[1]) == pytest.approx(1.0)
+    assert names[int(detect.best_concept[2]) - 1] == "green"
+    assert float(detect.best_iou[2]) == pytest.approx(1.0)
+    # The dead unit has an empty mask, not a mask of every pixel.
+    assert float(detect.best_iou[3]) == 0.0
+    assert int(detect.tally.intersection[3].sum()) == 0
+    # Pooled and upsampled back, the red detector still reads as red (a binary unit keeps
+    # only pixels that interpolate to its top value, so the IoU drops but stays > 0.04).
+    pool = dissection.probe.layers["pool"]
+    assert names[int(pool.best_concept[0]) - 1] == "red"
+    assert float(pool.best_iou[0]) > dissection.iou_threshold
+
+
+def test_iou_matches_numpy_reference_on_random_data() -> None:
+    data = random_probe()
+    model = RandomConvNet().eval()
+    dissection = Dissection(quantile=0.05, bins=256, permutations=0, bootstrap=0)
+    dissection.prepare(model, data)
+    images, labels = data.dataset.images, data.dataset.labels.numpy()
+    category = dissection.probe.concept_category.tolist()
+    category[0] = 0
+    for layer in model.dissection_layers:
+        acts = all_activations(model, images, layer)
+        thresholds, iou = dissect_reference(acts, labels, category, 0.05)
+        result = dissection.probe.layers[layer]
+        np.testing.assert_allclose(result.thresholds.double().numpy(), thresholds, rtol=2**-23)
+        np.testing.assert_allclose(result.iou.numpy(), iou, rtol=1e-12, atol=1e-12)
+        assert float(result.iou.max()) > 0.0
+
+
+def test_max_probe_images_equals_a_truncated_probe_set() -> None:
+    data = random_probe(n=24)
+    model = RandomConvNet().eval()
+    limited = Dissection(bins=256, max_probe_images=10, permutations=0, bootstrap=0)
+    limited.prepare(model, data)
+    small = FakeProbeData(data.dataset.images[:10], data.dataset.labels[:10], RANDOM_CONCEPTS,
+                          ["A", "B"], batch_size=3)
+    full = Dissection(bins=256, permutations=0, bootstrap=0)
+    full.prepare(model, small)
+    for layer in model.dissection_layers:
+        assert torch.equal(limited.probe.layers[layer].thresholds,
+                           full.probe.layers[layer].thresholds)
+        assert torch.equal(limited.probe.layers[layer].tally.intersection,
+                           full.probe.layers[layer].tally.intersection)
+    assert limited.probe.probe_images == 10
+
+
+def test_top_images_do_not_depend_on_batch_split() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (3, 20), generator=gen).float()  # many ties
+    index = torch.arange(20)
+    empty = (torch.full((3, 4), -math.inf), torch.full((3, 4), 1 << 62))
+    whole = merge_top(scores, index, *empty, 4)
+    perm = torch.randperm(20, generator=gen)
+    running = empty
+    for part in perm.chunk(6):
+        running = merge_top(scores[:, part], index[part], *running, 4)
+    assert torch.equal(whole[0], running[0]) and torch.equal(whole[1], running[1])
+    expected = sorted(range(20), key=lambda i: (-float(scores[0, i]), i))[:4]
+    assert whole[1][0].tolist() == expected
+
+
+# Sensitivity ----------------------------------------------------------------------------------
+
+
+def test_sensitivity_signs_and_values_on_a_toy_shift() -> None:
+    """R up by 0.1 everywhere, G down by 0.05: unit 0 promoted, unit 2 suppressed."""
+    gen = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(16, 3, 8, 8, generator=gen)
+    x_adv = x.clone()
+    x_adv[:, 0] += 0.1
+    x_adv[:, 1] -= 0.05
+    model = ToyNet().eval()
+    dissection = Dissection(permutations=50, bootstrap=10)
+    dissection.prepare(model, coloured_squares(12))
+    y = torch.zeros(16, dtype=torch.long)
+    target = torch.ones(16, dtype=torch.long)
+    with torch.no_grad():
+        logits, logits_adv = model(x), model(x_adv)
+    for half in (slice(0, 9), slice(9, 16)):
+        dissection.update(model, AdversarialBatch(
+            x=x[half], y=y[half], index=torch.arange(16)[half], logits_clean=logits[half],
+            x_adv=x_adv[half], logits_adv=logits_adv[half], target=target[half],
+            success=torch.ones(len(x[half]), dtype=torch.bool), targeted=True))
+    out = dissection.compute()
+    sigma_r = x[:, 0].mean(dim=(1, 2)).double().std()
+    s_plus, s_minus = out["detect/unit_s_plus"], out["detect/unit_s_minus"]
+    assert float(s_plus[0]) == pytest.approx(0.1 / float(sigma_r), rel=1e-5)
+    assert float(s_minus[0]) == pytest.approx(0.0, abs=1e-9)
+    sigma_g = x[:, 1].mean(dim=(1, 2)).double().std()
+    assert float(s_minus[2]) == pytest.approx(0.05 / float(sigma_g), rel=1e-5)
+    assert float(s_plus[2]) == pytest.approx(0.0, abs=1e-9)
+    assert float(out["detect/unit_s"][3]) == 0.0  # the dead unit never moves
+    # Exact unit-level PSE at the GAP + linear head: sum_k w_{c,k} Δ_k is the logit change.
+    dz = (logits_adv - logits).double()
+    promo = out["pool/unit_promotion_signed"].sum()
+    supp = out["pool/unit_suppression_signed"].sum()
+    assert float(promo) == pytest.approx(float(dz[:, 1].mean()), rel=1e-5)
+    assert float(supp) == pytest.approx(float(-dz[:, 0].mean()), rel=1e-5)
+    assert float(out["images"]) == 16
+
+
+def test_sensitivity_sums_stream_exactly() -> None:
+    clean, adv = torch.rand(10, 4), torch.rand(10, 4)
+    terms = sensitivity_terms(clean, adv)
+    whole = sensitivity_from_sums(terms.sum(dim=1), torch.tensor(10.0))
+    parts = terms[:, :3].sum(dim=1) + terms[:, 3:].sum(dim=1)
+    split = sensitivity_from_sums(parts, torch.tensor(10.0))
+    delta = (adv - clean).double()
+    sigma = clean.double().std(dim=0)
+    torch.testing.assert_close(whole["s_plus"], delta.clamp_min(0).mean(0) / sigma)
+    torch.testing.assert_close(whole["s"], delta.abs().mean(0) / sigma)
+    torch.testing.assert_close(whole["s"], split["s"])
+
+
+def test_poisson_weights_depend_only_on_index() -> None:
+    index = torch.arange(4000)
+    w = poisson_weights(index, 8, seed=0)
+    assert torch.equal(w[:, 0], torch.ones(4000, dtype=torch.float64))
+    assert torch.equal(poisson_weights(index[1000:1010], 8, 0), w[1000:1010])
+    assert float(w[:, 1:].mean()) == pytest.approx(1.0, abs=0.03)
+    assert float(w[:, 1:].var()) == pytest.approx(1.0, abs=0.05)
+
+
+# Statistics ---------------------------------------------------------------------------------
+
+
+def test_rank_statistics_match_scipy() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 6, (40,), generator=gen).double()
+    y = x + torch.randn(40, generator=gen, dtype=torch.float64)
+    np.testing.assert_allclose(rankdata(x).numpy(), scipy.stats.rankdata(x.numpy()))
+    assert float(spearman(x, y)) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
+    a, b = x[:15], y[15:]
+    u, p = mann_whitney_u(a, b)
+    ref = scipy.stats.mannwhitneyu(a.numpy(), b.numpy(), method="asymptotic")
+    assert float(u) == pytest.approx(ref.statistic)
+    assert float(p) == pytest.approx(ref.pvalue, rel=1e-9)
+    for observed, population, successes, draws in [(3, 50, 10, 8), (0, 20, 5, 5), (5, 30, 6, 5)]:
+        assert hypergeom_sf(observed, population, successes, draws) == pytest.approx(
+            scipy.stats.hypergeom.sf(observed - 1, population, successes, draws), rel=1e-9)
+
+
+def test_permutation_pvalue_matches_exact_enumeration() -> None:
+    x = torch.tensor([0.3, 1.2, 0.1, 2.5, 1.9, 0.7, 1.1], dtype=torch.float64)
+    y = torch.tensor([0.2, 0.9, 0.5, 1.0, 2.2, 0.1, 1.7], dtype=torch.float64)
+    rho = float(spearman(x, y))
+    exact = np.mean([abs(float(spearman(x, y[list(p)]))) >= abs(rho) - 1e-12
+                     for p in itertools.permutations(range(7))])
+    p = float(permutation_pvalue(x, y, 10000, torch.Generator().manual_seed(0)))
+    assert p == pytest.approx(exact, abs=0.015)
+
+
+# The whole analysis -----------------------------------------------------------------------
+
+
+def fake_adversarial_batches(model: nn.Module, n: int = 20, batch: int = 7,
+                             shard: tuple[int, int] = (0, 1)) -> list[AdversarialBatch]:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(n, 3, 12, 12, generator=gen)
+    x_adv = (x + 0.05 * torch.randn(n, 3, 12, 12, generator=gen)).clamp(0, 1)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    target = (y + 1) % 4
+    rank, world = shard
+    keep = torch.arange(rank, n, world)
+    out = []
+    for part in keep.split(batch):
+        with torch.no_grad():
+            logits, logits_adv = model(x[part]), model(x_adv[part])
+        out.append(AdversarialBatch(x=x[part], y=y[part], index=part, logits_clean=logits,
+                                    x_adv=x_adv[part], logits_adv=logits_adv,
+                                    target=target[part], success=torch.ones(len(part), dtype=bool),
+                                    targeted=False))
+    return out
+
+
+def test_compute_and_report(tmp_path: Path) -> None:
+    model = RandomConvNet().eval()
+    dissection = Dissection(bins=256, quantile=0.05, permutations=200, bootstrap=20)
+    dissection.prepare(model, random_probe())
+    for batch in fake_adversarial_batches(model):
+        dissection.update(model, batch)
+    out = dissection.compute()
+    for layer in model.dissection_layers:
+        units = int(out[f"{layer}/units"])
+        assert out[f"{layer}/unit_s"].shape == (units,)
+        assert 0.0 <= float(out[f"{layer}/frac_interpretable"]) <= 1.0
+        assert 0.0 < float(out[f"{layer}/spearman_p"]) <= 1.0
+        assert float(out[f"{layer}/spearman_ci_low"]) <= float(out[f"{layer}/spearman_ci_high"])
+    assert "features.2/unit_promotion" in out and "features.1/unit_promotion" not in out
+    section = dissection.report(out, tmp_path)
+    assert [p.name for p in section.figures] == [
+        "dissection_iou_vs_sensitivity.png", "dissection_interpretable_units.png",
+        "dissection_top_images.png"]
+    assert all(p.stat().st_size > 1000 for p in section.figures)
+    columns, rows = section.tables["units"]
+    assert columns[:9] == ["layer", "unit", "concept", "category", "iou", "interpretable",
+                           "s_plus", "s_minus", "s"]
+    assert len(rows) == 5 + 6
+    assert "Spearman" in section.markdown
+
+
+def test_invalid_settings_name_their_key() -> None:
+    with pytest.raises(ValueError, match="analysis.bins"):
+        Dissection(bins=1000)
+    with pytest.raises(ValueError, match="analysis.quantile"):
+        Dissection(quantile=0.0)
+    with pytest.raises(ValueError, match="analysis.layers"):
+        Dissection(layers="features.1")
+    data = random_probe()
+    data.dataset.labels[0, 0, 0, 0] = 9
+    with pytest.raises(ValueError, match="concept ids"):
+        Dissection(bins=256).prepare(RandomConvNet().eval(), data)
+    with pytest.raises(RuntimeError, match="prepare"):
+        Dissection().update(RandomConvNet(), fake_adversarial_batches(RandomConvNet())[0])
+
+
+# One process against two (gloo) ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_dissection(world: tuple[int, int]) -> dict[str, Tensor]:
+    model = RandomConvNet().eval()
+    dissection = Dissection(bins=256, quantile=0.05, permutations=100, bootstrap=10)
+    dissection.prepare(model, random_probe(n=23, batch_size=4))
+    for batch in fake_adversarial_batches(model, batch=3, shard=world):
+        dissection.update(model, batch)
+    out = dissection.compute()
+    for name, layer in dissection.probe.layers.items():
+        out[f"{name}/intersection"] = layer.tally.intersection
+        out[f"{name}/mask_area"] = layer.tally.mask_area
+        out[f"{name}/top_index"] = layer.top_index
+    return out
+
+
+def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = _run_dissection((rank, world))
+        if rank == 0:
+            torch.save(out, path)
+    finally:
+        dist.destroy_process_group()
+
+
+# Integer tallies and what follows from them must agree bit for bit; float sums of the
+# sensitivity only up to summation order.
+EXACT_KEYS = ("/unit_threshold", "/intersection", "/mask_area", "/unit_iou", "/top_index",
+              "/unit_interpretable", "/unit_concept", "/interpretable", "/units",
+              "/frac_interpretable")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one() -> None:
+    single = _run_dissection((0, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "out.pt")
+        mp.spawn(_ddp_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+        double = torch.load(path, weights_only=True)
+    assert single.keys() == double.keys()
+    for key, value in single.items():
+        if key.endswith(EXACT_KEYS):
+            assert torch.equal(value, double[key]), key
+        else:
+            torch.testing.assert_close(value, double[key], rtol=1e-9, atol=1e-12,
+                                       equal_nan=True, msg=key)
+
+
+# Neuron masking -----------------------------------------------------------------------------
+
+
+def _stats(values: list[float], mean: list[float] | None = None) -> UnitSensitivity:
+    s = torch.tensor(values, dtype=torch.float64)
+    mean_t = torch.tensor(mean if mean else [0.5] * len(values), dtype=torch.float64)
+    return UnitSensitivity(layer="pool", s=s, s_plus=s / 2, s_minus=s / 2, clean_mean=mean_t,
+                           images=10)
+
+
+def test_neuron_mask_replaces_chosen_units_and_k0_is_identity() -> None:
+    model = ToyNet().eval()
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        base = model(x)
+        feats = model.pool(model.detect(x))
+    stats = _stats([0.1, 0.9, 0.5, 0.0], mean=[0.3, 0.7, 0.2, 0.0])
+    units = select_units(stats, 2)
+    assert units.tolist() == [1, 2]
+    assert select_units(stats, 2, selection="bottom").tolist() == [3, 0]
+    masked = MaskedModel(model, "pool", units, torch.zeros(4))
+    captured = {}
+    handle = model.pool.register_forward_hook(lambda _m, _i, o: captured.__setitem__("a", o))
+    with torch.no_grad():
+        out = masked(x)
+    handle.remove()
+    assert bool((captured["a"][:, [1, 2]] == 0).all())
+    assert torch.equal(captured["a"][:, [0, 3]], feats[:, [0, 3]])
+    expected = feats.clone()
+    expected[:, [1, 2]] = 0
+    torch.testing.assert_close(out, model.fc(expected.mean(dim=(2, 3))))
+    with torch.no_grad():
+        assert torch.equal(model(x), base)  # the hook is gone after the wrapper's forward
+        assert torch.equal(MaskedModel(model, "pool", select_units(stats, 0), torch.zeros(4))(x),
+                           base)
+        with neuron_mask(model, "pool", torch.tensor([0]), stats.clean_mean.float()):
+            filled = model.pool(model.detect(x))
+    assert bool((filled[:, 0] == 0.3).all())
+
+
+def test_neuron_mask_config_and_curve_known_answers() -> None:
+    """All units masked: the model predicts one constant class whatever the input."""
+    model = RandomConvNet().eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(12, 3, 12, 12, generator=gen)
+    y = torch.randint(0, 4, (12,), generator=gen)
+    loader = [(x[:6], y[:6], torch.arange(6)), (x[6:], y[6:], torch.arange(6, 12))]
+    attack = FGSM(eps=0.1)
+    stats = unit_sensitivity(model, attack, loader)
+    assert stats.layer == "features.2" and stats.units == 6 and stats.images == 12
+    rows = accuracy_vs_k(model, attack, loader, stats, ks=[0, 6], seed=1)
+    assert len(rows) == 6
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).double().mean())
+    robust = float(torch.cat([attack(model, xb, yb, index=ib).logits_adv.argmax(1) == yb
+                              for xb, yb, ib in loader]).double().mean())
+    for row in rows:
+        if row["k"] == 0:
+            assert row["clean_acc"] == pytest.approx(clean)
+            assert row["transfer_acc"] == pytest.approx(robust)
+            assert row["adaptive_acc"] == pytest.approx(robust)
+        else:
+            masked = MaskedModel(model, stats.layer, torch.arange(6), stats.clean_mean.float())
+            with torch.no_grad():
+                constant = masked(x[:1]).argmax(1)
+            frac = float((y == constant).double().mean())
+            assert row["clean_acc"] == row["transfer_acc"] == row["adaptive_acc"] == frac
+    defense = NeuronMask(k=2, rank_by="s_minus", fill="zero")
+    defended = defense.apply(model, stats)
+    assert defended.units.tolist() == select_units(stats, 2, "s_minus").tolist()
+    assert defended.num_classes == 4 and defended.feature_layer == "model.features.2"
+    with pytest.raises(ValueError, match="defense.rank_by"):
+        NeuronMask(rank_by="sigma")
+    with pytest.raises(ValueError, match="defense.k"):
+        select_units(stats, 7)

@@ -1,0 +1,416 @@
+"""Known-answer tests of the promotion-suppression (PSE) analysis (METHODS.md section 2)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pse_lightning.analysis.base import AdversarialBatch
+from pse_lightning.analysis.functional.pse import (
+    BALANCED,
+    NONE,
+    PROMOTION,
+    SUPPRESSION,
+    attribution_totals,
+    classify,
+    grid_group_map,
+    group_scores,
+    integrated_gradients,
+    promotion_suppression_maps,
+    pse_attributions,
+    pse_type,
+)
+from pse_lightning.analysis.pse import PSE, ROW_FLOAT_COLUMNS, ROW_INT_COLUMNS
+from pse_lightning.models import SmallCNN
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "analysis" / "pse.yaml"
+
+
+class Linear(nn.Module):
+    """Z = W flatten(x) + b: every first-order attribution is exact."""
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        d = math.prod(shape)
+        self.weight = nn.Parameter(torch.randn(num_classes, d, generator=gen))
+        self.bias = nn.Parameter(torch.randn(num_classes, generator=gen))
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+class TwoLogits(nn.Module):
+    """Logit 0 (true) and logit 1 (target) are chosen nonlinear functions of s = sum(x).
+
+    ``true_fn``/``target_fn`` map s (N,) to a logit; a third logit stays constant.
+    """
+
+    def __init__(self, true_fn, target_fn) -> None:
+        super().__init__()
+        self.true_fn, self.target_fn = true_fn, target_fn
+        self.num_classes = 3
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.flatten(1).mean(1)
+        return torch.stack([self.true_fn(s), self.target_fn(s), torch.zeros_like(s)], dim=1)
+
+
+def small_cnn(seed: int = 0) -> SmallCNN:
+    """An untrained SmallCNN whose BatchNorm statistics are calibrated on random images,
+    so its logits respond to the input as a trained net's do (default statistics leave
+    the logits nearly constant)."""
+    torch.manual_seed(seed)
+    model = SmallCNN(num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3,
+                     widths=(8, 16))  # fmt: skip
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative average
+    with torch.no_grad():
+        for i in range(4):
+            model(images(64, seed=100 + i))
+    return model.eval()
+
+
+def images(n: int, shape=(3, 8, 8), seed: int = 0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return 0.1 + 0.8 * torch.rand(n, *shape, generator=gen)
+
+
+def towards_target(model: nn.Module, x: Tensor, y: Tensor, t: Tensor, eps: float) -> Tensor:
+    """One signed-gradient step raising Z_t - Z_{t0}: both logits move substantially."""
+    xv = x.clone().requires_grad_(True)
+    z = model(xv)
+    (g,) = torch.autograd.grad((z.gather(1, t[:, None]) - z.gather(1, y[:, None])).sum(), xv)
+    return (x + eps * g.sign()).clamp(0, 1).detach()
+
+
+def make_batch(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, t: Tensor, **kw):
+    with torch.no_grad():
+        logits_clean, logits_adv = model(x), model(x_adv)
+    fields = dict(
+        x=x, y=y, index=torch.arange(len(x)), logits_clean=logits_clean, x_adv=x_adv,
+        logits_adv=logits_adv, target=t, success=torch.ones(len(x), dtype=torch.bool),
+        targeted=True,
+    )  # fmt: skip
+    fields.update(kw)
+    return AdversarialBatch(**fields)
+
+
+# -- functional: known answers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_linear_model_attributions_are_analytic(center: bool) -> None:
+    model = Linear((2, 4, 4), 5)
+    x, x_adv = images(6, (2, 4, 4)), images(6, (2, 4, 4), seed=1)
+    y, t = torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 2, 3, 4, 0, 3])
+    w = model.weight.detach()
+    if center:
+        w = w - w.mean(0, keepdim=True)
+    delta = (x_adv - x).flatten(1)
+    expected_true, expected_target = delta * w[y], delta * w[t]
+    for method in ("grad", "ig"):
+        attr = pse_attributions(model, x, x_adv, y, t, method=method, steps=3, center=center)
+        torch.testing.assert_close(attr.attr_true.flatten(1), expected_true)
+        torch.testing.assert_close(attr.attr_target.flatten(1), expected_target)
+        torch.testing.assert_close(attr.delta_true, expected_true.sum(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attr.delta_target, expected_target.sum(1), atol=1e-5, rtol=0)
+        assert attr.residual.max() < 1e-4
+    # promotion and suppression maps: channel sums of [a^t]+ and [-a^t0]+
+    promotion, suppression = promotion_suppression_maps(
+        expected_true.view(x.shape), expected_target.view(x.shape)
+    )
+    torch.testing.assert_close(promotion, expected_target.view(x.shape).clamp_min(0).sum(1))
+    torch.testing.assert_close(suppression, (-expected_true.view(x.shape)).clamp_min(0).sum(1))
+
+
+def test_linear_ig_does_not_refine_and_equals_grad() -> None:
+    model = Linear((1, 5, 5), 4, seed=3)
+    x, x_adv = images(5, (1, 5, 5)), images(5, (1, 5, 5), seed=2)
+    y, t = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 2, 3, 0, 2])
+    ig = pse_attributions(model, x, x_adv, y, t, method="ig", steps=4, max_steps=64)
+    grad = pse_attributions(model, x, x_adv, y, t, method="grad")
+    assert ig.steps.tolist() == [4] * 5  # already complete: no doubling
+    torch.testing.assert_close(ig.attr_true, grad.attr_true)
+    torch.testing.assert_close(ig.attr_target, grad.attr_target)
+
+
+def test_ig_totals_match_logit_changes_on_small_cnn() -> None:
+    model = small_cnn()
+    x = images(16)
+    y = torch.arange(16) % 10
+    t = (y + 3) % 10
+    x_adv = towards_target(model, x, y, t, eps=0.02)
+    attr = pse_attributions(model, x, x_adv, y, t, method="ig", steps=32, max_steps=256)
+    with torch.no_grad():
+        change = model(x_adv) - model(x)
+    delta_true, delta_target = (
+        change.gather(1, y[:, None])[:, 0],
+        change.gather(1, t[:, None])[:, 0],
+    )
+    total = delta_true.abs() + delta_target.abs()
+    for a, delta in ((attr.attr_true, delta_true), (attr.attr_target, delta_target)):
+        error = (a.flatten(1).sum(1) - delta).abs()
+        # each logit within 1% of its own change (of 10% of the total for a barely moved one)
+        assert (error < 0.01 * torch.maximum(delta.abs(), 0.1 * total)).all()
+    assert (attr.residual < 0.01).all()
+    assert (attr.steps == 32).float().mean() >= 0.75  # 32 steps suffice for most images
+    # first order is visibly worse on the same nonlinear path: the check can fail
+    grad = pse_attributions(model, x, x_adv, y, t, method="grad")
+    assert grad.residual.mean() > 5 * attr.residual.mean()
+
+
+def test_steps_double_per_sample_until_complete() -> None:
+    model = small_cnn(1)
+    x = images(6)
+    y, t = torch.arange(6), (torch.arange(6) + 1) % 10
+    x_adv = towards_target(model, x, y, t, eps=0.1)
+    coarse = pse_attributions(model, x, x_adv, y, t, steps=1, max_steps=1)
+    tol = float(coarse.residual.median())  # about half the samples must be refined
+    fine = pse_attributions(model, x, x_adv, y, t, steps=1, max_steps=64, tol=tol)
+    refined = coarse.residual > tol
+    assert refined.any() and (~refined).any()
+    assert (fine.steps[~refined] == 1).all() and (fine.steps[refined] >= 2).all()
+    assert ((fine.residual <= tol) | (fine.steps == 64)).all()
+    # each sample's result is its own: the same when attributed alone
+    alone = pse_attributions(model, x[-1:], x_adv[-1:], y[-1:], t[-1:], steps=1, max_steps=64,
+                             tol=tol)  # fmt: skip
+    assert alone.steps.item() == fine.steps[-1].item()
+    torch.testing.assert_close(alone.attr_target[0], fine.attr_target[-1], atol=1e-6, rtol=1e-4)
+
+
+def test_chunking_does_not_change_integrated_gradients() -> None:
+    model = small_cnn(2)
+    x = images(4)
+    y, t = torch.arange(4), torch.arange(4) + 4
+    x_adv = towards_target(model, x, y, t, eps=0.05)
+    one = integrated_gradients(model, x, x_adv, y, t, steps=8, chunk_size=1)
+    many = integrated_gradients(model, x, x_adv, y, t, steps=8, chunk_size=1000)
+    batched = integrated_gradients(model, x, x_adv, y, t, steps=8, mode="vmap")
+    for a, b, c in zip(one, many, batched, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(a, c, atol=1e-7, rtol=1e-4)
+
+
+def test_matches_captum_integrated_gradients() -> None:
+    captum_attr = pytest.importorskip("captum.attr")
+    model = small_cnn(3)
+    x = images(4)
+    y, t = torch.arange(4), torch.arange(4) + 2
+    x_adv = towards_target(model, x, y, t, eps=0.05)
+    ours_true, ours_target = integrated_gradients(model, x, x_adv, y, t, steps=16)
+    ig = captum_attr.IntegratedGradients(model)
+    for ours, cls in ((ours_true, y), (ours_target, t)):
+        ref = ig.attribute(x_adv, baselines=x, target=cls, n_steps=16, method="riemann_middle")
+        torch.testing.assert_close(ours, ref, atol=1e-7, rtol=1e-4)
+
+
+# -- types ---------------------------------------------------------------------------------
+
+
+def test_classify_boundaries() -> None:
+    r = torch.tensor([0.0, 0.2, 1 / 3, 0.5, 2 / 3, 0.9, 1.0, math.nan])
+    kinds = classify(r, 1 / 3, 2 / 3).tolist()
+    assert kinds == [SUPPRESSION, SUPPRESSION, BALANCED, BALANCED, BALANCED, PROMOTION,
+                     PROMOTION, NONE]  # fmt: skip
+    r, kind = pse_type(torch.tensor([-2.0, -1.0, 0.5, 0.0]), torch.tensor([1.0, 3.0, -1.0, 0.0]),
+                       1 / 3, 2 / 3)  # fmt: skip
+    torch.testing.assert_close(r[:2], torch.tensor([1 / 3, 0.75]))
+    assert kind.tolist() == [BALANCED, PROMOTION, NONE, NONE]
+
+
+@pytest.mark.parametrize(
+    ("true_fn", "target_fn", "expected"),
+    [
+        (lambda s: -torch.exp(3 * s), lambda s: torch.zeros_like(s), "suppression"),
+        (lambda s: torch.ones_like(s), lambda s: torch.sinh(4 * s), "promotion"),
+        (lambda s: -(s**2), lambda s: s**2, "balanced"),
+    ],
+)
+def test_only_suppressing_or_promoting_perturbations_are_typed_so(true_fn, target_fn, expected):
+    model = TwoLogits(true_fn, target_fn)
+    x = images(5, (1, 6, 6))
+    x_adv = (x + 0.1).clamp(0, 1)  # raises s = mean(x): only moves the logits that depend on s
+    y, t = torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)
+    metric = PSE(steps=32)
+    metric.update(model, make_batch(model, x, x_adv, y, t))
+    result = metric.compute()
+    assert result[f"frac_{expected}"] == 1.0
+    attr = pse_attributions(model, x, x_adv, y, t)
+    promotion, suppression = promotion_suppression_maps(attr.attr_true, attr.attr_target)
+    if expected == "suppression":
+        assert (promotion == 0).all() and (suppression > 0).all()
+        assert result["suppression_share"] == 1.0
+    if expected == "promotion":
+        assert (suppression == 0).all() and (promotion > 0).all()
+        assert result["promotion_share"] == 1.0
+
+
+def test_no_effect_is_typed_none() -> None:
+    model = TwoLogits(lambda s: s, lambda s: -s)  # the perturbation helps the true class
+    x = images(3, (1, 4, 4))
+    batch = make_batch(
+        model, x, (x + 0.05).clamp(0, 1), torch.zeros(3).long(), torch.ones(3).long()
+    )
+    metric = PSE(method="grad")
+    metric.update(model, batch)
+    result = metric.compute()
+    assert result["frac_none"] == 1.0 and math.isnan(float(result["mean_r"]))
+
+
+# -- groups --------------------------------------------------------------------------------
+
+
+def test_grid_groups_and_scores() -> None:
+    ids = grid_group_map(5, 5, 2, torch.device("cpu"))
+    assert ids[0].tolist() == [0, 0, 1, 1, 2] and ids[4].tolist() == [6, 6, 7, 7, 8]
+    attr_true = -torch.ones(1, 3, 5, 5)
+    attr_target = torch.zeros(1, 3, 5, 5)
+    attr_target[..., :2, :2] = 2.0  # group 0 promotes
+    promotion, suppression = group_scores(attr_true, attr_target, ids)
+    sizes = torch.bincount(ids.flatten()).float() * 3
+    torch.testing.assert_close(suppression[0], sizes)
+    assert promotion[0, 0] == 24.0 and (promotion[0, 1:] == 0).all()
+    totals = attribution_totals(attr_true, attr_target)
+    torch.testing.assert_close(totals, torch.tensor([[24.0, 75.0, 0.0, 0.0]]))
+
+
+def test_group_map_from_attack_extras() -> None:
+    # left half of the image only suppresses, right half only promotes (linear model)
+    model = Linear((1, 4, 4), 2)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0].view(4, 4)[:, :2] = -1.0  # true logit falls on the left
+        model.weight[1].view(4, 4)[:, 2:] = 1.0  # target logit rises on the right
+    x = torch.full((2, 1, 4, 4), 0.5)
+    group_map = torch.zeros(4, 4, dtype=torch.long)
+    group_map[:, 2:] = 1
+    batch = make_batch(model, x, x + 0.1, torch.zeros(2).long(), torch.ones(2).long(),
+                       extras={"group_map": group_map})  # fmt: skip
+    metric = PSE(method="grad")
+    metric.update(model, batch)
+    assert metric.group_type_counts.tolist() == [2, 0, 2, 0]
+    result = metric.compute()
+    assert result["group_frac_suppression"] == 0.5 and result["group_frac_promotion"] == 0.5
+    assert result["frac_balanced"] == 1.0  # 0.8 up and 0.8 down: r = 1/2
+
+
+# -- the Metric ----------------------------------------------------------------------------
+
+
+def cnn_batch(n: int = 12, seed: int = 0):
+    model = small_cnn(seed)
+    x = images(n, seed=seed)
+    y = torch.arange(n) % 10
+    t = (y + 1 + torch.arange(n) % 3) % 10
+    x_adv = towards_target(model, x, y, t, eps=0.05)
+    success = torch.arange(n) % 4 != 3
+    return model, make_batch(model, x, x_adv, y, t, success=success)
+
+
+def sub_batch(batch: AdversarialBatch, sel: Tensor) -> AdversarialBatch:
+    fields = {k: getattr(batch, k) for k in ("x", "y", "index", "logits_clean", "x_adv",
+                                             "logits_adv", "target", "success")}  # fmt: skip
+    return AdversarialBatch(**{k: v[sel] for k, v in fields.items()}, targeted=batch.targeted)
+
+
+def test_split_and_merged_states_equal_one_pass() -> None:
+    model, batch = cnn_batch()
+    kw = dict(steps=8, max_steps=32, max_rows=7, max_figures=3)
+    whole = PSE(**kw)
+    whole.update(model, batch)
+    # two "ranks" that see interleaved samples, as the shard sampler deals them
+    rank0, rank1 = PSE(**kw), PSE(**kw)
+    rank0.update(model, sub_batch(batch, torch.arange(0, 12, 2)))
+    rank1.update(model, sub_batch(batch, torch.arange(1, 12, 2)))
+    rank1.merge_state(rank0)
+    expected, merged = whole.compute(), rank1.compute()
+    assert expected.keys() == merged.keys()
+    for key in expected:
+        torch.testing.assert_close(merged[key].double(), expected[key].double(), equal_nan=True)
+    assert expected["n_images"] == 9 and expected["analysed_fraction"] == 0.75
+    a, b = whole._samples, rank1._samples
+    assert a["row_ints"][:, 0].tolist() == [0, 1, 2, 4, 5, 6]  # success only, index < 7
+    torch.testing.assert_close(a["row_ints"], b["row_ints"])
+    torch.testing.assert_close(a["row_floats"], b["row_floats"], atol=1e-6, rtol=1e-4)
+    assert [f["index"] for f in a["figures"]] == [f["index"] for f in b["figures"]] == [0, 1, 2]
+    torch.testing.assert_close(a["figures"][1]["promotion"], b["figures"][1]["promotion"])
+
+
+def test_metric_leaves_model_untouched() -> None:
+    model, batch = cnn_batch(4)
+    model.train()
+    model.net.features[0][1].eval()  # a deliberately frozen BatchNorm must stay frozen
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    PSE(steps=4, max_steps=4).update(model, batch)
+    assert model.training and not model.net.features[0][1].training
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_report_writes_figures_and_table(tmp_path: Path) -> None:
+    model, batch = cnn_batch(8)
+    metric = PSE(steps=4, max_steps=8, max_rows=5, max_figures=2, successful_only=False)
+    metric.update(model, batch)
+    result = metric.compute()
+    section = metric.report(result, tmp_path)
+    names = sorted(p.name for p in section.figures)
+    assert names == ["pse_examples.png", "pse_ratio_hist.png", "pse_scatter.png"]
+    for path in section.figures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    columns, rows = section.tables["pse_images"]
+    assert len(columns) == len(ROW_INT_COLUMNS) + len(ROW_FLOAT_COLUMNS)
+    assert [row[0] for row in rows] == [0, 1, 2, 3, 4]
+    assert all(len(row) == len(columns) for row in rows)
+    assert {row[columns.index("type")] for row in rows} <= {"suppression", "balanced",
+                                                           "promotion", "none"}  # fmt: skip
+    assert "frac_suppression" not in section.markdown and "| suppression |" in section.markdown
+
+
+def test_report_before_compute_fails(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="compute"):
+        PSE().report({}, tmp_path)
+
+
+def test_inference_mode_is_refused() -> None:
+    model, batch = cnn_batch(2)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=false"):
+        PSE().update(model, batch)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"method": "saliency"}, "analysis.method"),
+        ({"steps": 0}, "analysis.steps"),
+        ({"steps": 32, "max_steps": 16}, "analysis.max_steps"),
+        ({"tau_s": 0.8, "tau_p": 0.6}, "analysis.tau_s"),
+        ({"tau_p": 1.5}, "analysis.tau_p"),
+        ({"tol": 0}, "analysis.tol"),
+        ({"group_size": 0}, "analysis.group_size"),
+        ({"center_logits": "yes"}, "analysis.center_logits"),
+        ({"max_rows": -1}, "analysis.max_rows"),
+    ],
+)
+def test_bad_config_names_the_key(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        PSE(**kwargs)
+
+
+def test_config_instantiates_with_its_keys() -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF)
+    metric = instantiate(cfg)
+    assert isinstance(metric, PSE) and metric.name == "pse"
+    for key, value in cfg.items():
+        if key != "_target_":
+            assert getattr(metric, key) == value, key

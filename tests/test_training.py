@@ -1,0 +1,75 @@
+"""Training objectives: each lowers its loss, and the PSE terms have the intended signs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import group_choices
+from hydra.utils import instantiate
+
+from pse_lightning.attacks import PGD
+from pse_lightning.models import SmallCNN
+from pse_lightning.modules.objectives import AdversarialObjective, PSEObjective
+
+
+def model_and_batch(seed: int = 0):
+    torch.manual_seed(seed)
+    model = SmallCNN(num_classes=3, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, widths=[8, 16])
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(16, 3, 16, 16, generator=gen)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    return model, x, y, torch.arange(16)
+
+
+@pytest.mark.parametrize("choice", group_choices("training"))
+def test_training_step_lowers_the_loss(make_cfg, choice: str) -> None:
+    cfg = make_cfg(f"training={choice}")
+    objective = instantiate(cfg.training.objective)
+    model, x, y, index = model_and_batch()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first, _ = objective(model, x, y, index)
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss, logs = objective(model, x, y, index)
+        loss.backward()
+        optimizer.step()
+    last, _ = objective(model, x, y, index)
+    assert torch.isfinite(last) and float(last) < float(first)
+    assert all(torch.isfinite(v) for v in logs.values())
+
+
+def test_pse_terms_have_the_intended_signs() -> None:
+    objective = PSEObjective(PGD(eps=0.03, steps=1), lambda_s=1, lambda_p=1, lambda_u=0)
+    y = torch.tensor([0])
+    logits = torch.tensor([[3.0, 1.0, 0.0]])
+    # Adversarial logits: the true class fell by 2, the runner-up (class 2) rose by 4.
+    logits_adv = torch.tensor([[1.0, 1.0, 4.0]])
+    suppression, promotion = objective.pse_terms(logits, logits_adv, y)
+    assert float(suppression) == pytest.approx(2.0) and float(promotion) == pytest.approx(4.0)
+    # A perturbation that raises the true logit and lowers every other is penalised by neither.
+    suppression, promotion = objective.pse_terms(logits, torch.tensor([[5.0, 0.5, -1.0]]), y)
+    assert float(suppression) == 0 and float(promotion) == 0
+
+
+def test_unit_drift_weights_the_most_sensitive_units() -> None:
+    objective = PSEObjective(PGD(eps=0.03, steps=1), momentum=1.0)
+    units = torch.randn(64, 4)
+    moved = units.clone()
+    moved[:, 2] += 3.0  # only unit 2 is moved by the attack
+    drift = objective.unit_drift(units, moved)
+    omega = objective.unit_sensitivity / objective.unit_sensitivity.sum()
+    assert int(omega.argmax()) == 2 and float(omega[2]) == pytest.approx(1.0)
+    assert float(drift) == pytest.approx(3.0 / float(objective.unit_var[2].sqrt()), rel=1e-4)
+
+
+def test_pse_at_with_zero_weights_is_pgd_at() -> None:
+    attack = PGD(eps=0.03, step_size=0.01, steps=3)
+    model, x, y, index = model_and_batch()
+    model.train()
+    twin = copy.deepcopy(model)  # train-mode forwards move BatchNorm statistics
+    pse_loss, _ = PSEObjective(attack, lambda_s=0, lambda_p=0, lambda_u=0)(model, x, y, index)
+    pgd_loss, _ = AdversarialObjective(attack)(twin, x, y, index)
+    assert torch.equal(pse_loss, pgd_loss)
