@@ -360,6 +360,7 @@ def test_report_writes_figures_and_table(tmp_path: Path) -> None:
     metric = PSE(steps=4, max_steps=8, max_rows=5, max_figures=2, successful_only=False)
     metric.update(model, batch)
     result = metric.compute()
+    metric.reset()  # the evaluation module resets before the report is written
     section = metric.report(result, tmp_path)
     names = sorted(p.name for p in section.figures)
     assert names == ["pse_examples.png", "pse_ratio_hist.png", "pse_scatter.png"]

@@ -434,8 +434,12 @@ class CAMAnalysis(Analysis):
         body = [
             f"Scored {int(_num_value(result.get('scored', 0)))} successful adversarial examples "
             f"of {int(_num_value(result.get('evaluated', 0)))} (maps: {self.method}, "
-            + (f"top {self.top_area:.0%} area" if self.top_area is not None
-               else f"threshold {self.threshold}") + ").",  # fmt: skip
+            + (
+                f"top {self.top_area:.0%} area"
+                if self.top_area is not None
+                else f"threshold {self.threshold}"
+            )
+            + ").",  # fmt: skip
             "",
             *lines,
             "",
@@ -458,8 +462,7 @@ class CAMAnalysis(Analysis):
             rows = [[_cell(col, v) for col, v in zip(EXAMPLE_COLUMNS, row.tolist(), strict=True)]
                     for row in examples["stats"]]  # fmt: skip
             tables["cam_examples"] = (list(EXAMPLE_COLUMNS), rows)
-        return ReportSection(title="cam", markdown="\n".join(body), figures=figures,
-                             tables=tables)
+        return ReportSection(title="cam", markdown="\n".join(body), figures=figures, tables=tables)
 
     def _class(self, c: int) -> str:
         if self.class_names and 0 <= c < len(self.class_names):
@@ -490,11 +493,13 @@ class CAMAnalysis(Analysis):
                 shown = _as_image(image)
                 axes[r, 0].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
                 axes[r, 0].set_title(f"{label}: pred {self._class(pred)}", fontsize=8)
-                axes[r, 1].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
+                # Overlays sit on the grey image, so the colour belongs to the heat map.
+                grey = image.clamp(0, 1).mean(dim=0).numpy()
+                axes[r, 1].imshow(grey, cmap="gray", vmin=0, vmax=1)
                 axes[r, 1].imshow(cam_map.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
                 axes[r, 1].set_title(f"CAM of pred {self._class(pred)}", fontsize=8)
-                axes[r, 2].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
-                axes[r, 2].imshow(delta.numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=1)
+                axes[r, 2].imshow(grey, cmap="gray", vmin=0, vmax=1)
+                axes[r, 2].imshow(delta.numpy(), cmap="magma", alpha=0.7, vmin=0, vmax=1)
                 if 0 < float(mask.mean()) < 1:
                     axes[r, 2].contour(mask.numpy(), levels=[0.5], colors="cyan",
                                        linewidths=0.8)  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +35,17 @@ from pse_lightning.analysis.functional.dissection import (
     IoUTally,
     RadixQuantile,
     activation_masks,
+    add_pair_tally,
     best_concepts,
+    candidate_pairs,
     category_iou,
     empty_tally,
     hypergeom_sf,
     iou_from_tally,
-    iou_tally,
+    label_area,
     mann_whitney_u,
     merge_top,
+    pair_masks,
     permutation_pvalue,
     poisson_weights,
     sensitivity_from_sums,
@@ -197,6 +201,8 @@ class ProbeResult:
     probe_images: int
     head_layer: str | None
     showcase: list[Showcase] = field(default_factory=list)
+    pass_seconds: list[float] = field(default_factory=list)  # wall time of each probe pass
+    pass_cpu_seconds: list[float] = field(default_factory=list)  # process CPU time of each
 
 
 # The analysis -------------------------------------------------------------------------------
@@ -307,7 +313,9 @@ class Dissection(Analysis):
             searches = {n: RadixQuantile(units[n], self.quantile, self.bins, device)
                         for n in layers}
             passes = searches[layers[0]].passes
+            seconds, cpu_seconds = [], []
             for _ in range(passes):
+                start, cpu_start = time.perf_counter(), time.process_time()
                 tallies = {n: s.new_tallies() for n, s in searches.items()}
                 for x, _labels, _index in self._probe_batches(loader, device, len(concepts),
                                                               len(categories)):
@@ -318,14 +326,20 @@ class Dissection(Analysis):
                     for key, tensor in tallies[n].items():
                         all_reduce_(tensor, RadixQuantile.REDUCE_OPS[key])
                     searches[n].advance(tallies[n])
+                seconds.append(time.perf_counter() - start)
+                cpu_seconds.append(time.process_time() - cpu_start)
             thresholds = {n: s.thresholds() for n, s in searches.items()}
             floors = {n: s.minimum() for n, s in searches.items()}
-            results, probe_images = self._iou_pass(model, loader, layers, units, thresholds, floors,
-                                     concept_category, len(concepts), len(categories), device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            results, probe_images = self._iou_pass(
+                model, loader, layers, units, thresholds, floors, concept_category,
+                len(concepts), len(categories), device)
+            seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
         self.probe = ProbeResult(
             layers=results, concepts=concepts, categories=categories,
             concept_category=concept_category, probe_images=probe_images,
-            head_layer=head_layer,
+            head_layer=head_layer, pass_seconds=seconds, pass_cpu_seconds=cpu_seconds,
         )
         for i, n in enumerate(layers):
             self.add_state(f"sens_{i}", torch.zeros(1 + self.bootstrap, len(SENSITIVITY_ROWS),
@@ -397,15 +411,18 @@ class Dissection(Analysis):
             acts = layer_activations(model, x, layers, loader.batch_size)
             images += len(x)
             size = tuple(labels.shape[-2:])
+            areas = label_area(labels, concepts)
+            step = max(1, _MASK_ELEMENTS // (size[0] * size[1]))
             for n in layers:
                 a = acts[n]
-                step = max(1, _MASK_ELEMENTS // (units[n] * size[0] * size[1]))
-                for start in range(0, len(a), step):
-                    masks = activation_masks(a[start:start + step], t_dev[n], f_dev[n], size)
-                    tallies[n] = tallies[n] + iou_tally(masks, labels[start:start + step],
-                                                        concepts)
-                scores = a.flatten(2).amax(dim=2).T  # (K, N) per-image peak activation
-                tops[n] = merge_top(scores, index, *tops[n], k)
+                peak = a.flatten(2).amax(dim=2)  # (N, K) per-image peak activation
+                image, unit = candidate_pairs(peak, t_dev[n], f_dev[n])
+                for start in range(0, len(image), step):
+                    i, u = image[start : start + step], unit[start : start + step]
+                    masks = pair_masks(a, i, u, t_dev[n], f_dev[n], size)
+                    add_pair_tally(tallies[n], masks, i, u, labels)
+                tallies[n].label_area += areas
+                tops[n] = merge_top(peak.T, index, *tops[n], k)
         results = {}
         all_reduce_(images, "sum")
         for n in layers:

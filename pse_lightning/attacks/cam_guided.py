@@ -89,7 +89,11 @@ class CAMGuided(Attack):
         super().__init__(norm=attack.norm, eps=attack.eps, targeted=targeted,
                          target_rule=target_rule, seed=seed)  # fmt: skip
         # The wrapped attack's _perturb reads these (objective sign, random starts).
-        attack.targeted, attack.target_rule, attack.seed = self.targeted, self.target_rule, self.seed
+        attack.targeted, attack.target_rule, attack.seed = (
+            self.targeted,
+            self.target_rule,
+            self.seed,
+        )
         self.attack = attack
         self.threshold = require_in_range("attack.threshold", threshold, 0.0, 1.0)
         self.dilate = require_at_least("attack.dilate", dilate, 0)

@@ -69,3 +69,23 @@ def summary_bar_figure(scalars: dict[str, float], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def grouped_bar_figure(groups: list[str], series: dict[str, list[float | None]],
+                       path: str | Path, *, ylabel: str) -> Path:
+    """Bars per group (x axis), one colour per series; missing values are left out."""
+    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(groups), 3.2))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        heights = [np.nan if v is None else v for v in values]
+        bars = ax.bar(xs, heights, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncols=min(4, len(series)), loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

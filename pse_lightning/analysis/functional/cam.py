@@ -86,8 +86,11 @@ def minmax_normalise(maps: Tensor) -> Tensor:
     flat = maps.flatten(1)
     low = flat.amin(dim=1, keepdim=True)
     span = flat.amax(dim=1, keepdim=True) - low
-    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(maps.dtype).tiny),
-                         torch.zeros_like(flat))
+    scaled = torch.where(
+        span > 0,
+        (flat - low) / span.clamp_min(torch.finfo(maps.dtype).tiny),
+        torch.zeros_like(flat),
+    )
     return scaled.view_as(maps)
 
 

@@ -159,23 +159,27 @@ class RadixQuantile:
             raise ValueError(f"expected {self.units} units, got activations {tuple(acts.shape)}")
         keys = ordered_keys(acts.flatten(2))  # (N, K, P)
         shift, width = self.schedule[self.pass_index]
-        unit = torch.arange(self.units, device=keys.device).view(1, -1, 1)
-        digit = (keys >> shift) & ((1 << width) - 1)
-        flat = (unit << width) | digit
         if self.pass_index == 0:
             tallies["count"] += keys.shape[0] * keys.shape[2]
             tallies["kmin"] = torch.minimum(tallies["kmin"], keys.amin(dim=(0, 2)))
             tallies["kmax"] = torch.maximum(tallies["kmax"], keys.amax(dim=(0, 2)))
-            flat = flat.flatten()
+            unit = torch.arange(self.units, device=keys.device).view(1, -1, 1)
+            flat = ((unit << width) | (keys >> shift)).flatten()
         else:
+            # Only keys inside the bin found so far count: select them first (few).
             prev_shift = self.schedule[self.pass_index - 1][0]
-            flat = flat[(keys >> prev_shift) == self.prefix.view(1, -1, 1)]
+            match = (keys >> prev_shift) == self.prefix.view(1, -1, 1)
+            unit = match.nonzero()[:, 1]
+            flat = (unit << width) | ((keys[match] >> shift) & ((1 << width) - 1))
             pending = self.succ_prefix >= 0
             if bool(pending.any()):
-                inside = (keys >> self.succ_shift.view(1, -1, 1)) == self.succ_prefix.view(1, -1, 1)
-                candidates = torch.where(inside, keys, torch.full_like(keys, _NO_KEY))
+                succ_bin = keys >> self.succ_shift.view(1, -1, 1)
+                inside = succ_bin == self.succ_prefix.view(1, -1, 1)
+                candidates = keys.masked_fill(~inside, _NO_KEY)
                 tallies["succ"] = torch.minimum(tallies["succ"], candidates.amin(dim=(0, 2)))
-        tallies["hist"] += torch.bincount(flat, minlength=self.units << width)
+        # scatter_add_ into the running histogram: no per-batch K * bins temporary.
+        ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(len(flat))
+        tallies["hist"].scatter_add_(0, flat, ones)
 
     def advance(self, tallies: dict[str, Tensor]) -> None:
         """Consume the reduced tallies of the current pass and move to the next."""
@@ -242,20 +246,51 @@ def upsample(acts: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(acts.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def activation_masks(
-    acts: Tensor, thresholds: Tensor, floors: Tensor, size: tuple[int, int]
-) -> Tensor:
-    """M_k = 1[S_k >= T_k and S_k > floor_k], bool (N, K, H, W).
+def mask_thresholds(thresholds: Tensor, floors: Tensor) -> Tensor:
+    """T'_k such that 1[S_k >= T'_k] = 1[S_k >= T_k and S_k > floor_k] for float32 S_k.
 
     ``floor_k`` is the unit's smallest activation over the probe set (a ReLU's zero). A
     unit active on fewer than a fraction q of positions has T_k = floor_k, where ">="
     alone would select every pixel of every image; excluding the floor gives such a unit
     the support of its activation instead. Elsewhere the rule is METHODS' S_k >= T_k.
+    "S > floor" is "S >= the next float above floor", so one comparison does both.
     """
+    thresholds, floors = thresholds.float(), floors.float()
+    above_floor = torch.nextafter(floors, torch.full_like(floors, math.inf))
+    return torch.where(thresholds > floors, thresholds, above_floor)
+
+
+def activation_masks(
+    acts: Tensor, thresholds: Tensor, floors: Tensor, size: tuple[int, int]
+) -> Tensor:
+    """M_k = 1[S_k >= T_k and S_k > floor_k], bool (N, K, H, W) (see :func:`mask_thresholds`)."""
     s = upsample(acts, size)
-    t = thresholds.to(s).view(1, -1, 1, 1)
-    f = floors.to(s).view(1, -1, 1, 1)
-    return (s >= t) & (s > f)
+    return s >= mask_thresholds(thresholds, floors).to(s.device).view(1, -1, 1, 1)
+
+
+def candidate_pairs(peak: Tensor, thresholds: Tensor, floors: Tensor) -> tuple[Tensor, Tensor]:
+    """(image, unit) index pairs whose upsampled map can reach the mask threshold.
+
+    ``peak`` is (N, K), the maximum of each feature map.
+
+    A bilinear value is a convex combination of feature cells, so it exceeds the map's
+    maximum at most by rounding; maps whose maximum is below T'_k (less a relative 2**-20
+    margin for that rounding) have empty masks and are never upsampled. The margin makes
+    the candidates a superset, so the masks, computed exactly on the candidates, are the
+    same as for every pair.
+    """
+    t = mask_thresholds(thresholds, floors).to(peak.device)
+    margin = (t.abs() + torch.finfo(torch.float32).tiny) * 2.0**-20
+    image, unit = (peak >= (t - margin).view(1, -1)).nonzero(as_tuple=True)
+    return image, unit
+
+
+def pair_masks(acts: Tensor, image: Tensor, unit: Tensor, thresholds: Tensor, floors: Tensor,
+               size: tuple[int, int]) -> Tensor:
+    """Masks (P, H, W) of the (image, unit) pairs; equal to :func:`activation_masks`'s."""
+    maps = acts[image, unit].unsqueeze(1)  # (P, 1, h, w)
+    t = mask_thresholds(thresholds, floors).to(acts.device)[unit].view(-1, 1, 1)
+    return upsample(maps, size)[:, 0] >= t
 
 
 @dataclass
@@ -287,37 +322,56 @@ def empty_tally(units: int, categories: int, concepts: int, device: torch.device
                     torch.zeros(categories, units, **long), torch.zeros(concepts + 1, **long))
 
 
-def iou_tally(masks: Tensor, labels: Tensor, concepts: int) -> IoUTally:
-    """Intersections and areas of one batch of unit masks and concept labels.
+def label_area(labels: Tensor, concepts: int) -> Tensor:
+    """(C + 1,) pixels per concept id of a batch of labels (N, G, H, W)."""
+    return torch.bincount(labels.reshape(-1), minlength=concepts + 1)
+
+
+def add_pair_tally(tally: IoUTally, masks: Tensor, image: Tensor, unit: Tensor,
+                   labels: Tensor) -> None:
+    """Add intersections and annotated mask areas of (image, unit) masks to ``tally``.
 
     Only mask pixels are visited (about a fraction q of all), so the cost follows the
     masks' size rather than units x pixels x concepts.
 
     Args:
-        masks: (N, K, H, W) bool unit masks.
-        labels: (N, G, H, W) long, per pixel and category the global concept id in
-            [1, C], 0 where no concept of that category is present.
-        concepts: C, the number of concepts.
-
-    Returns:
-        The batch's :class:`IoUTally`. An image counts as annotated for category g when
-        any of its pixels carries a label of g.
+        tally: the running tally (label areas are added separately, once per batch).
+        masks: (P, H, W) bool masks of the pairs.
+        image, unit: (P,) the pairs' image (row of ``labels``) and unit.
+        labels: (N, G, H, W) long, per pixel and category the global concept id in [1, C],
+            0 where no concept of that category is present. An image counts as annotated
+            for category g when any of its pixels carries a label of g.
     """
-    n, units, height, width = masks.shape
-    categories = labels.shape[1]
-    pixels = height * width
-    flat_labels = labels.reshape(n, categories, pixels)
+    n, categories = labels.shape[:2]
+    width = tally.intersection.shape[1]
+    pixels = masks.shape[1] * masks.shape[2]
     hits = masks.reshape(-1).nonzero().squeeze(1)
-    unit = (hits // pixels) % units
-    pixel = (hits // (units * pixels)) * pixels + hits % pixels
-    by_pixel = flat_labels.permute(0, 2, 1).reshape(n * pixels, categories)
-    keys = unit.view(-1, 1) * (concepts + 1) + by_pixel[pixel]  # (hits, G)
-    intersection = torch.bincount(keys.reshape(-1), minlength=units * (concepts + 1))
-    annotated = (flat_labels > 0).any(dim=2).to(torch.int64)  # (N, G)
-    area = masks.sum(dim=(2, 3))  # (N, K)
-    mask_area = (annotated.unsqueeze(2) * area.unsqueeze(1)).sum(dim=0)
-    label_area = torch.bincount(flat_labels.reshape(-1), minlength=concepts + 1)
-    return IoUTally(intersection.view(units, concepts + 1), mask_area, label_area)
+    pair, pixel = hits // pixels, hits % pixels
+    by_pixel = labels.reshape(n, categories, pixels).permute(0, 2, 1)  # (N, pixels, G) view
+    hit_labels = by_pixel[image[pair], pixel]  # (hits, G)
+    keys = (unit[pair].view(-1, 1) * width + hit_labels).reshape(-1)
+    ones = torch.ones(1, dtype=torch.int64, device=keys.device)
+    tally.intersection.view(-1).scatter_add_(0, keys, ones.expand(len(keys)))
+    annotated = (labels.reshape(n, categories, -1) > 0).any(dim=2).to(torch.int64)  # (N, G)
+    area = masks.reshape(len(masks), -1).sum(dim=1)  # (P,)
+    tally.mask_area.index_add_(1, unit, (annotated[image] * area.view(-1, 1)).T)
+
+
+def iou_tally(masks: Tensor, labels: Tensor, concepts: int) -> IoUTally:
+    """The :class:`IoUTally` of one batch of dense unit masks (N, K, H, W) and labels.
+
+    Args:
+        masks: (N, K, H, W) bool unit masks.
+        labels: (N, G, H, W) long concept ids (see :func:`add_pair_tally`).
+        concepts: C, the number of concepts.
+    """
+    n, units = masks.shape[:2]
+    tally = empty_tally(units, labels.shape[1], concepts, masks.device)
+    image = torch.arange(n, device=masks.device).repeat_interleave(units)
+    unit = torch.arange(units, device=masks.device).repeat(n)
+    add_pair_tally(tally, masks.reshape(n * units, *masks.shape[2:]), image, unit, labels)
+    tally.label_area += label_area(labels, concepts)
+    return tally
 
 
 def iou_from_tally(tally: IoUTally, concept_category: Tensor) -> Tensor:

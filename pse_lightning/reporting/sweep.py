@@ -1,0 +1,119 @@
+"""Comparison report of a multirun: one row per job, written into the sweep directory.
+
+A Hydra callback (``hydra.callbacks``) runs after the last job of a sweep and reads each
+job's ``metrics.json`` and resolved config from disk, so it works for every launcher
+(basic, joblib, SLURM) without talking to the jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pse_lightning.reporting.figures import grouped_bar_figure
+from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every completed job under ``sweep_dir``: its choices and metrics."""
+    jobs = []
+    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
+        job_dir = metrics_file.parent
+        hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
+        choices = hydra_cfg["hydra"]["runtime"]["choices"]
+        metrics = json.loads(metrics_file.read_text())["metrics"]
+        jobs.append({"dir": job_dir.name, "training": choices.get("training"),
+                     "attack": choices.get("attack"), "model": choices.get("model"),
+                     "dataset": choices.get("dataset"), "metrics": metrics})
+    return jobs
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.3f}"
+
+
+def comparison_tables(jobs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Markdown tables (variant x attack) and the same numbers as a dict."""
+    variants = sorted({j["training"] for j in jobs}, key=_variant_order)
+    attacks = sorted({j["attack"] for j in jobs})
+    cell: dict[tuple[str, str], dict[str, float]] = {(j["training"], j["attack"]): j["metrics"]
+                                                      for j in jobs}
+    clean = {v: next((m["test/clean_acc"] for (tv, _), m in cell.items() if tv == v), None)
+             for v in variants}
+    lines = ["### Accuracy", "", "| training | clean acc | "
+             + " | ".join(f"robust acc ({a})" for a in attacks) + " |",
+             "|---|---|" + "---|" * len(attacks)]
+    summary: dict[str, Any] = defaultdict(dict)
+    for v in variants:
+        robust = [cell.get((v, a), {}).get("test/robust_acc") for a in attacks]
+        lines.append(f"| {v} | {_fmt(clean[v])} | " + " | ".join(_fmt(r) for r in robust) + " |")
+        summary[v]["clean_acc"] = clean[v]
+        summary[v].update({f"robust_acc/{a}": r for a, r in zip(attacks, robust, strict=True)})
+    pse_keys = sorted({k for m in cell.values() for k in m if k.startswith("test/pse/frac_")})
+    if pse_keys:
+        lines += ["", "### PSE types of the successful perturbations", "",
+                  "| training | attack | " + " | ".join(k.split("/")[-1] for k in pse_keys)
+                  + " |", "|---|---|" + "---|" * len(pse_keys)]
+        for (v, a), m in sorted(cell.items(), key=lambda kv: (_variant_order(kv[0][0]), kv[0][1])):
+            lines.append(f"| {v} | {a} | " + " | ".join(_fmt(m.get(k)) for k in pse_keys) + " |")
+            summary[v].update({f"{k.removeprefix('test/')}/{a}": m.get(k) for k in pse_keys})
+    unit_keys = sorted({k for m in cell.values() for k in m
+                        if k.startswith("test/dissection/") and "interpretable" in k})
+    if unit_keys:
+        lines += ["", "### Interpretable units", "", "| training | "
+                  + " | ".join(k.removeprefix("test/dissection/") for k in unit_keys) + " |",
+                  "|---|" + "---|" * len(unit_keys)]
+        for v in variants:
+            m = next(m for (tv, _), m in cell.items() if tv == v)
+            lines.append(f"| {v} | " + " | ".join(_fmt(m.get(k)) for k in unit_keys) + " |")
+    return "\n".join(lines), dict(summary)
+
+
+def _variant_order(name: str) -> tuple[int, str]:
+    order = ["standard", "pgd_at", "trades", "pse_at"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def write_comparison(sweep_dir: Path) -> Path | None:
+    """Write ``comparison.md``, ``comparison.json`` and a figure into ``sweep_dir``."""
+    jobs = collect_jobs(sweep_dir)
+    if not jobs:
+        log.warning("no completed job with metrics.json under %s: no comparison", sweep_dir)
+        return None
+    tables, summary = comparison_tables(jobs)
+    variants = sorted(summary, key=_variant_order)
+    series = {"clean": [summary[v]["clean_acc"] for v in variants]}
+    for key in sorted({k for s in summary.values() for k in s if k.startswith("robust_acc/")}):
+        series[key.split("/", 1)[1]] = [summary[v].get(key) for v in variants]
+    figure = grouped_bar_figure(variants, series, sweep_dir / "comparison.png",
+                                ylabel="accuracy on the evaluated test samples")
+    text = "\n".join([
+        f"# Comparison of {len(jobs)} jobs", "",
+        "Each row is one training variant, trained on the same data and seed and evaluated "
+        "with the same attacks (columns). Robust accuracy is the accuracy on the attacked "
+        "test samples.", "", tables, "", f"![comparison]({figure.name})", "",
+        "Jobs: " + ", ".join(j["dir"] for j in jobs),
+    ])
+    write_json_atomic(sweep_dir / "comparison.json", {"variants": summary,
+                                                      "jobs": [j["dir"] for j in jobs]})
+    path = write_text_atomic(sweep_dir / "comparison.md", text)
+    log.info("comparison written to %s", path)
+    return path
+
+
+class SweepComparison(Callback):
+    """Hydra callback: after a multirun, compare its jobs in ``<sweep dir>/comparison.md``."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_comparison(Path(config.hydra.sweep.dir))

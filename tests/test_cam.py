@@ -1,0 +1,460 @@
+"""Image level (METHODS.md section 3): CAM, Grad-CAM, the interpretability score, the CAM
+analysis and the CAM-guided attack, checked against hand computations, exact identities
+and pytorch-grad-cam."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import CONF_DIR
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from pse_lightning.analysis.base import AdversarialBatch
+from pse_lightning.analysis.cam import CAM, CAMAnalysis, GradCAM, activation_map_for
+from pse_lightning.analysis.functional import cam as core
+from pse_lightning.attacks import FGSM, PGD, CAMGuided
+from pse_lightning.attacks.cam_guided import MaskedInput
+from pse_lightning.attacks.cw import CWL2
+from pse_lightning.attacks.norms import flat_norm
+from pse_lightning.models import SmallCNN, TorchvisionClassifier
+
+
+def small_cnn(widths: tuple[int, ...] = (8, 16), seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    model = SmallCNN(
+        num_classes=5, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, widths=list(widths)
+    )
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def images(n: int = 6, size: int = 16, seed: int = 1) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+
+
+class PixelGAP(nn.Module):
+    """Z = W mean_{u,v}(x) + b with the identity as feature layer: CAM_c = sum_k W_ck x_k and
+    dZ_c/dx_k(u,v) = W_ck / (H W), so every quantity has a closed form."""
+
+    feature_layer = "features"
+    head = "fc"
+    num_classes = 4
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Identity()
+        self.fc = nn.Linear(channels, self.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+# -- maps -----------------------------------------------------------------------------------
+
+
+def test_cam_equals_class_weighted_sum_of_feature_maps() -> None:
+    model, (x, _) = small_cnn(), images()
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    logits, (raw,) = CAM().raw_maps(model, x, [target])
+    with torch.no_grad():
+        feats = model.net.features((x - model.mean) / model.std)  # (N, K, h, w) by hand
+    weight = model.net.fc.weight
+    expected = torch.stack([
+        sum(weight[int(target[n]), k] * feats[n, k] for k in range(feats.shape[1]))
+        for n in range(len(x))
+    ])  # fmt: skip
+    torch.testing.assert_close(raw, expected, atol=1e-5, rtol=1e-5)
+    # Same forward pass as the logits: mean(M_c) + b_c = Z_c.
+    z = raw.mean(dim=(1, 2)) + model.net.fc.bias[target]
+    torch.testing.assert_close(z, logits.gather(1, target[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x))
+
+
+def test_gradcam_is_cam_over_hw_on_gap_linear_head() -> None:
+    """On GAP + linear, alpha_k = w_ck / (h w) exactly, so Grad-CAM = ReLU(CAM) / (h w)."""
+    model, (x, _) = small_cnn(), images()
+    target = torch.tensor([4, 3, 2, 1, 0, 2])
+    _, (cam_raw,) = CAM().raw_maps(model, x, [target])
+    _, (grad_raw,) = GradCAM().raw_maps(model, x, [target])
+    h, w = cam_raw.shape[-2:]
+    torch.testing.assert_close(grad_raw, cam_raw.relu() / (h * w), atol=1e-6, rtol=1e-4)
+    assert cam_raw.min() < 0 < cam_raw.max()  # the ReLU mattered: a real test of the sign
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradcam_matches_pytorch_grad_cam() -> None:
+    pytest.importorskip(
+        "pytorch_grad_cam",
+        reason="pytorch-grad-cam is a test-only peer: pip install grad-cam to cross-check",
+    )
+    from pytorch_grad_cam import GradCAM as PeerGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    # One block keeps the feature map at the input resolution, so no resizing convention
+    # (cv2 vs torch) enters the comparison.
+    model, (x, _) = small_cnn(widths=(6,)), images(4)
+    layer = model.get_submodule(model.feature_layer)
+    target = torch.tensor([3, 0, 4, 1])
+    ours = GradCAM()(model, x, target)
+    with PeerGradCAM(model=model, target_layers=[layer]) as peer:
+        theirs = peer(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+    torch.testing.assert_close(ours, torch.from_numpy(theirs), atol=1e-4, rtol=0)
+    # Each image is normalised on its own: every map spans [0, 1].
+    assert torch.allclose(ours.flatten(1).amax(1), torch.ones(4))
+
+
+def test_batched_maps_use_one_target_per_image_and_per_image_normalisation() -> None:
+    model, (x, _) = small_cnn(), images(4)
+    x[1] = x[1] * 0.1  # very different activation scales across the batch
+    target = torch.tensor([2, 0, 4, 1])
+    for mapper in (CAM(), GradCAM()):
+        batched = mapper(model, x, target)
+        single = torch.cat([mapper(model, x[i : i + 1], target[i : i + 1]) for i in range(4)])
+        torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+        flat = batched.flatten(1)
+        assert torch.allclose(flat.amin(1), torch.zeros(4))
+        # Every map spans [0, 1] on its own, except a Grad-CAM map that ReLU zeroed
+        # entirely (no positive evidence: a constant map normalises to zeros).
+        peak = flat.amax(1)
+        assert torch.all((peak == 1) | ((peak == 0) & mapper.rectify))
+        assert (peak == 1).sum() >= 3
+    # A different target gives a different map: the target is really per image.
+    other = CAM()(model, x, torch.tensor([3, 0, 4, 1]))
+    assert not torch.allclose(other[0], CAM()(model, x, target)[0])
+
+
+def test_auto_method_cam_for_gap_linear_gradcam_for_vgg16() -> None:
+    assert type(activation_map_for(small_cnn())) is CAM
+    vgg = TorchvisionClassifier(
+        arch="vgg16", num_classes=5, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, image_size=32
+    ).eval()
+    assert type(activation_map_for(vgg)) is GradCAM
+    assert type(activation_map_for(small_cnn(), "gradcam")) is GradCAM
+    with pytest.raises(ValueError, match="analysis.method"):
+        activation_map_for(vgg, "cam")(vgg, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="analysis.method"):
+        activation_map_for(vgg, "scorecam")
+    maps = activation_map_for(vgg)(vgg, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert maps.shape == (2, 32, 32)
+
+
+def test_cam_refuses_a_head_that_is_not_on_the_pooled_features() -> None:
+    model = small_cnn()
+    model.net.pool = nn.AdaptiveMaxPool2d(1)  # max, not average: CAM would be meaningless
+    with pytest.raises(ValueError, match="gradcam"):
+        CAM()(model, images()[0], torch.zeros(6, dtype=torch.long))
+    assert type(activation_map_for(model, "gradcam")) is GradCAM
+
+
+def test_hooks_removed_after_exceptions() -> None:
+    class Broken(CAM):
+        def channel_weights(self, *args: object) -> Tensor:
+            raise RuntimeError("boom")
+
+    model, (x, y) = small_cnn(), images()
+    layer = model.get_submodule(model.feature_layer)
+    with pytest.raises(RuntimeError, match="boom"):
+        Broken()(model, x, y)
+    assert not layer._forward_hooks
+    with pytest.raises(ValueError, match="weights"):  # 8 channels here, the head wants 16
+        CAM("net.features.0")(model, x, y)
+    assert not layer._forward_hooks and not model.net.features[0]._forward_hooks
+    CAM()(model, x, y)
+    GradCAM()(model, x, y)
+    assert not layer._forward_hooks
+
+
+# -- functional -----------------------------------------------------------------------------
+
+
+def test_upsampling_is_bilinear_align_corners_false() -> None:
+    raw = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+    up = core.upsample(raw, (4, 4))
+    # align_corners=False: output pixel 1 sits at source coordinate 0.25.
+    assert up[0, 0, 0] == 0.0 and math.isclose(float(up[0, 0, 1]), 0.25)
+    assert math.isclose(float(up[0, 1, 1]), 0.25 + 0.5, rel_tol=1e-6)
+
+
+def test_normalise_masks_and_dilation() -> None:
+    maps = torch.tensor([[[1.0, 2.0], [3.0, 5.0]], [[4.0, 4.0], [4.0, 4.0]]])
+    norm = core.minmax_normalise(maps)
+    torch.testing.assert_close(norm[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
+    assert torch.equal(norm[1], torch.zeros(2, 2))  # constant map: no localisation
+    assert core.threshold_mask(norm, 0.5).tolist() == [
+        [[False, False], [True, True]],
+        [[False, False], [False, False]],
+    ]
+    scores = torch.rand(3, 10, 10)
+    for area in (0.01, 0.2, 0.55, 1.0):
+        top = core.top_area_mask(scores, area)
+        assert (top.flatten(1).sum(1) == max(1, round(area * 100))).all()
+        kth = scores.flatten(1).sort(1, descending=True).values[:, top[0].sum() - 1]
+        assert (scores[top] >= kth.repeat_interleave(top.flatten(1).sum(1))).all()
+    dot = torch.zeros(1, 7, 7, dtype=torch.bool)
+    dot[0, 3, 3] = True
+    assert core.dilate_mask(dot, 1).sum() == 9 and core.dilate_mask(dot, 2).sum() == 25
+
+
+def test_interpretability_score_inside_mask_and_uniform() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(2, 32, 32, dtype=torch.bool)
+    mask[0, 4:20, 8:24] = True
+    mask[1, :, :8] = True
+    inside = torch.randn(2, 3, 32, 32, generator=gen) * mask[:, None]
+    torch.testing.assert_close(core.interpretability_score(inside, mask), torch.ones(2))
+    # Equal magnitude everywhere: IS^2 is exactly the mask's area share.
+    uniform = 0.03 * torch.randint(0, 2, (2, 3, 32, 32), generator=gen).float().mul(2).sub(1)
+    area = core.mask_area(mask)
+    torch.testing.assert_close(core.interpretability_score(uniform, mask) ** 2, area)
+    # Gaussian noise: IS^2 ~ area (random-mask baseline E[IS^2] = a).
+    noise = torch.randn(2, 3, 32, 32, generator=gen)
+    assert torch.allclose(core.interpretability_score(noise, mask) ** 2, area, atol=0.03)
+    assert torch.equal(
+        core.interpretability_score(torch.zeros(2, 3, 32, 32), mask), torch.zeros(2)
+    )
+    outside = torch.randn(2, 3, 32, 32, generator=gen) * (~mask)[:, None]
+    assert torch.equal(core.interpretability_score(outside, mask), torch.zeros(2))
+
+
+def test_random_masks_have_expected_squared_score_equal_to_area() -> None:
+    """E[IS^2] = a over pixel masks that hold each pixel with probability a."""
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(1, 3, 16, 16, generator=gen) * torch.rand(1, 1, 16, 16, generator=gen)
+    a = 0.3
+    masks = torch.rand(4000, 16, 16, generator=gen) < a
+    is_sq = core.interpretability_score(delta.expand(4000, -1, -1, -1), masks) ** 2
+    assert abs(float(is_sq.mean()) - a) < 0.01
+
+
+def test_shifted_scores_match_rolled_masks_and_pvalue() -> None:
+    gen = torch.Generator().manual_seed(2)
+    energy = torch.rand(2, 12, 10, generator=gen)
+    mask = torch.rand(2, 12, 10, generator=gen) > 0.7
+    scores = core.shifted_scores(energy, mask)
+    for i, j in [(0, 0), (1, 0), (0, 3), (5, 7), (11, 9)]:
+        rolled = torch.roll(mask, (i, j), dims=(-2, -1))
+        expected = (energy * rolled).flatten(1).sum(1) / energy.flatten(1).sum(1)
+        torch.testing.assert_close(scores[:, i, j], expected.double())
+    # Perturbation exactly on a blob mask: no shift scores as high, p = 1 / (R + 1).
+    blob = torch.zeros(1, 12, 10, dtype=torch.bool)
+    blob[0, 3:6, 2:5] = True
+    shifts = core.choose_shifts(12, 10, 50, seed=0)
+    assert len(set(shifts.tolist())) == 50 and 0 not in shifts.tolist()
+    p = core.cyclic_shift_pvalue(blob.float(), blob, shifts)
+    assert math.isclose(float(p), 1 / 51, rel_tol=1e-6)
+    # Uniform perturbation: every shift ties, p = 1.
+    assert float(core.cyclic_shift_pvalue(torch.ones(1, 12, 10), blob, shifts)) == 1.0
+    assert len(core.choose_shifts(12, 10, None, seed=0)) == 119
+
+
+def test_masked_share() -> None:
+    attribution = torch.zeros(2, 2, 4, 4)
+    attribution[0, 0, 0, 0] = 3.0
+    attribution[0, 1, 3, 3] = 1.0
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, 0, 0] = True
+    share, valid = core.masked_share(attribution, mask)
+    torch.testing.assert_close(share, torch.tensor([0.75, 0.0]))
+    assert valid.tolist() == [True, False]
+
+
+# -- the analysis ---------------------------------------------------------------------------
+
+
+def adversarial_batch(
+    model: nn.Module,
+    x: Tensor,
+    x_adv: Tensor,
+    y: Tensor,
+    target: Tensor,
+    index: Tensor,
+    success: Tensor | None = None,
+) -> AdversarialBatch:
+    with torch.no_grad():
+        logits_clean, logits_adv = model(x), model(x_adv)
+    return AdversarialBatch(
+        x=x, y=y, index=index, logits_clean=logits_clean, x_adv=x_adv, logits_adv=logits_adv,
+        target=target, success=torch.ones(len(x), dtype=torch.bool) if success is None
+        else success, targeted=True,
+    )  # fmt: skip
+
+
+def test_analysis_scores_a_perturbation_inside_the_true_class_mask() -> None:
+    model, (x, y) = small_cnn(), images(6)
+    target = (y + 1) % 5
+    mask = CAM()(model, x, y) >= 0.2
+    gen = torch.Generator().manual_seed(3)
+    delta = 0.02 * torch.randn(6, 3, 16, 16, generator=gen) * mask[:, None]
+    x_adv = (x + delta).clamp(0, 1)
+    metric = CAMAnalysis(shifts=None, examples=0)
+    success = torch.tensor([True, True, True, True, True, False])
+    metric.update(model, adversarial_batch(model, x, x_adv, y, target, torch.arange(6), success))
+    out = metric.compute()
+    assert out["evaluated"] == 6 and out["scored"] == 5
+    torch.testing.assert_close(out["is_true"], torch.tensor(1.0, dtype=torch.float64))
+    area = core.mask_area(mask)[:5].double()
+    torch.testing.assert_close(out["area_true"], area.mean())
+    torch.testing.assert_close(out["random_true"], area.sqrt().mean())
+    torch.testing.assert_close(out["lift_true"], (1 / area).mean())
+    assert out["is_union"] == pytest.approx(1.0)
+    assert 0 <= out["is_target"] <= 1
+    assert out["pvalue_true"] <= 1 and 0 <= out["significant_true"] <= 1
+
+
+def test_pse_share_on_an_analytic_model() -> None:
+    """PixelGAP: dZ_c/dx_k(u,v) = W_ck / (H W), so promotion per pixel is known."""
+    model = PixelGAP()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 8, 8, generator=gen) * 0.5 + 0.25
+    delta = 0.1 * torch.randn(3, 3, 8, 8, generator=gen)
+    x_adv = x + delta
+    y, target = torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1])
+    metric = CAMAnalysis(pse_share=True, examples=0, shifts=10)
+    metric.update(model, adversarial_batch(model, x, x_adv, y, target, torch.arange(3)))
+    out = metric.compute()
+    weight = model.fc.weight.detach()
+    # CAM of class c on an image is sum_k W_ck x_k; masks at threshold 0.2 by hand.
+    b_true = core.minmax_normalise(torch.einsum("nk,nkhw->nhw", weight[y], x)) >= 0.2
+    b_target = core.minmax_normalise(torch.einsum("nk,nkhw->nhw", weight[target], x_adv)) >= 0.2
+    promo = (weight[target][:, :, None, None] * delta / 64).clamp_min(0)
+    supp = (-(weight[y][:, :, None, None] * delta) / 64).clamp_min(0)
+    share_p = (promo * b_target[:, None]).sum((1, 2, 3)) / promo.sum((1, 2, 3))
+    share_s = (supp * b_true[:, None]).sum((1, 2, 3)) / supp.sum((1, 2, 3))
+    assert float(out["promotion_in_target"]) == pytest.approx(float(share_p.mean()), abs=1e-5)
+    assert float(out["suppression_in_true"]) == pytest.approx(float(share_s.mean()), abs=1e-5)
+    score = core.interpretability_score(delta, b_true)
+    assert float(out["is_true"]) == pytest.approx(float(score.mean()), abs=1e-6)
+
+
+def test_analysis_is_batch_independent_and_keeps_examples_by_index(tmp_path) -> None:
+    model, (x, y) = small_cnn(), images(8)
+    result = PGD(eps=0.05, step_size=0.02, steps=3)(model, x, y, index=torch.arange(10, 18))
+    whole, parts = CAMAnalysis(examples=13), CAMAnalysis(examples=13)
+    batch = adversarial_batch(
+        model, x, result.x_adv, y, result.target, torch.arange(10, 18), result.success
+    )
+    whole.update(model, batch)
+    for half in (slice(4, 8), slice(0, 4)):  # another order and split
+        parts.update(model, adversarial_batch(model, x[half], result.x_adv[half], y[half],
+                                              result.target[half],
+                                              torch.arange(10, 18)[half],
+                                              result.success[half]))  # fmt: skip
+    a, b = whole.compute(), parts.compute()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-12, rtol=1e-12, equal_nan=True)
+    assert whole._examples["stats"][:, 0].tolist() == [10.0, 11.0, 12.0]
+    for key, value in whole._examples.items():
+        torch.testing.assert_close(value, parts._examples[key])
+    section = whole.report(a, tmp_path)
+    assert [p.name for p in section.figures] == [f"cam_example_{i}.png" for i in (10, 11, 12)]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in section.figures)
+    columns, rows = section.tables["cam_examples"]
+    assert columns[0] == "index" and [r[0] for r in rows] == [10, 11, 12]
+    assert "| true |" in section.markdown
+
+
+def test_analysis_config_instantiates_and_bad_values_name_the_key() -> None:
+    cfg = OmegaConf.load(CONF_DIR / "analysis" / "cam.yaml")
+    cfg.seed = 0
+    metric = instantiate(cfg)
+    assert isinstance(metric, CAMAnalysis) and metric.name == "cam"
+    with pytest.raises(ValueError, match="analysis.threshold"):
+        CAMAnalysis(threshold=1.5)
+    with pytest.raises(ValueError, match="analysis.top_area"):
+        CAMAnalysis(top_area=0)
+    with pytest.raises(ValueError, match="analysis.method"):
+        CAMAnalysis(method="cams")
+
+
+# -- CAM-guided attack ----------------------------------------------------------------------
+
+
+def check_confined(attack: CAMGuided, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    result = attack(model, x, y)
+    delta = result.x_adv - x
+    region = attack.region(model, x, y)  # recomputed independently of the attack's state
+    assert torch.equal(region[:, 0], attack.last_mask)
+    assert torch.all(delta * ~region == 0), "perturbation outside the CAM region"
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    assert not region.all() and region.any()
+    torch.testing.assert_close(result.extras["cam_area"], core.mask_area(region[:, 0]))
+    return delta
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5)])
+def test_cam_guided_pgd_is_zero_outside_the_mask_and_within_budget(norm: str, eps: float) -> None:
+    model, (x, y) = small_cnn(), images(6)
+    attack = CAMGuided(
+        attack=PGD(norm=norm, eps=eps, step_size=eps / 4, steps=5), threshold=0.5, dilate=0
+    )
+    delta = check_confined(attack, model, x, y)
+    assert (flat_norm(delta, norm) <= eps * (1 + 1e-6)).all()
+    assert (delta.abs().flatten(1).amax(1) > 0).all()  # it did attack inside the mask
+
+
+def test_cam_guided_cw_is_zero_outside_the_mask() -> None:
+    model, (x, y) = small_cnn(), images(4, size=32)  # 16 x 16 features: a cell is 2 px
+    cw = CWL2(steps=10, binary_search_steps=2, initial_const=1.0, abort_early=False)
+    attack = CAMGuided(attack=cw, threshold=0.5, dilate=1, targeted=True, target_rule="next")
+    check_confined(attack, model, x, y)
+    assert "const" in attack.extras()
+
+
+def test_cam_guided_with_full_mask_is_the_base_attack() -> None:
+    model, (x, y) = small_cnn(), images(6)
+    plain = FGSM(eps=0.03)(model, x, y)
+    guided = CAMGuided(attack=FGSM(eps=0.03), threshold=0.0)(model, x, y)
+    torch.testing.assert_close(plain.x_adv, guided.x_adv, atol=1e-7, rtol=0)
+    assert torch.equal(plain.success, guided.success)
+
+
+def test_cam_guided_targeted_masks_the_true_class_and_rejects_row_subsets() -> None:
+    model, (x, y) = small_cnn(), images(6)
+    attack = CAMGuided(
+        attack=PGD(steps=2), threshold=0.5, dilate=0, targeted=True, target_rule="next"
+    )
+    assert attack.attack.targeted and attack.attack.target_rule == "next"
+    result = attack(model, x, y)
+    assert torch.equal(result.target, (y + 1) % 5)
+    assert torch.equal(attack.last_mask, attack.region(model, x, y)[:, 0])
+    assert not torch.equal(attack.last_mask, attack.region(model, x, result.target)[:, 0])
+    wrapped = MaskedInput(model, x, attack.region(model, x, y))
+    with pytest.raises(ValueError, match="abort_early"):
+        wrapped(x[:3])
+    with pytest.raises(TypeError, match="attack.attack"):
+        CAMGuided(attack={"_target_": "pse_lightning.attacks.PGD"})
+    with pytest.raises(ValueError, match="attack.dilate"):
+        CAMGuided(attack=PGD(), dilate=-1)
+
+
+@pytest.mark.parametrize("name", ["cam_cw", "cam_pgd"])
+def test_cam_attack_configs_instantiate(name: str) -> None:
+    cfg = OmegaConf.load(CONF_DIR / "attack" / f"{name}.yaml")
+    cfg.seed = 5
+    attack = instantiate(cfg)
+    assert isinstance(attack, CAMGuided) and attack.attack.seed == 5
+    if name == "cam_cw":
+        assert isinstance(attack.attack, CWL2) and attack.attack.abort_early is False
+
+
+def test_no_import_cycle_in_either_order() -> None:
+    """attacks.cam_guided imports analysis.cam, which imports attacks.base."""
+    runs = [
+        subprocess.Popen([sys.executable, "-c", f"import {first}; "
+                          "import pse_lightning.attacks.cam_guided, pse_lightning.analysis.cam"])
+        for first in ("pse_lightning.analysis.cam", "pse_lightning.attacks")
+    ]  # fmt: skip
+    assert [run.wait() for run in runs] == [0, 0]
