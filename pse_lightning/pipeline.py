@@ -55,7 +55,7 @@ def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         return {}
     if "_target_" in node:
         raise ValueError("the analysis group must map names to configs (analysis.pse, ...); "
-                         "start single analysis files with `# @package _group_.<name>`")
+                         "start each single-analysis file with `# @package analysis.<name>`")
     return {name: sub for name, sub in node.items() if sub is not None}
 
 

@@ -75,8 +75,14 @@ def test_cache_hit_returns_identical_data(tmp_path: Path) -> None:
 def test_cache_name_depends_on_every_generation_parameter(tmp_path: Path) -> None:
     base = ShapesDataModule(root=str(tmp_path), **SMALL)
     names = {base.cache_path}
-    for key, value in [("num_train", 65), ("num_val", 25), ("num_test", 33),
-                       ("num_probe", 21), ("image_size", 24), ("seed", 9)]:
+    for key, value in [
+        ("num_train", 65),
+        ("num_val", 25),
+        ("num_test", 33),
+        ("num_probe", 21),
+        ("image_size", 24),
+        ("seed", 9),
+    ]:
         names.add(ShapesDataModule(root=str(tmp_path), **{**SMALL, key: value}).cache_path)
     assert len(names) == 7
     # Loader settings do not change the data, so they share the cache.
@@ -84,15 +90,15 @@ def test_cache_name_depends_on_every_generation_parameter(tmp_path: Path) -> Non
     assert same.cache_path == base.cache_path
 
 
-def _rewrite(path: Path, **changes) -> None:
+def _rewrite(path: Path, drop: str | None = None, **changes) -> None:
     with np.load(path, allow_pickle=False) as npz:
-        arrays = {key: npz[key] for key in npz.files}
+        arrays = {key: npz[key] for key in npz.files if key != drop}
     arrays.update(changes)
     with path.open("wb") as handle:
         np.savez(handle, **arrays)
 
 
-@pytest.mark.parametrize("damage", ["pixels", "params", "truncated", "garbage"])
+@pytest.mark.parametrize("damage", ["pixels", "params", "missing", "truncated", "garbage"])
 def test_tampered_or_corrupt_cache_is_regenerated(tmp_path: Path, damage: str) -> None:
     reference = all_arrays(shapes(seed=2))
     dm = ShapesDataModule(root=str(tmp_path), seed=2, **SMALL)
@@ -109,6 +115,8 @@ def test_tampered_or_corrupt_cache_is_regenerated(tmp_path: Path, damage: str) -
             meta = json.loads(str(npz["meta"]))
         meta["params"]["seed"] = 99
         _rewrite(path, meta=np.array(json.dumps(meta)))
+    elif damage == "missing":
+        _rewrite(path, drop="probe_factors")
     elif damage == "truncated":
         path.write_bytes(path.read_bytes()[:1000])
     else:
@@ -119,6 +127,8 @@ def test_tampered_or_corrupt_cache_is_regenerated(tmp_path: Path, damage: str) -
     # The damaged file was replaced by a valid one.
     with np.load(path, allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz["train_images"], reference["train_images"])
+        assert json.loads(str(npz["meta"]))["params"] == dm.params
+        assert "probe_factors" in npz.files
     assert zipfile.is_zipfile(path)
 
 
@@ -127,12 +137,15 @@ def test_tampered_or_corrupt_cache_is_regenerated(tmp_path: Path, damage: str) -
 
 def test_batches_are_unit_range_nchw_with_unique_covering_indices() -> None:
     dm = shapes()
-    for loader, size in [(dm.train_dataloader(), 64), (dm.val_dataloader(), 24),
-                         (dm.test_dataloader(), 32)]:
+    for loader, size in [
+        (dm.train_dataloader(), 64),
+        (dm.val_dataloader(), 24),
+        (dm.test_dataloader(), 32),
+    ]:
         seen = []
         for x, y, index in loader:
             assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32)
-            assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+            assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
             assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < 6
             seen.append(index)
         index = torch.cat(seen)
@@ -220,8 +233,9 @@ def test_concept_label_maps_known_answer() -> None:
     c = 1 + len(SHAPES)  # first colour id; ids follow CONCEPTS order
     t = c + len(PALETTE)
     b = t + len(TEXTURES)
-    expected = torch.tensor([[[[3, 0], [0, 0]], [[c + 1, 0], [0, 0]], [[t + 3, 0], [0, 0]],
-                              [[0, b], [b, b]]]])
+    expected = torch.tensor(
+        [[[[3, 0], [0, 0]], [[c + 1, 0], [0, 0]], [[t + 3, 0], [0, 0]], [[0, b], [b, b]]]]
+    )
     assert torch.equal(maps, expected)
     assert CONCEPTS[3 - 1].name == SHAPES[2] and CONCEPTS[b - 1].name == BACKGROUNDS[0]
 
@@ -241,10 +255,15 @@ def test_other_image_size() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"num_train": 0}, "dataset.num_train"), ({"num_val": 0}, "dataset.num_val"),
-     ({"num_test": -1}, "dataset.num_test"), ({"num_probe": 0}, "dataset.num_probe"),
-     ({"image_size": 8}, "dataset.image_size"), ({"batch_size": 0}, "dataset.batch_size"),
-     ({"num_train": 2.5}, "dataset.num_train")],
+    [
+        ({"num_train": 0}, "dataset.num_train"),
+        ({"num_val": 0}, "dataset.num_val"),
+        ({"num_test": -1}, "dataset.num_test"),
+        ({"num_probe": 0}, "dataset.num_probe"),
+        ({"image_size": 8}, "dataset.image_size"),
+        ({"batch_size": 0}, "dataset.batch_size"),
+        ({"num_train": 2.5}, "dataset.num_train"),
+    ],
 )
 def test_shapes_bad_arguments_name_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
@@ -267,12 +286,13 @@ def test_digits_shapes_range_and_splits() -> None:
     assert x.dtype == torch.float32 and x.shape[1:] == (1, 32, 32)
     assert dm.in_channels == 1 and dm.num_classes == 10
     for split in (dm.train_set, dm.val_set, dm.test_set):
-        assert 0.0 <= float(split.images.min()) and float(split.images.max()) <= 1.0
+        assert float(split.images.min()) >= 0.0 and float(split.images.max()) <= 1.0
         counts = torch.bincount(split.labels, minlength=10)
         assert counts.min() >= 1
         # Stratified: each class within one image of its share of the split.
-        share = torch.bincount(torch.cat([s.labels for s in (dm.train_set, dm.val_set,
-                                                               dm.test_set)]), minlength=10)
+        share = torch.bincount(
+            torch.cat([s.labels for s in (dm.train_set, dm.val_set, dm.test_set)]), minlength=10
+        )
         expected = share * len(split) / share.sum()
         assert (counts - expected).abs().max() <= 1.0
     index = torch.cat([i for _, _, i in dm.test_dataloader()])
@@ -286,7 +306,7 @@ def test_digits_splits_are_disjoint_and_deterministic() -> None:
         return [dm.train_set.images, dm.val_set.images, dm.test_set.images]
 
     a, b, c = images(0), images(0), images(1)
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert not torch.equal(a[2], c[2])
     rows = torch.cat(a).flatten(1)
     assert len(rows) == 1797
@@ -314,9 +334,12 @@ def test_digits_has_no_probe_masks() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"num_val": 0}, "dataset.num_val"), ({"num_test": 0}, "dataset.num_test"),
-     ({"image_size": 4}, "dataset.image_size"), ({"num_test": 1500, "num_val": 200},
-                                                  "dataset.num_val \\+ dataset.num_test")],
+    [
+        ({"num_val": 0}, "dataset.num_val"),
+        ({"num_test": 0}, "dataset.num_test"),
+        ({"image_size": 4}, "dataset.image_size"),
+        ({"num_test": 1500, "num_val": 200}, "dataset.num_val \\+ dataset.num_test"),
+    ],
 )
 def test_digits_bad_arguments_name_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
@@ -326,8 +349,9 @@ def test_digits_bad_arguments_name_the_key(kwargs: dict, key: str) -> None:
 # Configs ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "cls"), [("shapes", ShapesDataModule),
-                                           ("digits", DigitsDataModule)])
+@pytest.mark.parametrize(
+    ("name", "cls"), [("shapes", ShapesDataModule), ("digits", DigitsDataModule)]
+)
 def test_yaml_keys_are_the_constructor_kwargs(name: str, cls: type) -> None:
     import inspect
 

@@ -22,16 +22,22 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+import pse_lightning.analysis.dissection as dissection_module
 from pse_lightning.analysis.base import AdversarialBatch
 from pse_lightning.analysis.dissection import Dissection
 from pse_lightning.analysis.functional.dissection import (
     RadixQuantile,
+    activation_masks,
+    add_pair_tally,
+    candidate_pairs,
+    empty_tally,
     hypergeom_sf,
     iou_tally,
     keys_to_values,
     mann_whitney_u,
     merge_top,
     ordered_keys,
+    pair_masks,
     permutation_pvalue,
     poisson_weights,
     rankdata,
@@ -70,8 +76,14 @@ class FakeProbeData:
 
     name = "fake"
 
-    def __init__(self, images: Tensor, labels: Tensor, concepts: list[Concept],
-                 categories: list[str], batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        concepts: list[Concept],
+        categories: list[str],
+        batch_size: int = 8,
+    ) -> None:
         self.dataset = ProbeSet(images, labels)
         self.concepts, self.categories, self.batch_size = concepts, categories, batch_size
 
@@ -82,9 +94,13 @@ class FakeProbeData:
 
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.1, 0.1, 0.9)}
-TOY_CONCEPTS = [Concept("square", "object"), Concept("red", "colour"),
-                Concept("green", "colour"), Concept("blue", "colour"),
-                Concept("plain", "background")]
+TOY_CONCEPTS = [
+    Concept("square", "object"),
+    Concept("red", "colour"),
+    Concept("green", "colour"),
+    Concept("blue", "colour"),
+    Concept("plain", "background"),
+]
 
 
 def coloured_squares(n: int, size: int = 16, seed: int = 0) -> FakeProbeData:
@@ -101,8 +117,12 @@ def coloured_squares(n: int, size: int = 16, seed: int = 0) -> FakeProbeData:
     left = (torch.rand(n, generator=gen) * (size - side)).long()
     colour = torch.arange(n) % 3
     ys, xs = torch.arange(size).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
-    inside = ((ys >= top.view(-1, 1, 1)) & (ys < (top + side).view(-1, 1, 1))
-              & (xs >= left.view(-1, 1, 1)) & (xs < (left + side).view(-1, 1, 1)))
+    inside = (
+        (ys >= top.view(-1, 1, 1))
+        & (ys < (top + side).view(-1, 1, 1))
+        & (xs >= left.view(-1, 1, 1))
+        & (xs < (left + side).view(-1, 1, 1))
+    )
     rgb = torch.tensor(list(COLOURS.values()))[colour]  # (n, 3)
     images = torch.where(inside.unsqueeze(1), rgb.view(n, 3, 1, 1), images)
     labels[:, 0][inside] = 1
@@ -128,8 +148,9 @@ class ToyNet(nn.Module):
         self.pool = nn.AvgPool2d(2)
         self.fc = nn.Linear(4, num_classes)
         with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor([[3.0, 0.0, -1.0, 0.0], [-1.0, 1.0, 2.0, 0.0],
-                                               [0.0, -1.0, 0.5, 0.0]]))
+            self.fc.weight.copy_(
+                torch.tensor([[3.0, 0.0, -1.0, 0.0], [-1.0, 1.0, 2.0, 0.0], [0.0, -1.0, 0.5, 0.0]])
+            )
             self.fc.bias.zero_()
         self.num_classes = num_classes
         self.feature_layer, self.head = "pool", "fc"
@@ -145,8 +166,11 @@ class RandomConvNet(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(5, 6, 3, stride=2, padding=1))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 5, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(5, 6, 3, stride=2, padding=1),
+        )
         self.fc = nn.Linear(6, 4)
         self.num_classes = 4
         self.feature_layer, self.head = "features.2", "fc"
@@ -156,8 +180,9 @@ class RandomConvNet(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
-RANDOM_CONCEPTS = [Concept(f"a{i}", "A") for i in range(3)] + [Concept(f"b{i}", "B")
-                                                              for i in range(2)]
+RANDOM_CONCEPTS = [Concept(f"a{i}", "A") for i in range(3)] + [
+    Concept(f"b{i}", "B") for i in range(2)
+]
 
 
 def random_probe(n: int = 24, size: int = 12, seed: int = 1, batch_size: int = 5) -> FakeProbeData:
@@ -189,8 +214,9 @@ def bilinear_reference(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return top * (1 - wy[:, None]) + bottom * wy[:, None]
 
 
-def dissect_reference(acts: np.ndarray, labels: np.ndarray, concept_category: list[int],
-                      q: float) -> tuple[np.ndarray, np.ndarray]:
+def dissect_reference(
+    acts: np.ndarray, labels: np.ndarray, concept_category: list[int], q: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Thresholds (K,) and IoU (K, C+1) by the textbook definition, with explicit loops."""
     n, k = acts.shape[:2]
     size = labels.shape[-2:]
@@ -213,7 +239,8 @@ def dissect_reference(acts: np.ndarray, labels: np.ndarray, concept_category: li
 def all_activations(model: nn.Module, images: Tensor, layer: str) -> np.ndarray:
     captured = {}
     handle = model.get_submodule(layer).register_forward_hook(
-        lambda _m, _i, out: captured.__setitem__("a", out.detach()))
+        lambda _m, _i, out: captured.__setitem__("a", out.detach())
+    )
     with torch.no_grad():
         model(images)
     handle.remove()
@@ -283,6 +310,35 @@ def test_iou_tally_counts_by_hand() -> None:
     assert tally.label_area[1:].tolist() == [1, 2]
 
 
+def test_candidate_pairs_give_the_dense_masks_and_tally() -> None:
+    """Skipping maps whose peak is below T' must not lose a pixel, even where bilinear
+    rounding pushes a constant map a hair above its own value."""
+    gen = torch.Generator().manual_seed(4)
+    acts = torch.rand(6, 5, 4, 4, generator=gen)
+    acts[:, 0] = 0.9  # constant maps equal to the threshold
+    acts[:3, 1] = 0.3
+    acts[:, 4] = 0.0  # dead unit at its floor
+    thresholds = torch.tensor([0.9, 0.3, 0.95, 0.8, 0.0])
+    floors = acts.amin(dim=(0, 2, 3))
+    labels = torch.randint(0, 4, (6, 2, 12, 12), generator=gen)
+    labels[:, 1] = torch.where(labels[:, 1] > 0, 3 + labels[:, 1] % 2, 0)
+    labels[:, 0] = labels[:, 0] % 3
+    dense = activation_masks(acts, thresholds, floors, (12, 12))
+    reference = iou_tally(dense, labels, concepts=4)
+    image, unit = candidate_pairs(acts.flatten(2).amax(2), thresholds, floors)
+    assert len(image) < 6 * 5
+    masks = pair_masks(acts, image, unit, thresholds, floors, (12, 12))
+    assert torch.equal(masks, dense[image, unit])
+    skipped = torch.ones(6, 5, dtype=torch.bool)
+    skipped[image, unit] = False
+    assert not bool(dense[skipped].any())
+    tally = empty_tally(5, 2, 4, torch.device("cpu"))
+    add_pair_tally(tally, masks, image, unit, labels)
+    assert torch.equal(tally.intersection, reference.intersection)
+    assert torch.equal(tally.mask_area, reference.mask_area)
+    assert bool(dense[:, 0].any()) and not bool(dense[:, 4].any())
+
+
 def test_hand_built_detectors_find_their_concepts() -> None:
     data = coloured_squares(30)
     model = ToyNet().eval()
@@ -307,10 +363,17 @@ def test_hand_built_detectors_find_their_concepts() -> None:
     assert float(pool.best_iou[0]) > dissection.iou_threshold
 
 
-def test_iou_matches_numpy_reference_on_random_data() -> None:
+@pytest.mark.parametrize("histogram_bytes", [1 << 28, 5 * 64 * 8])
+def test_iou_matches_numpy_reference_on_random_data(
+    histogram_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small histogram cap gives the 5- and 6-unit layers 64 and 32 bins: 6 and 7 passes.
+    monkeypatch.setattr(dissection_module, "_HISTOGRAM_BYTES", histogram_bytes)
     data = random_probe()
     model = RandomConvNet().eval()
     dissection = Dissection(quantile=0.05, bins=256, permutations=0, bootstrap=0)
+    if histogram_bytes < 1 << 28:
+        assert [dissection.layer_bins(k) for k in (5, 6)] == [64, 32]
     dissection.prepare(model, data)
     images, labels = data.dataset.images, data.dataset.labels.numpy()
     category = dissection.probe.concept_category.tolist()
@@ -329,15 +392,23 @@ def test_max_probe_images_equals_a_truncated_probe_set() -> None:
     model = RandomConvNet().eval()
     limited = Dissection(bins=256, max_probe_images=10, permutations=0, bootstrap=0)
     limited.prepare(model, data)
-    small = FakeProbeData(data.dataset.images[:10], data.dataset.labels[:10], RANDOM_CONCEPTS,
-                          ["A", "B"], batch_size=3)
+    small = FakeProbeData(
+        data.dataset.images[:10],
+        data.dataset.labels[:10],
+        RANDOM_CONCEPTS,
+        ["A", "B"],
+        batch_size=3,
+    )
     full = Dissection(bins=256, permutations=0, bootstrap=0)
     full.prepare(model, small)
     for layer in model.dissection_layers:
-        assert torch.equal(limited.probe.layers[layer].thresholds,
-                           full.probe.layers[layer].thresholds)
-        assert torch.equal(limited.probe.layers[layer].tally.intersection,
-                           full.probe.layers[layer].tally.intersection)
+        assert torch.equal(
+            limited.probe.layers[layer].thresholds, full.probe.layers[layer].thresholds
+        )
+        assert torch.equal(
+            limited.probe.layers[layer].tally.intersection,
+            full.probe.layers[layer].tally.intersection,
+        )
     assert limited.probe.probe_images == 10
 
 
@@ -374,10 +445,20 @@ def test_sensitivity_signs_and_values_on_a_toy_shift() -> None:
     with torch.no_grad():
         logits, logits_adv = model(x), model(x_adv)
     for half in (slice(0, 9), slice(9, 16)):
-        dissection.update(model, AdversarialBatch(
-            x=x[half], y=y[half], index=torch.arange(16)[half], logits_clean=logits[half],
-            x_adv=x_adv[half], logits_adv=logits_adv[half], target=target[half],
-            success=torch.ones(len(x[half]), dtype=torch.bool), targeted=True))
+        dissection.update(
+            model,
+            AdversarialBatch(
+                x=x[half],
+                y=y[half],
+                index=torch.arange(16)[half],
+                logits_clean=logits[half],
+                x_adv=x_adv[half],
+                logits_adv=logits_adv[half],
+                target=target[half],
+                success=torch.ones(len(x[half]), dtype=torch.bool),
+                targeted=True,
+            ),
+        )
     out = dissection.compute()
     sigma_r = x[:, 0].mean(dim=(1, 2)).double().std()
     s_plus, s_minus = out["detect/unit_s_plus"], out["detect/unit_s_minus"]
@@ -434,15 +515,20 @@ def test_rank_statistics_match_scipy() -> None:
     assert float(p) == pytest.approx(ref.pvalue, rel=1e-9)
     for observed, population, successes, draws in [(3, 50, 10, 8), (0, 20, 5, 5), (5, 30, 6, 5)]:
         assert hypergeom_sf(observed, population, successes, draws) == pytest.approx(
-            scipy.stats.hypergeom.sf(observed - 1, population, successes, draws), rel=1e-9)
+            scipy.stats.hypergeom.sf(observed - 1, population, successes, draws), rel=1e-9
+        )
 
 
 def test_permutation_pvalue_matches_exact_enumeration() -> None:
     x = torch.tensor([0.3, 1.2, 0.1, 2.5, 1.9, 0.7, 1.1], dtype=torch.float64)
     y = torch.tensor([0.2, 0.9, 0.5, 1.0, 2.2, 0.1, 1.7], dtype=torch.float64)
     rho = float(spearman(x, y))
-    exact = np.mean([abs(float(spearman(x, y[list(p)]))) >= abs(rho) - 1e-12
-                     for p in itertools.permutations(range(7))])
+    exact = np.mean(
+        [
+            abs(float(spearman(x, y[list(p)]))) >= abs(rho) - 1e-12
+            for p in itertools.permutations(range(7))
+        ]
+    )
     p = float(permutation_pvalue(x, y, 10000, torch.Generator().manual_seed(0)))
     assert p == pytest.approx(exact, abs=0.015)
 
@@ -450,8 +536,9 @@ def test_permutation_pvalue_matches_exact_enumeration() -> None:
 # The whole analysis -----------------------------------------------------------------------
 
 
-def fake_adversarial_batches(model: nn.Module, n: int = 20, batch: int = 7,
-                             shard: tuple[int, int] = (0, 1)) -> list[AdversarialBatch]:
+def fake_adversarial_batches(
+    model: nn.Module, n: int = 20, batch: int = 7, shard: tuple[int, int] = (0, 1)
+) -> list[AdversarialBatch]:
     gen = torch.Generator().manual_seed(11)
     x = torch.rand(n, 3, 12, 12, generator=gen)
     x_adv = (x + 0.05 * torch.randn(n, 3, 12, 12, generator=gen)).clamp(0, 1)
@@ -463,10 +550,19 @@ def fake_adversarial_batches(model: nn.Module, n: int = 20, batch: int = 7,
     for part in keep.split(batch):
         with torch.no_grad():
             logits, logits_adv = model(x[part]), model(x_adv[part])
-        out.append(AdversarialBatch(x=x[part], y=y[part], index=part, logits_clean=logits,
-                                    x_adv=x_adv[part], logits_adv=logits_adv,
-                                    target=target[part], success=torch.ones(len(part), dtype=bool),
-                                    targeted=False))
+        out.append(
+            AdversarialBatch(
+                x=x[part],
+                y=y[part],
+                index=part,
+                logits_clean=logits,
+                x_adv=x_adv[part],
+                logits_adv=logits_adv,
+                target=target[part],
+                success=torch.ones(len(part), dtype=bool),
+                targeted=False,
+            )
+        )
     return out
 
 
@@ -486,12 +582,23 @@ def test_compute_and_report(tmp_path: Path) -> None:
     assert "features.2/unit_promotion" in out and "features.1/unit_promotion" not in out
     section = dissection.report(out, tmp_path)
     assert [p.name for p in section.figures] == [
-        "dissection_iou_vs_sensitivity.png", "dissection_interpretable_units.png",
-        "dissection_top_images.png"]
+        "dissection_iou_vs_sensitivity.png",
+        "dissection_interpretable_units.png",
+        "dissection_top_images.png",
+    ]
     assert all(p.stat().st_size > 1000 for p in section.figures)
     columns, rows = section.tables["units"]
-    assert columns[:9] == ["layer", "unit", "concept", "category", "iou", "interpretable",
-                           "s_plus", "s_minus", "s"]
+    assert columns[:9] == [
+        "layer",
+        "unit",
+        "concept",
+        "category",
+        "iou",
+        "interpretable",
+        "s_plus",
+        "s_minus",
+        "s",
+    ]
     assert len(rows) == 5 + 6
     assert "Spearman" in section.markdown
 
@@ -548,9 +655,18 @@ def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
 
 # Integer tallies and what follows from them must agree bit for bit; float sums of the
 # sensitivity only up to summation order.
-EXACT_KEYS = ("/unit_threshold", "/intersection", "/mask_area", "/unit_iou", "/top_index",
-              "/unit_interpretable", "/unit_concept", "/interpretable", "/units",
-              "/frac_interpretable")
+EXACT_KEYS = (
+    "/unit_threshold",
+    "/intersection",
+    "/mask_area",
+    "/unit_iou",
+    "/top_index",
+    "/unit_interpretable",
+    "/unit_concept",
+    "/interpretable",
+    "/units",
+    "/frac_interpretable",
+)
 
 
 @pytest.mark.slow
@@ -565,8 +681,9 @@ def test_two_processes_equal_one() -> None:
         if key.endswith(EXACT_KEYS):
             assert torch.equal(value, double[key]), key
         else:
-            torch.testing.assert_close(value, double[key], rtol=1e-9, atol=1e-12,
-                                       equal_nan=True, msg=key)
+            torch.testing.assert_close(
+                value, double[key], rtol=1e-9, atol=1e-12, equal_nan=True, msg=key
+            )
 
 
 # Neuron masking -----------------------------------------------------------------------------
@@ -575,8 +692,9 @@ def test_two_processes_equal_one() -> None:
 def _stats(values: list[float], mean: list[float] | None = None) -> UnitSensitivity:
     s = torch.tensor(values, dtype=torch.float64)
     mean_t = torch.tensor(mean if mean else [0.5] * len(values), dtype=torch.float64)
-    return UnitSensitivity(layer="pool", s=s, s_plus=s / 2, s_minus=s / 2, clean_mean=mean_t,
-                           images=10)
+    return UnitSensitivity(
+        layer="pool", s=s, s_plus=s / 2, s_minus=s / 2, clean_mean=mean_t, images=10
+    )
 
 
 def test_neuron_mask_replaces_chosen_units_and_k0_is_identity() -> None:
@@ -602,8 +720,9 @@ def test_neuron_mask_replaces_chosen_units_and_k0_is_identity() -> None:
     torch.testing.assert_close(out, model.fc(expected.mean(dim=(2, 3))))
     with torch.no_grad():
         assert torch.equal(model(x), base)  # the hook is gone after the wrapper's forward
-        assert torch.equal(MaskedModel(model, "pool", select_units(stats, 0), torch.zeros(4))(x),
-                           base)
+        assert torch.equal(
+            MaskedModel(model, "pool", select_units(stats, 0), torch.zeros(4))(x), base
+        )
         with neuron_mask(model, "pool", torch.tensor([0]), stats.clean_mean.float()):
             filled = model.pool(model.detect(x))
     assert bool((filled[:, 0] == 0.3).all())
@@ -623,8 +742,13 @@ def test_neuron_mask_config_and_curve_known_answers() -> None:
     assert len(rows) == 6
     with torch.no_grad():
         clean = float((model(x).argmax(1) == y).double().mean())
-    robust = float(torch.cat([attack(model, xb, yb, index=ib).logits_adv.argmax(1) == yb
-                              for xb, yb, ib in loader]).double().mean())
+    robust = float(
+        torch.cat(
+            [attack(model, xb, yb, index=ib).logits_adv.argmax(1) == yb for xb, yb, ib in loader]
+        )
+        .double()
+        .mean()
+    )
     for row in rows:
         if row["k"] == 0:
             assert row["clean_acc"] == pytest.approx(clean)

@@ -415,3 +415,48 @@ def test_config_instantiates_with_its_keys() -> None:
     for key, value in cfg.items():
         if key != "_target_":
             assert getattr(metric, key) == value, key
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        model, batch = cnn_batch()
+        metric = PSE(steps=8, max_steps=32, max_rows=7, max_figures=3)
+        if rank == 0:  # rank 0 sees no row or figure sample at all: the empty-rank case
+            metric.update(model, sub_batch(batch, torch.arange(8, 12)))
+        else:
+            metric.update(model, sub_batch(batch, torch.arange(0, 8)))
+        result = metric.compute()  # every rank, it synchronises
+        if rank == 0:
+            torch.save({"result": result, "samples": metric._samples}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_ddp_rank, args=(2, port, out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    model, batch = cnn_batch()
+    whole = PSE(steps=8, max_steps=32, max_rows=7, max_figures=3)
+    whole.update(model, batch)
+    expected = whole.compute()
+    for key in expected:
+        torch.testing.assert_close(got["result"][key].double(), expected[key].double(),
+                                   equal_nan=True)  # fmt: skip
+    torch.testing.assert_close(got["samples"]["row_ints"], whole._samples["row_ints"])
+    torch.testing.assert_close(got["samples"]["row_floats"], whole._samples["row_floats"],
+                               atol=1e-6, rtol=1e-4)  # fmt: skip
+    assert [f["index"] for f in got["samples"]["figures"]] == [0, 1, 2]

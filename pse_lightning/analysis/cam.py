@@ -126,15 +126,34 @@ class CAM(ActivationMap):
     """Class activation map M_c = sum_k w_{c,k} A_k (Zhou et al., 2016).
 
     Exact for a net whose logits are a linear layer (``model.head``) on the global average
-    of the feature layer; that structure is checked on every call: mean(M_c) + b_c must
-    reproduce Z_c of the same forward pass.
+    of the feature layer. That structure is checked on the first call for each model:
+    mean(M_c) + b_c must reproduce Z_c of the same forward pass.
     """
+
+    def __init__(self, layer: str | None = None) -> None:
+        super().__init__(layer)
+        self._verified: set[tuple[int, str]] = set()
 
     def channel_weights(
         self, model: nn.Module, features: Tensor, logits: Tensor, target: Tensor
     ) -> Tensor:
         head = _linear_head(model)
         weights = core.cam_weights(head.weight.detach(), target)
+        key = (id(model), self.resolve_layer(model))
+        if key not in self._verified:
+            self._verify(model, head, features, weights, logits, target)
+            self._verified.add(key)
+        return weights
+
+    def _verify(
+        self,
+        model: nn.Module,
+        head: nn.Linear,
+        features: Tensor,
+        weights: Tensor,
+        logits: Tensor,
+        target: Tensor,
+    ) -> None:
         # GAP + linear: Z_c = sum_k w_ck mean(A_k) + b_c. A mismatch means the head is not
         # applied to the pooled feature layer and CAM would be meaningless.
         pooled = core.weighted_channel_sum(features.detach(), weights).mean(dim=(1, 2))
@@ -147,7 +166,6 @@ class CAM(ActivationMap):
                 f" but {type(model).__name__}.head={getattr(model, 'head', None)!r} does not "
                 f"reproduce them from {self.resolve_layer(model)!r}; use analysis.method=gradcam"
             )
-        return weights
 
 
 class GradCAM(ActivationMap):
@@ -275,6 +293,7 @@ class CAMAnalysis(Analysis):
         self.examples = require_at_least("analysis.examples", examples, 0)
         self.class_names: list[str] | None = None
         self._examples: dict[str, Tensor] = {}
+        self._mapper_cache: ActivationMap | None = None
 
         f64 = dict(dtype=torch.float64)
         self.add_state("evaluated", torch.zeros((), **f64), dist_reduce_fx="sum")
@@ -293,6 +312,13 @@ class CAMAnalysis(Analysis):
         names = getattr(datamodule, "class_names", None)
         self.class_names = list(names) if names else None
 
+    def _mapper(self, model: nn.Module) -> ActivationMap:
+        """One map object kept across batches, so CAM verifies the head only once."""
+        mapper = activation_map_for(model, self.method, self.layer)
+        if type(self._mapper_cache) is not type(mapper):
+            self._mapper_cache = mapper
+        return self._mapper_cache
+
     def masks(self, maps: Tensor) -> Tensor:
         """Binary masks from normalised (N, H, W) maps (threshold or top area)."""
         if self.top_area is not None:
@@ -306,7 +332,7 @@ class CAMAnalysis(Analysis):
         want_examples = bool(keep.any())
         pred_clean = batch.logits_clean.argmax(dim=1)
         pred_adv = batch.logits_adv.argmax(dim=1)
-        mapper = activation_map_for(model, self.method, self.layer)
+        mapper = self._mapper(model)
         with frozen_eval(model):
             _, raw_clean = mapper.raw_maps(model, x, [y, pred_clean] if want_examples else [y])
             _, raw_adv = mapper.raw_maps(model, x_adv, [target, pred_adv] if want_examples

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _EMPTY_INDEX = 1 << 62  # sorts after every dataset index: an empty slot of a top-k list
 _MASK_ELEMENTS = 1 << 22  # upsampled mask elements per chunk: bounds memory per batch
+_HISTOGRAM_BYTES = 1 << 28  # per-layer cap of the threshold histogram (see layer_bins)
 
 
 # Distributed helpers ------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class Dissection(Analysis):
         iou_threshold: a unit is interpretable when its best IoU exceeds this (0.04).
         bins: histogram bins per unit in each threshold pass, a power of two; thresholds
             take ceil(32 / log2(bins)) probe passes (2 at 65536) and K * bins int64 of
-            memory per layer (use 4096 for layers with thousands of units: 3 passes).
+            memory per layer, capped at 256 MB by lowering a wide layer's bins.
         max_probe_images: dissect only probe images with dataset index below this (null:
             all); chosen by index, so the same images under any number of processes.
         top_images: top-activating probe images kept per unit for the report figure.
@@ -253,8 +254,9 @@ class Dissection(Analysis):
     ) -> None:
         super().__init__(**kwargs)
         if layers is not None and (isinstance(layers, str) or not len(layers)):
-            raise ValueError(f"analysis.layers must be a non-empty list of layer names or null, "
-                             f"got {layers!r}")
+            raise ValueError(
+                f"analysis.layers must be a non-empty list of layer names or null, got {layers!r}"
+            )
         self.layers = None if layers is None else [str(name) for name in layers]
         self.quantile = require_in_range("analysis.quantile", quantile, 0.0, 0.5, low_open=True)
         self.iou_threshold = require_in_range("analysis.iou_threshold", iou_threshold, 0.0, 1.0)
@@ -269,16 +271,21 @@ class Dissection(Analysis):
         self.top_units = require_at_least("analysis.top_units", top_units, 0)
         self.permutations = require_at_least("analysis.permutations", permutations, 0)
         self.bootstrap = require_at_least("analysis.bootstrap", bootstrap, 0)
-        self.enrichment_top = require_in_range("analysis.enrichment_top", enrichment_top,
-                                               0.0, 1.0, low_open=True)
+        self.enrichment_top = require_in_range(
+            "analysis.enrichment_top", enrichment_top, 0.0, 1.0, low_open=True
+        )
         if not isinstance(successful_only, bool):
-            raise ValueError(f"analysis.successful_only must be true or false, "
-                             f"got {successful_only!r}")
+            raise ValueError(
+                f"analysis.successful_only must be true or false, got {successful_only!r}"
+            )
         self.successful_only = successful_only
         self.seed = int(seed)
         self.probe: ProbeResult | None = None
-        self.add_state("sens_count", torch.zeros(1 + self.bootstrap, dtype=torch.float64),
-                       dist_reduce_fx="sum")
+        self.add_state(
+            "sens_count",
+            torch.zeros(1 + self.bootstrap, dtype=torch.float64),
+            dist_reduce_fx="sum",
+        )
 
     # -- probe passes ---------------------------------------------------------------------
 
@@ -291,18 +298,23 @@ class Dissection(Analysis):
         """
         layers = list(self.layers or getattr(model, "dissection_layers", ()) or ())
         if not layers:
-            raise ValueError("analysis.layers is null and the model names no "
-                             "dissection_layers; set analysis.layers=[<layer name>, ...]")
+            raise ValueError(
+                "analysis.layers is null and the model names no "
+                "dissection_layers; set analysis.layers=[<layer name>, ...]"
+            )
         concepts = list(getattr(datamodule, "concepts", ()))
         categories = [str(c) for c in getattr(datamodule, "categories", ())]
         if not concepts or not categories:
-            raise ValueError(f"dataset {getattr(datamodule, 'name', '?')} lists no concepts; "
-                             "dissection needs a probe dataset with concept masks")
+            raise ValueError(
+                f"dataset {getattr(datamodule, 'name', '?')} lists no concepts; "
+                "dissection needs a probe dataset with concept masks"
+            )
         category_of = {c: i for i, c in enumerate(categories)}
         unknown = sorted({c.category for c in concepts} - set(category_of))
         if unknown:
-            raise ValueError(f"concept categories {unknown} are not in the dataset's "
-                             f"categories {categories}")
+            raise ValueError(
+                f"concept categories {unknown} are not in the dataset's categories {categories}"
+            )
         concept_category = torch.tensor([-1] + [category_of[c.category] for c in concepts])
         device = _model_device(model)
         loader = datamodule.probe_dataloader()
@@ -310,19 +322,23 @@ class Dissection(Analysis):
 
         with frozen_eval(model), torch.no_grad():
             units = self._unit_counts(model, loader, layers, device)
-            searches = {n: RadixQuantile(units[n], self.quantile, self.bins, device)
-                        for n in layers}
-            passes = searches[layers[0]].passes
+            searches = {
+                n: RadixQuantile(units[n], self.quantile, self.layer_bins(units[n]), device)
+                for n in layers
+            }
+            passes = max(s.passes for s in searches.values())
             seconds, cpu_seconds = [], []
             for _ in range(passes):
                 start, cpu_start = time.perf_counter(), time.process_time()
-                tallies = {n: s.new_tallies() for n, s in searches.items()}
-                for x, _labels, _index in self._probe_batches(loader, device, len(concepts),
-                                                              len(categories)):
+                active = [n for n in layers if not searches[n].done]
+                tallies = {n: searches[n].new_tallies() for n in active}
+                for x, _labels, _index in self._probe_batches(
+                    loader, device, len(concepts), len(categories)
+                ):
                     acts = layer_activations(model, x, layers, loader.batch_size)
-                    for n in layers:
+                    for n in active:
                         searches[n].accumulate(tallies[n], acts[n])
-                for n in layers:
+                for n in active:
                     for key, tensor in tallies[n].items():
                         all_reduce_(tensor, RadixQuantile.REDUCE_OPS[key])
                     searches[n].advance(tallies[n])
@@ -332,25 +348,59 @@ class Dissection(Analysis):
             floors = {n: s.minimum() for n, s in searches.items()}
             start, cpu_start = time.perf_counter(), time.process_time()
             results, probe_images = self._iou_pass(
-                model, loader, layers, units, thresholds, floors, concept_category,
-                len(concepts), len(categories), device)
+                model,
+                loader,
+                layers,
+                units,
+                thresholds,
+                floors,
+                concept_category,
+                len(concepts),
+                len(categories),
+                device,
+            )
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
         self.probe = ProbeResult(
-            layers=results, concepts=concepts, categories=categories,
-            concept_category=concept_category, probe_images=probe_images,
-            head_layer=head_layer, pass_seconds=seconds, pass_cpu_seconds=cpu_seconds,
+            layers=results,
+            concepts=concepts,
+            categories=categories,
+            concept_category=concept_category,
+            probe_images=probe_images,
+            head_layer=head_layer,
+            pass_seconds=seconds,
+            pass_cpu_seconds=cpu_seconds,
         )
         for i, n in enumerate(layers):
-            self.add_state(f"sens_{i}", torch.zeros(1 + self.bootstrap, len(SENSITIVITY_ROWS),
-                                                    units[n], dtype=torch.float64, device=device),
-                           dist_reduce_fx="sum")
+            self.add_state(
+                f"sens_{i}",
+                torch.zeros(
+                    1 + self.bootstrap,
+                    len(SENSITIVITY_ROWS),
+                    units[n],
+                    dtype=torch.float64,
+                    device=device,
+                ),
+                dist_reduce_fx="sum",
+            )
         self.sens_count = self.sens_count.to(device)
         if _rank() == 0 and self.top_units and self.top_images:
             self.probe.showcase = self._showcase(model, loader, device)
         n_interp = {n: int((r.best_iou > self.iou_threshold).sum()) for n, r in results.items()}
-        log.info("dissection: %s interpretable units of %s (IoU > %g)", n_interp,
-                 {n: units[n] for n in layers}, self.iou_threshold)
+        log.info(
+            "dissection: %s interpretable units of %s (IoU > %g)",
+            n_interp,
+            {n: units[n] for n in layers},
+            self.iou_threshold,
+        )
+
+    def layer_bins(self, units: int) -> int:
+        """Histogram bins for a layer of ``units`` units: ``bins``, halved until the
+        histogram fits in 256 MB (a 2048-unit layer gets 8192 bins: 3 passes, not 2)."""
+        bins = self.bins
+        while bins > 16 and units * bins * 8 > _HISTOGRAM_BYTES:
+            bins //= 2
+        return bins
 
     def _head_layer(self, model: nn.Module, layers: list[str]) -> str | None:
         feature, head = getattr(model, "feature_layer", None), getattr(model, "head", None)
@@ -358,16 +408,18 @@ class Dissection(Analysis):
             return feature
         return None
 
-    def _unit_counts(self, model: nn.Module, loader: DataLoader, layers: list[str],
-                     device: torch.device) -> dict[str, int]:
+    def _unit_counts(
+        self, model: nn.Module, loader: DataLoader, layers: list[str], device: torch.device
+    ) -> dict[str, int]:
         # Every rank needs the shapes, even one whose shard is empty: ask the dataset.
         x0 = loader.dataset[0][0]
-        acts = layer_activations(model, x0.unsqueeze(0).to(device).float(), layers,
-                                 loader.batch_size)
+        acts = layer_activations(model, x0.unsqueeze(0).to(device).float(), layers)
         for name, a in acts.items():
             if a.dim() != 4:
-                raise ValueError(f"analysis.layers entry {name!r} outputs shape "
-                                 f"{tuple(a.shape)}; dissection needs conv maps (N, K, h, w)")
+                raise ValueError(
+                    f"analysis.layers entry {name!r} outputs shape "
+                    f"{tuple(a.shape)}; dissection needs conv maps (N, K, h, w)"
+                )
         return {name: a.shape[1] for name, a in acts.items()}
 
     def _probe_batches(
@@ -386,24 +438,39 @@ class Dissection(Analysis):
                     continue
                 x, labels, index = x[keep], labels[keep], index[keep]
             if labels.dim() != 4 or labels.shape[1] != categories or labels.shape[0] != len(x):
-                raise ValueError(f"probe concept labels must be (N, {categories}, H, W) long, "
-                                 f"got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"probe concept labels must be (N, {categories}, H, W) long, "
+                    f"got {tuple(labels.shape)}"
+                )
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi > concepts:
-                raise ValueError(f"probe concept ids must be in [0, {concepts}] (0: none), "
-                                 f"got [{lo}, {hi}]")
+                raise ValueError(
+                    f"probe concept ids must be in [0, {concepts}] (0: none), got [{lo}, {hi}]"
+                )
             yield x.to(device).float(), labels.to(device).long(), index.to(device)
 
     def _iou_pass(
-        self, model: nn.Module, loader: DataLoader, layers: list[str], units: dict[str, int],
-        thresholds: dict[str, Tensor], floors: dict[str, Tensor], concept_category: Tensor,
-        concepts: int, categories: int, device: torch.device,
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        layers: list[str],
+        units: dict[str, int],
+        thresholds: dict[str, Tensor],
+        floors: dict[str, Tensor],
+        concept_category: Tensor,
+        concepts: int,
+        categories: int,
+        device: torch.device,
     ) -> tuple[dict[str, LayerDissection], int]:
         tallies = {n: empty_tally(units[n], categories, concepts, device) for n in layers}
         k = max(self.top_images, 1)
-        tops = {n: (torch.full((units[n], k), -math.inf, device=device),
-                    torch.full((units[n], k), _EMPTY_INDEX, dtype=torch.int64, device=device))
-                for n in layers}
+        tops = {
+            n: (
+                torch.full((units[n], k), -math.inf, device=device),
+                torch.full((units[n], k), _EMPTY_INDEX, dtype=torch.int64, device=device),
+            )
+            for n in layers
+        }
         images = torch.zeros((), dtype=torch.int64, device=device)
         t_dev = {n: thresholds[n].to(device) for n in layers}
         f_dev = {n: floors[n].to(device) for n in layers}
@@ -431,21 +498,31 @@ class Dissection(Analysis):
             scores, index = tops[n]
             if _world() > 1:
                 empty = (torch.full_like(scores, -math.inf), torch.full_like(index, _EMPTY_INDEX))
-                scores, index = merge_top(torch.cat(_all_gather(scores), dim=1),
-                                          torch.cat(_all_gather(index), dim=1), *empty, k)
+                scores, index = merge_top(
+                    torch.cat(_all_gather(scores), dim=1),
+                    torch.cat(_all_gather(index), dim=1),
+                    *empty,
+                    k,
+                )
             tally = IoUTally(*(t.cpu() for t in tallies[n].tensors()))
             iou = iou_from_tally(tally, concept_category)
             best_iou, best_concept = best_concepts(iou)
             results[n] = LayerDissection(
-                name=n, thresholds=thresholds[n].cpu(), floors=floors[n].cpu(), tally=tally,
-                iou=iou, best_iou=best_iou, best_concept=best_concept,
+                name=n,
+                thresholds=thresholds[n].cpu(),
+                floors=floors[n].cpu(),
+                tally=tally,
+                iou=iou,
+                best_iou=best_iou,
+                best_concept=best_concept,
                 top_scores=scores[:, : self.top_images].cpu(),
                 top_index=index[:, : self.top_images].cpu(),
             )
         return results, int(images)
 
-    def _showcase(self, model: nn.Module, loader: DataLoader,
-                  device: torch.device) -> list[Showcase]:
+    def _showcase(
+        self, model: nn.Module, loader: DataLoader, device: torch.device
+    ) -> list[Showcase]:
         """Top-activating images of the most interpretable units (rank zero, bounded)."""
         assert self.probe is not None
         picks: list[tuple[str, int, list[int]]] = []
@@ -458,8 +535,10 @@ class Dissection(Analysis):
         wanted = sorted({i for _, _, index in picks for i in index})
         samples = _fetch_samples(loader.dataset, wanted, loader.batch_size or 1)
         if samples is None:
-            log.warning("dissection: the probe dataset has no random access by dataset "
-                        "index; the top-image figure is skipped")
+            log.warning(
+                "dissection: the probe dataset has no random access by dataset "
+                "index; the top-image figure is skipped"
+            )
             return []
         showcase = []
         for name, unit, index in picks:
@@ -467,17 +546,27 @@ class Dissection(Analysis):
             x = torch.stack([samples[i][0] for i in index]).to(device).float()
             labels = torch.stack([samples[i][1] for i in index]).long()
             acts = layer_activations(model, x, [name], loader.batch_size)[name][:, unit : unit + 1]
-            masks = activation_masks(acts, layer.thresholds[unit : unit + 1].to(device),
-                                     layer.floors[unit : unit + 1].to(device),
-                                     tuple(labels.shape[-2:]))[:, 0].cpu()
+            masks = activation_masks(
+                acts,
+                layer.thresholds[unit : unit + 1].to(device),
+                layer.floors[unit : unit + 1].to(device),
+                tuple(labels.shape[-2:]),
+            )[:, 0].cpu()
             concept = int(layer.best_concept[unit])
             category = int(self.probe.concept_category[concept])
-            showcase.append(Showcase(
-                layer=name, unit=unit, concept=self.probe.concepts[concept - 1].name,
-                category=self.probe.categories[category], iou=float(layer.best_iou[unit]),
-                index=index, images=x.cpu(), activation_masks=masks,
-                concept_masks=labels[:, category] == concept,
-            ))
+            showcase.append(
+                Showcase(
+                    layer=name,
+                    unit=unit,
+                    concept=self.probe.concepts[concept - 1].name,
+                    category=self.probe.categories[category],
+                    iou=float(layer.best_iou[unit]),
+                    index=index,
+                    images=x.cpu(),
+                    activation_masks=masks,
+                    concept_masks=labels[:, category] == concept,
+                )
+            )
         return showcase
 
     # -- sensitivity ----------------------------------------------------------------------
@@ -525,8 +614,11 @@ class Dissection(Analysis):
         interp = best_iou > self.iou_threshold
         units = layer.units
         rho = spearman(s, best_iou)
-        boot = torch.stack([spearman(sens["s"][b], best_iou)
-                            for b in range(1, 1 + self.bootstrap)]) if self.bootstrap else None
+        boot = (
+            torch.stack([spearman(sens["s"][b], best_iou) for b in range(1, 1 + self.bootstrap)])
+            if self.bootstrap
+            else None
+        )
         u_stat, u_p = mann_whitney_u(s[interp], s[~interp])
         m = max(1, round(self.enrichment_top * units))
         most = sorted(range(units), key=lambda k: (-float(s[k]), k))[:m]
@@ -550,8 +642,11 @@ class Dissection(Analysis):
         }
         if boot is not None:
             finite = boot[torch.isfinite(boot)]
-            low, high = ((torch.quantile(finite, 0.025), torch.quantile(finite, 0.975))
-                         if len(finite) else (scalar(math.nan), scalar(math.nan)))
+            low, high = (
+                (torch.quantile(finite, 0.025), torch.quantile(finite, 0.975))
+                if len(finite)
+                else (scalar(math.nan), scalar(math.nan))
+            )
             out["spearman_ci_low"], out["spearman_ci_high"] = low, high
         concept_category = self.probe.concept_category
         per_cat = category_iou(layer.iou, concept_category, len(self.probe.categories))
@@ -560,29 +655,35 @@ class Dissection(Analysis):
             in_cat = interp & (unit_category == g)
             out[f"{category}/interpretable"] = scalar(int(in_cat.sum()))
             out[f"{category}/mean_s_interpretable"] = (
-                s[in_cat].mean() if bool(in_cat.any()) else scalar(math.nan))
+                s[in_cat].mean() if bool(in_cat.any()) else scalar(math.nan)
+            )
             out[f"{category}/spearman_rho"] = spearman(s, per_cat[:, g])
             out[f"{category}/spearman_p"] = permutation_pvalue(
-                s, per_cat[:, g], self.permutations, gen)
+                s, per_cat[:, g], self.permutations, gen
+            )
         # Per-unit tensors (K,): kept for the report and the W&B table.
-        out.update({
-            "unit_threshold": layer.thresholds.double(),
-            "unit_iou": best_iou,
-            "unit_concept": layer.best_concept,
-            "unit_interpretable": interp,
-            "unit_s": s,
-            "unit_s_plus": sens["s_plus"][0],
-            "unit_s_minus": sens["s_minus"][0],
-            "unit_shift": sens["shift"][0],
-            "unit_sigma": sens["sigma"][0],
-        })
+        out.update(
+            {
+                "unit_threshold": layer.thresholds.double(),
+                "unit_iou": best_iou,
+                "unit_concept": layer.best_concept,
+                "unit_interpretable": interp,
+                "unit_s": s,
+                "unit_s_plus": sens["s_plus"][0],
+                "unit_s_minus": sens["s_minus"][0],
+                "unit_shift": sens["shift"][0],
+                "unit_sigma": sens["sigma"][0],
+            }
+        )
         if layer.name == self.probe.head_layer:
-            out.update({
-                "unit_promotion": sens["promotion"][0],
-                "unit_suppression": sens["suppression"][0],
-                "unit_promotion_signed": sens["promotion_signed"][0],
-                "unit_suppression_signed": sens["suppression_signed"][0],
-            })
+            out.update(
+                {
+                    "unit_promotion": sens["promotion"][0],
+                    "unit_suppression": sens["suppression"][0],
+                    "unit_promotion_signed": sens["promotion_signed"][0],
+                    "unit_suppression_signed": sens["suppression_signed"][0],
+                }
+            )
         return out
 
     # -- report ---------------------------------------------------------------------------
@@ -596,14 +697,24 @@ class Dissection(Analysis):
         out_dir.mkdir(parents=True, exist_ok=True)
         layers = list(self.probe.layers)
         section = ReportSection(title=self.name)
-        section.figures.append(iou_vs_sensitivity_figure(
-            result, layers, self.probe, self.iou_threshold,
-            out_dir / "dissection_iou_vs_sensitivity.png"))
-        section.figures.append(interpretable_units_figure(
-            result, layers, self.probe, out_dir / "dissection_interpretable_units.png"))
+        section.figures.append(
+            iou_vs_sensitivity_figure(
+                result,
+                layers,
+                self.probe,
+                self.iou_threshold,
+                out_dir / "dissection_iou_vs_sensitivity.png",
+            )
+        )
+        section.figures.append(
+            interpretable_units_figure(
+                result, layers, self.probe, out_dir / "dissection_interpretable_units.png"
+            )
+        )
         if self.probe.showcase:
-            section.figures.append(top_images_figure(
-                self.probe.showcase, out_dir / "dissection_top_images.png"))
+            section.figures.append(
+                top_images_figure(self.probe.showcase, out_dir / "dissection_top_images.png")
+            )
         section.tables["units"] = self.unit_table(result)
         section.markdown = self._markdown(result, layers)
         return section
@@ -612,8 +723,20 @@ class Dissection(Analysis):
         """One row per unit: layer, unit, concept, category, IoU, interpretable, s+, s-, s,
         threshold, and (at the feature layer of a GAP + linear net) π_k and ς_k."""
         assert self.probe is not None
-        columns = ["layer", "unit", "concept", "category", "iou", "interpretable", "s_plus",
-                   "s_minus", "s", "threshold", "promotion", "suppression"]
+        columns = [
+            "layer",
+            "unit",
+            "concept",
+            "category",
+            "iou",
+            "interpretable",
+            "s_plus",
+            "s_minus",
+            "s",
+            "threshold",
+            "promotion",
+            "suppression",
+        ]
         rows = []
         for name in self.probe.layers:
             get = lambda key, name=name: result[f"{name}/{key}"]  # noqa: E731
@@ -621,15 +744,22 @@ class Dissection(Analysis):
             supp = result.get(f"{name}/unit_suppression")
             for unit in range(len(get("unit_iou"))):
                 concept = int(get("unit_concept")[unit])
-                rows.append([
-                    name, unit, self.probe.concepts[concept - 1].name,
-                    self.probe.concepts[concept - 1].category, float(get("unit_iou")[unit]),
-                    bool(get("unit_interpretable")[unit]), float(get("unit_s_plus")[unit]),
-                    float(get("unit_s_minus")[unit]), float(get("unit_s")[unit]),
-                    float(get("unit_threshold")[unit]),
-                    float(promo[unit]) if promo is not None else None,
-                    float(supp[unit]) if supp is not None else None,
-                ])
+                rows.append(
+                    [
+                        name,
+                        unit,
+                        self.probe.concepts[concept - 1].name,
+                        self.probe.concepts[concept - 1].category,
+                        float(get("unit_iou")[unit]),
+                        bool(get("unit_interpretable")[unit]),
+                        float(get("unit_s_plus")[unit]),
+                        float(get("unit_s_minus")[unit]),
+                        float(get("unit_s")[unit]),
+                        float(get("unit_threshold")[unit]),
+                        float(promo[unit]) if promo is not None else None,
+                        float(supp[unit]) if supp is not None else None,
+                    ]
+                )
         return columns, rows
 
     def _markdown(self, result: dict[str, Any], layers: list[str]) -> str:
@@ -653,17 +783,22 @@ class Dissection(Analysis):
                 f"| {n} | {f(n + '/units')} | {f(n + '/interpretable')} | "
                 f"{f(n + '/spearman_rho')} | {f(n + '/spearman_p')} | "
                 f"[{f(n + '/spearman_ci_low')}, {f(n + '/spearman_ci_high')}] | "
-                f"{f(n + '/mannwhitney_p')} | {f(n + '/enrichment_p')} |")
-        lines += ["", "| layer | " + " | ".join(self.probe.categories) + " |",
-                  "|---|" + "---|" * len(self.probe.categories)]
+                f"{f(n + '/mannwhitney_p')} | {f(n + '/enrichment_p')} |"
+            )
+        lines += [
+            "",
+            "| layer | " + " | ".join(self.probe.categories) + " |",
+            "|---|" + "---|" * len(self.probe.categories),
+        ]
         for n in layers:
             counts = [f(f"{n}/{c}/interpretable") for c in self.probe.categories]
             lines.append(f"| {n} | " + " | ".join(counts) + " |")
         return "\n".join(lines)
 
 
-def _fetch_samples(dataset: Any, wanted: list[int],
-                   batch_size: int) -> dict[int, tuple[Tensor, Tensor]] | None:
+def _fetch_samples(
+    dataset: Any, wanted: list[int], batch_size: int
+) -> dict[int, tuple[Tensor, Tensor]] | None:
     """(x, labels) of the probe samples with the given dataset indices.
 
     Direct access when ``dataset[i]`` is the sample with index i (checked), else one scan
@@ -707,12 +842,22 @@ def _pyplot() -> Any:
     return plt
 
 
-_CATEGORY_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
-                     "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_CATEGORY_COLOURS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
-def iou_vs_sensitivity_figure(result: dict[str, Any], layers: list[str], probe: ProbeResult,
-                              iou_threshold: float, path: Path) -> Path:
+def iou_vs_sensitivity_figure(
+    result: dict[str, Any], layers: list[str], probe: ProbeResult, iou_threshold: float, path: Path
+) -> Path:
     """One scatter per layer: best IoU against s_k, interpretable units coloured by the
     category of their concept, with Spearman's rho and its permutation p in the title."""
     plt = _pyplot()
@@ -726,8 +871,13 @@ def iou_vs_sensitivity_figure(result: dict[str, Any], layers: list[str], probe: 
         for g, cat in enumerate(probe.categories):
             chosen = interp & (category == g)
             if bool(chosen.any()):
-                ax.scatter(s[chosen], iou[chosen], s=14, label=cat,
-                           c=_CATEGORY_COLOURS[g % len(_CATEGORY_COLOURS)])
+                ax.scatter(
+                    s[chosen],
+                    iou[chosen],
+                    s=14,
+                    label=cat,
+                    c=_CATEGORY_COLOURS[g % len(_CATEGORY_COLOURS)],
+                )
         ax.axhline(iou_threshold, color="k", lw=0.8, ls="--")
         rho, p = result[f"{name}/spearman_rho"], result[f"{name}/spearman_p"]
         ax.set_title(f"{name}\nρ = {float(rho):.2f}, p = {float(p):.2g}", fontsize=9)
@@ -740,8 +890,9 @@ def iou_vs_sensitivity_figure(result: dict[str, Any], layers: list[str], probe: 
     return path
 
 
-def interpretable_units_figure(result: dict[str, Any], layers: list[str], probe: ProbeResult,
-                               path: Path) -> Path:
+def interpretable_units_figure(
+    result: dict[str, Any], layers: list[str], probe: ProbeResult, path: Path
+) -> Path:
     """Grouped bars: number of interpretable units per layer and concept category."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(layers), 3.4))
@@ -751,8 +902,9 @@ def interpretable_units_figure(result: dict[str, Any], layers: list[str], probe:
         xs = [i + (g - (len(probe.categories) - 1) / 2) * width for i in range(len(layers))]
         ax.bar(xs, counts, width, label=cat, color=_CATEGORY_COLOURS[g % len(_CATEGORY_COLOURS)])
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([f"{n}\n({int(float(result[n + '/units']))} units)" for n in layers],
-                       fontsize=8)
+    ax.set_xticklabels(
+        [f"{n}\n({int(float(result[n + '/units']))} units)" for n in layers], fontsize=8
+    )
     ax.set_ylabel("interpretable units")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -766,8 +918,9 @@ def top_images_figure(showcase: list[Showcase], path: Path) -> Path:
     outlined in white, the unit's concept mask tinted."""
     plt = _pyplot()
     cols = max(len(item.index) for item in showcase)
-    fig, axes = plt.subplots(len(showcase), cols, figsize=(1.5 * cols + 1.2, 1.6 * len(showcase)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(showcase), cols, figsize=(1.5 * cols + 1.2, 1.6 * len(showcase)), squeeze=False
+    )
     for r, item in enumerate(showcase):
         for c in range(cols):
             ax = axes[r][c]
@@ -777,20 +930,43 @@ def top_images_figure(showcase: list[Showcase], path: Path) -> Path:
             image = item.images[c].clamp(0, 1).permute(1, 2, 0).numpy()
             size = tuple(item.concept_masks[c].shape)
             if image.shape[:2] != size:
-                image = torch.nn.functional.interpolate(
-                    item.images[c : c + 1], size=size, mode="bilinear", align_corners=False
-                )[0].clamp(0, 1).permute(1, 2, 0).numpy()
-            ax.imshow(image[..., 0] if image.shape[2] == 1 else image,
-                      cmap="gray" if image.shape[2] == 1 else None, vmin=0, vmax=1)
-            ax.imshow(item.concept_masks[c].float().numpy(), cmap="spring", alpha=0.25 *
-                      item.concept_masks[c].float().numpy(), vmin=0, vmax=1)
-            if bool(item.activation_masks[c].any()):
-                ax.contour(item.activation_masks[c].float().numpy(), levels=[0.5],
-                           colors="white", linewidths=1.0)
+                image = (
+                    torch.nn.functional.interpolate(
+                        item.images[c : c + 1], size=size, mode="bilinear", align_corners=False
+                    )[0]
+                    .clamp(0, 1)
+                    .permute(1, 2, 0)
+                    .numpy()
+                )
+            ax.imshow(
+                image[..., 0] if image.shape[2] == 1 else image,
+                cmap="gray" if image.shape[2] == 1 else None,
+                vmin=0,
+                vmax=1,
+            )
+            for mask, colour, style in (
+                (item.concept_masks[c], "cyan", "--"),
+                (item.activation_masks[c], "white", "-"),
+            ):
+                if bool(mask.any()):
+                    ax.contour(
+                        mask.float().numpy(),
+                        levels=[0.5],
+                        colors=colour,
+                        linewidths=1.0,
+                        linestyles=style,
+                    )
             ax.set_title(f"#{item.index[c]}", fontsize=6)
-        axes[r][0].text(-0.08, 0.5, f"{item.layer}:{item.unit}\n{item.concept}\n"
-                        f"({item.category})\nIoU {item.iou:.2f}",
-                        transform=axes[r][0].transAxes, ha="right", va="center", fontsize=6)
+        axes[r][0].text(
+            -0.08,
+            0.5,
+            f"{item.layer}:{item.unit}\n{item.concept}\n({item.category})\nIoU {item.iou:.2f}",
+            transform=axes[r][0].transAxes,
+            ha="right",
+            va="center",
+            fontsize=6,
+        )
+    fig.suptitle("white: unit mask S_k >= T_k; cyan dashed: the unit's concept", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -90,7 +90,7 @@ class PSE(Analysis):
         center_logits: bool = False,
         group_size: int = 4,
         successful_only: bool = True,
-        chunk_size: int = 256,
+        chunk_size: int = 64,
         max_rows: int = 1000,
         max_figures: int = 8,
         **kwargs: Any,
@@ -136,7 +136,7 @@ class PSE(Analysis):
         self.add_state("residual_sum", accumulator(), dist_reduce_fx="sum")
         self.add_state("residual_max", accumulator(), dist_reduce_fx="max")
         self.add_state("steps_sum", counter(), dist_reduce_fx="sum")
-        # Bounded samples, flattened to 1-D so ranks without rows still gather cleanly.
+        # Bounded samples, flat 1-D in one dtype so ranks without rows still gather cleanly.
         for state in (
             "row_ints",
             "row_floats",
@@ -245,8 +245,8 @@ class PSE(Analysis):
             ],
             dim=1,
         )[rows]
-        self.row_ints.append(ints.flatten().to(self.device))
-        self.row_floats.append(floats.flatten().float().to(self.device))
+        self.row_ints.append(self._sample(ints))
+        self.row_floats.append(self._sample(floats))
 
     def _keep_figures(
         self,
@@ -268,13 +268,21 @@ class PSE(Analysis):
         promotion, suppression = promotion_suppression_maps(
             attr.attr_true[figs], attr.attr_target[figs]
         )
-        dev = self.device
-        self.fig_meta.append(meta.flatten().to(dev))
-        self.fig_r.append(r[figs].float().to(dev))
-        self.fig_x.append(x[figs].flatten().float().to(dev))
-        self.fig_delta.append((x_adv - x)[figs].flatten().float().to(dev))
-        self.fig_promotion.append(promotion.flatten().float().to(dev))
-        self.fig_suppression.append(suppression.flatten().float().to(dev))
+        self.fig_meta.append(self._sample(meta))
+        self.fig_r.append(self._sample(r[figs]))
+        self.fig_x.append(self._sample(x[figs]))
+        self.fig_delta.append(self._sample((x_adv - x)[figs]))
+        self.fig_promotion.append(self._sample(promotion))
+        self.fig_suppression.append(self._sample(suppression))
+
+    def _sample(self, values: Tensor) -> Tensor:
+        """A bounded-sample entry: flat, on the metric's device, in the metric's dtype.
+
+        One dtype for every ``cat`` state (ids included; exact below 2**24) matches the
+        empty tensor torchmetrics substitutes for a rank that kept nothing, so the gather
+        of a rank without rows meets the same dtype on every rank.
+        """
+        return values.detach().flatten().to(device=self.device, dtype=self.dtype)
 
     # -- compute --------------------------------------------------------------------------
 
@@ -559,12 +567,14 @@ def _plot_scatter(ints: Tensor, floats: Tensor, tau_s: float, tau_p: float, path
                 ax.scatter(xs[m].numpy(), ys[m].numpy(), s=10, c=_TYPE_COLOURS[k], label=name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    top = float(max(floats[:, 0].neg().max(), floats[:, 1].max(), 1e-12))
+    x_top = float(max(floats[:, 0].neg().max(), 1e-12))
+    y_top = float(max(floats[:, 1].max(), 1e-12))
     for tau in (tau_s, tau_p):
         if 0 < tau < 1:  # r = tau is the ray promotion = tau / (1 - tau) * suppression
             slope = tau / (1 - tau)
-            left.plot([0, top], [0, slope * top], color="k", linestyle="--", linewidth=0.8)
-            left.annotate(f"r={tau:.3g}", (top, slope * top), fontsize=8)
+            end = min(x_top, y_top / slope)  # stay inside the data's range
+            left.plot([0, end], [0, slope * end], color="k", linestyle="--", linewidth=0.8)
+            left.annotate(f"r={tau:.3g}", (end, slope * end), fontsize=8)
     left.legend(fontsize=8)
     fig.savefig(path)
     return path

@@ -9,3 +9,9 @@ __all__ = ["Attack", "AttackResult", "FGSM", "PGD"]
 from pse_lightning.attacks.cam_guided import CAMGuided  # noqa: E402
 
 __all__ += ["CAMGuided"]
+
+from pse_lightning.attacks.cw import CWL2  # noqa: E402
+from pse_lightning.attacks.ead import EAD  # noqa: E402
+from pse_lightning.attacks.strattack import StrAttack  # noqa: E402
+
+__all__ += ["CWL2", "EAD", "StrAttack"]

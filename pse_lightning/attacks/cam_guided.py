@@ -99,6 +99,7 @@ class CAMGuided(Attack):
         self.dilate = require_at_least("attack.dilate", dilate, 0)
         self.method = require_choice("attack.method", method, cam_maps.METHODS)
         self.last_mask: Tensor | None = None
+        self._mapper: cam_maps.ActivationMap | None = None
         self._y: Tensor | None = None
 
     @property
@@ -124,6 +125,9 @@ class CAMGuided(Attack):
     def region(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """(N, 1, H, W) bool: the dilated CAM mask of class y on x."""
         mapper = cam_maps.activation_map_for(model, self.method, key="attack")
+        if type(self._mapper) is not type(mapper):
+            self._mapper = mapper  # kept across batches: CAM verifies the head only once
+        mapper = self._mapper
         _, (raw,) = mapper.raw_maps(model, x, [y])
         size = (x.shape[-2], x.shape[-1])
         maps = core.image_maps(raw, size)

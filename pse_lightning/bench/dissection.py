@@ -135,12 +135,18 @@ def measure(size: int, image_size: int, batch_size: int, bins: int) -> dict[str,
     second = _forward_pass(model, loader)
     forward, forward_cpu = min(first[0], second[0]), min(first[1], second[1])
     probe = dissection.probe
-    return {"images": size, "forward_s": forward, "forward_cpu_s": forward_cpu,
-            "passes": len(probe.pass_seconds),
-            "pass_ratios": [p / forward for p in probe.pass_seconds],
-            "pass_cpu_ratios": [p / forward_cpu for p in probe.pass_cpu_seconds],
-            "total_ratio": total / forward, "total_cpu_ratio": total_cpu / forward_cpu,
-            "baseline_mb": before / 1024, "added_peak_mb": (after - before) / 1024}
+    return {
+        "images": size,
+        "forward_s": forward,
+        "forward_cpu_s": forward_cpu,
+        "passes": len(probe.pass_seconds),
+        "pass_ratios": [p / forward for p in probe.pass_seconds],
+        "pass_cpu_ratios": [p / forward_cpu for p in probe.pass_cpu_seconds],
+        "total_ratio": total / forward,
+        "total_cpu_ratio": total_cpu / forward_cpu,
+        "baseline_mb": before / 1024,
+        "added_peak_mb": (after - before) / 1024,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,41 +155,79 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bins", type=int, default=65536)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
-                        "torch's own choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child is not None:
-        sys.stdout.write(json.dumps(measure(args.child, args.image_size, args.batch_size,
-                                            args.bins)) + "\n")
+        sys.stdout.write(
+            json.dumps(measure(args.child, args.image_size, args.batch_size, args.bins)) + "\n"
+        )
         return
     rows = []
     for size in args.sizes:
-        command = [sys.executable, "-m", "pse_lightning.bench.dissection", "--child", str(size),
-                   "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                   "--bins", str(args.bins)]
+        command = [
+            sys.executable,
+            "-m",
+            "pse_lightning.bench.dissection",
+            "--child",
+            str(size),
+            "--image-size",
+            str(args.image_size),
+            "--batch-size",
+            str(args.batch_size),
+            "--bins",
+            str(args.bins),
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append([size, r["forward_s"], r["passes"],
-                     " / ".join(f"{v:.2f}" for v in r["pass_ratios"]),
-                     " / ".join(f"{v:.2f}" for v in r["pass_cpu_ratios"]),
-                     r["total_ratio"], r["total_cpu_ratio"], r["baseline_mb"],
-                     r["added_peak_mb"], max(r["pass_cpu_ratios"])])
-    headers = ["probe images", "forward s", "passes", "pass / forward (wall)",
-               "pass / forward (CPU)", "prepare / forward (wall)", "prepare / forward (CPU)",
-               "RSS before MB", "RSS added by prepare MB"]
-    log.info("small_cnn, %d px, batch %d, bins %d, %d threads\n%s", args.image_size,
-             args.batch_size, args.bins, torch.get_num_threads(),
-             format_table(headers, [row[:-1] for row in rows]))
+        rows.append(
+            [
+                size,
+                r["forward_s"],
+                r["passes"],
+                " / ".join(f"{v:.2f}" for v in r["pass_ratios"]),
+                " / ".join(f"{v:.2f}" for v in r["pass_cpu_ratios"]),
+                r["total_ratio"],
+                r["total_cpu_ratio"],
+                r["baseline_mb"],
+                r["added_peak_mb"],
+                max(r["pass_cpu_ratios"]),
+            ]
+        )
+    headers = [
+        "probe images",
+        "forward s",
+        "passes",
+        "pass / forward (wall)",
+        "pass / forward (CPU)",
+        "prepare / forward (wall)",
+        "prepare / forward (CPU)",
+        "RSS before MB",
+        "RSS added by prepare MB",
+    ]
+    log.info(
+        "small_cnn, %d px, batch %d, bins %d, %d threads\n%s",
+        args.image_size,
+        args.batch_size,
+        args.bins,
+        torch.get_num_threads(),
+        format_table(headers, [row[:-1] for row in rows]),
+    )
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        log.info("%dx the probe images: %+.1f MB added peak RSS; worst pass / forward "
-                 "(CPU) %.2f (target <= 1.5)", last[0] // first[0], last[-2] - first[-2],
-                 max(row[-1] for row in rows))
+        log.info(
+            "%dx the probe images: %+.1f MB added peak RSS; worst pass / forward "
+            "(CPU) %.2f (target <= 1.5)",
+            last[0] // first[0],
+            last[-2] - first[-2],
+            max(row[-1] for row in rows),
+        )
 
 
 if __name__ == "__main__":

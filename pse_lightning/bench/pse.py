@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--chunk-sizes", default="256,1024", help="IG images per pass")
+    parser.add_argument("--chunk-sizes", default="16,64,256", help="IG images per pass")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: keep)")
     parser.add_argument("--no-captum", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # one thread is steadier on a shared machine
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         logits_clean, logits_adv = model(x), model(x_adv)
 
-    def ours(method: str, mode: str, chunk: int = 256) -> Callable[[], object]:
+    def ours(method: str, mode: str, chunk: int = 64) -> Callable[[], object]:
         return lambda: pse_attributions(
             model, x, x_adv, y, target, method=method, steps=m, max_steps=m, mode=mode,
             chunk_size=chunk, logits_clean=logits_clean, logits_adv=logits_adv,

@@ -101,8 +101,9 @@ class DigitsDataModule(ImageDataModule):
         digits = load_digits()
         x = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
         if self.image_size != 8:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         return x.clamp_(0.0, 1.0), torch.from_numpy(digits.target.astype(np.int64))
 
     def setup(self, stage: str | None = None) -> None:

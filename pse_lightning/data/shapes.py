@@ -58,6 +58,7 @@ TEXTURES = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = ("flat", "gradient", "grid", "speckled")
 CATEGORIES = ("object", "colour", "texture", "background")
 SPLITS = ("train", "val", "test", "probe")
+_ARRAY_KEYS = ("images", "labels", "object_mask", "factors")  # per split, in the cache
 
 #: Global concept list: concept id = position + 1 (0 means "no concept of this category").
 CONCEPTS: tuple[Concept, ...] = (
@@ -67,8 +68,14 @@ CONCEPTS: tuple[Concept, ...] = (
     *(Concept(name, "background") for name in BACKGROUNDS),
 )
 #: First global concept id of each category, in CATEGORIES order.
-_FIRST_ID = np.array([1, 1 + len(SHAPES), 1 + len(SHAPES) + len(PALETTE),
-                      1 + len(SHAPES) + len(PALETTE) + len(TEXTURES)])
+_FIRST_ID = np.array(
+    [
+        1,
+        1 + len(SHAPES),
+        1 + len(SHAPES) + len(PALETTE),
+        1 + len(SHAPES) + len(PALETTE) + len(TEXTURES),
+    ]
+)
 
 _MIN_IMAGE_SIZE = 16  # below this, textures (period >= 3 px) and stars stop being legible
 _CHUNK = 1024  # images rendered at once: bounds memory for large image sizes
@@ -125,7 +132,7 @@ def _shape_masks(label: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
             bx, by = r_out * math.cos(sector / 2), r_out * math.sin(sector / 2)
             px, py = rk * np.cos(folded), rk * np.sin(folded)
             cross_p = (bx - ax) * (py - ay) - (by - ay) * (px - ax)
-            inside = cross_p >= 0  # the origin gives (bx-ax)(0)-(by)(−ax) = by*ax >= 0
+            inside = cross_p >= 0  # the origin's side: at p = 0 the product is by * ax > 0
         mask[sel] = inside
     return mask
 
@@ -160,7 +167,10 @@ def _texture_patterns(
 
 
 def _backgrounds(
-    background: np.ndarray, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator,
+    background: np.ndarray,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    rng: np.random.Generator,
     scale: float,
 ) -> np.ndarray:
     """(n, 3, H, W) float32 background images, desaturated, of each image's pattern kind."""
@@ -187,8 +197,12 @@ def _backgrounds(
             on_y = np.mod(yy + offset[sel, 1, None, None], period) < scale
             out[sel] += (0.25 * sign[sel][:, 0] * (on_x | on_y))[:, None].astype(np.float32)
         else:  # speckled: smooth low-frequency blotches
-            smooth = F.interpolate(torch.from_numpy(blobs[sel]), size=(size, size),
-                                   mode="bilinear", align_corners=False).numpy()
+            smooth = F.interpolate(
+                torch.from_numpy(blobs[sel]),
+                size=(size, size),
+                mode="bilinear",
+                align_corners=False,
+            ).numpy()
             out[sel] += 0.15 * smooth
     return out
 
@@ -298,6 +312,10 @@ def _read_cache(path: Path, params: dict[str, int]) -> dict[str, np.ndarray] | N
     if meta.get("params") != params or meta.get("hash") != params_hash(params):
         log.warning("shapes cache %s was made with other parameters; regenerating it", path)
         return None
+    expected = {f"{split}_{key}" for split in SPLITS for key in _ARRAY_KEYS}
+    if set(stored) != expected:
+        log.warning("shapes cache %s lacks or adds arrays; regenerating it", path)
+        return None
     if meta.get("checksum") != _checksum(stored):
         log.warning("shapes cache %s fails its checksum; regenerating it", path)
         return None
@@ -310,6 +328,7 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], params: dict[str, in
     meta = {"params": params, "hash": params_hash(params), "checksum": _checksum(arrays)}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like any data file
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
         os.replace(tmp, path)
@@ -385,7 +404,7 @@ class ShapesDataModule(ImageDataModule):
         self.image_size = require_at_least("dataset.image_size", image_size, _MIN_IMAGE_SIZE)
         self.sizes = {
             split: require_at_least(f"dataset.num_{split}", n, 1)
-            for split, n in zip(SPLITS, (num_train, num_val, num_test, num_probe))
+            for split, n in zip(SPLITS, (num_train, num_val, num_test, num_probe), strict=True)
         }
         self.probe_set: Dataset | None = None
         self._arrays: dict[str, np.ndarray] | None = None

@@ -96,8 +96,10 @@ def unit_sensitivity(
     """
     layer = layer or getattr(model, "feature_layer", None)
     if not layer:
-        raise ValueError("defense.layer is null and the model has no feature_layer; "
-                         "set defense.layer=<layer name>")
+        raise ValueError(
+            "defense.layer is null and the model has no feature_layer; "
+            "set defense.layer=<layer name>"
+        )
     device = _device(model)
     sums, count = None, torch.zeros((), dtype=torch.float64, device=device)
     for b, (x, y, index) in enumerate(loader):
@@ -105,8 +107,11 @@ def unit_sensitivity(
             break
         x, y, index = x.to(device), y.to(device), index.to(device)
         x_adv = attack(model, x, y, index=index).x_adv
-        with frozen_eval(model), torch.no_grad(), \
-                capture_activations(model, [layer], detach=True) as captured:
+        with (
+            frozen_eval(model),
+            torch.no_grad(),
+            capture_activations(model, [layer], detach=True) as captured,
+        ):
             model(torch.cat([x, x_adv]))
             means = spatial_mean(captured[layer].float())
         terms = sensitivity_terms(means[: len(x)], means[len(x) :]).sum(dim=1)
@@ -117,9 +122,14 @@ def unit_sensitivity(
     _all_reduce_sum(sums)
     _all_reduce_sum(count)
     sens = sensitivity_from_sums(sums.cpu(), count.cpu())
-    return UnitSensitivity(layer=layer, s=sens["s"], s_plus=sens["s_plus"],
-                           s_minus=sens["s_minus"], clean_mean=sens["mean"],
-                           images=int(count))
+    return UnitSensitivity(
+        layer=layer,
+        s=sens["s"],
+        s_plus=sens["s_plus"],
+        s_minus=sens["s_minus"],
+        clean_mean=sens["mean"],
+        images=int(count),
+    )
 
 
 def select_units(
@@ -243,29 +253,51 @@ class NeuronMask:
         self.sweep = [require_at_least("defense.sweep[]", int(v), 0) for v in sweep]
         self.seed = int(seed)
 
-    def calibrate(self, model: nn.Module, attack: Attack, loader: Iterable,
-                  max_batches: int | None = None) -> UnitSensitivity:
+    def calibrate(
+        self, model: nn.Module, attack: Attack, loader: Iterable, max_batches: int | None = None
+    ) -> UnitSensitivity:
         """Unit sensitivities of ``self.layer`` on a calibration split."""
         return unit_sensitivity(model, attack, loader, self.layer, max_batches)
 
     def apply(self, model: nn.Module, stats: UnitSensitivity) -> MaskedModel:
         """The defended model for already measured sensitivities."""
         units = select_units(stats, self.k, self.rank_by, "top", self.seed)
-        log.info("neuron_mask: masking units %s of %s (by %s, fill %s)", units.tolist(),
-                 stats.layer, self.rank_by, self.fill)
+        log.info(
+            "neuron_mask: masking units %s of %s (by %s, fill %s)",
+            units.tolist(),
+            stats.layer,
+            self.rank_by,
+            self.fill,
+        )
         return MaskedModel(model, stats.layer, units, fill_values(stats, self.fill))
 
-    def fit(self, model: nn.Module, attack: Attack, loader: Iterable,
-            max_batches: int | None = None) -> MaskedModel:
+    def fit(
+        self, model: nn.Module, attack: Attack, loader: Iterable, max_batches: int | None = None
+    ) -> MaskedModel:
         """Calibrate on ``loader`` and return the defended model."""
         return self.apply(model, self.calibrate(model, attack, loader, max_batches))
 
-    def curve(self, model: nn.Module, attack: Attack, loader: Iterable,
-              stats: UnitSensitivity, max_batches: int | None = None) -> list[dict[str, Any]]:
+    def curve(
+        self,
+        model: nn.Module,
+        attack: Attack,
+        loader: Iterable,
+        stats: UnitSensitivity,
+        max_batches: int | None = None,
+    ) -> list[dict[str, Any]]:
         """:func:`accuracy_vs_k` over ``self.sweep`` with this defense's settings."""
         ks = [k for k in self.sweep if k <= stats.units]
-        return accuracy_vs_k(model, attack, loader, stats, ks=ks, rank_by=self.rank_by,
-                             fill=self.fill, seed=self.seed, max_batches=max_batches)
+        return accuracy_vs_k(
+            model,
+            attack,
+            loader,
+            stats,
+            ks=ks,
+            rank_by=self.rank_by,
+            fill=self.fill,
+            seed=self.seed,
+            max_batches=max_batches,
+        )
 
 
 def accuracy_vs_k(
@@ -307,8 +339,9 @@ def accuracy_vs_k(
         require_choice("selection", sel, SELECTIONS)
     values = fill_values(stats, fill)
     device = _device(model)
-    configs = [(k, sel, select_units(stats, k, rank_by, sel, seed)) for k in ks
-               for sel in selections]
+    configs = [
+        (k, sel, select_units(stats, k, rank_by, sel, seed)) for k in ks for sel in selections
+    ]
     distinct: dict[tuple[int, ...], MaskedModel] = {}
     for _, _, units in configs:
         key = tuple(sorted(units.tolist()))
@@ -336,9 +369,17 @@ def accuracy_vs_k(
     rows = []
     for k, sel, units in configs:
         c = correct[tuple(sorted(units.tolist()))].cpu() / n
-        rows.append({"k": k, "selection": sel, "units": units.tolist(), "n": int(total),
-                     "clean_acc": float(c[0]), "transfer_acc": float(c[1]),
-                     "adaptive_acc": float(c[2])})
+        rows.append(
+            {
+                "k": k,
+                "selection": sel,
+                "units": units.tolist(),
+                "n": int(total),
+                "clean_acc": float(c[0]),
+                "transfer_acc": float(c[1]),
+                "adaptive_acc": float(c[2]),
+            }
+        )
     return rows
 
 
@@ -349,15 +390,17 @@ def accuracy_vs_k_figure(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("clean_acc", "clean"), ("transfer_acc", "transferred"),
-               ("adaptive_acc", "adaptive"))
+    metrics = (
+        ("clean_acc", "clean"),
+        ("transfer_acc", "transferred"),
+        ("adaptive_acc", "adaptive"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
     for ax, (key, title) in zip(axes, metrics, strict=True):
         for sel, style in zip(SELECTIONS, ("-o", "--s", ":^"), strict=True):
             chosen = sorted((r for r in rows if r["selection"] == sel), key=lambda r: r["k"])
             if chosen:
-                ax.plot([r["k"] for r in chosen], [r[key] for r in chosen], style, label=sel,
-                        ms=4)
+                ax.plot([r["k"] for r in chosen], [r[key] for r in chosen], style, label=sel, ms=4)
         ax.set_title(f"{title} accuracy", fontsize=9)
         ax.set_xlabel("masked units k")
     axes[0].set_ylabel("accuracy")

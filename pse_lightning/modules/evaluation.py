@@ -13,6 +13,7 @@ from torchmetrics.utilities import dim_zero_cat
 from pse_lightning.analysis.base import AdversarialBatch, Analysis
 from pse_lightning.attacks.base import Attack
 from pse_lightning.modules.attack_metrics import AttackMetrics
+from pse_lightning.modules.distributed import unshare_tensors
 
 
 class EvaluationModule(pl.LightningModule):
@@ -42,6 +43,9 @@ class EvaluationModule(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        unshare_tensors(self)
 
     def on_test_start(self) -> None:
         if torch.is_inference_mode_enabled():

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pse_lightning.modules.distributed import unshare_tensors
+
 EPOCH_STRIDE = 1_000_003
 
 
@@ -36,6 +38,9 @@ class TrainingModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_acc = MulticlassAccuracy(num_classes=model.num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        unshare_tensors(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

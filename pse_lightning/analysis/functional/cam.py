@@ -84,13 +84,9 @@ def minmax_normalise(maps: Tensor) -> Tensor:
     empty mask instead of dividing by zero.
     """
     flat = maps.flatten(1)
-    low = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - low
-    scaled = torch.where(
-        span > 0,
-        (flat - low) / span.clamp_min(torch.finfo(maps.dtype).tiny),
-        torch.zeros_like(flat),
-    )
+    low, high = torch.aminmax(flat, dim=1, keepdim=True)
+    # A constant row has flat - low == 0 exactly, so it maps to 0 without a branch.
+    scaled = (flat - low) / (high - low).clamp_min(torch.finfo(maps.dtype).tiny)
     return scaled.view_as(maps)
 
 

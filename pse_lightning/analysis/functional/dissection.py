@@ -36,6 +36,7 @@ from pse_lightning.attacks import randomness
 KEY_BITS = 32
 _SIGN = 1 << 31
 _NO_KEY = 1 << 40  # larger than any 32-bit key: "no element" in min-reductions
+_CUMSUM_ELEMENTS = 1 << 22  # histogram entries cumulated at once in RadixQuantile.advance
 
 
 def ordered_keys(a: Tensor) -> Tensor:
@@ -46,8 +47,10 @@ def ordered_keys(a: Tensor) -> Tensor:
     Exact integer keys make radix selection, and so the thresholds, independent of how
     the data is split across batches and processes.
     """
-    bits = a.detach().to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits >= 0, bits + _SIGN, -1 - bits)
+    bits = a.detach().to(torch.float32).contiguous().view(torch.int32)
+    # XOR with 0x80000000 (non-negative) or 0xFFFFFFFF (negative), in int32, then unsigned.
+    flip = (bits >> 31) | torch.iinfo(torch.int32).min
+    return (bits ^ flip).to(torch.int64) & 0xFFFFFFFF
 
 
 def keys_to_values(keys: Tensor) -> Tensor:
@@ -157,25 +160,37 @@ class RadixQuantile:
         """Add one batch of activations (N, K, ...) to the current pass's tallies."""
         if acts.shape[1] != self.units:
             raise ValueError(f"expected {self.units} units, got activations {tuple(acts.shape)}")
-        keys = ordered_keys(acts.flatten(2))  # (N, K, P)
+        values = acts.detach().flatten(2).float()  # (N, K, P)
         shift, width = self.schedule[self.pass_index]
         if self.pass_index == 0:
+            if bool(torch.isnan(values).any()):
+                raise ValueError("probe activations contain NaN; check the model and inputs")
+            keys = ordered_keys(values)
             tallies["count"] += keys.shape[0] * keys.shape[2]
             tallies["kmin"] = torch.minimum(tallies["kmin"], keys.amin(dim=(0, 2)))
             tallies["kmax"] = torch.maximum(tallies["kmax"], keys.amax(dim=(0, 2)))
             unit = torch.arange(self.units, device=keys.device).view(1, -1, 1)
             flat = ((unit << width) | (keys >> shift)).flatten()
         else:
-            # Only keys inside the bin found so far count: select them first (few).
+            # Only keys inside the bin found so far count. A float comparison against the
+            # bin's value range pre-selects a superset (it cannot tell -0.0 from +0.0), and
+            # the exact key test runs on those few.
             prev_shift = self.schedule[self.pass_index - 1][0]
-            match = (keys >> prev_shift) == self.prefix.view(1, -1, 1)
-            unit = match.nonzero()[:, 1]
-            flat = (unit << width) | ((keys[match] >> shift) & ((1 << width) - 1))
+            low = keys_to_values(self.prefix << prev_shift).view(1, -1, 1)
+            high = keys_to_values(((self.prefix + 1) << prev_shift) - 1).view(1, -1, 1)
+            near = ((values >= low) & (values <= high)).nonzero(as_tuple=True)
+            keys = ordered_keys(values[near])
+            unit = near[1]
+            match = (keys >> prev_shift) == self.prefix[unit]
+            unit, keys = unit[match], keys[match]
+            flat = (unit << width) | ((keys >> shift) & ((1 << width) - 1))
             pending = self.succ_prefix >= 0
             if bool(pending.any()):
-                succ_bin = keys >> self.succ_shift.view(1, -1, 1)
-                inside = succ_bin == self.succ_prefix.view(1, -1, 1)
-                candidates = keys.masked_fill(~inside, _NO_KEY)
+                all_keys = ordered_keys(values)
+                inside = (all_keys >> self.succ_shift.view(1, -1, 1)) == self.succ_prefix.view(
+                    1, -1, 1
+                )
+                candidates = all_keys.masked_fill(~inside, _NO_KEY)
                 tallies["succ"] = torch.minimum(tallies["succ"], candidates.amin(dim=(0, 2)))
         # scatter_add_ into the running histogram: no per-batch K * bins temporary.
         ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(len(flat))
@@ -193,25 +208,33 @@ class RadixQuantile:
         else:
             pending = self.succ_prefix >= 0
             self.succ_key = torch.where(pending, tallies["succ"], self.succ_key)
-            self.succ_prefix = torch.where(pending, torch.full_like(self.succ_prefix, -1),
-                                           self.succ_prefix)
-        cum = tallies["hist"].view(self.units, 1 << width).cumsum(dim=1)
+            self.succ_prefix = torch.where(
+                pending, torch.full_like(self.succ_prefix, -1), self.succ_prefix
+            )
+        hist = tallies["hist"].view(self.units, 1 << width)
         rank_in = (self.rank - self.below).view(-1, 1)
-        bin_j = torch.searchsorted(cum, rank_in, right=True)
-        before = torch.where(bin_j > 0, cum.gather(1, (bin_j - 1).clamp_min(0)), 0)
+        bin_j, bin_s, before = (torch.empty_like(self.prefix) for _ in range(3))
+        step = max(1, _CUMSUM_ELEMENTS >> width)  # units per chunk: bounds the cumsum copy
+        for start in range(0, self.units, step):
+            rows = slice(start, start + step)
+            cum = hist[rows].cumsum(dim=1)
+            j = torch.searchsorted(cum, rank_in[rows], right=True)
+            bin_j[rows] = j.view(-1)
+            bin_s[rows] = torch.searchsorted(cum, rank_in[rows] + 1, right=True).view(-1)
+            before[rows] = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), 0).view(-1)
         unresolved = self.succ_key < 0
         if self.rank + 1 < self.count:
-            bin_s = torch.searchsorted(cum, rank_in + 1, right=True)
-            split = unresolved & (bin_s != bin_j).view(-1)
-            succ_prefix = (self.prefix << width) | bin_s.view(-1)
+            split = unresolved & (bin_s != bin_j)
+            succ_prefix = (self.prefix << width) | bin_s
             if shift == 0:  # the bin is a single key: a_(j+1) is known exactly
                 self.succ_key = torch.where(split, succ_prefix, self.succ_key)
             else:
                 self.succ_prefix = torch.where(split, succ_prefix, self.succ_prefix)
-                self.succ_shift = torch.where(split, torch.full_like(self.succ_shift, shift),
-                                              self.succ_shift)
-        self.below = self.below + before.view(-1)
-        self.prefix = (self.prefix << width) | bin_j.view(-1)
+                self.succ_shift = torch.where(
+                    split, torch.full_like(self.succ_shift, shift), self.succ_shift
+                )
+        self.below = self.below + before
+        self.prefix = (self.prefix << width) | bin_j
         self.pass_index += 1
 
     def thresholds(self) -> Tensor:
@@ -285,8 +308,14 @@ def candidate_pairs(peak: Tensor, thresholds: Tensor, floors: Tensor) -> tuple[T
     return image, unit
 
 
-def pair_masks(acts: Tensor, image: Tensor, unit: Tensor, thresholds: Tensor, floors: Tensor,
-               size: tuple[int, int]) -> Tensor:
+def pair_masks(
+    acts: Tensor,
+    image: Tensor,
+    unit: Tensor,
+    thresholds: Tensor,
+    floors: Tensor,
+    size: tuple[int, int],
+) -> Tensor:
     """Masks (P, H, W) of the (image, unit) pairs; equal to :func:`activation_masks`'s."""
     maps = acts[image, unit].unsqueeze(1)  # (P, 1, h, w)
     t = mask_thresholds(thresholds, floors).to(acts.device)[unit].view(-1, 1, 1)
@@ -308,8 +337,11 @@ class IoUTally:
     label_area: Tensor
 
     def __add__(self, other: IoUTally) -> IoUTally:
-        return IoUTally(self.intersection + other.intersection,
-                        self.mask_area + other.mask_area, self.label_area + other.label_area)
+        return IoUTally(
+            self.intersection + other.intersection,
+            self.mask_area + other.mask_area,
+            self.label_area + other.label_area,
+        )
 
     def tensors(self) -> list[Tensor]:
         return [self.intersection, self.mask_area, self.label_area]
@@ -318,8 +350,11 @@ class IoUTally:
 def empty_tally(units: int, categories: int, concepts: int, device: torch.device) -> IoUTally:
     """A zero :class:`IoUTally` for K units, G categories and C concepts."""
     long = {"dtype": torch.int64, "device": device}
-    return IoUTally(torch.zeros(units, concepts + 1, **long),
-                    torch.zeros(categories, units, **long), torch.zeros(concepts + 1, **long))
+    return IoUTally(
+        torch.zeros(units, concepts + 1, **long),
+        torch.zeros(categories, units, **long),
+        torch.zeros(concepts + 1, **long),
+    )
 
 
 def label_area(labels: Tensor, concepts: int) -> Tensor:
@@ -327,8 +362,9 @@ def label_area(labels: Tensor, concepts: int) -> Tensor:
     return torch.bincount(labels.reshape(-1), minlength=concepts + 1)
 
 
-def add_pair_tally(tally: IoUTally, masks: Tensor, image: Tensor, unit: Tensor,
-                   labels: Tensor) -> None:
+def add_pair_tally(
+    tally: IoUTally, masks: Tensor, image: Tensor, unit: Tensor, labels: Tensor
+) -> None:
     """Add intersections and annotated mask areas of (image, unit) masks to ``tally``.
 
     Only mask pixels are visited (about a fraction q of all), so the cost follows the
@@ -473,8 +509,19 @@ def sensitivity_terms(
         promo = supp = zero
     else:
         promo, supp = w_target.double() * delta, -w_true.double() * delta
-    return torch.stack([clean, clean * clean, delta, delta.clamp_min(0), (-delta).clamp_min(0),
-                        promo.clamp_min(0), promo, supp.clamp_min(0), supp])
+    return torch.stack(
+        [
+            clean,
+            clean * clean,
+            delta,
+            delta.clamp_min(0),
+            (-delta).clamp_min(0),
+            promo.clamp_min(0),
+            promo,
+            supp.clamp_min(0),
+            supp,
+        ]
+    )
 
 
 def poisson_weights(index: Tensor, replicates: int, seed: int) -> Tensor:
@@ -546,8 +593,7 @@ def sensitivity_from_sums(sums: Tensor, count: Tensor) -> dict[str, Tensor]:
 def rankdata(x: Tensor) -> Tensor:
     """Ranks 1..n of a 1-D tensor, ties averaged (scipy.stats.rankdata 'average')."""
     values, order = x.sort(stable=True)
-    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True,
-                                                  return_counts=True)
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
     average = ends - (counts.double() - 1.0) / 2.0
     ranks = torch.empty(len(x), dtype=torch.float64, device=x.device)
@@ -628,7 +674,9 @@ def hypergeom_sf(observed: int, population: int, successes: int, draws: int) -> 
     if low > top:
         return 0.0
     log_total = log_choose(population, draws)
-    terms = [log_choose(successes, i) + log_choose(population - successes, draws - i) - log_total
-             for i in range(low, top + 1)]
+    terms = [
+        log_choose(successes, i) + log_choose(population - successes, draws - i) - log_total
+        for i in range(low, top + 1)
+    ]
     peak = max(terms)
     return min(1.0, math.exp(peak) * sum(math.exp(t - peak) for t in terms))

@@ -168,7 +168,7 @@ def integrated_gradients(
     *,
     steps: int = 32,
     center: bool = False,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
     mode: PairMode = "retain",
 ) -> tuple[Tensor, Tensor]:
     """Integrated gradients of Z_{t0} and Z_t along x -> x_adv, midpoint rule.
@@ -243,7 +243,7 @@ def pse_attributions(
     max_steps: int = 256,
     tol: float = 0.01,
     center: bool = False,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
     logits_clean: Tensor | None = None,
     logits_adv: Tensor | None = None,
     mode: PairMode = "retain",

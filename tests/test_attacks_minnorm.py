@@ -1,0 +1,409 @@
+"""Minimum-norm attacks (CW-L2, EAD, StrAttack): known answers, invariants, peers."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from pse_lightning.attacks import CWL2, EAD, Attack, StrAttack
+from pse_lightning.attacks.losses import margin
+from pse_lightning.attacks.search import ConstantSearch, EarlyAbort
+from pse_lightning.attacks.strattack import PixelGroups, support_above_quantile
+
+from helpers import CONF_DIR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: on a busy 2-core machine, intra-op threading of 36-wide
+    matmuls costs more than the maths (tens of ms per call), so run them single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class LinearNet(nn.Module):
+    """Z = W x + b on flattened images."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+        self.num_classes = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def two_class_problem(n: int = 8, side: int = 6) -> tuple[LinearNet, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """A two-class linear model and images well inside the box near its boundary.
+
+    Returns (model, x, y, l2_star) where l2_star = |Z_1 - Z_0| / ||w_1 - w_0|| is the exact
+    minimal L2 distance to the decision boundary (the box never binds: the largest
+    coordinate of the minimal perturbation is < 0.1 while pixels are in [0.45, 0.55]).
+    """
+    gen = torch.Generator().manual_seed(0)
+    d = side * side
+    weight = torch.randn(2, d, generator=gen)
+    w_diff = weight[1] - weight[0]
+    bias = torch.tensor([0.0, float(-0.5 * w_diff.sum() + 0.15 * w_diff.norm())])
+    model = LinearNet(weight, bias)
+    x = 0.5 + 0.1 * (torch.rand(n, 1, side, side, generator=gen) - 0.5)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    l2_star = (logits[:, 1] - logits[:, 0]).abs() / w_diff.norm()
+    move = l2_star[:, None] * (w_diff.abs() / w_diff.norm())[None]
+    assert float(move.max()) < 0.1  # the analytic answer is inside the box
+    return model, x, y, l2_star
+
+
+def multi_class_problem(n: int = 8, k: int = 4, side: int = 8) -> tuple[LinearNet, torch.Tensor,
+                                                                         torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(k, side * side, generator=gen) * 0.5
+    model = LinearNet(weight, torch.zeros(k))
+    x = 0.2 + 0.6 * torch.rand(n, 1, side, side, generator=gen)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def fast(name: str, **kw: object) -> Attack:
+    """Small but converging settings for the linear problems."""
+    if name == "cw":
+        return CWL2(**{"steps": 200, "binary_search_steps": 9, "lr": 0.01, **kw})
+    if name == "ead":
+        return EAD(**{"steps": 200, "binary_search_steps": 9, "beta": 1e-2, **kw})
+    return StrAttack(**{"steps": 100, "binary_search_steps": 6, "refine_steps": 50,
+                        "eps": 0.3, **kw})
+
+
+ATTACKS = ("cw", "ead", "strattack")
+
+
+def l_norm(delta: torch.Tensor, p: float) -> torch.Tensor:
+    return delta.flatten(1).norm(p=p, dim=1)
+
+
+# -- known answers ---------------------------------------------------------------------------
+
+
+def test_cw_reaches_the_analytic_minimal_l2() -> None:
+    model, x, y, l2_star = two_class_problem()
+    result = fast("cw")(model, x, y)
+    assert result.success.all()
+    ratio = l_norm(result.x_adv - x, 2) / l2_star
+    # A successful example can never be closer than the boundary; CW gets within 3%.
+    assert (ratio >= 1 - 1e-4).all(), ratio
+    assert (ratio <= 1.03).all(), ratio
+
+
+def test_ead_is_sparser_than_cw() -> None:
+    model, x, y, _ = two_class_problem()
+    cw = fast("cw")(model, x, y)
+    ead = fast("ead")(model, x, y)
+    assert cw.success.all() and ead.success.all()
+    d_cw, d_ead = cw.x_adv - x, ead.x_adv - x
+    assert (l_norm(d_ead, 1) < l_norm(d_cw, 1)).all()
+    assert ((d_ead != 0).flatten(1).sum(1) < (d_cw != 0).flatten(1).sum(1)).all()
+
+
+def test_ead_l1_rule_gives_no_larger_l1_than_en_rule() -> None:
+    model, x, y, _ = two_class_problem()
+    en = fast("ead", decision_rule="EN")(model, x, y)
+    l1 = fast("ead", decision_rule="L1")(model, x, y)
+    assert en.success.all() and l1.success.all()
+    assert (l_norm(l1.x_adv - x, 1) <= l_norm(en.x_adv - x, 1) + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_targeted_lands_on_the_target(name: str) -> None:
+    model, x, y = multi_class_problem()
+    result = fast(name, targeted=True, target_rule="next")(model, x, y)
+    assert torch.equal(result.target, (y + 1) % 4)
+    assert result.success.all()
+    assert torch.equal(result.logits_adv.argmax(1), result.target)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_returned_examples_are_strictly_adversarial(name: str) -> None:
+    """A tracked success (extras const finite) has a strictly negative margin; ties fail."""
+    model, x, y = multi_class_problem()
+    attack = fast(name)
+    result = attack(model, x, y)
+    found = torch.isfinite(result.extras["const"])
+    assert found.all()
+    assert (margin(result.logits_adv, y, False)[found] < 0).all()
+    assert result.success[found].all()
+
+
+def test_exact_ties_count_as_failures() -> None:
+    """Constant logits: every class ties, argmax picks class 0, but no margin is < 0."""
+    model = LinearNet(torch.zeros(3, 16), torch.zeros(3))
+    x = torch.full((4, 1, 4, 4), 0.5)
+    y = torch.tensor([1, 2, 1, 2])
+    for attack in (CWL2(steps=5, binary_search_steps=2), EAD(steps=5, binary_search_steps=2),
+                   StrAttack(steps=5, binary_search_steps=2)):
+        result = attack(model, x, y)
+        assert torch.isnan(result.extras["const"]).all()
+        assert torch.equal(result.x_adv, x)  # nothing was found, so the clean image is returned
+
+
+# -- invariants ------------------------------------------------------------------------------
+
+
+class TinyConv(nn.Module):
+    num_classes = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def saturated_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with many pixels exactly at 0 and 1, where a box violation would show."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(n, 3, 8, 8, generator=gen)
+    x = torch.where(x < 0.3, torch.zeros_like(x), torch.where(x > 0.7, torch.ones_like(x), x))
+    return x, torch.randint(0, 5, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_box_budget_and_success_invariants(name: str) -> None:
+    model, (x, y) = TinyConv().eval(), saturated_batch()
+    attack = fast(name, steps=30, binary_search_steps=3)
+    result = attack(model, x, y)
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    if attack.eps is not None:
+        assert ((result.x_adv - x).abs().amax(dim=(1, 2, 3)) <= attack.eps + 1e-6).all()
+    with torch.no_grad():
+        logits = model(result.x_adv)
+    torch.testing.assert_close(result.logits_adv, logits)
+    assert torch.equal(result.success, logits.argmax(1) != y)
+    assert result.success.float().mean() >= 0.75  # minimum-norm attacks nearly always succeed
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_deterministic_and_batch_independent(name: str) -> None:
+    model, (x, y) = TinyConv().eval(), saturated_batch()
+    attack = fast(name, steps=30, binary_search_steps=3)
+    first = attack(model, x, y)
+    again = attack(model, x, y)
+    assert torch.equal(first.x_adv, again.x_adv)
+    for i in (0, 5):
+        alone = attack(model, x[i : i + 1], y[i : i + 1])
+        torch.testing.assert_close(alone.x_adv[0], first.x_adv[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_model_untouched(name: str) -> None:
+    model, (x, y) = TinyConv(), saturated_batch(4)
+    model.train()
+    model.net[1].eval()  # a deliberately frozen BatchNorm stays frozen
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    fast(name, steps=10, binary_search_steps=2)(model, x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- StrAttack's group structure -------------------------------------------------------------
+
+
+def reference_group_norms(delta: torch.Tensor, size: int) -> torch.Tensor:
+    """Group norms by explicit loops over patches (independent of PixelGroups)."""
+    n, _, h, w = delta.shape
+    out = []
+    for r in range(0, h, size):
+        for c in range(0, w, size):
+            out.append(delta[:, :, r : r + size, c : c + size].flatten(1).norm(dim=1))
+    return torch.stack(out, dim=1)
+
+
+def test_strattack_is_group_sparse_and_reports_its_groups() -> None:
+    gen = torch.Generator().manual_seed(3)
+    # Weights concentrated on a few pixels make a sparse set of groups sufficient.
+    weight = torch.randn(3, 3 * 8 * 8, generator=gen) * (torch.rand(3 * 8 * 8, generator=gen) > 0.8)
+    model = LinearNet(weight, torch.zeros(3))
+    x = 0.3 + 0.4 * torch.rand(6, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    attack = StrAttack(eps=0.3, group_size=2, stride=2, steps=100, binary_search_steps=5,
+                       tau=1.0)
+    result = attack(model, x, y)
+    assert result.success.all()
+    delta = result.x_adv - x
+    assert (delta.abs().amax(dim=(1, 2, 3)) <= 0.3 + 1e-6).all()
+    groups, index = result.extras["groups"], result.extras["group_index"]
+    assert groups.shape == (6, 16) and index.shape == (8, 8)
+    expected_index = (torch.arange(8)[:, None] // 2) * 4 + torch.arange(8)[None, :] // 2
+    assert torch.equal(index, expected_index)
+    torch.testing.assert_close(groups, reference_group_norms(delta, 2), atol=1e-6, rtol=1e-5)
+    selected = groups > 0
+    assert (selected.sum(1) < 16).all(), "expected a group-sparse perturbation"
+    # Zero outside the selected groups, pixel by pixel through the index map.
+    pixel_selected = selected.gather(1, index.flatten()[None].expand(6, -1)).view(6, 1, 8, 8)
+    assert (delta[~pixel_selected.expand_as(delta)] == 0).all()
+
+
+def test_strattack_refinement_never_hurts() -> None:
+    model, x, y = multi_class_problem()
+    plain = fast("strattack", refine=False)(model, x, y)
+    refined = fast("strattack", refine=True)(model, x, y)
+    assert plain.success.all() and refined.success.all()
+    assert (l_norm(refined.x_adv - x, 2) <= l_norm(plain.x_adv - x, 2) + 1e-6).all()
+    # Refinement only shrinks the support, so no new group is touched.
+    assert ((refined.extras["groups"] > 0) <= (plain.extras["groups"] > 0)).all()
+
+
+def test_pixel_groups_with_ragged_edges() -> None:
+    groups = PixelGroups(3, 7, 8)  # 3 x 3 patches, last row/column smaller
+    delta = torch.randn(2, 3, 7, 8)
+    torch.testing.assert_close(groups.norms(delta).flatten(1), reference_group_norms(delta, 3))
+    assert groups.index_map(delta.device).max() == groups.count - 1
+    shrunk = groups.shrink(delta, 1e9)
+    assert (shrunk == 0).all()
+
+
+def test_support_quantile_drops_the_smallest_nonzero() -> None:
+    delta = torch.zeros(2, 1, 1, 101)
+    delta[0, 0, 0, :100] = torch.arange(1, 101, dtype=torch.float32)  # 100 nonzero
+    support = support_above_quantile(delta, 0.03)
+    assert int(support[0].sum()) == 97  # values 1, 2, 3 drop: threshold is the 3rd smallest
+    assert not support[1].any()
+
+
+# -- the shared search machinery -------------------------------------------------------------
+
+
+def test_constant_search_moves_each_sample_on_its_own() -> None:
+    search = ConstantSearch(1.0, 3, grow=10.0, device=torch.device("cpu"))
+    search.update(torch.tensor([True, False, False]))
+    assert torch.allclose(search.const, torch.tensor([0.5, 10.0, 10.0]))
+    search.update(torch.tensor([True, True, False]))
+    assert torch.allclose(search.const, torch.tensor([0.25, 5.5, 100.0]))
+
+
+def test_early_abort_is_per_sample() -> None:
+    abort = EarlyAbort(3, steps=10, enabled=True, device=torch.device("cpu"))
+    assert abort.keep(0, torch.tensor([1.0, 1.0, 1.0])).all()
+    assert abort.keep(1, torch.tensor([0.5, 1.0, 0.9])).tolist() == [True, False, True]
+    assert abort.keep(2, torch.tensor([0.1, 0.9])).tolist() == [True, False]
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "cls"), [("cw", CWL2), ("ead", EAD), ("strattack", StrAttack)])
+def test_yaml_instantiates_the_class(name: str, cls: type) -> None:
+    cfg = OmegaConf.load(CONF_DIR / "attack" / f"{name}.yaml")
+    cfg.seed = 0
+    attack = instantiate(cfg)
+    assert type(attack) is cls
+
+
+@pytest.mark.parametrize(
+    ("cls", "bad", "key"),
+    [(CWL2, {"steps": 0}, "attack.steps"), (CWL2, {"initial_const": 0}, "attack.initial_const"),
+     (EAD, {"decision_rule": "L2"}, "attack.decision_rule"), (EAD, {"beta": -1}, "attack.beta"),
+     (StrAttack, {"group_size": 2, "stride": 1}, "attack.stride"),
+     (StrAttack, {"eps": 2}, "attack.eps")],
+)
+def test_bad_hyperparameters_name_the_key(cls: type, bad: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        cls(**bad)
+
+
+# -- cross-check against independent implementations ----------------------------------------
+
+
+def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small MLP trained in about a second on scikit-learn's bundled digits (8 x 8)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[:1500]), y[:1500]).backward()
+        opt.step()
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x_test, y_test = x[1500:1628], y[1500:1628]
+    with torch.no_grad():
+        correct = net(x_test).argmax(1) == y_test
+    assert correct.float().mean() > 0.85
+    return net, x_test[correct], y_test[correct]
+
+
+def median_l2_on(delta: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(l_norm(delta[mask], 2).median())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("foolbox") is None,
+                    reason="foolbox is not installed (pip install foolbox; extra 'peers')")
+def test_cw_matches_or_beats_foolbox_at_equal_gradient_evaluations() -> None:
+    import foolbox as fb
+
+    net, x, y = digits_model()
+    search_steps, steps = 5, 50  # 250 gradient evaluations per sample for both
+    ours = CWL2(steps=steps, binary_search_steps=search_steps, initial_const=1e-2,
+                abort_early=False)(net, x, y)
+    fmodel = fb.PyTorchModel(net, bounds=(0, 1))
+    theirs_attack = fb.attacks.L2CarliniWagnerAttack(
+        binary_search_steps=search_steps, steps=steps, stepsize=0.01, initial_const=1e-2,
+        abort_early=False)
+    x_theirs = theirs_attack.run(fmodel, x, y)
+    with torch.no_grad():
+        theirs_success = net(x_theirs).argmax(1) != y
+    assert ours.success.float().mean() >= theirs_success.float().mean()
+    both = ours.success & theirs_success
+    assert median_l2_on(ours.x_adv - x, both) <= 1.05 * median_l2_on(x_theirs - x, both)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchattacks") is None,
+                    reason="torchattacks is not installed (pip install torchattacks; extra "
+                           "'peers')")
+def test_cw_matches_or_beats_torchattacks_at_equal_gradient_evaluations() -> None:
+    import torchattacks
+
+    net, x, y = digits_model()
+    search_steps, steps = 5, 50
+    ours = CWL2(steps=steps, binary_search_steps=search_steps, initial_const=1e-2,
+                abort_early=False)(net, x, y)
+    # torchattacks has no search over c: one constant, all evaluations in one run.
+    theirs = torchattacks.CW(net, c=1.0, kappa=0.0, steps=search_steps * steps, lr=0.01)
+    x_theirs = theirs(x, y)
+    with torch.no_grad():
+        theirs_success = net(x_theirs).argmax(1) != y
+    assert ours.success.float().mean() >= theirs_success.float().mean()
+    both = ours.success & theirs_success
+    assert median_l2_on(ours.x_adv - x, both) <= 1.05 * median_l2_on(x_theirs - x, both)
