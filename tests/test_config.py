@@ -65,7 +65,7 @@ def test_cpu_trainers_instantiate(make_cfg, choice: str) -> None:
 
 
 def test_unknown_choice_lists_the_valid_ones(make_cfg) -> None:
-    with pytest.raises(ConfigCompositionException, match="Available options.*pgd"):
+    with pytest.raises(ConfigCompositionException, match=r"(?s)Available options.*pgd"):
         make_cfg("attack=nope")
 
 

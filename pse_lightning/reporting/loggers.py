@@ -47,7 +47,7 @@ def wandb_logger(
         wandb.finish()
     return WandbLogger(
         project=project, entity=entity, mode=mode, group=group, name=name, tags=list(tags),
-        save_dir=save_dir, config=config, settings=wandb.Settings(start_method="thread"),
+        save_dir=save_dir, config=config,
     )
 
 
