@@ -18,13 +18,15 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from pytorch_lightning.loggers import Logger
 
-from pse_lightning.analysis.base import Analysis
+from pse_lightning.analysis.base import Analysis, ReportSection
 from pse_lightning.attacks.base import Attack
 from pse_lightning.data.base import ImageDataModule
 from pse_lightning.models.checkpoint import cache_path, config_digest, load_weights, save_checkpoint
 from pse_lightning.models.classifier import Classifier
+from pse_lightning.models.neuron_mask import NeuronMask, accuracy_vs_k_figure
 from pse_lightning.modules.evaluation import EvaluationModule
 from pse_lightning.modules.report_writer import ReportWriter
 from pse_lightning.modules.training import TrainingModule
@@ -46,6 +48,7 @@ class Components:
     attack: Attack
     analyses: dict[str, Analysis]
     logger: Logger | None
+    defense: NeuronMask | None
 
 
 def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -70,6 +73,7 @@ def build(cfg: DictConfig) -> Components:
     datamodule = instantiate(cfg.dataset)
     attack = instantiate(cfg.attack)
     analyses = {name: instantiate(sub) for name, sub in _analysis_configs(cfg).items()}
+    defense = instantiate(cfg.defense) if cfg.get("defense") else None
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -77,7 +81,7 @@ def build(cfg: DictConfig) -> Components:
         cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
         mean=list(datamodule.mean), std=list(datamodule.std), image_size=datamodule.image_size,
     )
-    return Components(datamodule, model, attack, analyses, logger)
+    return Components(datamodule, model, attack, analyses, logger, defense)
 
 
 def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[str, Any]:
@@ -117,9 +121,39 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         log.info("checkpoint saved to %s (val/acc %s)", path, meta["val_acc"])
 
 
+def defend(parts: Components, run_dir: Path) -> tuple[nn.Module, list[ReportSection]]:
+    """Calibrate the defense on the validation split; measure its accuracy-vs-k curve.
+
+    Returns the defended model (evaluated next, so the attack is adaptive: it differentiates
+    through the defense) and the report section with the curve.
+    """
+    defense, model, datamodule = parts.defense, parts.model, parts.datamodule
+    stats = defense.calibrate(model, parts.attack, datamodule.val_dataloader())
+    rows = defense.curve(model, parts.attack, datamodule.test_dataloader(), stats)
+    figure = accuracy_vs_k_figure(rows, run_dir / "figures" / "neuron_mask_vs_k.png")
+    columns = list(rows[0]) if rows else []
+    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(
+        "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
+                          for c in columns) + " |" for r in rows)
+    section = ReportSection(
+        title="neuron_mask",
+        markdown=("Clean and robust accuracy with the k most attack-sensitive units of "
+                  f"`{stats.layer}` masked (controls: random and least sensitive units); "
+                  "'transferred' attacks the unmasked model, 'adaptive' the masked one.\n\n"
+                  + table),
+        figures=[figure],
+        tables={"accuracy_vs_k": (columns, [[r[c] for c in columns] for r in rows])},
+    )
+    return defense.apply(model, stats), [section]
+
+
 def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, float]:
     """Attack the test split, run the analyses and write the report; returns the scalars."""
     run_dir = Path(cfg.paths.run_dir)
+    model, sections = parts.model, []
+    if parts.defense is not None:
+        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        model, sections = defend(parts, run_dir)
     setup = {
         "dataset": parts.datamodule.name,
         "model": model_name(cfg),
@@ -127,12 +161,13 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, 
         "checkpoint": str(checkpoint),
         "attack": f"{parts.attack.name} {OmegaConf.to_container(cfg.attack, resolve=True)}",
         "analyses": ", ".join(parts.analyses) or "none",
+        "defense": "none" if parts.defense is None else type(parts.defense).__name__,
         "seed": str(cfg.seed),
     }
     writer = ReportWriter(run_dir, title=f"{parts.attack.name} on {model_name(cfg)} / "
                           f"{parts.datamodule.name}", setup=setup,
-                          class_names=parts.datamodule.class_names)
-    module = EvaluationModule(parts.model, parts.attack, parts.analyses,
+                          class_names=parts.datamodule.class_names, sections=sections)
+    module = EvaluationModule(model, parts.attack, parts.analyses,
                               log_examples=cfg.log_examples)
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
     trainer.test(module, datamodule=parts.datamodule, verbose=False)

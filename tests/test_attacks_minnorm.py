@@ -368,24 +368,37 @@ def median_l2_on(delta: torch.Tensor, mask: torch.Tensor) -> float:
     return float(l_norm(delta[mask], 2).median())
 
 
+def peer_success(net: nn.Module, x: torch.Tensor, x_peer: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+    """Misclassified and not foolbox's placeholder: foolbox's CW initialises its best
+    examples to zeros and returns a blank image where it found nothing; a blank image is
+    misclassified but is no perturbation of x, so such rows count as failures."""
+    with torch.no_grad():
+        wrong = net(x_peer).argmax(1) != y
+    return wrong & (x_peer.flatten(1).abs().sum(1) > 0)
+
+
+# 5 x 50 = 250 gradient evaluations per sample for every implementation; lr 0.05 lets 50
+# Adam steps travel far enough to reach every sample of this model.
+SEARCH_STEPS, STEPS, LR, C0 = 5, 50, 0.05, 1e-2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("foolbox") is None,
                     reason="foolbox is not installed (pip install foolbox; extra 'peers')")
 def test_cw_matches_or_beats_foolbox_at_equal_gradient_evaluations() -> None:
     import foolbox as fb
 
     net, x, y = digits_model()
-    search_steps, steps = 5, 50  # 250 gradient evaluations per sample for both
-    ours = CWL2(steps=steps, binary_search_steps=search_steps, initial_const=1e-2,
+    ours = CWL2(steps=STEPS, binary_search_steps=SEARCH_STEPS, lr=LR, initial_const=C0,
                 abort_early=False)(net, x, y)
-    fmodel = fb.PyTorchModel(net, bounds=(0, 1))
-    theirs_attack = fb.attacks.L2CarliniWagnerAttack(
-        binary_search_steps=search_steps, steps=steps, stepsize=0.01, initial_const=1e-2,
+    theirs = fb.attacks.L2CarliniWagnerAttack(
+        binary_search_steps=SEARCH_STEPS, steps=STEPS, stepsize=LR, initial_const=C0,
         abort_early=False)
-    x_theirs = theirs_attack.run(fmodel, x, y)
-    with torch.no_grad():
-        theirs_success = net(x_theirs).argmax(1) != y
+    x_theirs = theirs.run(fb.PyTorchModel(net, bounds=(0, 1)), x, y)
+    theirs_success = peer_success(net, x, x_theirs, y)
     assert ours.success.float().mean() >= theirs_success.float().mean()
     both = ours.success & theirs_success
+    assert both.sum() >= 0.9 * len(x)
     assert median_l2_on(ours.x_adv - x, both) <= 1.05 * median_l2_on(x_theirs - x, both)
 
 
@@ -396,14 +409,13 @@ def test_cw_matches_or_beats_torchattacks_at_equal_gradient_evaluations() -> Non
     import torchattacks
 
     net, x, y = digits_model()
-    search_steps, steps = 5, 50
-    ours = CWL2(steps=steps, binary_search_steps=search_steps, initial_const=1e-2,
+    ours = CWL2(steps=STEPS, binary_search_steps=SEARCH_STEPS, lr=LR, initial_const=C0,
                 abort_early=False)(net, x, y)
     # torchattacks has no search over c: one constant, all evaluations in one run.
-    theirs = torchattacks.CW(net, c=1.0, kappa=0.0, steps=search_steps * steps, lr=0.01)
+    theirs = torchattacks.CW(net, c=1.0, kappa=0.0, steps=SEARCH_STEPS * STEPS, lr=LR)
     x_theirs = theirs(x, y)
-    with torch.no_grad():
-        theirs_success = net(x_theirs).argmax(1) != y
+    theirs_success = peer_success(net, x, x_theirs, y)
     assert ours.success.float().mean() >= theirs_success.float().mean()
     both = ours.success & theirs_success
+    assert both.sum() >= 0.9 * len(x)
     assert median_l2_on(ours.x_adv - x, both) <= 1.05 * median_l2_on(x_theirs - x, both)

@@ -6,7 +6,7 @@ upsamples and normalises; the target is < 10% over the no-grad forward pass of t
 Grad-CAM needs one backward pass to the features and is compared with the forward +
 backward floor instead. Every figure is a ratio measured in the same process.
 
-``python -m pse_lightning.bench cam [--batch 128] [--image-size 32] [--device cpu]``
+``python -m pse_lightning.bench cam [--batch 128] [--image-size 32] [--device cpu] [--threads 1]``
 """
 
 from __future__ import annotations
@@ -91,7 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="*", default=["small_cnn", "resnet18", "vgg16"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); 1 is steadier on a busy machine",
+    )
     args, _ = parser.parse_known_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from pse_lightning.analysis.base import ReportSection
 from pse_lightning.reporting.report import log_report_to_wandb, write_report
 
 
@@ -18,18 +19,20 @@ class ReportWriter(pl.Callback):
     """After the test loop: analysis sections, figures, report.md, then metrics.json."""
 
     def __init__(self, run_dir: str | Path, *, title: str, setup: dict[str, str],
-                 class_names: Sequence[str], extra: dict | None = None) -> None:
+                 class_names: Sequence[str], sections: Sequence[ReportSection] = (),
+                 extra: dict | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.title = title
         self.setup = setup
         self.class_names = list(class_names)
+        self.sections = list(sections)
         self.extra = extra or {}
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         results = pl_module.results
-        sections = [
+        sections = self.sections + [
             analysis.report(results["analyses"][name], self.run_dir)
             for name, analysis in pl_module.analyses.items()
         ]
