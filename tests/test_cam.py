@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from pse_lightning.analysis.base import AdversarialBatch
 from pse_lightning.analysis.cam import CAM, CAMAnalysis, GradCAM, activation_map_for
 from pse_lightning.analysis.functional import cam as core
-from pse_lightning.attacks import FGSM, PGD, CAMGuided
+from pse_lightning.attacks import FGSM, PGD, Attack, CAMGuided
 from pse_lightning.attacks.cam_guided import MaskedInput
 from pse_lightning.attacks.cw import CWL2
 from pse_lightning.attacks.norms import flat_norm
@@ -411,6 +411,34 @@ def test_cam_guided_cw_is_zero_outside_the_mask() -> None:
     attack = CAMGuided(attack=cw, threshold=0.5, dilate=1, targeted=True, target_rule="next")
     check_confined(attack, model, x, y)
     assert "const" in attack.extras()
+
+
+class GradientSpy(Attack):
+    """One signed step that records the input gradient of the model it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(norm="linf", eps=0.05)
+        self.grad = torch.empty(0)
+
+    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
+        self.grad = self.objective_gradient(model, x, label, "ce")
+        return self.ball.ascend(x, self.grad, self.eps)
+
+
+def test_cam_guided_base_attack_sees_the_masked_model() -> None:
+    """Reparametrisation, not post-hoc masking: the base attack's gradients vanish outside
+    the mask, and its model judges exactly x + B * (x~ - x)."""
+    model, (x, y) = small_cnn(), images(4)
+    spy = GradientSpy()
+    attack = CAMGuided(attack=spy, threshold=0.5, dilate=0)
+    attack(model, x, y)
+    outside = ~attack.last_mask[:, None].expand_as(x)
+    assert torch.all(spy.grad[outside] == 0) and torch.all(spy.grad[~outside] != 0)
+    mask = attack.last_mask[:, None]
+    x_tilde = torch.rand_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(MaskedInput(model, x, mask)(x_tilde),
+                                   model(x + mask * (x_tilde - x)))  # fmt: skip
 
 
 def test_cam_guided_with_full_mask_is_the_base_attack() -> None:
