@@ -176,6 +176,14 @@ def test_hooks_removed_after_exceptions() -> None:
     assert not layer._forward_hooks
 
 
+def test_gradcam_under_inference_mode_names_the_fix() -> None:
+    model, (x, y) = small_cnn(), images(2)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=false"):
+        GradCAM()(model, x, y)
+    with torch.inference_mode():
+        CAM()(model, x, y)  # CAM needs no gradient
+
+
 # -- functional -----------------------------------------------------------------------------
 
 

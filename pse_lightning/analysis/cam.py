@@ -95,6 +95,8 @@ class ActivationMap:
             (logits (N, num_classes) of that same pass, [raw (N, h, w) map per target]).
         """
         layer = self.resolve_layer(model)
+        if self.needs_grad:
+            _require_autograd(type(self).__name__)
         grad_mode = torch.enable_grad() if self.needs_grad else torch.no_grad()
         with grad_mode, capture_activations(model, [layer], detach=not self.needs_grad) as acts:
             # An input that requires grad keeps the features in the graph even when the
@@ -184,6 +186,15 @@ class GradCAM(ActivationMap):
         return core.gradcam_weights(grad)
 
 
+def _require_autograd(what: str) -> None:
+    # enable_grad() cannot undo inference_mode (Lightning #19910): fail with the fix.
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} needs gradients but runs under torch.inference_mode(); set "
+            "trainer.inference_mode=false"
+        )
+
+
 def _linear_head(model: nn.Module) -> nn.Linear:
     name = getattr(model, "head", None)
     if not name:
@@ -225,6 +236,7 @@ def grad_times_delta(
     sum_i a^c_i approximates Z_c(x + delta) - Z_c(x) (METHODS.md section 2); one forward
     pass, one backward pass per class vector.
     """
+    _require_autograd("analysis.pse_share")
     with torch.enable_grad():
         x_var = x.detach().requires_grad_(True)
         logits = model(x_var)
@@ -299,7 +311,7 @@ class CAMAnalysis(Analysis):
         self.add_state("evaluated", torch.zeros((), **f64), dist_reduce_fx="sum")
         self.add_state("scored", torch.zeros((), **f64), dist_reduce_fx="sum")
         for kind in MASK_KINDS:
-            for stat in ("is", "is_sq", "area", "random", "lift", "lift_n", "pvalue", "signif"):
+            for stat in ("is", "area", "random", "lift", "lift_n", "pvalue", "signif"):
                 self.add_state(f"{kind}_{stat}", torch.zeros((), **f64), dist_reduce_fx="sum")
         for stat in ("promotion", "promotion_n", "suppression", "suppression_n"):
             self.add_state(stat, torch.zeros((), **f64), dist_reduce_fx="sum")
@@ -359,7 +371,6 @@ class CAMAnalysis(Analysis):
             has_area = (area > 0).double() * sel
             lift = score.pow(2) / area.clamp_min(1e-12)
             getattr(self, f"{kind}_is").add_((score * sel).sum())
-            getattr(self, f"{kind}_is_sq").add_((score.pow(2) * sel).sum())
             getattr(self, f"{kind}_area").add_((area * sel).sum())
             getattr(self, f"{kind}_random").add_((area.sqrt() * sel).sum())
             getattr(self, f"{kind}_lift").add_((lift * has_area).sum())

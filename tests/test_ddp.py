@@ -1,0 +1,31 @@
+"""Two gloo processes give the numbers of one process (slow: spawns processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pse_lightning import pipeline
+
+
+@pytest.mark.slow
+def test_ddp_cpu_matches_one_process(make_cfg, tmp_path: Path) -> None:
+    # An odd number of samples: the shards differ in size and nothing may be padded.
+    common = ["dataset.eval_samples=45", "analysis=all", "logger=none"]
+    single = pipeline.run(make_cfg(*common, f"paths.run_dir={tmp_path}/one"))
+    double = pipeline.run(make_cfg(*common, "trainer=ddp_cpu", "stage=evaluate",
+                                   f"paths.run_dir={tmp_path}/two"))
+    assert single["test/samples"] == double["test/samples"] == 45
+    assert single.keys() == double.keys()
+    for key, value in single.items():
+        other = double[key]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            assert other is None or math.isnan(other), key
+        else:
+            assert other == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for run in ("one", "two"):
+        assert json.loads((tmp_path / run / "metrics.json").read_text())["metrics"]
+        assert (tmp_path / run / "report.md").is_file()
