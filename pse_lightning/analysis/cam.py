@@ -24,6 +24,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, ReportSection
 from pse_lightning.analysis.functional import cam as core
+from pse_lightning.analysis.functional.pse import grad_times_delta
 from pse_lightning.analysis.hooks import capture_activations
 from pse_lightning.attacks.base import frozen_eval
 from pse_lightning.validation import (
@@ -228,26 +229,6 @@ def activation_map_for(
     return CAM(layer) if method == "cam" else GradCAM(layer)
 
 
-def grad_times_delta(
-    model: nn.Module, x: Tensor, delta: Tensor, classes: Sequence[Tensor]
-) -> list[Tensor]:
-    """First-order attributions a^c = delta * dZ_c/dx at x, one (N, C, H, W) per class vector.
-
-    sum_i a^c_i approximates Z_c(x + delta) - Z_c(x) (METHODS.md section 2); one forward
-    pass, one backward pass per class vector.
-    """
-    _require_autograd("analysis.pse_share")
-    with torch.enable_grad():
-        x_var = x.detach().requires_grad_(True)
-        logits = model(x_var)
-        out = []
-        for i, cls in enumerate(classes):
-            score = logits.gather(1, cls[:, None]).sum()
-            (grad,) = torch.autograd.grad(score, x_var, retain_graph=i < len(classes) - 1)
-            out.append(grad * delta)
-    return out
-
-
 # -- the analysis ---------------------------------------------------------------------------
 
 
@@ -351,7 +332,7 @@ class CAMAnalysis(Analysis):
                                          else [target])  # fmt: skip
             delta = (x_adv - x).detach()
             if self.pse_share:
-                attr_true, attr_target = grad_times_delta(model, x, delta, [y, target])
+                attr_true, attr_target, _ = grad_times_delta(model, x, x_adv, y, target)
         map_true = core.image_maps(raw_clean[0], size)
         map_target = core.image_maps(raw_adv[0], size)
         mask = {"true": self.masks(map_true), "target": self.masks(map_target)}
