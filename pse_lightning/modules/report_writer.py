@@ -33,7 +33,7 @@ class ReportWriter(pl.Callback):
             return
         results = pl_module.results
         sections = self.sections + [
-            analysis.report(results["analyses"][name], self.run_dir)
+            analysis.report(results["analyses"][name], self.run_dir / "figures")
             for name, analysis in pl_module.analyses.items()
         ]
         written = write_report(
