@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import CONF_DIR
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -15,8 +16,6 @@ from pse_lightning.attacks import CWL2, EAD, Attack, StrAttack
 from pse_lightning.attacks.losses import margin
 from pse_lightning.attacks.search import ConstantSearch, EarlyAbort
 from pse_lightning.attacks.strattack import PixelGroups, support_above_quantile
-
-from helpers import CONF_DIR
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -246,7 +245,8 @@ def reference_group_norms(delta: torch.Tensor, size: int) -> torch.Tensor:
 def test_strattack_is_group_sparse_and_reports_its_groups() -> None:
     gen = torch.Generator().manual_seed(3)
     # Weights concentrated on a few pixels make a sparse set of groups sufficient.
-    weight = torch.randn(3, 3 * 8 * 8, generator=gen) * (torch.rand(3 * 8 * 8, generator=gen) > 0.8)
+    sparse = torch.rand(3 * 8 * 8, generator=gen) > 0.8
+    weight = torch.randn(3, 3 * 8 * 8, generator=gen) * sparse
     model = LinearNet(weight, torch.zeros(3))
     x = 0.3 + 0.4 * torch.rand(6, 3, 8, 8, generator=gen)
     with torch.no_grad():

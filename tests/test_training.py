@@ -26,18 +26,20 @@ def model_and_batch(seed: int = 0):
 @pytest.mark.parametrize("choice", group_choices("training"))
 def test_training_step_lowers_the_loss(make_cfg, choice: str) -> None:
     cfg = make_cfg(f"training={choice}")
+    if "attack" in cfg.training.objective:
+        cfg.training.objective.attack.steps = 2  # the descent, not the attack, is under test
     objective = instantiate(cfg.training.objective)
     model, x, y, index = model_and_batch()
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     first, _ = objective(model, x, y, index)
-    for _ in range(15):
+    for _ in range(8):
         optimizer.zero_grad()
         loss, logs = objective(model, x, y, index)
         loss.backward()
         optimizer.step()
     last, _ = objective(model, x, y, index)
-    assert torch.isfinite(last) and float(last) < float(first)
+    assert torch.isfinite(last) and float(last.detach()) < float(first.detach())
     assert all(torch.isfinite(v) for v in logs.values())
 
 

@@ -23,10 +23,6 @@ from pse_lightning.attacks.losses import margin
 _UNBOUNDED = 1e9
 
 
-def _rows_view(v: Tensor, like: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
 def adversarial_margin(
     logits: Tensor, label: Tensor, targeted: bool, kappa: float
 ) -> tuple[Tensor, Tensor]:

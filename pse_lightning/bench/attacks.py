@@ -12,8 +12,10 @@ time at equal iterations no worse than the fastest peer.
 
 Columns: ``evals/img`` counts the model's forward rows per image (each gradient iteration
 is one; a peer that scores its iterate with a second forward shows up here, and early abort
-shows up as fewer); ``iter/floor`` is wall time / nominal iterations / the floor measured
-right before that attack (so drift in machine load cancels); ``success`` is recomputed
+shows up as fewer); ``iter/floor`` is wall time / nominal iterations / the floor (one
+forward + input-gradient backward of the batch); wall times are the fastest of
+``--repeats`` rounds that interleave every attack and the floor, so drift in machine load
+hits ours and the peers alike; ``success`` is recomputed
 here with one forward on the returned images (foolbox's CW and EAD return a blank image
 where they found nothing: those rows count as failures); ``median L2`` is over each
 attack's own successes.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,30 +111,27 @@ class Row:
     median_l2: float
 
 
-def run_row(
-    library: str, attack: str, iterations: int, fn: Callable[[nn.Module], Tensor],
-    model: nn.Module, x: Tensor, y: Tensor, repeats: int, targeted_at: Tensor | None = None,
-) -> Row:
-    """Time ``fn(model) -> x_adv`` (median of ``repeats``) and score its output."""
-    floor = forward_backward_floor(model, x, y, repeats=5)
-    counter = CountingModel(model)
-    times, x_adv = [], x
-    for _ in range(repeats):
-        counter.rows = 0
-        synchronize(x.device)
-        start = time.perf_counter()
-        x_adv = fn(counter)
-        synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+def time_once(fn: Callable[[nn.Module], Tensor], counter: CountingModel,
+              device: torch.device) -> tuple[float, Tensor]:
+    counter.rows = 0
+    synchronize(device)
+    start = time.perf_counter()
+    x_adv = fn(counter)
+    synchronize(device)
+    return time.perf_counter() - start, x_adv
+
+
+def score_row(library: str, attack: str, iterations: int, seconds: float, floor: float,
+              evals: float, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Row:
+    """Success and median L2 of ``x_adv`` from one fresh forward pass."""
+    model.eval()  # a peer that restored a wrong mode must not skew the scoring
     with torch.no_grad():
-        pred = model(x_adv).argmax(1)
-    success = pred != y if targeted_at is None else pred == targeted_at
+        success = model(x_adv).argmax(1) != y
     success &= x_adv.flatten(1).abs().sum(1) > 0  # foolbox's blank-image placeholder
     l2 = (x_adv - x).flatten(1).norm(dim=1)
     median_l2 = float(l2[success].median()) if success.any() else float("nan")
-    return Row(library, attack, iterations, seconds, counter.rows / len(x),
-               seconds / iterations / floor, float(success.float().mean()), median_l2)
+    return Row(library, attack, iterations, seconds, evals, seconds / iterations / floor,
+               float(success.float().mean()), median_l2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--train-steps", type=int, default=150,
                         help="Adam steps on digits before attacking (0: random weights)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (min)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: keep)")
     parser.add_argument("--no-peers", action="store_true")
@@ -175,10 +173,26 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if not args.no_peers:
         plan += peer_plan(x, y, s, b, k, cw, ead, pgd)
-    rows = []
-    for library, name, iterations, fn in plan:
-        log.info("bench attacks: %s %s", library, name)
-        rows.append(run_row(library, name, iterations, fn, model, x, y, args.repeats))
+    # Rounds interleave every attack (and the floor), and each keeps its fastest round: on
+    # a shared machine, load drift then hits ours and the peers alike.
+    # eval() on the wrapper: peers read (and restore) the mode of the module they get.
+    counter = CountingModel(model).eval()
+    best: list[float] = [float("inf")] * len(plan)
+    outputs: list[tuple[Tensor, float]] = [(x, 0.0)] * len(plan)
+    floor = float("inf")
+    for round_ in range(args.repeats):
+        floor = min(floor, forward_backward_floor(model, x, y, repeats=3))
+        for i, (library, name, _, fn) in enumerate(plan):
+            log.info("bench attacks: round %d/%d %s %s", round_ + 1, args.repeats, library, name)
+            seconds, x_adv = time_once(fn, counter, device)
+            model.eval()
+            if seconds < best[i]:
+                best[i] = seconds
+            outputs[i] = (x_adv, counter.rows / len(x))
+    rows = [score_row(library, name, iterations, best[i], floor, outputs[i][1], model, x,
+                      outputs[i][0], y)
+            for i, (library, name, iterations, _) in enumerate(plan)]
+    log.info("floor: %.4f s per forward+backward of the batch", floor)
     print_table(rows, x, device)
 
 
