@@ -53,6 +53,9 @@ def make_cfg(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
             f"paths.run_dir={tmp_path}/run",
             f"paths.data_dir={data_dir}",
             "logger=none",
+            # Mechanics tests use a cheap attack; test_pipeline runs the defaults too.
+            "attack=pgd",
+            "analysis=none",
         ]
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             return compose("config", overrides=base + (TINY if tiny else []) + list(overrides))

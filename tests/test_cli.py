@@ -10,7 +10,7 @@ from pathlib import Path
 
 from helpers import ROOT
 
-QUICK = ["experiment=smoke", "logger=none", "dataset.eval_samples=16",
+QUICK = ["experiment=smoke", "logger=none", "dataset.eval_samples=16", "analysis=none",
          "trainer.enable_progress_bar=false"]
 
 
@@ -38,7 +38,8 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
 def test_unknown_choice_and_bad_value_fail_clearly(tmp_path: Path) -> None:
     bad = run_cli(["attack=nope"], tmp_path, check=False)
     assert bad.returncode != 0 and "Available options" in bad.stderr and "pgd" in bad.stderr
-    bad = run_cli([*QUICK, "attack.eps=-1", f"paths.root={tmp_path}"], tmp_path, check=False)
+    bad = run_cli([*QUICK, "attack=pgd", "attack.eps=-1", f"paths.root={tmp_path}"], tmp_path,
+                  check=False)
     assert bad.returncode != 0 and "attack.eps must be in (0.0, 1.0]" in bad.stderr
     assert not (tmp_path / "outputs" / "data").exists(), "data was generated before the check"
 

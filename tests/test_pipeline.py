@@ -47,6 +47,22 @@ def test_full_run_with_csv_logger_then_cached_evaluation(make_cfg, tmp_path: Pat
     assert pipeline.run(again) == results
 
 
+def test_default_attack_and_analyses_end_to_end(make_cfg) -> None:
+    """The main job's defaults (CW, every analysis) on the tiny slice: all sections land."""
+    cfg = make_cfg("attack=cw", "analysis=all", "analysis.pse.max_steps=32")
+    results = pipeline.run(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Promotion-suppression effect", "## cam", "## dissection"):
+        assert section in report
+    for prefix in ("test/pse/", "test/cam/", "test/dissection/"):
+        assert any(k.startswith(prefix) for k in results), prefix
+    fractions = [results[f"test/pse/frac_{k}"] for k in ("suppression", "promotion", "balanced",
+                                                          "none")]
+    assert sum(fractions) == pytest.approx(1.0)
+    assert all(f.is_file() for f in _report_figures(run_dir))
+
+
 def test_wandb_offline_run_reads_back(make_cfg) -> None:
     cfg = make_cfg("logger=wandb", "attack=fgsm")
     results = pipeline.run(cfg)
