@@ -18,13 +18,18 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from pytorch_lightning.loggers import Logger
+from torch import nn
 
 from pse_lightning.analysis.base import Analysis, ReportSection
 from pse_lightning.attacks.base import Attack
 from pse_lightning.data.base import ImageDataModule
-from pse_lightning.models.checkpoint import cache_path, config_digest, load_weights, save_checkpoint
+from pse_lightning.models.checkpoint import (
+    cache_path,
+    config_digest,
+    load_weights,
+    save_checkpoint,
+)
 from pse_lightning.models.classifier import Classifier
 from pse_lightning.models.neuron_mask import NeuronMask, accuracy_vs_k_figure
 from pse_lightning.modules.evaluation import EvaluationModule

@@ -92,4 +92,5 @@ def require_labels(name: str, y: Tensor, batch: int, num_classes: int) -> None:
     if y.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        low, high = int(y.min()), int(y.max())
+        raise ValueError(f"{name} must be in [0, {num_classes}), got [{low}, {high}]")

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-
-from helpers import CONF_DIR
 
 # Small enough for seconds, large enough that small_cnn learns the task.
 TINY = [

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CONF_DIR, group_choices
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pse_lightning.attacks import PGD
 from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.models import SmallCNN
-
-from helpers import CONF_DIR, group_choices
 
 ATTACKS = group_choices("attack")
 

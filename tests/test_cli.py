@@ -69,7 +69,8 @@ def test_installed_wheel_runs_from_another_directory(tmp_path: Path) -> None:
     elsewhere.mkdir()
     out = run_cli(["--cfg", "job"], elsewhere, env_extra={"PYTHONPATH": str(site)}).stdout
     assert "pse_lightning.models.SmallCNN" in out
-    probe = subprocess.run([sys.executable, "-c", "import pse_lightning; print(pse_lightning.__file__)"],
+    code = "import pse_lightning; print(pse_lightning.__file__)"
+    probe = subprocess.run([sys.executable, "-c", code],
                            cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)},
                            capture_output=True, text=True, check=True)
     assert str(site) in probe.stdout

@@ -79,3 +79,28 @@ def test_out_of_range_values_fail_before_heavy_work(make_cfg, override: str, key
     cfg = make_cfg(override, "attack=pgd")
     with pytest.raises((ValueError, InstantiationException), match=key):
         pipeline.build(cfg)
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_slurm"])
+def test_grid_launchers_compose(launcher: str) -> None:
+    from helpers import CONF_DIR
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower()
+
+
+def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
+    from helpers import CONF_DIR
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=["experiment=robust_vs_standard"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.training.split(",")) == set(group_choices("training"))
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.logger.group == "robust_vs_standard"
+    assert "comparison" in cfg.hydra.callbacks

@@ -36,10 +36,12 @@ def adversarial_examples_figure(
         x, x_adv = examples["x"][j], examples["x_adv"][j]
         y, p_clean, p_adv = (int(examples[k][j]) for k in ("y", "pred_clean", "pred_adv"))
         delta = x_adv - x
+        index = int(examples["index"][j])
+        l2, linf = float(delta.norm()), float(delta.abs().max())
         panels = [
-            (to_image(x), f"#{int(examples['index'][j])} {class_names[y]}\npred {class_names[p_clean]}"),
+            (to_image(x), f"#{index} {class_names[y]}\npred {class_names[p_clean]}"),
             (to_image(x_adv), f"adv pred\n{class_names[p_adv]}"),
-            (perturbation_image(delta), f"δ  L2 {float(delta.norm()):.2f}\nL∞ {float(delta.abs().max()):.3f}"),
+            (perturbation_image(delta), f"δ  L2 {l2:.2f}\nL∞ {linf:.3f}"),
         ]
         for i, (image, title) in enumerate(panels):
             ax = axes[i, j]
