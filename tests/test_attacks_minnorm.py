@@ -43,8 +43,9 @@ class LinearNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def two_class_problem(n: int = 8, side: int = 6) -> tuple[LinearNet, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
+def two_class_problem(
+    n: int = 8, side: int = 6
+) -> tuple[LinearNet, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A two-class linear model and images well inside the box near its boundary.
 
     Returns (model, x, y, l2_star) where l2_star = |Z_1 - Z_0| / ||w_1 - w_0|| is the exact
@@ -67,8 +68,9 @@ def two_class_problem(n: int = 8, side: int = 6) -> tuple[LinearNet, torch.Tenso
     return model, x, y, l2_star
 
 
-def multi_class_problem(n: int = 8, k: int = 4, side: int = 8) -> tuple[LinearNet, torch.Tensor,
-                                                                         torch.Tensor]:
+def multi_class_problem(
+    n: int = 8, k: int = 4, side: int = 8
+) -> tuple[LinearNet, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(k, side * side, generator=gen) * 0.5
     model = LinearNet(weight, torch.zeros(k))
@@ -84,8 +86,9 @@ def fast(name: str, **kw: object) -> Attack:
         return CWL2(**{"steps": 200, "binary_search_steps": 9, "lr": 0.01, **kw})
     if name == "ead":
         return EAD(**{"steps": 200, "binary_search_steps": 9, "beta": 1e-2, **kw})
-    return StrAttack(**{"steps": 100, "binary_search_steps": 6, "refine_steps": 50,
-                        "eps": 0.3, **kw})
+    return StrAttack(
+        **{"steps": 100, "binary_search_steps": 6, "refine_steps": 50, "eps": 0.3, **kw}
+    )
 
 
 ATTACKS = ("cw", "ead", "strattack")
@@ -152,8 +155,11 @@ def test_exact_ties_count_as_failures() -> None:
     model = LinearNet(torch.zeros(3, 16), torch.zeros(3))
     x = torch.full((4, 1, 4, 4), 0.5)
     y = torch.tensor([1, 2, 1, 2])
-    for attack in (CWL2(steps=5, binary_search_steps=2), EAD(steps=5, binary_search_steps=2),
-                   StrAttack(steps=5, binary_search_steps=2)):
+    for attack in (
+        CWL2(steps=5, binary_search_steps=2),
+        EAD(steps=5, binary_search_steps=2),
+        StrAttack(steps=5, binary_search_steps=2),
+    ):
         result = attack(model, x, y)
         assert torch.isnan(result.extras["const"]).all()
         assert torch.equal(result.x_adv, x)  # nothing was found, so the clean image is returned
@@ -169,8 +175,12 @@ class TinyConv(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32, 5),
         )
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -251,16 +261,20 @@ def test_strattack_is_group_sparse_and_reports_its_groups() -> None:
     x = 0.3 + 0.4 * torch.rand(6, 3, 8, 8, generator=gen)
     with torch.no_grad():
         y = model(x).argmax(1)
-    attack = StrAttack(eps=0.3, group_size=2, stride=2, steps=100, binary_search_steps=5,
-                       tau=1.0)
+    attack = StrAttack(eps=0.3, group_size=2, stride=2, steps=100, binary_search_steps=5, tau=1.0)
     result = attack(model, x, y)
     assert result.success.all()
     delta = result.x_adv - x
     assert (delta.abs().amax(dim=(1, 2, 3)) <= 0.3 + 1e-6).all()
-    groups, index = result.extras["groups"], result.extras["group_index"]
+    groups, index = result.extras["groups"], result.extras["group_map"]
     assert groups.shape == (6, 16) and index.shape == (8, 8)
     expected_index = (torch.arange(8)[:, None] // 2) * 4 + torch.arange(8)[None, :] // 2
     assert torch.equal(index, expected_index)
+    # The PSE analysis reads extras["group_map"] with its own grid convention. (Imported
+    # here: importing analysis.functional.pse before pse_lightning.attacks is circular.)
+    from pse_lightning.analysis.functional.pse import grid_group_map
+
+    assert torch.equal(index, grid_group_map(8, 8, 2, index.device))
     torch.testing.assert_close(groups, reference_group_norms(delta, 2), atol=1e-6, rtol=1e-5)
     selected = groups > 0
     assert (selected.sum(1) < 16).all(), "expected a group-sparse perturbation"
@@ -327,10 +341,14 @@ def test_yaml_instantiates_the_class(name: str, cls: type) -> None:
 
 @pytest.mark.parametrize(
     ("cls", "bad", "key"),
-    [(CWL2, {"steps": 0}, "attack.steps"), (CWL2, {"initial_const": 0}, "attack.initial_const"),
-     (EAD, {"decision_rule": "L2"}, "attack.decision_rule"), (EAD, {"beta": -1}, "attack.beta"),
-     (StrAttack, {"group_size": 2, "stride": 1}, "attack.stride"),
-     (StrAttack, {"eps": 2}, "attack.eps")],
+    [
+        (CWL2, {"steps": 0}, "attack.steps"),
+        (CWL2, {"initial_const": 0}, "attack.initial_const"),
+        (EAD, {"decision_rule": "L2"}, "attack.decision_rule"),
+        (EAD, {"beta": -1}, "attack.beta"),
+        (StrAttack, {"group_size": 2, "stride": 1}, "attack.stride"),
+        (StrAttack, {"eps": 2}, "attack.eps"),
+    ],
 )
 def test_bad_hyperparameters_name_the_key(cls: type, bad: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
@@ -368,8 +386,9 @@ def median_l2_on(delta: torch.Tensor, mask: torch.Tensor) -> float:
     return float(l_norm(delta[mask], 2).median())
 
 
-def peer_success(net: nn.Module, x: torch.Tensor, x_peer: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
+def peer_success(
+    net: nn.Module, x: torch.Tensor, x_peer: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Misclassified and not foolbox's placeholder: foolbox's CW initialises its best
     examples to zeros and returns a blank image where it found nothing; a blank image is
     misclassified but is no perturbation of x, so such rows count as failures."""
@@ -383,17 +402,24 @@ def peer_success(net: nn.Module, x: torch.Tensor, x_peer: torch.Tensor,
 SEARCH_STEPS, STEPS, LR, C0 = 5, 50, 0.05, 1e-2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("foolbox") is None,
-                    reason="foolbox is not installed (pip install foolbox; extra 'peers')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("foolbox") is None,
+    reason="foolbox is not installed (pip install foolbox; extra 'peers')",
+)
 def test_cw_matches_or_beats_foolbox_at_equal_gradient_evaluations() -> None:
     import foolbox as fb
 
     net, x, y = digits_model()
-    ours = CWL2(steps=STEPS, binary_search_steps=SEARCH_STEPS, lr=LR, initial_const=C0,
-                abort_early=False)(net, x, y)
+    ours = CWL2(
+        steps=STEPS, binary_search_steps=SEARCH_STEPS, lr=LR, initial_const=C0, abort_early=False
+    )(net, x, y)
     theirs = fb.attacks.L2CarliniWagnerAttack(
-        binary_search_steps=SEARCH_STEPS, steps=STEPS, stepsize=LR, initial_const=C0,
-        abort_early=False)
+        binary_search_steps=SEARCH_STEPS,
+        steps=STEPS,
+        stepsize=LR,
+        initial_const=C0,
+        abort_early=False,
+    )
     x_theirs = theirs.run(fb.PyTorchModel(net, bounds=(0, 1)), x, y)
     theirs_success = peer_success(net, x, x_theirs, y)
     assert ours.success.float().mean() >= theirs_success.float().mean()
@@ -402,15 +428,17 @@ def test_cw_matches_or_beats_foolbox_at_equal_gradient_evaluations() -> None:
     assert median_l2_on(ours.x_adv - x, both) <= 1.05 * median_l2_on(x_theirs - x, both)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchattacks") is None,
-                    reason="torchattacks is not installed (pip install torchattacks; extra "
-                           "'peers')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchattacks") is None,
+    reason="torchattacks is not installed (pip install torchattacks; extra 'peers')",
+)
 def test_cw_matches_or_beats_torchattacks_at_equal_gradient_evaluations() -> None:
     import torchattacks
 
     net, x, y = digits_model()
-    ours = CWL2(steps=STEPS, binary_search_steps=SEARCH_STEPS, lr=LR, initial_const=C0,
-                abort_early=False)(net, x, y)
+    ours = CWL2(
+        steps=STEPS, binary_search_steps=SEARCH_STEPS, lr=LR, initial_const=C0, abort_early=False
+    )(net, x, y)
     # torchattacks has no search over c: one constant, all evaluations in one run.
     theirs = torchattacks.CW(net, c=1.0, kappa=0.0, steps=SEARCH_STEPS * STEPS, lr=LR)
     x_theirs = theirs(x, y)

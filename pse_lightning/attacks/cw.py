@@ -116,8 +116,7 @@ def tanh_adam_search(
                         (sr,) = compact(keep, sr)
         return found
 
-    binary_search(best, inner, initial_const=initial_const, search_steps=search_steps,
-                  grow=grow)
+    binary_search(best, inner, initial_const=initial_const, search_steps=search_steps, grow=grow)
     return best
 
 
@@ -165,21 +164,30 @@ class CWL2(Attack):
         target_rule: str = "random",
         seed: int = 0,
     ) -> None:
-        super().__init__(norm=None, eps=None, targeted=targeted, target_rule=target_rule,
-                         seed=seed)
+        super().__init__(
+            norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
+        )
         self.kappa = require_non_negative("attack.kappa", kappa)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.lr = require_positive("attack.lr", lr)
         self.binary_search_steps = require_at_least(
-            "attack.binary_search_steps", binary_search_steps, 1)
+            "attack.binary_search_steps", binary_search_steps, 1
+        )
         self.initial_const = require_positive("attack.initial_const", initial_const)
         self.abort_early = bool(abort_early)
         self._extras: dict[str, Tensor] = {}
 
     def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
         best = tanh_adam_search(
-            model, x, label, self.targeted, kappa=self.kappa, lr=self.lr, steps=self.steps,
-            search_steps=self.binary_search_steps, initial_const=self.initial_const,
+            model,
+            x,
+            label,
+            self.targeted,
+            kappa=self.kappa,
+            lr=self.lr,
+            steps=self.steps,
+            search_steps=self.binary_search_steps,
+            initial_const=self.initial_const,
             abort_early=self.abort_early,
         )
         self._extras = {"const": best.const}

@@ -94,17 +94,18 @@ class EAD(Attack):
         target_rule: str = "random",
         seed: int = 0,
     ) -> None:
-        super().__init__(norm=None, eps=None, targeted=targeted, target_rule=target_rule,
-                         seed=seed)
+        super().__init__(
+            norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
+        )
         self.beta = require_non_negative("attack.beta", beta)
         self.kappa = require_non_negative("attack.kappa", kappa)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.lr = require_positive("attack.lr", lr)
         self.binary_search_steps = require_at_least(
-            "attack.binary_search_steps", binary_search_steps, 1)
+            "attack.binary_search_steps", binary_search_steps, 1
+        )
         self.initial_const = require_positive("attack.initial_const", initial_const)
-        self.decision_rule = require_choice("attack.decision_rule", decision_rule,
-                                            DECISION_RULES)
+        self.decision_rule = require_choice("attack.decision_rule", decision_rule, DECISION_RULES)
         self.fista = bool(fista)
         self.abort_early = bool(abort_early)
         self._extras: dict[str, Tensor] = {}
@@ -146,8 +147,13 @@ class EAD(Attack):
             return found
 
         best = BestSoFar(x)
-        binary_search(best, inner, initial_const=self.initial_const,
-                      search_steps=self.binary_search_steps, grow=10.0)
+        binary_search(
+            best,
+            inner,
+            initial_const=self.initial_const,
+            search_steps=self.binary_search_steps,
+            grow=10.0,
+        )
         self._extras = {"const": best.const}
         return best.x_best
 

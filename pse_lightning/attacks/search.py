@@ -118,7 +118,12 @@ class EarlyAbort:
     """
 
     def __init__(
-        self, n: int, steps: int, *, enabled: bool, device: torch.device,
+        self,
+        n: int,
+        steps: int,
+        *,
+        enabled: bool,
+        device: torch.device,
         tolerance: float = 1e-4,
     ) -> None:
         self.enabled = enabled
@@ -189,7 +194,10 @@ class BatchedAdam:
     """
 
     def __init__(
-        self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+        self,
+        param: Tensor,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
         self.lr = lr

@@ -63,8 +63,9 @@ def digits_batch(
     """small_cnn trained briefly on upsampled digits, and a batch of correctly classified
     held-out images (random weights and images with ``train_steps == 0``)."""
     torch.manual_seed(0)
-    model = SmallCNN(num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3,
-                     image_size=32).to(device)
+    model = SmallCNN(
+        num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, image_size=32
+    ).to(device)
     if train_steps == 0:
         x = 0.1 + 0.8 * torch.rand(batch, 3, 32, 32, device=device)
         with torch.no_grad():
@@ -93,8 +94,9 @@ def digits_batch(
     x, y = images[split:], labels[split:]
     with torch.no_grad():
         correct = model(x).argmax(1) == y
-    log.info("bench model: %d train steps, held-out accuracy %.3f", train_steps,
-             correct.float().mean())
+    log.info(
+        "bench model: %d train steps, held-out accuracy %.3f", train_steps, correct.float().mean()
+    )
     x, y = x[correct][:batch], y[correct][:batch]
     return model, x, y
 
@@ -111,8 +113,9 @@ class Row:
     median_l2: float
 
 
-def time_once(fn: Callable[[nn.Module], Tensor], counter: CountingModel,
-              device: torch.device) -> tuple[float, Tensor]:
+def time_once(
+    fn: Callable[[nn.Module], Tensor], counter: CountingModel, device: torch.device
+) -> tuple[float, Tensor]:
     counter.rows = 0
     synchronize(device)
     start = time.perf_counter()
@@ -121,8 +124,18 @@ def time_once(fn: Callable[[nn.Module], Tensor], counter: CountingModel,
     return time.perf_counter() - start, x_adv
 
 
-def score_row(library: str, attack: str, iterations: int, seconds: float, floor: float,
-              evals: float, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Row:
+def score_row(
+    library: str,
+    attack: str,
+    iterations: int,
+    seconds: float,
+    floor: float,
+    evals: float,
+    model: nn.Module,
+    x: Tensor,
+    x_adv: Tensor,
+    y: Tensor,
+) -> Row:
     """Success and median L2 of ``x_adv`` from one fresh forward pass."""
     model.eval()  # a peer that restored a wrong mode must not skew the scoring
     with torch.no_grad():
@@ -130,8 +143,16 @@ def score_row(library: str, attack: str, iterations: int, seconds: float, floor:
     success &= x_adv.flatten(1).abs().sum(1) > 0  # foolbox's blank-image placeholder
     l2 = (x_adv - x).flatten(1).norm(dim=1)
     median_l2 = float(l2[success].median()) if success.any() else float("nan")
-    return Row(library, attack, iterations, seconds, evals, seconds / iterations / floor,
-               float(success.float().mean()), median_l2)
+    return Row(
+        library,
+        attack,
+        iterations,
+        seconds,
+        evals,
+        seconds / iterations / floor,
+        float(success.float().mean()),
+        median_l2,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=25, help="iterations per constant")
     parser.add_argument("--search-steps", type=int, default=4, help="binary-search steps")
     parser.add_argument("--pgd-steps", type=int, default=10)
-    parser.add_argument("--train-steps", type=int, default=150,
-                        help="Adam steps on digits before attacking (0: random weights)")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=150,
+        help="Adam steps on digits before attacking (0: random weights)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (min)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: keep)")
@@ -168,8 +193,12 @@ def main(argv: list[str] | None = None) -> None:
         ("pse_lightning", "CW-L2 (early abort)", n_iter, ours(CWL2(**cw, abort_early=True))),
         ("pse_lightning", "EAD", n_iter, ours(EAD(**ead, abort_early=False))),
         ("pse_lightning", "EAD (early abort)", n_iter, ours(EAD(**ead, abort_early=True))),
-        ("pse_lightning", "StrAttack (no refine)", n_iter,
-         ours(StrAttack(steps=s, binary_search_steps=b, refine=False))),
+        (
+            "pse_lightning",
+            "StrAttack (no refine)",
+            n_iter,
+            ours(StrAttack(steps=s, binary_search_steps=b, refine=False)),
+        ),
     ]
     if not args.no_peers:
         plan += peer_plan(x, y, s, b, k, cw, ead, pgd)
@@ -189,15 +218,19 @@ def main(argv: list[str] | None = None) -> None:
             if seconds < best[i]:
                 best[i] = seconds
             outputs[i] = (x_adv, counter.rows / len(x))
-    rows = [score_row(library, name, iterations, best[i], floor, outputs[i][1], model, x,
-                      outputs[i][0], y)
-            for i, (library, name, iterations, _) in enumerate(plan)]
+    rows = [
+        score_row(
+            library, name, iterations, best[i], floor, outputs[i][1], model, x, outputs[i][0], y
+        )
+        for i, (library, name, iterations, _) in enumerate(plan)
+    ]
     log.info("floor: %.4f s per forward+backward of the batch", floor)
     print_table(rows, x, device)
 
 
-def peer_plan(x: Tensor, y: Tensor, s: int, b: int, k: int, cw: dict, ead: dict,
-              pgd: dict) -> list[tuple[str, str, int, Callable[[nn.Module], Tensor]]]:
+def peer_plan(
+    x: Tensor, y: Tensor, s: int, b: int, k: int, cw: dict, ead: dict, pgd: dict
+) -> list[tuple[str, str, int, Callable[[nn.Module], Tensor]]]:
     """The same attacks from torchattacks and foolbox, when importable."""
     plan: list[tuple[str, str, int, Callable[[nn.Module], Tensor]]] = []
     try:
@@ -205,44 +238,115 @@ def peer_plan(x: Tensor, y: Tensor, s: int, b: int, k: int, cw: dict, ead: dict,
     except ImportError:
         log.warning("torchattacks is not installed (pip install torchattacks): skipped")
     else:
+
         def ta_run(make: Callable[[nn.Module], object]) -> Callable[[nn.Module], Tensor]:
             return lambda m: make(m)(x, y)  # type: ignore[operator]
 
         plan += [
             ("torchattacks", "FGSM", 1, ta_run(lambda m: ta.FGSM(m, eps=pgd["eps"]))),
-            ("torchattacks", f"PGD-linf {k}", k, ta_run(lambda m: ta.PGD(
-                m, eps=pgd["eps"], alpha=pgd["step_size"], steps=k, random_start=True))),
+            (
+                "torchattacks",
+                f"PGD-linf {k}",
+                k,
+                ta_run(
+                    lambda m: ta.PGD(
+                        m, eps=pgd["eps"], alpha=pgd["step_size"], steps=k, random_start=True
+                    )
+                ),
+            ),
             # No search over c in torchattacks: one constant for all iterations.
-            ("torchattacks", "CW-L2 (c=1, one run)", s * b, ta_run(lambda m: ta.CW(
-                m, c=1.0, kappa=0.0, steps=s * b, lr=cw["lr"]))),
-            ("torchattacks", "EAD-EN", s * b, ta_run(lambda m: ta.EADEN(
-                m, kappa=0, lr=ead["lr"], binary_search_steps=b, max_iterations=s,
-                abort_early=False, initial_const=ead["initial_const"], beta=ead["beta"]))),
+            (
+                "torchattacks",
+                "CW-L2 (c=1, one run)",
+                s * b,
+                ta_run(lambda m: ta.CW(m, c=1.0, kappa=0.0, steps=s * b, lr=cw["lr"])),
+            ),
+            (
+                "torchattacks",
+                "EAD-EN",
+                s * b,
+                ta_run(
+                    lambda m: ta.EADEN(
+                        m,
+                        kappa=0,
+                        lr=ead["lr"],
+                        binary_search_steps=b,
+                        max_iterations=s,
+                        abort_early=False,
+                        initial_const=ead["initial_const"],
+                        beta=ead["beta"],
+                    )
+                ),
+            ),
         ]
     try:
         import foolbox as fb
     except ImportError:
         log.warning("foolbox is not installed (pip install foolbox): skipped")
     else:
+
         def fb_run(attack: object, **kw: float) -> Callable[[nn.Module], Tensor]:
             return lambda m: attack.run(fb.PyTorchModel(m, bounds=(0, 1)), x, y, **kw)
 
         plan += [
-            ("foolbox", "FGSM", 1, fb_run(fb.attacks.LinfFastGradientAttack(
-                random_start=False), epsilon=pgd["eps"])),
-            ("foolbox", f"PGD-linf {k}", k, fb_run(fb.attacks.LinfPGD(
-                abs_stepsize=pgd["step_size"], steps=k, random_start=True),
-                epsilon=pgd["eps"])),
-            ("foolbox", "CW-L2", s * b, fb_run(fb.attacks.L2CarliniWagnerAttack(
-                binary_search_steps=b, steps=s, stepsize=cw["lr"],
-                initial_const=cw["initial_const"], abort_early=False))),
-            ("foolbox", "CW-L2 (early abort)", s * b, fb_run(fb.attacks.L2CarliniWagnerAttack(
-                binary_search_steps=b, steps=s, stepsize=cw["lr"],
-                initial_const=cw["initial_const"], abort_early=True))),
-            ("foolbox", "EAD", s * b, fb_run(fb.attacks.EADAttack(
-                binary_search_steps=b, steps=s, initial_stepsize=ead["lr"],
-                initial_const=ead["initial_const"], regularization=ead["beta"],
-                abort_early=False))),
+            (
+                "foolbox",
+                "FGSM",
+                1,
+                fb_run(fb.attacks.LinfFastGradientAttack(random_start=False), epsilon=pgd["eps"]),
+            ),
+            (
+                "foolbox",
+                f"PGD-linf {k}",
+                k,
+                fb_run(
+                    fb.attacks.LinfPGD(abs_stepsize=pgd["step_size"], steps=k, random_start=True),
+                    epsilon=pgd["eps"],
+                ),
+            ),
+            (
+                "foolbox",
+                "CW-L2",
+                s * b,
+                fb_run(
+                    fb.attacks.L2CarliniWagnerAttack(
+                        binary_search_steps=b,
+                        steps=s,
+                        stepsize=cw["lr"],
+                        initial_const=cw["initial_const"],
+                        abort_early=False,
+                    )
+                ),
+            ),
+            (
+                "foolbox",
+                "CW-L2 (early abort)",
+                s * b,
+                fb_run(
+                    fb.attacks.L2CarliniWagnerAttack(
+                        binary_search_steps=b,
+                        steps=s,
+                        stepsize=cw["lr"],
+                        initial_const=cw["initial_const"],
+                        abort_early=True,
+                    )
+                ),
+            ),
+            (
+                "foolbox",
+                "EAD",
+                s * b,
+                fb_run(
+                    fb.attacks.EADAttack(
+                        binary_search_steps=b,
+                        steps=s,
+                        initial_stepsize=ead["lr"],
+                        initial_const=ead["initial_const"],
+                        regularization=ead["beta"],
+                        abort_early=False,
+                    )
+                ),
+            ),
         ]
     return plan
 
@@ -264,11 +368,40 @@ def print_table(rows: list[Row], x: Tensor, device: torch.device) -> None:
         meets = ""
         if r.library == "pse_lightning" and "abort" not in r.attack:
             meets = "yes" if r.per_iter_floor <= ITERATION_TARGET else "NO"
-        table.append([r.library, r.attack, r.iterations, r.seconds, r.evals,
-                      r.per_iter_floor, meets, vs, r.success, r.median_l2])
-    print(f"batch {tuple(x.shape)} on {device} ({torch.get_num_threads()} threads); "
-          f"iter/floor target <= {ITERATION_TARGET}; 'vs fastest peer' = fastest peer's "
-          "wall time / ours (> 1: we are faster)\n")
-    print(format_table(
-        ["library", "attack", "iters", "wall s", "evals/img", "iter/floor", "<= target",
-         "vs fastest peer", "success", "median L2"], table), flush=True)
+        table.append(
+            [
+                r.library,
+                r.attack,
+                r.iterations,
+                r.seconds,
+                r.evals,
+                r.per_iter_floor,
+                meets,
+                vs,
+                r.success,
+                r.median_l2,
+            ]
+        )
+    print(
+        f"batch {tuple(x.shape)} on {device} ({torch.get_num_threads()} threads); "
+        f"iter/floor target <= {ITERATION_TARGET}; 'vs fastest peer' = fastest peer's "
+        "wall time / ours (> 1: we are faster)\n"
+    )
+    print(
+        format_table(
+            [
+                "library",
+                "attack",
+                "iters",
+                "wall s",
+                "evals/img",
+                "iter/floor",
+                "<= target",
+                "vs fastest peer",
+                "success",
+                "median L2",
+            ],
+            table,
+        ),
+        flush=True,
+    )
