@@ -10,12 +10,13 @@ from pse_lightning.attacks.search import (
     BatchedAdam,
     BestSoFar,
     EarlyAbort,
+    SearchSettings,
     adversarial_margin,
     binary_search,
     compact,
     squared_l2,
 )
-from pse_lightning.validation import require_at_least, require_non_negative, require_positive
+from pse_lightning.validation import require_positive
 
 # atanh(+-1) is infinite: shrink the box slightly before inverting tanh (PITFALLS).
 _ATANH_SHRINK = 1.0 - 1e-6
@@ -120,7 +121,7 @@ def tanh_adam_search(
     return best
 
 
-class CWL2(Attack):
+class CWL2(SearchSettings, Attack):
     """Carlini-Wagner L2: min ||x' - x||_2^2 + c * f_kappa(x'), x' = (tanh(w) + 1) / 2.
 
     A minimum-norm attack (no budget): Adam on w, a per-sample binary search over c (success
@@ -167,14 +168,9 @@ class CWL2(Attack):
         super().__init__(
             norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
         )
-        self.kappa = require_non_negative("attack.kappa", kappa)
-        self.steps = require_at_least("attack.steps", steps, 1)
+        self.init_search(kappa=kappa, steps=steps, binary_search_steps=binary_search_steps,
+                         initial_const=initial_const, abort_early=abort_early)
         self.lr = require_positive("attack.lr", lr)
-        self.binary_search_steps = require_at_least(
-            "attack.binary_search_steps", binary_search_steps, 1
-        )
-        self.initial_const = require_positive("attack.initial_const", initial_const)
-        self.abort_early = bool(abort_early)
         self._extras: dict[str, Tensor] = {}
 
     def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:

@@ -11,13 +11,13 @@ from pse_lightning.attacks.base import Attack, input_gradient
 from pse_lightning.attacks.search import (
     BestSoFar,
     EarlyAbort,
+    SearchSettings,
     adversarial_margin,
     binary_search,
     compact,
     squared_l2,
 )
 from pse_lightning.validation import (
-    require_at_least,
     require_choice,
     require_non_negative,
     require_positive,
@@ -39,7 +39,7 @@ def shrink_threshold(z: Tensor, x: Tensor, beta: float) -> Tensor:
     return torch.where(diff > beta, up, torch.where(diff < -beta, down, x))
 
 
-class EAD(Attack):
+class EAD(SearchSettings, Attack):
     """EAD: min c * f_kappa(x') + ||x' - x||_2^2 + beta * ||x' - x||_1 over x' in [0, 1].
 
     FISTA (or ISTA) steps x^{k+1} = S_beta(y^k - a_k * grad g(y^k)) with
@@ -98,16 +98,11 @@ class EAD(Attack):
             norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
         )
         self.beta = require_non_negative("attack.beta", beta)
-        self.kappa = require_non_negative("attack.kappa", kappa)
-        self.steps = require_at_least("attack.steps", steps, 1)
+        self.init_search(kappa=kappa, steps=steps, binary_search_steps=binary_search_steps,
+                         initial_const=initial_const, abort_early=abort_early)
         self.lr = require_positive("attack.lr", lr)
-        self.binary_search_steps = require_at_least(
-            "attack.binary_search_steps", binary_search_steps, 1
-        )
-        self.initial_const = require_positive("attack.initial_const", initial_const)
         self.decision_rule = require_choice("attack.decision_rule", decision_rule, DECISION_RULES)
         self.fista = bool(fista)
-        self.abort_early = bool(abort_early)
         self._extras: dict[str, Tensor] = {}
 
     def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:

@@ -18,9 +18,34 @@ import torch
 from torch import Tensor
 
 from pse_lightning.attacks.losses import margin
+from pse_lightning.validation import require_at_least, require_non_negative, require_positive
 
 # Above this the upper bound counts as "not found yet" and c grows geometrically.
 _UNBOUNDED = 1e9
+
+
+class SearchSettings:
+    """The validated settings every constant-searching attack shares (CW, EAD, StrAttack).
+
+    A mixin for :class:`~pse_lightning.attacks.base.Attack` subclasses, so the keys and
+    their checks exist once.
+    """
+
+    kappa: float
+    steps: int
+    binary_search_steps: int
+    initial_const: float
+    abort_early: bool
+
+    def init_search(self, *, kappa: float, steps: int, binary_search_steps: int,
+                    initial_const: float, abort_early: bool) -> None:
+        self.kappa = require_non_negative("attack.kappa", kappa)
+        self.steps = require_at_least("attack.steps", steps, 1)
+        self.binary_search_steps = require_at_least(
+            "attack.binary_search_steps", binary_search_steps, 1
+        )
+        self.initial_const = require_positive("attack.initial_const", initial_const)
+        self.abort_early = bool(abort_early)
 
 
 def adversarial_margin(

@@ -13,6 +13,7 @@ from pse_lightning.attacks.cw import tanh_adam_search
 from pse_lightning.attacks.search import (
     BestSoFar,
     EarlyAbort,
+    SearchSettings,
     adversarial_margin,
     binary_search,
     compact,
@@ -87,7 +88,7 @@ def support_above_quantile(delta: Tensor, q: float) -> Tensor:
     return ((mag > threshold) & (nonzero[:, None] > 0)).view_as(delta)
 
 
-class StrAttack(Attack):
+class StrAttack(SearchSettings, Attack):
     """StrAttack: min c * f_kappa(x + d) + gamma ||d||_2^2 + tau * sum_G ||d_G||_2,
     x + d in [0, 1], ||d||_inf <= eps, solved by linearised ADMM (METHODS section 1).
 
@@ -186,17 +187,12 @@ class StrAttack(Attack):
                 f"supported: set attack.stride={group_size}"
             )
         self.stride = stride
-        self.kappa = require_non_negative("attack.kappa", kappa)
+        self.init_search(kappa=kappa, steps=steps, binary_search_steps=binary_search_steps,
+                         initial_const=initial_const, abort_early=abort_early)
         self.rho = require_positive("attack.rho", rho)
         self.gamma = require_non_negative("attack.gamma", gamma)
         self.tau = require_non_negative("attack.tau", tau)
         self.alpha = require_non_negative("attack.alpha", alpha)
-        self.steps = require_at_least("attack.steps", steps, 1)
-        self.binary_search_steps = require_at_least(
-            "attack.binary_search_steps", binary_search_steps, 1
-        )
-        self.initial_const = require_positive("attack.initial_const", initial_const)
-        self.abort_early = bool(abort_early)
         self.refine = bool(refine)
         self.refine_steps = require_at_least("attack.refine_steps", refine_steps, 1)
         self.refine_search_steps = require_at_least(
