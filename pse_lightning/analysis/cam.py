@@ -24,7 +24,6 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, ReportSection
 from pse_lightning.analysis.functional import cam as core
-from pse_lightning.analysis.functional.pse import grad_times_delta
 from pse_lightning.analysis.hooks import capture_activations
 from pse_lightning.attacks.base import frozen_eval
 from pse_lightning.validation import (
@@ -332,6 +331,9 @@ class CAMAnalysis(Analysis):
                                          else [target])  # fmt: skip
             delta = (x_adv - x).detach()
             if self.pse_share:
+                # Imported here: functional.pse -> attacks -> cam_guided -> this module.
+                from pse_lightning.analysis.functional.pse import grad_times_delta
+
                 attr_true, attr_target, _ = grad_times_delta(model, x, x_adv, y, target)
         map_true = core.image_maps(raw_clean[0], size)
         map_target = core.image_maps(raw_adv[0], size)

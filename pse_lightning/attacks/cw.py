@@ -168,8 +168,13 @@ class CWL2(SearchSettings, Attack):
         super().__init__(
             norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
         )
-        self.init_search(kappa=kappa, steps=steps, binary_search_steps=binary_search_steps,
-                         initial_const=initial_const, abort_early=abort_early)
+        self.init_search(
+            kappa=kappa,
+            steps=steps,
+            binary_search_steps=binary_search_steps,
+            initial_const=initial_const,
+            abort_early=abort_early,
+        )
         self.lr = require_positive("attack.lr", lr)
         self._extras: dict[str, Tensor] = {}
 

@@ -98,8 +98,13 @@ class EAD(SearchSettings, Attack):
             norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
         )
         self.beta = require_non_negative("attack.beta", beta)
-        self.init_search(kappa=kappa, steps=steps, binary_search_steps=binary_search_steps,
-                         initial_const=initial_const, abort_early=abort_early)
+        self.init_search(
+            kappa=kappa,
+            steps=steps,
+            binary_search_steps=binary_search_steps,
+            initial_const=initial_const,
+            abort_early=abort_early,
+        )
         self.lr = require_positive("attack.lr", lr)
         self.decision_rule = require_choice("attack.decision_rule", decision_rule, DECISION_RULES)
         self.fista = bool(fista)

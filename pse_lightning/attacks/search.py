@@ -37,8 +37,15 @@ class SearchSettings:
     initial_const: float
     abort_early: bool
 
-    def init_search(self, *, kappa: float, steps: int, binary_search_steps: int,
-                    initial_const: float, abort_early: bool) -> None:
+    def init_search(
+        self,
+        *,
+        kappa: float,
+        steps: int,
+        binary_search_steps: int,
+        initial_const: float,
+        abort_early: bool,
+    ) -> None:
         self.kappa = require_non_negative("attack.kappa", kappa)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.binary_search_steps = require_at_least(

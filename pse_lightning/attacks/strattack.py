@@ -187,8 +187,13 @@ class StrAttack(SearchSettings, Attack):
                 f"supported: set attack.stride={group_size}"
             )
         self.stride = stride
-        self.init_search(kappa=kappa, steps=steps, binary_search_steps=binary_search_steps,
-                         initial_const=initial_const, abort_early=abort_early)
+        self.init_search(
+            kappa=kappa,
+            steps=steps,
+            binary_search_steps=binary_search_steps,
+            initial_const=initial_const,
+            abort_early=abort_early,
+        )
         self.rho = require_positive("attack.rho", rho)
         self.gamma = require_non_negative("attack.gamma", gamma)
         self.tau = require_non_negative("attack.tau", tau)

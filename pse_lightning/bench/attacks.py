@@ -105,12 +105,25 @@ def digits_batch(
 class Row:
     library: str
     attack: str
+    group: str
     iterations: int
     seconds: float
     evals: float
     per_iter_floor: float
     success: float
     median_l2: float
+    median_l1: float
+
+
+@dataclass
+class Entry:
+    """One attack run: ``group`` names the like-for-like comparison it belongs to."""
+
+    library: str
+    attack: str
+    group: str
+    iterations: int
+    fn: Callable[[nn.Module], Tensor]
 
 
 def time_once(
@@ -125,9 +138,7 @@ def time_once(
 
 
 def score_row(
-    library: str,
-    attack: str,
-    iterations: int,
+    entry: Entry,
     seconds: float,
     floor: float,
     evals: float,
@@ -136,23 +147,20 @@ def score_row(
     x_adv: Tensor,
     y: Tensor,
 ) -> Row:
-    """Success and median L2 of ``x_adv`` from one fresh forward pass."""
+    """Success and median norms of ``x_adv`` from one fresh forward pass."""
     model.eval()  # a peer that restored a wrong mode must not skew the scoring
     with torch.no_grad():
         success = model(x_adv).argmax(1) != y
     success &= x_adv.flatten(1).abs().sum(1) > 0  # foolbox's blank-image placeholder
-    l2 = (x_adv - x).flatten(1).norm(dim=1)
-    median_l2 = float(l2[success].median()) if success.any() else float("nan")
+    delta = (x_adv - x).flatten(1)
+    l2, l1 = delta.norm(dim=1), delta.abs().sum(dim=1)
+    found = bool(success.any())
     return Row(
-        library,
-        attack,
-        iterations,
-        seconds,
-        evals,
-        seconds / iterations / floor,
-        float(success.float().mean()),
-        median_l2,
-    )
+        entry.library, entry.attack, entry.group, entry.iterations, seconds, evals,
+        seconds / entry.iterations / floor, float(success.float().mean()),
+        float(l2[success].median()) if found else float("nan"),
+        float(l1[success].median()) if found else float("nan"),
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     model, x, y = digits_batch(args.batch, args.train_steps, device)
     s, b, k = args.steps, args.search_steps, args.pgd_steps
-    n_iter = s * b
+    n = s * b
     # One configuration for every implementation of an attack (equal iterations).
     cw = dict(steps=s, binary_search_steps=b, lr=0.05, initial_const=0.1)
     ead = dict(steps=s, binary_search_steps=b, lr=0.01, initial_const=0.1, beta=1e-2)
@@ -186,17 +194,19 @@ def main(argv: list[str] | None = None) -> None:
     def ours(attack: object) -> Callable[[nn.Module], Tensor]:
         return lambda m: attack(m, x, y).x_adv  # type: ignore[operator]
 
-    plan: list[tuple[str, str, int, Callable[[nn.Module], Tensor]]] = [
-        ("pse_lightning", "FGSM", 1, ours(FGSM(eps=EPS_LINF))),
-        ("pse_lightning", f"PGD-linf {k}", k, ours(PGD(norm="linf", **pgd))),
-        ("pse_lightning", "CW-L2", n_iter, ours(CWL2(**cw, abort_early=False))),
-        ("pse_lightning", "CW-L2 (early abort)", n_iter, ours(CWL2(**cw, abort_early=True))),
-        ("pse_lightning", "EAD", n_iter, ours(EAD(**ead, abort_early=False))),
-        ("pse_lightning", "EAD (early abort)", n_iter, ours(EAD(**ead, abort_early=True))),
-        (
-            "pse_lightning",
-            "StrAttack (no refine)",
-            n_iter,
+    us = "pse_lightning"
+    plan = [
+        Entry(us, "FGSM", "FGSM", 1, ours(FGSM(eps=EPS_LINF))),
+        Entry(us, f"PGD-linf {k}", "PGD", k, ours(PGD(norm="linf", **pgd))),
+        Entry(us, "CW-L2", "CW", n, ours(CWL2(**cw, abort_early=False))),
+        Entry(us, "CW-L2 early abort", "CW abort", n, ours(CWL2(**cw, abort_early=True))),
+        Entry(us, "EAD", "EAD", n, ours(EAD(**ead, abort_early=False))),
+        Entry(us, "EAD early abort", "EAD abort", n, ours(EAD(**ead, abort_early=True))),
+        Entry(
+            us,
+            "StrAttack no refine",
+            "StrAttack",
+            n,
             ours(StrAttack(steps=s, binary_search_steps=b, refine=False)),
         ),
     ]
@@ -206,33 +216,35 @@ def main(argv: list[str] | None = None) -> None:
     # a shared machine, load drift then hits ours and the peers alike.
     # eval() on the wrapper: peers read (and restore) the mode of the module they get.
     counter = CountingModel(model).eval()
-    best: list[float] = [float("inf")] * len(plan)
+    best = [float("inf")] * len(plan)
     outputs: list[tuple[Tensor, float]] = [(x, 0.0)] * len(plan)
     floor = float("inf")
     for round_ in range(args.repeats):
         floor = min(floor, forward_backward_floor(model, x, y, repeats=3))
-        for i, (library, name, _, fn) in enumerate(plan):
-            log.info("bench attacks: round %d/%d %s %s", round_ + 1, args.repeats, library, name)
-            seconds, x_adv = time_once(fn, counter, device)
+        for i, entry in enumerate(plan):
+            log.info(
+                "bench attacks: round %d/%d: %s %s",
+                round_ + 1,
+                args.repeats,
+                entry.library,
+                entry.attack,
+            )
+            seconds, x_adv = time_once(entry.fn, counter, device)
             model.eval()
-            if seconds < best[i]:
-                best[i] = seconds
+            best[i] = min(best[i], seconds)
             outputs[i] = (x_adv, counter.rows / len(x))
-    rows = [
-        score_row(
-            library, name, iterations, best[i], floor, outputs[i][1], model, x, outputs[i][0], y
-        )
-        for i, (library, name, iterations, _) in enumerate(plan)
-    ]
+    rows = [score_row(entry, best[i], floor, outputs[i][1], model, x, outputs[i][0], y)
+            for i, entry in enumerate(plan)]  # fmt: skip
     log.info("floor: %.4f s per forward+backward of the batch", floor)
-    print_table(rows, x, device)
+    print_table(rows, x, device, floor)
 
 
 def peer_plan(
     x: Tensor, y: Tensor, s: int, b: int, k: int, cw: dict, ead: dict, pgd: dict
-) -> list[tuple[str, str, int, Callable[[nn.Module], Tensor]]]:
+) -> list[Entry]:
     """The same attacks from torchattacks and foolbox, when importable."""
-    plan: list[tuple[str, str, int, Callable[[nn.Module], Tensor]]] = []
+    plan: list[Entry] = []
+    n = s * b
     try:
         import torchattacks as ta
     except ImportError:
@@ -242,43 +254,21 @@ def peer_plan(
         def ta_run(make: Callable[[nn.Module], object]) -> Callable[[nn.Module], Tensor]:
             return lambda m: make(m)(x, y)  # type: ignore[operator]
 
+        def ta_ead(m: nn.Module) -> object:
+            return ta.EADEN(m, kappa=0, lr=ead["lr"], binary_search_steps=b, max_iterations=s,
+                            abort_early=False, initial_const=ead["initial_const"],
+                            beta=ead["beta"])  # fmt: skip
+
+        ta_pgd = dict(eps=pgd["eps"], alpha=pgd["step_size"], steps=k, random_start=True)
         plan += [
-            ("torchattacks", "FGSM", 1, ta_run(lambda m: ta.FGSM(m, eps=pgd["eps"]))),
-            (
-                "torchattacks",
-                f"PGD-linf {k}",
-                k,
-                ta_run(
-                    lambda m: ta.PGD(
-                        m, eps=pgd["eps"], alpha=pgd["step_size"], steps=k, random_start=True
-                    )
-                ),
-            ),
-            # No search over c in torchattacks: one constant for all iterations.
-            (
-                "torchattacks",
-                "CW-L2 (c=1, one run)",
-                s * b,
-                ta_run(lambda m: ta.CW(m, c=1.0, kappa=0.0, steps=s * b, lr=cw["lr"])),
-            ),
-            (
-                "torchattacks",
-                "EAD-EN",
-                s * b,
-                ta_run(
-                    lambda m: ta.EADEN(
-                        m,
-                        kappa=0,
-                        lr=ead["lr"],
-                        binary_search_steps=b,
-                        max_iterations=s,
-                        abort_early=False,
-                        initial_const=ead["initial_const"],
-                        beta=ead["beta"],
-                    )
-                ),
-            ),
-        ]
+            Entry("torchattacks", "FGSM", "FGSM", 1, ta_run(lambda m: ta.FGSM(m, eps=pgd["eps"]))),
+            Entry("torchattacks", f"PGD-linf {k}", "PGD", k,
+                  ta_run(lambda m: ta.PGD(m, **ta_pgd))),
+            # No search over c, and a whole-batch early stop that cannot be switched off.
+            Entry("torchattacks", "CW-L2 c=1 one run, own stop", "CW abort", n,
+                  ta_run(lambda m: ta.CW(m, c=1.0, kappa=0.0, steps=n, lr=cw["lr"]))),
+            Entry("torchattacks", "EAD-EN", "EAD", n, ta_run(ta_ead)),
+        ]  # fmt: skip
     try:
         import foolbox as fb
     except ImportError:
@@ -288,120 +278,51 @@ def peer_plan(
         def fb_run(attack: object, **kw: float) -> Callable[[nn.Module], Tensor]:
             return lambda m: attack.run(fb.PyTorchModel(m, bounds=(0, 1)), x, y, **kw)
 
+        def fb_cw(abort: bool) -> object:
+            return fb.attacks.L2CarliniWagnerAttack(
+                binary_search_steps=b, steps=s, stepsize=cw["lr"],
+                initial_const=cw["initial_const"], abort_early=abort)  # fmt: skip
+
+        def fb_ead(abort: bool) -> object:
+            return fb.attacks.EADAttack(
+                binary_search_steps=b, steps=s, initial_stepsize=ead["lr"],
+                initial_const=ead["initial_const"], regularization=ead["beta"],
+                abort_early=abort)  # fmt: skip
+
+        fgsm = fb.attacks.LinfFastGradientAttack(random_start=False)
+        fb_pgd = fb.attacks.LinfPGD(abs_stepsize=pgd["step_size"], steps=k, random_start=True)
         plan += [
-            (
-                "foolbox",
-                "FGSM",
-                1,
-                fb_run(fb.attacks.LinfFastGradientAttack(random_start=False), epsilon=pgd["eps"]),
-            ),
-            (
-                "foolbox",
-                f"PGD-linf {k}",
-                k,
-                fb_run(
-                    fb.attacks.LinfPGD(abs_stepsize=pgd["step_size"], steps=k, random_start=True),
-                    epsilon=pgd["eps"],
-                ),
-            ),
-            (
-                "foolbox",
-                "CW-L2",
-                s * b,
-                fb_run(
-                    fb.attacks.L2CarliniWagnerAttack(
-                        binary_search_steps=b,
-                        steps=s,
-                        stepsize=cw["lr"],
-                        initial_const=cw["initial_const"],
-                        abort_early=False,
-                    )
-                ),
-            ),
-            (
-                "foolbox",
-                "CW-L2 (early abort)",
-                s * b,
-                fb_run(
-                    fb.attacks.L2CarliniWagnerAttack(
-                        binary_search_steps=b,
-                        steps=s,
-                        stepsize=cw["lr"],
-                        initial_const=cw["initial_const"],
-                        abort_early=True,
-                    )
-                ),
-            ),
-            (
-                "foolbox",
-                "EAD",
-                s * b,
-                fb_run(
-                    fb.attacks.EADAttack(
-                        binary_search_steps=b,
-                        steps=s,
-                        initial_stepsize=ead["lr"],
-                        initial_const=ead["initial_const"],
-                        regularization=ead["beta"],
-                        abort_early=False,
-                    )
-                ),
-            ),
+            Entry("foolbox", "FGSM", "FGSM", 1, fb_run(fgsm, epsilon=pgd["eps"])),
+            Entry("foolbox", f"PGD-linf {k}", "PGD", k, fb_run(fb_pgd, epsilon=pgd["eps"])),
+            Entry("foolbox", "CW-L2", "CW", n, fb_run(fb_cw(False))),
+            Entry("foolbox", "CW-L2 early abort", "CW abort", n, fb_run(fb_cw(True))),
+            Entry("foolbox", "EAD", "EAD", n, fb_run(fb_ead(False))),
+            Entry("foolbox", "EAD early abort", "EAD abort", n, fb_run(fb_ead(True))),
         ]
     return plan
 
 
-def family(name: str) -> str:
-    return name.split(" ")[0].split("-")[0]
-
-
-def print_table(rows: list[Row], x: Tensor, device: torch.device) -> None:
+def print_table(rows: list[Row], x: Tensor, device: torch.device, floor: float) -> None:
     fastest_peer: dict[str, float] = {}
     for r in rows:
         if r.library != "pse_lightning":
-            key = family(r.attack)
-            fastest_peer[key] = min(fastest_peer.get(key, float("inf")), r.seconds)
+            fastest_peer[r.group] = min(fastest_peer.get(r.group, float("inf")), r.seconds)
     table = []
     for r in rows:
-        peer = fastest_peer.get(family(r.attack))
-        vs = f"{peer / r.seconds:.2f}x" if r.library == "pse_lightning" and peer else ""
+        ours = r.library == "pse_lightning"
+        peer = fastest_peer.get(r.group)
+        vs = f"{peer / r.seconds:.2f}x" if ours and peer else ""
         meets = ""
-        if r.library == "pse_lightning" and "abort" not in r.attack:
+        if ours and "abort" not in r.group:
             meets = "yes" if r.per_iter_floor <= ITERATION_TARGET else "NO"
-        table.append(
-            [
-                r.library,
-                r.attack,
-                r.iterations,
-                r.seconds,
-                r.evals,
-                r.per_iter_floor,
-                meets,
-                vs,
-                r.success,
-                r.median_l2,
-            ]
-        )
+        table.append([r.library, r.attack, r.iterations, r.seconds, r.evals, r.per_iter_floor,
+                      meets, vs, r.success, r.median_l2, r.median_l1])  # fmt: skip
     print(
-        f"batch {tuple(x.shape)} on {device} ({torch.get_num_threads()} threads); "
-        f"iter/floor target <= {ITERATION_TARGET}; 'vs fastest peer' = fastest peer's "
-        "wall time / ours (> 1: we are faster)\n"
+        f"batch {tuple(x.shape)} on {device} ({torch.get_num_threads()} threads), floor "
+        f"{floor * 1000:.1f} ms; iter/floor target <= {ITERATION_TARGET} (rows without early "
+        "abort); 'vs fastest peer' = the fastest peer's wall time in the same group "
+        "(same attack, same abort setting) / ours: > 1 means we are faster\n"
     )
-    print(
-        format_table(
-            [
-                "library",
-                "attack",
-                "iters",
-                "wall s",
-                "evals/img",
-                "iter/floor",
-                "<= target",
-                "vs fastest peer",
-                "success",
-                "median L2",
-            ],
-            table,
-        ),
-        flush=True,
-    )
+    headers = ["library", "attack", "iters", "wall s", "evals/img", "iter/floor", "<= target",
+               "vs fastest peer", "success", "median L2", "median L1"]  # fmt: skip
+    print(format_table(headers, table), flush=True)
