@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -17,8 +19,23 @@ def config_dir() -> str:
     return str(packaged if packaged.is_dir() else here.parent / "conf")
 
 
+class _DropAdvertisements(logging.Filter):
+    """Lightning prints a cloud-logger advertisement on every Trainer; it is not a message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_third_party_noise() -> None:
+    """Silence messages users cannot act on (kept out of the library: only the CLI does it)."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvertisements())
+    # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; fixed upstream.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party_noise()
     results = pipeline.run(cfg)
     # Returned to Hydra so sweepers that optimise an objective can read it.
     value = results.get("test/robust_acc")

@@ -34,14 +34,19 @@ from pse_lightning.models.classifier import Classifier
 from pse_lightning.models.neuron_mask import NeuronMask, accuracy_vs_k_figure
 from pse_lightning.modules.evaluation import EvaluationModule
 from pse_lightning.modules.report_writer import ReportWriter
-from pse_lightning.modules.training import TrainingModule
+from pse_lightning.modules.training import (
+    ResumeCheckpoint,
+    TrainingModule,
+    check_partial_checkpoint,
+    partial_checkpoint_path,
+)
 from pse_lightning.reporting.loggers import finish_logger
 from pse_lightning.validation import require_at_least, require_choice
 
 log = logging.getLogger(__name__)
 STAGES = ("auto", "fit", "evaluate")
 # Dataset keys that change how data is served, not what the model learns from.
-_SERVING_KEYS = ("batch_size", "num_workers", "eval_samples", "root", "download")
+_SERVING_KEYS = ("batch_size", "num_workers", "eval_samples", "root", "download", "probe")
 
 
 @dataclass
@@ -108,8 +113,28 @@ def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl
     return instantiate(cfg.trainer, logger=logger if logger is not None else False, **overrides)
 
 
+def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
+    """What a partial (resumable) checkpoint must match: the checkpoint identity plus the
+    settings outside its digest that shape how training continues (batches per epoch and
+    the one-cycle schedule's length depend on them)."""
+    return {
+        **identity,
+        "dataset.batch_size": int(cfg.dataset.batch_size),
+        "trainer.devices": str(cfg.trainer.get("devices")),
+        "trainer.num_nodes": str(cfg.trainer.get("num_nodes", 1)),
+        "trainer.limit_train_batches": str(cfg.trainer.get("limit_train_batches")),
+    }
+
+
 def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]) -> None:
-    """Train the model with the configured objective and cache its weights at ``path``."""
+    """Train the model with the configured objective and cache its weights at ``path``.
+
+    A full trainer checkpoint is kept beside ``path`` while training (see
+    :func:`~pse_lightning.modules.training.partial_checkpoint_path`); with ``resume=true`` an
+    interrupted training continues from it. With ``resume=true`` and no partial checkpoint,
+    training starts from scratch: the same command then serves the first submission and every
+    requeue of a preemptible job. The partial checkpoint is removed once ``path`` is written.
+    """
     require_at_least("training.epochs", cfg.training.epochs, 1)
     module = TrainingModule(
         parts.model,
@@ -117,12 +142,27 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         optimizer=instantiate(cfg.training.optimizer),
         scheduler=instantiate(cfg.training.scheduler) if cfg.training.get("scheduler") else None,
     )
-    trainer = make_trainer(cfg, parts.logger, max_epochs=cfg.training.epochs)
-    trainer.fit(module, datamodule=parts.datamodule)
+    partial, key = partial_checkpoint_path(path), resume_key(cfg, identity)
+    ckpt_path = None
+    if cfg.get("resume", False) and partial.exists():
+        epochs_done = check_partial_checkpoint(partial, key)
+        log.info("resuming training from %s (%d of %d epochs done)", partial, epochs_done,
+                 cfg.training.epochs)
+        ckpt_path = str(partial)
+    elif cfg.get("resume", False):
+        log.info("resume=true, but no partial checkpoint at %s: training from scratch", partial)
+    elif partial.exists():
+        log.info("an interrupted training left %s; starting over (resume=true continues it)",
+                 partial)
+    trainer = make_trainer(cfg, parts.logger, max_epochs=cfg.training.epochs,
+                           callbacks=[ResumeCheckpoint(partial, key)])
+    # weights_only: the partial checkpoint is data (tensors, numbers, strings), never code.
+    trainer.fit(module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
     val_acc = trainer.callback_metrics.get("val/acc")
     meta = {**identity, "val_acc": None if val_acc is None else float(val_acc)}
     if trainer.is_global_zero:
         save_checkpoint(path, parts.model, meta)
+        partial.unlink(missing_ok=True)
         log.info("checkpoint saved to %s (val/acc %s)", path, meta["val_acc"])
 
 

@@ -104,3 +104,26 @@ def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.logger.group == "robust_vs_standard"
     assert "comparison" in cfg.hydra.callbacks
+
+
+def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
+    """Each grid point composes; every adversarial variant trains against the same PGD."""
+    from helpers import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    jobs = []
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        for training in group_choices("training"):
+            for attack in ("fgsm", "pgd"):
+                jobs.append(compose("config", overrides=[
+                    "experiment=robust_vs_standard", f"training={training}", f"attack={attack}"]))
+    assert len(jobs) == 2 * len(group_choices("training"))
+    assert len({OmegaConf.to_yaml(j.dataset) for j in jobs}) == 1
+    assert {j.seed for j in jobs} == {0}
+    for job in jobs:
+        assert job.training.epochs == 6
+        attack = job.training.objective.get("attack")
+        if attack is not None:
+            assert (attack.steps, attack.step_size, attack.eps) == (3, 0.0125, 0.03)
+        assert list(job.analysis) == ["pse"]

@@ -91,3 +91,23 @@ def grouped_bar_figure(groups: list[str], series: dict[str, list[float | None]],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def stacked_fraction_figure(bars: list[str], parts: dict[str, list[float | None]],
+                            path: str | Path, *, ylabel: str) -> Path:
+    """One bar per entry of ``bars``, split into ``parts`` (fractions that sum to at most 1)."""
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(bars), 3.4))
+    bottom = np.zeros(len(bars))
+    for name, values in parts.items():
+        heights = np.array([0.0 if v is None else float(v) for v in values])
+        ax.bar(range(len(bars)), heights, 0.7, bottom=bottom, label=name)
+        bottom += heights
+    ax.set_xticks(range(len(bars)), bars, rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncols=min(4, len(parts)), loc="upper center",
+              bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -18,7 +18,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pse_lightning.reporting.figures import grouped_bar_figure
+from pse_lightning.reporting.figures import grouped_bar_figure, stacked_fraction_figure
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ def comparison_tables(jobs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         robust = [cell.get((v, a), {}).get("test/robust_acc") for a in attacks]
         lines.append(f"| {v} | {_fmt(clean[v])} | " + " | ".join(_fmt(r) for r in robust) + " |")
         summary[v]["clean_acc"] = clean[v]
+        summary[v]["samples"] = next((m.get("test/samples") for (tv, _), m in cell.items()
+                                      if tv == v), None)
         summary[v].update({f"robust_acc/{a}": r for a, r in zip(attacks, robust, strict=True)})
     pse_keys = sorted({k for m in cell.values() for k in m if k.startswith("test/pse/frac_")})
     if pse_keys:
@@ -80,6 +82,77 @@ def comparison_tables(jobs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines), dict(summary)
 
 
+# Clean accuracies closer than this count as equal when comparing robust variants.
+EQUAL_CLEAN_TOL = 0.01
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def verdict(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Plain sentences on what the sweep measured: robust variants against standard training
+    and pse_at against pgd_at (the question the experiment exists to answer).
+
+    Differences are reported with the binomial standard error of one accuracy on the
+    evaluated samples, so a reader can tell a gap from noise.
+    """
+    lines: list[str] = []
+    attacks = sorted({k.split("/", 1)[1] for s in summary.values() for k in s
+                      if k.startswith("robust_acc/")})
+
+    def stderr(v: str, key: str) -> str:
+        n, acc = summary[v].get("samples"), summary[v].get(key)
+        if not n or acc is None:
+            return ""
+        return f" (s.e. {math.sqrt(max(acc * (1 - acc), 1e-12) / n):.3f})"
+
+    def gaps(a: str, b: str) -> tuple[float | None, dict[str, float | None]]:
+        sa, sb = summary[a], summary[b]
+        clean = None if sa.get("clean_acc") is None or sb.get("clean_acc") is None \
+            else sa["clean_acc"] - sb["clean_acc"]
+        robust = {k: None if sa.get(f"robust_acc/{k}") is None or sb.get(f"robust_acc/{k}")
+                  is None else sa[f"robust_acc/{k}"] - sb[f"robust_acc/{k}"] for k in attacks}
+        return clean, robust
+
+    if "standard" in summary:
+        for v in sorted(summary, key=_variant_order):
+            if v == "standard":
+                continue
+            clean, robust = gaps(v, "standard")
+            parts = ", ".join(f"{a} {_signed(r)}{stderr(v, f'robust_acc/{a}')}"
+                              for a, r in robust.items() if r is not None)
+            if clean is not None:
+                lines.append(f"- {v} vs standard: clean accuracy {_signed(clean)}; "
+                             f"robust accuracy {parts}.")
+    if "pse_at" in summary and "pgd_at" in summary:
+        clean, robust = gaps("pse_at", "pgd_at")
+        if clean is not None:
+            parts = ", ".join(f"{a} {_signed(r)}" for a, r in robust.items() if r is not None)
+            lines.append(f"- pse_at vs pgd_at: clean accuracy {_signed(clean)}; robust "
+                         f"accuracy {parts}.")
+            main = "pgd" if robust.get("pgd") is not None else next(
+                (a for a, r in robust.items() if r is not None), None)
+            if main is not None:
+                gain = robust[main]
+                if abs(clean) <= EQUAL_CLEAN_TOL:
+                    answer = "beats" if gain > 0 else ("ties" if gain == 0 else "does not beat")
+                    lines.append(f"- At equal clean accuracy (within {EQUAL_CLEAN_TOL}), pse_at "
+                                 f"{answer} pgd_at under {main} ({_signed(gain)}).")
+                elif clean > 0 and gain >= 0 or clean < 0 and gain <= 0:
+                    better = "pse_at" if clean > 0 else "pgd_at"
+                    lines.append(f"- {better} is at least as good on both clean and {main} "
+                                 "accuracy (the clean accuracies differ by more than "
+                                 f"{EQUAL_CLEAN_TOL}).")
+                else:
+                    lines.append(f"- The clean accuracies differ by more than {EQUAL_CLEAN_TOL} "
+                                 f"and the variants trade clean for {main} accuracy in opposite "
+                                 "directions: no winner at equal clean accuracy can be read "
+                                 "off this sweep (tune lambda_* or epochs to match clean "
+                                 "accuracy).")
+    return lines
+
+
 def _variant_order(name: str) -> tuple[int, str]:
     order = ["standard", "pgd_at", "trades", "pse_at"]
     return (order.index(name) if name in order else len(order), name)
@@ -98,14 +171,27 @@ def write_comparison(sweep_dir: Path) -> Path | None:
         series[key.split("/", 1)[1]] = [summary[v].get(key) for v in variants]
     figure = grouped_bar_figure(variants, series, sweep_dir / "comparison.png",
                                 ylabel="accuracy on the evaluated test samples")
+    figures = [figure]
+    type_keys = [k for k in ("suppression", "balanced", "promotion")
+                 if any(k2.startswith(f"pse/frac_{k}/") for s in summary.values() for k2 in s)]
+    if type_keys:
+        bars = sorted({(v, k2.rsplit("/", 1)[1]) for v, s in summary.items() for k2 in s
+                       if k2.startswith("pse/frac_")}, key=lambda b: (_variant_order(b[0]), b[1]))
+        parts = {k: [summary[v].get(f"pse/frac_{k}/{a}") for v, a in bars] for k in type_keys}
+        figures.append(stacked_fraction_figure(
+            [f"{v} / {a}" for v, a in bars], parts, sweep_dir / "comparison_pse_types.png",
+            ylabel="fraction of successful perturbations"))
+    findings = verdict(summary)
     text = "\n".join([
         f"# Comparison of {len(jobs)} jobs", "",
         "Each row is one training variant, trained on the same data and seed and evaluated "
         "with the same attacks (columns). Robust accuracy is the accuracy on the attacked "
-        "test samples.", "", tables, "", f"![comparison]({figure.name})", "",
+        "test samples.", "", tables, "",
+        *(["### Verdict", "", *findings, ""] if findings else []),
+        *[f"![{f.stem}]({f.name})" for f in figures], "",
         "Jobs: " + ", ".join(j["dir"] for j in jobs),
     ])
-    write_json_atomic(sweep_dir / "comparison.json", {"variants": summary,
+    write_json_atomic(sweep_dir / "comparison.json", {"variants": summary, "verdict": findings,
                                                       "jobs": [j["dir"] for j in jobs]})
     path = write_text_atomic(sweep_dir / "comparison.md", text)
     log.info("comparison written to %s", path)

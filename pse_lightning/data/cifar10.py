@@ -1,0 +1,106 @@
+"""CIFAR-10 through torchvision: 50000 training and 10000 test colour images of 32 px.
+
+Files come from ``dataset.root`` as torchvision lays them out (``cifar-10-batches-py/``),
+downloaded only when ``dataset.download=true``. Images stay uint8 in memory (150 MB) and
+reach the model in [0, 1]; the training split gets the standard random 4-pixel-shift crop
+and horizontal flip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pse_lightning.data.base import ImageDataModule, IndexedTensorDataset
+from pse_lightning.data.real import AugmentedTensorDataset, TorchvisionDataModule, uint8_images
+
+FOLDER = "cifar-10-batches-py"
+CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+class CIFAR10DataModule(TorchvisionDataModule):
+    """CIFAR-10 (Krizhevsky, 2009): 10 classes, 3 x 32 x 32.
+
+    Args:
+        root: folder that holds (or will hold) ``cifar-10-batches-py/``.
+        download: fetch the archive with torchvision when the files are missing.
+        num_val: training images held out for validation (stratified, seeded).
+        augment: random crop (4-pixel padding) and horizontal flip on the training split.
+        probe: a datamodule with concept masks for dissection (``dataset.probe``), or None.
+        batch_size, num_workers, eval_samples, seed: see :class:`ImageDataModule`.
+
+    Raises:
+        ValueError: naming the ``dataset.<key>`` that is out of range.
+    """
+
+    name = "cifar10"
+    num_classes = 10
+    in_channels = 3
+    image_size = 32
+    # Per-channel mean and standard deviation over every pixel of the 50000 training images.
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    class_names = CLASSES
+    files = (
+        *(f"{FOLDER}/data_batch_{i}" for i in range(1, 6)),
+        f"{FOLDER}/test_batch",
+        f"{FOLDER}/batches.meta",
+    )
+    source = torchvision.datasets.CIFAR10.url
+    contents = f"{FOLDER}/ with data_batch_1 to data_batch_5, test_batch and batches.meta"
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        download: bool = False,
+        num_val: int = 5000,
+        augment: bool = True,
+        probe: ImageDataModule | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            root=root,
+            download=download,
+            num_val=num_val,
+            probe=probe,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            eval_samples=eval_samples,
+            seed=seed,
+        )
+        if not isinstance(augment, bool):
+            raise ValueError(f"dataset.augment must be true or false, got {augment!r}")
+        self.augment = augment
+
+    def fetch(self) -> None:
+        torchvision.datasets.CIFAR10(str(self.root), train=True, download=True)
+
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        try:
+            data = torchvision.datasets.CIFAR10(str(self.root), train=train, download=False)
+        except RuntimeError as err:  # torchvision's MD5 check failed
+            raise self.corrupted(err) from err
+        images = uint8_images(data.data, channels_last=True)  # (N, 32, 32, 3) in the files
+        return images, torch.as_tensor(data.targets, dtype=torch.long)
+
+    def train_dataset(self, images: Tensor, labels: Tensor) -> Dataset:
+        if self.augment:
+            return AugmentedTensorDataset(images, labels, pad=4, flip=True)
+        return IndexedTensorDataset(images, labels)

@@ -1,0 +1,212 @@
+"""ImageNet, or any class-per-folder image tree, read with torchvision's ImageFolder.
+
+``dataset.root`` holds ``train/<class>/<image>`` and ``val/<class>/<image>``; the class
+list (and so the model's head) comes from the folder names of ``train/``, which ``val/``
+must match. Images are decoded with PIL and converted to RGB; training uses a random
+resized crop and horizontal flip, evaluation the classic resize-then-centre-crop (256 ->
+224, scaled with ``image_size``). Nothing is normalised: the model normalises inside.
+
+ImageNet has no public labelled test split, so ``val/`` is the evaluation (test) split,
+served in a seeded class-stratified order so that ``eval_samples`` images cover the classes
+evenly; the validation split for training is held out of ``train/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from pse_lightning.data.base import ImageDataModule
+from pse_lightning.data.digits import stratified_order
+from pse_lightning.data.real import ProbedDataModule, missing_data_error, split_train_val
+from pse_lightning.validation import require_at_least
+
+log = logging.getLogger(__name__)
+
+#: The resize-to-crop ratio of the standard ImageNet evaluation (resize 256, crop 224).
+RESIZE_RATIO = 256 / 224
+LAYOUT = (
+    "It should be an ImageFolder tree: train/<class>/<image> and val/<class>/<image>, "
+    "with the same class folders in both (for ImageNet, the wnids n01440764, ...; the "
+    "official val images come in one flat folder: sort them into class folders first, "
+    "e.g. with the devkit's valprep.sh). Set dataset.root to that folder"
+)
+
+
+class FolderSamples(Dataset):
+    """``(image, class)`` of a list of ``(path, class)`` samples, decoded on access.
+
+    Args:
+        samples: (path, class index) pairs, as ImageFolder scans them.
+        transform: PIL image -> (3, H, W) float tensor in [0, 1].
+        loader: path -> PIL image (ImageFolder's loader converts to RGB).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable[..., Tensor],
+        loader: Callable[[str], object] = torchvision.datasets.folder.default_loader,
+    ) -> None:
+        self.samples, self.transform, self.loader = list(samples), transform, loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(self.loader(path)), torch.tensor(label, dtype=torch.long), i
+
+
+def eval_transform(image_size: int) -> Callable[..., Tensor]:
+    """Resize the short side to ``image_size * 256 / 224``, centre-crop, to [0, 1]."""
+    return transforms.Compose(
+        [
+            transforms.Resize(round(image_size * RESIZE_RATIO), antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+        ]
+    )
+
+
+def train_transform(image_size: int) -> Callable[..., Tensor]:
+    """Random resized crop (Szegedy et al., 2015) and horizontal flip, to [0, 1]."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, antialias=True),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
+
+
+class ImageNetDataModule(ProbedDataModule):
+    """ImageNet (Russakovsky et al., 2015) or any ImageFolder tree with train/ and val/.
+
+    Args:
+        root: folder with ``train/`` and ``val/`` class folders.
+        image_size: side of the crops fed to the model (224 for ImageNet models).
+        num_val: ``train/`` images held out for validation (stratified by class, seeded).
+        probe: a datamodule with concept masks for dissection (``dataset.probe``, usually
+            Broden), or None.
+        batch_size, num_workers, eval_samples, seed: see :class:`ImageDataModule`.
+
+    Raises:
+        ValueError: naming the ``dataset.<key>`` that is out of range.
+    """
+
+    name = "imagenet"
+    in_channels = 3
+    image_size = 224
+    # torchvision's ImageNet statistics, which its pretrained weights expect.
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        image_size: int = 224,
+        num_val: int = 10000,
+        probe: ImageDataModule | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            probe=probe,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            eval_samples=eval_samples,
+            seed=seed,
+        )
+        self.root = Path(root).expanduser()
+        self.image_size = require_at_least("dataset.image_size", image_size, 8)
+        self.num_val = require_at_least("dataset.num_val", num_val, 1)
+        self._class_names: list[str] | None = None
+
+    @property
+    def class_names(self) -> Sequence[str]:  # type: ignore[override]
+        """Folder names of ``train/`` (known after ``setup``)."""
+        if self._class_names is None:
+            raise RuntimeError(
+                "ImageNetDataModule.setup() must run before the classes are known: they "
+                "come from the folders of dataset.root/train"
+            )
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:  # type: ignore[override]
+        return len(self.class_names)
+
+    def check_layout(self) -> None:
+        """Raise ``FileNotFoundError`` when ``root`` lacks ``train/`` or ``val/``."""
+        missing = [f"{split}/" for split in ("train", "val") if not (self.root / split).is_dir()]
+        if missing:
+            raise FileNotFoundError(missing_data_error(self.name, self.root, missing, LAYOUT))
+
+    def _scan(self, split: str) -> torchvision.datasets.ImageFolder:
+        try:
+            return torchvision.datasets.ImageFolder(str(self.root / split))
+        except FileNotFoundError as err:  # no class folders, or a class folder without images
+            raise FileNotFoundError(
+                f"dataset={self.name}: dataset.root/{split} ({self.root / split}) is not a "
+                f"class-per-folder image tree: {err} {LAYOUT}"
+            ) from err
+
+    def prepare_data(self) -> None:
+        """Check the layout now, so a wrong ``dataset.root`` fails before any work."""
+        self.check_layout()
+        super().prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan both trees (once), hold ``num_val`` training images out, set up the probe.
+
+        Raises:
+            FileNotFoundError: the layout is wrong or a tree has no images.
+            ValueError: ``val/`` has other classes than ``train/``, or ``num_val`` is too
+                large for ``train/``.
+        """
+        if self.train_set is None:
+            self.check_layout()
+            train_tree, val_tree = self._scan("train"), self._scan("val")
+            if val_tree.classes != train_tree.classes:
+                only_train = sorted(set(train_tree.classes) - set(val_tree.classes))
+                only_val = sorted(set(val_tree.classes) - set(train_tree.classes))
+                raise ValueError(
+                    f"dataset={self.name}: the class folders of {self.root / 'val'} differ "
+                    f"from those of {self.root / 'train'} (only in train: {only_train[:5]}, "
+                    f"only in val: {only_val[:5]}). {LAYOUT}"
+                )
+            labels = torch.tensor(train_tree.targets, dtype=torch.long)
+            train, val = split_train_val(labels, self.num_val, self.seed, "dataset.num_val")
+            samples = train_tree.samples
+            self.train_set = FolderSamples(
+                [samples[i] for i in train.tolist()], train_transform(self.image_size)
+            )
+            self.val_set = FolderSamples(
+                [samples[i] for i in val.tolist()], eval_transform(self.image_size)
+            )
+            # A class-stratified order: any prefix (eval_samples) covers the classes evenly.
+            order = stratified_order(torch.tensor(val_tree.targets).numpy(), self.seed)
+            self.test_set = FolderSamples(
+                [val_tree.samples[i] for i in order.tolist()], eval_transform(self.image_size)
+            )
+            self._class_names = list(train_tree.classes)
+            log.info(
+                "imagenet: %d classes, %d train / %d val / %d test images under %s",
+                len(self._class_names),
+                len(self.train_set),
+                len(self.val_set),
+                len(self.test_set),
+                self.root,
+            )
+        self.setup_probe()
