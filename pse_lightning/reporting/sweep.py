@@ -189,7 +189,9 @@ def write_comparison(sweep_dir: Path) -> Path | None:
         "test samples.", "", tables, "",
         *(["### Verdict", "", *findings, ""] if findings else []),
         *[f"![{f.stem}]({f.name})" for f in figures], "",
-        "Jobs: " + ", ".join(j["dir"] for j in jobs),
+        "Job directories (under this sweep directory): "
+        + ", ".join(f"{j['training']}/{j['attack']} → `{j['dir'].split('_', 1)[0]}_*`"
+                    for j in jobs),
     ])
     write_json_atomic(sweep_dir / "comparison.json", {"variants": summary, "verdict": findings,
                                                       "jobs": [j["dir"] for j in jobs]})
