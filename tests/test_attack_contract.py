@@ -8,7 +8,8 @@ from helpers import CONF_DIR, group_choices
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pse_lightning.attacks import PGD
+from pse_lightning.attacks import CWL2, EAD, FGSM, PGD, Attack, StrAttack
+from pse_lightning.attacks.base import AttackBatch
 from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.models import SmallCNN
 
@@ -142,8 +143,13 @@ def test_pgd_increases_loss_over_fgsm_start() -> None:
 
 @pytest.mark.parametrize(
     ("bad", "key"),
-    [({"eps": -0.1}, "attack.eps"), ({"eps": 8}, "attack.eps"), ({"steps": 0}, "attack.steps"),
-     ({"norm": "l3"}, "attack.norm"), ({"target_rule": "best"}, "attack.target_rule")],
+    [
+        ({"eps": -0.1}, "attack.eps"),
+        ({"eps": 8}, "attack.eps"),
+        ({"steps": 0}, "attack.steps"),
+        ({"norm": "l3"}, "attack.norm"),
+        ({"target_rule": "best"}, "attack.target_rule"),
+    ],
 )
 def test_bad_hyperparameters_name_the_key(bad: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
@@ -160,3 +166,199 @@ def test_rejects_normalised_or_nan_inputs() -> None:
         PGD()(model, x_nan, y)
     with pytest.raises(ValueError, match="untargeted"):
         PGD()(model, x, y, target=(y + 1) % 5)
+
+
+# -- what _perturb sees and returns -----------------------------------------------------------
+
+
+class CountingNet(torch.nn.Module):
+    """Counts the rows the wrapped model evaluates."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.num_classes, self.rows = model, 5, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return self.model(x)
+
+
+class Scripted(Attack):
+    """Returns a fixed image batch with fixed (possibly wrong or NaN) logits; records the
+    AttackBatch it was given."""
+
+    def __init__(self, x_adv, logits, **kw) -> None:
+        super().__init__(norm="linf", eps=0.1, **kw)
+        self.out, self.logits, self.seen = x_adv, logits, None
+
+    def _perturb(self, model, batch: AttackBatch):
+        self.seen = batch
+        return self.out if self.logits is None else (self.out, self.logits)
+
+
+def test_handed_logits_are_used_only_for_rows_the_enforcement_kept() -> None:
+    """Success is measured on the returned (projected) image: rows the projection changed,
+    and rows with NaN logits, are forwarded again; the other rows cost no forward pass."""
+    model, (x, y) = tiny_model(), batch(6)
+    counter = CountingNet(model)
+    x_adv = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    x_adv = PGD(eps=0.1).enforce_constraints(x, x_adv)
+    x_adv[1] = x[1] + 0.5  # outside the 0.1 ball and the box: projected
+    with torch.no_grad():
+        honest = model(x_adv)
+    handed = honest.clone()
+    handed[1] = 100.0  # stale: describes the unprojected image
+    handed[3] = float("nan")  # unknown
+    handed[4] = torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0])  # a lie on an unchanged row is kept
+    result = Scripted(x_adv, handed)(counter, x, y)
+    _ = result.logits_adv
+    assert counter.rows == 2  # rows 1 and 3 only
+    with torch.no_grad():
+        fresh = model(result.x_adv)
+    keep = torch.tensor([True, False, True, False, False, True])
+    torch.testing.assert_close(result.logits_adv[keep], fresh[keep])
+    torch.testing.assert_close(result.logits_adv[1], fresh[1])
+    torch.testing.assert_close(result.logits_adv[3], fresh[3])
+    assert torch.equal(result.logits_adv[4], handed[4])  # trusted as the attack's own pass
+    assert torch.equal(result.success, result.logits_adv.argmax(1) != y)
+    # Without logits every row is forwarded once.
+    counter.rows = 0
+    _ = Scripted(x_adv, None)(counter, x, y).success
+    assert counter.rows == 6
+
+
+def test_perturb_sees_true_labels_and_targets() -> None:
+    model, (x, y) = tiny_model(), batch(6)
+    spy = Scripted(x, None, targeted=True, target_rule="next")
+    spy(model, x, y, index=torch.arange(10, 16))
+    assert torch.equal(spy.seen.y, y) and torch.equal(spy.seen.target, (y + 1) % 5)
+    assert torch.equal(spy.seen.label, (y + 1) % 5)
+    assert torch.equal(spy.seen.index, torch.arange(10, 16)) and spy.seen.support is None
+    spy = Scripted(x, None)
+    spy(model, x, y)
+    assert spy.seen.target is None and torch.equal(spy.seen.label, y)
+
+
+@pytest.mark.parametrize(
+    ("attack", "per_row"),
+    [(FGSM(eps=0.03), 2), (PGD(steps=3, random_start=True), 4),
+     (PGD(steps=3, random_start=False, targeted=True, target_rule="random"), 4)],
+)  # fmt: skip
+def test_budget_attacks_pay_one_scoring_forward(attack: Attack, per_row: int) -> None:
+    """FGSM/PGD: one forward per gradient step plus one for the returned image; untargeted
+    and random/next targets need no clean forward."""
+    counter, (x, y) = CountingNet(tiny_model()), batch(6)
+    _ = attack(counter, x, y).success
+    assert counter.rows == per_row * len(x)
+
+
+@pytest.mark.parametrize("abort_early", [False, True])
+@pytest.mark.parametrize("cls", [CWL2, EAD, StrAttack])
+def test_min_norm_attacks_forward_only_the_rows_they_never_solved(cls, abort_early) -> None:
+    """The tracked logits of the best iterate spare the scoring forward of every found row."""
+    counter, (x, y) = CountingNet(tiny_model()), batch(6)
+    kw = {"refine": False} if cls is StrAttack else {}
+    attack = cls(steps=4, binary_search_steps=2, abort_early=abort_early, **kw)
+    rows_per_eval: list[int] = []
+    model = counter.model
+
+    class Recorder(torch.nn.Module):
+        num_classes = 5
+
+        def forward(self, xx):
+            rows_per_eval.append(len(xx))
+            return model(xx)
+
+    result = attack(Recorder(), x, y)
+    _ = result.logits_adv  # the scoring forward, if any, is the last one
+    found = torch.isfinite(result.extras["const"])
+    iterations = sum(rows_per_eval[: len(rows_per_eval) - (0 if found.all() else 1)])
+    if not abort_early:
+        assert iterations == len(x) * 4 * 2
+    assert sum(rows_per_eval) == iterations + int((~found).sum())
+    with torch.no_grad():
+        torch.testing.assert_close(result.logits_adv, model(result.x_adv), atol=1e-5, rtol=1e-5)
+
+
+def random_support(x: torch.Tensor, channels: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    return torch.rand(len(x), channels, *x.shape[2:], generator=gen) < 0.4
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_support_mask_confines_every_attack(name: str) -> None:
+    model, (x, _) = tiny_model(), batch()
+    with torch.no_grad():
+        y = model(x).argmax(1)  # correctly classified: a success must move the image
+    attack = attack_from_yaml(name)
+    support = random_support(x)
+    result = attack(model, x, y, support=support)
+    delta = result.x_adv - x
+    assert torch.all(delta * ~support == 0), "perturbation outside the support"
+    moved = delta.abs().flatten(1).amax(1) > 0
+    if "const" in result.extras:  # minimum-norm: exactly the found examples moved
+        assert torch.equal(moved, torch.isfinite(result.extras["const"]))
+        assert torch.equal(moved, result.success)
+    else:
+        assert moved.all(), "nothing was perturbed inside"
+    with torch.no_grad():
+        torch.testing.assert_close(result.logits_adv, model(result.x_adv))
+    assert torch.equal(result.success, result.logits_adv.argmax(1) != y)
+
+
+def test_l2_pgd_spends_its_whole_budget_inside_the_support() -> None:
+    """Masked gradients and starts, not post-hoc masking: the L2 step and the random start
+    live in the support, so a saturating attack reaches ||delta|| = eps there."""
+    model, (x, y) = tiny_model(), batch()
+    x = 0.25 + 0.5 * x  # far from the box, so only the ball binds
+    support = random_support(x, channels=3)
+    result = PGD(norm="l2", eps=0.5, step_size=0.5, steps=3)(model, x, y, support=support)
+    norms = flat_norm(result.x_adv - x, "l2")
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.5), atol=1e-4, rtol=0)
+
+
+def test_masked_cw_with_early_abort_is_batch_independent() -> None:
+    """The support is compacted with the rows, so early abort and masks combine (the old
+    reparametrised CAM wrapper needed abort_early=false)."""
+    model, (x, y) = tiny_model(), batch()
+    support = random_support(x)
+    attack = CWL2(steps=20, binary_search_steps=2, abort_early=True, initial_const=1.0)
+    full = attack(model, x, y, support=support)
+    assert torch.all((full.x_adv - x) * ~support == 0)
+    half = attack(model, x[2:], y[2:], support=support[2:])
+    torch.testing.assert_close(half.x_adv, full.x_adv[2:], atol=1e-5, rtol=0)
+
+
+def test_bad_support_names_its_shape() -> None:
+    model, (x, y) = tiny_model(), batch()
+    with pytest.raises(ValueError, match="support must be a bool tensor"):
+        PGD()(model, x, y, support=torch.ones(len(x), 2, 16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="support must be a bool tensor"):
+        PGD()(model, x, y, support=torch.ones(len(x), 1, 16, 16))
+
+
+def test_scoring_forward_runs_only_when_success_is_read() -> None:
+    """x_adv alone (adversarial training) costs no scoring forward; the first read of
+    success/logits_adv/target pays it once, in eval mode, on exactly x_adv."""
+    model, (x, y) = tiny_model(), batch(6)
+    counter = CountingNet(model)
+    result = FGSM(eps=0.03)(counter, x, y)
+    assert counter.rows == 6 and not result.scored  # the gradient step only
+    counter.train()
+    target = result.target
+    assert counter.rows == 12 and result.scored and counter.training
+    with torch.no_grad():
+        fresh = model.eval()(result.x_adv)
+    torch.testing.assert_close(result.logits_adv, fresh)
+    assert torch.equal(target, fresh.scatter(1, y[:, None], float("-inf")).argmax(1))
+    assert torch.equal(result.success, fresh.argmax(1) != y)
+    assert counter.rows == 12
+
+
+def test_late_scoring_refuses_a_changed_model() -> None:
+    model, (x, y) = tiny_model(), batch(6)
+    result = PGD(steps=2)(model, x, y)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # an optimizer step
+    with pytest.raises(RuntimeError, match="before updating the model"):
+        _ = result.success

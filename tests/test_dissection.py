@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import pse_lightning.analysis.dissection as dissection_module
@@ -28,22 +29,24 @@ from pse_lightning.analysis.dissection import Dissection
 from pse_lightning.analysis.functional.dissection import (
     RadixQuantile,
     activation_masks,
-    add_pair_tally,
-    candidate_pairs,
+    add_sparse_tally,
     empty_tally,
+    hot_bounds,
     hypergeom_sf,
     iou_tally,
     keys_to_values,
+    locate_rank,
     mann_whitney_u,
+    mask_thresholds,
     merge_top,
     ordered_keys,
-    pair_masks,
     permutation_pvalue,
     poisson_weights,
     rankdata,
     sensitivity_from_sums,
     sensitivity_terms,
     spearman,
+    upsample,
 )
 from pse_lightning.attacks import FGSM
 from pse_lightning.data.base import Concept, ShardSampler, dist_rank_world
@@ -287,6 +290,36 @@ def test_radix_thresholds_equal_numpy_quantile(bins: int, kind: str) -> None:
         np.testing.assert_allclose(got, ref, rtol=2**-23, atol=0)
 
 
+@pytest.mark.parametrize("bins", [16, 64, 4096, 65536])
+def test_locate_rank_equals_a_cumulative_search(bins: int) -> None:
+    gen = torch.Generator().manual_seed(8)
+    hist = torch.randint(0, 3, (5, bins), generator=gen) * (
+        torch.rand(5, bins, generator=gen) < 0.1
+    )
+    hist[0] = 0
+    hist[0, -1] = 4  # everything in the last bin
+    cum = hist.cumsum(dim=1)
+    total = cum[:, -1].contiguous()
+    for rank in (torch.zeros_like(total), total // 2, (total - 1).clamp_min(0), total):
+        want = torch.searchsorted(cum, rank.view(-1, 1), right=True).view(-1)
+        before = torch.where(
+            want > 0, cum.gather(1, (want - 1).clamp(0, bins - 1).view(-1, 1)).view(-1), 0
+        )
+        got, got_before = locate_rank(hist, rank)
+        assert torch.equal(got, want)
+        assert torch.equal(got_before, before)
+
+
+@pytest.mark.parametrize("nan", [math.nan, -math.nan])
+def test_radix_rejects_nan_but_keeps_infinities(nan: float) -> None:
+    data = torch.tensor([1.0, math.inf, -math.inf, 0.5]).repeat(50).view(10, 1, 4, 5)
+    ref = np.quantile(data.flatten().double().numpy(), 0.7)  # 1.0: infinities at both ends
+    assert radix_thresholds(data, 0.3, 256, batches=2).tolist() == [ref]
+    data[3, 0, 1, 1] = nan
+    with pytest.raises(ValueError, match="NaN"):
+        radix_thresholds(data, 0.3, 256, batches=2)
+
+
 def test_radix_thresholds_do_not_depend_on_batching() -> None:
     data = torch.randn(40, 4, 3, 3)
     a = radix_thresholds(data, 0.005, 256, batches=1)
@@ -310,33 +343,44 @@ def test_iou_tally_counts_by_hand() -> None:
     assert tally.label_area[1:].tolist() == [1, 2]
 
 
-def test_candidate_pairs_give_the_dense_masks_and_tally() -> None:
-    """Skipping maps whose peak is below T' must not lose a pixel, even where bilinear
-    rounding pushes a constant map a hair above its own value."""
+@pytest.mark.parametrize(
+    ("low", "high"), [(4, 12), (16, 32), (7, 112), (5, 12), (13, 7), (6, 6), (3, 9)]
+)
+def test_sparse_tally_equals_the_dense_masks(low: int, high: int) -> None:
+    """Visiting only pixels next to hot cells must not lose a pixel; up, down, same size."""
     gen = torch.Generator().manual_seed(4)
-    acts = torch.rand(6, 5, 4, 4, generator=gen)
-    acts[:, 0] = 0.9  # constant maps equal to the threshold
+    acts = torch.rand(6, 5, low, low, generator=gen)
+    acts[:, 0] = 0.9  # constant maps equal to the threshold: all mask (upsampled exactly)
+    acts[0, 0, 0, 0] = 0.1  # so 0.9 is not the unit's floor
     acts[:3, 1] = 0.3
     acts[:, 4] = 0.0  # dead unit at its floor
+    acts[4, 2] = -acts[4, 2]  # a signed unit
     thresholds = torch.tensor([0.9, 0.3, 0.95, 0.8, 0.0])
-    floors = acts.amin(dim=(0, 2, 3))
-    labels = torch.randint(0, 4, (6, 2, 12, 12), generator=gen)
+    floors, maxima = acts.amin(dim=(0, 2, 3)), acts.amax(dim=(0, 2, 3))
+    labels = torch.randint(0, 4, (6, 2, high, high), generator=gen)
     labels[:, 1] = torch.where(labels[:, 1] > 0, 3 + labels[:, 1] % 2, 0)
     labels[:, 0] = labels[:, 0] % 3
-    dense = activation_masks(acts, thresholds, floors, (12, 12))
+    labels[5] = 0  # an image annotated for no category
+    dense = activation_masks(acts, thresholds, floors, (high, high))
     reference = iou_tally(dense, labels, concepts=4)
-    image, unit = candidate_pairs(acts.flatten(2).amax(2), thresholds, floors)
-    assert len(image) < 6 * 5
-    masks = pair_masks(acts, image, unit, thresholds, floors, (12, 12))
-    assert torch.equal(masks, dense[image, unit])
-    skipped = torch.ones(6, 5, dtype=torch.bool)
-    skipped[image, unit] = False
-    assert not bool(dense[skipped].any())
     tally = empty_tally(5, 2, 4, torch.device("cpu"))
-    add_pair_tally(tally, masks, image, unit, labels)
+    mask_t = mask_thresholds(thresholds, floors)
+    add_sparse_tally(tally, acts, mask_t, hot_bounds(mask_t, floors, maxima), labels)
     assert torch.equal(tally.intersection, reference.intersection)
     assert torch.equal(tally.mask_area, reference.mask_area)
-    assert bool(dense[:, 0].any()) and not bool(dense[:, 4].any())
+    assert int(reference.intersection.sum()) > 0
+    assert bool(dense[1:, 0].all()) and not bool(dense[:, 4].any())
+
+
+def test_upsample_is_bilinear_with_half_pixel_centres() -> None:
+    gen = torch.Generator().manual_seed(6)
+    acts = torch.randn(2, 3, 5, 7, generator=gen)
+    got = upsample(acts, (12, 9))
+    ref = bilinear_reference(acts.double().numpy(), 12, 9)
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=4e-6)  # float32 weights
+    torch.testing.assert_close(
+        got, F.interpolate(acts, size=(12, 9), mode="bilinear", align_corners=False)
+    )
 
 
 def test_hand_built_detectors_find_their_concepts() -> None:
@@ -385,6 +429,42 @@ def test_iou_matches_numpy_reference_on_random_data(
         np.testing.assert_allclose(result.thresholds.double().numpy(), thresholds, rtol=2**-23)
         np.testing.assert_allclose(result.iou.numpy(), iou, rtol=1e-12, atol=1e-12)
         assert float(result.iou.max()) > 0.0
+
+
+def test_cache_runs_the_model_once_per_image_and_changes_nothing(tmp_path: Path) -> None:
+    """With the cache: one truncated forward per probe batch (plus one for the layer shapes),
+    the head never runs, the same numbers as re-running the model, and no file left."""
+    data = random_probe(n=23, batch_size=4)  # 6 batches, the last one short
+    model = RandomConvNet().eval()
+    calls = {"features.0": 0, "fc": 0}
+    for name in calls:
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, _o, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    results = {}
+    for cached in (True, False):
+        calls.update({"features.0": 0, "fc": 0})
+        dissection = Dissection(
+            quantile=0.05,
+            bins=16,  # 8 radix passes
+            top_units=0,  # no showcase figure: its forwards are not probe passes
+            permutations=0,
+            bootstrap=0,
+            cache_features=cached,
+            cache_dir=str(tmp_path),
+        )
+        dissection.prepare(model, data)
+        forwards = 1 + 6 if cached else 1 + 6 * (8 + 1)
+        assert calls == {"features.0": forwards, "fc": 0}
+        assert len(dissection.probe.pass_seconds) == 8 + 1
+        assert list(tmp_path.iterdir()) == []
+        results[cached] = dissection.probe.layers
+    for name, layer in results[True].items():
+        other = results[False][name]
+        for key in ("thresholds", "floors", "top_index", "top_scores", "iou"):
+            assert torch.equal(getattr(layer, key), getattr(other, key)), key
+        for got, want in zip(layer.tally.tensors(), other.tally.tensors(), strict=True):
+            assert torch.equal(got, want)
 
 
 def test_max_probe_images_equals_a_truncated_probe_set() -> None:
@@ -610,6 +690,8 @@ def test_invalid_settings_name_their_key() -> None:
         Dissection(quantile=0.0)
     with pytest.raises(ValueError, match="analysis.layers"):
         Dissection(layers="features.1")
+    with pytest.raises(ValueError, match="analysis.cache_features"):
+        Dissection(cache_features="yes")
     data = random_probe()
     data.dataset.labels[0, 0, 0, 0] = 9
     with pytest.raises(ValueError, match="concept ids"):

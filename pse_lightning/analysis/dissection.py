@@ -2,8 +2,10 @@
 
 ``prepare`` dissects the chosen layers on the probe set (Bau et al., 2017; METHODS §4):
 exact per-unit top-quantile thresholds in streaming radix passes, then one pass of IoU
-tallies between upsampled activation masks and concept masks. Every tally is an integer
-sum, min or max reduced with ``all_reduce``, so one process and N processes give the same
+tallies between upsampled activation masks and concept masks. The model runs once per probe
+image, stopped after the deepest dissected layer; the later passes read the activations
+back from a temporary on-disk cache (``cache_features``). Every tally is an integer sum,
+min or max reduced with ``all_reduce``, so one process and N processes give the same
 thresholds and IoUs bit for bit, and memory does not grow with the probe set.
 
 ``update`` accumulates each unit's activation change between clean and adversarial
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,17 +38,17 @@ from pse_lightning.analysis.functional.dissection import (
     IoUTally,
     RadixQuantile,
     activation_masks,
-    add_pair_tally,
+    add_sparse_tally,
     best_concepts,
-    candidate_pairs,
     category_iou,
     empty_tally,
+    hot_bounds,
     hypergeom_sf,
     iou_from_tally,
     label_area,
     mann_whitney_u,
+    mask_thresholds,
     merge_top,
-    pair_masks,
     permutation_pvalue,
     poisson_weights,
     sensitivity_from_sums,
@@ -60,7 +63,6 @@ from pse_lightning.validation import require_at_least, require_in_range
 log = logging.getLogger(__name__)
 
 _EMPTY_INDEX = 1 << 62  # sorts after every dataset index: an empty slot of a top-k list
-_MASK_ELEMENTS = 1 << 22  # upsampled mask elements per chunk: bounds memory per batch
 _HISTOGRAM_BYTES = 1 << 28  # per-layer cap of the threshold histogram (see layer_bins)
 
 
@@ -145,6 +147,103 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# Activation cache ---------------------------------------------------------------------------
+
+
+def _label_dtype(concepts: int) -> torch.dtype:
+    if concepts < 1 << 8:
+        return torch.uint8
+    if concepts < 1 << 15:
+        return torch.int16
+    return torch.int32
+
+
+class ActivationCache:
+    """The dissected layers' activations and the probe labels of this process's shard, in
+    append-only files of a temporary directory that :meth:`close` deletes.
+
+    One forward pass fills it; the later threshold passes and the IoU pass read it back
+    batch by batch instead of running the model again (NetDissect-Lite caches features the
+    same way). Files are read with ``readinto`` into a fresh buffer per batch, not memory-
+    mapped, so resident memory stays at one batch whatever the probe set's size; disk use
+    is the activations' float32 size plus the labels (1 byte per pixel and category below
+    256 concepts).
+
+    Args:
+        layers: the layer names, in the order their activations are appended.
+        concepts: C, which picks the labels' storage type.
+        directory: where the temporary directory goes (None: the system's default).
+    """
+
+    def __init__(self, layers: Sequence[str], concepts: int, directory: str | None) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="pse-dissection-", dir=directory)
+        root = Path(self._dir.name)
+        self.layers = list(layers)
+        self.label_dtype = _label_dtype(concepts)
+        self._files = {
+            name: open(root / f"layer{i}.f32", "w+b")  # noqa: SIM115 - closed in close()
+            for i, name in enumerate(self.layers)
+        }
+        self._labels = open(root / "labels.bin", "w+b")  # noqa: SIM115
+        self._index = open(root / "index.i64", "w+b")  # noqa: SIM115
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._label_shape: tuple[int, ...] = ()
+        self.lengths: list[int] = []  # images per cached batch (a few ints per batch)
+
+    def append(self, acts: dict[str, Tensor], labels: Tensor, index: Tensor) -> None:
+        """Write one batch: activations (N, K, h, w), labels (N, G, H, W), index (N,)."""
+        try:
+            for name in self.layers:
+                a = acts[name].detach().float().contiguous().cpu()
+                self._shapes[name] = tuple(a.shape[1:])
+                self._files[name].write(a.numpy().data)
+            lab = labels.to(self.label_dtype).contiguous().cpu()
+            self._label_shape = tuple(lab.shape[1:])
+            self._labels.write(lab.numpy().data)
+            self._index.write(index.to(torch.int64).contiguous().cpu().numpy().data)
+        except OSError as err:
+            raise OSError(
+                f"dissection could not write its activation cache in {self._dir.name} "
+                f"({err}); free disk space, point analysis.cache_dir at a larger disk, or "
+                "set analysis.cache_features=false to run the model in every probe pass"
+            ) from err
+        self.lengths.append(len(index))
+
+    @staticmethod
+    def _read(file: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.numpy()).cast("B")
+        if file.readinto(view) != len(view):
+            raise RuntimeError("dissection's activation cache is shorter than written")
+        return out
+
+    def batches(
+        self, device: torch.device, labels: bool
+    ) -> Iterator[tuple[dict[str, Tensor], Tensor | None, Tensor]]:
+        """Read the batches back in order: (activations, labels or None, index)."""
+        for file in (*self._files.values(), self._labels, self._index):
+            file.flush()
+            file.seek(0)
+        for n in self.lengths:
+            acts = {
+                name: self._read(self._files[name], torch.float32, (n, *self._shapes[name])).to(
+                    device
+                )
+                for name in self.layers
+            }
+            lab = None
+            if labels:
+                lab = self._read(self._labels, self.label_dtype, (n, *self._label_shape))
+                lab = lab.to(device).long()
+            index = self._read(self._index, torch.int64, (n,)).to(device)
+            yield acts, lab, index
+
+    def close(self) -> None:
+        for file in (*self._files.values(), self._labels, self._index):
+            file.close()
+        self._dir.cleanup()
+
+
 # Results ------------------------------------------------------------------------------------
 
 
@@ -218,8 +317,11 @@ class Dissection(Analysis):
         quantile: q, the fraction of a unit's activations above its threshold (0.005).
         iou_threshold: a unit is interpretable when its best IoU exceeds this (0.04).
         bins: histogram bins per unit in each threshold pass, a power of two; thresholds
-            take ceil(32 / log2(bins)) probe passes (2 at 65536) and K * bins int64 of
-            memory per layer, capped at 256 MB by lowering a wide layer's bins.
+            take ceil(32 / log2(bins)) probe passes (3 at 4096, 2 at 65536) and K * bins
+            int64 of memory per layer, capped at 256 MB by lowering a wide layer's bins.
+            With the cache only the first pass runs the model and the others cost about a
+            tenth of a forward each, so 4096 (2 MB for 64 units) is the default; without
+            it 65536 saves one forward pass for 16 times the memory.
         max_probe_images: dissect only probe images with dataset index below this (null:
             all); chosen by index, so the same images under any number of processes.
         top_images: top-activating probe images kept per unit for the report figure.
@@ -230,6 +332,12 @@ class Dissection(Analysis):
             interpretable units (hypergeometric p-value).
         successful_only: accumulate sensitivity over successful attacks only.
         seed: seed of the permutations and the bootstrap weights.
+        cache_features: keep the probe set's activations of the dissected layers (float32)
+            and labels in temporary files during ``prepare``, so the model runs once per
+            probe image and the later passes read the files (disk: about 4 bytes per
+            activation, deleted at the end); false runs the model in every pass instead
+            (no disk, 1 + ceil(32 / log2(bins)) forward passes).
+        cache_dir: directory of those files (null: the system's temporary directory).
         kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -241,7 +349,7 @@ class Dissection(Analysis):
         layers: Sequence[str] | None = None,
         quantile: float = 0.005,
         iou_threshold: float = 0.04,
-        bins: int = 65536,
+        bins: int = 4096,
         max_probe_images: int | None = None,
         top_images: int = 4,
         top_units: int = 4,
@@ -250,6 +358,8 @@ class Dissection(Analysis):
         enrichment_top: float = 0.1,
         successful_only: bool = False,
         seed: int = 0,
+        cache_features: bool = True,
+        cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -280,6 +390,12 @@ class Dissection(Analysis):
             )
         self.successful_only = successful_only
         self.seed = int(seed)
+        if not isinstance(cache_features, bool):
+            raise ValueError(
+                f"analysis.cache_features must be true or false, got {cache_features!r}"
+            )
+        self.cache_features = cache_features
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
         self.probe: ProbeResult | None = None
         self.add_state(
             "sens_count",
@@ -319,48 +435,86 @@ class Dissection(Analysis):
         device = _model_device(model)
         loader = datamodule.probe_dataloader()
         head_layer = self._head_layer(model, layers)
+        n_concepts, n_categories = len(concepts), len(categories)
+        cache = (
+            ActivationCache(layers, n_concepts, self.cache_dir) if self.cache_features else None
+        )
+        seconds: list[float] = []
+        cpu_seconds: list[float] = []
 
-        with frozen_eval(model), torch.no_grad():
-            units = self._unit_counts(model, loader, layers, device)
-            searches = {
-                n: RadixQuantile(units[n], self.quantile, self.layer_bins(units[n]), device)
-                for n in layers
-            }
-            passes = max(s.passes for s in searches.values())
-            seconds, cpu_seconds = [], []
-            for _ in range(passes):
-                start, cpu_start = time.perf_counter(), time.process_time()
-                active = [n for n in layers if not searches[n].done]
-                tallies = {n: searches[n].new_tallies() for n in active}
-                for x, _labels, _index in self._probe_batches(
-                    loader, device, len(concepts), len(categories)
-                ):
-                    acts = layer_activations(model, x, layers, loader.batch_size)
-                    for n in active:
-                        searches[n].accumulate(tallies[n], acts[n])
-                for n in active:
-                    for key, tensor in tallies[n].items():
-                        all_reduce_(tensor, RadixQuantile.REDUCE_OPS[key])
-                    searches[n].advance(tallies[n])
-                seconds.append(time.perf_counter() - start)
-                cpu_seconds.append(time.process_time() - cpu_start)
-            thresholds = {n: s.thresholds() for n, s in searches.items()}
-            floors = {n: s.minimum() for n, s in searches.items()}
+        def sweep(labels: bool) -> Iterator[tuple[dict[str, Tensor], Tensor | None, Tensor]]:
+            """One pass over the probe set: from the cache, or the model once more."""
             start, cpu_start = time.perf_counter(), time.process_time()
-            results, probe_images = self._iou_pass(
-                model,
-                loader,
-                layers,
-                units,
-                thresholds,
-                floors,
-                concept_category,
-                len(concepts),
-                len(categories),
-                device,
-            )
+            if cache is not None:
+                yield from cache.batches(device, labels)
+            else:
+                for x, lab, index in self._probe_batches(loader, device, n_concepts, n_categories):
+                    yield layer_activations(model, x, layers, loader.batch_size), lab, index
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
+
+        try:
+            with frozen_eval(model), torch.no_grad():
+                units = self._unit_counts(model, loader, layers, device)
+                searches = {
+                    n: RadixQuantile(units[n], self.quantile, self.layer_bins(units[n]), device)
+                    for n in layers
+                }
+                k = max(self.top_images, 1)
+                tops = {
+                    n: (
+                        torch.full((units[n], k), -math.inf, device=device),
+                        torch.full((units[n], k), _EMPTY_INDEX, dtype=torch.int64, device=device),
+                    )
+                    for n in layers
+                }
+                images = torch.zeros((), dtype=torch.int64, device=device)
+                # Pass 1 runs the model (stopped after the deepest layer): the first radix
+                # histogram, the top-activating images and the cache, from one forward.
+                start, cpu_start = time.perf_counter(), time.process_time()
+                tallies = {n: searches[n].new_tallies() for n in layers}
+                for x, labels, index in self._probe_batches(
+                    loader, device, n_concepts, n_categories
+                ):
+                    acts = layer_activations(model, x, layers, loader.batch_size)
+                    images += len(x)
+                    for n in layers:
+                        searches[n].accumulate(tallies[n], acts[n])
+                        peak = acts[n].flatten(2).amax(dim=2)  # (N, K) per-image peak
+                        tops[n] = merge_top(peak.T, index, *tops[n], k)
+                    if cache is not None:
+                        cache.append(acts, labels, index)
+                self._advance(searches, tallies)
+                seconds.append(time.perf_counter() - start)
+                cpu_seconds.append(time.process_time() - cpu_start)
+                while not all(s.done for s in searches.values()):
+                    active = [n for n in layers if not searches[n].done]
+                    tallies = {n: searches[n].new_tallies() for n in active}
+                    for acts, _labels, _index in sweep(labels=False):
+                        for n in active:
+                            searches[n].accumulate(tallies[n], acts[n])
+                    self._advance(searches, tallies)
+                thresholds = {n: s.thresholds() for n, s in searches.items()}
+                floors = {n: s.minimum() for n, s in searches.items()}
+                iou_tallies = {
+                    n: empty_tally(units[n], n_categories, n_concepts, device) for n in layers
+                }
+                mask_t = {n: mask_thresholds(thresholds[n], floors[n]).to(device) for n in layers}
+                bounds = {
+                    n: hot_bounds(mask_t[n], floors[n], searches[n].maximum()).to(device)
+                    for n in layers
+                }
+                for acts, labels, _index in sweep(labels=True):
+                    areas = label_area(labels, n_concepts)
+                    for n in layers:
+                        add_sparse_tally(iou_tallies[n], acts[n], mask_t[n], bounds[n], labels)
+                        iou_tallies[n].label_area += areas
+        finally:
+            if cache is not None:
+                cache.close()
+        results, probe_images = self._reduce_results(
+            layers, iou_tallies, tops, images, thresholds, floors, concept_category
+        )
         self.probe = ProbeResult(
             layers=results,
             concepts=concepts,
@@ -449,47 +603,28 @@ class Dissection(Analysis):
                 )
             yield x.to(device).float(), labels.to(device).long(), index.to(device)
 
-    def _iou_pass(
+    @staticmethod
+    def _advance(
+        searches: dict[str, RadixQuantile], tallies: dict[str, dict[str, Tensor]]
+    ) -> None:
+        """Reduce one radix pass's tallies across processes and advance each search."""
+        for n, layer_tallies in tallies.items():
+            for key, tensor in layer_tallies.items():
+                all_reduce_(tensor, RadixQuantile.REDUCE_OPS[key])
+            searches[n].advance(layer_tallies)
+
+    def _reduce_results(
         self,
-        model: nn.Module,
-        loader: DataLoader,
         layers: list[str],
-        units: dict[str, int],
+        tallies: dict[str, IoUTally],
+        tops: dict[str, tuple[Tensor, Tensor]],
+        images: Tensor,
         thresholds: dict[str, Tensor],
         floors: dict[str, Tensor],
         concept_category: Tensor,
-        concepts: int,
-        categories: int,
-        device: torch.device,
     ) -> tuple[dict[str, LayerDissection], int]:
-        tallies = {n: empty_tally(units[n], categories, concepts, device) for n in layers}
+        """All-reduce the IoU tallies and merge the top images of every process."""
         k = max(self.top_images, 1)
-        tops = {
-            n: (
-                torch.full((units[n], k), -math.inf, device=device),
-                torch.full((units[n], k), _EMPTY_INDEX, dtype=torch.int64, device=device),
-            )
-            for n in layers
-        }
-        images = torch.zeros((), dtype=torch.int64, device=device)
-        t_dev = {n: thresholds[n].to(device) for n in layers}
-        f_dev = {n: floors[n].to(device) for n in layers}
-        for x, labels, index in self._probe_batches(loader, device, concepts, categories):
-            acts = layer_activations(model, x, layers, loader.batch_size)
-            images += len(x)
-            size = tuple(labels.shape[-2:])
-            areas = label_area(labels, concepts)
-            step = max(1, _MASK_ELEMENTS // (size[0] * size[1]))
-            for n in layers:
-                a = acts[n]
-                peak = a.flatten(2).amax(dim=2)  # (N, K) per-image peak activation
-                image, unit = candidate_pairs(peak, t_dev[n], f_dev[n])
-                for start in range(0, len(image), step):
-                    i, u = image[start : start + step], unit[start : start + step]
-                    masks = pair_masks(a, i, u, t_dev[n], f_dev[n], size)
-                    add_pair_tally(tallies[n], masks, i, u, labels)
-                tallies[n].label_area += areas
-                tops[n] = merge_top(peak.T, index, *tops[n], k)
         results = {}
         all_reduce_(images, "sum")
         for n in layers:

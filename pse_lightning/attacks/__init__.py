@@ -1,10 +1,10 @@
 """Batched adversarial attacks; each is a plain callable usable without Lightning."""
 
-from pse_lightning.attacks.base import Attack, AttackResult
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackResult
 from pse_lightning.attacks.fgsm import FGSM
 from pse_lightning.attacks.pgd import PGD
 
-__all__ = ["Attack", "AttackResult", "FGSM", "PGD"]
+__all__ = ["Attack", "AttackBatch", "AttackResult", "FGSM", "PGD"]
 
 from pse_lightning.attacks.cam_guided import CAMGuided  # noqa: E402
 

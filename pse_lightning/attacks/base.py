@@ -2,17 +2,23 @@
 
 ``Attack.__call__`` is the one public entry point and is the same for all attacks: it
 validates the batch, freezes the model in eval mode (restoring every module's own mode
-afterwards), resolves the target, calls the subclass's ``_perturb``, enforces the box and
-the norm budget exactly, and recomputes logits and success with a fresh forward pass on the
-exact tensor it returns (the EAD bug of foolbox PR #559 and torchattacks PR #140).
+afterwards), resolves the target, calls the subclass's ``_perturb`` with one
+:class:`AttackBatch`, enforces the box, the norm budget and the support mask exactly, and
+reports logits and success of the exact tensor it returns (the EAD bug of foolbox PR #559
+and torchattacks PR #140): an attack may hand back the logits of its final iterate (the
+minimum-norm attacks track them for free), and the base class re-forwards only the rows
+whose logits are unknown or whose image the enforcement changed. That forward pass runs
+when the result's ``success``/``logits_adv``/``target`` is first read, so callers that only
+use ``x_adv`` (adversarial training) skip it.
 """
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -33,28 +39,124 @@ TARGET_RULES: tuple[str, ...] = ("random", "least_likely", "next")
 STREAM_START, STREAM_TARGET = 1, 2
 
 
-@dataclass(frozen=True)
 class AttackResult:
     """What an attack returns for a batch of N images.
 
     Attributes:
         x_adv: (N, C, H, W) adversarial images in [0, 1], within the budget.
-        success: (N,) bool, from a fresh forward pass on ``x_adv``.
-        logits_adv: (N, K) logits of ``x_adv``.
+        success: (N,) bool, from ``logits_adv``.
+        logits_adv: (N, K) logits of exactly ``x_adv`` (after the box, budget and support
+            enforcement): from the attack's own forward pass where it had them for a row
+            the enforcement left bit-identical, else from a fresh forward pass.
         target: (N,) the class the perturbation aims at: the requested target of a
             targeted attack, else the adversarial runner-up argmax_{j != y} Z_j(x_adv)
             (the class the PSE analysis measures promotion for).
         targeted: whether the attack was targeted.
         extras: attack-specific per-sample tensors (for example the group structure of the
             structured attack), keyed by name.
+
+    ``logits_adv`` may be given as a function: the forward pass that scores ``x_adv`` then
+    runs on first access of ``logits_adv``, ``success`` or (untargeted) ``target``, so a
+    caller that only wants ``x_adv`` (adversarial training) never pays it. The attack's
+    function refuses to run once the model's parameters or buffers changed in place.
     """
 
-    x_adv: Tensor
-    success: Tensor
-    logits_adv: Tensor
-    target: Tensor
-    targeted: bool
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    def __init__(
+        self,
+        *,
+        x_adv: Tensor,
+        logits_adv: Tensor | Callable[[], Tensor],
+        y: Tensor,
+        target: Tensor | None,
+        targeted: bool,
+        extras: dict[str, Tensor] | None = None,
+    ) -> None:
+        self.x_adv = x_adv
+        self.targeted = targeted
+        self.extras = dict(extras or {})
+        self._logits = logits_adv
+        self._y = y
+        self._target = target if targeted else None
+
+    @property
+    def logits_adv(self) -> Tensor:
+        if callable(self._logits):
+            self._logits = self._logits()
+        return self._logits
+
+    @property
+    def success(self) -> Tensor:
+        return is_success(self.logits_adv, self._y, self._target, self.targeted)
+
+    @property
+    def target(self) -> Tensor:
+        if self._target is not None:
+            return self._target
+        return other_max_index(self.logits_adv, self._y)
+
+    @property
+    def scored(self) -> bool:
+        """Whether ``logits_adv`` is known (reading it costs no forward pass)."""
+        return not callable(self._logits)
+
+
+def model_version(model: nn.Module) -> int:
+    """Sum of the in-place version counters of the model's parameters and buffers: it
+    changes when an optimizer step or a train-mode forward (BatchNorm statistics) does."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return sum(t._version for t in tensors if not t.is_inference())
+
+
+@dataclass(frozen=True)
+class AttackBatch:
+    """Everything ``_perturb`` gets besides the model, for a batch of N images.
+
+    Attributes:
+        x: (N, C, H, W) clean images in [0, 1], detached.
+        y: (N,) true labels (also for targeted attacks: region masks need them).
+        target: (N,) target classes of a targeted attack, None for an untargeted one.
+        index: (N,) dataset indices that key the per-sample randomness.
+        support: (N, 1 or C, H, W) bool, the coordinates the perturbation may touch; None
+            for all. The base class enforces it on the returned images; attacks also honour
+            it while optimising (masked gradients and starts), so an L2 budget or a
+            minimum-norm search is spent inside it.
+    """
+
+    x: Tensor
+    y: Tensor
+    target: Tensor | None
+    index: Tensor
+    support: Tensor | None = None
+
+    @property
+    def label(self) -> Tensor:
+        """The class the objective is about: the target (targeted) or y."""
+        return self.y if self.target is None else self.target
+
+    def confine(self, v: Tensor) -> Tensor:
+        """``v`` with the coordinates outside the support zeroed (no-op without one)."""
+        return v if self.support is None else v * self.support
+
+    def restrict(self, x_adv: Tensor) -> Tensor:
+        """``x_adv`` outside the support reset to x exactly (no-op without one)."""
+        return x_adv if self.support is None else torch.where(self.support, x_adv, self.x)
+
+
+# What ``_perturb`` returns: the images, or the images and their logits (rows of NaN where
+# a row's logits are unknown), which spares the base class a forward pass.
+Perturbation = Tensor | tuple[Tensor, Tensor]
+
+
+def keep_logits(before: Tensor, after: Tensor, logits: Tensor | None) -> Tensor | None:
+    """``logits`` of ``before`` as logits of ``after``: NaN in the rows that changed.
+
+    Enforcement (projection, support) usually leaves an attack's output bit-identical; a
+    row it changes, even by one rounding step, must be forwarded again.
+    """
+    if logits is None:
+        return None
+    changed = (before != after).flatten(1).any(dim=1)
+    return logits.masked_fill(changed[:, None], float("nan"))
 
 
 @contextmanager
@@ -110,7 +212,11 @@ class Attack(ABC):
             require_choice("attack.norm", norm, NORMS)
             if norm == "linf":
                 require_in_range(
-                    "attack.eps", eps, 0.0, 1.0, low_open=True,
+                    "attack.eps",
+                    eps,
+                    0.0,
+                    1.0,
+                    low_open=True,
                     hint="inputs are in [0, 1], for 8/255 write 0.0314",
                 )
             else:
@@ -135,6 +241,7 @@ class Attack(ABC):
         y: Tensor,
         target: Tensor | None = None,
         index: Tensor | None = None,
+        support: Tensor | None = None,
     ) -> AttackResult:
         """Attack a batch.
 
@@ -145,39 +252,44 @@ class Attack(ABC):
             target: (N,) explicit target classes; only for targeted attacks.
             index: (N,) dataset indices that key the per-sample randomness; defaults to
                 0..N-1, so pass them whenever results must not depend on batching.
+            support: (N, 1 or C, H, W) bool, the only coordinates the perturbation may
+                touch (intersected with the attack's own region, if it has one).
 
         Returns:
             An :class:`AttackResult`.
         """
-        require_images("x", x)
+        check_images(x)
         if index is None:
             index = torch.arange(len(x), device=x.device)
+        x = x.detach()
         with frozen_eval(model), torch.enable_grad():
             logits_clean = None
-            if self.targeted and target is None:
+            if self.targeted and target is None and self.target_rule == "least_likely":
                 with torch.no_grad():
                     logits_clean = model(x)
             num_classes = self._num_classes(model, x, logits_clean)
             require_labels("y", y, len(x), num_classes)
             if target is not None:
                 if not self.targeted:
-                    raise ValueError("an explicit target was passed to an untargeted attack; "
-                                     "set attack.targeted=true")
+                    raise ValueError(
+                        "an explicit target was passed to an untargeted attack; "
+                        "set attack.targeted=true"
+                    )
                 require_labels("target", target, len(x), num_classes)
             elif self.targeted:
-                target = self.choose_target(logits_clean, y, index)
-            label = target if self.targeted else y
-            x_adv = self._perturb(model, x.detach(), label, index).detach()
-            x_adv = self.enforce_constraints(x, x_adv)
-            with torch.no_grad():
-                logits_adv = model(x_adv)
-        success = is_success(logits_adv, y, target, self.targeted)
-        aimed = target if self.targeted else other_max_index(logits_adv, y)
+                target = self.choose_target(logits_clean, y, index, num_classes)
+            support = intersect_masks(check_support(support, x), self._region(model, x, y))
+            batch = AttackBatch(x, y, target if self.targeted else None, index, support)
+            out = self._perturb(model, batch)
+            x_adv, logits = out if isinstance(out, tuple) else (out, None)
+            x_adv = x_adv.detach()
+            x_final = batch.restrict(self.enforce_constraints(x, x_adv))
+            known = keep_logits(x_adv, x_final, logits)
         return AttackResult(
-            x_adv=x_adv,
-            success=success,
-            logits_adv=logits_adv,
-            target=aimed,
+            x_adv=x_final,
+            logits_adv=self._scorer(model, x_final, known),
+            y=y,
+            target=target,
             targeted=self.targeted,
             extras=self.extras(),
         )
@@ -185,8 +297,20 @@ class Attack(ABC):
     # -- hooks for subclasses -------------------------------------------------------------
 
     @abstractmethod
-    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
-        """Return adversarial images for ``x``; ``label`` is the target (targeted) or y."""
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
+        """Adversarial images for ``batch.x``, optionally with their logits.
+
+        Return the images, or ``(images, logits)`` when the logits of exactly those images
+        are at hand (rows of NaN where not): the base class then skips their forward pass.
+        """
+
+    def _region(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
+        """(N, 1 or C, H, W) bool: where this attack may perturb (None: anywhere).
+
+        A hook for region-restricted attacks (:class:`~pse_lightning.attacks.CAMGuided`);
+        the base class intersects it with the caller's ``support`` and enforces it.
+        """
+        return None
 
     def extras(self) -> dict[str, Tensor]:
         """Attack-specific outputs of the last call (group structure, constants...)."""
@@ -200,28 +324,67 @@ class Attack(ABC):
             return self.ball.project(x, x_adv)
         return x_adv.clamp(0.0, 1.0)
 
-    def sample_start(self, x: Tensor, index: Tensor) -> Tensor:
-        """A uniformly random point of the ball, keyed by (seed, sample index)."""
-        noise = randomness.uniform(index, tuple(x.shape[1:]), self.seed, STREAM_START)
-        return self.ball.sample(x, noise.to(x.dtype))
+    def sample_start(self, batch: AttackBatch) -> Tensor:
+        """A uniformly random point of the ball (inside the support), keyed by (seed,
+        sample index)."""
+        x = batch.x
+        noise = randomness.uniform(batch.index, tuple(x.shape[1:]), self.seed, STREAM_START)
+        return batch.restrict(self.ball.sample(x, noise.to(x.dtype)))
 
     def objective_gradient(
-        self, model: nn.Module, x_adv: Tensor, label: Tensor, loss: str,
+        self,
+        model: nn.Module,
+        x_adv: Tensor,
+        batch: AttackBatch,
+        loss: str,
         reference: Tensor | None = None,
     ) -> Tensor:
-        """Gradient of the per-sample ascent objective at ``x_adv`` (one fwd + one bwd)."""
+        """Gradient of the per-sample ascent objective at ``x_adv`` (one fwd + one bwd),
+        zero outside the support."""
         x_adv = x_adv.detach().requires_grad_(True)
-        objective = ascent_objective(model(x_adv), label, self.targeted, loss, reference)
-        return input_gradient(objective, x_adv)
+        logits = model(x_adv)
+        objective = ascent_objective(logits, batch.label, self.targeted, loss, reference)
+        return batch.confine(input_gradient(objective, x_adv))
 
-    def choose_target(self, logits_clean: Tensor, y: Tensor, index: Tensor) -> Tensor:
-        """Resolve ``target_rule`` into (N,) target classes, never equal to y."""
-        num_classes = logits_clean.shape[1]
+    def choose_target(
+        self, logits_clean: Tensor | None, y: Tensor, index: Tensor, num_classes: int
+    ) -> Tensor:
+        """Resolve ``target_rule`` into (N,) target classes, never equal to y (only
+        'least_likely' reads the clean logits)."""
         if self.target_rule == "next":
             return (y + 1) % num_classes
         if self.target_rule == "least_likely":
             return logits_clean.scatter(1, y[:, None], float("inf")).argmin(dim=1)
         return randomness.randint_excluding(index, y, num_classes, self.seed, STREAM_TARGET)
+
+    @staticmethod
+    def _scorer(
+        model: nn.Module, x_adv: Tensor, logits: Tensor | None
+    ) -> Tensor | Callable[[], Tensor]:
+        """Logits of ``x_adv``: the known rows of ``logits`` now, or a function that
+        forwards the other rows when the result is first read."""
+        if logits is not None:
+            logits = logits.detach()
+            stale = logits.isnan().any(dim=1)
+            if not bool(stale.any()):
+                return logits
+        version = model_version(model)
+
+        def score() -> Tensor:
+            if model_version(model) != version:
+                raise RuntimeError(
+                    "AttackResult.success/logits_adv/target read after the model changed "
+                    "(an optimizer step or a train-mode forward since the attack ran): read "
+                    "them before updating the model"
+                )
+            with frozen_eval(model), torch.no_grad():
+                if logits is None or bool(stale.all()):
+                    return model(x_adv)
+                out = logits.clone()
+                out[stale] = model(x_adv[stale]).to(out.dtype)
+                return out
+
+        return score
 
     @staticmethod
     def _num_classes(model: nn.Module, x: Tensor, logits: Tensor | None) -> int:
@@ -233,3 +396,40 @@ class Attack(ABC):
                 logits = model(x[:1])
         return int(logits.shape[1])
 
+
+def check_images(x: Tensor) -> None:
+    """:func:`require_images` at the cost of one min/max pass: the full check (and its
+    error messages) runs only when the fast one fails. NaN fails ``lo >= 0``; inf fails the
+    range."""
+    if isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.numel():
+        lo, hi = torch.aminmax(x)
+        if bool((lo >= 0) & (hi <= 1)):
+            return
+    require_images("x", x)
+
+
+def check_support(support: Tensor | None, x: Tensor) -> Tensor | None:
+    """Validate a caller's support mask: bool, (N, 1 or C, H, W) for x of (N, C, H, W)."""
+    if support is None:
+        return None
+    n, c, h, w = x.shape
+    if (
+        support.dtype != torch.bool
+        or support.dim() != 4
+        or (
+            (support.shape[0], support.shape[2], support.shape[3]) != (n, h, w)
+            or support.shape[1] not in (1, c)
+        )
+    ):
+        raise ValueError(
+            f"support must be a bool tensor of shape ({n}, 1 or {c}, {h}, {w}), got "
+            f"{support.dtype} {tuple(support.shape)}"
+        )
+    return support
+
+
+def intersect_masks(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The coordinates both masks allow (None allows all)."""
+    if a is None:
+        return b
+    return a if b is None else a & b

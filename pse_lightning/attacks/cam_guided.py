@@ -1,15 +1,12 @@
 """CAM-guided refinement: any attack confined to the CAM region of the true class.
 
 METHODS.md section 3 (a), restricted attack: the perturbation may only touch B, the true
-class's CAM mask on x dilated by ``dilate`` feature cells. Instead of teaching every attack
-a mask, the base attack runs unchanged on the reparametrised model
-
-    f(x~) = model(x + B * (x~ - x)),
-
-so its gradients vanish outside B and its success tests see exactly the image that will be
-returned; the result is x_adv = x + B * (x~_adv - x). Masking can only shrink |delta|
-coordinate-wise and keeps each pixel between x and x~ (inside [0, 1]), so the base attack's
-Lp budget and the box still hold, and the returned image is the one f judged.
+class's CAM mask on x dilated by ``dilate`` feature cells. Every attack takes a per-sample
+support mask (:class:`~pse_lightning.attacks.base.AttackBatch`): gradients and random
+starts are zeroed outside it, so the whole budget (or minimum-norm search) is spent inside
+B, and the base class enforces it on the returned image. B is this attack's
+``_region``; the wrapped attack runs unchanged on the real model, so early-abort row
+compaction works (the mask is compacted with the rows).
 """
 
 from __future__ import annotations
@@ -18,35 +15,8 @@ from torch import Tensor, nn
 
 from pse_lightning.analysis import cam as cam_maps
 from pse_lightning.analysis.functional import cam as core
-from pse_lightning.attacks.base import Attack, AttackResult
+from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation, intersect_masks
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
-
-
-class MaskedInput(nn.Module):
-    """``model(x + mask * (x_tilde - x))`` for one fixed batch of N rows.
-
-    The batch (x, mask) is bound to row positions, so the wrapper refuses calls on another
-    number of rows instead of pairing images with the wrong masks: attacks that drop
-    finished rows mid-run (CW's early-abort compaction) must run with that switched off.
-    """
-
-    def __init__(self, model: nn.Module, x: Tensor, mask: Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.x = x.detach()
-        self.mask = mask.to(x.dtype)
-        num_classes = getattr(model, "num_classes", None)
-        if num_classes is not None:
-            self.num_classes = num_classes
-
-    def forward(self, x_tilde: Tensor) -> Tensor:
-        if x_tilde.shape != self.x.shape:
-            raise ValueError(
-                f"attack=cam_*: the base attack evaluated {x_tilde.shape[0]} of "
-                f"{self.x.shape[0]} rows (a row subset, e.g. CW/EAD early-abort compaction); "
-                "the CAM mask is bound to row positions: set attack.attack.abort_early=false"
-            )
-        return self.model(self.x + self.mask * (x_tilde - self.x))
 
 
 class CAMGuided(Attack):
@@ -100,27 +70,10 @@ class CAMGuided(Attack):
         self.method = require_choice("attack.method", method, cam_maps.METHODS)
         self.last_mask: Tensor | None = None
         self._mapper: cam_maps.ActivationMap | None = None
-        self._y: Tensor | None = None
 
     @property
     def name(self) -> str:
         return f"CAMGuided({self.attack.name})"
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        target: Tensor | None = None,
-        index: Tensor | None = None,
-    ) -> AttackResult:
-        """As :meth:`Attack.__call__`; the true labels are kept for the mask of a targeted
-        attack, whose ``_perturb`` only sees the target."""
-        self._y = y
-        try:
-            return super().__call__(model, x, y, target, index)
-        finally:
-            self._y = None
 
     def region(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """(N, 1, H, W) bool: the dilated CAM mask of class y on x."""
@@ -135,14 +88,13 @@ class CAMGuided(Attack):
         radius = core.cell_radius(size, (raw.shape[-2], raw.shape[-1]), self.dilate)
         return core.dilate_mask(mask, radius)[:, None]
 
-    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
-        if self._y is None and self.targeted:
-            raise RuntimeError("CAMGuided needs the true labels: call the attack, not _perturb")
-        y = label if self._y is None else self._y
+    def _region(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
         mask = self.region(model, x, y)
         self.last_mask = mask[:, 0]
-        x_tilde = self.attack._perturb(MaskedInput(model, x, mask), x, label, index)
-        return x + mask.to(x.dtype) * (x_tilde.detach() - x)
+        return intersect_masks(mask, self.attack._region(model, x, y))
+
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
+        return self.attack._perturb(model, batch)
 
     def extras(self) -> dict[str, Tensor]:
         out = dict(self.attack.extras())

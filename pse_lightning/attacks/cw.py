@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import Attack, input_gradient
+from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation, input_gradient
 from pse_lightning.attacks.search import (
     BatchedAdam,
     BestSoFar,
@@ -62,7 +62,7 @@ def tanh_adam_search(
         abort_early: per-sample abort when the loss stalls (see ``EarlyAbort``).
         grow: factor on c after a failure while no success is known.
         lower, upper: (N, C, H, W) pixel bounds inside [0, 1]; default the box itself.
-        support: (N, C, H, W) bool, the coordinates allowed to move; default all.
+        support: (N, 1 or C, H, W) bool, the coordinates allowed to move; default all.
         start: (N, C, H, W) warm start inside the bounds; default x. Every outer step
             restarts from it.
         best: a tracker to continue (its entries are the ones to beat); default a fresh one.
@@ -93,13 +93,14 @@ def tanh_adam_search(
             if sr is not None:
                 x_adv = torch.where(sr, x_adv, xr)
             x_adv.requires_grad_(True)
-            f, success = adversarial_margin(model(x_adv), lab, targeted, kappa)
+            logits = model(x_adv)
+            f, success = adversarial_margin(logits, lab, targeted, kappa)
             grad_x = input_gradient(c * f, x_adv)
             with torch.no_grad():
                 x_adv = x_adv.detach()
                 delta = x_adv - xr
                 dist = squared_l2(delta)
-                best.update(rows, x_adv, dist.sqrt(), success, c)
+                best.update(rows, x_adv, dist.sqrt(), success, c, logits)
                 found[rows] |= success
                 keep = abort.keep(step, dist + c * f.detach())
                 grad_w = (grad_x + 2 * delta) * (hr * (1 - th * th))
@@ -178,11 +179,11 @@ class CWL2(SearchSettings, Attack):
         self.lr = require_positive("attack.lr", lr)
         self._extras: dict[str, Tensor] = {}
 
-    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
         best = tanh_adam_search(
             model,
-            x,
-            label,
+            batch.x,
+            batch.label,
             self.targeted,
             kappa=self.kappa,
             lr=self.lr,
@@ -190,9 +191,10 @@ class CWL2(SearchSettings, Attack):
             search_steps=self.binary_search_steps,
             initial_const=self.initial_const,
             abort_early=self.abort_early,
+            support=batch.support,
         )
         self._extras = {"const": best.const}
-        return best.x_best
+        return best.result()
 
     def extras(self) -> dict[str, Tensor]:
         return dict(self._extras)

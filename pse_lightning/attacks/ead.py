@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import Attack, input_gradient
+from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation, input_gradient
 from pse_lightning.attacks.search import (
     BestSoFar,
     EarlyAbort,
@@ -110,7 +110,8 @@ class EAD(SearchSettings, Attack):
         self.fista = bool(fista)
         self._extras: dict[str, Tensor] = {}
 
-    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
+        x, label, support = batch.x, batch.label, batch.support
         n = len(x)
         beta, kappa, targeted = self.beta, self.kappa, self.targeted
 
@@ -118,19 +119,23 @@ class EAD(SearchSettings, Attack):
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
             rows = torch.arange(n, device=x.device)
             xr, lab, c, x_k, y_k = x, label, const, x.clone(), x.clone()
+            sr = support  # iterates start at x and a zero gradient keeps them there
             abort = EarlyAbort(n, self.steps, enabled=self.abort_early, device=x.device)
             for k in range(self.steps):
                 y_k.requires_grad_(True)
-                f, success = adversarial_margin(model(y_k), lab, targeted, kappa)
+                logits = model(y_k)
+                f, success = adversarial_margin(logits, lab, targeted, kappa)
                 grad_f = input_gradient(c * f, y_k)
                 with torch.no_grad():
+                    if sr is not None:
+                        grad_f = grad_f * sr
                     y_k = y_k.detach()
                     delta = y_k - xr
                     l2sq = squared_l2(delta)
                     l1 = delta.abs().flatten(1).sum(dim=1)
                     elastic = beta * l1 + l2sq
                     score = elastic if self.decision_rule == "EN" else l1
-                    best.update(rows, y_k, score, success, c)
+                    best.update(rows, y_k, score, success, c, logits)
                     found[rows] |= success
                     keep = abort.keep(k, c * f.detach() + elastic)
                     step = self.lr * math.sqrt(1.0 - k / self.steps)
@@ -144,6 +149,8 @@ class EAD(SearchSettings, Attack):
                         if not bool(keep.any()):
                             break
                         rows, xr, lab, c, x_k, y_k = compact(keep, rows, xr, lab, c, x_k, y_k)
+                        if sr is not None:
+                            (sr,) = compact(keep, sr)
             return found
 
         best = BestSoFar(x)
@@ -155,7 +162,7 @@ class EAD(SearchSettings, Attack):
             grow=10.0,
         )
         self._extras = {"const": best.const}
-        return best.x_best
+        return best.result()
 
     def extras(self) -> dict[str, Tensor]:
         return dict(self._extras)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import Attack
+from pse_lightning.attacks.base import Attack, AttackBatch
 from pse_lightning.validation import require_choice
 
 
@@ -26,10 +26,11 @@ class FGSM(Attack):
         target_rule: str = "random",
         seed: int = 0,
     ) -> None:
-        super().__init__(norm="linf", eps=eps, targeted=targeted, target_rule=target_rule,
-                         seed=seed)
+        super().__init__(
+            norm="linf", eps=eps, targeted=targeted, target_rule=target_rule, seed=seed
+        )
         self.loss = require_choice("attack.loss", loss, ("ce", "margin"))
 
-    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
-        grad = self.objective_gradient(model, x, label, self.loss)
-        return self.ball.ascend(x, grad, self.eps)
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Tensor:
+        grad = self.objective_gradient(model, batch.x, batch, self.loss)
+        return self.ball.ascend(batch.x, grad, self.eps)

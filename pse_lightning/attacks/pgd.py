@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import Attack
+from pse_lightning.attacks.base import Attack, AttackBatch
 from pse_lightning.attacks.losses import ATTACK_LOSSES
 from pse_lightning.attacks.norms import Norm
 from pse_lightning.validation import require_at_least, require_choice, require_positive
@@ -37,20 +37,21 @@ class PGD(Attack):
         target_rule: str = "random",
         seed: int = 0,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule,
-                         seed=seed)
+        super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule, seed=seed)
         self.step_size = require_positive("attack.step_size", step_size)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.random_start = bool(random_start)
         self.loss = require_choice("attack.loss", loss, ATTACK_LOSSES)
 
-    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Tensor:
+        x = batch.x
         reference = None
         if self.loss == "kl":
             with torch.no_grad():
                 reference = torch.log_softmax(model(x), dim=1)
-        x_adv = self.sample_start(x, index) if self.random_start else x
+        x_adv = self.sample_start(batch) if self.random_start else x
         for _ in range(self.steps):
-            grad = self.objective_gradient(model, x_adv, label, self.loss, reference)
+            grad = self.objective_gradient(model, x_adv, batch, self.loss, reference)
             x_adv = self.ball.project(x, self.ball.ascend(x_adv, grad, self.step_size))
+        # The final iterate has no logits yet: the base class's one forward pass scores it.
         return x_adv

@@ -102,10 +102,12 @@ class ConstantSearch:
 
 
 class BestSoFar:
-    """The successful iterate with the smallest score, per sample.
+    """The successful iterate with the smallest score, per sample, and its logits.
 
     Starts from the clean images (returned for samples that never succeed, for which the
-    base class then reports failure) and an infinite score.
+    base class then reports failure) and an infinite score. The logits are those of the
+    forward pass that found the iterate, so the base class needs no forward pass for the
+    found rows; rows never found keep NaN logits (the base class forwards them).
 
     Args:
         x: (N, C, H, W) clean images.
@@ -115,6 +117,7 @@ class BestSoFar:
         self.x_best = x.detach().clone()
         self.score = torch.full((len(x),), math.inf, device=x.device)
         self.const = torch.full((len(x),), math.nan, device=x.device)
+        self.logits: Tensor | None = None
 
     @property
     def found(self) -> Tensor:
@@ -122,7 +125,13 @@ class BestSoFar:
         return torch.isfinite(self.score)
 
     def update(
-        self, rows: Tensor, x_cand: Tensor, score: Tensor, success: Tensor, const: Tensor
+        self,
+        rows: Tensor,
+        x_cand: Tensor,
+        score: Tensor,
+        success: Tensor,
+        const: Tensor,
+        logits: Tensor,
     ) -> None:
         """Keep ``x_cand[i]`` for batch row ``rows[i]`` where it succeeds with a lower score.
 
@@ -132,12 +141,38 @@ class BestSoFar:
             score: (M,) distance of each candidate (smaller is better).
             success: (M,) bool.
             const: (M,) the constant the candidate was found with (reported in extras).
+            logits: (M, K) the logits of ``x_cand``.
         """
+        if self.logits is None:
+            shape = (len(self.score), logits.shape[1])
+            self.logits = torch.full(shape, math.nan, dtype=logits.dtype, device=logits.device)
         better = success & (score < self.score[rows])
         idx = rows[better]
         self.score[idx] = score[better]
         self.x_best[idx] = x_cand[better].detach()
         self.const[idx] = const[better]
+        self.logits[idx] = logits[better].detach()
+
+    def result(self) -> tuple[Tensor, Tensor] | Tensor:
+        """What ``_perturb`` returns: the best images with their logits (NaN rows where
+        nothing was found)."""
+        return self.x_best if self.logits is None else (self.x_best, self.logits)
+
+    def select(self, idx: Tensor) -> BestSoFar:
+        """A tracker over the rows ``idx`` (copies), to continue a search on a subset."""
+        sub = BestSoFar(self.x_best[idx])
+        sub.score, sub.const = self.score[idx], self.const[idx]
+        sub.logits = None if self.logits is None else self.logits[idx]
+        return sub
+
+    def assign(self, idx: Tensor, sub: BestSoFar) -> None:
+        """Write a subset tracker from :meth:`select` back into rows ``idx``."""
+        self.x_best[idx], self.score[idx], self.const[idx] = sub.x_best, sub.score, sub.const
+        if sub.logits is not None:
+            if self.logits is None:
+                shape = (len(self.score), sub.logits.shape[1])
+                self.logits = sub.logits.new_full(shape, math.nan)
+            self.logits[idx] = sub.logits
 
 
 class EarlyAbort:

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import Attack, input_gradient
+from pse_lightning.attacks.base import (
+    Attack,
+    AttackBatch,
+    Perturbation,
+    input_gradient,
+    keep_logits,
+)
 from pse_lightning.attacks.cw import tanh_adam_search
 from pse_lightning.attacks.search import (
     BestSoFar,
@@ -209,30 +215,31 @@ class StrAttack(SearchSettings, Attack):
         )
         self._extras: dict[str, Tensor] = {}
 
-    def _perturb(self, model: nn.Module, x: Tensor, label: Tensor, index: Tensor) -> Tensor:
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
+        x, label = batch.x, batch.label
         groups = PixelGroups(self.group_size, x.shape[2], x.shape[3])
         low = torch.maximum(-x, torch.full_like(x, -self.eps))
         high = torch.minimum(1 - x, torch.full_like(x, self.eps))
         best = BestSoFar(x)
         binary_search(
             best,
-            self._admm(model, x, label, low, high, groups),
+            self._admm(model, x, label, low, high, groups, batch.support),
             initial_const=self.initial_const,
             search_steps=self.binary_search_steps,
             grow=5.0,
         )
         if self.refine:
             self._refine(model, x, label, best)
-        # The same clipping as the base class (a no-op up to rounding), so the group norms
-        # below describe exactly the returned perturbation.
-        x_adv = self.enforce_constraints(x, best.x_best)
+        # The same enforcement as the base class (a no-op up to rounding), so the group
+        # norms below describe exactly the returned perturbation.
+        x_adv = batch.restrict(self.enforce_constraints(x, best.x_best))
         delta = x_adv - x
         self._extras = {
             "groups": groups.norms(delta).flatten(1),
             "group_map": groups.index_map(x.device),
             "const": best.const,
         }
-        return x_adv
+        return x_adv, keep_logits(best.x_best, x_adv, best.logits)
 
     def _admm(
         self,
@@ -242,6 +249,7 @@ class StrAttack(SearchSettings, Attack):
         low: Tensor,
         high: Tensor,
         groups: PixelGroups,
+        support: Tensor | None,
     ):
         n = len(x)
         rho, gamma, tau, kappa, targeted = (
@@ -255,7 +263,8 @@ class StrAttack(SearchSettings, Attack):
         def inner(const: Tensor, best: BestSoFar) -> Tensor:
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
             rows = torch.arange(n, device=x.device)
-            xr, lab, c, lo, hi = x, label, const, low, high
+            # Outside the support the gradient is zero and every ADMM variable stays 0.
+            xr, lab, c, lo, hi, sr = x, label, const, low, high, support
             z, u, v, s = (torch.zeros_like(x) for _ in range(4))
             abort = EarlyAbort(n, self.steps, enabled=self.abort_early, device=x.device)
             for k in range(self.steps):
@@ -265,11 +274,14 @@ class StrAttack(SearchSettings, Attack):
                     w = torch.minimum(torch.maximum(z - s, lo), hi)
                     p = torch.minimum(torch.maximum(y, lo), hi)
                 x_adv = (xr + p).requires_grad_(True)
-                f, success = adversarial_margin(model(x_adv), lab, targeted, kappa)
+                logits = model(x_adv)
+                f, success = adversarial_margin(logits, lab, targeted, kappa)
                 grad_f = input_gradient(c * f, x_adv)
                 with torch.no_grad():
+                    if sr is not None:
+                        grad_f = grad_f * sr
                     l2sq = squared_l2(p)
-                    best.update(rows, x_adv, l2sq.sqrt(), success, c)
+                    best.update(rows, x_adv, l2sq.sqrt(), success, c, logits)
                     found[rows] |= success
                     if self.abort_early:
                         objective = c * f + gamma * l2sq + tau * groups.norms(p).flatten(1).sum(1)
@@ -291,6 +303,8 @@ class StrAttack(SearchSettings, Attack):
                         rows, xr, lab, c, lo, hi, z, u, v, s = compact(
                             keep, rows, xr, lab, c, lo, hi, z, u, v, s
                         )
+                        if sr is not None:
+                            (sr,) = compact(keep, sr)
             return found
 
         return inner
@@ -303,8 +317,7 @@ class StrAttack(SearchSettings, Attack):
         xs = x[idx]
         delta = best.x_best[idx] - xs
         support = support_above_quantile(delta, self.refine_quantile)
-        sub = BestSoFar(xs)
-        sub.x_best, sub.score, sub.const = best.x_best[idx], best.score[idx], best.const[idx]
+        sub = best.select(idx)
         start = xs + delta * support
         initial = best.const[idx] / max(self.gamma, 1e-12)
         tanh_adam_search(
@@ -324,7 +337,7 @@ class StrAttack(SearchSettings, Attack):
             start=start,
             best=sub,
         )
-        best.x_best[idx], best.score[idx], best.const[idx] = sub.x_best, sub.score, sub.const
+        best.assign(idx, sub)
 
     def extras(self) -> dict[str, Tensor]:
         return dict(self._extras)

@@ -1,18 +1,19 @@
 """Bench suite ``dissection``: probe-pass cost against a plain forward, and flat memory.
 
-Two figures, each at two probe-set sizes:
+Two figures, each at two probe-set sizes, with the activation cache on and off:
 
-- time: every probe pass (the radix threshold passes and the IoU pass) divided by one plain
-  forward pass of the model over the same loader (target <= 1.5 per pass), and the whole
-  ``prepare`` divided by the same forward;
+- time: the whole ``prepare`` divided by one plain forward pass of the model over the same
+  loader (target <= 1.5), in interleaved rounds (median), with each probe pass's share;
+  with the cache the model runs once, and the later passes read the cached activations;
 - memory: the peak resident set size that ``prepare`` adds to the process (``ru_maxrss``
-  after minus before), measured in a fresh subprocess per size so the peaks do not mix.
-  It must stay flat as the probe set grows: tallies have fixed size.
+  after minus before), measured in a fresh subprocess per row so the peaks do not mix.
+  It must stay flat as the probe set grows: tallies have fixed size, and the cache is
+  read through a per-batch buffer, not memory-mapped.
 
 The probe images are generated from their index on access (coloured squares on noise,
 with object / colour / texture / background labels), so the data itself takes no memory
 and the measurement shows the dissection's own footprint. Run:
-``python -m pse_lightning.bench dissection [--sizes 512 2048] [--image-size 32]``.
+``python -m pse_lightning.bench dissection --threads 1 [--sizes 512 4096] [--cache both]``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -112,12 +114,16 @@ def _forward_pass(model: torch.nn.Module, loader: DataLoader) -> tuple[float, fl
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def measure(size: int, image_size: int, batch_size: int, bins: int) -> dict[str, Any]:
-    """Time the plain forward and every probe pass, and the peak RSS prepare adds.
+def measure(
+    size: int, image_size: int, batch_size: int, bins: int, cache: bool, rounds: int
+) -> dict[str, Any]:
+    """Interleaved rounds of (plain forward, full ``prepare``), and the peak RSS it adds.
 
-    The forward is timed before and after ``prepare`` and the faster run kept, so a busy
-    machine inflates the reference less. CPU time (``time.process_time``) is reported too:
-    on a shared machine it is steadier than wall time.
+    Each round times a plain forward over the loader, then ``prepare`` over the same
+    loader; the ratio is taken per round and the median reported, so a busy spell on a
+    shared machine hits both sides of a ratio alike. CPU time (``time.process_time``) is
+    reported next to wall time: on a shared machine it is steadier. The peak RSS is read
+    around the first ``prepare`` (``ru_maxrss`` only grows), after a warm-up forward.
     """
     torch.manual_seed(0)
     model = SmallCNN(num_classes=6, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3).eval()
@@ -125,25 +131,37 @@ def measure(size: int, image_size: int, batch_size: int, bins: int) -> dict[str,
     loader = data.probe_dataloader()
     with torch.no_grad():  # warm-up of kernels and allocator, outside every measurement
         model(next(iter(loader))[0])
-    first = _forward_pass(model, loader)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    dissection = Dissection(bins=bins, top_units=0, top_images=0)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    dissection.prepare(model, data)
-    total, total_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    second = _forward_pass(model, loader)
-    forward, forward_cpu = min(first[0], second[0]), min(first[1], second[1])
-    probe = dissection.probe
+    rows = []
+    before = after = 0
+    probe = None
+    for r in range(rounds):
+        forward = _forward_pass(model, loader)
+        dissection = Dissection(bins=bins, top_units=0, cache_features=cache)
+        if r == 0:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start, cpu_start = time.perf_counter(), time.process_time()
+        dissection.prepare(model, data)
+        total, total_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if r == 0:
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        probe = dissection.probe
+        rows.append(
+            (
+                forward[0],
+                total / forward[0],
+                total_cpu / forward[1],
+                [p / forward[1] for p in probe.pass_cpu_seconds],
+            )
+        )
+    mid = sorted(range(rounds), key=lambda i: rows[i][2])[rounds // 2]  # median CPU round
     return {
         "images": size,
-        "forward_s": forward,
-        "forward_cpu_s": forward_cpu,
-        "passes": len(probe.pass_seconds),
-        "pass_ratios": [p / forward for p in probe.pass_seconds],
-        "pass_cpu_ratios": [p / forward_cpu for p in probe.pass_cpu_seconds],
-        "total_ratio": total / forward,
-        "total_cpu_ratio": total_cpu / forward_cpu,
+        "cache": cache,
+        "forward_s": statistics.median(row[0] for row in rows),
+        "total_ratio": statistics.median(row[1] for row in rows),
+        "total_cpu_ratio": rows[mid][2],
+        "pass_cpu_ratios": rows[mid][3],
+        "passes": len(probe.pass_cpu_seconds),
         "baseline_mb": before / 1024,
         "added_peak_mb": (after - before) / 1024,
     }
@@ -151,60 +169,80 @@ def measure(size: int, image_size: int, batch_size: int, bins: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pse_lightning.bench dissection")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--bins", type=int, default=65536)
+    parser.add_argument("--bins", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--cache",
+        choices=["on", "off", "both"],
+        default="both",
+        help="analysis.cache_features: on, off, or both (one row each)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
     )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-cache", type=int, default=1, help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child is not None:
-        sys.stdout.write(
-            json.dumps(measure(args.child, args.image_size, args.batch_size, args.bins)) + "\n"
+        result = measure(
+            args.child,
+            args.image_size,
+            args.batch_size,
+            args.bins,
+            bool(args.child_cache),
+            args.rounds,
         )
+        sys.stdout.write(json.dumps(result) + "\n")
         return
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.cache]
     rows = []
     for size in args.sizes:
-        command = [
-            sys.executable,
-            "-m",
-            "pse_lightning.bench.dissection",
-            "--child",
-            str(size),
-            "--image-size",
-            str(args.image_size),
-            "--batch-size",
-            str(args.batch_size),
-            "--bins",
-            str(args.bins),
-        ]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(
-            [
-                size,
-                r["forward_s"],
-                r["passes"],
-                " / ".join(f"{v:.2f}" for v in r["pass_ratios"]),
-                " / ".join(f"{v:.2f}" for v in r["pass_cpu_ratios"]),
-                r["total_ratio"],
-                r["total_cpu_ratio"],
-                r["baseline_mb"],
-                r["added_peak_mb"],
-                max(r["pass_cpu_ratios"]),
+        for cache in modes:
+            # A fresh process per row: peak RSS only grows, so rows must not share one.
+            command = [
+                sys.executable,
+                "-m",
+                "pse_lightning.bench.dissection",
+                "--child",
+                str(size),
+                "--child-cache",
+                str(int(cache)),
+                "--image-size",
+                str(args.image_size),
+                "--batch-size",
+                str(args.batch_size),
+                "--bins",
+                str(args.bins),
+                "--rounds",
+                str(args.rounds),
             ]
-        )
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(
+                [
+                    size,
+                    "on" if cache else "off",
+                    r["forward_s"],
+                    r["passes"],
+                    " / ".join(f"{v:.2f}" for v in r["pass_cpu_ratios"]),
+                    r["total_ratio"],
+                    r["total_cpu_ratio"],
+                    r["baseline_mb"],
+                    r["added_peak_mb"],
+                ]
+            )
     headers = [
         "probe images",
+        "cache",
         "forward s",
         "passes",
-        "pass / forward (wall)",
         "pass / forward (CPU)",
         "prepare / forward (wall)",
         "prepare / forward (CPU)",
@@ -212,22 +250,27 @@ def main(argv: list[str] | None = None) -> None:
         "RSS added by prepare MB",
     ]
     log.info(
-        "small_cnn, %d px, batch %d, bins %d, %d threads\n%s",
+        "small_cnn, %d px, batch %d, bins %d, %d threads, median of %d interleaved rounds\n%s",
         args.image_size,
         args.batch_size,
         args.bins,
         torch.get_num_threads(),
-        format_table(headers, [row[:-1] for row in rows]),
+        args.rounds,
+        format_table(headers, rows),
     )
-    if len(rows) > 1:
-        first, last = rows[0], rows[-1]
-        log.info(
-            "%dx the probe images: %+.1f MB added peak RSS; worst pass / forward "
-            "(CPU) %.2f (target <= 1.5)",
-            last[0] // first[0],
-            last[-2] - first[-2],
-            max(row[-1] for row in rows),
-        )
+    for cache in ("on", "off"):
+        mine = [row for row in rows if row[1] == cache]
+        if len(mine) > 1:
+            first, last = mine[0], mine[-1]
+            log.info(
+                "cache %s: %dx the probe images: %+.1f MB added peak RSS; prepare / forward "
+                "(CPU) %.2f and %.2f (target <= 1.5)",
+                cache,
+                last[0] // first[0],
+                last[-1] - first[-1],
+                first[-3],
+                last[-3],
+            )
 
 
 if __name__ == "__main__":

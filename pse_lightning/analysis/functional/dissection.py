@@ -6,9 +6,10 @@ reduces across processes):
 1. per-unit top-quantile thresholds T_k with P(A_k > T_k) = q over all probe images and
    positions: :class:`RadixQuantile`, an exact streaming selection;
 2. activation masks M_k = 1[S_k >= T_k], S_k the activation upsampled bilinearly
-   (align_corners=False) to label resolution: :func:`activation_masks`;
+   (align_corners=False) to label resolution: :func:`activation_masks` (dense);
 3. IoU tallies (intersections, mask areas per category, label areas), integer sums that
-   reduce exactly across processes: :func:`iou_tally`, then :func:`iou_from_tally`,
+   reduce exactly across processes: :func:`add_sparse_tally` (only pixels near cells that
+   can reach T_k), :func:`iou_tally` (dense reference), then :func:`iou_from_tally`,
    :func:`best_concepts`;
 4. adversarial sensitivity of each unit from streamed sums: :func:`sensitivity_terms`,
    :func:`sensitivity_from_sums`;
@@ -22,11 +23,11 @@ batch, the number of units and concepts only.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pse_lightning.attacks import randomness
@@ -36,7 +37,10 @@ from pse_lightning.attacks import randomness
 KEY_BITS = 32
 _SIGN = 1 << 31
 _NO_KEY = 1 << 40  # larger than any 32-bit key: "no element" in min-reductions
-_CUMSUM_ELEMENTS = 1 << 22  # histogram entries cumulated at once in RadixQuantile.advance
+# Signed int32 keys (float bits, low 31 bits flipped when negative) of +inf and -inf: any
+# key beyond them is a NaN.
+_SIGNED_POS_INF = 0x7F800000
+_SIGNED_NEG_INF = -0x7F800000 - 1
 
 
 def ordered_keys(a: Tensor) -> Tensor:
@@ -93,6 +97,29 @@ def lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
     return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t
 
 
+def locate_rank(hist: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``hist`` (K, B), the bin holding the 0-based ``rank`` (K,) and the count
+    of the bins before it (B when the rank is beyond the total).
+
+    Two levels, blocks of about sqrt(B) bins then the bins of one block, so the cost is one
+    sum over the histogram instead of a (K, B) cumulative sum (65536 bins: 256 times less
+    sequential work and no (K, B) temporary).
+    """
+    units, bins = hist.shape
+    block = 1 << ((bins.bit_length() - 1) // 2)
+    blocks = hist.view(units, bins // block, block)
+    cum_blocks = blocks.sum(dim=2).cumsum(dim=1)  # (K, B / block)
+    rank = rank.view(-1, 1)
+    j = torch.searchsorted(cum_blocks, rank, right=True).clamp_max(bins // block - 1)
+    before_block = torch.where(j > 0, cum_blocks.gather(1, (j - 1).clamp_min(0)), 0)
+    inner = blocks.gather(1, j.view(-1, 1, 1).expand(-1, 1, block))[:, 0].cumsum(dim=1)
+    i = torch.searchsorted(inner, rank - before_block, right=True)
+    before = before_block + torch.where(i > 0, inner.gather(1, (i - 1).clamp_min(0)), 0)
+    beyond = rank >= cum_blocks[:, -1:]
+    found = torch.where(beyond, bins, j * block + i)
+    return found.view(-1), torch.where(beyond, cum_blocks[:, -1:], before).view(-1)
+
+
 class RadixQuantile:
     """Exact per-unit quantile threshold, streamed in ceil(32 / log2(bins)) passes.
 
@@ -135,6 +162,7 @@ class RadixQuantile:
         self.succ_shift = zeros.clone()
         self.kmin = zeros.clone()
         self.kmax = zeros.clone()
+        self._ranges: tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None = None
 
     @property
     def passes(self) -> int:
@@ -157,44 +185,92 @@ class RadixQuantile:
         }
 
     def accumulate(self, tallies: dict[str, Tensor], acts: Tensor) -> None:
-        """Add one batch of activations (N, K, ...) to the current pass's tallies."""
+        """Add one batch of activations (N, K, ...) to the current pass's tallies.
+
+        Pass 0 histograms every value's top key bits; it works on int32 keys (the float
+        bits with the low 31 bits flipped for negative values sort like the floats as signed
+        integers), half the memory traffic of int64. Later passes visit only the values in
+        the bins found so far, pre-selected by a float range test.
+        """
         if acts.shape[1] != self.units:
             raise ValueError(f"expected {self.units} units, got activations {tuple(acts.shape)}")
-        values = acts.detach().flatten(2).float()  # (N, K, P)
+        values = acts.detach().flatten(2).float().contiguous()  # (N, K, P)
         shift, width = self.schedule[self.pass_index]
         if self.pass_index == 0:
-            if bool(torch.isnan(values).any()):
-                raise ValueError("probe activations contain NaN; check the model and inputs")
-            keys = ordered_keys(values)
-            tallies["count"] += keys.shape[0] * keys.shape[2]
-            tallies["kmin"] = torch.minimum(tallies["kmin"], keys.amin(dim=(0, 2)))
-            tallies["kmax"] = torch.maximum(tallies["kmax"], keys.amax(dim=(0, 2)))
-            unit = torch.arange(self.units, device=keys.device).view(1, -1, 1)
-            flat = ((unit << width) | (keys >> shift)).flatten()
-        else:
-            # Only keys inside the bin found so far count. A float comparison against the
-            # bin's value range pre-selects a superset (it cannot tell -0.0 from +0.0), and
-            # the exact key test runs on those few.
-            prev_shift = self.schedule[self.pass_index - 1][0]
-            low = keys_to_values(self.prefix << prev_shift).view(1, -1, 1)
-            high = keys_to_values(((self.prefix + 1) << prev_shift) - 1).view(1, -1, 1)
-            near = ((values >= low) & (values <= high)).nonzero(as_tuple=True)
-            keys = ordered_keys(values[near])
-            unit = near[1]
-            match = (keys >> prev_shift) == self.prefix[unit]
-            unit, keys = unit[match], keys[match]
-            flat = (unit << width) | ((keys >> shift) & ((1 << width) - 1))
-            pending = self.succ_prefix >= 0
-            if bool(pending.any()):
-                all_keys = ordered_keys(values)
-                inside = (all_keys >> self.succ_shift.view(1, -1, 1)) == self.succ_prefix.view(
-                    1, -1, 1
-                )
-                candidates = all_keys.masked_fill(~inside, _NO_KEY)
-                tallies["succ"] = torch.minimum(tallies["succ"], candidates.amin(dim=(0, 2)))
-        # scatter_add_ into the running histogram: no per-batch K * bins temporary.
+            self._accumulate_first(tallies, values, shift, width)
+            return
+        low, high, succ_low, succ_high = self._ranges
+        # Only maps whose peak reaches the bin can hold a value in it (the successor's bin
+        # lies above): a max per map, then the range test on those maps alone.
+        positions = values.shape[2]
+        maps = (values.amax(dim=2) >= low).view(-1).nonzero().squeeze(1)  # (M,) n * K + k
+        map_unit = maps % self.units
+        sub = values.view(-1, positions).index_select(0, maps)  # (M, P)
+        near = (sub >= low[map_unit].view(-1, 1)) & (sub <= high[map_unit].view(-1, 1))
+        if succ_low is not None:
+            near |= (sub >= succ_low[map_unit].view(-1, 1)) & (
+                sub <= succ_high[map_unit].view(-1, 1)
+            )
+        where = near.view(-1).nonzero().squeeze(1)  # flat indices: one cheap 1-D gather
+        keys = ordered_keys(sub.view(-1)[where])
+        unit = map_unit[where // positions]
+        prev_shift = self.schedule[self.pass_index - 1][0]
+        match = (keys >> prev_shift) == self.prefix[unit]
+        flat = (unit[match] << width) | ((keys[match] >> shift) & ((1 << width) - 1))
+        if succ_low is not None:
+            inside = (keys >> self.succ_shift[unit]) == self.succ_prefix[unit]
+            candidates = keys.masked_fill(~inside, _NO_KEY)
+            tallies["succ"].scatter_reduce_(0, unit, candidates, "amin")
         ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(len(flat))
         tallies["hist"].scatter_add_(0, flat, ones)
+
+    def _accumulate_first(
+        self, tallies: dict[str, Tensor], values: Tensor, shift: int, width: int
+    ) -> None:
+        bits = values.view(torch.int32)
+        signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 keys in float order
+        low, high = torch.aminmax(signed, dim=2)
+        low, high = low.amin(dim=0), high.amax(dim=0)
+        if bool((high > _SIGNED_POS_INF).any() | (low < _SIGNED_NEG_INF).any()):
+            raise ValueError("probe activations contain NaN; check the model and inputs")
+        tallies["count"] += values.shape[0] * values.shape[2]
+        tallies["kmin"] = torch.minimum(tallies["kmin"], low.to(torch.int64) + _SIGN)
+        tallies["kmax"] = torch.maximum(tallies["kmax"], high.to(torch.int64) + _SIGN)
+        # (signed >> shift) + 2**(31 - shift) is the unsigned key's top bits; adding the
+        # int64 unit offsets promotes to the int64 index in the same operation.
+        offset = (torch.arange(self.units, device=values.device, dtype=torch.int64) << width) + (
+            1 << (31 - shift)
+        )
+        flat = (signed >> shift) + offset.view(1, -1, 1)
+        flat = flat.view(-1)
+        ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(len(flat))
+        tallies["hist"].scatter_add_(0, flat, ones)
+
+    def _update_ranges(self) -> None:
+        """Float bounds of the current prefix bin and of a pending successor's bin.
+
+        A float comparison cannot tell -0.0 from +0.0 and keys of NaN bit patterns have no
+        order as floats, so the ranges are supersets (NaN bounds widened to infinities);
+        :meth:`accumulate` re-checks the exact keys of the few values they select.
+        """
+        if self.done or self.pass_index == 0:
+            return
+        prev_shift = self.schedule[self.pass_index - 1][0]
+
+        def bounds(prefix: Tensor, shift: Tensor | int) -> tuple[Tensor, Tensor]:
+            low = keys_to_values(prefix << shift)
+            high = keys_to_values(((prefix + 1) << shift) - 1)
+            return torch.nan_to_num(low, nan=-math.inf), torch.nan_to_num(high, nan=math.inf)
+
+        low, high = bounds(self.prefix, prev_shift)
+        pending = self.succ_prefix >= 0
+        succ_low = succ_high = None
+        if bool(pending.any()):
+            succ_low, succ_high = bounds(self.succ_prefix.clamp_min(0), self.succ_shift)
+            empty = ~pending
+            succ_low = succ_low.masked_fill(empty, math.inf)
+            succ_high = succ_high.masked_fill(empty, -math.inf)
+        self._ranges = (low, high, succ_low, succ_high)
 
     def advance(self, tallies: dict[str, Tensor]) -> None:
         """Consume the reduced tallies of the current pass and move to the next."""
@@ -212,16 +288,9 @@ class RadixQuantile:
                 pending, torch.full_like(self.succ_prefix, -1), self.succ_prefix
             )
         hist = tallies["hist"].view(self.units, 1 << width)
-        rank_in = (self.rank - self.below).view(-1, 1)
-        bin_j, bin_s, before = (torch.empty_like(self.prefix) for _ in range(3))
-        step = max(1, _CUMSUM_ELEMENTS >> width)  # units per chunk: bounds the cumsum copy
-        for start in range(0, self.units, step):
-            rows = slice(start, start + step)
-            cum = hist[rows].cumsum(dim=1)
-            j = torch.searchsorted(cum, rank_in[rows], right=True)
-            bin_j[rows] = j.view(-1)
-            bin_s[rows] = torch.searchsorted(cum, rank_in[rows] + 1, right=True).view(-1)
-            before[rows] = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), 0).view(-1)
+        rank_in = self.rank - self.below
+        bin_j, before = locate_rank(hist, rank_in)
+        bin_s, _ = locate_rank(hist, rank_in + 1)
         unresolved = self.succ_key < 0
         if self.rank + 1 < self.count:
             split = unresolved & (bin_s != bin_j)
@@ -236,6 +305,7 @@ class RadixQuantile:
         self.below = self.below + before
         self.prefix = (self.prefix << width) | bin_j
         self.pass_index += 1
+        self._update_ranges()
 
     def thresholds(self) -> Tensor:
         """(K,) float32 thresholds T_k, equal to numpy.quantile(A_k, 1 - q) (linear)."""
@@ -258,15 +328,70 @@ class RadixQuantile:
 # Masks and IoU ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BilinearAxis:
+    """Bilinear interpolation along one axis, half-pixel centres (align_corners=False).
+
+    Output position i reads input cells ``low[i]`` and ``high[i] = min(low[i] + 1, n - 1)``
+    and mixes them with the weight ``weight[i]`` of ``high`` (float32, computed as PyTorch
+    computes its source index).
+    ``owned[c]`` lists the output positions whose ``low`` is cell c, padded with -1, and
+    ``owned_weight[c]`` their weights, padded with NaN (a padded pixel then fails every
+    threshold test): the cells partition the output, so a sparse pass that visits pixels
+    through their owning cell visits each pixel once.
+    """
+
+    low: Tensor
+    high: Tensor
+    weight: Tensor
+    owned: Tensor
+    owned_weight: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_axis(n_in: int, n_out: int, device: torch.device) -> BilinearAxis:
+    """The :class:`BilinearAxis` from ``n_in`` cells to ``n_out`` positions."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32, device=device)
+    dst = torch.arange(n_out, dtype=torch.float32, device=device)
+    src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
+    low = src.long().clamp_max(n_in - 1)
+    high = (low + 1).clamp_max(n_in - 1)
+    weight = src - low.float()
+    counts = torch.bincount(low, minlength=n_in)
+    start = counts.cumsum(0) - counts
+    j = torch.arange(max(1, int(counts.max())), device=device).view(1, -1)
+    owned = torch.where(j < counts.view(-1, 1), start.view(-1, 1) + j, -1)
+    owned_weight = torch.where(owned >= 0, weight[owned.clamp_min(0)], math.nan)
+    return BilinearAxis(low, high, weight, owned, owned_weight)
+
+
 def upsample(acts: Tensor, size: tuple[int, int]) -> Tensor:
     """S_k: activations (N, K, h, w) bilinearly upsampled to (N, K, H, W).
 
-    ``align_corners=False`` is explicit: the default changed between torch versions, and
-    the two conventions shift every mask by up to half a feature cell.
+    Half-pixel centres (align_corners=False), the convention of NetDissect and of
+    ``F.interpolate``; explicit because the default changed between torch versions and the
+    two conventions shift every mask by up to half a feature cell. The arithmetic is fixed
+    here rather than left to a backend kernel: rows first, each mix as a lerp
+    ``a0 + (a1 - a0) w`` in float32 (no fused multiply-add), so that
+
+    - :func:`add_sparse_tally`, which evaluates the same expressions at a few pixels only,
+      gives bit-identical masks;
+    - a constant region stays exactly constant (a map equal to T_k everywhere is all mask).
+
+    It agrees with ``F.interpolate`` to a few float32 ulps.
     """
-    if tuple(acts.shape[-2:]) == tuple(size):
-        return acts.float()
-    return F.interpolate(acts.float(), size=size, mode="bilinear", align_corners=False)
+    a = acts.float()
+    if tuple(a.shape[-2:]) == tuple(size):
+        return a
+    ay = bilinear_axis(a.shape[-2], size[0], a.device)
+    ax = bilinear_axis(a.shape[-1], size[1], a.device)
+
+    def along_x(rows: Tensor) -> Tensor:
+        left = rows.index_select(-1, ax.low)
+        return left + (rows.index_select(-1, ax.high) - left) * ax.weight
+
+    top, bottom = along_x(a.index_select(-2, ay.low)), along_x(a.index_select(-2, ay.high))
+    return top + (bottom - top) * ay.weight.view(-1, 1)
 
 
 def mask_thresholds(thresholds: Tensor, floors: Tensor) -> Tensor:
@@ -291,35 +416,25 @@ def activation_masks(
     return s >= mask_thresholds(thresholds, floors).to(s.device).view(1, -1, 1, 1)
 
 
-def candidate_pairs(peak: Tensor, thresholds: Tensor, floors: Tensor) -> tuple[Tensor, Tensor]:
-    """(image, unit) index pairs whose upsampled map can reach the mask threshold.
+def hot_bounds(mask_t: Tensor, minimum: Tensor, maximum: Tensor) -> Tensor:
+    """(K,) cell values below which no bilinear mix of cells reaches T'_k (``minimum`` and
+    ``maximum``: each unit's extreme activations over the probe set).
 
-    ``peak`` is (N, K), the maximum of each feature map.
-
-    A bilinear value is a convex combination of feature cells, so it exceeds the map's
-    maximum at most by rounding; maps whose maximum is below T'_k (less a relative 2**-20
-    margin for that rounding) have empty masks and are never upsampled. The margin makes
-    the candidates a superset, so the masks, computed exactly on the candidates, are the
-    same as for every pair.
+    A bilinear value is a convex combination of 4 cells, so exactly it is at most their
+    maximum; computed in float32 (three lerps of 3 roundings each, differences up to
+    2 max|a_k|) it exceeds that by less than 2**-20 max|a_k|. The bound
+    T'_k - 2**-18 (|T'_k| + max|a_k|) keeps every cell whose neighbourhood can produce a
+    mask pixel, whatever the unit's range. Cells at the unit's minimum are never needed
+    (T'_k is above it, and a mix of 4 equal cells is exact, see :func:`upsample`), so the
+    bound is at least the next float above the minimum: the zeros of a ReLU unit that is
+    rarely active do not all count as hot.
     """
-    t = mask_thresholds(thresholds, floors).to(peak.device)
-    margin = (t.abs() + torch.finfo(torch.float32).tiny) * 2.0**-20
-    image, unit = (peak >= (t - margin).view(1, -1)).nonzero(as_tuple=True)
-    return image, unit
-
-
-def pair_masks(
-    acts: Tensor,
-    image: Tensor,
-    unit: Tensor,
-    thresholds: Tensor,
-    floors: Tensor,
-    size: tuple[int, int],
-) -> Tensor:
-    """Masks (P, H, W) of the (image, unit) pairs; equal to :func:`activation_masks`'s."""
-    maps = acts[image, unit].unsqueeze(1)  # (P, 1, h, w)
-    t = mask_thresholds(thresholds, floors).to(acts.device)[unit].view(-1, 1, 1)
-    return upsample(maps, size)[:, 0] >= t
+    floor = minimum.float().to(mask_t.device)
+    above_floor = torch.nextafter(floor, torch.full_like(floor, math.inf))
+    mask_t = mask_t.double()
+    span = torch.maximum(floor.double().abs(), maximum.double().abs().to(mask_t.device))
+    margin = (mask_t.abs() + span) * 2.0**-18 + torch.finfo(torch.float32).tiny
+    return torch.maximum((mask_t - margin).float(), above_floor)
 
 
 @dataclass
@@ -362,50 +477,106 @@ def label_area(labels: Tensor, concepts: int) -> Tensor:
     return torch.bincount(labels.reshape(-1), minlength=concepts + 1)
 
 
-def add_pair_tally(
-    tally: IoUTally, masks: Tensor, image: Tensor, unit: Tensor, labels: Tensor
-) -> None:
-    """Add intersections and annotated mask areas of (image, unit) masks to ``tally``.
+def annotated_categories(labels: Tensor) -> Tensor:
+    """(N, G) bool: image n carries some label of category g (so g's IoU counts it)."""
+    return (labels.flatten(2) > 0).any(dim=2)
 
-    Only mask pixels are visited (about a fraction q of all), so the cost follows the
-    masks' size rather than units x pixels x concepts.
+
+def _add_hits(
+    tally: IoUTally, labels: Tensor, image: Tensor, unit: Tensor, y: Tensor, x: Tensor
+) -> None:
+    """Add mask pixels (image, unit, y, x) to intersections and annotated mask areas."""
+    n, categories = labels.shape[:2]
+    units, width = tally.intersection.shape
+    height, width_px = labels.shape[-2:]
+    pixel = (image * categories * height + y) * width_px + x  # flat index at category 0
+    step = torch.arange(categories, device=labels.device) * (height * width_px)
+    hit_labels = labels.reshape(-1)[pixel.view(-1, 1) + step]  # (hits, G)
+    keys = (unit.view(-1, 1) * width + hit_labels).view(-1)
+    tally.intersection += torch.bincount(keys, minlength=units * width).view(units, width)
+    area = torch.bincount(image * units + unit, minlength=n * units).view(n, units)
+    annotated = annotated_categories(labels).double()
+    # Sums of at most N H W per entry: exact in float64 (a long matmul has no CUDA kernel).
+    tally.mask_area += (annotated.T @ area.double()).round().long()
+
+
+def add_sparse_tally(
+    tally: IoUTally, acts: Tensor, mask_t: Tensor, bound: Tensor, labels: Tensor
+) -> None:
+    """Add one batch's intersections and mask areas, visiting only pixels near hot cells.
+
+    Equal to the tally of the dense masks ``upsample(acts) >= T'`` bit for bit: a mask
+    pixel needs a source cell at or above ``bound`` (:func:`hot_bounds`), so only the
+    pixels owned (see :class:`BilinearAxis`) by a cell whose 2 x 2 neighbourhood holds such
+    a "hot" cell are evaluated, with :func:`upsample`'s exact arithmetic. The cost follows
+    the number of hot cells (about a fraction q of all), not units x pixels; intersections
+    are one ``bincount`` over (unit, concept) keys.
 
     Args:
         tally: the running tally (label areas are added separately, once per batch).
-        masks: (P, H, W) bool masks of the pairs.
-        image, unit: (P,) the pairs' image (row of ``labels``) and unit.
+        acts: (N, K, h, w) activations.
+        mask_t: (K,) T'_k (:func:`mask_thresholds`); bound: (K,) :func:`hot_bounds`.
         labels: (N, G, H, W) long, per pixel and category the global concept id in [1, C],
             0 where no concept of that category is present. An image counts as annotated
             for category g when any of its pixels carries a label of g.
     """
-    n, categories = labels.shape[:2]
-    width = tally.intersection.shape[1]
-    pixels = masks.shape[1] * masks.shape[2]
-    hits = masks.reshape(-1).nonzero().squeeze(1)
-    pair, pixel = hits // pixels, hits % pixels
-    by_pixel = labels.reshape(n, categories, pixels).permute(0, 2, 1)  # (N, pixels, G) view
-    hit_labels = by_pixel[image[pair], pixel]  # (hits, G)
-    keys = (unit[pair].view(-1, 1) * width + hit_labels).reshape(-1)
-    ones = torch.ones(1, dtype=torch.int64, device=keys.device)
-    tally.intersection.view(-1).scatter_add_(0, keys, ones.expand(len(keys)))
-    annotated = (labels.reshape(n, categories, -1) > 0).any(dim=2).to(torch.int64)  # (N, G)
-    area = masks.reshape(len(masks), -1).sum(dim=1)  # (P,)
-    tally.mask_area.index_add_(1, unit, (annotated[image] * area.view(-1, 1)).T)
+    a = acts.detach().float()
+    n, units, h, w = a.shape
+    size = tuple(labels.shape[-2:])
+    mask_t, bound = mask_t.to(a.device), bound.to(a.device)
+    if (h, w) == size:
+        image, unit, y, x = (a >= mask_t.view(1, -1, 1, 1)).nonzero(as_tuple=True)
+        _add_hits(tally, labels, image, unit, y, x)
+        return
+    # Maps whose peak is below the bound have no hot cell: a max per map skips them.
+    maps = (a.flatten(2).amax(dim=2) >= bound).view(-1).nonzero().squeeze(1)  # n * K + k
+    ay, ax = bilinear_axis(h, size[0], a.device), bilinear_axis(w, size[1], a.device)
+    # A cell's owned pixels read it, its right, lower and lower-right neighbours (the last
+    # row and column read themselves).
+    sub = a.view(n * units, h, w).index_select(0, maps)  # (M, h, w) maps with a hot cell
+    hot = sub >= bound[maps % units].view(-1, 1, 1)
+    near = hot.clone()
+    near[..., :-1] |= hot[..., 1:]
+    near[..., :-1, :] |= near[..., 1:, :].clone()
+    cell = near.view(-1).nonzero().squeeze(1)  # flat (map, y, x) index into sub
+    y, x = (cell // w) % h, cell % w
+    right, down = (x < w - 1).long(), (y < h - 1).long() * w
+    flat = sub.view(-1)
+    c00, c01 = flat[cell], flat[cell + right]
+    c10, c11 = flat[cell + down], flat[cell + down + right]
+    wx = ax.owned_weight[x]  # (m, rx), NaN pads
+    wy = ay.owned_weight[y].unsqueeze(2)  # (m, ry, 1)
+    top = c00.view(-1, 1) + (c01 - c00).view(-1, 1) * wx  # (m, rx)
+    bottom = c10.view(-1, 1) + (c11 - c10).view(-1, 1) * wx
+    s = top.unsqueeze(1) + (bottom - top).unsqueeze(1) * wy  # (m, ry, rx)
+    image_unit = maps[cell // (h * w)]
+    inside = s >= mask_t[image_unit % units].view(-1, 1, 1)
+    hit, row, col = inside.nonzero(as_tuple=True)
+    image_unit = image_unit[hit]
+    _add_hits(
+        tally,
+        labels,
+        image_unit // units,
+        image_unit % units,
+        ay.owned[y[hit], row],
+        ax.owned[x[hit], col],
+    )
 
 
 def iou_tally(masks: Tensor, labels: Tensor, concepts: int) -> IoUTally:
     """The :class:`IoUTally` of one batch of dense unit masks (N, K, H, W) and labels.
 
+    The dense reference of :func:`add_sparse_tally` (tests, figures).
+
     Args:
         masks: (N, K, H, W) bool unit masks.
-        labels: (N, G, H, W) long concept ids (see :func:`add_pair_tally`).
+        labels: (N, G, H, W) long concept ids (see :func:`add_sparse_tally`).
         concepts: C, the number of concepts.
     """
     n, units = masks.shape[:2]
     tally = empty_tally(units, labels.shape[1], concepts, masks.device)
-    image = torch.arange(n, device=masks.device).repeat_interleave(units)
-    unit = torch.arange(units, device=masks.device).repeat(n)
-    add_pair_tally(tally, masks.reshape(n * units, *masks.shape[2:]), image, unit, labels)
+    image, unit, y, x = masks.nonzero(as_tuple=True)
+    _add_hits(tally, labels, image, unit, y, x)
     tally.label_area += label_area(labels, concepts)
     return tally
 
