@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT
 
 QUICK = ["experiment=smoke", "logger=none", "dataset.eval_samples=16", "analysis=none",
@@ -74,3 +75,24 @@ def test_installed_wheel_runs_from_another_directory(tmp_path: Path) -> None:
                            cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)},
                            capture_output=True, text=True, check=True)
     assert str(site) in probe.stdout
+
+
+@pytest.mark.slow
+def test_ddp_cpu_through_hydra_writes_one_run_dir_and_one_wandb_run_per_job(
+        tmp_path: Path) -> None:
+    """trainer=ddp_cpu launched by Hydra (single run, then a 2-job grid): rank zero alone
+    writes the report and the W&B run; the other process writes nothing."""
+    args = [*QUICK, "logger=wandb", "trainer=ddp_cpu", "dataset.eval_samples=15",
+            f"paths.root={tmp_path}", "attack=fgsm"]
+    run_cli(args, tmp_path)
+    # outputs/<date>/<time>/ (beside outputs/data and outputs/checkpoints): one run directory
+    (run_dir,) = (p.parent for p in (tmp_path / "outputs").glob("*/*/.hydra"))
+    assert json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/samples"] == 15
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+
+    run_cli(["-m", *args[:-1], "attack=fgsm,pgd"], tmp_path)
+    jobs = sorted(p.parent for p in (tmp_path / "multirun").glob("*/*/*/.hydra"))
+    assert len(jobs) == 2
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["metrics"]["test/samples"] == 15
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1

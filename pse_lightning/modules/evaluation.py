@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,9 @@ class EvaluationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         unshare_tensors(self)
+        # The logged scalars come from torchmetrics' compute(), already reduced over every
+        # process; Lightning cannot know that and asks for sync_dist, which would reduce twice.
+        warnings.filterwarnings("ignore", message=r".*`self\.log\('test/.*sync_dist=True")
 
     def on_test_start(self) -> None:
         if torch.is_inference_mode_enabled():

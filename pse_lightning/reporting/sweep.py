@@ -90,6 +90,17 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
 
+def difference_stderr(a: dict[str, Any], b: dict[str, Any], attack: str) -> float | None:
+    """Standard error of the difference of two robust accuracies (independent binomials)."""
+    terms = []
+    for s in (a, b):
+        n, acc = s.get("samples"), s.get(f"robust_acc/{attack}")
+        if not n or acc is None:
+            return None
+        terms.append(acc * (1 - acc) / n)
+    return math.sqrt(sum(terms))
+
+
 def verdict(summary: dict[str, dict[str, Any]]) -> list[str]:
     """Plain sentences on what the sweep measured: robust variants against standard training
     and pse_at against pgd_at (the question the experiment exists to answer).
@@ -137,8 +148,13 @@ def verdict(summary: dict[str, dict[str, Any]]) -> list[str]:
                 gain = robust[main]
                 if abs(clean) <= EQUAL_CLEAN_TOL:
                     answer = "beats" if gain > 0 else ("ties" if gain == 0 else "does not beat")
+                    se = difference_stderr(summary["pse_at"], summary["pgd_at"], main)
+                    noise = "" if se is None else (
+                        f"; the difference is within 2 standard errors ({se:.3f}), so it is not "
+                        "significant at this sample size" if abs(gain) < 2 * se else
+                        f"; more than 2 standard errors ({se:.3f})")
                     lines.append(f"- At equal clean accuracy (within {EQUAL_CLEAN_TOL}), pse_at "
-                                 f"{answer} pgd_at under {main} ({_signed(gain)}).")
+                                 f"{answer} pgd_at under {main} ({_signed(gain)}{noise}).")
                 elif clean > 0 and gain >= 0 or clean < 0 and gain <= 0:
                     better = "pse_at" if clean > 0 else "pgd_at"
                     lines.append(f"- {better} is at least as good on both clean and {main} "
