@@ -98,6 +98,11 @@ def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[st
     """What a cached checkpoint must match: names plus a hash of every learning-relevant key."""
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                if k not in _SERVING_KEYS}
+    # Data found on disk (not in the config) that defines what is learned, e.g. the class
+    # folders of an ImageFolder tree: two trees at different roots must not share weights.
+    content = getattr(datamodule, "content_fingerprint", None)
+    if content is not None:
+        dataset["content"] = content
     training = OmegaConf.to_container(cfg.training, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     return {

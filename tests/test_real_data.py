@@ -643,3 +643,20 @@ def test_pipeline_builds_on_real_data_and_fails_at_once_without_it(
     cfg = make_cfg("dataset=broden", f"dataset.root={tmp_path}/broden", tiny=False)
     with pytest.raises(ValueError, match="probe set"):
         pipeline.build(cfg)
+
+
+def test_imagenet_trees_at_other_roots_never_share_a_checkpoint(make_cfg, tmp_path) -> None:
+    """root is not part of the checkpoint identity (data may move), so the tree's content
+    is: other classes or images give another cache entry, the same tree moved the same."""
+    write_folder(tmp_path / "a", {"train": 4, "val": 3})
+    write_folder(tmp_path / "moved", {"train": 4, "val": 3})
+    write_folder(tmp_path / "b", {"train": 5, "val": 3})
+
+    def identity(root: Path) -> dict:
+        cfg = make_cfg("dataset=imagenet", f"dataset.root={root}", "dataset.num_val=3",
+                       "dataset.image_size=16", "dataset.num_workers=0", tiny=False)
+        return pipeline.checkpoint_identity(cfg, pipeline.build(cfg).datamodule)
+
+    a, moved, b = identity(tmp_path / "a"), identity(tmp_path / "moved"), identity(tmp_path / "b")
+    assert a == moved
+    assert a["digest"] != b["digest"] and a["num_classes"] == b["num_classes"] == 3

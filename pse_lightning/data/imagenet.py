@@ -13,6 +13,7 @@ evenly; the validation split for training is held out of ``train/``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -146,6 +147,16 @@ class ImageNetDataModule(ProbedDataModule):
     @property
     def num_classes(self) -> int:  # type: ignore[override]
         return len(self.class_names)
+
+    @property
+    def content_fingerprint(self) -> str:
+        """Class folder names and the image count of ``train/`` (after ``setup``): part of
+        the checkpoint identity, since ``root`` is not (the same data may move)."""
+        if self.train_set is None:
+            raise RuntimeError("dataset=imagenet: call setup() before content_fingerprint")
+        classes = "\n".join(self.class_names)
+        size = len(self.train_set) + len(self.val_set)
+        return hashlib.sha256(f"{classes}\n{size}".encode()).hexdigest()[:16]
 
     def check_layout(self) -> None:
         """Raise ``FileNotFoundError`` when ``root`` lacks ``train/`` or ``val/``."""
