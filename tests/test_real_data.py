@@ -439,7 +439,7 @@ def write_broden(root: Path) -> dict:
 
 
 def broden(root: Path, **kwargs) -> BrodenDataModule:
-    args = {"image_size": 8, "mask_size": 4, "batch_size": 4, **kwargs}
+    args = {"image_size": 8, "mask_size": 4, "batch_size": 4, "shuffle": False, **kwargs}
     return BrodenDataModule(root=str(root), **args)
 
 
@@ -660,3 +660,23 @@ def test_imagenet_trees_at_other_roots_never_share_a_checkpoint(make_cfg, tmp_pa
     a, moved, b = identity(tmp_path / "a"), identity(tmp_path / "moved"), identity(tmp_path / "b")
     assert a == moved
     assert a["digest"] != b["digest"] and a["num_classes"] == b["num_classes"] == 3
+
+
+def test_broden_shuffled_order_is_a_seeded_permutation_of_the_file_order(tmp_path: Path) -> None:
+    """index.csv is grouped by source dataset; the default seeded order makes a prefix of
+    the probe set (analysis.dissection.max_probe_images) a random subset."""
+    write_broden(tmp_path / "broden")
+
+    def served(**kwargs) -> list[list]:
+        dm = broden(tmp_path / "broden", batch_size=1, **kwargs)
+        dm.setup("probe")
+        return [labels[0].tolist() for _x, labels, _index in dm.probe_dataloader()]
+
+    in_file_order = served()
+    orders = {seed: served(shuffle=True, seed=seed) for seed in range(6)}
+    for seed, order in orders.items():
+        assert sorted(map(str, order)) == sorted(map(str, in_file_order)), seed
+        assert order == served(shuffle=True, seed=seed)  # deterministic
+    assert any(order != in_file_order for order in orders.values())
+    with pytest.raises(ValueError, match="dataset.shuffle"):
+        broden(tmp_path / "broden", shuffle="yes")

@@ -213,10 +213,17 @@ class BrodenDataModule(ImageDataModule):
         image_size: int = 224,
         mask_size: int = 112,
         grayscale: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if not isinstance(shuffle, bool):
+            raise ValueError(f"dataset.shuffle must be true or false, got {shuffle!r}")
+        # index.csv is grouped by source dataset (ADE, Pascal, textures...): a seeded order
+        # makes any prefix (analysis.dissection.max_probe_images) a uniform random subset.
+        self.shuffle, self.seed = shuffle, int(seed)
         self.root = Path(root).expanduser()
         if categories is not None and (isinstance(categories, str) or not len(categories)):
             raise ValueError(
@@ -324,6 +331,9 @@ class BrodenDataModule(ImageDataModule):
                 f"no image in {self.root / 'index.csv'} has labels of dataset.categories "
                 f"{categories} in dataset.split={self.split}"
             )
+        if self.shuffle:
+            order = np.random.default_rng(self.seed).permutation(len(rows))
+            rows = [rows[i] for i in order.tolist()]
         self.categories, self.concepts = list(categories), concepts
         self.probe_set = BrodenProbeDataset(
             self.root, rows, lookups, self.image_size, self.mask_size, self.grayscale
