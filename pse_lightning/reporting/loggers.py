@@ -45,10 +45,16 @@ def wandb_logger(
     # (wandb #1314): every job starts its own.
     if wandb.run is not None:
         wandb.finish()
-    return WandbLogger(
+    logger = WandbLogger(
         project=project, entity=entity, mode=mode, group=group, name=name, tags=list(tags),
         save_dir=save_dir, config=config,
     )
+    # Lightning always passes anonymous=None to wandb.init, which wandb >= 0.19 answers with
+    # a deprecation warning on every run; an absent key means the same.
+    init_kwargs = getattr(logger, "_wandb_init", None)
+    if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous", False) is None:
+        del init_kwargs["anonymous"]
+    return logger
 
 
 def _netrc_has_wandb() -> bool:
