@@ -67,8 +67,10 @@ def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     if node is None:
         return {}
     if "_target_" in node:
-        raise ValueError("the analysis group must map names to configs (analysis.pse, ...); "
-                         "start each single-analysis file with `# @package analysis.<name>`")
+        raise ValueError(
+            "the analysis group must map names to configs (analysis.pse, ...); "
+            "start each single-analysis file with `# @package analysis.<name>`"
+        )
     return {name: sub for name, sub in node.items() if sub is not None}
 
 
@@ -88,16 +90,23 @@ def build(cfg: DictConfig) -> Components:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = instantiate(
-        cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
-        mean=list(datamodule.mean), std=list(datamodule.std), image_size=datamodule.image_size,
+        cfg.model,
+        num_classes=datamodule.num_classes,
+        in_channels=datamodule.in_channels,
+        mean=list(datamodule.mean),
+        std=list(datamodule.std),
+        image_size=datamodule.image_size,
     )
     return Components(datamodule, model, attack, analyses, logger, defense)
 
 
 def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[str, Any]:
     """What a cached checkpoint must match: names plus a hash of every learning-relevant key."""
-    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-               if k not in _SERVING_KEYS}
+    dataset = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+        if k not in _SERVING_KEYS
+    }
     # Data found on disk (not in the config) that defines what is learned, e.g. the class
     # folders of an ImageFolder tree: two trees at different roots must not share weights.
     content = getattr(datamodule, "content_fingerprint", None)
@@ -151,16 +160,25 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
     ckpt_path = None
     if cfg.get("resume", False) and partial.exists():
         epochs_done = check_partial_checkpoint(partial, key)
-        log.info("resuming training from %s (%d of %d epochs done)", partial, epochs_done,
-                 cfg.training.epochs)
+        log.info(
+            "resuming training from %s (%d of %d epochs done)",
+            partial,
+            epochs_done,
+            cfg.training.epochs,
+        )
         ckpt_path = str(partial)
     elif cfg.get("resume", False):
         log.info("resume=true, but no partial checkpoint at %s: training from scratch", partial)
     elif partial.exists():
-        log.info("an interrupted training left %s; starting over (resume=true continues it)",
-                 partial)
-    trainer = make_trainer(cfg, parts.logger, max_epochs=cfg.training.epochs,
-                           callbacks=[ResumeCheckpoint(partial, key)])
+        log.info(
+            "an interrupted training left %s; starting over (resume=true continues it)", partial
+        )
+    trainer = make_trainer(
+        cfg,
+        parts.logger,
+        max_epochs=cfg.training.epochs,
+        callbacks=[ResumeCheckpoint(partial, key)],
+    )
     # weights_only: the partial checkpoint is data (tensors, numbers, strings), never code.
     trainer.fit(module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
     val_acc = trainer.callback_metrics.get("val/acc")
@@ -182,15 +200,26 @@ def defend(parts: Components, run_dir: Path) -> tuple[nn.Module, list[ReportSect
     rows = defense.curve(model, parts.attack, datamodule.test_dataloader(), stats)
     figure = accuracy_vs_k_figure(rows, run_dir / "figures" / "neuron_mask_vs_k.png")
     columns = list(rows[0]) if rows else []
-    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(
-        "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
-                          for c in columns) + " |" for r in rows)
+    table = (
+        "| "
+        + " | ".join(columns)
+        + " |\n|"
+        + "---|" * len(columns)
+        + "\n"
+        + "\n".join(
+            "| "
+            + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns)
+            + " |"
+            for r in rows
+        )
+    )
     section = ReportSection(
         title="neuron_mask",
-        markdown=("Clean and robust accuracy with the k most attack-sensitive units of "
-                  f"`{stats.layer}` masked (controls: random and least sensitive units); "
-                  "'transferred' attacks the unmasked model, 'adaptive' the masked one.\n\n"
-                  + table),
+        markdown=(
+            "Clean and robust accuracy with the k most attack-sensitive units of "
+            f"`{stats.layer}` masked (controls: random and least sensitive units); "
+            "'transferred' attacks the unmasked model, 'adaptive' the masked one.\n\n" + table
+        ),
         figures=[figure],
         tables={"accuracy_vs_k": (columns, [[r[c] for c in columns] for r in rows])},
     )
@@ -214,11 +243,14 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, 
         "defense": "none" if parts.defense is None else type(parts.defense).__name__,
         "seed": str(cfg.seed),
     }
-    writer = ReportWriter(run_dir, title=f"{parts.attack.name} on {model_name(cfg)} / "
-                          f"{parts.datamodule.name}", setup=setup,
-                          class_names=parts.datamodule.class_names, sections=sections)
-    module = EvaluationModule(model, parts.attack, parts.analyses,
-                              log_examples=cfg.log_examples)
+    writer = ReportWriter(
+        run_dir,
+        title=f"{parts.attack.name} on {model_name(cfg)} / {parts.datamodule.name}",
+        setup=setup,
+        class_names=parts.datamodule.class_names,
+        sections=sections,
+    )
+    module = EvaluationModule(model, parts.attack, parts.analyses, log_examples=cfg.log_examples)
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
     trainer.test(module, datamodule=parts.datamodule, verbose=False)
     metrics_file = run_dir / "metrics.json"
@@ -239,21 +271,31 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if cfg.stage == "fit":
                 raise ValueError("stage=fit trains a new model; drop model_checkpoint=...")
         else:
-            checkpoint = cache_path(cfg.paths.checkpoint_dir, identity["model"],
-                                    identity["dataset"], identity["training"], identity["digest"])
+            checkpoint = cache_path(
+                cfg.paths.checkpoint_dir,
+                identity["model"],
+                identity["dataset"],
+                identity["training"],
+                identity["digest"],
+            )
         trained = False
-        if cfg.stage == "fit" or (cfg.stage == "auto" and not cfg.model_checkpoint
-                                  and not checkpoint.exists()):
+        if cfg.stage == "fit" or (
+            cfg.stage == "auto" and not cfg.model_checkpoint and not checkpoint.exists()
+        ):
             if cfg.stage == "auto":
-                log.info("no trained model cached at %s: training it first (stage=fit)",
-                         checkpoint)
+                log.info(
+                    "no trained model cached at %s: training it first (stage=fit)", checkpoint
+                )
             fit(cfg, parts, checkpoint, identity)
             trained = True
         results: dict[str, float] = {}
         if cfg.stage in ("auto", "evaluate"):
             if not trained:
-                load_weights(parts.model, checkpoint,
-                             expect={k: identity[k] for k in ("model", "num_classes")})
+                load_weights(
+                    parts.model,
+                    checkpoint,
+                    expect={k: identity[k] for k in ("model", "num_classes")},
+                )
                 log.info("loaded %s", checkpoint)
             results = evaluate(cfg, parts, checkpoint)
         failed = False

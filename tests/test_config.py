@@ -11,8 +11,18 @@ from hydra.utils import instantiate
 from pse_lightning import pipeline
 from pse_lightning.attacks.base import Attack
 
-GROUPS = ["dataset", "model", "attack", "analysis", "training", "trainer", "logger", "paths",
-          "defense", "experiment"]
+GROUPS = [
+    "dataset",
+    "model",
+    "attack",
+    "analysis",
+    "training",
+    "trainer",
+    "logger",
+    "paths",
+    "defense",
+    "experiment",
+]
 
 
 def test_every_group_has_choices() -> None:
@@ -20,9 +30,7 @@ def test_every_group_has_choices() -> None:
         assert group_choices(group), f"conf/{group}/ has no choices"
 
 
-@pytest.mark.parametrize(
-    ("group", "choice"), [(g, c) for g in GROUPS for c in group_choices(g)]
-)
+@pytest.mark.parametrize(("group", "choice"), [(g, c) for g in GROUPS for c in group_choices(g)])
 def test_choice_composes(make_cfg, group: str, choice: str) -> None:
     key = f"+experiment={choice}" if group == "experiment" else f"{group}={choice}"
     cfg = make_cfg(key.lstrip("+"), tiny=False)
@@ -45,8 +53,9 @@ def test_analysis_choice_instantiates(make_cfg, choice: str) -> None:
 @pytest.mark.parametrize("choice", group_choices("model"))
 def test_model_choice_instantiates(make_cfg, choice: str) -> None:
     cfg = make_cfg(f"model={choice}")
-    model = instantiate(cfg.model, num_classes=3, in_channels=3, mean=[0.5] * 3,
-                        std=[0.25] * 3, image_size=32)
+    model = instantiate(
+        cfg.model, num_classes=3, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, image_size=32
+    )
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -71,9 +80,13 @@ def test_unknown_choice_lists_the_valid_ones(make_cfg) -> None:
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("attack.eps=-0.1", "attack.eps"), ("attack.eps=8", "attack.eps"),
-     ("attack.steps=0", "attack.steps"), ("dataset.batch_size=0", "dataset.batch_size"),
-     ("stage=train", "stage")],
+    [
+        ("attack.eps=-0.1", "attack.eps"),
+        ("attack.eps=8", "attack.eps"),
+        ("attack.steps=0", "attack.steps"),
+        ("dataset.batch_size=0", "dataset.batch_size"),
+        ("stage=train", "stage"),
+    ],
 )
 def test_out_of_range_values_fail_before_heavy_work(make_cfg, override: str, key: str) -> None:
     cfg = make_cfg(override, "attack=pgd")
@@ -87,8 +100,7 @@ def test_grid_launchers_compose(launcher: str) -> None:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"],
-                      return_hydra_config=True)
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower()
 
 
@@ -97,8 +109,9 @@ def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=["experiment=robust_vs_standard"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=["experiment=robust_vs_standard"], return_hydra_config=True
+        )
     params = cfg.hydra.sweeper.params
     assert set(params.training.split(",")) == set(group_choices("training"))
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
@@ -116,8 +129,16 @@ def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         for training in group_choices("training"):
             for attack in ("fgsm", "pgd"):
-                jobs.append(compose("config", overrides=[
-                    "experiment=robust_vs_standard", f"training={training}", f"attack={attack}"]))
+                jobs.append(
+                    compose(
+                        "config",
+                        overrides=[
+                            "experiment=robust_vs_standard",
+                            f"training={training}",
+                            f"attack={attack}",
+                        ],
+                    )
+                )
     assert len(jobs) == 2 * len(group_choices("training"))
     assert len({OmegaConf.to_yaml(j.dataset) for j in jobs}) == 1
     assert {j.seed for j in jobs} == {0}

@@ -16,8 +16,9 @@ def test_ddp_cpu_matches_one_process(make_cfg, tmp_path: Path) -> None:
     # An odd number of samples: the shards differ in size and nothing may be padded.
     common = ["dataset.eval_samples=45", "analysis=all", "logger=none"]
     single = pipeline.run(make_cfg(*common, f"paths.run_dir={tmp_path}/one"))
-    double = pipeline.run(make_cfg(*common, "trainer=ddp_cpu", "stage=evaluate",
-                                   f"paths.run_dir={tmp_path}/two"))
+    double = pipeline.run(
+        make_cfg(*common, "trainer=ddp_cpu", "stage=evaluate", f"paths.run_dir={tmp_path}/two")
+    )
     assert single["test/samples"] == double["test/samples"] == 45
     assert single.keys() == double.keys()
     for key, value in single.items():

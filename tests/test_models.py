@@ -40,8 +40,9 @@ def test_torchvision_models_take_small_images_and_name_their_layers(arch: str) -
 def test_pretrained_weights_missing_offline_names_the_file(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth"):
-        TorchvisionClassifier(arch="resnet18", num_classes=4, in_channels=3, image_size=32,
-                              pretrained=True, **STATS)
+        TorchvisionClassifier(
+            arch="resnet18", num_classes=4, in_channels=3, image_size=32, pretrained=True, **STATS
+        )
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -57,8 +57,9 @@ def test_default_attack_and_analyses_end_to_end(make_cfg) -> None:
         assert section in report
     for prefix in ("test/pse/", "test/cam/", "test/dissection/"):
         assert any(k.startswith(prefix) for k in results), prefix
-    fractions = [results[f"test/pse/frac_{k}"] for k in ("suppression", "promotion", "balanced",
-                                                          "none")]
+    fractions = [
+        results[f"test/pse/frac_{k}"] for k in ("suppression", "promotion", "balanced", "none")
+    ]
     assert sum(fractions) == pytest.approx(1.0)
     assert all(f.is_file() for f in _report_figures(run_dir))
 
@@ -69,8 +70,12 @@ def test_wandb_offline_run_reads_back(make_cfg) -> None:
     runs = list((Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     wandb_cli = Path(sys.executable).with_name("wandb")
-    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     record = json.loads(out.stdout)
     text = json.dumps(record)
     assert "test/clean_acc" in text and "pse_lightning.attacks.FGSM" in text

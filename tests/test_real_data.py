@@ -653,8 +653,14 @@ def test_imagenet_trees_at_other_roots_never_share_a_checkpoint(make_cfg, tmp_pa
     write_folder(tmp_path / "b", {"train": 5, "val": 3})
 
     def identity(root: Path) -> dict:
-        cfg = make_cfg("dataset=imagenet", f"dataset.root={root}", "dataset.num_val=3",
-                       "dataset.image_size=16", "dataset.num_workers=0", tiny=False)
+        cfg = make_cfg(
+            "dataset=imagenet",
+            f"dataset.root={root}",
+            "dataset.num_val=3",
+            "dataset.image_size=16",
+            "dataset.num_workers=0",
+            tiny=False,
+        )
         return pipeline.checkpoint_identity(cfg, pipeline.build(cfg).datamodule)
 
     a, moved, b = identity(tmp_path / "a"), identity(tmp_path / "moved"), identity(tmp_path / "b")

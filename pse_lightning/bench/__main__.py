@@ -18,8 +18,11 @@ _NOT_SUITES = {"common", "__main__"}
 
 
 def available_suites() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench_pkg.__path__)
-                  if m.name not in _NOT_SUITES and not m.name.startswith("_"))
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(bench_pkg.__path__)
+        if m.name not in _NOT_SUITES and not m.name.startswith("_")
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

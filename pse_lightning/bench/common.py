@@ -19,8 +19,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
-              device: torch.device | None = None) -> float:
+def time_call(
+    fn: Callable[[], object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup``."""
     device = device or torch.device("cpu")
     for _ in range(warmup):

@@ -126,10 +126,20 @@ class ImageDataModule(pl.LightningDataModule):
                 sampler = torch.utils.data.DistributedSampler(
                     dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
                 )
-                return DataLoader(dataset, self.batch_size, sampler=sampler,
-                                  num_workers=self.num_workers, drop_last=False)
-            return DataLoader(dataset, self.batch_size, shuffle=True, generator=generator,
-                              num_workers=self.num_workers)
+                return DataLoader(
+                    dataset,
+                    self.batch_size,
+                    sampler=sampler,
+                    num_workers=self.num_workers,
+                    drop_last=False,
+                )
+            return DataLoader(
+                dataset,
+                self.batch_size,
+                shuffle=True,
+                generator=generator,
+                num_workers=self.num_workers,
+            )
         sampler = ShardSampler(len(dataset), rank, world)
         return DataLoader(dataset, self.batch_size, sampler=sampler, num_workers=self.num_workers)
 

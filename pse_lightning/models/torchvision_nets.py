@@ -75,8 +75,14 @@ class TorchvisionClassifier(Classifier):
         small = image_size < SMALL_INPUT
         if arch.startswith("resnet"):
             if small or in_channels != 3:
-                net.conv1 = nn.Conv2d(in_channels, 64, 3 if small else 7, stride=1 if small else 2,
-                                      padding=1 if small else 3, bias=False)
+                net.conv1 = nn.Conv2d(
+                    in_channels,
+                    64,
+                    3 if small else 7,
+                    stride=1 if small else 2,
+                    padding=1 if small else 3,
+                    bias=False,
+                )
             if small:
                 net.maxpool = nn.Identity()
             net.fc = nn.Linear(net.fc.in_features, num_classes)
@@ -89,8 +95,9 @@ class TorchvisionClassifier(Classifier):
                 # Four pools instead of five and a 1x1 adaptive pool keep 32 px images usable.
                 net.features = net.features[:-1]
                 net.avgpool = nn.AdaptiveAvgPool2d(1)
-                net.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Dropout(0.5),
-                                               nn.Linear(512, num_classes))
+                net.classifier = nn.Sequential(
+                    nn.Linear(512, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, num_classes)
+                )
             else:
                 net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
             last_conv = max(i for i, m in enumerate(net.features) if isinstance(m, nn.Conv2d))
@@ -98,5 +105,12 @@ class TorchvisionClassifier(Classifier):
             convs = [i for i, m in enumerate(net.features) if isinstance(m, nn.Conv2d)]
             dissection = [f"net.features.{i + 1}" for i in convs[-2:]]
         _disable_inplace(net)
-        super().__init__(net, mean=mean, std=std, num_classes=num_classes,
-                         feature_layer=feature_layer, head=head, dissection_layers=dissection)
+        super().__init__(
+            net,
+            mean=mean,
+            std=std,
+            num_classes=num_classes,
+            feature_layer=feature_layer,
+            head=head,
+            dissection_layers=dissection,
+        )

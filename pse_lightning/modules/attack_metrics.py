@@ -31,8 +31,16 @@ class AttackMetrics(Metric):
         self.add_state("linf", [], dist_reduce_fx="cat")
         self.add_state("succeeded", [], dist_reduce_fx="cat")
 
-    def update(self, x: Tensor, x_adv: Tensor, y: Tensor, logits_clean: Tensor,
-               logits_adv: Tensor, success: Tensor, index: Tensor) -> None:
+    def update(
+        self,
+        x: Tensor,
+        x_adv: Tensor,
+        y: Tensor,
+        logits_clean: Tensor,
+        logits_adv: Tensor,
+        success: Tensor,
+        index: Tensor,
+    ) -> None:
         clean_ok = logits_clean.argmax(dim=1) == y
         self.total += len(y)
         self.clean_correct += clean_ok.sum()

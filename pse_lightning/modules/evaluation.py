@@ -31,8 +31,13 @@ class EvaluationModule(pl.LightningModule):
         log_examples: keep images of the samples with dataset index < this for the report.
     """
 
-    def __init__(self, model: nn.Module, attack: Attack,
-                 analyses: Mapping[str, Analysis] | None = None, log_examples: int = 8) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        attack: Attack,
+        analyses: Mapping[str, Analysis] | None = None,
+        log_examples: int = 8,
+    ) -> None:
         super().__init__()
         self.model = model
         self.attack = attack
@@ -64,12 +69,20 @@ class EvaluationModule(pl.LightningModule):
         with torch.no_grad():
             logits_clean = self.model(x)
         result = self.attack(self.model, x, y, index=index)
-        self.attack_metrics.update(x, result.x_adv, y, logits_clean, result.logits_adv,
-                                   result.success, index)
+        self.attack_metrics.update(
+            x, result.x_adv, y, logits_clean, result.logits_adv, result.success, index
+        )
         adv = AdversarialBatch(
-            x=x, y=y, index=index, logits_clean=logits_clean, x_adv=result.x_adv,
-            logits_adv=result.logits_adv, target=result.target, success=result.success,
-            targeted=result.targeted, extras=result.extras,
+            x=x,
+            y=y,
+            index=index,
+            logits_clean=logits_clean,
+            x_adv=result.x_adv,
+            logits_adv=result.logits_adv,
+            target=result.target,
+            success=result.success,
+            targeted=result.targeted,
+            extras=result.extras,
         )
         with torch.enable_grad():
             for analysis in self.analyses.values():
@@ -79,9 +92,14 @@ class EvaluationModule(pl.LightningModule):
     def _keep_examples(self, adv: AdversarialBatch) -> None:
         keep = adv.index < self.log_examples
         if keep.any():
-            for key, value in (("index", adv.index), ("x", adv.x), ("x_adv", adv.x_adv),
-                               ("y", adv.y), ("pred_clean", adv.logits_clean.argmax(1)),
-                               ("pred_adv", adv.logits_adv.argmax(1))):
+            for key, value in (
+                ("index", adv.index),
+                ("x", adv.x),
+                ("x_adv", adv.x_adv),
+                ("y", adv.y),
+                ("pred_clean", adv.logits_clean.argmax(1)),
+                ("pred_adv", adv.logits_adv.argmax(1)),
+            ):
                 self.examples[key].append(value[keep].detach().cpu())
 
     def on_test_epoch_end(self) -> None:

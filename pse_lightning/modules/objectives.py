@@ -26,8 +26,9 @@ def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
 class StandardObjective(nn.Module):
     """Cross-entropy on clean images."""
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor,
-                index: Tensor | None = None) -> tuple[Tensor, Logs]:
+    def forward(
+        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Logs]:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc": _accuracy(logits, y).detach()}
@@ -50,8 +51,9 @@ class AdversarialObjective(nn.Module):
         """Adversarial examples, crafted in eval mode (the attack restores train mode)."""
         return self.attack(model, x, y, index=index).x_adv
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor,
-                index: Tensor | None = None) -> tuple[Tensor, Logs]:
+    def forward(
+        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Logs]:
         return self.adversarial_ce(model(self.craft(model, x, y, index)), y)
 
     @staticmethod
@@ -70,17 +72,26 @@ class TradesObjective(AdversarialObjective):
         super().__init__(attack)
         self.beta = require_non_negative("training.objective.beta", beta)
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor,
-                index: Tensor | None = None) -> tuple[Tensor, Logs]:
+    def forward(
+        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Logs]:
         x_adv = self.craft(model, x, y, index)
         logits, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
         ce = F.cross_entropy(logits, y)
-        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.log_softmax(logits, 1),
-                      log_target=True, reduction="batchmean")
+        kl = F.kl_div(
+            F.log_softmax(logits_adv, 1),
+            F.log_softmax(logits, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
         loss = ce + self.beta * kl
-        return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
-                      "acc": _accuracy(logits, y).detach(),
-                      "adv_acc": _accuracy(logits_adv, y).detach()}
+        return loss, {
+            "loss": loss.detach(),
+            "ce": ce.detach(),
+            "kl": kl.detach(),
+            "acc": _accuracy(logits, y).detach(),
+            "adv_acc": _accuracy(logits_adv, y).detach(),
+        }
 
 
 class PSEObjective(AdversarialObjective):
@@ -103,14 +114,22 @@ class PSEObjective(AdversarialObjective):
         momentum: of the running statistics, in (0, 1].
     """
 
-    def __init__(self, attack: Attack, lambda_s: float = 0.1, lambda_p: float = 0.1,
-                 lambda_u: float = 0.1, layer: str | None = None, momentum: float = 0.05) -> None:
+    def __init__(
+        self,
+        attack: Attack,
+        lambda_s: float = 0.1,
+        lambda_p: float = 0.1,
+        lambda_u: float = 0.1,
+        layer: str | None = None,
+        momentum: float = 0.05,
+    ) -> None:
         super().__init__(attack)
         self.lambda_s = require_non_negative("training.objective.lambda_s", lambda_s)
         self.lambda_p = require_non_negative("training.objective.lambda_p", lambda_p)
         self.lambda_u = require_non_negative("training.objective.lambda_u", lambda_u)
-        self.momentum = require_in_range("training.objective.momentum", momentum, 0.0, 1.0,
-                                         low_open=True)
+        self.momentum = require_in_range(
+            "training.objective.momentum", momentum, 0.0, 1.0, low_open=True
+        )
         self.layer = layer
         self.register_buffer("unit_var", torch.empty(0))
         self.register_buffer("unit_sensitivity", torch.empty(0))
@@ -141,8 +160,9 @@ class PSEObjective(AdversarialObjective):
             omega = self.unit_sensitivity / self.unit_sensitivity.sum().clamp_min(1e-12)
         return (drift * omega).sum(dim=1).mean()
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor,
-                index: Tensor | None = None) -> tuple[Tensor, Logs]:
+    def forward(
+        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Logs]:
         x_adv = self.craft(model, x, y, index)
         if self.lambda_s == self.lambda_p == self.lambda_u == 0:
             return self.adversarial_ce(model(x_adv), y)
@@ -153,8 +173,12 @@ class PSEObjective(AdversarialObjective):
         ce = F.cross_entropy(logits_adv, y)
         suppression, promotion = self.pse_terms(logits, logits_adv, y)
         drift = self.unit_drift(units, units_adv)
-        loss = (ce + self.lambda_s * suppression + self.lambda_p * promotion
-                + self.lambda_u * drift)
-        return loss, {"loss": loss.detach(), "ce_adv": ce.detach(),
-                      "suppression": suppression.detach(), "promotion": promotion.detach(),
-                      "unit_drift": drift.detach(), "adv_acc": _accuracy(logits_adv, y).detach()}
+        loss = ce + self.lambda_s * suppression + self.lambda_p * promotion + self.lambda_u * drift
+        return loss, {
+            "loss": loss.detach(),
+            "ce_adv": ce.detach(),
+            "suppression": suppression.detach(),
+            "promotion": promotion.detach(),
+            "unit_drift": drift.detach(),
+            "adv_acc": _accuracy(logits_adv, y).detach(),
+        }

@@ -18,9 +18,16 @@ from pse_lightning.reporting.report import log_report_to_wandb, write_report
 class ReportWriter(pl.Callback):
     """After the test loop: analysis sections, figures, report.md, then metrics.json."""
 
-    def __init__(self, run_dir: str | Path, *, title: str, setup: dict[str, str],
-                 class_names: Sequence[str], sections: Sequence[ReportSection] = (),
-                 extra: dict | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        title: str,
+        setup: dict[str, str],
+        class_names: Sequence[str],
+        sections: Sequence[ReportSection] = (),
+        extra: dict | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.title = title
         self.setup = setup
@@ -37,8 +44,13 @@ class ReportWriter(pl.Callback):
             for name, analysis in pl_module.analyses.items()
         ]
         written = write_report(
-            self.run_dir, title=self.title, setup=self.setup, scalars=results["scalars"],
-            examples=results["examples"], class_names=self.class_names, sections=sections,
+            self.run_dir,
+            title=self.title,
+            setup=self.setup,
+            scalars=results["scalars"],
+            examples=results["examples"],
+            class_names=self.class_names,
+            sections=sections,
             extra=self.extra,
         )
         log_report_to_wandb(trainer.logger, written, sections)

@@ -49,8 +49,16 @@ def adversarial_examples_figure(
             ax.set_title(title, fontsize=7, color="red" if i == 1 and p_adv != y else "black")
             ax.axis("off")
     for i, label in enumerate(("clean", "adversarial", "perturbation")):
-        axes[i, 0].text(-0.15, 0.5, label, transform=axes[i, 0].transAxes, rotation=90,
-                        va="center", ha="right", fontsize=8)
+        axes[i, 0].text(
+            -0.15,
+            0.5,
+            label,
+            transform=axes[i, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=8,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -59,8 +67,11 @@ def adversarial_examples_figure(
 
 def summary_bar_figure(scalars: dict[str, float], path: str | Path) -> Path:
     """Clean accuracy, robust accuracy and success rate as one bar chart."""
-    keys = [("test/clean_acc", "clean acc"), ("test/robust_acc", "robust acc"),
-            ("test/success_rate", "attack success")]
+    keys = [
+        ("test/clean_acc", "clean acc"),
+        ("test/robust_acc", "robust acc"),
+        ("test/success_rate", "attack success"),
+    ]
     values = [scalars.get(k, float("nan")) for k, _ in keys]
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
     bars = ax.bar([label for _, label in keys], values, color=["#4c72b0", "#dd8452", "#c44e52"])
@@ -73,8 +84,9 @@ def summary_bar_figure(scalars: dict[str, float], path: str | Path) -> Path:
     return Path(path)
 
 
-def grouped_bar_figure(groups: list[str], series: dict[str, list[float | None]],
-                       path: str | Path, *, ylabel: str) -> Path:
+def grouped_bar_figure(
+    groups: list[str], series: dict[str, list[float | None]], path: str | Path, *, ylabel: str
+) -> Path:
     """Bars per group (x axis), one colour per series; missing values are left out."""
     fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(groups), 3.2))
     width = 0.8 / max(1, len(series))
@@ -93,8 +105,9 @@ def grouped_bar_figure(groups: list[str], series: dict[str, list[float | None]],
     return Path(path)
 
 
-def stacked_fraction_figure(bars: list[str], parts: dict[str, list[float | None]],
-                            path: str | Path, *, ylabel: str) -> Path:
+def stacked_fraction_figure(
+    bars: list[str], parts: dict[str, list[float | None]], path: str | Path, *, ylabel: str
+) -> Path:
     """One bar per entry of ``bars``, split into ``parts`` (fractions that sum to at most 1)."""
     fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(bars), 3.4))
     bottom = np.zeros(len(bars))
@@ -105,8 +118,7 @@ def stacked_fraction_figure(bars: list[str], parts: dict[str, list[float | None]
     ax.set_xticks(range(len(bars)), bars, rotation=30, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncols=min(4, len(parts)), loc="upper center",
-              bbox_to_anchor=(0.5, 1.18))
+    ax.legend(fontsize=7, ncols=min(4, len(parts)), loc="upper center", bbox_to_anchor=(0.5, 1.18))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

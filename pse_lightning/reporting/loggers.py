@@ -46,8 +46,14 @@ def wandb_logger(
     if wandb.run is not None:
         wandb.finish()
     logger = WandbLogger(
-        project=project, entity=entity, mode=mode, group=group, name=name, tags=list(tags),
-        save_dir=save_dir, config=config,
+        project=project,
+        entity=entity,
+        mode=mode,
+        group=group,
+        name=name,
+        tags=list(tags),
+        save_dir=save_dir,
+        config=config,
     )
     # Lightning always passes anonymous=None to wandb.init, which wandb >= 0.19 answers with
     # a deprecation warning on every run; an absent key means the same.

@@ -56,14 +56,26 @@ def write_report(
         )
     lines = [f"# {title}", "", "## Setup", ""]
     lines += [f"- **{k}**: `{v}`" for k, v in setup.items()]
-    lines += ["", "## Results", "", metrics_table(scalars), "",
-              f"![summary]({written['summary'].relative_to(run_dir)})", ""]
+    lines += [
+        "",
+        "## Results",
+        "",
+        metrics_table(scalars),
+        "",
+        f"![summary]({written['summary'].relative_to(run_dir)})",
+        "",
+    ]
     if "examples" in written:
-        lines += ["## Adversarial examples", "",
-                  "Top: clean image (index, label, clean prediction); middle: adversarial image "
-                  "(prediction in red when the attack succeeded); bottom: the perturbation, "
-                  "amplified to fill the grey range.", "",
-                  f"![examples]({written['examples'].relative_to(run_dir)})", ""]
+        lines += [
+            "## Adversarial examples",
+            "",
+            "Top: clean image (index, label, clean prediction); middle: adversarial image "
+            "(prediction in red when the attack succeeded); bottom: the perturbation, "
+            "amplified to fill the grey range.",
+            "",
+            f"![examples]({written['examples'].relative_to(run_dir)})",
+            "",
+        ]
     for section in sections:
         lines += [f"## {section.title}", "", section.markdown, ""]
         for figure in section.figures:
@@ -78,17 +90,22 @@ def write_report(
     return written
 
 
-def log_report_to_wandb(logger: Logger | None, written: dict[str, Path],
-                        sections: Sequence[ReportSection]) -> None:
+def log_report_to_wandb(
+    logger: Logger | None, written: dict[str, Path], sections: Sequence[ReportSection]
+) -> None:
     """Figures as W&B images and analysis tables as W&B tables (rank zero only)."""
     if not isinstance(logger, WandbLogger):
         return
     import wandb
 
-    images = {f"report/{name}": wandb.Image(str(path)) for name, path in written.items()
-              if path.suffix == ".png"}
+    images = {
+        f"report/{name}": wandb.Image(str(path))
+        for name, path in written.items()
+        if path.suffix == ".png"
+    }
     tables = {
         f"tables/{section.title}/{name}": wandb.Table(columns=list(columns), data=rows)
-        for section in sections for name, (columns, rows) in section.tables.items()
+        for section in sections
+        for name, (columns, rows) in section.tables.items()
     }
     logger.experiment.log({**images, **tables})

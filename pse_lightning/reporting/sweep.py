@@ -32,50 +32,83 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
         choices = hydra_cfg["hydra"]["runtime"]["choices"]
         metrics = json.loads(metrics_file.read_text())["metrics"]
-        jobs.append({"dir": job_dir.name, "training": choices.get("training"),
-                     "attack": choices.get("attack"), "model": choices.get("model"),
-                     "dataset": choices.get("dataset"), "metrics": metrics})
+        jobs.append(
+            {
+                "dir": job_dir.name,
+                "training": choices.get("training"),
+                "attack": choices.get("attack"),
+                "model": choices.get("model"),
+                "dataset": choices.get("dataset"),
+                "metrics": metrics,
+            }
+        )
     return jobs
 
 
 def _fmt(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and math.isnan(value))
         else f"{value:.3f}"
+    )
 
 
 def comparison_tables(jobs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Markdown tables (variant x attack) and the same numbers as a dict."""
     variants = sorted({j["training"] for j in jobs}, key=_variant_order)
     attacks = sorted({j["attack"] for j in jobs})
-    cell: dict[tuple[str, str], dict[str, float]] = {(j["training"], j["attack"]): j["metrics"]
-                                                      for j in jobs}
-    clean = {v: next((m["test/clean_acc"] for (tv, _), m in cell.items() if tv == v), None)
-             for v in variants}
-    lines = ["### Accuracy", "", "| training | clean acc | "
-             + " | ".join(f"robust acc ({a})" for a in attacks) + " |",
-             "|---|---|" + "---|" * len(attacks)]
+    cell: dict[tuple[str, str], dict[str, float]] = {
+        (j["training"], j["attack"]): j["metrics"] for j in jobs
+    }
+    clean = {
+        v: next((m["test/clean_acc"] for (tv, _), m in cell.items() if tv == v), None)
+        for v in variants
+    }
+    lines = [
+        "### Accuracy",
+        "",
+        "| training | clean acc | " + " | ".join(f"robust acc ({a})" for a in attacks) + " |",
+        "|---|---|" + "---|" * len(attacks),
+    ]
     summary: dict[str, Any] = defaultdict(dict)
     for v in variants:
         robust = [cell.get((v, a), {}).get("test/robust_acc") for a in attacks]
         lines.append(f"| {v} | {_fmt(clean[v])} | " + " | ".join(_fmt(r) for r in robust) + " |")
         summary[v]["clean_acc"] = clean[v]
-        summary[v]["samples"] = next((m.get("test/samples") for (tv, _), m in cell.items()
-                                      if tv == v), None)
+        summary[v]["samples"] = next(
+            (m.get("test/samples") for (tv, _), m in cell.items() if tv == v), None
+        )
         summary[v].update({f"robust_acc/{a}": r for a, r in zip(attacks, robust, strict=True)})
     pse_keys = sorted({k for m in cell.values() for k in m if k.startswith("test/pse/frac_")})
     if pse_keys:
-        lines += ["", "### PSE types of the successful perturbations", "",
-                  "| training | attack | " + " | ".join(k.split("/")[-1] for k in pse_keys)
-                  + " |", "|---|---|" + "---|" * len(pse_keys)]
+        lines += [
+            "",
+            "### PSE types of the successful perturbations",
+            "",
+            "| training | attack | " + " | ".join(k.split("/")[-1] for k in pse_keys) + " |",
+            "|---|---|" + "---|" * len(pse_keys),
+        ]
         for (v, a), m in sorted(cell.items(), key=lambda kv: (_variant_order(kv[0][0]), kv[0][1])):
             lines.append(f"| {v} | {a} | " + " | ".join(_fmt(m.get(k)) for k in pse_keys) + " |")
             summary[v].update({f"{k.removeprefix('test/')}/{a}": m.get(k) for k in pse_keys})
-    unit_keys = sorted({k for m in cell.values() for k in m
-                        if k.startswith("test/dissection/") and "interpretable" in k})
+    unit_keys = sorted(
+        {
+            k
+            for m in cell.values()
+            for k in m
+            if k.startswith("test/dissection/") and "interpretable" in k
+        }
+    )
     if unit_keys:
-        lines += ["", "### Interpretable units", "", "| training | "
-                  + " | ".join(k.removeprefix("test/dissection/") for k in unit_keys) + " |",
-                  "|---|" + "---|" * len(unit_keys)]
+        lines += [
+            "",
+            "### Interpretable units",
+            "",
+            "| training | "
+            + " | ".join(k.removeprefix("test/dissection/") for k in unit_keys)
+            + " |",
+            "|---|" + "---|" * len(unit_keys),
+        ]
         for v in variants:
             m = next(m for (tv, _), m in cell.items() if tv == v)
             lines.append(f"| {v} | " + " | ".join(_fmt(m.get(k)) for k in unit_keys) + " |")
@@ -109,8 +142,9 @@ def verdict(summary: dict[str, dict[str, Any]]) -> list[str]:
     evaluated samples, so a reader can tell a gap from noise.
     """
     lines: list[str] = []
-    attacks = sorted({k.split("/", 1)[1] for s in summary.values() for k in s
-                      if k.startswith("robust_acc/")})
+    attacks = sorted(
+        {k.split("/", 1)[1] for s in summary.values() for k in s if k.startswith("robust_acc/")}
+    )
 
     def stderr(v: str, key: str) -> str:
         n, acc = summary[v].get("samples"), summary[v].get(key)
@@ -120,10 +154,17 @@ def verdict(summary: dict[str, dict[str, Any]]) -> list[str]:
 
     def gaps(a: str, b: str) -> tuple[float | None, dict[str, float | None]]:
         sa, sb = summary[a], summary[b]
-        clean = None if sa.get("clean_acc") is None or sb.get("clean_acc") is None \
+        clean = (
+            None
+            if sa.get("clean_acc") is None or sb.get("clean_acc") is None
             else sa["clean_acc"] - sb["clean_acc"]
-        robust = {k: None if sa.get(f"robust_acc/{k}") is None or sb.get(f"robust_acc/{k}")
-                  is None else sa[f"robust_acc/{k}"] - sb[f"robust_acc/{k}"] for k in attacks}
+        )
+        robust = {
+            k: None
+            if sa.get(f"robust_acc/{k}") is None or sb.get(f"robust_acc/{k}") is None
+            else sa[f"robust_acc/{k}"] - sb[f"robust_acc/{k}"]
+            for k in attacks
+        }
         return clean, robust
 
     if "standard" in summary:
@@ -131,41 +172,59 @@ def verdict(summary: dict[str, dict[str, Any]]) -> list[str]:
             if v == "standard":
                 continue
             clean, robust = gaps(v, "standard")
-            parts = ", ".join(f"{a} {_signed(r)}{stderr(v, f'robust_acc/{a}')}"
-                              for a, r in robust.items() if r is not None)
+            parts = ", ".join(
+                f"{a} {_signed(r)}{stderr(v, f'robust_acc/{a}')}"
+                for a, r in robust.items()
+                if r is not None
+            )
             if clean is not None:
-                lines.append(f"- {v} vs standard: clean accuracy {_signed(clean)}; "
-                             f"robust accuracy {parts}.")
+                lines.append(
+                    f"- {v} vs standard: clean accuracy {_signed(clean)}; robust accuracy {parts}."
+                )
     if "pse_at" in summary and "pgd_at" in summary:
         clean, robust = gaps("pse_at", "pgd_at")
         if clean is not None:
             parts = ", ".join(f"{a} {_signed(r)}" for a, r in robust.items() if r is not None)
-            lines.append(f"- pse_at vs pgd_at: clean accuracy {_signed(clean)}; robust "
-                         f"accuracy {parts}.")
-            main = "pgd" if robust.get("pgd") is not None else next(
-                (a for a, r in robust.items() if r is not None), None)
+            lines.append(
+                f"- pse_at vs pgd_at: clean accuracy {_signed(clean)}; robust accuracy {parts}."
+            )
+            main = (
+                "pgd"
+                if robust.get("pgd") is not None
+                else next((a for a, r in robust.items() if r is not None), None)
+            )
             if main is not None:
                 gain = robust[main]
                 if abs(clean) <= EQUAL_CLEAN_TOL:
                     answer = "beats" if gain > 0 else ("ties" if gain == 0 else "does not beat")
                     se = difference_stderr(summary["pse_at"], summary["pgd_at"], main)
-                    noise = "" if se is None else (
-                        f"; the difference is within 2 standard errors ({se:.3f}), so it is not "
-                        "significant at this sample size" if abs(gain) < 2 * se else
-                        f"; more than 2 standard errors ({se:.3f})")
-                    lines.append(f"- At equal clean accuracy (within {EQUAL_CLEAN_TOL}), pse_at "
-                                 f"{answer} pgd_at under {main} ({_signed(gain)}{noise}).")
+                    noise = ""
+                    if se is not None and abs(gain) < 2 * se:
+                        noise = (
+                            f"; the difference is within 2 standard errors ({se:.3f}), "
+                            "so it is not significant at this sample size"
+                        )
+                    elif se is not None:
+                        noise = f"; more than 2 standard errors ({se:.3f})"
+                    lines.append(
+                        f"- At equal clean accuracy (within {EQUAL_CLEAN_TOL}), pse_at "
+                        f"{answer} pgd_at under {main} ({_signed(gain)}{noise})."
+                    )
                 elif clean > 0 and gain >= 0 or clean < 0 and gain <= 0:
                     better = "pse_at" if clean > 0 else "pgd_at"
-                    lines.append(f"- {better} is at least as good on both clean and {main} "
-                                 "accuracy (the clean accuracies differ by more than "
-                                 f"{EQUAL_CLEAN_TOL}).")
+                    lines.append(
+                        f"- {better} is at least as good on both clean and {main} "
+                        "accuracy (the clean accuracies differ by more than "
+                        f"{EQUAL_CLEAN_TOL})."
+                    )
                 else:
-                    lines.append(f"- The clean accuracies differ by more than {EQUAL_CLEAN_TOL} "
-                                 f"and the variants trade clean for {main} accuracy in opposite "
-                                 "directions: no winner at equal clean accuracy can be read "
-                                 "off this sweep (tune lambda_* or epochs to match clean "
-                                 "accuracy).")
+                    lines.append(
+                        f"- The clean accuracies differ by more than {EQUAL_CLEAN_TOL} "
+                        f"and the variants trade clean for {main} accuracy in opposite "
+                        "directions: no winner at equal clean accuracy can be read "
+                        "off this sweep (tune lambda_* or epochs to match clean "
+                        "accuracy)."
+                    )
     return lines
 
 
@@ -185,32 +244,61 @@ def write_comparison(sweep_dir: Path) -> Path | None:
     series = {"clean": [summary[v]["clean_acc"] for v in variants]}
     for key in sorted({k for s in summary.values() for k in s if k.startswith("robust_acc/")}):
         series[key.split("/", 1)[1]] = [summary[v].get(key) for v in variants]
-    figure = grouped_bar_figure(variants, series, sweep_dir / "comparison.png",
-                                ylabel="accuracy on the evaluated test samples")
+    figure = grouped_bar_figure(
+        variants,
+        series,
+        sweep_dir / "comparison.png",
+        ylabel="accuracy on the evaluated test samples",
+    )
     figures = [figure]
-    type_keys = [k for k in ("suppression", "balanced", "promotion")
-                 if any(k2.startswith(f"pse/frac_{k}/") for s in summary.values() for k2 in s)]
+    type_keys = [
+        k
+        for k in ("suppression", "balanced", "promotion")
+        if any(k2.startswith(f"pse/frac_{k}/") for s in summary.values() for k2 in s)
+    ]
     if type_keys:
-        bars = sorted({(v, k2.rsplit("/", 1)[1]) for v, s in summary.items() for k2 in s
-                       if k2.startswith("pse/frac_")}, key=lambda b: (_variant_order(b[0]), b[1]))
+        bars = sorted(
+            {
+                (v, k2.rsplit("/", 1)[1])
+                for v, s in summary.items()
+                for k2 in s
+                if k2.startswith("pse/frac_")
+            },
+            key=lambda b: (_variant_order(b[0]), b[1]),
+        )
         parts = {k: [summary[v].get(f"pse/frac_{k}/{a}") for v, a in bars] for k in type_keys}
-        figures.append(stacked_fraction_figure(
-            [f"{v} / {a}" for v, a in bars], parts, sweep_dir / "comparison_pse_types.png",
-            ylabel="fraction of successful perturbations"))
+        figures.append(
+            stacked_fraction_figure(
+                [f"{v} / {a}" for v, a in bars],
+                parts,
+                sweep_dir / "comparison_pse_types.png",
+                ylabel="fraction of successful perturbations",
+            )
+        )
     findings = verdict(summary)
-    text = "\n".join([
-        f"# Comparison of {len(jobs)} jobs", "",
-        "Each row is one training variant, trained on the same data and seed and evaluated "
-        "with the same attacks (columns). Robust accuracy is the accuracy on the attacked "
-        "test samples.", "", tables, "",
-        *(["### Verdict", "", *findings, ""] if findings else []),
-        *[f"![{f.stem}]({f.name})" for f in figures], "",
-        "Job directories (under this sweep directory): "
-        + ", ".join(f"{j['training']}/{j['attack']} → `{j['dir'].split('_', 1)[0]}_*`"
-                    for j in jobs),
-    ])
-    write_json_atomic(sweep_dir / "comparison.json", {"variants": summary, "verdict": findings,
-                                                      "jobs": [j["dir"] for j in jobs]})
+    text = "\n".join(
+        [
+            f"# Comparison of {len(jobs)} jobs",
+            "",
+            "Each row is one training variant, trained on the same data and seed and evaluated "
+            "with the same attacks (columns). Robust accuracy is the accuracy on the attacked "
+            "test samples.",
+            "",
+            tables,
+            "",
+            *(["### Verdict", "", *findings, ""] if findings else []),
+            *[f"![{f.stem}]({f.name})" for f in figures],
+            "",
+            "Job directories (under this sweep directory): "
+            + ", ".join(
+                f"{j['training']}/{j['attack']} → `{j['dir'].split('_', 1)[0]}_*`" for j in jobs
+            ),
+        ]
+    )
+    write_json_atomic(
+        sweep_dir / "comparison.json",
+        {"variants": summary, "verdict": findings, "jobs": [j["dir"] for j in jobs]},
+    )
     path = write_text_atomic(sweep_dir / "comparison.md", text)
     log.info("comparison written to %s", path)
     return path
