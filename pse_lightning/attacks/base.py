@@ -135,11 +135,17 @@ class AttackBatch:
 
     def confine(self, v: Tensor) -> Tensor:
         """``v`` with the coordinates outside the support zeroed (no-op without one)."""
-        return v if self.support is None else v * self.support
+        return confine(v, self.support)
 
     def restrict(self, x_adv: Tensor) -> Tensor:
         """``x_adv`` outside the support reset to x exactly (no-op without one)."""
         return x_adv if self.support is None else torch.where(self.support, x_adv, self.x)
+
+
+def confine(v: Tensor, support: Tensor | None) -> Tensor:
+    """``v`` with the coordinates outside ``support`` zeroed (no-op for None): how gradients
+    and steps are kept inside a support mask, also on the row subsets of early abort."""
+    return v if support is None else v * support
 
 
 # What ``_perturb`` returns: the images, or the images and their logits (rows of NaN where

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation, input_gradient
+from pse_lightning.attacks.base import (
+    Attack,
+    AttackBatch,
+    Perturbation,
+    confine,
+    input_gradient,
+)
 from pse_lightning.attacks.search import (
     BatchedAdam,
     BestSoFar,
@@ -104,18 +110,15 @@ def tanh_adam_search(
                 found[rows] |= success
                 keep = abort.keep(step, dist + c * f.detach())
                 grad_w = (grad_x + 2 * delta) * (hr * (1 - th * th))
-                if sr is not None:
-                    grad_w = grad_w * sr
+                grad_w = confine(grad_w, sr)
                 w = adam.step(w, grad_w)
                 if keep is not None and not bool(keep.all()):
                     if not bool(keep.any()):
                         break
                     adam.select(keep)
-                    rows, xr, lab, c, w = compact(keep, rows, xr, lab, c, w)
-                    if isinstance(mr, Tensor):
-                        mr, hr = compact(keep, mr, hr)
-                    if sr is not None:
-                        (sr,) = compact(keep, sr)
+                    rows, xr, lab, c, w, mr, hr, sr = compact(
+                        keep, rows, xr, lab, c, w, mr, hr, sr
+                    )
         return found
 
     binary_search(best, inner, initial_const=initial_const, search_steps=search_steps, grow=grow)

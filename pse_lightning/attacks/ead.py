@@ -7,7 +7,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation, input_gradient
+from pse_lightning.attacks.base import (
+    Attack,
+    AttackBatch,
+    Perturbation,
+    confine,
+    input_gradient,
+)
 from pse_lightning.attacks.search import (
     BestSoFar,
     EarlyAbort,
@@ -127,8 +133,7 @@ class EAD(SearchSettings, Attack):
                 f, success = adversarial_margin(logits, lab, targeted, kappa)
                 grad_f = input_gradient(c * f, y_k)
                 with torch.no_grad():
-                    if sr is not None:
-                        grad_f = grad_f * sr
+                    grad_f = confine(grad_f, sr)
                     y_k = y_k.detach()
                     delta = y_k - xr
                     l2sq = squared_l2(delta)
@@ -148,9 +153,9 @@ class EAD(SearchSettings, Attack):
                     if keep is not None and not bool(keep.all()):
                         if not bool(keep.any()):
                             break
-                        rows, xr, lab, c, x_k, y_k = compact(keep, rows, xr, lab, c, x_k, y_k)
-                        if sr is not None:
-                            (sr,) = compact(keep, sr)
+                        rows, xr, lab, c, x_k, y_k, sr = compact(
+                            keep, rows, xr, lab, c, x_k, y_k, sr
+                        )
             return found
 
         best = BestSoFar(x)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,15 +144,19 @@ class BestSoFar:
             const: (M,) the constant the candidate was found with (reported in extras).
             logits: (M, K) the logits of ``x_cand``.
         """
-        if self.logits is None:
-            shape = (len(self.score), logits.shape[1])
-            self.logits = torch.full(shape, math.nan, dtype=logits.dtype, device=logits.device)
+        best_logits = self._logits_like(logits)
         better = success & (score < self.score[rows])
         idx = rows[better]
         self.score[idx] = score[better]
         self.x_best[idx] = x_cand[better].detach()
         self.const[idx] = const[better]
-        self.logits[idx] = logits[better].detach()
+        best_logits[idx] = logits[better].detach()
+
+    def _logits_like(self, logits: Tensor) -> Tensor:
+        """The (N, K) logits of the best iterates, allocated as NaN (unknown) on first use."""
+        if self.logits is None:
+            self.logits = logits.new_full((len(self.score), logits.shape[1]), math.nan)
+        return self.logits
 
     def result(self) -> tuple[Tensor, Tensor] | Tensor:
         """What ``_perturb`` returns: the best images with their logits (NaN rows where
@@ -169,10 +174,7 @@ class BestSoFar:
         """Write a subset tracker from :meth:`select` back into rows ``idx``."""
         self.x_best[idx], self.score[idx], self.const[idx] = sub.x_best, sub.score, sub.const
         if sub.logits is not None:
-            if self.logits is None:
-                shape = (len(self.score), sub.logits.shape[1])
-                self.logits = sub.logits.new_full(shape, math.nan)
-            self.logits[idx] = sub.logits
+            self._logits_like(sub.logits)[idx] = sub.logits
 
 
 class EarlyAbort:
@@ -207,11 +209,15 @@ class EarlyAbort:
         return keep
 
 
-def compact(keep: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """Index every (M, ...) tensor by the row mask ``keep`` (no-op when None or all True)."""
+def compact(keep: Tensor | None, *tensors: Any) -> tuple[Any, ...]:
+    """Index every (M, ...) tensor by the row mask ``keep`` (no-op when None or all True).
+
+    Entries that are not tensors (an absent support mask, a Python-scalar box bound) are
+    the same for every row and pass through unchanged.
+    """
     if keep is None or bool(keep.all()):
         return tensors
-    return tuple(t[keep] for t in tensors)
+    return tuple(t[keep] if isinstance(t, Tensor) else t for t in tensors)
 
 
 InnerLoop = Callable[[Tensor, BestSoFar], Tensor]

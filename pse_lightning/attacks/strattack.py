@@ -12,6 +12,7 @@ from pse_lightning.attacks.base import (
     Attack,
     AttackBatch,
     Perturbation,
+    confine,
     input_gradient,
     keep_logits,
 )
@@ -278,8 +279,7 @@ class StrAttack(SearchSettings, Attack):
                 f, success = adversarial_margin(logits, lab, targeted, kappa)
                 grad_f = input_gradient(c * f, x_adv)
                 with torch.no_grad():
-                    if sr is not None:
-                        grad_f = grad_f * sr
+                    grad_f = confine(grad_f, sr)
                     l2sq = squared_l2(p)
                     best.update(rows, x_adv, l2sq.sqrt(), success, c, logits)
                     found[rows] |= success
@@ -300,11 +300,9 @@ class StrAttack(SearchSettings, Attack):
                     if keep is not None and not bool(keep.all()):
                         if not bool(keep.any()):
                             break
-                        rows, xr, lab, c, lo, hi, z, u, v, s = compact(
-                            keep, rows, xr, lab, c, lo, hi, z, u, v, s
+                        rows, xr, lab, c, lo, hi, z, u, v, s, sr = compact(
+                            keep, rows, xr, lab, c, lo, hi, z, u, v, s, sr
                         )
-                        if sr is not None:
-                            (sr,) = compact(keep, sr)
             return found
 
         return inner
