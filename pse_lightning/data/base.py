@@ -121,24 +121,14 @@ class ImageDataModule(pl.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders")
         rank, world = dist_rank_world()
         if shuffle:
-            generator = torch.Generator().manual_seed(self.seed)
-            if world > 1:
-                sampler = torch.utils.data.DistributedSampler(
-                    dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
-                )
-                return DataLoader(
-                    dataset,
-                    self.batch_size,
-                    sampler=sampler,
-                    num_workers=self.num_workers,
-                    drop_last=False,
-                )
+            # For any world size (1 included: no process group needed, no padding): Lightning
+            # calls set_epoch, so each epoch's order is a function of (seed, epoch) only and a
+            # resumed training sees the orders of an uninterrupted one.
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+            )
             return DataLoader(
-                dataset,
-                self.batch_size,
-                shuffle=True,
-                generator=generator,
-                num_workers=self.num_workers,
+                dataset, self.batch_size, sampler=sampler, num_workers=self.num_workers
             )
         sampler = ShardSampler(len(dataset), rank, world)
         return DataLoader(dataset, self.batch_size, sampler=sampler, num_workers=self.num_workers)

@@ -3,8 +3,8 @@
 An interrupted fit resumes from a full trainer checkpoint (weights, optimizer, scheduler,
 loop counters) that :class:`ResumeCheckpoint` writes after every epoch. Resuming gives the
 weights of an uninterrupted run exactly: attack randomness is keyed by (sample index, epoch)
-and the training shuffle by (seed, epoch), so nothing depends on how many epochs this process
-has already run.
+and the datamodule's training shuffle by (seed, epoch), so nothing depends on how many epochs
+this process has already run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from pse_lightning.models.checkpoint import CheckpointError
@@ -73,9 +72,6 @@ class TrainingModule(pl.LightningModule):
         )
         return loss
 
-    def on_train_epoch_start(self) -> None:
-        key_shuffle_by_epoch(self.trainer.train_dataloader, self.current_epoch)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Size lazily allocated buffers (running statistics that start empty, e.g.
         ``PSEObjective.unit_var``) like the checkpoint's, so the strict load that follows
@@ -107,23 +103,6 @@ class TrainingModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-def key_shuffle_by_epoch(loader: object, epoch: int) -> None:
-    """Make a single-process training shuffle a function of (seed, epoch) only.
-
-    ``DataLoader(shuffle=True, generator=g)`` draws each epoch's order from ``g``'s running
-    state, so a resumed run (fresh ``g``) would see other orders than an uninterrupted one.
-    Giving the sampler a generator seeded from ``g``'s seed and the epoch before the epoch's
-    first batch fixes that. Distributed samplers are keyed by ``set_epoch`` already and are
-    left alone, as is any other sampler.
-    """
-    if not isinstance(loader, DataLoader) or not isinstance(loader.generator, torch.Generator):
-        return
-    sampler = loader.sampler
-    if isinstance(sampler, RandomSampler):
-        seed = loader.generator.initial_seed() + epoch * EPOCH_STRIDE
-        sampler.generator = torch.Generator().manual_seed(seed % 2**63)
 
 
 def partial_checkpoint_path(cache: str | Path) -> Path:
