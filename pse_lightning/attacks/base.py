@@ -273,7 +273,7 @@ class Attack(ABC):
             if self.targeted and target is None and self.target_rule == "least_likely":
                 with torch.no_grad():
                     logits_clean = model(x)
-            num_classes = self._num_classes(model, x, logits_clean)
+            num_classes = model_num_classes(model, x, logits_clean)
             require_labels("y", y, len(x), num_classes)
             if target is not None:
                 if not self.targeted:
@@ -392,15 +392,17 @@ class Attack(ABC):
 
         return score
 
-    @staticmethod
-    def _num_classes(model: nn.Module, x: Tensor, logits: Tensor | None) -> int:
-        known = getattr(model, "num_classes", None)
-        if isinstance(known, int):
-            return known
-        if logits is None:
-            with torch.no_grad():
-                logits = model(x[:1])
-        return int(logits.shape[1])
+
+def model_num_classes(model: nn.Module, x: Tensor, logits: Tensor | None = None) -> int:
+    """The model's class count: its ``num_classes``, else the width of ``logits`` (or of a
+    one-image forward pass when no logits are at hand)."""
+    known = getattr(model, "num_classes", None)
+    if isinstance(known, int):
+        return known
+    if logits is None:
+        with torch.no_grad():
+            logits = model(x[:1])
+    return int(logits.shape[1])
 
 
 def check_images(x: Tensor) -> None:

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import frozen_eval
+from pse_lightning.attacks.base import frozen_eval, model_num_classes
 
 PSE_TYPES: tuple[str, ...] = ("suppression", "balanced", "promotion", "none")
 SUPPRESSION, BALANCED, PROMOTION, NONE = range(4)
@@ -162,7 +162,7 @@ def grad_times_delta(
     _check_grad_enabled()
     delta = (x_adv - x).detach()
     with frozen_eval(model), torch.enable_grad():
-        num_classes = _num_classes(model, x)
+        num_classes = model_num_classes(model, x)
         logits, grad_true, grad_target = pair_gradients(
             model,
             x,
@@ -204,7 +204,7 @@ def integrated_gradients(
     _check_grad_enabled()
     x, delta = x.detach(), (x_adv - x).detach()
     with frozen_eval(model), torch.enable_grad():
-        num_classes = _num_classes(model, x)
+        num_classes = model_num_classes(model, x)
         sum_true, sum_target = path_gradient_sums(
             model,
             x,
@@ -431,7 +431,7 @@ def _refined_integrated_gradients(
     delta = x_adv - x
     kw = dict(chunk_size=chunk_size, mode=mode, channels_last=channels_last)
     with frozen_eval(model), torch.enable_grad():
-        num_classes = _num_classes(model, x)
+        num_classes = model_num_classes(model, x)
         cot_true = logit_cotangent(num_classes, y, center=center)
         cot_target = logit_cotangent(num_classes, target, center=center)
         alphas = midpoints(steps, device=x.device, dtype=x.dtype)
@@ -460,14 +460,6 @@ def _refined_integrated_gradients(
                 attr_true[redo], attr_target[redo], delta_true[redo], delta_target[redo]
             )
     return PSEAttribution(attr_true, attr_target, delta_true, delta_target, residual, steps_used)
-
-
-def _num_classes(model: nn.Module, x: Tensor) -> int:
-    known = getattr(model, "num_classes", None)
-    if isinstance(known, int):
-        return known
-    with torch.no_grad():
-        return int(model(x[:1]).shape[1])
 
 
 # -- maps, totals, groups, types -----------------------------------------------------------
