@@ -139,13 +139,18 @@ class AttackBatch:
 
     def restrict(self, x_adv: Tensor) -> Tensor:
         """``x_adv`` outside the support reset to x exactly (no-op without one)."""
-        return x_adv if self.support is None else torch.where(self.support, x_adv, self.x)
+        return restrict(x_adv, self.x, self.support)
 
 
 def confine(v: Tensor, support: Tensor | None) -> Tensor:
     """``v`` with the coordinates outside ``support`` zeroed (no-op for None): how gradients
     and steps are kept inside a support mask, also on the row subsets of early abort."""
     return v if support is None else v * support
+
+
+def restrict(x_adv: Tensor, x: Tensor, support: Tensor | None) -> Tensor:
+    """``x_adv`` outside ``support`` reset to ``x`` exactly (no-op for None)."""
+    return x_adv if support is None else torch.where(support, x_adv, x)
 
 
 # What ``_perturb`` returns: the images, or the images and their logits (rows of NaN where

@@ -11,6 +11,7 @@ from pse_lightning.attacks.base import (
     Perturbation,
     confine,
     input_gradient,
+    restrict,
 )
 from pse_lightning.attacks.search import (
     BatchedAdam,
@@ -96,8 +97,7 @@ def tanh_adam_search(
         for step in range(steps):
             th = torch.tanh(w)
             x_adv = mr + hr * th
-            if sr is not None:
-                x_adv = torch.where(sr, x_adv, xr)
+            x_adv = restrict(x_adv, xr, sr)
             x_adv.requires_grad_(True)
             logits = model(x_adv)
             f, success = adversarial_margin(logits, lab, targeted, kappa)
