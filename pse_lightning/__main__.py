@@ -26,9 +26,14 @@ class _DropAdvertisements(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
+# One instance: addFilter ignores a filter already present, so every job of a multirun
+# calling quiet_third_party_noise() leaves one filter, not one per job.
+_DROP_ADVERTISEMENTS = _DropAdvertisements()
+
+
 def quiet_third_party_noise() -> None:
     """Silence messages users cannot act on (kept out of the library: only the CLI does it)."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvertisements())
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DROP_ADVERTISEMENTS)
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; fixed upstream.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
