@@ -9,7 +9,6 @@ or merge into the next job of a multirun.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
-from pse_lightning.analysis.base import Analysis, ReportSection
-from pse_lightning.attacks.base import Attack
+from pse_lightning.analysis.base import Analysis
+from pse_lightning.attacks import Attack
+from pse_lightning.core.report import ReportSection
 from pse_lightning.data.base import ImageDataModule
+from pse_lightning.defenses.neuron_mask import NeuronMask, accuracy_vs_k_figure
 from pse_lightning.models.checkpoint import (
     cache_path,
     config_digest,
@@ -31,7 +32,6 @@ from pse_lightning.models.checkpoint import (
     save_checkpoint,
 )
 from pse_lightning.models.classifier import Classifier
-from pse_lightning.models.neuron_mask import NeuronMask, accuracy_vs_k_figure
 from pse_lightning.modules.evaluation import EvaluationModule
 from pse_lightning.modules.report_writer import ReportWriter
 from pse_lightning.modules.training import (
@@ -252,9 +252,10 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, 
     )
     module = EvaluationModule(model, parts.attack, parts.analyses, log_examples=cfg.log_examples)
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
-    trainer.test(module, datamodule=parts.datamodule, verbose=False)
-    metrics_file = run_dir / "metrics.json"
-    return json.loads(metrics_file.read_text())["metrics"] if metrics_file.exists() else {}
+    # trainer.test returns rank zero's logged metrics on every strategy, ddp_spawn included
+    # (whose workers' module objects never come back to this process).
+    (logged,) = trainer.test(module, datamodule=parts.datamodule, verbose=False)
+    return {key: float(value) for key, value in logged.items()}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

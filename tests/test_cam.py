@@ -5,8 +5,6 @@ and pytorch-grad-cam."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,13 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from pse_lightning.analysis.base import AdversarialBatch
-from pse_lightning.analysis.cam import CAM, CAMAnalysis, GradCAM, activation_map_for
-from pse_lightning.analysis.functional import cam as core
+from pse_lightning.analysis.base import AdversarialBatch, AnalysisResult
+from pse_lightning.analysis.cam import CAMAnalysis
+from pse_lightning.analysis.functional import cam as fcam
 from pse_lightning.attacks import FGSM, PGD, Attack, CAMGuided
 from pse_lightning.attacks.base import AttackBatch
 from pse_lightning.attacks.cw import CWL2
 from pse_lightning.attacks.norms import flat_norm
+from pse_lightning.core import activation_maps as amaps
+from pse_lightning.core.activation_maps import CAM, GradCAM, activation_map_for
 from pse_lightning.models import SmallCNN, TorchvisionClassifier
 
 
@@ -189,7 +189,7 @@ def test_gradcam_under_inference_mode_names_the_fix() -> None:
 
 def test_upsampling_is_bilinear_align_corners_false() -> None:
     raw = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
-    up = core.upsample(raw, (4, 4))
+    up = amaps.upsample(raw, (4, 4))
     # align_corners=False: output pixel 1 sits at source coordinate 0.25.
     assert up[0, 0, 0] == 0.0 and math.isclose(float(up[0, 0, 1]), 0.25)
     assert math.isclose(float(up[0, 1, 1]), 0.25 + 0.5, rel_tol=1e-6)
@@ -197,22 +197,22 @@ def test_upsampling_is_bilinear_align_corners_false() -> None:
 
 def test_normalise_masks_and_dilation() -> None:
     maps = torch.tensor([[[1.0, 2.0], [3.0, 5.0]], [[4.0, 4.0], [4.0, 4.0]]])
-    norm = core.minmax_normalise(maps)
+    norm = amaps.minmax_normalise(maps)
     torch.testing.assert_close(norm[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     assert torch.equal(norm[1], torch.zeros(2, 2))  # constant map: no localisation
-    assert core.threshold_mask(norm, 0.5).tolist() == [
+    assert amaps.threshold_mask(norm, 0.5).tolist() == [
         [[False, False], [True, True]],
         [[False, False], [False, False]],
     ]
     scores = torch.rand(3, 10, 10)
     for area in (0.01, 0.2, 0.55, 1.0):
-        top = core.top_area_mask(scores, area)
+        top = amaps.top_area_mask(scores, area)
         assert (top.flatten(1).sum(1) == max(1, round(area * 100))).all()
         kth = scores.flatten(1).sort(1, descending=True).values[:, top[0].sum() - 1]
         assert (scores[top] >= kth.repeat_interleave(top.flatten(1).sum(1))).all()
     dot = torch.zeros(1, 7, 7, dtype=torch.bool)
     dot[0, 3, 3] = True
-    assert core.dilate_mask(dot, 1).sum() == 9 and core.dilate_mask(dot, 2).sum() == 25
+    assert amaps.dilate_mask(dot, 1).sum() == 9 and amaps.dilate_mask(dot, 2).sum() == 25
 
 
 def test_interpretability_score_inside_mask_and_uniform() -> None:
@@ -221,19 +221,19 @@ def test_interpretability_score_inside_mask_and_uniform() -> None:
     mask[0, 4:20, 8:24] = True
     mask[1, :, :8] = True
     inside = torch.randn(2, 3, 32, 32, generator=gen) * mask[:, None]
-    torch.testing.assert_close(core.interpretability_score(inside, mask), torch.ones(2))
+    torch.testing.assert_close(fcam.interpretability_score(inside, mask), torch.ones(2))
     # Equal magnitude everywhere: IS^2 is exactly the mask's area share.
     uniform = 0.03 * torch.randint(0, 2, (2, 3, 32, 32), generator=gen).float().mul(2).sub(1)
-    area = core.mask_area(mask)
-    torch.testing.assert_close(core.interpretability_score(uniform, mask) ** 2, area)
+    area = amaps.mask_area(mask)
+    torch.testing.assert_close(fcam.interpretability_score(uniform, mask) ** 2, area)
     # Gaussian noise: IS^2 ~ area (random-mask baseline E[IS^2] = a).
     noise = torch.randn(2, 3, 32, 32, generator=gen)
-    assert torch.allclose(core.interpretability_score(noise, mask) ** 2, area, atol=0.03)
+    assert torch.allclose(fcam.interpretability_score(noise, mask) ** 2, area, atol=0.03)
     assert torch.equal(
-        core.interpretability_score(torch.zeros(2, 3, 32, 32), mask), torch.zeros(2)
+        fcam.interpretability_score(torch.zeros(2, 3, 32, 32), mask), torch.zeros(2)
     )
     outside = torch.randn(2, 3, 32, 32, generator=gen) * (~mask)[:, None]
-    assert torch.equal(core.interpretability_score(outside, mask), torch.zeros(2))
+    assert torch.equal(fcam.interpretability_score(outside, mask), torch.zeros(2))
 
 
 def test_random_masks_have_expected_squared_score_equal_to_area() -> None:
@@ -242,7 +242,7 @@ def test_random_masks_have_expected_squared_score_equal_to_area() -> None:
     delta = torch.randn(1, 3, 16, 16, generator=gen) * torch.rand(1, 1, 16, 16, generator=gen)
     a = 0.3
     masks = torch.rand(4000, 16, 16, generator=gen) < a
-    is_sq = core.interpretability_score(delta.expand(4000, -1, -1, -1), masks) ** 2
+    is_sq = fcam.interpretability_score(delta.expand(4000, -1, -1, -1), masks) ** 2
     assert abs(float(is_sq.mean()) - a) < 0.01
 
 
@@ -250,7 +250,7 @@ def test_shifted_scores_match_rolled_masks_and_pvalue() -> None:
     gen = torch.Generator().manual_seed(2)
     energy = torch.rand(2, 12, 10, generator=gen)
     mask = torch.rand(2, 12, 10, generator=gen) > 0.7
-    scores = core.shifted_scores(energy, mask)
+    scores = fcam.shifted_scores(energy, mask)
     for i, j in [(0, 0), (1, 0), (0, 3), (5, 7), (11, 9)]:
         rolled = torch.roll(mask, (i, j), dims=(-2, -1))
         expected = (energy * rolled).flatten(1).sum(1) / energy.flatten(1).sum(1)
@@ -258,13 +258,13 @@ def test_shifted_scores_match_rolled_masks_and_pvalue() -> None:
     # Perturbation exactly on a blob mask: no shift scores as high, p = 1 / (R + 1).
     blob = torch.zeros(1, 12, 10, dtype=torch.bool)
     blob[0, 3:6, 2:5] = True
-    shifts = core.choose_shifts(12, 10, 50, seed=0)
+    shifts = fcam.choose_shifts(12, 10, 50, seed=0)
     assert len(set(shifts.tolist())) == 50 and 0 not in shifts.tolist()
-    p = core.cyclic_shift_pvalue(blob.float(), blob, shifts)
+    p = fcam.cyclic_shift_pvalue(blob.float(), blob, shifts)
     assert math.isclose(float(p), 1 / 51, rel_tol=1e-6)
     # Uniform perturbation: every shift ties, p = 1.
-    assert float(core.cyclic_shift_pvalue(torch.ones(1, 12, 10), blob, shifts)) == 1.0
-    assert len(core.choose_shifts(12, 10, None, seed=0)) == 119
+    assert float(fcam.cyclic_shift_pvalue(torch.ones(1, 12, 10), blob, shifts)) == 1.0
+    assert len(fcam.choose_shifts(12, 10, None, seed=0)) == 119
 
 
 def test_masked_share() -> None:
@@ -273,7 +273,7 @@ def test_masked_share() -> None:
     attribution[0, 1, 3, 3] = 1.0
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     mask[:, 0, 0] = True
-    share, valid = core.masked_share(attribution, mask)
+    share, valid = fcam.masked_share(attribution, mask)
     torch.testing.assert_close(share, torch.tensor([0.75, 0.0]))
     assert valid.tolist() == [True, False]
 
@@ -309,10 +309,10 @@ def test_analysis_scores_a_perturbation_inside_the_true_class_mask() -> None:
     metric = CAMAnalysis(shifts=None, examples=0)
     success = torch.tensor([True, True, True, True, True, False])
     metric.update(model, adversarial_batch(model, x, x_adv, y, target, torch.arange(6), success))
-    out = metric.compute()
+    out = metric.compute().details
     assert out["evaluated"] == 6 and out["scored"] == 5
     torch.testing.assert_close(out["is_true"], torch.tensor(1.0, dtype=torch.float64))
-    area = core.mask_area(mask)[:5].double()
+    area = amaps.mask_area(mask)[:5].double()
     torch.testing.assert_close(out["area_true"], area.mean())
     torch.testing.assert_close(out["random_true"], area.sqrt().mean())
     torch.testing.assert_close(out["lift_true"], (1 / area).mean())
@@ -331,18 +331,18 @@ def test_pse_share_on_an_analytic_model() -> None:
     y, target = torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1])
     metric = CAMAnalysis(pse_share=True, examples=0, shifts=10)
     metric.update(model, adversarial_batch(model, x, x_adv, y, target, torch.arange(3)))
-    out = metric.compute()
+    out = metric.compute().details
     weight = model.fc.weight.detach()
     # CAM of class c on an image is sum_k W_ck x_k; masks at threshold 0.2 by hand.
-    b_true = core.minmax_normalise(torch.einsum("nk,nkhw->nhw", weight[y], x)) >= 0.2
-    b_target = core.minmax_normalise(torch.einsum("nk,nkhw->nhw", weight[target], x_adv)) >= 0.2
+    b_true = amaps.minmax_normalise(torch.einsum("nk,nkhw->nhw", weight[y], x)) >= 0.2
+    b_target = amaps.minmax_normalise(torch.einsum("nk,nkhw->nhw", weight[target], x_adv)) >= 0.2
     promo = (weight[target][:, :, None, None] * delta / 64).clamp_min(0)
     supp = (-(weight[y][:, :, None, None] * delta) / 64).clamp_min(0)
     share_p = (promo * b_target[:, None]).sum((1, 2, 3)) / promo.sum((1, 2, 3))
     share_s = (supp * b_true[:, None]).sum((1, 2, 3)) / supp.sum((1, 2, 3))
     assert float(out["promotion_in_target"]) == pytest.approx(float(share_p.mean()), abs=1e-5)
     assert float(out["suppression_in_true"]) == pytest.approx(float(share_s.mean()), abs=1e-5)
-    score = core.interpretability_score(delta, b_true)
+    score = fcam.interpretability_score(delta, b_true)
     assert float(out["is_true"]) == pytest.approx(float(score.mean()), abs=1e-6)
 
 
@@ -359,14 +359,14 @@ def test_analysis_is_batch_independent_and_keeps_examples_by_index(tmp_path) -> 
                                               result.target[half],
                                               torch.arange(10, 18)[half],
                                               result.success[half]))  # fmt: skip
-    a, b = whole.compute(), parts.compute()
+    a, b = whole.compute().details, parts.compute().details
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-12, rtol=1e-12, equal_nan=True)
     assert whole._examples["stats"][:, 0].tolist() == [10.0, 11.0, 12.0]
     for key, value in whole._examples.items():
         torch.testing.assert_close(value, parts._examples[key])
-    section = whole.report(a, tmp_path)
+    section = whole.report(AnalysisResult({}, a), tmp_path, [])
     assert [p.name for p in section.figures] == [f"cam_example_{i}.png" for i in (10, 11, 12)]
     assert all(p.is_file() and p.stat().st_size > 0 for p in section.figures)
     columns, rows = section.tables["cam_examples"]
@@ -398,7 +398,7 @@ def check_confined(attack: CAMGuided, model: nn.Module, x: Tensor, y: Tensor) ->
     assert torch.all(delta * ~region == 0), "perturbation outside the CAM region"
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert not region.all() and region.any()
-    torch.testing.assert_close(result.extras["cam_area"], core.mask_area(region[:, 0]))
+    torch.testing.assert_close(result.extras["cam_area"], amaps.mask_area(region[:, 0]))
     return delta
 
 
@@ -476,13 +476,3 @@ def test_cam_attack_configs_instantiate(name: str) -> None:
     assert isinstance(attack, CAMGuided) and attack.attack.seed == 5
     if name == "cam_cw":
         assert isinstance(attack.attack, CWL2) and attack.attack.abort_early is True
-
-
-def test_no_import_cycle_in_either_order() -> None:
-    """attacks.cam_guided imports analysis.cam, which imports attacks.base."""
-    runs = [
-        subprocess.Popen([sys.executable, "-c", f"import {first}; "
-                          "import pse_lightning.attacks.cam_guided, pse_lightning.analysis.cam"])
-        for first in ("pse_lightning.analysis.cam", "pse_lightning.attacks")
-    ]  # fmt: skip
-    assert [run.wait() for run in runs] == [0, 0]

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import pse_lightning.analysis.dissection as dissection_module
-from pse_lightning.analysis.base import AdversarialBatch
+from pse_lightning.analysis.base import AdversarialBatch, AnalysisResult
 from pse_lightning.analysis.dissection import Dissection
 from pse_lightning.analysis.functional.dissection import (
     RadixQuantile,
@@ -49,8 +49,9 @@ from pse_lightning.analysis.functional.dissection import (
     upsample,
 )
 from pse_lightning.attacks import FGSM
-from pse_lightning.data.base import Concept, ShardSampler, dist_rank_world
-from pse_lightning.models.neuron_mask import (
+from pse_lightning.core.distributed import rank_world
+from pse_lightning.data.base import Concept, ShardSampler
+from pse_lightning.defenses.neuron_mask import (
     MaskedModel,
     NeuronMask,
     UnitSensitivity,
@@ -91,7 +92,7 @@ class FakeProbeData:
         self.concepts, self.categories, self.batch_size = concepts, categories, batch_size
 
     def probe_dataloader(self) -> DataLoader:
-        rank, world = dist_rank_world()
+        rank, world = rank_world()
         sampler = ShardSampler(len(self.dataset), rank, world)
         return DataLoader(self.dataset, self.batch_size, sampler=sampler)
 
@@ -539,7 +540,7 @@ def test_sensitivity_signs_and_values_on_a_toy_shift() -> None:
                 targeted=True,
             ),
         )
-    out = dissection.compute()
+    out = dissection.compute().details
     sigma_r = x[:, 0].mean(dim=(1, 2)).double().std()
     s_plus, s_minus = out["detect/unit_s_plus"], out["detect/unit_s_minus"]
     assert float(s_plus[0]) == pytest.approx(0.1 / float(sigma_r), rel=1e-5)
@@ -652,7 +653,7 @@ def test_compute_and_report(tmp_path: Path) -> None:
     dissection.prepare(model, random_probe())
     for batch in fake_adversarial_batches(model):
         dissection.update(model, batch)
-    out = dissection.compute()
+    out = dissection.compute().details
     for layer in model.dissection_layers:
         units = int(out[f"{layer}/units"])
         assert out[f"{layer}/unit_s"].shape == (units,)
@@ -660,7 +661,7 @@ def test_compute_and_report(tmp_path: Path) -> None:
         assert 0.0 < float(out[f"{layer}/spearman_p"]) <= 1.0
         assert float(out[f"{layer}/spearman_ci_low"]) <= float(out[f"{layer}/spearman_ci_high"])
     assert "features.2/unit_promotion" in out and "features.1/unit_promotion" not in out
-    section = dissection.report(out, tmp_path)
+    section = dissection.report(AnalysisResult({}, out), tmp_path, [])
     assert [p.name for p in section.figures] == [
         "dissection_iou_vs_sensitivity.png",
         "dissection_interpretable_units.png",
@@ -715,7 +716,7 @@ def _run_dissection(world: tuple[int, int]) -> dict[str, Tensor]:
     dissection.prepare(model, random_probe(n=23, batch_size=4))
     for batch in fake_adversarial_batches(model, batch=3, shard=world):
         dissection.update(model, batch)
-    out = dissection.compute()
+    out = dissection.compute().details
     for name, layer in dissection.probe.layers.items():
         out[f"{name}/intersection"] = layer.tally.intersection
         out[f"{name}/mask_area"] = layer.tally.mask_area

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.analysis.base import AdversarialBatch
+from pse_lightning.analysis.base import AdversarialBatch, AnalysisResult
 from pse_lightning.analysis.functional.pse import (
     BALANCED,
     NONE,
@@ -308,7 +308,7 @@ def test_only_suppressing_or_promoting_perturbations_are_typed_so(true_fn, targe
     y, t = torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)
     metric = PSE(steps=32)
     metric.update(model, make_batch(model, x, x_adv, y, t))
-    result = metric.compute()
+    result = metric.compute().details
     assert result[f"frac_{expected}"] == 1.0
     attr = pse_attributions(model, x, x_adv, y, t)
     promotion, suppression = promotion_suppression_maps(attr.attr_true, attr.attr_target)
@@ -328,7 +328,7 @@ def test_no_effect_is_typed_none() -> None:
     )
     metric = PSE(method="grad")
     metric.update(model, batch)
-    result = metric.compute()
+    result = metric.compute().details
     assert result["frac_none"] == 1.0 and math.isnan(float(result["mean_r"]))
 
 
@@ -364,7 +364,7 @@ def test_group_map_from_attack_extras() -> None:
     metric = PSE(method="grad")
     metric.update(model, batch)
     assert metric.group_type_counts.tolist() == [2, 0, 2, 0]
-    result = metric.compute()
+    result = metric.compute().details
     assert result["group_frac_suppression"] == 0.5 and result["group_frac_promotion"] == 0.5
     assert result["frac_balanced"] == 1.0  # 0.8 up and 0.8 down: r = 1/2
 
@@ -398,7 +398,7 @@ def test_split_and_merged_states_equal_one_pass() -> None:
     rank0.update(model, sub_batch(batch, torch.arange(0, 12, 2)))
     rank1.update(model, sub_batch(batch, torch.arange(1, 12, 2)))
     rank1.merge_state(rank0)
-    expected, merged = whole.compute(), rank1.compute()
+    expected, merged = whole.compute().details, rank1.compute().details
     assert expected.keys() == merged.keys()
     # Float32 attributions of one image can round differently when the passes hold other
     # images; the residual (a small difference of sums) amplifies that to ~1e-7. Counts
@@ -431,9 +431,9 @@ def test_report_writes_figures_and_table(tmp_path: Path) -> None:
     model, batch = cnn_batch(8)
     metric = PSE(steps=4, max_steps=8, max_rows=5, max_figures=2, successful_only=False)
     metric.update(model, batch)
-    result = metric.compute()
+    result = metric.compute().details
     metric.reset()  # the evaluation module resets before the report is written
-    section = metric.report(result, tmp_path)
+    section = metric.report(AnalysisResult({}, result), tmp_path, [])
     names = sorted(p.name for p in section.figures)
     assert names == ["pse_examples.png", "pse_ratio_hist.png", "pse_scatter.png"]
     for path in section.figures:
@@ -449,7 +449,7 @@ def test_report_writes_figures_and_table(tmp_path: Path) -> None:
 
 def test_report_before_compute_fails(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="compute"):
-        PSE().report({}, tmp_path)
+        PSE().report(AnalysisResult({}, {}), tmp_path, [])
 
 
 def test_inference_mode_is_refused() -> None:
@@ -503,7 +503,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
             metric.update(model, sub_batch(batch, torch.arange(8, 12)))
         else:
             metric.update(model, sub_batch(batch, torch.arange(0, 8)))
-        result = metric.compute()  # every rank, it synchronises
+        result = metric.compute().details  # every rank, it synchronises
         if rank == 0:
             torch.save({"result": result, "samples": metric._samples}, out)
     finally:
@@ -525,7 +525,7 @@ def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     model, batch = cnn_batch()
     whole = PSE(steps=8, max_steps=32, max_rows=7, max_figures=3)
     whole.update(model, batch)
-    expected = whole.compute()
+    expected = whole.compute().details
     for key in expected:
         torch.testing.assert_close(got["result"][key].double(), expected[key].double(),
                                    equal_nan=True, atol=1e-6, rtol=1e-5)  # fmt: skip

@@ -2,19 +2,23 @@
 
 An analysis is a torchmetrics ``Metric``: ``update`` sees one adversarial batch, its state
 is registered with an exact reduction (sums, counts, histograms; ``cat`` only for a bounded
-sample), so N processes give the numbers of one. ``compute`` returns scalar metrics;
-``report`` turns the computed result into figures and tables for the run directory and
-W&B. No analysis reads another's state: shared maths lives in ``analysis/functional.py``.
+sample), so N processes give the numbers of one. ``compute`` returns an
+:class:`AnalysisResult`: the scalars that are logged and everything the report needs;
+``report`` turns that result, and nothing else, into figures and tables for the run
+directory and W&B. No analysis reads another's state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from pse_lightning.core.report import ReportSection
 
 
 @dataclass(frozen=True)
@@ -47,30 +51,27 @@ class AdversarialBatch:
 
 
 @dataclass
-class ReportSection:
-    """What one analysis contributes to ``report.md`` and to W&B.
+class AnalysisResult:
+    """What an analysis's ``compute`` returns, on every rank.
 
     Attributes:
-        title: section heading.
-        markdown: body text (tables in markdown, short interpretation).
-        figures: PNG files written into the run directory, embedded in the report and
-            logged to W&B as images under ``report/<title>/<file stem>``.
-        tables: W&B tables, name -> (columns, rows).
+        scalars: metric name -> 0-d tensor; logged as ``test/<analysis>/<name>`` and written
+            to ``metrics.json``.
+        details: whatever else ``report`` needs (per-unit tensors, kept examples, tables);
+            never logged as metrics.
     """
 
-    title: str
-    markdown: str = ""
-    figures: list[Path] = field(default_factory=list)
-    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
+    scalars: dict[str, Tensor]
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Analysis(Metric):
     """Base class of every analysis run inside the evaluation loop.
 
     Subclasses set ``name`` (the log prefix: ``test/<name>/<key>``) and implement
-    ``update(model, batch)``, ``compute()`` (a dict of scalar or small tensors, called on
-    every rank: it synchronises) and ``report(result, out_dir)`` (rank zero only, after
-    ``compute``; must not communicate).
+    ``update(model, batch)``, ``compute()`` (an :class:`AnalysisResult`; called on every
+    rank: it synchronises) and ``report(result, out_dir, class_names)`` (rank zero only,
+    after ``compute``; reads only ``result``, must not communicate).
 
     ``prepare(model, datamodule)`` runs once on every rank before the first batch, for
     analyses that need their own pass over other data (dissection's probe set).
@@ -87,14 +88,13 @@ class Analysis(Metric):
     def update(self, model: nn.Module, batch: AdversarialBatch) -> None:  # noqa: D102
         raise NotImplementedError
 
-    def report(self, result: dict[str, Any], out_dir: Path) -> ReportSection:
-        """Figures and tables for ``result`` (the output of ``compute``); default: a table."""
-        rows = [f"| {k} | {_fmt(v)} |" for k, v in result.items()]
+    def compute(self) -> AnalysisResult:  # noqa: D102
+        raise NotImplementedError
+
+    def report(
+        self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]
+    ) -> ReportSection:
+        """Figures and tables for ``result``; default: a table of the scalars."""
+        rows = [f"| {k} | {float(v):.4g} |" for k, v in result.scalars.items()]
         body = "| metric | value |\n|---|---|\n" + "\n".join(rows)
         return ReportSection(title=self.name, markdown=body)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -5,7 +5,7 @@ perturbation sits in the discriminative region of the true class on x (where sup
 would act) and of the target class on x' (where promotion would act), compared with a
 random mask of the same area and with cyclic shifts of the same mask.
 
-The maps come from :class:`ActivationMap`, a base class that hooks the model's feature
+The maps come from :class:`amaps.ActivationMap`, a base class that hooks the model's feature
 layer during the forward pass producing the logits and combines the captured channels with
 per-image weights; :class:`CAM` (GAP + linear head, no backward pass) and :class:`GradCAM`
 (any model, one backward pass to the features) differ only in ``channel_weights``.
@@ -22,10 +22,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities import dim_zero_cat
 
-from pse_lightning.analysis.base import AdversarialBatch, Analysis, ReportSection
-from pse_lightning.analysis.functional import cam as core
-from pse_lightning.analysis.hooks import capture_activations
-from pse_lightning.attacks.base import frozen_eval
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
+from pse_lightning.analysis.functional import cam as fcam
+from pse_lightning.analysis.functional.pse import grad_times_delta
+from pse_lightning.core import activation_maps as amaps
+from pse_lightning.core.model_state import frozen_eval
 from pse_lightning.validation import (
     require_at_least,
     require_choice,
@@ -34,7 +35,6 @@ from pse_lightning.validation import (
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("auto", "cam", "gradcam")
 MASK_KINDS: tuple[str, ...] = ("true", "target", "union")
 # Per-example columns kept for figures and the W&B table (one float64 row per example).
 EXAMPLE_COLUMNS: tuple[str, ...] = (
@@ -45,187 +45,6 @@ SIGNIFICANCE = 0.05
 
 
 # -- maps -----------------------------------------------------------------------------------
-
-
-class ActivationMap:
-    """Weighted sums of a layer's channels, captured during the forward pass of the logits.
-
-    Subclasses override only :meth:`channel_weights`. The hook lives in
-    :func:`~pse_lightning.analysis.hooks.capture_activations`, so it is removed even when
-    the forward pass or the weights raise (pytorch-grad-cam #132).
-
-    Args:
-        layer: dotted name of the feature layer; None takes ``model.feature_layer``.
-    """
-
-    #: Apply ReLU to the weighted sum (Grad-CAM keeps only positive evidence; CAM does not).
-    rectify: bool = False
-    #: Whether ``channel_weights`` differentiates through the features.
-    needs_grad: bool = False
-
-    def __init__(self, layer: str | None = None) -> None:
-        self.layer = layer
-
-    def channel_weights(
-        self, model: nn.Module, features: Tensor, logits: Tensor, target: Tensor
-    ) -> Tensor:
-        """(N, K) weight of each channel of ``features`` (N, K, h, w) for each image's target."""
-        raise NotImplementedError
-
-    def resolve_layer(self, model: nn.Module) -> str:
-        layer = self.layer or getattr(model, "feature_layer", None)
-        if not layer:
-            raise ValueError(
-                f"{type(model).__name__} has no feature_layer; set analysis.layer to the dotted "
-                "name of its last convolutional feature map"
-            )
-        return layer
-
-    def raw_maps(
-        self, model: nn.Module, x: Tensor, targets: Sequence[Tensor]
-    ) -> tuple[Tensor, list[Tensor]]:
-        """One forward pass; the maps of several target vectors share it.
-
-        Args:
-            model: classifier on [0, 1] images; the caller sets eval mode.
-            x: (N, C, H, W) images.
-            targets: one or more (N,) class vectors, one class per image.
-
-        Returns:
-            (logits (N, num_classes) of that same pass, [raw (N, h, w) map per target]).
-        """
-        layer = self.resolve_layer(model)
-        if self.needs_grad:
-            _require_autograd(type(self).__name__)
-        grad_mode = torch.enable_grad() if self.needs_grad else torch.no_grad()
-        with grad_mode, capture_activations(model, [layer], detach=not self.needs_grad) as acts:
-            # An input that requires grad keeps the features in the graph even when the
-            # parameters are frozen.
-            inputs = x.detach().requires_grad_(True) if self.needs_grad else x
-            logits = model(inputs)
-            if layer not in acts:
-                raise ValueError(f"layer {layer!r} did not run in the forward pass")
-            features = acts[layer]
-            if not isinstance(features, Tensor) or features.dim() != 4:
-                raise ValueError(
-                    f"layer {layer!r} must output an (N, K, h, w) tensor, got "
-                    f"{getattr(features, 'shape', type(features).__name__)}"
-                )
-            maps = []
-            for target in targets:
-                weights = self.channel_weights(model, features, logits, target)
-                raw = core.weighted_channel_sum(features.detach(), weights.detach())
-                maps.append(raw.relu() if self.rectify else raw)
-        return logits.detach(), maps
-
-    def __call__(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        """Normalised (N, H, W) maps in [0, 1] at the input resolution, one per image."""
-        _, (raw,) = self.raw_maps(model, x, [target])
-        return core.image_maps(raw, (x.shape[-2], x.shape[-1]))
-
-
-class CAM(ActivationMap):
-    """Class activation map M_c = sum_k w_{c,k} A_k (Zhou et al., 2016).
-
-    Exact for a net whose logits are a linear layer (``model.head``) on the global average
-    of the feature layer. That structure is checked on the first call for each model:
-    mean(M_c) + b_c must reproduce Z_c of the same forward pass.
-    """
-
-    def __init__(self, layer: str | None = None) -> None:
-        super().__init__(layer)
-        self._verified: set[tuple[int, str]] = set()
-
-    def channel_weights(
-        self, model: nn.Module, features: Tensor, logits: Tensor, target: Tensor
-    ) -> Tensor:
-        head = _linear_head(model)
-        weights = core.cam_weights(head.weight.detach(), target)
-        key = (id(model), self.resolve_layer(model))
-        if key not in self._verified:
-            self._verify(model, head, features, weights, logits, target)
-            self._verified.add(key)
-        return weights
-
-    def _verify(
-        self,
-        model: nn.Module,
-        head: nn.Linear,
-        features: Tensor,
-        weights: Tensor,
-        logits: Tensor,
-        target: Tensor,
-    ) -> None:
-        # GAP + linear: Z_c = sum_k w_ck mean(A_k) + b_c. A mismatch means the head is not
-        # applied to the pooled feature layer and CAM would be meaningless.
-        pooled = core.weighted_channel_sum(features.detach(), weights).mean(dim=(1, 2))
-        bias = head.bias.detach()[target] if head.bias is not None else 0.0
-        expected = logits.detach().gather(1, target[:, None])[:, 0]
-        scale = 1e-3 * (1.0 + expected.abs())
-        if not torch.all((pooled + bias - expected).abs() <= scale):
-            raise ValueError(
-                f"analysis.method=cam needs logits = head(global average of the feature layer),"
-                f" but {type(model).__name__}.head={getattr(model, 'head', None)!r} does not "
-                f"reproduce them from {self.resolve_layer(model)!r}; use analysis.method=gradcam"
-            )
-
-
-class GradCAM(ActivationMap):
-    """Grad-CAM L_c = ReLU(sum_k alpha_k A_k), alpha_k = mean dZ_c/dA_k (Selvaraju 2017)."""
-
-    rectify = True
-    needs_grad = True
-
-    def channel_weights(
-        self, model: nn.Module, features: Tensor, logits: Tensor, target: Tensor
-    ) -> Tensor:
-        # Summing the per-image target logits gives each image its own gradient (images are
-        # independent in eval mode); autograd.grad leaves parameter .grad untouched.
-        score = logits.gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(score, features, retain_graph=True)
-        return core.gradcam_weights(grad)
-
-
-def _require_autograd(what: str) -> None:
-    # enable_grad() cannot undo inference_mode (Lightning #19910): fail with the fix.
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{what} needs gradients but runs under torch.inference_mode(); set "
-            "trainer.inference_mode=false"
-        )
-
-
-def _linear_head(model: nn.Module) -> nn.Linear:
-    name = getattr(model, "head", None)
-    if not name:
-        raise ValueError(
-            f"analysis.method=cam needs a GAP + linear head, but {type(model).__name__} has "
-            "head=None; use analysis.method=gradcam (or auto)"
-        )
-    head = model.get_submodule(name)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"analysis.method=cam needs model.head to be nn.Linear, got {type(head).__name__} "
-            f"at {name!r}; use analysis.method=gradcam"
-        )
-    return head
-
-
-def activation_map_for(
-    model: nn.Module, method: str = "auto", layer: str | None = None, key: str = "analysis"
-) -> ActivationMap:
-    """CAM when the model has a GAP + linear head (``model.head``), else Grad-CAM.
-
-    Args:
-        model: the classifier.
-        method: 'auto', 'cam' or 'gradcam'.
-        layer: feature layer override (default ``model.feature_layer``).
-        key: config prefix named in errors.
-    """
-    require_choice(f"{key}.method", method, METHODS)
-    if method == "auto":
-        method = "cam" if getattr(model, "head", None) else "gradcam"
-    return CAM(layer) if method == "cam" else GradCAM(layer)
 
 
 # -- the analysis ---------------------------------------------------------------------------
@@ -269,7 +88,7 @@ class CAMAnalysis(Analysis):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.method = require_choice("analysis.method", method, METHODS)
+        self.method = require_choice("analysis.method", method, amaps.METHODS)
         self.layer = layer
         self.threshold = require_in_range("analysis.threshold", threshold, 0.0, 1.0)
         self.top_area = (
@@ -285,7 +104,7 @@ class CAMAnalysis(Analysis):
         self.examples = require_at_least("analysis.examples", examples, 0)
         self.class_names: list[str] | None = None
         self._examples: dict[str, Tensor] = {}
-        self._mapper_cache: ActivationMap | None = None
+        self._mapper_cache: amaps.ActivationMap | None = None
 
         f64 = dict(dtype=torch.float64)
         self.add_state("evaluated", torch.zeros((), **f64), dist_reduce_fx="sum")
@@ -304,9 +123,9 @@ class CAMAnalysis(Analysis):
         names = getattr(datamodule, "class_names", None)
         self.class_names = list(names) if names else None
 
-    def _mapper(self, model: nn.Module) -> ActivationMap:
+    def _mapper(self, model: nn.Module) -> amaps.ActivationMap:
         """One map object kept across batches, so CAM verifies the head only once."""
-        mapper = activation_map_for(model, self.method, self.layer)
+        mapper = amaps.activation_map_for(model, self.method, self.layer)
         if type(self._mapper_cache) is not type(mapper):
             self._mapper_cache = mapper
         return self._mapper_cache
@@ -314,8 +133,8 @@ class CAMAnalysis(Analysis):
     def masks(self, maps: Tensor) -> Tensor:
         """Binary masks from normalised (N, H, W) maps (threshold or top area)."""
         if self.top_area is not None:
-            return core.top_area_mask(maps, self.top_area)
-        return core.threshold_mask(maps, self.threshold)
+            return amaps.top_area_mask(maps, self.top_area)
+        return amaps.threshold_mask(maps, self.threshold)
 
     def update(self, model: nn.Module, batch: AdversarialBatch) -> None:  # noqa: D102
         x, x_adv, y, target = batch.x, batch.x_adv, batch.y, batch.target
@@ -331,26 +150,23 @@ class CAMAnalysis(Analysis):
                                          else [target])  # fmt: skip
             delta = (x_adv - x).detach()
             if self.pse_share:
-                # Imported here: functional.pse -> attacks -> cam_guided -> this module.
-                from pse_lightning.analysis.functional.pse import grad_times_delta
-
                 attr_true, attr_target, _ = grad_times_delta(model, x, x_adv, y, target)
-        map_true = core.image_maps(raw_clean[0], size)
-        map_target = core.image_maps(raw_adv[0], size)
+        map_true = amaps.image_maps(raw_clean[0], size)
+        map_target = amaps.image_maps(raw_adv[0], size)
         mask = {"true": self.masks(map_true), "target": self.masks(map_target)}
         mask["union"] = mask["true"] | mask["target"]
 
-        energy = core.pixel_energy(delta.double())
+        energy = fcam.pixel_energy(delta.double())
         scored = batch.success & (energy.flatten(1).sum(dim=1) > 0)
         sel = scored.double()
         self.evaluated += len(x)
         self.scored += sel.sum()
-        shifts = core.choose_shifts(size[0], size[1], self.shifts, self.seed)
+        shifts = fcam.choose_shifts(size[0], size[1], self.shifts, self.seed)
         per_kind: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for kind, b in mask.items():
-            score = core.interpretability_score(delta.double(), b)
-            area = core.mask_area(b).double()
-            pvalue = core.cyclic_shift_pvalue(energy, b, shifts).double()
+            score = fcam.interpretability_score(delta.double(), b)
+            area = amaps.mask_area(b).double()
+            pvalue = fcam.cyclic_shift_pvalue(energy, b, shifts).double()
             has_area = (area > 0).double() * sel
             lift = score.pow(2) / area.clamp_min(1e-12)
             getattr(self, f"{kind}_is").add_((score * sel).sum())
@@ -364,8 +180,8 @@ class CAMAnalysis(Analysis):
 
         if self.pse_share:
             # Promotion raises Z_t, suppression lowers Z_t0 (first order, METHODS.md 2).
-            promo, promo_ok = core.masked_share(attr_target.clamp_min(0), mask["target"])
-            supp, supp_ok = core.masked_share((-attr_true).clamp_min(0), mask["true"])
+            promo, promo_ok = fcam.masked_share(attr_target.clamp_min(0), mask["target"])
+            supp, supp_ok = fcam.masked_share((-attr_true).clamp_min(0), mask["true"])
             promo_w = promo_ok.double() * sel
             supp_w = supp_ok.double() * sel
             self.promotion += (promo.double() * promo_w).sum()
@@ -387,14 +203,14 @@ class CAMAnalysis(Analysis):
         self.ex_mask_true.append(mask["true"][keep].float())
         self.ex_mask_target.append(mask["target"][keep].float())
         if want_examples:
-            self.ex_map_clean.append(core.image_maps(raw_clean[1][keep], size))
-            self.ex_map_adv.append(core.image_maps(raw_adv[1][keep], size))
+            self.ex_map_clean.append(amaps.image_maps(raw_clean[1][keep], size))
+            self.ex_map_adv.append(amaps.image_maps(raw_adv[1][keep], size))
         else:
             empty = x.new_zeros((0, *size))
             self.ex_map_clean.append(empty)
             self.ex_map_adv.append(empty)
 
-    def compute(self) -> dict[str, Tensor]:
+    def _compute_legacy(self) -> dict[str, Tensor]:
         """Means over scored samples (successful, nonzero perturbation).
 
         Keys per mask kind k in (true, target, union): ``is_k`` mean IS, ``random_k`` mean
@@ -439,7 +255,17 @@ class CAMAnalysis(Analysis):
 
     # -- report ---------------------------------------------------------------------------
 
-    def report(self, result: dict[str, Any], out_dir: Path) -> ReportSection:
+    def compute(self) -> AnalysisResult:  # TRANSITION: until this analysis is split by job
+        out = self._compute_legacy()
+        scalars = {k: v for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1}
+        return AnalysisResult(scalars=scalars, details=out)
+
+    def report(
+        self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]
+    ) -> ReportSection:
+        return self._report_legacy(result.details, out_dir)
+
+    def _report_legacy(self, result: dict[str, Any], out_dir: Path) -> ReportSection:
         """Markdown summary, one figure per kept example and a W&B table of the examples."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

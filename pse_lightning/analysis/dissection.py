@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from pse_lightning.analysis.base import AdversarialBatch, Analysis, ReportSection
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
 from pse_lightning.analysis.functional.dissection import (
     SENSITIVITY_ROWS,
     IoUTally,
@@ -56,47 +55,15 @@ from pse_lightning.analysis.functional.dissection import (
     spatial_mean,
     spearman,
 )
-from pse_lightning.analysis.hooks import capture_activations
-from pse_lightning.attacks.base import frozen_eval
+from pse_lightning.core.distributed import all_gather, all_reduce_, rank_world
+from pse_lightning.core.hooks import capture_activations
+from pse_lightning.core.model_state import frozen_eval, model_device
 from pse_lightning.validation import require_at_least, require_in_range
 
 log = logging.getLogger(__name__)
 
 _EMPTY_INDEX = 1 << 62  # sorts after every dataset index: an empty slot of a top-k list
 _HISTOGRAM_BYTES = 1 << 28  # per-layer cap of the threshold histogram (see layer_bins)
-
-
-# Distributed helpers ------------------------------------------------------------------------
-
-
-def _world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
-
-
-_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
-
-
-def all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
-    """In-place all-reduce when a process group is running; identity otherwise."""
-    if _world() > 1:
-        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _OPS[op]))
-    return tensor
-
-
-def _all_gather(tensor: Tensor) -> list[Tensor]:
-    if _world() == 1:
-        return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(_world())]
-    dist.all_gather(parts, tensor.contiguous())
-    return parts
 
 
 # Activations --------------------------------------------------------------------------------
@@ -139,12 +106,6 @@ def layer_activations(
         if missing:
             raise ValueError(f"analysis.layers {missing} did not run in the model's forward pass")
         return {name: captured[name][:n].float() for name in layers}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 # Activation cache ---------------------------------------------------------------------------
@@ -432,7 +393,7 @@ class Dissection(Analysis):
                 f"concept categories {unknown} are not in the dataset's categories {categories}"
             )
         concept_category = torch.tensor([-1] + [category_of[c.category] for c in concepts])
-        device = _model_device(model)
+        device = model_device(model)
         loader = datamodule.probe_dataloader()
         head_layer = self._head_layer(model, layers)
         n_concepts, n_categories = len(concepts), len(categories)
@@ -538,7 +499,7 @@ class Dissection(Analysis):
                 dist_reduce_fx="sum",
             )
         self.sens_count = self.sens_count.to(device)
-        if _rank() == 0 and self.top_units and self.top_images:
+        if rank_world()[0] == 0 and self.top_units and self.top_images:
             self.probe.showcase = self._showcase(model, loader, device)
         n_interp = {n: int((r.best_iou > self.iou_threshold).sum()) for n, r in results.items()}
         log.info(
@@ -631,11 +592,11 @@ class Dissection(Analysis):
             for tensor in tallies[n].tensors():
                 all_reduce_(tensor, "sum")
             scores, index = tops[n]
-            if _world() > 1:
+            if rank_world()[1] > 1:
                 empty = (torch.full_like(scores, -math.inf), torch.full_like(index, _EMPTY_INDEX))
                 scores, index = merge_top(
-                    torch.cat(_all_gather(scores), dim=1),
-                    torch.cat(_all_gather(index), dim=1),
+                    torch.cat(all_gather(scores), dim=1),
+                    torch.cat(all_gather(index), dim=1),
                     *empty,
                     k,
                 )
@@ -729,7 +690,7 @@ class Dissection(Analysis):
             state += torch.einsum("nb,rnk->brk", weights, terms)
         self.sens_count += weights.sum(dim=0)
 
-    def compute(self) -> dict[str, Tensor]:
+    def _compute_legacy(self) -> dict[str, Tensor]:
         """Per-layer summary scalars and per-unit tensors (call on every rank)."""
         if self.probe is None:
             raise RuntimeError("Dissection.prepare(model, datamodule) must run before compute")
@@ -823,7 +784,17 @@ class Dissection(Analysis):
 
     # -- report ---------------------------------------------------------------------------
 
-    def report(self, result: dict[str, Any], out_dir: Path) -> ReportSection:
+    def compute(self) -> AnalysisResult:  # TRANSITION: until this analysis is split by job
+        out = self._compute_legacy()
+        scalars = {k: v for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1}
+        return AnalysisResult(scalars=scalars, details=out)
+
+    def report(
+        self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]
+    ) -> ReportSection:
+        return self._report_legacy(result.details, out_dir)
+
+    def _report_legacy(self, result: dict[str, Any], out_dir: Path) -> ReportSection:
         """Figures (IoU vs sensitivity, interpretable units per category, top images), the
         per-unit W&B table and a markdown summary. Rank zero only; no communication."""
         if self.probe is None:

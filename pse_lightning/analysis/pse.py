@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities import dim_zero_cat
 
-from pse_lightning.analysis.base import AdversarialBatch, Analysis, ReportSection
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
 from pse_lightning.analysis.functional.pse import (
     METHODS,
     NONE,
@@ -298,7 +299,7 @@ class PSE(Analysis):
 
     # -- compute --------------------------------------------------------------------------
 
-    def compute(self) -> dict[str, Tensor]:
+    def _compute_legacy(self) -> dict[str, Tensor]:
         """Scalar metrics over every analysed image (called on every rank: it syncs).
 
         Keys: ``frac_<type>`` for the four types (over analysed images, summing to 1);
@@ -378,7 +379,17 @@ class PSE(Analysis):
 
     # -- report ---------------------------------------------------------------------------
 
-    def report(self, result: dict[str, Any], out_dir: Path) -> ReportSection:
+    def compute(self) -> AnalysisResult:  # TRANSITION: until this analysis is split by job
+        out = self._compute_legacy()
+        scalars = {k: v for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1}
+        return AnalysisResult(scalars=scalars, details=out)
+
+    def report(
+        self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]
+    ) -> ReportSection:
+        return self._report_legacy(result.details, out_dir)
+
+    def _report_legacy(self, result: dict[str, Any], out_dir: Path) -> ReportSection:
         """Figures (examples, histogram of r, promotion vs suppression) and the image table.
 
         Rank zero only, after ``compute`` (which gathered the bounded samples).

@@ -1,17 +1,18 @@
 """Batched adversarial attacks; each is a plain callable usable without Lightning."""
 
 from pse_lightning.attacks.base import Attack, AttackBatch, AttackResult
+from pse_lightning.attacks.cam_guided import CAMGuided
+from pse_lightning.attacks.cw import CWL2
+from pse_lightning.attacks.ead import EAD
 from pse_lightning.attacks.fgsm import FGSM
+from pse_lightning.attacks.losses import other_max_index
+from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.attacks.pgd import PGD
+from pse_lightning.attacks.strattack import StrAttack
 
-__all__ = ["Attack", "AttackBatch", "AttackResult", "FGSM", "PGD"]
-
-from pse_lightning.attacks.cam_guided import CAMGuided  # noqa: E402
-
-__all__ += ["CAMGuided"]
-
-from pse_lightning.attacks.cw import CWL2  # noqa: E402
-from pse_lightning.attacks.ead import EAD  # noqa: E402
-from pse_lightning.attacks.strattack import StrAttack  # noqa: E402
-
-__all__ += ["CWL2", "EAD", "StrAttack"]
+__all__ = [
+    "Attack", "AttackBatch", "AttackResult", "CAMGuided", "CWL2", "EAD", "FGSM", "PGD",
+    "StrAttack",
+    # helpers other layers need: per-sample norms and the adversarial runner-up class
+    "flat_norm", "other_max_index",
+]  # fmt: skip

@@ -14,18 +14,17 @@ use ``x_adv`` (adversarial training) skip it.
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks import randomness
 from pse_lightning.attacks.losses import ascent_objective, is_success, other_max_index
 from pse_lightning.attacks.norms import NORMS, LpBall, Norm
+from pse_lightning.core import randomness
+from pse_lightning.core.model_state import frozen_eval, model_num_classes, model_version
 from pse_lightning.validation import (
     require_choice,
     require_images,
@@ -100,13 +99,6 @@ class AttackResult:
         return not callable(self._logits)
 
 
-def model_version(model: nn.Module) -> int:
-    """Sum of the in-place version counters of the model's parameters and buffers: it
-    changes when an optimizer step or a train-mode forward (BatchNorm statistics) does."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return sum(t._version for t in tensors if not t.is_inference())
-
-
 @dataclass(frozen=True)
 class AttackBatch:
     """Everything ``_perturb`` gets besides the model, for a batch of N images.
@@ -168,22 +160,6 @@ def keep_logits(before: Tensor, after: Tensor, logits: Tensor | None) -> Tensor 
         return None
     changed = (before != after).flatten(1).any(dim=1)
     return logits.masked_fill(changed[:, None], float("nan"))
-
-
-@contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards.
-
-    Restoring module by module (not ``model.train(was_training)``) keeps a deliberately
-    frozen BatchNorm inside a training model frozen (torchattacks #21).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 def input_gradient(objective: Tensor, x: Tensor) -> Tensor:
@@ -396,18 +372,6 @@ class Attack(ABC):
                 return out
 
         return score
-
-
-def model_num_classes(model: nn.Module, x: Tensor, logits: Tensor | None = None) -> int:
-    """The model's class count: its ``num_classes``, else the width of ``logits`` (or of a
-    one-image forward pass when no logits are at hand)."""
-    known = getattr(model, "num_classes", None)
-    if isinstance(known, int):
-        return known
-    if logits is None:
-        with torch.no_grad():
-            logits = model(x[:1])
-    return int(logits.shape[1])
 
 
 def check_images(x: Tensor) -> None:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pse_lightning.analysis import cam as cam_maps
-from pse_lightning.analysis.functional import cam as core
 from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation, intersect_masks
+from pse_lightning.core import activation_maps as amaps
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
 
@@ -67,9 +66,9 @@ class CAMGuided(Attack):
         self.attack = attack
         self.threshold = require_in_range("attack.threshold", threshold, 0.0, 1.0)
         self.dilate = require_at_least("attack.dilate", dilate, 0)
-        self.method = require_choice("attack.method", method, cam_maps.METHODS)
+        self.method = require_choice("attack.method", method, amaps.METHODS)
         self.last_mask: Tensor | None = None
-        self._mapper: cam_maps.ActivationMap | None = None
+        self._mapper: amaps.ActivationMap | None = None
 
     @property
     def name(self) -> str:
@@ -77,16 +76,16 @@ class CAMGuided(Attack):
 
     def region(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """(N, 1, H, W) bool: the dilated CAM mask of class y on x."""
-        mapper = cam_maps.activation_map_for(model, self.method, key="attack")
+        mapper = amaps.activation_map_for(model, self.method, key="attack")
         if type(self._mapper) is not type(mapper):
             self._mapper = mapper  # kept across batches: CAM verifies the head only once
         mapper = self._mapper
         _, (raw,) = mapper.raw_maps(model, x, [y])
         size = (x.shape[-2], x.shape[-1])
-        maps = core.image_maps(raw, size)
-        mask = core.threshold_mask(maps, self.threshold)
-        radius = core.cell_radius(size, (raw.shape[-2], raw.shape[-1]), self.dilate)
-        return core.dilate_mask(mask, radius)[:, None]
+        maps = amaps.image_maps(raw, size)
+        mask = amaps.threshold_mask(maps, self.threshold)
+        radius = amaps.cell_radius(size, (raw.shape[-2], raw.shape[-1]), self.dilate)
+        return amaps.dilate_mask(mask, radius)[:, None]
 
     def _region(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
         mask = self.region(model, x, y)
@@ -99,5 +98,5 @@ class CAMGuided(Attack):
     def extras(self) -> dict[str, Tensor]:
         out = dict(self.attack.extras())
         if self.last_mask is not None:
-            out["cam_area"] = core.mask_area(self.last_mask)
+            out["cam_area"] = amaps.mask_area(self.last_mask)
         return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,11 +26,6 @@ def margin(logits: Tensor, label: Tensor, targeted: bool) -> Tensor:
     own = logits.gather(1, label[:, None])[:, 0]
     rest = other_max(logits, label)
     return rest - own if targeted else own - rest
-
-
-def cw_loss(logits: Tensor, label: Tensor, targeted: bool, kappa: float) -> Tensor:
-    """Carlini-Wagner hinge f_kappa = max(margin + kappa, 0), per sample, shape (N,)."""
-    return torch.clamp(margin(logits, label, targeted) + kappa, min=0.0)
 
 
 ATTACK_LOSSES: tuple[str, ...] = ("ce", "margin", "kl")

@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-from pse_lightning.analysis.cam import CAM, GradCAM
-from pse_lightning.analysis.functional import cam as core
-from pse_lightning.analysis.hooks import capture_activations
 from pse_lightning.bench.common import format_table, time_call
+from pse_lightning.core import activation_maps as amaps
+from pse_lightning.core.activation_maps import CAM, GradCAM
+from pse_lightning.core.hooks import capture_activations
 from pse_lightning.models import SmallCNN, TorchvisionClassifier
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ def _after_forward(
 
     def work() -> None:
         weights = mapper.channel_weights(model, features, logits, y)
-        raw = core.weighted_channel_sum(features, weights)
-        core.threshold_mask(core.image_maps(raw, size), 0.2)
+        raw = amaps.weighted_channel_sum(features, weights)
+        amaps.threshold_mask(amaps.image_maps(raw, size), 0.2)
 
     return work
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
             def run(mapper: CAM | GradCAM = mapper, model: torch.nn.Module = model) -> None:
                 # The analysis' per-batch work: maps at input size and the binary mask.
-                core.threshold_mask(mapper(model, x, y), 0.2)
+                amaps.threshold_mask(mapper(model, x, y), 0.2)
 
             base, seconds, overhead = paired_overhead(floor, run, repeats=args.repeats,
                                                       device=device)  # fmt: skip

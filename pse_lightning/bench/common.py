@@ -60,16 +60,6 @@ def forward_backward_floor(model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> 
         model.train(was_training)
 
 
-def forward_floor(model: nn.Module, x: Tensor, **kwargs) -> float:
-    """Seconds for one no-grad forward pass of ``model`` on ``x``."""
-
-    def step() -> None:
-        with torch.no_grad():
-            model(x)
-
-    return time_call(step, device=x.device, **kwargs)
-
-
 def format_table(headers: list[str], rows: list[list[object]]) -> str:
     """A plain markdown table, numbers to 3 significant digits."""
 

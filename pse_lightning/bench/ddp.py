@@ -65,7 +65,7 @@ class TestLoopTimer(pl.Callback):
         trainer.strategy.barrier("bench end")
         seconds = time.perf_counter() - self.start
         if trainer.is_global_zero:
-            samples = int(pl_module.results["scalars"]["test/samples"])
+            samples = int(pl_module.result.scalars["test/samples"])
             self.path.write_text(json.dumps({"seconds": seconds, "samples": samples}))
 
 

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pse_lightning.analysis.dissection import Dissection
 from pse_lightning.bench.common import format_table
-from pse_lightning.data.base import Concept, ShardSampler, dist_rank_world
+from pse_lightning.core.distributed import rank_world
+from pse_lightning.data.base import Concept, ShardSampler
 from pse_lightning.models import SmallCNN
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class SyntheticProbeData:
         self.batch_size = batch_size
 
     def probe_dataloader(self) -> DataLoader:
-        rank, world = dist_rank_world()
+        rank, world = rank_world()
         sampler = ShardSampler(len(self.dataset), rank, world)
         return DataLoader(self.dataset, self.batch_size, sampler=sampler)
 

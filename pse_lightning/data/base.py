@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pse_lightning.core.distributed import rank_world
 from pse_lightning.validation import require_at_least
 
 
@@ -62,13 +62,6 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -119,7 +112,7 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders")
-        rank, world = dist_rank_world()
+        rank, world = rank_world()
         if shuffle:
             # For any world size (1 included: no process group needed, no padding): Lightning
             # calls set_epoch, so each epoch's order is a function of (seed, epoch) only and a

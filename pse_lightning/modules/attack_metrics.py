@@ -7,7 +7,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from pse_lightning.attacks.norms import flat_norm
+from pse_lightning.attacks import flat_norm
 
 
 class AttackMetrics(Metric):

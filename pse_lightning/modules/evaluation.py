@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics.utilities import dim_zero_cat
 
-from pse_lightning.analysis.base import AdversarialBatch, Analysis
-from pse_lightning.attacks.base import Attack
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
+from pse_lightning.attacks import Attack
+from pse_lightning.core.distributed import all_gather_objects, unshare_tensors
 from pse_lightning.modules.attack_metrics import AttackMetrics
-from pse_lightning.modules.distributed import unshare_tensors
+
+
+@dataclass
+class EvaluationResult:
+    """Everything one evaluation produced, reduced over every process.
+
+    Attributes:
+        scalars: ``test/...`` metric name -> value (what is logged and in ``metrics.json``).
+        analyses: analysis name -> its :class:`~pse_lightning.analysis.base.AnalysisResult`.
+        examples: the kept adversarial examples (index, x, x_adv, y, pred_clean, pred_adv),
+            sorted by dataset index; empty when none were kept.
+    """
+
+    scalars: dict[str, float]
+    analyses: dict[str, AnalysisResult] = field(default_factory=dict)
+    examples: dict[str, Tensor] = field(default_factory=dict)
 
 
 class EvaluationModule(pl.LightningModule):
@@ -22,7 +38,8 @@ class EvaluationModule(pl.LightningModule):
 
     Only orchestration lives here: attacks and analyses are plain objects usable without
     Lightning. All metrics are torchmetrics states reduced at epoch end on every rank; the
-    computed results are kept in ``self.results`` for the pipeline to report on rank zero.
+    computed results are kept in ``self.result`` (an :class:`EvaluationResult`) for the
+    report writer on rank zero.
 
     Args:
         model: a :class:`~pse_lightning.models.Classifier` (kept in eval mode).
@@ -45,7 +62,7 @@ class EvaluationModule(pl.LightningModule):
         self.attack_metrics = AttackMetrics()
         self.log_examples = int(log_examples)
         self.examples: dict[str, list[Tensor]] = {}
-        self.results: dict[str, Any] = {}
+        self.result: EvaluationResult | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -104,19 +121,16 @@ class EvaluationModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         scalars = {f"test/{k}": v for k, v in self.attack_metrics.compute().items()}
-        analysis_results = {}
-        for name, analysis in self.analyses.items():
-            computed = analysis.compute()
-            analysis_results[name] = computed
-            for key, value in computed.items():
-                if isinstance(value, Tensor) and value.numel() == 1:
-                    scalars[f"test/{name}/{key}"] = value.float()
+        analysis_results = {name: analysis.compute() for name, analysis in self.analyses.items()}
+        for name, computed in analysis_results.items():
+            for key, value in computed.scalars.items():
+                scalars[f"test/{name}/{key}"] = torch.as_tensor(value).float()
         self.log_dict(scalars, sync_dist=False)
-        self.results = {
-            "scalars": {k: float(v) for k, v in scalars.items()},
-            "analyses": analysis_results,
-            "examples": self._gather_examples(),
-        }
+        self.result = EvaluationResult(
+            scalars={k: float(v) for k, v in scalars.items()},
+            analyses=analysis_results,
+            examples=self._gather_examples(),
+        )
         self.attack_metrics.reset()
         for analysis in self.analyses.values():
             analysis.reset()
@@ -124,12 +138,7 @@ class EvaluationModule(pl.LightningModule):
     def _gather_examples(self) -> dict[str, Tensor]:
         """All ranks' kept examples, sorted by dataset index (the same under any sharding)."""
         local = {k: (torch.cat(v) if v else None) for k, v in self.examples.items()}
-        if self.trainer.world_size > 1:
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, local)
-            parts = [g for g in gathered if g["index"] is not None]
-        else:
-            parts = [local] if local["index"] is not None else []
+        parts = [g for g in all_gather_objects(local) if g["index"] is not None]
         if not parts:
             return {}
         merged = {k: dim_zero_cat([p[k] for p in parts]) for k in local}

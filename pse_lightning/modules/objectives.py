@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pse_lightning.analysis.hooks import capture_activations
-from pse_lightning.attacks.base import Attack
-from pse_lightning.attacks.losses import other_max_index
+from pse_lightning.attacks import Attack, other_max_index
+from pse_lightning.core.hooks import capture_activations
 from pse_lightning.validation import require_in_range, require_non_negative
 
 Logs = dict[str, Tensor]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from pse_lightning.analysis.base import ReportSection
+from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.report import log_report_to_wandb, write_report
 
 
@@ -38,17 +38,17 @@ class ReportWriter(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        results = pl_module.results
+        result = pl_module.result
         sections = self.sections + [
-            analysis.report(results["analyses"][name], self.run_dir / "figures")
+            analysis.report(result.analyses[name], self.run_dir / "figures", self.class_names)
             for name, analysis in pl_module.analyses.items()
         ]
         written = write_report(
             self.run_dir,
             title=self.title,
             setup=self.setup,
-            scalars=results["scalars"],
-            examples=results["examples"],
+            scalars=result.scalars,
+            examples=result.examples,
             class_names=self.class_names,
             sections=sections,
             extra=self.extra,

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pse_lightning.core.distributed import unshare_tensors
 from pse_lightning.models.checkpoint import CheckpointError
-from pse_lightning.modules.distributed import unshare_tensors
 
 EPOCH_STRIDE = 1_000_003
 # Key of the JSON record in a partial checkpoint that says which training it belongs to.

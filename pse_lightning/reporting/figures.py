@@ -1,28 +1,145 @@
-"""Figures of the main report (matplotlib, Agg backend: no display needed)."""
+"""The one figure style of the project and the helpers every figure uses.
+
+Every figure of the report (the analyses', the defenses', the sweep's) is drawn through
+these helpers, so they share one look: matplotlib's object API (no pyplot state, so jobs of a
+multirun cannot leak figures into each other), class names instead of indices, colour bars
+that name their unit, a perceptually uniform diverging map for signed quantities
+(Crameri's ``berlin``) and a perceptually uniform sequential map for magnitudes and heat
+maps (``magma``), and the amplification of any amplified perturbation written on the panel.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from torch import Tensor  # noqa: E402
+SIGNED_CMAP = "berlin"  # diverging, perceptually uniform, zero at the centre
+HEAT_CMAP = "magma"  # sequential, perceptually uniform: CAMs, energies, |δ|
+DPI = 120
+FONT_SIZE = 8
+# One colour per PSE type (and other three-way splits), the same in every figure.
+PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB")
+
+
+def new_figure(
+    rows: int = 1, cols: int = 1, *, width: float, height: float
+) -> tuple[Figure, np.ndarray]:
+    """A figure and its (rows, cols) array of axes, in the project style."""
+    fig = Figure(figsize=(width, height), layout="constrained", dpi=DPI)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=FONT_SIZE - 1)
+    return fig, axes
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as PNG (creating the folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def class_name(names: Sequence[str], c: int) -> str:
+    """The name of class ``c``; an index only when the dataset gives no names."""
+    return str(names[c]) if 0 <= c < len(names) else f"class {c}"
 
 
 def to_image(x: Tensor) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> (H, W, C) or (H, W) numpy for imshow."""
+    """(C, H, W) in [0, 1] -> (H, W, C) or (H, W) for ``imshow``."""
     array = x.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
-    return array[..., 0] if array.shape[-1] == 1 else array
+    return array[..., 0] if array.shape[-1] == 1 else array[..., :3]
 
 
-def perturbation_image(delta: Tensor) -> np.ndarray:
-    """A perturbation scaled to fill [0, 1] around grey 0.5 (signs visible)."""
-    scale = float(delta.abs().max()) or 1.0
-    return to_image(0.5 + 0.5 * delta / scale)
+def show_image(ax: Axes, x: Tensor, title: str = "") -> None:
+    """An image in [0, 1] (grey for one channel), without axes."""
+    image = to_image(x)
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+    _finish_panel(ax, title)
+
+
+def amplification(delta: Tensor) -> float:
+    """The factor that scales the largest |δ| to 0.5 (a full swing around grey)."""
+    peak = float(delta.detach().abs().max())
+    return 0.5 / peak if peak > 0 else 1.0
+
+
+def show_perturbation(ax: Axes, delta: Tensor, title: str = "δ") -> float:
+    """δ (C, H, W) drawn as grey + amplified δ, the factor written on the panel."""
+    factor = amplification(delta)
+    show_image(ax, 0.5 + factor * delta.detach().cpu().float(), f"{title} (×{factor:.3g})")
+    return factor
+
+
+def show_map(
+    ax: Axes,
+    values: Tensor,
+    *,
+    unit: str,
+    title: str = "",
+    signed: bool = False,
+    background: Tensor | None = None,
+) -> None:
+    """A (H, W) map with a colour bar labelled ``unit``; signed maps are centred on zero.
+
+    ``background`` (C, H, W) is shown in grey under a translucent map (CAM overlays).
+    """
+    array = values.detach().cpu().float().numpy()
+    if background is not None:
+        grey = background.detach().cpu().float().mean(dim=0).numpy()
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+    if signed:
+        bound = float(np.abs(array).max()) or 1.0
+        kwargs = dict(cmap=SIGNED_CMAP, vmin=-bound, vmax=bound)
+    else:
+        kwargs = dict(cmap=HEAT_CMAP, vmin=0.0, vmax=float(array.max()) or 1.0)
+    shown = ax.imshow(array, alpha=0.6 if background is not None else 1.0, **kwargs)
+    bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label(unit, fontsize=FONT_SIZE - 1)
+    bar.ax.tick_params(labelsize=FONT_SIZE - 2)
+    _finish_panel(ax, title)
+
+
+def _finish_panel(ax: Axes, title: str) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=FONT_SIZE)
+
+
+def bar_chart(
+    ax: Axes,
+    groups: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    *,
+    ylabel: str,
+    errors: dict[str, Sequence[float | None]] | None = None,
+    ylim: tuple[float, float] | None = (0.0, 1.1),
+) -> None:
+    """Grouped bars (one colour per series, legend with every series), optional error bars."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        heights = [np.nan if v is None else float(v) for v in values]
+        err = None
+        if errors and name in errors:
+            err = [np.nan if e is None else float(e) for e in errors[name]]
+        bars = ax.bar(xs, heights, width, yerr=err, capsize=2, label=name,
+                      color=PALETTE[i % len(PALETTE)])  # fmt: skip
+        ax.bar_label(bars, fmt="%.2f", fontsize=FONT_SIZE - 2)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=FONT_SIZE - 1)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
+    ax.legend(fontsize=FONT_SIZE - 1, ncols=min(4, len(series)), loc="best")
+
+
+# -- report-level figures -------------------------------------------------------------------
 
 
 def adversarial_examples_figure(
@@ -30,39 +147,25 @@ def adversarial_examples_figure(
 ) -> Path:
     """Columns of (clean, adversarial, amplified perturbation) with labels and predictions."""
     n = len(examples["index"])
-    fig, axes = plt.subplots(3, n, figsize=(1.6 * n + 0.6, 5.2), squeeze=False)
-    cmap = "gray" if examples["x"].shape[1] == 1 else None
+    fig, axes = new_figure(3, n, width=1.7 * n + 0.8, height=5.6)
     for j in range(n):
         x, x_adv = examples["x"][j], examples["x_adv"][j]
         y, p_clean, p_adv = (int(examples[k][j]) for k in ("y", "pred_clean", "pred_adv"))
         delta = x_adv - x
         index = int(examples["index"][j])
         l2, linf = float(delta.norm()), float(delta.abs().max())
-        panels = [
-            (to_image(x), f"#{index} {class_names[y]}\npred {class_names[p_clean]}"),
-            (to_image(x_adv), f"adv pred\n{class_names[p_adv]}"),
-            (perturbation_image(delta), f"δ  L2 {l2:.2f}\nL∞ {linf:.3f}"),
-        ]
-        for i, (image, title) in enumerate(panels):
-            ax = axes[i, j]
-            ax.imshow(image, cmap=cmap if i < 2 else (cmap or None), vmin=0, vmax=1)
-            ax.set_title(title, fontsize=7, color="red" if i == 1 and p_adv != y else "black")
-            ax.axis("off")
-    for i, label in enumerate(("clean", "adversarial", "perturbation")):
-        axes[i, 0].text(
-            -0.15,
-            0.5,
-            label,
-            transform=axes[i, 0].transAxes,
-            rotation=90,
-            va="center",
-            ha="right",
-            fontsize=8,
+        show_image(
+            axes[0, j],
+            x,
+            f"#{index} {class_name(class_names, y)}\npred {class_name(class_names, p_clean)}",
         )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+        show_image(axes[1, j], x_adv, f"adv pred\n{class_name(class_names, p_adv)}")
+        if p_adv != y:
+            axes[1, j].title.set_color("#CC3311")
+        show_perturbation(axes[2, j], delta, f"L2 {l2:.2f} L∞ {linf:.3f}\nδ")
+    for i, label in enumerate(("clean", "adversarial", "perturbation")):
+        axes[i, 0].set_ylabel(label, fontsize=FONT_SIZE)
+    return save(fig, path)
 
 
 def summary_bar_figure(scalars: dict[str, float], path: str | Path) -> Path:
@@ -72,54 +175,36 @@ def summary_bar_figure(scalars: dict[str, float], path: str | Path) -> Path:
         ("test/robust_acc", "robust acc"),
         ("test/success_rate", "attack success"),
     ]
-    values = [scalars.get(k, float("nan")) for k, _ in keys]
-    fig, ax = plt.subplots(figsize=(4.2, 2.8))
-    bars = ax.bar([label for _, label in keys], values, color=["#4c72b0", "#dd8452", "#c44e52"])
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("fraction of test samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    fig, axes = new_figure(width=4.4, height=3.0)
+    values = {"this run": [scalars.get(k) for k, _ in keys]}
+    bar_chart(axes[0, 0], [label for _, label in keys], values, ylabel="share of test images")
+    return save(fig, path)
 
 
 def grouped_bar_figure(
     groups: list[str], series: dict[str, list[float | None]], path: str | Path, *, ylabel: str
 ) -> Path:
     """Bars per group (x axis), one colour per series; missing values are left out."""
-    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(groups), 3.2))
-    width = 0.8 / max(1, len(series))
-    for i, (name, values) in enumerate(series.items()):
-        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        heights = [np.nan if v is None else v for v in values]
-        bars = ax.bar(xs, heights, width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=6)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncols=min(4, len(series)), loc="upper center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    fig, axes = new_figure(width=1.6 + 1.3 * len(groups), height=3.3)
+    bar_chart(axes[0, 0], groups, series, ylabel=ylabel)
+    return save(fig, path)
 
 
 def stacked_fraction_figure(
     bars: list[str], parts: dict[str, list[float | None]], path: str | Path, *, ylabel: str
 ) -> Path:
     """One bar per entry of ``bars``, split into ``parts`` (fractions that sum to at most 1)."""
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(bars), 3.4))
+    fig, axes = new_figure(width=1.8 + 0.9 * len(bars), height=3.6)
+    ax = axes[0, 0]
     bottom = np.zeros(len(bars))
-    for name, values in parts.items():
+    for i, (name, values) in enumerate(parts.items()):
         heights = np.array([0.0 if v is None else float(v) for v in values])
-        ax.bar(range(len(bars)), heights, 0.7, bottom=bottom, label=name)
+        ax.bar(range(len(bars)), heights, 0.7, bottom=bottom, label=name,
+               color=PALETTE[i % len(PALETTE)])  # fmt: skip
         bottom += heights
-    ax.set_xticks(range(len(bars)), bars, rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(range(len(bars)), bars, rotation=30, ha="right", fontsize=FONT_SIZE - 1)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncols=min(4, len(parts)), loc="upper center", bbox_to_anchor=(0.5, 1.18))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
+    ax.legend(fontsize=FONT_SIZE - 1, ncols=min(4, len(parts)), loc="upper center",
+              bbox_to_anchor=(0.5, 1.2))  # fmt: skip
+    return save(fig, path)

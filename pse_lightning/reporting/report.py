@@ -14,7 +14,7 @@ from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from pse_lightning.analysis.base import ReportSection
+from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.figures import adversarial_examples_figure, summary_bar_figure
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 

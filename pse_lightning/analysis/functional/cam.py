@@ -9,118 +9,13 @@ model, no state, everything batched with one target and one normalisation per im
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Ties between a shifted and the original score are decided with this slack on IS^2 (a
 # number in [0, 1]), far above the float64 FFT round-off (~1e-15) and far below any
 # meaningful difference.
 _TIE_SLACK = 1e-9
-
-
-def weighted_channel_sum(features: Tensor, weights: Tensor) -> Tensor:
-    """sum_k weights[n, k] * features[n, k]: the map shared by CAM and Grad-CAM.
-
-    Args:
-        features: (N, K, h, w) activations A_k of the feature layer.
-        weights: (N, K) one channel-weight vector per image (its own target class).
-
-    Returns:
-        (N, h, w) raw maps, not rectified, not normalised.
-    """
-    if features.dim() != 4 or weights.shape != features.shape[:2]:
-        raise ValueError(
-            f"features must be (N, K, h, w) and weights (N, K); got {tuple(features.shape)} "
-            f"and {tuple(weights.shape)}"
-        )
-    return torch.einsum("nk,nkhw->nhw", weights.to(features.dtype), features)
-
-
-def cam_weights(head_weight: Tensor, target: Tensor) -> Tensor:
-    """CAM channel weights w_{c,k}: the head's row of each image's target class.
-
-    Args:
-        head_weight: (num_classes, K) weight of the linear layer after global average
-            pooling.
-        target: (N,) class per image.
-
-    Returns:
-        (N, K).
-    """
-    return head_weight[target]
-
-
-def gradcam_weights(grad: Tensor) -> Tensor:
-    """Grad-CAM channel weights alpha_k = mean_{u,v} dZ_c / dA_k(u, v).
-
-    On a GAP + linear head dZ_c / dA_k(u, v) = w_{c,k} / (h w) at every position, so these
-    are the CAM weights divided by h w (the identity the tests check).
-
-    Args:
-        grad: (N, K, h, w) gradient of each image's target logit w.r.t. the features.
-
-    Returns:
-        (N, K).
-    """
-    return grad.mean(dim=(2, 3))
-
-
-def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling of (N, h, w) maps to (N, H, W), align_corners=False.
-
-    The mode is explicit because the default differs between libraries and shifts the maps
-    by half a cell.
-    """
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def minmax_normalise(maps: Tensor) -> Tensor:
-    """Scale each (h, w) map of an (N, h, w) batch to [0, 1] on its own.
-
-    A constant map carries no localisation and becomes all zeros, so it thresholds to an
-    empty mask instead of dividing by zero.
-    """
-    flat = maps.flatten(1)
-    low, high = torch.aminmax(flat, dim=1, keepdim=True)
-    # A constant row has flat - low == 0 exactly, so it maps to 0 without a branch.
-    scaled = (flat - low) / (high - low).clamp_min(torch.finfo(maps.dtype).tiny)
-    return scaled.view_as(maps)
-
-
-def image_maps(raw: Tensor, size: tuple[int, int]) -> Tensor:
-    """Raw (N, h, w) maps -> (N, H, W) in [0, 1]: bilinear upsampling, then per-image
-    min-max normalisation (the order of METHODS.md section 3)."""
-    return minmax_normalise(upsample(raw, size))
-
-
-def threshold_mask(maps: Tensor, threshold: float) -> Tensor:
-    """B = 1[M >= threshold] on normalised (N, H, W) maps; the CAM paper uses 0.2."""
-    return maps >= threshold
-
-
-def top_area_mask(maps: Tensor, area: float) -> Tensor:
-    """The round(area * H * W) highest-scoring pixels of each (N, H, W) map (at least one).
-
-    Unlike a value threshold this gives every image the same mask area, so scores compare
-    across images whose maps are flat or peaked.
-    """
-    n, h, w = maps.shape
-    k = min(h * w, max(1, round(area * h * w)))
-    flat = maps.flatten(1)
-    top = flat.topk(k, dim=1).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
-    return mask.view(n, h, w)
-
-
-def dilate_mask(mask: Tensor, radius: int) -> Tensor:
-    """Binary dilation of (N, H, W) masks by a (2 radius + 1)^2 square."""
-    if radius <= 0:
-        return mask
-    grown = F.max_pool2d(mask[:, None].float(), 2 * radius + 1, stride=1, padding=radius)
-    return grown[:, 0] > 0
 
 
 def pixel_energy(delta: Tensor) -> Tensor:
@@ -143,16 +38,6 @@ def interpretability_score(delta: Tensor, mask: Tensor) -> Tensor:
     total = energy.flatten(1).sum(dim=1)
     score = torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
     return score.sqrt().to(delta.dtype)
-
-
-def mask_area(mask: Tensor) -> Tensor:
-    """Area share a = mean(B) of each (N, H, W) mask, shape (N,).
-
-    A random pixel mask that holds each pixel with probability a has E[IS^2] = a exactly
-    (E||B * delta||^2 = sum_i a delta_i^2), so a (and sqrt(a) on the IS scale) is the
-    random-mask baseline and IS^2 / a the lift over it.
-    """
-    return mask.flatten(1).float().mean(dim=1)
 
 
 def shifted_scores(energy: Tensor, mask: Tensor) -> Tensor:
@@ -232,11 +117,3 @@ def masked_share(attribution: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     valid = total > 0
     share = torch.where(valid, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
     return share.to(attribution.dtype), valid
-
-
-def cell_radius(image_size: tuple[int, int], map_size: tuple[int, int], cells: int) -> int:
-    """Pixels spanned by ``cells`` feature-map cells at the image's resolution."""
-    if cells <= 0:
-        return 0
-    ratio = max(image_size[0] / map_size[0], image_size[1] / map_size[1])
-    return int(math.ceil(cells * ratio))

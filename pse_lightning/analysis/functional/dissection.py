@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pse_lightning.attacks import randomness
+from pse_lightning.core import randomness
 
 # Thresholds ---------------------------------------------------------------------------------
 

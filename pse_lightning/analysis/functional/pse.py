@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import frozen_eval, model_num_classes
+from pse_lightning.core.model_state import frozen_eval, model_num_classes
 
 PSE_TYPES: tuple[str, ...] = ("suppression", "balanced", "promotion", "none")
 SUPPRESSION, BALANCED, PROMOTION, NONE = range(4)

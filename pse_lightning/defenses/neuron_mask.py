@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from pse_lightning.analysis.functional.dissection import (
@@ -26,8 +25,10 @@ from pse_lightning.analysis.functional.dissection import (
     sensitivity_terms,
     spatial_mean,
 )
-from pse_lightning.analysis.hooks import capture_activations
-from pse_lightning.attacks.base import Attack, frozen_eval
+from pse_lightning.attacks import Attack
+from pse_lightning.core.distributed import all_reduce_
+from pse_lightning.core.hooks import capture_activations
+from pse_lightning.core.model_state import frozen_eval, model_device
 from pse_lightning.validation import require_at_least, require_choice
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,6 @@ log = logging.getLogger(__name__)
 RANKINGS: tuple[str, ...] = ("s", "s_minus", "s_plus")
 FILLS: tuple[str, ...] = ("mean", "zero")
 SELECTIONS: tuple[str, ...] = ("top", "random", "bottom")
-
-
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -100,7 +89,7 @@ def unit_sensitivity(
             "defense.layer is null and the model has no feature_layer; "
             "set defense.layer=<layer name>"
         )
-    device = _device(model)
+    device = model_device(model)
     sums, count = None, torch.zeros((), dtype=torch.float64, device=device)
     for b, (x, y, index) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
@@ -119,8 +108,8 @@ def unit_sensitivity(
         count += len(x)
     if sums is None:
         raise ValueError("the calibration loader yielded no batches")
-    _all_reduce_sum(sums)
-    _all_reduce_sum(count)
+    all_reduce_(sums)
+    all_reduce_(count)
     sens = sensitivity_from_sums(sums.cpu(), count.cpu())
     return UnitSensitivity(
         layer=layer,
@@ -338,7 +327,7 @@ def accuracy_vs_k(
     for sel in selections:
         require_choice("selection", sel, SELECTIONS)
     values = fill_values(stats, fill)
-    device = _device(model)
+    device = model_device(model)
     configs = [
         (k, sel, select_units(stats, k, rank_by, sel, seed)) for k in ks for sel in selections
     ]
@@ -362,9 +351,9 @@ def accuracy_vs_k(
             adaptive = attack(masked, x, y, index=index).logits_adv.argmax(dim=1) == y
             correct[key] += torch.stack([clean.sum(), transfer.sum(), adaptive.sum()]).double()
         total += len(x)
-    _all_reduce_sum(total)
+    all_reduce_(total)
     for tensor in correct.values():
-        _all_reduce_sum(tensor)
+        all_reduce_(tensor)
     n = max(float(total), 1.0)
     rows = []
     for k, sel, units in configs:

@@ -1,0 +1,29 @@
+"""The unit of the on-disk report and of W&B: what one part of a run contributes.
+
+It sits at the bottom of the package because analyses, defenses and the report writer
+all produce or consume it, and none of them may import the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ReportSection:
+    """What one analysis contributes to ``report.md`` and to W&B.
+
+    Attributes:
+        title: section heading.
+        markdown: body text (tables in markdown, short interpretation).
+        figures: PNG files written into the run directory, embedded in the report and
+            logged to W&B as images under ``report/<title>/<file stem>``.
+        tables: W&B tables, name -> (columns, rows).
+    """
+
+    title: str
+    markdown: str = ""
+    figures: list[Path] = field(default_factory=list)
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
