@@ -1,4 +1,4 @@
-"""Pure tensor cores of the image-level analysis (METHODS.md section 3).
+"""Pure tensor cores of the image-level analysis (docs/METHODS.md §3).
 
 Class activation maps (Zhou et al., 2016) and Grad-CAM (Selvaraju et al., 2017), their
 upsampling, normalisation and binarisation, and the interpretability score of a
@@ -92,7 +92,7 @@ def minmax_normalise(maps: Tensor) -> Tensor:
 
 def image_maps(raw: Tensor, size: tuple[int, int]) -> Tensor:
     """Raw (N, h, w) maps -> (N, H, W) in [0, 1]: bilinear upsampling, then per-image
-    min-max normalisation (the order of METHODS.md section 3)."""
+    min-max normalisation (the order of docs/METHODS.md §3.1)."""
     return minmax_normalise(upsample(raw, size))
 
 
