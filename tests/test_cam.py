@@ -1,4 +1,4 @@
-"""Image level (METHODS.md section 3): CAM, Grad-CAM, the interpretability score, the CAM
+"""Image level (docs/METHODS.md §3): CAM, Grad-CAM, the interpretability score, the CAM
 analysis and the CAM-guided attack, checked against hand computations, exact identities
 and pytorch-grad-cam."""
 

@@ -1,4 +1,4 @@
-"""Known-answer tests of the promotion-suppression (PSE) analysis (METHODS.md section 2)."""
+"""Known-answer tests of the promotion-suppression (PSE) analysis (docs/METHODS.md §2)."""
 
 from __future__ import annotations
 

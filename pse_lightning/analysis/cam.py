@@ -1,6 +1,6 @@
 """Image-level interpretation of adversarial perturbations with class activation maps.
 
-``analysis=cam`` (METHODS.md section 3): for every adversarial example it asks whether the
+``analysis=cam`` (docs/METHODS.md §3): for every adversarial example it asks whether the
 perturbation sits in the discriminative region of the true class on x (where suppression
 would act) and of the target class on x' (where promotion would act), compared with a
 random mask of the same area and with cyclic shifts of the same mask.
@@ -179,7 +179,7 @@ class CAMAnalysis(Analysis):
             per_kind[kind] = (score, area, pvalue)
 
         if self.pse_share:
-            # Promotion raises Z_t, suppression lowers Z_t0 (first order, METHODS.md 2).
+            # Promotion raises Z_t, suppression lowers Z_t0 (first order, docs/METHODS.md §3.5).
             promo, promo_ok = fcam.masked_share(attr_target.clamp_min(0), mask["target"])
             supp, supp_ok = fcam.masked_share((-attr_true).clamp_min(0), mask["true"])
             promo_w = promo_ok.double() * sel

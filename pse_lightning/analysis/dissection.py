@@ -1,6 +1,6 @@
 """Network dissection of hidden units and their sensitivity to adversarial examples.
 
-``prepare`` dissects the chosen layers on the probe set (Bau et al., 2017; METHODS §4):
+``prepare`` dissects the chosen layers on the probe set (Bau et al., 2017; docs/METHODS.md §4):
 exact per-unit top-quantile thresholds in streaming radix passes, then one pass of IoU
 tallies between upsampled activation masks and concept masks. The model runs once per probe
 image, stopped after the deepest dissected layer; the later passes read the activations

@@ -1,4 +1,4 @@
-"""The promotion-suppression (PSE) analysis as a torchmetrics Metric (METHODS.md section 2).
+"""The promotion-suppression (PSE) analysis as a torchmetrics Metric (docs/METHODS.md §2).
 
 Per adversarial example it attributes the change of the true logit Z_{t0} and of the
 target logit Z_t to pixels (integrated gradients or grad x delta), splits the attributions

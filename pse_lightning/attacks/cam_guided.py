@@ -1,6 +1,6 @@
 """CAM-guided refinement: any attack confined to the CAM region of the true class.
 
-METHODS.md section 3 (a), restricted attack: the perturbation may only touch B, the true
+docs/METHODS.md §3.7, restricted attack: the perturbation may only touch B, the true
 class's CAM mask on x dilated by ``dilate`` feature cells. Every attack takes a per-sample
 support mask (:class:`~pse_lightning.attacks.base.AttackBatch`): gradients and random
 starts are zeroed outside it, so the whole budget (or minimum-norm search) is spent inside
@@ -30,7 +30,7 @@ class CAMGuided(Attack):
         attack: the base attack (an :class:`Attack`; in YAML a nested config with
             ``_target_``, instantiated by Hydra).
         threshold: B = 1[normalised CAM >= threshold] before dilation.
-        dilate: grow B by this many feature-map cells (METHODS.md: one), so the edge of
+        dilate: grow B by this many feature-map cells (docs/METHODS.md §3.7: one), so the edge of
             the discriminative region stays attackable.
         method: 'auto' (CAM for GAP + linear heads, Grad-CAM otherwise), 'cam', 'gradcam'.
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.

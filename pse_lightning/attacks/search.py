@@ -76,7 +76,7 @@ class ConstantSearch:
 
     After each outer step: success lowers the upper bound, c = (lo + hi) / 2; failure raises
     the lower bound, c = (lo + hi) / 2 once an upper bound is known, else c = grow * c
-    (METHODS section 1).
+    (docs/METHODS.md §1.5).
 
     Args:
         initial: (N,) or scalar starting constants.

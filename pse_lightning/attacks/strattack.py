@@ -97,7 +97,7 @@ def support_above_quantile(delta: Tensor, q: float) -> Tensor:
 
 class StrAttack(SearchSettings, Attack):
     """StrAttack: min c * f_kappa(x + d) + gamma ||d||_2^2 + tau * sum_G ||d_G||_2,
-    x + d in [0, 1], ||d||_inf <= eps, solved by linearised ADMM (METHODS section 1).
+    x + d in [0, 1], ||d||_inf <= eps, solved by linearised ADMM (docs/METHODS.md §1.8).
 
     Copies z = d = y = w with scaled duals u, v, s and penalty rho; per iteration
     d <- rho / (rho + 2 gamma) (z - u); y <- group-shrink(z - v, tau / rho);

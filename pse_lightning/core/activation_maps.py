@@ -95,7 +95,7 @@ def minmax_normalise(maps: Tensor) -> Tensor:
 
 def image_maps(raw: Tensor, size: tuple[int, int]) -> Tensor:
     """Raw (N, h, w) maps -> (N, H, W) in [0, 1]: bilinear upsampling, then per-image
-    min-max normalisation (the order of METHODS.md section 3)."""
+    min-max normalisation (the order of docs/METHODS.md §3.1)."""
     return minmax_normalise(upsample(raw, size))
 
 

@@ -1,6 +1,6 @@
 """Neuron masking: silence the most attack-sensitive units of a layer at inference.
 
-METHODS §4 [X]: rank the units of a layer by their sensitivity s_k (or s⁻_k, s⁺_k)
+docs/METHODS.md §5: rank the units of a layer by their sensitivity s_k (or s⁻_k, s⁺_k)
 measured on a calibration split, and set the top m to their clean mean μ_k (or to 0)
 at inference through a forward hook. The defense is evaluated against examples
 transferred from the unmasked model and, as required for any defense, against an adaptive
@@ -44,7 +44,7 @@ class UnitSensitivity:
 
     Attributes:
         layer: dotted layer name.
-        s, s_plus, s_minus: (K,) sensitivities (METHODS §4).
+        s, s_plus, s_minus: (K,) sensitivities (docs/METHODS.md §4.4).
         clean_mean: (K,) μ_k, the mean of the spatial-mean activation over clean images.
         images: number of calibration images.
     """

@@ -94,7 +94,7 @@ class TradesObjective(AdversarialObjective):
 
 
 class PSEObjective(AdversarialObjective):
-    """PSE-informed adversarial training (this project's proposal, METHODS.md section 5).
+    """PSE-informed adversarial training (this project's proposal, docs/METHODS.md §6.4).
 
     ``L = CE(f(x'), y) + lambda_s [Z_y(x) - Z_y(x')]_+ + lambda_p [Z_t(x') - Z_t(x)]_+
     + lambda_u sum_k omega_k |a_k(x') - a_k(x)| / sigma_k``

@@ -1,4 +1,4 @@
-"""Pure tensor cores of the image-level analysis (METHODS.md section 3).
+"""Pure tensor cores of the image-level analysis (docs/METHODS.md §3).
 
 Class activation maps (Zhou et al., 2016) and Grad-CAM (Selvaraju et al., 2017), their
 upsampling, normalisation and binarisation, and the interpretability score of a

@@ -1,4 +1,4 @@
-"""Network dissection, staged as pure functions (Bau et al., 2017; METHODS.md §4).
+"""Network dissection, staged as pure functions (Bau et al., 2017; docs/METHODS.md §4).
 
 Stages, each a function of tensors (or a small state object whose tallies the caller
 reduces across processes):
@@ -400,7 +400,7 @@ def mask_thresholds(thresholds: Tensor, floors: Tensor) -> Tensor:
     ``floor_k`` is the unit's smallest activation over the probe set (a ReLU's zero). A
     unit active on fewer than a fraction q of positions has T_k = floor_k, where ">="
     alone would select every pixel of every image; excluding the floor gives such a unit
-    the support of its activation instead. Elsewhere the rule is METHODS' S_k >= T_k.
+    the support of its activation instead. Elsewhere the rule is S_k >= T_k (docs/METHODS.md §4.2).
     "S > floor" is "S >= the next float above floor", so one comparison does both.
     """
     thresholds, floors = thresholds.float(), floors.float()
@@ -713,7 +713,7 @@ def poisson_weights(index: Tensor, replicates: int, seed: int) -> Tensor:
 
 
 def sensitivity_from_sums(sums: Tensor, count: Tensor) -> dict[str, Tensor]:
-    """Unit sensitivities from streamed sums (METHODS §4).
+    """Unit sensitivities from streamed sums (docs/METHODS.md §4.4).
 
     s⁺_k = E[[Δ_k]₊]/σ_k (promotion), s⁻_k = E[[−Δ_k]₊]/σ_k (suppression),
     s_k = s⁺_k + s⁻_k = E|Δ_k|/σ_k, σ_k the std of ā_k over clean images. The positive

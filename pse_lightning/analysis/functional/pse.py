@@ -1,4 +1,4 @@
-"""Promotion-suppression effect (PSE): pure tensor functions (METHODS.md section 2).
+"""Promotion-suppression effect (PSE): pure tensor functions (docs/METHODS.md §2).
 
 An adversarial perturbation delta = x_adv - x changes the true logit Z_{t0} and the target
 logit Z_t by Delta_{t0} and Delta_t. Each input coordinate's share of those changes is an
@@ -81,7 +81,7 @@ class PSEAttribution:
 def logit_cotangent(num_classes: int, classes: Tensor, *, center: bool = False) -> Tensor:
     """Vector v (N, K) with v . Z = Z_c, or the centred logit Z_c - mean_j Z_j.
 
-    Centring (METHODS.md: softmax ignores a common shift) is linear in Z, so its gradient
+    Centring (docs/METHODS.md §2.1: softmax ignores a common shift) is linear in Z, so its gradient
     is the backward pass of this cotangent: still one backward per logit.
     """
     v = torch.zeros(len(classes), num_classes, device=classes.device)
