@@ -32,8 +32,8 @@ bench: $(STAMP)  ## benchmarks: ratios to the forward+backward floor and to peer
 	$(PY) -m pse_lightning.bench $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pse_lightning tests
-	$(VENV)/bin/ruff format --check pse_lightning tests
+	$(VENV)/bin/ruff check pse_lightning tests examples
+	$(VENV)/bin/ruff format --check pse_lightning tests examples
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format pse_lightning tests

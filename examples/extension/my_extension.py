@@ -1,0 +1,50 @@
+"""A toy attack and a toy analysis, registered the documented way (README, "Extending").
+
+``tests/test_extending.py`` runs both through the real pipeline, so this example cannot rot.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
+from pse_lightning.attacks import Attack, AttackBatch
+
+
+class BrightnessShift(Attack):
+    """Brighten every pixel by eps: the weakest L-inf attack there is, as a template.
+
+    ``_perturb`` is the only method an attack writes; the base class validates the batch,
+    freezes the model, resolves targets, clips to the box and the budget, and scores the
+    result.
+    """
+
+    def __init__(self, *, eps: float = 0.03, seed: int = 0) -> None:
+        super().__init__(norm="linf", eps=eps, seed=seed)
+
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Tensor:
+        return batch.x + self.eps
+
+
+class MeanAbsPerturbation(Analysis):
+    """Mean |x_adv - x| over every pixel of every evaluated image.
+
+    Fixed-size ``sum`` states reduce exactly across processes, so DDP gives the numbers of
+    one process.
+    """
+
+    name = "mean_abs"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, model: nn.Module, batch: AdversarialBatch) -> None:
+        delta = (batch.x_adv - batch.x).abs().double()
+        self.total += delta.sum()
+        self.count += delta.numel()
+
+    def compute(self) -> AnalysisResult:
+        return AnalysisResult(scalars={"value": self.total / self.count.clamp_min(1)})
