@@ -67,11 +67,23 @@ def test_unit_drift_weights_the_most_sensitive_units() -> None:
     assert float(drift) == pytest.approx(3.0 / float(objective.unit_var[2].sqrt()), rel=1e-4)
 
 
-def test_pse_at_with_zero_weights_is_pgd_at() -> None:
+@pytest.mark.parametrize("weight", [0.0, 1e-6])
+def test_pse_at_tends_to_pgd_at_as_the_weights_vanish(weight: float) -> None:
+    """No special case for zero weights: the same code path, loss and BatchNorm buffers."""
     attack = PGD(eps=0.03, step_size=0.01, steps=3)
     model, x, y, index = model_and_batch()
     model.train()
     twin = copy.deepcopy(model)  # train-mode forwards move BatchNorm statistics
-    pse_loss, _ = PSEObjective(attack, lambda_s=0, lambda_p=0, lambda_u=0)(model, x, y, index)
+    pse = PSEObjective(attack, lambda_s=weight, lambda_p=weight, lambda_u=weight)
+    pse_loss, logs = pse(model, x, y, index)
     pgd_loss, _ = AdversarialObjective(attack)(twin, x, y, index)
-    assert torch.equal(pse_loss, pgd_loss)
+    assert "unit_drift" in logs  # the PSE terms were computed, not skipped
+    assert abs(float(pse_loss) - float(pgd_loss)) <= 1e-4
+    buffers = dict(twin.named_buffers())
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, buffers[name], atol=1e-4, rtol=0)
+    # And the terms do act when the weights are not small.
+    strong, _ = PSEObjective(attack, lambda_s=1.0, lambda_p=1.0, lambda_u=1.0)(
+        copy.deepcopy(twin), x, y, index
+    )
+    assert float(strong) > float(pgd_loss) + 1e-3

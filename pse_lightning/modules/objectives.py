@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from pse_lightning.attacks import Attack, other_max_index
 from pse_lightning.core.hooks import capture_activations
@@ -20,6 +21,14 @@ Logs = dict[str, Tensor]
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(dim=1) == y).float().mean()
+
+
+def forward_without_buffer_updates(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` in the model's current mode, with its buffers (BatchNorm running
+    statistics) updated on throw-away copies only; forward hooks still fire."""
+    params = dict(model.named_parameters())
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    return functional_call(model, (params, buffers), (x,))
 
 
 class StandardObjective(nn.Module):
@@ -104,7 +113,13 @@ class PSEObjective(AdversarialObjective):
     (omega_k: each unit's share of the running mean sensitivity |Delta a_k| / sigma_k,
     sigma_k: the running std of the clean unit activation a_k, the spatial mean at
     ``layer``). Running statistics are buffers, so they follow the model's device and are
-    broadcast under DDP. With every lambda at 0 this is exactly ``AdversarialObjective``.
+    broadcast under DDP.
+
+    The clean reference (Z(x), a(x)) is a target, not a training signal: it is computed
+    without gradients, in the model's own mode but on copies of its buffers, so BatchNorm
+    normalises x and x' alike (batch statistics in train mode) while its running statistics
+    see exactly the batches PGD-AT feeds them (x' alone). The loss therefore tends to
+    PGD-AT's continuously as the lambdas tend to 0, with no special case.
 
     Args:
         attack: crafts x' (PGD-Linf on CE in conf/training/pse_at).
@@ -163,12 +178,13 @@ class PSEObjective(AdversarialObjective):
         self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
     ) -> tuple[Tensor, Logs]:
         x_adv = self.craft(model, x, y, index)
-        if self.lambda_s == self.lambda_p == self.lambda_u == 0:
-            return self.adversarial_ce(model(x_adv), y)
         layer = self.layer or model.feature_layer
         with capture_activations(model, [layer]) as acts:
-            logits, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
-            units, units_adv = acts[layer].mean(dim=(2, 3)).chunk(2)
+            with torch.no_grad():
+                logits = forward_without_buffer_updates(model, x)
+                units = acts[layer].mean(dim=(2, 3))
+            logits_adv = model(x_adv)
+            units_adv = acts[layer].mean(dim=(2, 3))
         ce = F.cross_entropy(logits_adv, y)
         suppression, promotion = self.pse_terms(logits, logits_adv, y)
         drift = self.unit_drift(units, units_adv)
