@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= test,peers,launchers
 
-.PHONY: install run test test-all bench lint format clean
+.PHONY: install run test test-all bench gpu-check lint format clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ test-all: $(STAMP)  ## every test, the slow ones (DDP, multirun, cross-checks) i
 
 bench: $(STAMP)  ## benchmarks: ratios to the forward+backward floor and to peer libraries
 	$(PY) -m pse_lightning.bench $(ARGS)
+
+gpu-check: $(STAMP)  ## on a GPU machine: the GPU path measured (JSON + table); exits 0 without a GPU
+	$(PY) -m pse_lightning.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pse_lightning tests examples
