@@ -13,9 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from pse_lightning.analysis.base import AdversarialBatch, AnalysisResult
+from pse_lightning.analysis.base import AdversarialBatch
 from pse_lightning.analysis.cam import CAMAnalysis
-from pse_lightning.analysis.functional import cam as fcam
+from pse_lightning.analysis.cam import statistics as fcam
+from pse_lightning.analysis.cam.result import CAMExamples
 from pse_lightning.attacks import FGSM, PGD, Attack, CAMGuided
 from pse_lightning.attacks.base import AttackBatch
 from pse_lightning.attacks.cw import CWL2
@@ -309,7 +310,7 @@ def test_analysis_scores_a_perturbation_inside_the_true_class_mask() -> None:
     metric = CAMAnalysis(shifts=None, examples=0)
     success = torch.tensor([True, True, True, True, True, False])
     metric.update(model, adversarial_batch(model, x, x_adv, y, target, torch.arange(6), success))
-    out = metric.compute().details
+    out = metric.compute().scalars
     assert out["evaluated"] == 6 and out["scored"] == 5
     torch.testing.assert_close(out["is_true"], torch.tensor(1.0, dtype=torch.float64))
     area = amaps.mask_area(mask)[:5].double()
@@ -331,7 +332,7 @@ def test_pse_share_on_an_analytic_model() -> None:
     y, target = torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1])
     metric = CAMAnalysis(pse_share=True, examples=0, shifts=10)
     metric.update(model, adversarial_batch(model, x, x_adv, y, target, torch.arange(3)))
-    out = metric.compute().details
+    out = metric.compute().scalars
     weight = model.fc.weight.detach()
     # CAM of class c on an image is sum_k W_ck x_k; masks at threshold 0.2 by hand.
     b_true = amaps.minmax_normalise(torch.einsum("nk,nkhw->nhw", weight[y], x)) >= 0.2
@@ -359,18 +360,28 @@ def test_analysis_is_batch_independent_and_keeps_examples_by_index(tmp_path) -> 
                                               result.target[half],
                                               torch.arange(10, 18)[half],
                                               result.success[half]))  # fmt: skip
-    a, b = whole.compute().details, parts.compute().details
+    ra, rb = whole.compute(), parts.compute()
+    a, b = ra.scalars, rb.scalars
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-12, rtol=1e-12, equal_nan=True)
-    assert whole._examples["stats"][:, 0].tolist() == [10.0, 11.0, 12.0]
-    for key, value in whole._examples.items():
-        torch.testing.assert_close(value, parts._examples[key])
-    section = whole.report(AnalysisResult({}, a), tmp_path, [])
+    kept_a, kept_b = ra.details["examples"], rb.details["examples"]
+    assert isinstance(kept_a, CAMExamples) and kept_a.index.tolist() == [10, 11, 12]
+    for field in CAMExamples.__dataclass_fields__:
+        torch.testing.assert_close(getattr(kept_a, field), getattr(kept_b, field))
+    # The kept rows are the per-image numbers of those samples, recomputed alone.
+    alone = CAMAnalysis(examples=13)
+    alone.update(model, adversarial_batch(model, x[:3], result.x_adv[:3], y[:3],
+                                          result.target[:3], torch.arange(10, 13),
+                                          result.success[:3]))  # fmt: skip
+    torch.testing.assert_close(alone.compute().details["examples"].score, kept_a.score)
+    whole.reset()  # report() must need nothing but the result
+    section = whole.report(ra, tmp_path, ["a", "b", "c", "d", "e"])
     assert [p.name for p in section.figures] == [f"cam_example_{i}.png" for i in (10, 11, 12)]
     assert all(p.is_file() and p.stat().st_size > 0 for p in section.figures)
     columns, rows = section.tables["cam_examples"]
     assert columns[0] == "index" and [r[0] for r in rows] == [10, 11, 12]
+    assert rows[0][columns.index("is_true")] == round(float(kept_a.score[0, 0]), 4)
     assert "| true |" in section.markdown
 
 

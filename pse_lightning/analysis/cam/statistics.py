@@ -1,10 +1,9 @@
-"""Pure tensor cores of the image-level analysis (docs/METHODS.md §3).
+"""The statistics of the image-level analysis: pure functions on tensors (docs/METHODS.md §3).
 
-Class activation maps (Zhou et al., 2016) and Grad-CAM (Selvaraju et al., 2017), their
-upsampling, normalisation and binarisation, and the interpretability score of a
-perturbation against a mask with its random-mask baselines. Tensors in, tensors out: no
-model, no state, everything batched with one target and one normalisation per image
-(pytorch-grad-cam #264 normalised over the whole batch).
+The interpretability score of a perturbation against a mask, its random-mask baseline, the
+cyclic-shift p-value and the share of an attribution inside a mask, plus the means the
+metric reports from its reduced sums. Tensors in, tensors out: no model, no state, every
+image scored on its own, so a sample's numbers never depend on its batch or process.
 """
 
 from __future__ import annotations
@@ -117,3 +116,9 @@ def masked_share(attribution: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     valid = total > 0
     share = torch.where(valid, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
     return share.to(attribution.dtype), valid
+
+
+def mean_or_nan(total: Tensor, count: Tensor) -> Tensor:
+    """total / count elementwise, NaN where nothing was counted (no silent zero)."""
+    nan = torch.full_like(total, float("nan"))
+    return torch.where(count > 0, total / count.clamp_min(1e-300), nan)

@@ -1,0 +1,66 @@
+"""One figure per kept example of the CAM analysis, in the project's figure style.
+
+Two rows (clean x with B_true, adversarial x' with B_target) of three panels: the image with
+its prediction, the normalised CAM of the predicted class as a heat map over the grey image
+(colour bar in units of the map's maximum), and the amplified perturbation with the mask's
+outline, the factor and the score written on the panel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+from torch import Tensor
+
+from pse_lightning.analysis.cam.result import MASK_KINDS, CAMExamples
+from pse_lightning.reporting.figures import (
+    FONT_SIZE,
+    PALETTE,
+    class_name,
+    new_figure,
+    save,
+    show_image,
+    show_map,
+    show_perturbation,
+)
+
+MAP_UNIT = "CAM, min-max normalised per image"
+_OUTLINE = PALETTE[4]  # cyan: readable over the grey perturbation panel
+
+
+def example_figure(
+    examples: CAMExamples, i: int, class_names: Sequence[str], out_dir: Path
+) -> Path:
+    """Draw example ``i`` and save it as ``cam_example_<dataset index>.png``."""
+    fig, axes = new_figure(2, 3, width=9.5, height=6.0)
+    name = lambda c: class_name(class_names, int(c))  # noqa: E731
+    delta = examples.x_adv[i] - examples.x[i]
+    rows = (
+        ("clean", examples.x[i], examples.map_clean[i], examples.pred_clean[i],
+         examples.mask_true[i], "B_true", f"true class {name(examples.y[i])} on x",
+         examples.score[i, MASK_KINDS.index("true")]),
+        ("adversarial", examples.x_adv[i], examples.map_adv[i], examples.pred_adv[i],
+         examples.mask_target[i], "B_target", f"target {name(examples.target[i])} on x'",
+         examples.score[i, MASK_KINDS.index("target")]),
+    )  # fmt: skip
+    for r, (label, image, cam_map, pred, mask, mask_name, of, score) in enumerate(rows):
+        show_image(axes[r, 0], image, f"{label}: predicted {name(pred)}")
+        show_map(axes[r, 1], cam_map, unit=MAP_UNIT, background=image,
+                 title=f"CAM of the predicted class\n{name(pred)}")  # fmt: skip
+        show_perturbation(axes[r, 2], delta, f"IS in {mask_name} = {float(score):.2f}\nδ")
+        _outline(axes[r, 2], mask, f"{mask_name}: CAM region of the {of}")
+    return save(fig, out_dir / f"cam_example_{int(examples.index[i])}.png")
+
+
+def _outline(ax: Axes, mask: Tensor, label: str) -> None:
+    """The mask's border over a panel, named in a legend (or the legend says it is empty/full)."""
+    area = float(mask.float().mean())
+    if 0 < area < 1:
+        ax.contour(mask.float().numpy(), levels=[0.5], colors=_OUTLINE, linewidths=0.9)
+    state = "" if 0 < area < 1 else (" (empty)" if area == 0 else " (whole image)")
+    handle = Line2D([], [], color=_OUTLINE, linewidth=0.9, label=f"{label}{state}")
+    ax.legend(handles=[handle], fontsize=FONT_SIZE - 2, loc="lower center",
+              bbox_to_anchor=(0.5, -0.22), frameon=False)  # fmt: skip
