@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from pse_lightning.analysis.pse.statistics import grid_group_map
 from pse_lightning.attacks import CWL2, EAD, Attack, StrAttack
 from pse_lightning.attacks.losses import margin
 from pse_lightning.attacks.search import ConstantSearch, EarlyAbort
@@ -270,10 +271,7 @@ def test_strattack_is_group_sparse_and_reports_its_groups() -> None:
     assert groups.shape == (6, 16) and index.shape == (8, 8)
     expected_index = (torch.arange(8)[:, None] // 2) * 4 + torch.arange(8)[None, :] // 2
     assert torch.equal(index, expected_index)
-    # The PSE analysis reads extras["group_map"] with its own grid convention. (Imported
-    # here: importing analysis.functional.pse before pse_lightning.attacks is circular.)
-    from pse_lightning.analysis.functional.pse import grid_group_map
-
+    # The PSE analysis reads extras["group_map"] with its own grid convention.
     assert torch.equal(index, grid_group_map(8, 8, 2, index.device))
     torch.testing.assert_close(groups, reference_group_norms(delta, 2), atol=1e-6, rtol=1e-5)
     selected = groups > 0

@@ -10,7 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from pse_lightning.analysis.base import AdversarialBatch, AnalysisResult
-from pse_lightning.analysis.functional.pse import (
+from pse_lightning.analysis.pse import PSE
+from pse_lightning.analysis.pse.attribution import (
+    integrated_gradients,
+    midpoints,
+    pse_attributions,
+    refinement_points,
+)
+from pse_lightning.analysis.pse.samples import ROW_STATES
+from pse_lightning.analysis.pse.statistics import (
     BALANCED,
     NONE,
     PROMOTION,
@@ -19,14 +27,9 @@ from pse_lightning.analysis.functional.pse import (
     classify,
     grid_group_map,
     group_scores,
-    integrated_gradients,
-    midpoints,
     promotion_suppression_maps,
-    pse_attributions,
     pse_type,
-    refinement_points,
 )
-from pse_lightning.analysis.pse import PSE, ROW_FLOAT_COLUMNS, ROW_INT_COLUMNS
 from pse_lightning.models import SmallCNN
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "analysis" / "pse.yaml"
@@ -308,7 +311,7 @@ def test_only_suppressing_or_promoting_perturbations_are_typed_so(true_fn, targe
     y, t = torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)
     metric = PSE(steps=32)
     metric.update(model, make_batch(model, x, x_adv, y, t))
-    result = metric.compute().details
+    result = metric.compute().scalars
     assert result[f"frac_{expected}"] == 1.0
     attr = pse_attributions(model, x, x_adv, y, t)
     promotion, suppression = promotion_suppression_maps(attr.attr_true, attr.attr_target)
@@ -328,7 +331,7 @@ def test_no_effect_is_typed_none() -> None:
     )
     metric = PSE(method="grad")
     metric.update(model, batch)
-    result = metric.compute().details
+    result = metric.compute().scalars
     assert result["frac_none"] == 1.0 and math.isnan(float(result["mean_r"]))
 
 
@@ -364,7 +367,7 @@ def test_group_map_from_attack_extras() -> None:
     metric = PSE(method="grad")
     metric.update(model, batch)
     assert metric.group_type_counts.tolist() == [2, 0, 2, 0]
-    result = metric.compute().details
+    result = metric.compute().scalars
     assert result["group_frac_suppression"] == 0.5 and result["group_frac_promotion"] == 0.5
     assert result["frac_balanced"] == 1.0  # 0.8 up and 0.8 down: r = 1/2
 
@@ -388,6 +391,14 @@ def sub_batch(batch: AdversarialBatch, sel: Tensor) -> AdversarialBatch:
     return AdversarialBatch(**{k: v[sel] for k, v in fields.items()}, targeted=batch.targeted)
 
 
+def assert_same_samples(got: dict, expected: dict) -> None:
+    """Rows and examples of two compute() results agree column by column."""
+    for kind in ("rows", "examples"):
+        for column, value in vars(expected[kind]).items():
+            torch.testing.assert_close(getattr(got[kind], column), value, equal_nan=True,
+                                       atol=1e-6, rtol=1e-4, msg=f"{kind}.{column}")  # fmt: skip
+
+
 def test_split_and_merged_states_equal_one_pass() -> None:
     model, batch = cnn_batch()
     kw = dict(steps=8, max_steps=32, max_rows=7, max_figures=3)
@@ -398,21 +409,34 @@ def test_split_and_merged_states_equal_one_pass() -> None:
     rank0.update(model, sub_batch(batch, torch.arange(0, 12, 2)))
     rank1.update(model, sub_batch(batch, torch.arange(1, 12, 2)))
     rank1.merge_state(rank0)
-    expected, merged = whole.compute().details, rank1.compute().details
-    assert expected.keys() == merged.keys()
+    expected, merged = whole.compute(), rank1.compute()
+    assert expected.scalars.keys() == merged.scalars.keys()
     # Float32 attributions of one image can round differently when the passes hold other
     # images; the residual (a small difference of sums) amplifies that to ~1e-7. Counts
     # are integers and a lost or doubled row would be off by far more than the tolerance.
-    for key in expected:
-        torch.testing.assert_close(merged[key].double(), expected[key].double(), equal_nan=True,
+    for key, value in expected.scalars.items():
+        torch.testing.assert_close(merged.scalars[key].double(), value.double(), equal_nan=True,
                                    atol=1e-6, rtol=1e-5)  # fmt: skip
-    assert expected["n_images"] == 9 and expected["analysed_fraction"] == 0.75
-    a, b = whole._samples, rank1._samples
-    assert a["row_ints"][:, 0].tolist() == [0, 1, 2, 4, 5, 6]  # success only, index < 7
-    torch.testing.assert_close(a["row_ints"], b["row_ints"])
-    torch.testing.assert_close(a["row_floats"], b["row_floats"], atol=1e-6, rtol=1e-4)
-    assert [f["index"] for f in a["figures"]] == [f["index"] for f in b["figures"]] == [0, 1, 2]
-    torch.testing.assert_close(a["figures"][1]["promotion"], b["figures"][1]["promotion"])
+    assert expected.scalars["n_images"] == 9 and expected.scalars["analysed_fraction"] == 0.75
+    rows, examples = expected.details["rows"], expected.details["examples"]
+    assert rows.index.tolist() == [0, 1, 2, 4, 5, 6]  # success only, index < 7
+    assert_same_samples(merged.details, expected.details)
+    assert examples.index.tolist() == [0, 1, 2]
+    # the kept columns are the batch's own values, cut back to their shapes
+    idx = rows.index
+    assert rows.label.tolist() == batch.y[idx].tolist()
+    assert rows.target.tolist() == batch.target[idx].tolist()
+    assert rows.success.all() and rows.steps.dtype == torch.long
+    change = batch.logits_adv - batch.logits_clean
+    torch.testing.assert_close(rows.delta_true, change.gather(1, batch.y[:, None])[idx, 0])
+    torch.testing.assert_close(examples.x, batch.x[examples.index])
+    torch.testing.assert_close(examples.delta, (batch.x_adv - batch.x)[examples.index])
+    assert examples.promotion.shape == (3, 8, 8) and examples.net.shape == (3, 8, 8)
+    # net = promotion - suppression where the counter-effects vanish, in general the sum
+    # over pixels of the net map is Delta_t - Delta_t0 up to the completeness residual
+    net_total = examples.net.flatten(1).sum(1)
+    margin = (rows.delta_target - rows.delta_true)[:3]
+    torch.testing.assert_close(net_total, margin, atol=0.02 * float(margin.abs().max()), rtol=0)
 
 
 def test_metric_leaves_model_untouched() -> None:
@@ -427,29 +451,62 @@ def test_metric_leaves_model_untouched() -> None:
         torch.testing.assert_close(value, state[key])
 
 
-def test_report_writes_figures_and_table(tmp_path: Path) -> None:
+def test_report_uses_only_the_result(tmp_path: Path) -> None:
     model, batch = cnn_batch(8)
-    metric = PSE(steps=4, max_steps=8, max_rows=5, max_figures=2, successful_only=False)
+    kw = dict(steps=4, max_steps=8, max_rows=5, max_figures=2, successful_only=False)
+    metric = PSE(**kw)
     metric.update(model, batch)
-    result = metric.compute().details
+    result = metric.compute()
     metric.reset()  # the evaluation module resets before the report is written
-    section = metric.report(AnalysisResult({}, result), tmp_path, [])
-    names = sorted(p.name for p in section.figures)
-    assert names == ["pse_examples.png", "pse_ratio_hist.png", "pse_scatter.png"]
+    # a fresh instance with the same settings writes the same report: no state on the side
+    names = [f"class {c}" for c in range(10)]
+    section = PSE(**kw).report(result, tmp_path, names)
+    assert section.markdown == metric.report(result, tmp_path / "again", names).markdown
+    assert sorted(p.name for p in section.figures) == [
+        "pse_examples.png", "pse_ratio_hist.png", "pse_scatter.png"]  # fmt: skip
     for path in section.figures:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     columns, rows = section.tables["pse_images"]
-    assert len(columns) == len(ROW_INT_COLUMNS) + len(ROW_FLOAT_COLUMNS)
+    assert columns == [
+        "index",
+        "label",
+        "target",
+        "type",
+        "delta_true",
+        "delta_target",
+        "promotion",
+        "suppression",
+        "r",
+        "residual",
+        "steps",
+        "success",
+    ]
+    assert list(ROW_STATES) == columns
     assert [row[0] for row in rows] == [0, 1, 2, 3, 4]
     assert all(len(row) == len(columns) for row in rows)
     assert {row[columns.index("type")] for row in rows} <= {"suppression", "balanced",
                                                            "promotion", "none"}  # fmt: skip
+    assert [row[columns.index("success")] for row in rows] == batch.success[:5].tolist()
     assert "frac_suppression" not in section.markdown and "| suppression |" in section.markdown
+    assert "8 images." in section.markdown
 
 
-def test_report_before_compute_fails(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="compute"):
+def test_report_of_a_foreign_result_fails(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PSE.compute"):
         PSE().report(AnalysisResult({}, {}), tmp_path, [])
+
+
+def test_example_images_must_share_a_shape() -> None:
+    model = Linear((1, 4, 4), 2)
+    metric = PSE(method="grad")
+    x = torch.full((1, 1, 4, 4), 0.5)
+    metric.update(model, make_batch(model, x, x + 0.1, torch.zeros(1).long(),
+                                    torch.ones(1).long()))  # fmt: skip
+    other = Linear((1, 2, 8), 2)
+    x = torch.full((1, 1, 2, 8), 0.5)
+    with pytest.raises(ValueError, match="one image shape"):
+        metric.update(other, make_batch(other, x, x + 0.1, torch.zeros(1).long(),
+                                        torch.ones(1).long()))  # fmt: skip
 
 
 def test_inference_mode_is_refused() -> None:
@@ -471,6 +528,8 @@ def test_inference_mode_is_refused() -> None:
         ({"center_logits": "yes"}, "analysis.center_logits"),
         ({"channels_last": 1}, "analysis.channels_last"),
         ({"max_rows": -1}, "analysis.max_rows"),
+        ({"max_rows": 2**24 + 1}, "analysis.max_rows"),
+        ({"max_figures": -1}, "analysis.max_figures"),
     ],
 )
 def test_bad_config_names_the_key(kwargs: dict, key: str) -> None:
@@ -503,9 +562,9 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
             metric.update(model, sub_batch(batch, torch.arange(8, 12)))
         else:
             metric.update(model, sub_batch(batch, torch.arange(0, 8)))
-        result = metric.compute().details  # every rank, it synchronises
+        result = metric.compute()  # every rank, it synchronises
         if rank == 0:
-            torch.save({"result": result, "samples": metric._samples}, out)
+            torch.save({"scalars": result.scalars, "details": result.details}, out)
     finally:
         dist.destroy_process_group()
 
@@ -525,11 +584,10 @@ def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     model, batch = cnn_batch()
     whole = PSE(steps=8, max_steps=32, max_rows=7, max_figures=3)
     whole.update(model, batch)
-    expected = whole.compute().details
-    for key in expected:
-        torch.testing.assert_close(got["result"][key].double(), expected[key].double(),
+    expected = whole.compute()
+    for key, value in expected.scalars.items():
+        torch.testing.assert_close(got["scalars"][key].double(), value.double(),
                                    equal_nan=True, atol=1e-6, rtol=1e-5)  # fmt: skip
-    torch.testing.assert_close(got["samples"]["row_ints"], whole._samples["row_ints"])
-    torch.testing.assert_close(got["samples"]["row_floats"], whole._samples["row_floats"],
-                               atol=1e-6, rtol=1e-4)  # fmt: skip
-    assert [f["index"] for f in got["samples"]["figures"]] == [0, 1, 2]
+    assert_same_samples(got["details"], expected.details)
+    assert got["details"]["rows"].index.tolist() == [0, 1, 2, 4, 5, 6]
+    assert got["details"]["examples"].index.tolist() == [0, 1, 2]

@@ -151,7 +151,7 @@ class StrAttack(SearchSettings, Attack):
         ``groups``: (N, n_groups) float, L2 norm of the returned perturbation
             ``x_adv - x`` in each group (0 for groups the attack left untouched);
         ``group_map``: (H, W) long, the group id of every pixel (row-major over patches,
-            the convention of ``analysis.functional.pse.grid_group_map``, which the PSE
+            the convention of ``analysis.pse.statistics.grid_group_map``, which the PSE
             analysis reads under this key), so that ``groups[i, group_map]`` is the (H, W)
             map of sample i's group norms;
         ``const``: (N,) the c of the returned example (ADMM's c, or the refinement's c when

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.analysis.functional.pse import logit_cotangent, pse_attributions
+from pse_lightning.analysis.pse.attribution import logit_cotangent, pse_attributions
 from pse_lightning.bench.common import format_table, synchronize
 from pse_lightning.models import SmallCNN, TorchvisionClassifier
 

@@ -22,7 +22,7 @@ from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResu
 from pse_lightning.analysis.cam import statistics as stats
 from pse_lightning.analysis.cam.report import cam_section
 from pse_lightning.analysis.cam.result import MASK_KINDS, CAMExamples
-from pse_lightning.analysis.functional.pse import grad_times_delta
+from pse_lightning.analysis.pse.attribution import grad_times_delta
 from pse_lightning.core import activation_maps as amaps
 from pse_lightning.core.model_state import frozen_eval
 from pse_lightning.validation import require_at_least, require_choice, require_in_range

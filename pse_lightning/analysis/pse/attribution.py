@@ -1,4 +1,7 @@
-"""Promotion-suppression effect (PSE): pure tensor functions (docs/METHODS.md §2).
+"""PSE attribution: the true and target logit changes split over input coordinates.
+
+The pure functional core of the PSE analysis (docs/METHODS.md §2.1-§2.3): tensors in,
+tensors out, no state.
 
 An adversarial perturbation delta = x_adv - x changes the true logit Z_{t0} and the target
 logit Z_t by Delta_{t0} and Delta_t. Each input coordinate's share of those changes is an
@@ -25,11 +28,8 @@ saved instead: path points are batched into passes of ``chunk_size`` images acro
 and samples (no per-step Python pass), optionally in channels-last memory format (faster
 convolutions on CPU), and the logit changes reuse the caller's endpoint logits.
 
-Promotion is P_i = [a^t_i]_+ (pushes the target up), suppression S_i = [-a^{t0}_i]_+
-(pushes the true class down). The image type comes from the measured logit changes,
-r = [Delta_t]_+ / ([Delta_t]_+ + [-Delta_{t0}]_+): suppression-dominated if r < tau_s,
-promotion-dominated if r > tau_p, balanced otherwise, and "none" when the perturbation
-neither raised the target nor lowered the true logit (r undefined).
+Maps, totals, group scores and image types built from these attributions live in
+:mod:`pse_lightning.analysis.pse.statistics`.
 
 Every function is batched (no Python loop over samples) and every per-sample result
 depends on that sample alone, so batch sizes and DDP shardings agree.
@@ -45,14 +45,12 @@ from torch import Tensor, nn
 
 from pse_lightning.core.model_state import frozen_eval, model_num_classes
 
-PSE_TYPES: tuple[str, ...] = ("suppression", "balanced", "promotion", "none")
-SUPPRESSION, BALANCED, PROMOTION, NONE = range(4)
 METHODS: tuple[str, ...] = ("ig", "grad")
 PairMode = Literal["retain", "vmap"]
 PAIR_MODES: tuple[str, ...] = ("retain", "vmap")
 
 # A logit that moves less than this fraction of the total change |Delta_t| + |Delta_t0| is
-# judged against that fraction, so a nearly unmoved logit cannot force endless doubling.
+# judged against that fraction, so a nearly unmoved logit cannot force endless refinement.
 RESIDUAL_FLOOR = 0.1
 _TINY = 1e-12
 
@@ -376,21 +374,14 @@ def pse_attributions(
     Returns:
         A :class:`PSEAttribution`.
     """
-    if method not in METHODS:
-        raise ValueError(f"analysis.method must be one of {list(METHODS)}, got {method!r}")
-    if mode not in PAIR_MODES:
-        raise ValueError(f"mode must be one of {list(PAIR_MODES)}, got {mode!r}")
+    _require_method_and_mode(method, mode)
     x, x_adv = x.detach(), x_adv.detach()
     if method == "grad":
         attr_true, attr_target, logits_x = grad_times_delta(
             model, x, x_adv, y, target, center=center, mode=mode
         )
         logits_clean = logits_x if logits_clean is None else logits_clean
-    if logits_clean is None or logits_adv is None:
-        with frozen_eval(model), torch.no_grad():
-            both = model(torch.cat([x, x_adv]))
-        logits_clean = both[: len(x)] if logits_clean is None else logits_clean
-        logits_adv = both[len(x) :] if logits_adv is None else logits_adv
+    logits_clean, logits_adv = _endpoint_logits(model, x, x_adv, logits_clean, logits_adv)
     delta_true = logit_change(logits_clean, logits_adv, y, center=center)
     delta_target = logit_change(logits_clean, logits_adv, target, center=center)
     if method == "grad":
@@ -403,6 +394,29 @@ def pse_attributions(
         max_steps=max_steps, tol=tol, center=center, chunk_size=chunk_size, mode=mode,
         channels_last=channels_last,
     )  # fmt: skip
+
+
+def _require_method_and_mode(method: str, mode: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"analysis.method must be one of {list(METHODS)}, got {method!r}")
+    if mode not in PAIR_MODES:
+        raise ValueError(f"mode must be one of {list(PAIR_MODES)}, got {mode!r}")
+
+
+def _endpoint_logits(
+    model: nn.Module,
+    x: Tensor,
+    x_adv: Tensor,
+    logits_clean: Tensor | None,
+    logits_adv: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The caller's logits of x and x_adv, with one forward pass for whichever is missing."""
+    if logits_clean is None or logits_adv is None:
+        with frozen_eval(model), torch.no_grad():
+            both = model(torch.cat([x, x_adv]))
+        logits_clean = both[: len(x)] if logits_clean is None else logits_clean
+        logits_adv = both[len(x) :] if logits_adv is None else logits_adv
+    return logits_clean, logits_adv
 
 
 def _refined_integrated_gradients(
@@ -460,91 +474,3 @@ def _refined_integrated_gradients(
                 attr_true[redo], attr_target[redo], delta_true[redo], delta_target[redo]
             )
     return PSEAttribution(attr_true, attr_target, delta_true, delta_target, residual, steps_used)
-
-
-# -- maps, totals, groups, types -----------------------------------------------------------
-
-
-def promotion_suppression_maps(attr_true: Tensor, attr_target: Tensor) -> tuple[Tensor, Tensor]:
-    """Pixel maps (N, H, W): promotion sum_ch [a^t]_+ and suppression sum_ch [-a^{t0}]_+."""
-    return attr_target.clamp_min(0).sum(dim=1), (-attr_true).clamp_min(0).sum(dim=1)
-
-
-def attribution_totals(attr_true: Tensor, attr_target: Tensor) -> Tensor:
-    """Gross per-image totals (N, 4): promotion, suppression, and their counter-effects.
-
-    Columns: P = sum [a^t]_+, S = sum [-a^{t0}]_+, counter-promotion sum [-a^t]_+ (pixels
-    that lower the target), counter-suppression sum [a^{t0}]_+ (pixels that raise the true
-    class). P - counter-promotion = sum a^t and S - counter-suppression = -sum a^{t0}.
-    """
-    a_t, a_0 = attr_target.flatten(1), attr_true.flatten(1)
-    return torch.stack(
-        [
-            a_t.clamp_min(0).sum(1),
-            (-a_0).clamp_min(0).sum(1),
-            (-a_t).clamp_min(0).sum(1),
-            a_0.clamp_min(0).sum(1),
-        ],
-        dim=1,
-    )
-
-
-def grid_group_map(height: int, width: int, group_size: int, device: torch.device) -> Tensor:
-    """(H, W) long ids of non-overlapping ``group_size`` squares, row-major (edges partial)."""
-    cols = -(-width // group_size)
-    rows = torch.arange(height, device=device) // group_size
-    return rows[:, None] * cols + (torch.arange(width, device=device) // group_size)[None, :]
-
-
-def group_scores(
-    attr_true: Tensor, attr_target: Tensor, group_map: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Net group scores P_G = sum_{i in G} a^t_i and S_G = -sum_{i in G} a^{t0}_i.
-
-    Args:
-        attr_true, attr_target: (N, C, H, W) attributions.
-        group_map: (H, W) or (N, H, W) long group ids >= 0 (all channels of a pixel share
-            its group).
-
-    Returns:
-        (P_G, S_G), each (N, G) with G = max id + 1; empty groups score 0.
-    """
-    n, _, h, w = attr_true.shape
-    if group_map.shape not in ((h, w), (n, h, w)):
-        raise ValueError(
-            f"group_map must have shape ({h}, {w}) or ({n}, {h}, {w}), "
-            f"got {tuple(group_map.shape)}"
-        )
-    ids = group_map.to(attr_true.device).long().expand(n, h, w).reshape(n, h * w)
-    if ids.numel() and int(ids.min()) < 0:
-        raise ValueError("group_map ids must be >= 0")
-    num_groups = int(ids.max()) + 1 if ids.numel() else 0
-    pixel_t = attr_target.sum(dim=1).reshape(n, h * w)
-    pixel_0 = attr_true.sum(dim=1).reshape(n, h * w)
-    zeros = pixel_t.new_zeros(n, num_groups)
-    return zeros.scatter_add(1, ids, pixel_t), -zeros.scatter_add(1, ids, pixel_0)
-
-
-def pse_ratio(promotion: Tensor, suppression: Tensor) -> Tensor:
-    """r = [P]_+ / ([P]_+ + [S]_+), NaN where both are <= 0 (no PSE at all)."""
-    p, s = promotion.clamp_min(0), suppression.clamp_min(0)
-    total = p + s
-    return torch.where(total > 0, p / total.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
-
-
-def classify(r: Tensor, tau_s: float, tau_p: float) -> Tensor:
-    """PSE type ids (see ``PSE_TYPES``): r < tau_s suppression, r > tau_p promotion,
-    balanced in between, none where r is NaN. Long tensor shaped like r."""
-    kind = torch.full(r.shape, BALANCED, dtype=torch.long, device=r.device)
-    kind[r < tau_s] = SUPPRESSION
-    kind[r > tau_p] = PROMOTION
-    kind[torch.isnan(r)] = NONE
-    return kind
-
-
-def pse_type(
-    delta_true: Tensor, delta_target: Tensor, tau_s: float, tau_p: float
-) -> tuple[Tensor, Tensor]:
-    """Image ratio r from the measured logit changes and its type: (r (N,), type (N,))."""
-    r = pse_ratio(delta_target, -delta_true)
-    return r, classify(r, tau_s, tau_p)

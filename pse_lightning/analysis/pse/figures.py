@@ -1,0 +1,127 @@
+"""PSE figures, drawn through :mod:`pse_lightning.reporting.figures` (one project style).
+
+Class names instead of indices, colour bars with units (attributions are in logit units),
+signed maps on the diverging map, the perturbation's amplification written on its panel,
+and a legend entry for everything drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.axes import Axes
+from torch import Tensor
+
+from pse_lightning.analysis.pse.samples import ExampleMaps, ImageRows
+from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES
+from pse_lightning.reporting.figures import (
+    FONT_SIZE,
+    PALETTE,
+    class_name,
+    new_figure,
+    save,
+    show_image,
+    show_map,
+    show_perturbation,
+)
+
+ATTRIBUTION_UNIT = "logit change per pixel"
+RATIO_LABEL = "PSE ratio r = [Δ_t]₊ / ([Δ_t]₊ + [−Δ_t0]₊)"
+
+
+def examples_figure(examples: ExampleMaps, class_names: Sequence[str], path: Path) -> Path:
+    """Per example: image, amplified perturbation, promotion, suppression, signed net map.
+
+    Promotion and suppression share one colour scale per example, so their areas compare;
+    the net map a^t - a^t0 (the pixel's share of the change of Z_t - Z_t0) is signed.
+    """
+    fig, axes = new_figure(len(examples), 5, width=12.5, height=2.5 * len(examples))
+    for j, row in enumerate(axes):
+        label, target = int(examples.label[j]), int(examples.target[j])
+        show_image(
+            row[0],
+            examples.x[j],
+            f"#{int(examples.index[j])}: {class_name(class_names, label)}"
+            f" → {class_name(class_names, target)}",
+        )
+        show_perturbation(row[1], examples.delta[j], "δ = x_adv − x")
+        r = float(examples.r[j])
+        kind = PSE_TYPES[int(examples.type[j])]
+        ratio = "undefined" if math.isnan(r) else f"{r:.2f}"
+        show_map(row[2], examples.promotion[j], unit=ATTRIBUTION_UNIT,
+                 title=f"promotion Σ[a^t]₊\n({kind}, r = {ratio})")  # fmt: skip
+        show_map(row[3], examples.suppression[j], unit=ATTRIBUTION_UNIT,
+                 title="suppression Σ[−a^t0]₊")  # fmt: skip
+        share_scale(row[2:4], max(float(examples.promotion[j].max()),
+                                  float(examples.suppression[j].max()), 1e-12))  # fmt: skip
+        show_map(row[4], examples.net[j], unit=ATTRIBUTION_UNIT, signed=True,
+                 title="net Σ(a^t − a^t0)")  # fmt: skip
+    return save(fig, path)
+
+
+def share_scale(axes: Sequence[Axes], vmax: float) -> None:
+    """Put the last image of each axis (and its colour bar) on the scale [0, vmax]."""
+    for ax in axes:
+        ax.images[-1].set_clim(0.0, vmax)
+
+
+def ratio_histogram_figure(hist: Tensor, tau_s: float, tau_p: float, path: Path) -> Path:
+    """Histogram of r with the two thresholds; bars coloured by the type their bin takes."""
+    fig, axes = new_figure(width=5.0, height=3.2)
+    ax = axes[0, 0]
+    edges = torch.linspace(0, 1, HIST_BINS + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    kinds = torch.where(centres < tau_s, 0, torch.where(centres > tau_p, 2, 1))
+    for k in range(3):
+        mask = kinds == k
+        if mask.any():
+            ax.bar(edges[:-1][mask].numpy(), hist[mask].numpy(), width=1 / HIST_BINS,
+                   align="edge", color=PALETTE[k], edgecolor="k", linewidth=0.4,
+                   label=f"{PSE_TYPES[k]} (at these τ)")  # fmt: skip
+    for tau, name, style in ((tau_s, "τ_s", "--"), (tau_p, "τ_p", ":")):
+        ax.axvline(tau, color="k", linestyle=style, linewidth=1, label=f"{name} = {tau:.3g}")
+    ax.set_xlabel(RATIO_LABEL, fontsize=FONT_SIZE)
+    ax.set_ylabel("images", fontsize=FONT_SIZE)
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=FONT_SIZE - 1)
+    return save(fig, path)
+
+
+def scatter_figure(rows: ImageRows, tau_s: float, tau_p: float, path: Path) -> Path:
+    """Left: measured suppression -Δ_t0 vs promotion Δ_t, with the threshold rays.
+    Right: gross pixel attributions S vs P. Both coloured by the image type."""
+    fig, axes = new_figure(1, 2, width=10.0, height=4.0)
+    left, right = axes[0]
+    panels = (
+        (left, -rows.delta_true, rows.delta_target, "measured logit changes",
+         "suppression −Δ_t0 (logits)", "promotion Δ_t (logits)"),
+        (right, rows.suppression, rows.promotion, "gross pixel attributions",
+         "suppression S = Σ[−a^t0]₊ (logits)", "promotion P = Σ[a^t]₊ (logits)"),
+    )  # fmt: skip
+    for ax, xs, ys, title, xlabel, ylabel in panels:
+        for k, name in enumerate(PSE_TYPES):
+            m = rows.type == k
+            if m.any():
+                ax.scatter(xs[m].numpy(), ys[m].numpy(), s=10, color=PALETTE[k], label=name)
+        ax.set_title(title, fontsize=FONT_SIZE)
+        ax.set_xlabel(xlabel, fontsize=FONT_SIZE)
+        ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
+    _threshold_rays(left, rows, tau_s, tau_p)
+    for ax in (left, right):
+        ax.legend(fontsize=FONT_SIZE - 1)
+    return save(fig, path)
+
+
+def _threshold_rays(ax: Axes, rows: ImageRows, tau_s: float, tau_p: float) -> None:
+    """r = tau is the ray promotion = tau / (1 - tau) x suppression, drawn inside the data."""
+    x_top = float(max(rows.delta_true.neg().max(), 1e-12))
+    y_top = float(max(rows.delta_target.max(), 1e-12))
+    for tau, style in ((tau_s, "--"), (tau_p, ":")):
+        if 0 < tau < 1:
+            slope = tau / (1 - tau)
+            end = min(x_top, y_top / slope)
+            ax.plot([0, end], [0, slope * end], color="k", linestyle=style, linewidth=0.8,
+                    label=f"r = {tau:.3g}")  # fmt: skip

@@ -1,0 +1,347 @@
+"""The promotion-suppression (PSE) analysis as a torchmetrics Metric (docs/METHODS.md §2).
+
+Per adversarial example it attributes the change of the true logit Z_{t0} and of the
+target logit Z_t to pixels (integrated gradients or grad x delta, :mod:`.attribution`),
+splits the attributions into promotion (raising Z_t) and suppression (lowering Z_{t0}),
+scores groups of pixels (the structured attack's groups or a fixed grid) and types the
+image as suppression-dominated, balanced or promotion-dominated ([P] Xu et al. 2019,
+thresholds [X]; :mod:`.statistics`).
+
+State reduces exactly across processes: counts, sums and a fixed-bin histogram of the PSE
+ratio; the per-image rows and the example maps for figures are one named ``cat`` state per
+column (:mod:`.samples`), bounded by the *dataset index* (index < max_rows,
+index < max_figures), so one process and N processes keep the same rows. ``compute``
+returns the scalars and everything ``report`` needs; ``report`` reads nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.utilities import dim_zero_cat
+
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
+from pse_lightning.analysis.pse import statistics
+from pse_lightning.analysis.pse.attribution import METHODS, PSEAttribution, pse_attributions
+from pse_lightning.analysis.pse.report import pse_section
+from pse_lightning.analysis.pse.samples import (
+    EXACT_ID_LIMIT,
+    EXAMPLE_STATES,
+    ROW_STATES,
+    example_maps,
+    image_rows,
+)
+from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP
+from pse_lightning.validation import require_at_least, require_choice, require_in_range
+
+log = logging.getLogger(__name__)
+
+
+class PSE(Analysis):
+    """Promotion-suppression attribution, group scores and image types over a dataset.
+
+    Args:
+        method: 'ig' (integrated gradients x -> x_adv, midpoint rule) or 'grad'
+            (grad x delta, first order).
+        steps: integration steps (ig).
+        max_steps: a sample whose completeness residual exceeds ``tol`` is refined to
+            three times the steps, reusing every gradient already evaluated, while they
+            stay <= max_steps (ig): 32 steps reach 96 and 288.
+        tol: relative completeness tolerance (ig); 0.01 = 1%.
+        tau_s: suppression-dominated when r < tau_s.
+        tau_p: promotion-dominated when r > tau_p (tau_s <= tau_p).
+        center_logits: attribute per-sample centred logits Z_c - mean_j Z_j (softmax
+            ignores a common shift).
+        group_size: side of the square pixel groups used when the attack provides no
+            ``group_map`` in its extras.
+        successful_only: analyse only successful adversarial examples (a failed
+            perturbation changed the logits without fooling the model).
+        chunk_size: images per forward pass of integrated gradients (memory bound); the
+            path points of all steps and samples are packed into passes of this size.
+        channels_last: evaluate the integrated-gradient path points in channels-last
+            memory format (faster CPU convolutions, same numbers up to rounding); set false
+            for a model that ``.view``-s its convolution outputs.
+        max_rows: keep per-image rows (W&B table, scatter) for dataset index < max_rows.
+        max_figures: keep maps for the example figure for dataset index < max_figures.
+        **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``...).
+    """
+
+    name = "pse"
+
+    def __init__(
+        self,
+        *,
+        method: str = "ig",
+        steps: int = 32,
+        max_steps: int = 288,
+        tol: float = 0.01,
+        tau_s: float = 1 / 3,
+        tau_p: float = 2 / 3,
+        center_logits: bool = False,
+        group_size: int = 4,
+        successful_only: bool = True,
+        chunk_size: int = 64,
+        channels_last: bool = True,
+        max_rows: int = 1000,
+        max_figures: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.method = require_choice("analysis.method", method, METHODS)
+        self.steps = require_at_least("analysis.steps", steps, 1)
+        self.max_steps = require_at_least("analysis.max_steps", max_steps, steps)
+        self.tol = require_in_range("analysis.tol", tol, 0.0, 1.0, low_open=True)
+        self.tau_s = require_in_range("analysis.tau_s", tau_s, 0.0, 1.0)
+        self.tau_p = require_in_range("analysis.tau_p", tau_p, 0.0, 1.0)
+        if self.tau_s > self.tau_p:
+            raise ValueError(
+                f"analysis.tau_s must be <= analysis.tau_p, got {tau_s} > {tau_p}; "
+                "the defaults are 0.333 and 0.667"
+            )
+        self.center_logits = _require_flag("center_logits", center_logits)
+        self.successful_only = _require_flag("successful_only", successful_only)
+        self.channels_last = _require_flag("channels_last", channels_last)
+        self.group_size = require_at_least("analysis.group_size", group_size, 1)
+        self.chunk_size = require_at_least("analysis.chunk_size", chunk_size, 1)
+        self.max_rows = _require_id_bound("max_rows", max_rows)
+        self.max_figures = _require_id_bound("max_figures", max_figures)
+        self._add_tally_states()
+        self._add_sample_states()
+
+    def _add_tally_states(self) -> None:
+        """Fixed-size states that reduce exactly: counts, sums, one max."""
+        long, double = dict(dtype=torch.long), dict(dtype=torch.float64)
+        types = len(PSE_TYPES)
+        self.add_state("n_seen", torch.zeros((), **long), dist_reduce_fx="sum")
+        self.add_state("type_counts", torch.zeros(types, **long), dist_reduce_fx="sum")
+        self.add_state("group_type_counts", torch.zeros(types, **long), dist_reduce_fx="sum")
+        self.add_state("r_hist", torch.zeros(HIST_BINS, **long), dist_reduce_fx="sum")
+        self.add_state("sweep_counts", torch.zeros(len(SWEEP), 3, **long), dist_reduce_fx="sum")
+        # promotion share, suppression share, counter share, over images with P + S > 0
+        self.add_state("share_sums", torch.zeros(3, **double), dist_reduce_fx="sum")
+        self.add_state("share_count", torch.zeros((), **long), dist_reduce_fx="sum")
+        self.add_state("r_sum", torch.zeros((), **double), dist_reduce_fx="sum")
+        self.add_state("residual_sum", torch.zeros((), **double), dist_reduce_fx="sum")
+        self.add_state("residual_max", torch.zeros((), **double), dist_reduce_fx="max")
+        self.add_state("steps_sum", torch.zeros((), **long), dist_reduce_fx="sum")
+        # (C, H, W) of the example images; ranks without examples hold zeros
+        self.add_state("example_shape", torch.zeros(3, **long), dist_reduce_fx="max")
+
+    def _add_sample_states(self) -> None:
+        """The bounded samples: one ``cat`` state per column (names in :mod:`.samples`)."""
+        for state in (*ROW_STATES.values(), *EXAMPLE_STATES.values()):
+            self.add_state(state, [], dist_reduce_fx="cat")
+
+    # -- update ---------------------------------------------------------------------------
+
+    def update(self, model: nn.Module, batch: AdversarialBatch) -> None:
+        """Attribute, type and tally one adversarial batch (needs grad mode, not inference)."""
+        self.n_seen += len(batch.y)
+        keep = batch.success.bool() if self.successful_only else torch.ones_like(batch.y).bool()
+        sel = keep.nonzero().flatten()
+        if len(sel) == 0:
+            return
+        x, x_adv, y, target = batch.x[sel], batch.x_adv[sel], batch.y[sel], batch.target[sel]
+        attr = pse_attributions(
+            model, x, x_adv, y, target, method=self.method, steps=self.steps,
+            max_steps=self.max_steps, tol=self.tol, center=self.center_logits,
+            chunk_size=self.chunk_size, channels_last=self.channels_last,
+            logits_clean=batch.logits_clean[sel], logits_adv=batch.logits_adv[sel],
+        )  # fmt: skip
+        r, kind = statistics.pse_type(attr.delta_true, attr.delta_target, self.tau_s, self.tau_p)
+        totals = statistics.attribution_totals(attr.attr_true, attr.attr_target).double()
+        self._tally_images(r, kind, totals, attr)
+        self._tally_groups(attr, batch.extras.get("group_map"), sel)
+        ids = {"index": batch.index[sel], "label": y, "target": target, "type": kind}
+        self._keep_rows(ids, attr, totals, r, batch.success[sel])
+        self._keep_examples(ids, r, x, x_adv, attr)
+
+    def _tally_images(self, r: Tensor, kind: Tensor, totals: Tensor, attr: PSEAttribution) -> None:
+        dev = self.type_counts.device
+        self.type_counts += torch.bincount(kind, minlength=len(PSE_TYPES)).to(dev)
+        self.r_hist += statistics.ratio_histogram(r).to(dev)
+        self.r_sum += r[~torch.isnan(r)].double().sum().to(dev)
+        self.sweep_counts += statistics.sweep_counts(r).to(dev)
+        shares = statistics.image_shares(totals)
+        self.share_sums += shares.sum(0).to(dev)
+        self.share_count += len(shares)
+        residual = attr.residual.double()
+        self.residual_sum += residual.sum().to(dev)
+        self.residual_max = torch.maximum(self.residual_max, residual.max().to(dev))
+        self.steps_sum += attr.steps.sum().to(dev)
+
+    def _tally_groups(self, attr: PSEAttribution, group_map: Tensor | None, sel: Tensor) -> None:
+        _, _, height, width = attr.attr_true.shape
+        if group_map is None:
+            group_map = statistics.grid_group_map(
+                height, width, self.group_size, attr.attr_true.device
+            )
+        elif group_map.dim() == 3:
+            group_map = group_map[sel]
+        promotion, suppression = statistics.group_scores(
+            attr.attr_true, attr.attr_target, group_map
+        )
+        ratio = statistics.pse_ratio(promotion, suppression)
+        kind = statistics.classify(ratio, self.tau_s, self.tau_p).flatten()
+        dev = self.group_type_counts.device
+        self.group_type_counts += torch.bincount(kind, minlength=len(PSE_TYPES)).to(dev)
+
+    def _keep_rows(
+        self,
+        ids: Mapping[str, Tensor],
+        attr: PSEAttribution,
+        totals: Tensor,
+        r: Tensor,
+        success: Tensor,
+    ) -> None:
+        rows = ids["index"] < self.max_rows
+        columns = {
+            **ids,
+            "delta_true": attr.delta_true,
+            "delta_target": attr.delta_target,
+            "promotion": totals[:, 0],
+            "suppression": totals[:, 1],
+            "r": r,
+            "residual": attr.residual,
+            "steps": attr.steps,
+            "success": success,
+        }
+        self._append(ROW_STATES, {name: values[rows] for name, values in columns.items()})
+
+    def _keep_examples(
+        self, ids: Mapping[str, Tensor], r: Tensor, x: Tensor, x_adv: Tensor, attr: PSEAttribution
+    ) -> None:
+        keep = (ids["index"] < self.max_figures).nonzero().flatten()
+        if len(keep) == 0:
+            return
+        self._record_example_shape(x.shape[1:])
+        attr_true, attr_target = attr.attr_true[keep], attr.attr_target[keep]
+        promotion, suppression = statistics.promotion_suppression_maps(attr_true, attr_target)
+        columns = {
+            **{name: values[keep] for name, values in ids.items()},
+            "r": r[keep],
+            "x": x[keep],
+            "delta": (x_adv - x)[keep],
+            "promotion": promotion,
+            "suppression": suppression,
+            "net": (attr_target - attr_true).sum(dim=1),
+        }
+        self._append(EXAMPLE_STATES, columns)
+
+    def _record_example_shape(self, shape: torch.Size) -> None:
+        """Every example image must have one shape: the gathered maps are cut by it."""
+        new = torch.tensor(list(shape), dtype=torch.long, device=self.example_shape.device)
+        if bool(self.example_shape.any()) and not torch.equal(self.example_shape, new):
+            raise ValueError(
+                f"PSE examples must share one image shape, got {tuple(new.tolist())} after "
+                f"{tuple(self.example_shape.tolist())}; resize the dataset's images to one size"
+            )
+        self.example_shape = new
+
+    def _append(self, states: Mapping[str, str], columns: Mapping[str, Tensor]) -> None:
+        """Append each column to its ``cat`` state, flat, in the metric's device and dtype."""
+        for name, state in states.items():
+            values = columns[name].detach().flatten().to(device=self.device, dtype=self.dtype)
+            getattr(self, state).append(values)
+
+    # -- compute --------------------------------------------------------------------------
+
+    def compute(self) -> AnalysisResult:
+        """Scalar metrics over every analysed image, and the samples for the report.
+
+        Called on every rank (it synchronises). Scalars: ``frac_<type>`` for the four
+        types (over analysed images, summing to 1); ``n_images`` analysed and
+        ``analysed_fraction`` of those seen; mean promotion and suppression shares
+        P/(P+S), S/(P+S) of the gross pixel attributions and the ``counter_share``
+        (attribution that works against the attack); ``mean_r`` over images with a
+        defined ratio; completeness ``residual_mean``/``residual_max`` and ``steps_mean``;
+        ``group_frac_<type>`` over groups with a defined type and ``group_frac_active``,
+        the fraction of groups that have one (docs/METHODS.md §2.4-§2.6).
+
+        Details: ``rows`` (:class:`.samples.ImageRows`), ``examples``
+        (:class:`.samples.ExampleMaps`), ``r_hist`` (HIST_BINS,) and ``sweep_counts``
+        (len(SWEEP), 3), all on the CPU.
+        """
+        n_images = self.type_counts.double().sum()
+        scalars = statistics.type_fractions(self.type_counts)
+        scalars["n_images"] = n_images
+        scalars["analysed_fraction"] = n_images / self.n_seen.double().clamp_min(1)
+        shares = self.share_sums / self.share_count.double().clamp_min(1)
+        for i, key in enumerate(("promotion_share", "suppression_share", "counter_share")):
+            scalars[key] = shares[i]
+        scalars["mean_r"] = statistics.mean_ratio(self.r_sum, self.type_counts)
+        scalars["residual_mean"] = self.residual_sum / n_images.clamp_min(1)
+        scalars["residual_max"] = self.residual_max.clone()
+        scalars["steps_mean"] = self.steps_sum.double() / n_images.clamp_min(1)
+        scalars.update(statistics.group_fractions(self.group_type_counts))
+        details = {
+            "rows": image_rows(self._columns(ROW_STATES)),
+            "examples": example_maps(self._columns(EXAMPLE_STATES), self.example_shape),
+            "r_hist": self.r_hist.cpu().clone(),
+            "sweep_counts": self.sweep_counts.cpu().clone(),
+        }
+        return AnalysisResult(scalars=scalars, details=details)
+
+    def _columns(self, states: Mapping[str, str]) -> dict[str, Tensor]:
+        """The gathered ``cat`` states as flat tensors (empty where nothing was kept)."""
+        out = {}
+        for name, state in states.items():
+            values = getattr(self, state)
+            if isinstance(values, list) and not values:
+                out[name] = torch.zeros(0, dtype=self.dtype, device=self.device)
+            else:
+                out[name] = dim_zero_cat(values).flatten()
+        return out
+
+    # -- report ---------------------------------------------------------------------------
+
+    def report(
+        self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]
+    ) -> ReportSection:
+        """Figures (examples, histogram of r, promotion vs suppression) and the image table,
+        from ``result`` alone (rank zero, after ``compute``; no communication)."""
+        return pse_section(
+            result,
+            Path(out_dir),
+            class_names,
+            settings=self.settings_sentence(int(result.scalars.get("n_images", 0))),
+            tau_s=self.tau_s,
+            tau_p=self.tau_p,
+        )
+
+    def settings_sentence(self, n_images: int) -> str:
+        """One sentence naming the method, thresholds and the images analysed."""
+        ig = (
+            f" ({self.steps} steps, tripled up to {self.max_steps} when the "
+            f"completeness residual exceeds {self.tol:.0%})"
+        )
+        return (
+            f"Method: {self.method}"
+            + (ig if self.method == "ig" else "")
+            + f"; thresholds tau_s={self.tau_s:.3g}, tau_p={self.tau_p:.3g}"
+            + ("; centred logits" if self.center_logits else "")
+            + f"; {n_images} images"
+            + (" (successful attacks only)." if self.successful_only else ".")
+        )
+
+
+def _require_flag(key: str, flag: object) -> bool:
+    if not isinstance(flag, bool):
+        raise ValueError(f"analysis.{key} must be true or false, got {flag!r}")
+    return flag
+
+
+def _require_id_bound(key: str, value: int) -> int:
+    """A sample bound: dataset indices below it are stored exactly in a float32 state."""
+    value = require_at_least(f"analysis.{key}", value, 0)
+    if value > EXACT_ID_LIMIT:
+        raise ValueError(
+            f"analysis.{key} must be <= {EXACT_ID_LIMIT} (ids are kept in float32 states), "
+            f"got {value}; keep fewer samples"
+        )
+    return value
