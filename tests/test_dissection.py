@@ -6,6 +6,7 @@ The probe data is an in-test fake datamodule (an object with ``probe_dataloader(
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -23,30 +24,39 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-import pse_lightning.analysis.dissection as dissection_module
+import pse_lightning.analysis.dissection.probe as probe_module
 from pse_lightning.analysis.base import AdversarialBatch, AnalysisResult
 from pse_lightning.analysis.dissection import Dissection
-from pse_lightning.analysis.functional.dissection import (
-    RadixQuantile,
+from pse_lightning.analysis.dissection.masks import (
     activation_masks,
-    add_sparse_tally,
-    empty_tally,
     hot_bounds,
-    hypergeom_sf,
-    iou_tally,
+    mask_thresholds,
+    upsample,
+)
+from pse_lightning.analysis.dissection.probe import layer_bins
+from pse_lightning.analysis.dissection.quantiles import (
+    RadixQuantile,
     keys_to_values,
     locate_rank,
-    mann_whitney_u,
-    mask_thresholds,
-    merge_top,
     ordered_keys,
-    permutation_pvalue,
+)
+from pse_lightning.analysis.dissection.sensitivity import (
     poisson_weights,
-    rankdata,
     sensitivity_from_sums,
     sensitivity_terms,
+)
+from pse_lightning.analysis.dissection.statistics import (
+    hypergeom_sf,
+    mann_whitney_u,
+    permutation_pvalue,
+    rankdata,
     spearman,
-    upsample,
+)
+from pse_lightning.analysis.dissection.tally import (
+    add_sparse_tally,
+    empty_tally,
+    iou_tally,
+    merge_top,
 )
 from pse_lightning.attacks import FGSM
 from pse_lightning.core.distributed import rank_world
@@ -251,6 +261,20 @@ def all_activations(model: nn.Module, images: Tensor, layer: str) -> np.ndarray:
     return captured["a"].numpy()
 
 
+def flat_result(result: AnalysisResult) -> dict[str, Tensor]:
+    """Scalars and per-unit tensors of a dissection result under one key space:
+    ``<layer>/<scalar>`` and ``<layer>/unit_<field>``."""
+    out = dict(result.scalars)
+    for name, units in result.details["units"].items():
+        for field in dataclasses.fields(units):
+            value = getattr(units, field.name)
+            if field.name == "head":
+                out.update({f"{name}/unit_{k}": v for k, v in value.items()})
+            else:
+                out[f"{name}/unit_{field.name}"] = value
+    return out
+
+
 # Thresholds -----------------------------------------------------------------------------------
 
 
@@ -413,15 +437,15 @@ def test_iou_matches_numpy_reference_on_random_data(
     histogram_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A small histogram cap gives the 5- and 6-unit layers 64 and 32 bins: 6 and 7 passes.
-    monkeypatch.setattr(dissection_module, "_HISTOGRAM_BYTES", histogram_bytes)
+    monkeypatch.setattr(probe_module, "_HISTOGRAM_BYTES", histogram_bytes)
     data = random_probe()
     model = RandomConvNet().eval()
     dissection = Dissection(quantile=0.05, bins=256, permutations=0, bootstrap=0)
     if histogram_bytes < 1 << 28:
-        assert [dissection.layer_bins(k) for k in (5, 6)] == [64, 32]
+        assert [layer_bins(k, 256) for k in (5, 6)] == [64, 32]
     dissection.prepare(model, data)
     images, labels = data.dataset.images, data.dataset.labels.numpy()
-    category = dissection.probe.concept_category.tolist()
+    category = dissection.probe.table.concept_category.tolist()
     category[0] = 0
     for layer in model.dissection_layers:
         acts = all_activations(model, images, layer)
@@ -540,7 +564,7 @@ def test_sensitivity_signs_and_values_on_a_toy_shift() -> None:
                 targeted=True,
             ),
         )
-    out = dissection.compute().details
+    out = flat_result(dissection.compute())
     sigma_r = x[:, 0].mean(dim=(1, 2)).double().std()
     s_plus, s_minus = out["detect/unit_s_plus"], out["detect/unit_s_minus"]
     assert float(s_plus[0]) == pytest.approx(0.1 / float(sigma_r), rel=1e-5)
@@ -653,7 +677,9 @@ def test_compute_and_report(tmp_path: Path) -> None:
     dissection.prepare(model, random_probe())
     for batch in fake_adversarial_batches(model):
         dissection.update(model, batch)
-    out = dissection.compute().details
+    result = dissection.compute()
+    assert all(v.dim() == 0 for v in result.scalars.values())  # per-unit tensors: details
+    out = flat_result(result)
     for layer in model.dissection_layers:
         units = int(out[f"{layer}/units"])
         assert out[f"{layer}/unit_s"].shape == (units,)
@@ -661,7 +687,9 @@ def test_compute_and_report(tmp_path: Path) -> None:
         assert 0.0 < float(out[f"{layer}/spearman_p"]) <= 1.0
         assert float(out[f"{layer}/spearman_ci_low"]) <= float(out[f"{layer}/spearman_ci_high"])
     assert "features.2/unit_promotion" in out and "features.1/unit_promotion" not in out
-    section = dissection.report(AnalysisResult({}, out), tmp_path, [])
+    # report() reads only the result: a fresh instance that never saw the probe draws it.
+    fresh = Dissection(bins=256, quantile=0.05, permutations=200, bootstrap=20)
+    section = fresh.report(result, tmp_path, [])
     assert [p.name for p in section.figures] == [
         "dissection_iou_vs_sensitivity.png",
         "dissection_interpretable_units.png",
@@ -682,6 +710,23 @@ def test_compute_and_report(tmp_path: Path) -> None:
     ]
     assert len(rows) == 5 + 6
     assert "Spearman" in section.markdown
+
+
+def test_reset_then_the_same_batches_give_the_same_result() -> None:
+    """Per-layer sums live in child metrics: reset must clear them with the image count."""
+    model = RandomConvNet().eval()
+    dissection = Dissection(bins=256, quantile=0.05, permutations=50, bootstrap=5)
+    dissection.prepare(model, random_probe())
+    batches = fake_adversarial_batches(model)
+    runs = []
+    for _ in range(2):
+        for batch in batches:
+            dissection.update(model, batch)
+        runs.append(flat_result(dissection.compute()))
+        dissection.reset()
+    assert float(runs[0]["images"]) == 20
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]) or bool(value.isnan().all()), key
 
 
 def test_invalid_settings_name_their_key() -> None:
@@ -716,7 +761,7 @@ def _run_dissection(world: tuple[int, int]) -> dict[str, Tensor]:
     dissection.prepare(model, random_probe(n=23, batch_size=4))
     for batch in fake_adversarial_batches(model, batch=3, shard=world):
         dissection.update(model, batch)
-    out = dissection.compute().details
+    out = flat_result(dissection.compute())
     for name, layer in dissection.probe.layers.items():
         out[f"{name}/intersection"] = layer.tally.intersection
         out[f"{name}/mask_area"] = layer.tally.mask_area

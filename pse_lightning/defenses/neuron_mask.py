@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.analysis.functional.dissection import (
+from pse_lightning.analysis.dissection.sensitivity import (
     sensitivity_from_sums,
     sensitivity_terms,
     spatial_mean,

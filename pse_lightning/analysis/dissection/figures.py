@@ -1,0 +1,123 @@
+"""The dissection figures, drawn with the project's figure helpers.
+
+Concepts and categories are named (never bare ids), every legend lists every mark drawn,
+and the top-image panels name the unit, its concept and IoU. No figure here has a colour
+map (categories are discrete colours, masks are outlines), so none needs a colour bar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+from torch import Tensor
+from torch.nn import functional as F
+
+from pse_lightning.analysis.dissection.probe import ConceptTable
+from pse_lightning.analysis.dissection.showcase import Showcase
+from pse_lightning.analysis.dissection.summary import LayerUnits
+from pse_lightning.reporting.figures import (
+    FONT_SIZE,
+    PALETTE,
+    bar_chart,
+    new_figure,
+    save,
+    show_image,
+)
+
+NOT_INTERPRETABLE = "#BBBBBB"  # grey: the last colour of PALETTE, kept for "no concept"
+
+
+def _category_colour(g: int) -> str:
+    return PALETTE[g % (len(PALETTE) - 1)]  # the grey is reserved for uninterpretable units
+
+
+def iou_vs_sensitivity_figure(
+    units: dict[str, LayerUnits],
+    scalars: dict[str, Tensor],
+    table: ConceptTable,
+    iou_threshold: float,
+    path: Path,
+) -> Path:
+    """One scatter per layer: best IoU against s_k, interpretable units coloured by the
+    category of their concept, with Spearman's rho and its permutation p in the title."""
+    fig, axes = new_figure(1, len(units), width=4.2 * len(units), height=3.6)
+    for ax, (name, layer) in zip(axes[0], units.items(), strict=True):
+        s, iou, interp = layer.s.double(), layer.iou.double(), layer.interpretable
+        category = table.concept_category[layer.concept]
+        ax.scatter(s[~interp], iou[~interp], s=12, c=NOT_INTERPRETABLE, label="not interpretable")
+        for g, cat in enumerate(table.categories):
+            chosen = interp & (category == g)
+            if bool(chosen.any()):
+                ax.scatter(s[chosen], iou[chosen], s=14, c=_category_colour(g), label=cat)
+        ax.axhline(iou_threshold, color="k", lw=0.8, ls="--", label=f"IoU = {iou_threshold}")
+        rho, p = scalars[f"{name}/spearman_rho"], scalars[f"{name}/spearman_p"]
+        ax.set_title(f"{name}\nρ = {float(rho):.2f}, p = {float(p):.2g}", fontsize=FONT_SIZE)
+        ax.set_xlabel(r"sensitivity $s_k = E|\Delta_k| / \sigma_k$ (unitless)", fontsize=FONT_SIZE)
+        ax.set_ylabel("best IoU with a concept", fontsize=FONT_SIZE)
+        ax.legend(fontsize=FONT_SIZE - 2, loc="best")
+    return save(fig, path)
+
+
+def interpretable_units_figure(
+    scalars: dict[str, Tensor], layers: list[str], categories: list[str], path: Path
+) -> Path:
+    """Grouped bars: number of interpretable units per layer and concept category."""
+    fig, axes = new_figure(width=1.6 + 1.4 * len(layers), height=3.4)
+    groups = [f"{n}\n({int(float(scalars[n + '/units']))} units)" for n in layers]
+    series = {
+        cat: [float(scalars[f"{n}/{cat}/interpretable"]) for n in layers] for cat in categories
+    }
+    bar_chart(axes[0, 0], groups, series, ylabel="interpretable units", ylim=None)
+    return save(fig, path)
+
+
+def _image_at(images: Tensor, c: int, size: tuple[int, int]) -> Tensor:
+    """Image ``c`` at the concept masks' resolution (the probe labels may be larger)."""
+    image = images[c : c + 1]
+    if tuple(image.shape[-2:]) != size:
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    return image[0]
+
+
+def _outline(ax: Axes, mask: Tensor, colour: str, style: str) -> None:
+    if bool(mask.any()):
+        ax.contour(
+            mask.float().numpy(), levels=[0.5], colors=colour, linewidths=1.0, linestyles=style
+        )
+
+
+def top_images_figure(showcase: list[Showcase], path: Path) -> Path:
+    """Rows of units, columns of their top-activating probe images: the activation mask
+    outlined in white, the unit's concept mask dashed cyan."""
+    cols = max(len(item.index) for item in showcase)
+    fig, axes = new_figure(
+        len(showcase), cols, width=1.5 * cols + 1.2, height=1.6 * len(showcase) + 0.5
+    )
+    for r, item in enumerate(showcase):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(item.index):
+                continue
+            size = tuple(item.concept_masks[c].shape)
+            show_image(ax, _image_at(item.images, c, size), f"probe #{item.index[c]}")
+            _outline(ax, item.concept_masks[c], "cyan", "--")
+            _outline(ax, item.activation_masks[c], "white", "-")
+        axes[r, 0].text(
+            -0.08,
+            0.5,
+            f"{item.layer}:{item.unit}\n{item.concept}\n({item.category})\nIoU {item.iou:.2f}",
+            transform=axes[r, 0].transAxes,
+            ha="right",
+            va="center",
+            fontsize=FONT_SIZE - 2,
+        )
+    handles = [
+        Line2D([], [], color="white", lw=1.0, ls="-", label="unit mask $S_k \\geq T_k$"),
+        Line2D([], [], color="cyan", lw=1.0, ls="--", label="the unit's best concept"),
+    ]
+    legend = fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=FONT_SIZE)
+    legend.get_frame().set_facecolor("0.35")
+    return save(fig, path)

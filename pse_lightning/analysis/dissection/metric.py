@@ -1,0 +1,310 @@
+"""The dissection analysis as a torchmetrics Metric (``analysis=dissection``).
+
+``prepare`` dissects the chosen layers on the probe set (:mod:`.probe`); ``update``
+accumulates each unit's activation change between clean and adversarial inputs into
+fixed-size sums; ``compute`` relates sensitivity and interpretability (:mod:`.summary`)
+and returns everything ``report`` draws (:mod:`.report`).
+
+State design. The number of units of each layer is known only once the model has run on a
+probe image, so the per-unit sums cannot be sized in ``Dissection.__init__``. Instead of
+registering states late under generated names, each layer's sums live in a small child
+Metric, :class:`UnitSums`, that declares its fixed, named states (one per row of
+:data:`~.sensitivity.SENSITIVITY_ROWS`) in its own ``__init__``; ``prepare`` creates one
+per layer in the ``unit_sums`` ModuleList (ordered like the probe's layers). Every child
+syncs itself in its ``compute`` and moves with the parent (``.to``), and ``reset`` resets
+them with the parent's own state, the weighted image count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
+from pse_lightning.analysis.dissection.activations import layer_activations
+from pse_lightning.analysis.dissection.probe import (
+    ProbePasses,
+    ProbeResult,
+    ProbeSettings,
+    concept_table,
+    head_layer,
+)
+from pse_lightning.analysis.dissection.report import report_section
+from pse_lightning.analysis.dissection.sensitivity import (
+    SENSITIVITY_ROWS,
+    poisson_weights,
+    sensitivity_from_sums,
+    sensitivity_terms,
+    spatial_mean,
+)
+from pse_lightning.analysis.dissection.showcase import Showcase, build_showcase
+from pse_lightning.analysis.dissection.summary import SummarySettings, summarise_layer
+from pse_lightning.core.distributed import rank_world
+from pse_lightning.core.model_state import frozen_eval, model_device
+from pse_lightning.validation import require_at_least, require_in_range
+
+log = logging.getLogger(__name__)
+
+
+class UnitSums(Metric):
+    """Streamed, bootstrap-weighted sums of :data:`SENSITIVITY_ROWS` for one layer.
+
+    One named state per row, each (1 + B, K) float64: replicate 0 weighs every image once,
+    replicates 1..B by the Poisson weights. Sums reduce exactly across processes.
+
+    Args:
+        units: K, the layer's units.
+        replicates: 1 + B.
+        kwargs: passed to ``torchmetrics.Metric``.
+    """
+
+    full_state_update = False
+    clean: Tensor
+    clean_sq: Tensor
+    delta: Tensor
+    delta_pos: Tensor
+    delta_neg: Tensor
+    promotion: Tensor
+    promotion_signed: Tensor
+    suppression: Tensor
+    suppression_signed: Tensor
+
+    def __init__(self, units: int, replicates: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for row in SENSITIVITY_ROWS:
+            zeros = torch.zeros(replicates, units, dtype=torch.float64)
+            self.add_state(row, zeros, dist_reduce_fx="sum")
+
+    def update(self, weights: Tensor, terms: Tensor) -> None:
+        """Add per-image ``terms`` (R, N, K) weighted by ``weights`` (N, 1 + B)."""
+        sums = torch.einsum("nb,rnk->brk", weights, terms)
+        for i, row in enumerate(SENSITIVITY_ROWS):
+            getattr(self, row).add_(sums[:, i])
+
+    def compute(self) -> Tensor:
+        """(1 + B, R, K): the rows stacked in :data:`SENSITIVITY_ROWS` order."""
+        return torch.stack([getattr(self, row) for row in SENSITIVITY_ROWS], dim=1)
+
+
+class Dissection(Analysis):
+    """Network dissection and unit sensitivity (``analysis=dissection``).
+
+    Args:
+        layers: dotted layer names to dissect; null uses the model's ``dissection_layers``
+            (the last two conv blocks).
+        quantile: q, the fraction of a unit's activations above its threshold (0.005).
+        iou_threshold: a unit is interpretable when its best IoU exceeds this (0.04).
+        bins: histogram bins per unit in each threshold pass, a power of two; thresholds
+            take ceil(32 / log2(bins)) probe passes (3 at 4096, 2 at 65536) and K * bins
+            int64 of memory per layer, capped at 256 MB by lowering a wide layer's bins.
+            With the cache only the first pass runs the model and the others cost about a
+            tenth of a forward each, so 4096 (2 MB for 64 units) is the default; without
+            it 65536 saves one forward pass for 16 times the memory.
+        max_probe_images: dissect only probe images with dataset index below this (null:
+            all); chosen by index, so the same images under any number of processes.
+        top_images: top-activating probe images kept per unit for the report figure.
+        top_units: units shown per layer in that figure (the most interpretable ones).
+        permutations: permutations for the p-value of Spearman's rho.
+        bootstrap: Poisson-bootstrap replicates over evaluation images for rho's CI.
+        enrichment_top: fraction of most sensitive units tested for enrichment in
+            interpretable units (hypergeometric p-value).
+        successful_only: accumulate sensitivity over successful attacks only.
+        seed: seed of the permutations and the bootstrap weights.
+        cache_features: keep the probe set's activations of the dissected layers (float32)
+            and labels in temporary files during ``prepare``, so the model runs once per
+            probe image and the later passes read the files (disk: about 4 bytes per
+            activation, deleted at the end); false runs the model in every pass instead
+            (no disk, 1 + ceil(32 / log2(bins)) forward passes).
+        cache_dir: directory of those files (null: the system's temporary directory).
+        kwargs: passed to ``torchmetrics.Metric``.
+    """
+
+    name = "dissection"
+    count: Tensor
+
+    def __init__(
+        self,
+        *,
+        layers: Sequence[str] | None = None,
+        quantile: float = 0.005,
+        iou_threshold: float = 0.04,
+        bins: int = 4096,
+        max_probe_images: int | None = None,
+        top_images: int = 4,
+        top_units: int = 4,
+        permutations: int = 10000,
+        bootstrap: int = 200,
+        enrichment_top: float = 0.1,
+        successful_only: bool = False,
+        seed: int = 0,
+        cache_features: bool = True,
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if layers is not None and (isinstance(layers, str) or not len(layers)):
+            raise ValueError(
+                f"analysis.layers must be a non-empty list of layer names or null, got {layers!r}"
+            )
+        self.layers = None if layers is None else [str(name) for name in layers]
+        self.probe_settings = ProbeSettings(
+            quantile=require_in_range("analysis.quantile", quantile, 0.0, 0.5, low_open=True),
+            bins=_require_bins(bins),
+            max_probe_images=_optional_at_least("analysis.max_probe_images", max_probe_images),
+            top_images=require_at_least("analysis.top_images", top_images, 0),
+            cache_features=_require_bool("analysis.cache_features", cache_features),
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+        self.summary_settings = SummarySettings(
+            iou_threshold=require_in_range("analysis.iou_threshold", iou_threshold, 0.0, 1.0),
+            permutations=require_at_least("analysis.permutations", permutations, 0),
+            bootstrap=require_at_least("analysis.bootstrap", bootstrap, 0),
+            enrichment_top=require_in_range(
+                "analysis.enrichment_top", enrichment_top, 0.0, 1.0, low_open=True
+            ),
+            seed=int(seed),
+        )
+        self.top_units = require_at_least("analysis.top_units", top_units, 0)
+        self.successful_only = _require_bool("analysis.successful_only", successful_only)
+        self._metric_kwargs = kwargs
+        self.probe: ProbeResult | None = None
+        self.showcase: list[Showcase] = []
+        replicates = 1 + self.summary_settings.bootstrap
+        self.add_state("count", torch.zeros(replicates, dtype=torch.float64), "sum")
+        self.unit_sums = nn.ModuleList()  # one UnitSums per probed layer, made by prepare
+
+    @property
+    def iou_threshold(self) -> float:
+        return self.summary_settings.iou_threshold
+
+    # -- probe passes ---------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, datamodule: Any) -> None:
+        """Dissect the layers on ``datamodule.probe_dataloader()`` (every rank calls this).
+
+        Raises:
+            ValueError: no layers to dissect, a concept of an unknown category, probe
+                labels of the wrong shape or range, or an empty probe set.
+        """
+        layers = list(self.layers or getattr(model, "dissection_layers", ()) or ())
+        if not layers:
+            raise ValueError(
+                "analysis.layers is null and the model names no "
+                "dissection_layers; set analysis.layers=[<layer name>, ...]"
+            )
+        table = concept_table(datamodule)
+        loader = datamodule.probe_dataloader()
+        passes = ProbePasses(model, loader, layers, table, self.probe_settings)
+        results, probe_images = passes.run()
+        self.probe = ProbeResult(
+            layers=results,
+            table=table,
+            concepts=list(datamodule.concepts),
+            probe_images=probe_images,
+            head_layer=head_layer(model, layers),
+            pass_seconds=passes.seconds,
+            pass_cpu_seconds=passes.cpu_seconds,
+        )
+        device = model_device(model)
+        replicates = 1 + self.summary_settings.bootstrap
+        self.unit_sums = nn.ModuleList(
+            UnitSums(r.units, replicates, **self._metric_kwargs).to(device)
+            for r in results.values()
+        )
+        self.count = self.count.to(device)
+        self.showcase = []
+        if rank_world()[0] == 0 and self.top_units and self.probe_settings.top_images:
+            with frozen_eval(model), torch.no_grad():
+                self.showcase = build_showcase(model, loader, self.probe, self.top_units)
+        log.info(
+            "dissection: %s interpretable units of %s (IoU > %g)",
+            {n: int((r.best_iou > self.iou_threshold).sum()) for n, r in results.items()},
+            {n: r.units for n, r in results.items()},
+            self.iou_threshold,
+        )
+
+    # -- sensitivity ----------------------------------------------------------------------
+
+    def update(self, model: nn.Module, batch: AdversarialBatch) -> None:
+        """Accumulate clean and adversarial spatial-mean activations of every unit."""
+        if self.probe is None:
+            raise RuntimeError("Dissection.prepare(model, datamodule) must run before update")
+        layers = list(self.probe.layers)
+        n = len(batch.x)
+        with frozen_eval(model), torch.no_grad():
+            acts = layer_activations(model, torch.cat([batch.x, batch.x_adv]), layers)
+        settings = self.summary_settings
+        weights = poisson_weights(batch.index, settings.bootstrap, settings.seed)
+        if self.successful_only:
+            weights = weights * batch.success.to(weights).view(-1, 1)
+        for name, sums in zip(layers, self.unit_sums, strict=True):
+            means = spatial_mean(acts[name])
+            w_target = w_true = None
+            if name == self.probe.head_layer:
+                weight = model.get_submodule(model.head).weight.detach()
+                if weight.shape[1] == means.shape[1]:
+                    w_target, w_true = weight[batch.target], weight[batch.y]
+            sums.update(weights, sensitivity_terms(means[:n], means[n:], w_target, w_true))
+        self.count += weights.sum(dim=0)
+
+    def compute(self) -> AnalysisResult:
+        """Per-layer scalars (logged) and the unit tensors, concepts and top images the
+        report draws (call on every rank: the sums synchronise)."""
+        if self.probe is None:
+            raise RuntimeError("Dissection.prepare(model, datamodule) must run before compute")
+        count = self.count.detach().cpu()
+        scalars: dict[str, Tensor] = {"images": count[0].clone()}
+        units = {}
+        for (name, layer), sums in zip(self.probe.layers.items(), self.unit_sums, strict=True):
+            sens = sensitivity_from_sums(sums.compute().detach().cpu(), count)
+            head = name == self.probe.head_layer
+            layer_scalars, units[name] = summarise_layer(
+                layer, sens, self.probe.table, head, self.summary_settings
+            )
+            scalars.update({f"{name}/{k}": v for k, v in layer_scalars.items()})
+        details = {
+            "units": units,
+            "concepts": self.probe.table,
+            "probe_images": self.probe.probe_images,
+            "showcase": self.showcase,
+        }
+        return AnalysisResult(scalars=scalars, details=details)
+
+    def reset(self) -> None:
+        """Reset the image count and every layer's sums (the probe result is kept)."""
+        super().reset()
+        for sums in self.unit_sums:
+            sums.reset()
+
+    # -- report ---------------------------------------------------------------------------
+
+    def report(
+        self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]
+    ) -> ReportSection:
+        """Figures, the per-unit table and a markdown summary, from ``result`` alone."""
+        return report_section(
+            result, Path(out_dir), self.name, self.probe_settings.quantile, self.iou_threshold
+        )
+
+
+def _require_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _require_bins(bins: int) -> int:
+    bins = require_at_least("analysis.bins", bins, 16)
+    if bins & (bins - 1) or bins > 1 << 16:
+        raise ValueError(f"analysis.bins must be a power of two in [16, 65536], got {bins}")
+    return bins
+
+
+def _optional_at_least(key: str, value: int | None, minimum: int = 1) -> int | None:
+    return None if value is None else require_at_least(key, value, minimum)

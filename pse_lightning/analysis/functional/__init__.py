@@ -1,1 +1,0 @@
-"""Pure tensor cores of the analyses: tensors in, tensors out, no state, no Lightning."""
