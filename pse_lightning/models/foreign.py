@@ -19,6 +19,7 @@ The file is read with ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,14 +145,17 @@ def head_keys(net: nn.Module) -> set[str]:
     return {k for k in net.state_dict() if k.rsplit(".", 1)[0] == name}
 
 
-def guess_architecture(state: dict[str, Tensor]) -> str | None:
+def guess_architecture(state: dict[str, Tensor], near: str = "") -> str | None:
     """The torchvision architecture whose keys and shapes (head size aside) match ``state``.
 
-    Models are built on the meta device: no memory, no initialisation. Only called to
-    explain a mismatch.
+    Models are built on the meta device (no memory, no initialisation), those of the
+    family of ``near`` (``resnet`` for ``resnet50``) first: the usual mistake is a sibling.
+    Only called to explain a mismatch.
     """
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for arch in torchvision.models.list_models(module=torchvision.models):
+    family = re.match(r"[a-z]*", near).group()
+    archs = torchvision.models.list_models(module=torchvision.models)
+    for arch in sorted(archs, key=lambda a: (not (family and a.startswith(family)), a)):
         try:
             with torch.device("meta"):
                 net = torchvision.models.get_model(arch, weights=None)

@@ -264,7 +264,7 @@ class TorchvisionClassifier(Classifier):
             )
             stats = (found.mean, found.std) if found.mean is not None else None
             return net, ready, stats
-        other = guess_architecture(found.state)
+        other = guess_architecture(found.state, near=arch)
         hint = (
             f"it holds a {other}: pass model.arch={other}"
             if other and other != arch
