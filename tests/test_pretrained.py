@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
+from pse_lightning import pipeline
+from pse_lightning.data import ImageNetDataModule
 from pse_lightning.models import CheckpointError, TorchvisionClassifier
 from pse_lightning.models.layers import find_feature_layers
 from pse_lightning.models.pretrained import (
@@ -302,3 +305,73 @@ def test_found_head_is_exactly_linear_on_the_pooled_feature_map(arch: str) -> No
     head = model.get_submodule(model.head)
     with torch.no_grad():
         torch.testing.assert_close(head(feats["a"].mean((2, 3))), logits, atol=1e-5, rtol=0)
+
+
+# The pipeline ------------------------------------------------------------------------------
+
+
+def imagenet_val_tree(root: Path, classes) -> None:
+    """val/<wnid>/<one image> only: evaluating a ready model needs nothing else."""
+    for k, wnid in enumerate(classes):
+        (root / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (12, 10), (k % 256, 40, 200)).save(root / "val" / wnid / "a.png")
+
+
+def imagenet_cfg(make_cfg, root: Path, *extra: str):
+    return make_cfg(
+        "dataset=imagenet",
+        f"dataset.root={root}",
+        "dataset.num_workers=0",
+        "dataset.eval_samples=2",
+        "dataset.batch_size=2",
+        "model=resnet18",
+        "attack.steps=1",
+        "trainer.enable_progress_bar=false",
+        *extra,
+        tiny=False,
+    )
+
+
+@pytest.mark.slow
+def test_pretrained_imagenet_model_is_evaluated_on_val_only_without_training(
+    make_cfg, hub, tmp_path, monkeypatch
+) -> None:
+    put_in_cache("resnet18")
+    imagenet_val_tree(tmp_path / "imagenet", imagenet_wnids())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a ready model was trained")
+
+    monkeypatch.setattr(pipeline, "fit", no_training)
+    for extra in ([], ["training=none"]):
+        cfg = imagenet_cfg(make_cfg, tmp_path / "imagenet", "model.pretrained=true", *extra)
+        results = pipeline.run(cfg)
+        assert results and all(v == v for v in results.values())
+    assert not (tmp_path / "imagenet" / "train").exists()
+    assert not any(Path(cfg.paths.checkpoint_dir).glob("*.pt"))  # nothing cached
+
+
+def test_training_none_refuses_a_model_that_is_not_ready(make_cfg, hub, tmp_path) -> None:
+    put_in_cache("resnet18")
+    imagenet_val_tree(tmp_path / "imagenet", ["n01440764", "n01443537"])
+    cfg = imagenet_cfg(make_cfg, tmp_path / "imagenet", "model.pretrained=true", "training=none")
+    with pytest.raises(ValueError, match=r"does not have the 2 classes.*fine-tune it"):
+        pipeline.run(cfg)
+    cfg = imagenet_cfg(make_cfg, tmp_path / "imagenet", "training=none")
+    with pytest.raises(ValueError, match="has no trained weights"):
+        pipeline.run(cfg)
+    cfg = make_cfg("stage=fit", "training=none")
+    with pytest.raises(ValueError, match="stage=fit trains a new model"):
+        pipeline.run(cfg)
+
+
+def test_imagenet_serves_the_weights_transform(tmp_path) -> None:
+    imagenet_val_tree(tmp_path, ["n01440764", "n01443537"])
+    dm = ImageNetDataModule(root=str(tmp_path), image_size=16, num_workers=0)
+    dm.prepare_data()
+    dm.setup("test")
+    assert dm.test_set[0][0].shape == (3, 16, 16) and dm.train_set is None
+    dm.use_preprocessing(40, 46, "bicubic")
+    assert dm.test_set[0][0].shape == (3, 40, 40) and dm.image_size == 40
+    with pytest.raises(FileNotFoundError, match=r"train/ missing.*Training needs it"):
+        dm.setup("fit")
