@@ -2,9 +2,12 @@
 
 ``run(cfg)`` is the whole program behind ``python -m pse_lightning``: instantiate every
 component first (so a bad value fails before any heavy work), get a trained model (given
-checkpoint, cached checkpoint, or train one), evaluate it under attack with the analyses,
-and write the report. The logger is finished in ``finally`` so a failed job cannot stall
-or merge into the next job of a multirun.
+checkpoint, a ready model evaluated as it is, cached checkpoint, or train one), evaluate
+it under attack with the analyses, and write the report. A ready model (pretrained
+weights or ``model.weights`` whose head has the dataset's classes) is never retrained by
+``stage=auto`` or ``stage=evaluate``; ``training=none`` evaluates only such a model.
+The logger is finished in ``finally`` so a failed job cannot stall or merge into the next
+job of a multirun.
 """
 
 from __future__ import annotations
@@ -88,7 +91,19 @@ def build(cfg: DictConfig) -> Components:
     defense = instantiate(cfg.defense) if cfg.get("defense") else None
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     datamodule.prepare_data()
-    datamodule.setup("fit")
+    # Evaluation needs the test split only (ImageNet: val/, train/ not even scanned);
+    # training sets the rest up when it starts.
+    datamodule.setup("fit" if cfg.stage == "fit" else "test")
+    model = build_model(cfg, datamodule, analyses)
+    return Components(datamodule, model, attack, analyses, logger, defense)
+
+
+def build_model(
+    cfg: DictConfig, datamodule: ImageDataModule, analyses: dict[str, Analysis]
+) -> Classifier:
+    """Instantiate the model for the dataset; the data adopts the transform its weights
+    expect (Inception-v3: 299 px crops), and an analysis that needs a convolutional
+    feature map fails now on a network without one."""
     model = instantiate(
         cfg.model,
         num_classes=datamodule.num_classes,
@@ -96,8 +111,29 @@ def build(cfg: DictConfig) -> Components:
         mean=list(datamodule.mean),
         std=list(datamodule.std),
         image_size=datamodule.image_size,
+        class_names=list(datamodule.class_names),
     )
-    return Components(datamodule, model, attack, analyses, logger, defense)
+    prep = getattr(model, "preprocessing", None)
+    adopt = getattr(datamodule, "use_preprocessing", None)
+    if prep is not None and adopt is not None:
+        adopt(prep.crop_size, prep.resize_size, prep.interpolation)
+        log.info(
+            "dataset=%s serves the weights' own transform: resize %d (%s), crop %d",
+            datamodule.name,
+            prep.resize_size,
+            prep.interpolation,
+            prep.crop_size,
+        )
+    note = getattr(model, "layer_note", None)
+    for name in ("cam", "dissection"):
+        analysis = analyses.get(name)
+        if (
+            note
+            and analysis is not None
+            and not (getattr(analysis, "layer", None) or getattr(analysis, "layers", None))
+        ):
+            raise ValueError(f"analysis={name}: {note}")
+    return model
 
 
 def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[str, Any]:
@@ -113,7 +149,11 @@ def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[st
     if content is not None:
         dataset["content"] = content
     training = OmegaConf.to_container(cfg.training, resolve=True)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+        if k != "download"  # where the weights came from, not which they are
+    }
     return {
         "model": model_name(cfg),
         "dataset": datamodule.name,
@@ -226,7 +266,7 @@ def defend(parts: Components, run_dir: Path) -> tuple[nn.Module, list[ReportSect
     return defense.apply(model, stats), [section]
 
 
-def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, float]:
+def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, float]:
     """Attack the test split, run the analyses and write the report; returns the scalars."""
     run_dir = Path(cfg.paths.run_dir)
     model, sections = parts.model, []
@@ -236,7 +276,7 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, 
     setup = {
         "dataset": parts.datamodule.name,
         "model": model_name(cfg),
-        "training": str(cfg.training.name),
+        "training": str(cfg.training.name) if isinstance(checkpoint, Path) else "none",
         "checkpoint": str(checkpoint),
         "attack": f"{parts.attack.name} {OmegaConf.to_container(cfg.attack, resolve=True)}",
         "analyses": ", ".join(parts.analyses) or "none",
@@ -247,7 +287,7 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, 
         run_dir,
         title=f"{parts.attack.name} on {model_name(cfg)} / {parts.datamodule.name}",
         setup=setup,
-        class_names=parts.datamodule.class_names,
+        class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
         sections=sections,
     )
     module = EvaluationModule(model, parts.attack, parts.analyses, log_examples=cfg.log_examples)
@@ -258,6 +298,67 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path) -> dict[str, 
     return {key: float(value) for key, value in logged.items()}
 
 
+def not_ready_error(cfg: DictConfig, model: Classifier, dataset: ImageDataModule) -> str:
+    """Why ``training=none`` cannot evaluate this model, and which way to go."""
+    source = getattr(model, "source", None)
+    if source:
+        return (
+            f"training=none evaluates a ready model, but the head of {source} does not have "
+            f"the {dataset.num_classes} classes of dataset={dataset.name}: fine-tune it "
+            "(training=standard) or pass training=none with the dataset of its classes"
+        )
+    return (
+        f"training=none evaluates a ready model, but model={model_name(cfg)} has no trained "
+        "weights: pass model.pretrained=true, model.weights=<file> or "
+        "model_checkpoint=<file>, or train it (training=standard)"
+    )
+
+
+def trained_model(cfg: DictConfig, parts: Components) -> Path | str:
+    """Load, keep or train the model's weights; returns where they came from.
+
+    A given ``model_checkpoint`` is loaded; a ready model is kept as it is (never
+    retrained, and no cache is looked up); otherwise the cache is loaded, or, with
+    ``stage=auto`` and no cache entry, the model is trained first.
+    """
+    no_training = str(cfg.training.name) == "none"
+    if cfg.stage == "fit" and (cfg.model_checkpoint or no_training):
+        raise ValueError(
+            "stage=fit trains a new model: drop model_checkpoint=... and pick a training "
+            "(training=standard); stage=evaluate evaluates a model as it is"
+        )
+    if cfg.model_checkpoint:
+        checkpoint = Path(cfg.model_checkpoint)
+        expect = {"model": model_name(cfg), "num_classes": parts.datamodule.num_classes}
+        load_weights(parts.model, checkpoint, expect=expect)
+        log.info("loaded %s", checkpoint)
+        return checkpoint
+    if cfg.stage != "fit" and getattr(parts.model, "ready", False):
+        log.info("%s is ready: evaluating it as it is (no training)", parts.model.source)
+        return str(parts.model.source)
+    if no_training:
+        raise ValueError(not_ready_error(cfg, parts.model, parts.datamodule))
+    identity = checkpoint_identity(cfg, parts.datamodule)
+    checkpoint = cache_path(
+        cfg.paths.checkpoint_dir,
+        identity["model"],
+        identity["dataset"],
+        identity["training"],
+        identity["digest"],
+    )
+    if cfg.stage == "fit" or (cfg.stage == "auto" and not checkpoint.exists()):
+        if cfg.stage == "auto":
+            log.info("no trained model cached at %s: training it first (stage=fit)", checkpoint)
+        parts.datamodule.setup("fit")
+        fit(cfg, parts, checkpoint, identity)
+        return checkpoint
+    load_weights(
+        parts.model, checkpoint, expect={k: identity[k] for k in ("model", "num_classes")}
+    )
+    log.info("loaded %s", checkpoint)
+    return checkpoint
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run the configured stages; see the module docstring."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -266,38 +367,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     try:
         if parts.logger is not None:
             parts.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        identity = checkpoint_identity(cfg, parts.datamodule)
-        if cfg.model_checkpoint:
-            checkpoint = Path(cfg.model_checkpoint)
-            if cfg.stage == "fit":
-                raise ValueError("stage=fit trains a new model; drop model_checkpoint=...")
-        else:
-            checkpoint = cache_path(
-                cfg.paths.checkpoint_dir,
-                identity["model"],
-                identity["dataset"],
-                identity["training"],
-                identity["digest"],
-            )
-        trained = False
-        if cfg.stage == "fit" or (
-            cfg.stage == "auto" and not cfg.model_checkpoint and not checkpoint.exists()
-        ):
-            if cfg.stage == "auto":
-                log.info(
-                    "no trained model cached at %s: training it first (stage=fit)", checkpoint
-                )
-            fit(cfg, parts, checkpoint, identity)
-            trained = True
+        checkpoint = trained_model(cfg, parts)
         results: dict[str, float] = {}
         if cfg.stage in ("auto", "evaluate"):
-            if not trained:
-                load_weights(
-                    parts.model,
-                    checkpoint,
-                    expect={k: identity[k] for k in ("model", "num_classes")},
-                )
-                log.info("loaded %s", checkpoint)
+            if parts.defense is not None:
+                parts.datamodule.setup("fit")  # the defense calibrates on the val split
             results = evaluate(cfg, parts, checkpoint)
         failed = False
         return results

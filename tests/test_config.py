@@ -104,6 +104,11 @@ def test_grid_launchers_compose(launcher: str) -> None:
     assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower()
 
 
+def trained_variants() -> list[str]:
+    """Training choices that train (training=none evaluates a ready model as it is)."""
+    return [choice for choice in group_choices("training") if choice != "none"]
+
+
 def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
     from helpers import CONF_DIR
     from hydra import compose, initialize_config_dir
@@ -113,7 +118,7 @@ def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
             "config", overrides=["experiment=robust_vs_standard"], return_hydra_config=True
         )
     params = cfg.hydra.sweeper.params
-    assert set(params.training.split(",")) == set(group_choices("training"))
+    assert set(params.training.split(",")) == set(trained_variants())
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.logger.group == "robust_vs_standard"
     assert "comparison" in cfg.hydra.callbacks
@@ -127,7 +132,7 @@ def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
 
     jobs = []
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        for training in group_choices("training"):
+        for training in trained_variants():
             for attack in ("fgsm", "pgd"):
                 jobs.append(
                     compose(
@@ -139,7 +144,7 @@ def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
                         ],
                     )
                 )
-    assert len(jobs) == 2 * len(group_choices("training"))
+    assert len(jobs) == 2 * len(trained_variants())
     assert len({OmegaConf.to_yaml(j.dataset) for j in jobs}) == 1
     assert {j.seed for j in jobs} == {0}
     for job in jobs:

@@ -1,10 +1,14 @@
 """ImageNet, or any class-per-folder image tree, read with torchvision's ImageFolder.
 
-``dataset.root`` holds ``train/<class>/<image>`` and ``val/<class>/<image>``; the class
-list (and so the model's head) comes from the folder names of ``train/``, which ``val/``
-must match. Images are decoded with PIL and converted to RGB; training uses a random
-resized crop and horizontal flip, evaluation the classic resize-then-centre-crop (256 ->
-224, scaled with ``image_size``). Nothing is normalised: the model normalises inside.
+``dataset.root`` holds ``val/<class>/<image>`` and, to train, ``train/<class>/<image>``:
+evaluating a ready model (pretrained weights) needs ``val/`` only, and ``train/`` is not
+even scanned then. The class list (and so the model's head) comes from the folder names of
+``val/``, which ``train/`` must match. Images are decoded with PIL and converted to RGB;
+training uses a random resized crop and horizontal flip, evaluation the classic
+resize-then-centre-crop (256 -> 224, scaled with ``image_size``), or the exact transform of
+the model's pretrained weights (Inception-v3: 342 -> 299) when the model states one
+(:meth:`ImageNetDataModule.use_preprocessing`). Nothing is normalised: the model
+normalises inside.
 
 ImageNet has no public labelled test split, so ``val/`` is the evaluation (test) split,
 served in a seeded class-stratified order so that ``eval_samples`` images cover the classes
@@ -34,8 +38,8 @@ log = logging.getLogger(__name__)
 #: The resize-to-crop ratio of the standard ImageNet evaluation (resize 256, crop 224).
 RESIZE_RATIO = 256 / 224
 LAYOUT = (
-    "It should be an ImageFolder tree: train/<class>/<image> and val/<class>/<image>, "
-    "with the same class folders in both (for ImageNet, the wnids n01440764, ...; the "
+    "It should be an ImageFolder tree: val/<class>/<image> (and train/<class>/<image> to "
+    "train), with the same class folders in both (for ImageNet, the wnids n01440764, ...; the "
     "official val images come in one flat folder: sort them into class folders first, "
     "e.g. with the devkit's valprep.sh). Set dataset.root to that folder"
 )
@@ -66,11 +70,16 @@ class FolderSamples(Dataset):
         return self.transform(self.loader(path)), torch.tensor(label, dtype=torch.long), i
 
 
-def eval_transform(image_size: int) -> Callable[..., Tensor]:
-    """Resize the short side to ``image_size * 256 / 224``, centre-crop, to [0, 1]."""
+def eval_transform(
+    image_size: int, resize_size: int | None = None, interpolation: str = "bilinear"
+) -> Callable[..., Tensor]:
+    """Resize the short side (to ``image_size * 256 / 224`` unless given), centre-crop,
+    to [0, 1]."""
+    resize = resize_size or round(image_size * RESIZE_RATIO)
+    mode = transforms.InterpolationMode(interpolation)
     return transforms.Compose(
         [
-            transforms.Resize(round(image_size * RESIZE_RATIO), antialias=True),
+            transforms.Resize(resize, interpolation=mode, antialias=True),
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
         ]
@@ -89,10 +98,10 @@ def train_transform(image_size: int) -> Callable[..., Tensor]:
 
 
 class ImageNetDataModule(ProbedDataModule):
-    """ImageNet (Russakovsky et al., 2015) or any ImageFolder tree with train/ and val/.
+    """ImageNet (Russakovsky et al., 2015) or any ImageFolder tree with val/ (and train/).
 
     Args:
-        root: folder with ``train/`` and ``val/`` class folders.
+        root: folder with ``val/`` (and, to train, ``train/``) class folders.
         image_size: side of the crops fed to the model (224 for ImageNet models).
         num_val: ``train/`` images held out for validation (stratified by class, seeded).
         probe: a datamodule with concept masks for dissection (``dataset.probe``, usually
@@ -132,15 +141,17 @@ class ImageNetDataModule(ProbedDataModule):
         self.root = Path(root).expanduser()
         self.image_size = require_at_least("dataset.image_size", image_size, 8)
         self.num_val = require_at_least("dataset.num_val", num_val, 1)
+        self.resize_size: int | None = None
+        self.interpolation = "bilinear"
         self._class_names: list[str] | None = None
 
     @property
     def class_names(self) -> Sequence[str]:  # type: ignore[override]
-        """Folder names of ``train/`` (known after ``setup``)."""
+        """Folder names of ``val/`` (known after ``setup``)."""
         if self._class_names is None:
             raise RuntimeError(
                 "ImageNetDataModule.setup() must run before the classes are known: they "
-                "come from the folders of dataset.root/train"
+                "come from the folders of dataset.root/val"
             )
         return self._class_names
 
@@ -153,16 +164,32 @@ class ImageNetDataModule(ProbedDataModule):
         """Class folder names and the image count of ``train/`` (after ``setup``): part of
         the checkpoint identity, since ``root`` is not (the same data may move)."""
         if self.train_set is None:
-            raise RuntimeError("dataset=imagenet: call setup() before content_fingerprint")
+            self.setup("fit")
         classes = "\n".join(self.class_names)
         size = len(self.train_set) + len(self.val_set)
         return hashlib.sha256(f"{classes}\n{size}".encode()).hexdigest()[:16]
 
-    def check_layout(self) -> None:
-        """Raise ``FileNotFoundError`` when ``root`` lacks ``train/`` or ``val/``."""
+    def check_layout(self, fit: bool = False) -> None:
+        """Raise ``FileNotFoundError`` when ``root`` lacks ``val/`` (or ``train/``, to fit)."""
         missing = [f"{split}/" for split in ("train", "val") if not (self.root / split).is_dir()]
-        if missing:
-            raise FileNotFoundError(missing_data_error(self.name, self.root, missing, LAYOUT))
+        if "val/" in missing or (fit and missing):
+            layout = LAYOUT if "val/" in missing else f"Training needs it. {LAYOUT}"
+            raise FileNotFoundError(missing_data_error(self.name, self.root, missing, layout))
+
+    def use_preprocessing(self, crop_size: int, resize_size: int, interpolation: str) -> None:
+        """Serve images as the model's pretrained weights expect (their own transform).
+
+        Called after ``setup`` by the pipeline when the model states its preprocessing;
+        the crop side replaces ``dataset.image_size``.
+        """
+        self.image_size = require_at_least("dataset.image_size", crop_size, 8)
+        self.resize_size, self.interpolation = int(resize_size), str(interpolation)
+        evaluation = eval_transform(self.image_size, self.resize_size, self.interpolation)
+        for split in (self.val_set, self.test_set):
+            if split is not None:
+                split.transform = evaluation
+        if self.train_set is not None:
+            self.train_set.transform = train_transform(self.image_size)
 
     def _scan(self, split: str) -> torchvision.datasets.ImageFolder:
         try:
@@ -179,45 +206,61 @@ class ImageNetDataModule(ProbedDataModule):
         super().prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
-        """Scan both trees (once), hold ``num_val`` training images out, set up the probe.
+        """Scan ``val/`` (the test split) once; to fit, also ``train/``, holding ``num_val``
+        of its images out for validation; set up the probe.
 
         Raises:
             FileNotFoundError: the layout is wrong or a tree has no images.
-            ValueError: ``val/`` has other classes than ``train/``, or ``num_val`` is too
+            ValueError: ``train/`` has other classes than ``val/``, or ``num_val`` is too
                 large for ``train/``.
         """
-        if self.train_set is None:
-            self.check_layout()
-            train_tree, val_tree = self._scan("train"), self._scan("val")
-            if val_tree.classes != train_tree.classes:
-                only_train = sorted(set(train_tree.classes) - set(val_tree.classes))
-                only_val = sorted(set(val_tree.classes) - set(train_tree.classes))
-                raise ValueError(
-                    f"dataset={self.name}: the class folders of {self.root / 'val'} differ "
-                    f"from those of {self.root / 'train'} (only in train: {only_train[:5]}, "
-                    f"only in val: {only_val[:5]}). {LAYOUT}"
-                )
-            labels = torch.tensor(train_tree.targets, dtype=torch.long)
-            train, val = split_train_val(labels, self.num_val, self.seed, "dataset.num_val")
-            samples = train_tree.samples
-            self.train_set = FolderSamples(
-                [samples[i] for i in train.tolist()], train_transform(self.image_size)
-            )
-            self.val_set = FolderSamples(
-                [samples[i] for i in val.tolist()], eval_transform(self.image_size)
-            )
-            # A class-stratified order: any prefix (eval_samples) covers the classes evenly.
-            order = stratified_order(torch.tensor(val_tree.targets).numpy(), self.seed)
-            self.test_set = FolderSamples(
-                [val_tree.samples[i] for i in order.tolist()], eval_transform(self.image_size)
-            )
-            self._class_names = list(train_tree.classes)
-            log.info(
-                "imagenet: %d classes, %d train / %d val / %d test images under %s",
-                len(self._class_names),
-                len(self.train_set),
-                len(self.val_set),
-                len(self.test_set),
-                self.root,
-            )
+        if self.test_set is None:
+            self._setup_test()
+        if self.train_set is None and stage in (None, "fit", "validate"):
+            self._setup_fit()
         self.setup_probe()
+
+    def _evaluation(self) -> Callable[..., Tensor]:
+        return eval_transform(self.image_size, self.resize_size, self.interpolation)
+
+    def _setup_test(self) -> None:
+        self.check_layout()
+        val_tree = self._scan("val")
+        # A class-stratified order: any prefix (eval_samples) covers the classes evenly.
+        order = stratified_order(torch.tensor(val_tree.targets).numpy(), self.seed)
+        self.test_set = FolderSamples(
+            [val_tree.samples[i] for i in order.tolist()], self._evaluation()
+        )
+        self._class_names = list(val_tree.classes)
+        log.info(
+            "imagenet: %d classes, %d test images under %s",
+            len(self._class_names),
+            len(self.test_set),
+            self.root / "val",
+        )
+
+    def _setup_fit(self) -> None:
+        self.check_layout(fit=True)
+        train_tree = self._scan("train")
+        if train_tree.classes != self._class_names:
+            val_classes = self._class_names or []
+            only_train = sorted(set(train_tree.classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(train_tree.classes))
+            raise ValueError(
+                f"dataset={self.name}: the class folders of {self.root / 'val'} differ "
+                f"from those of {self.root / 'train'} (only in train: {only_train[:5]}, "
+                f"only in val: {only_val[:5]}). {LAYOUT}"
+            )
+        labels = torch.tensor(train_tree.targets, dtype=torch.long)
+        train, val = split_train_val(labels, self.num_val, self.seed, "dataset.num_val")
+        samples = train_tree.samples
+        self.train_set = FolderSamples(
+            [samples[i] for i in train.tolist()], train_transform(self.image_size)
+        )
+        self.val_set = FolderSamples([samples[i] for i in val.tolist()], self._evaluation())
+        log.info(
+            "imagenet: %d train / %d val images under %s",
+            len(self.train_set),
+            len(self.val_set),
+            self.root / "train",
+        )

@@ -41,7 +41,8 @@ class SmallCNN(Classifier):
     """The embedded default model; trains to >90% on shapes in about a minute on 2 cores.
 
     Args:
-        num_classes, in_channels, mean, std: facts of the dataset, passed at call time.
+        num_classes, in_channels, mean, std, class_names: facts of the dataset, passed
+            at call time (``image_size`` too: the net takes any size).
         widths: channels of each conv block (each block after the first halves the size).
     """
 
@@ -53,6 +54,7 @@ class SmallCNN(Classifier):
         mean: Sequence[float],
         std: Sequence[float],
         image_size: int | None = None,
+        class_names: Sequence[str] | None = None,
         widths: Sequence[int] = (32, 64, 128),
     ) -> None:
         widths = [require_at_least("model.widths[]", int(w), 1) for w in widths]
@@ -67,4 +69,5 @@ class SmallCNN(Classifier):
             feature_layer=f"net.features.{last}",
             head="net.fc",
             dissection_layers=[f"net.features.{i}" for i in range(max(0, last - 1), last + 1)],
+            class_names=class_names,
         )
