@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pse_lightning import validation
-from pse_lightning.cli.kinds import Kind, kind
+from pse_lightning.cli.kinds import Kind, kind, kind_of
 from pse_lightning.cli.signature import Signature, evaluate, signature_of
 from pse_lightning.cli.source import NO_VALUE, find_definition, literal
 from pse_lightning.validation import InputError
@@ -92,6 +92,21 @@ class ConfigFiles:
                     found = (found or set()) | set(node)
         return found
 
+    def kind_at(self, path: str) -> Kind | None:
+        """The kind of a plain (no ``_target_``) setting, from the values the group's files
+        give it; None when they give none or disagree (interpolations say nothing)."""
+        group, _, key = path.rpartition(".")
+        seen = set()
+        for choice in self.choices(path.split(".")[0]):
+            for package, content in self.placed(path.split(".")[0], choice):
+                node = descend(content, package, group)
+                value = node.get(key) if isinstance(node, dict) else None
+                if value is not None and not (isinstance(value, str) and "${" in value):
+                    seen.add(kind_of(value))
+        if len(seen) != 1 or seen & {"list", "dict"}:
+            return None
+        return Kind(frozenset({"int", "float"}) if seen == {"float"} else frozenset(seen))
+
     def choices_with(self, group: str, key: str) -> list[str]:
         """The choices of ``group`` that set ``group.key``."""
         return [
@@ -105,11 +120,15 @@ class ConfigFiles:
 
 
 def descend(content: object, package: str, path: str) -> object:
-    """The node at ``path`` of a file whose content sits at ``package``."""
+    """The node at ``path`` of a file whose content sits at ``package`` (a file placed
+    below ``path``, such as ``analysis.pse`` seen from ``analysis``, appears as a key)."""
     here = package.split(".") if package else []
     want = path.split(".")
-    if want[: len(here)] != here:
+    common = min(len(here), len(want))
+    if want[:common] != here[:common]:
         return None
+    for part in reversed(here[len(want) :]):
+        content = {part: content}
     for part in want[len(here) :]:
         if not isinstance(content, dict):
             return None
@@ -154,7 +173,7 @@ def _check_top_level(cfg: DictConfig, files: ConfigFiles) -> None:
         value = value_of(cfg, key) if key in cfg else NO_VALUE
         if value is not NO_VALUE and not admits.admits(value):
             raise InputError(f"{key} must be {admits.describe()}, got {value!r}")
-    validation.require_at_least("log_examples", cfg.get("log_examples", 0), 0)
+    require("require_at_least", "log_examples", cfg.get("log_examples", 0), 0)
     if cfg.get("stage") == "fit" and cfg.get("model_checkpoint"):
         raise InputError(
             "stage=fit trains a new model, but model_checkpoint is set: drop "
@@ -177,6 +196,13 @@ def _check_node(
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             _check_node(child, f"{path}.{key}", files, choices)
+            continue
+        admits = files.kind_at(f"{path}.{key}")
+        value = value_of(node, key)
+        if admits is not None and value is not NO_VALUE and not admits.admits(value):
+            raise InputError(f"{path}.{key} must be {admits.describe()}, got {value!r}")
+    if path == "training" and isinstance(value_of(node, "epochs"), int):
+        require("require_at_least", "training.epochs", node.epochs, 1)
 
 
 def _check_target(
@@ -221,11 +247,16 @@ def _run_checks(signature: Signature, values: dict[str, object], path: str) -> N
         if arguments is None:
             continue
         args, keywords = arguments
-        function = getattr(validation, check.function)
-        try:
-            function(f"{path}.{check.param}", values[check.param], *args, **keywords)
-        except (ValueError, TypeError) as err:
-            raise InputError(str(err)) from None
+        require(check.function, f"{path}.{check.param}", values[check.param], *args, **keywords)
+
+
+def require(function: str, key: str, value: object, *args: object, **keywords: object) -> None:
+    """Run ``pse_lightning.validation.<function>`` on a config value; its error becomes an
+    :class:`InputError`."""
+    try:
+        getattr(validation, function)(key, value, *args, **keywords)
+    except (ValueError, TypeError) as err:
+        raise InputError(str(err)) from None
 
 
 def _unknown_key(

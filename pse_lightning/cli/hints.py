@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pse_lightning.cli.check import ConfigFiles, descend
+from pse_lightning.cli.signature import signature_of
 
 
 def _default_choice(files: ConfigFiles, group: str) -> str | None:
@@ -46,5 +47,20 @@ def override_hint(argv: list[str], conf_dir: Path) -> str | None:
                 f"{group}={', '.join(others)}: choose one of those (e.g. {group}={others[0]} "
                 f"{arg})"
             )
-        return f"{group}={choice} has no setting {key} (see python -m pse_lightning --help)"
+        return _unlisted_key(files, group, choice, key, arg)
     return None
+
+
+def _unlisted_key(files: ConfigFiles, group: str, choice: str, key: str, arg: str) -> str:
+    """A key no choice file lists: the target may still take it (``trainer.max_epochs``)."""
+    targets = [
+        node.get("_target_")
+        for pkg, content in files.placed(group, choice)
+        if isinstance(node := descend(content, pkg, group), dict)
+    ]
+    target = next((t for t in reversed(targets) if t), None)
+    signature = signature_of(target) if target else None
+    if signature is not None and (key in signature.params or signature.open):
+        return f"{target} takes {key}, but {group}={choice} does not list it: add it with +{arg}"
+    keys = ", ".join(sorted(signature.params)) if signature is not None else "see --help"
+    return f"{group}={choice} has no setting {key} (its keys: {keys})"
