@@ -7,6 +7,7 @@ and leaves nothing behind. They import torch, but only when the config needs the
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -57,23 +58,33 @@ def check_checkpoint(path: Path) -> None:
             "training run writes outputs/checkpoints/<model>-<dataset>-<training>-*.pt), or "
             "drop model_checkpoint to use the cached model or train one"
         )
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"model_checkpoint={path} is not a PyTorch weights file (torch.save writes a zip "
+            "archive; this file is not one: truncated, or another format): pass an intact "
+            "file, or train a new one with stage=fit"
+        )
     import torch
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # mmap needs the zip format; the plain read gives the real reason
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for foreign or truncated files
-            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-            raise InputError(
-                f"model_checkpoint={path} is not a readable PyTorch weights file "
-                f"({type(err).__name__}: {reason}); it is truncated or not saved with "
-                "torch.save: pass an intact file, or train a new one with stage=fit"
-            ) from err
+    except Exception as err:  # torch raises many types for foreign or damaged files
+        raise InputError(
+            f"model_checkpoint={path} cannot be read as weights ({_reason(err)}): pass a "
+            "state_dict saved with torch.save(model.state_dict(), path) or a file written by "
+            "stage=fit"
+        ) from err
     if not isinstance(payload, dict):
         raise InputError(
             f"model_checkpoint={path} holds a {type(payload).__name__}, not weights: pass a "
             "state_dict saved with torch.save(model.state_dict(), path) or a file written "
             "by stage=fit"
         )
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of torch's load error (not its advice on ``weights_only``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "Unsupported" in line or "failed" in line.lower()]
+    line = (useful or lines or [""])[-1]
+    return f"{type(err).__name__}: {line[:160]}"
