@@ -134,10 +134,11 @@ def test_error_during_the_run_is_one_line_and_in_the_log_file(tmp_path: Path) ->
     args = ["dataset=cifar10", f"dataset.root={missing}", f"paths.root={tmp_path}"]
     result = run_cli([*args, "logger=wandb"], tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    first = result.stderr.splitlines()[0]
-    assert first.startswith("dataset=cifar10: cifar-10-batches-py/") and str(missing) in first
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: dataset=cifar10: cifar-10-batches-py/") and str(missing) in line
     (log_file,) = (tmp_path / "outputs").glob("*/*/pse_lightning.log")
-    assert first in log_file.read_text() and "Traceback" in log_file.read_text()
+    assert line.removeprefix("Error: ") in log_file.read_text()
+    assert "Traceback" in log_file.read_text()
     assert not list((tmp_path / "outputs").glob("*/*/wandb"))
 
 

@@ -22,12 +22,13 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pse_lightning.cli.check import check_config
@@ -56,11 +57,23 @@ def check(cfg: DictConfig, choices: dict[str, Any]) -> None:
     check_environment(cfg, choices.get("trainer"))
 
 
+def report_and_exit(err: InputError) -> NoReturn:
+    """Print a user error as one line (and its traceback with ``HYDRA_FULL_ERROR=1``), exit 1.
+
+    Exiting here, rather than raising to Hydra, spares the console Hydra's header and
+    traceback; SystemExit passes Hydra's handlers, which catch ``Exception`` only.
+    """
+    if os.environ.get(_FULL_ERROR) == "1":
+        traceback.print_exception(err)
+    sys.stderr.write(f"Error: {err}\n")
+    raise SystemExit(1) from err
+
+
 class Preflight(Callback):
     """Runs :func:`check` before Hydra creates the run directory (single runs).
 
     Hydra turns a callback's exception into a warning, so a failed check prints its
-    message here and exits; nothing has been written yet.
+    message and exits here; nothing has been written yet.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -68,10 +81,7 @@ class Preflight(Callback):
         try:
             check(config, choices)  # type: ignore[arg-type]
         except InputError as err:
-            if os.environ.get(_FULL_ERROR) == "1":
-                traceback.print_exc()
-            sys.stderr.write(f"Error: {err}\n")
-            raise SystemExit(1) from err
+            report_and_exit(err)
 
 
 class _DropAdvertisements(logging.Filter):
@@ -111,7 +121,9 @@ def run_job(cfg: DictConfig) -> float | None:
         results = pipeline.run(cfg)
     except InputError as err:
         log_to_files(str(err), sys.exc_info())
-        raise UserError(str(err)) from err
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise UserError(str(err)) from err  # Hydra names the job's overrides first
+        report_and_exit(err)
     except Exception as err:
         log_to_files(f"{type(err).__name__}: {err}", sys.exc_info())
         raise
