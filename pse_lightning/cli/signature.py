@@ -227,22 +227,32 @@ def _checks(
     found: list[Check] = []
     for stmt in body:
         if isinstance(stmt, ast.If):
-            guard = _guard(src, stmt.test, params)
-            if guard is not None:
-                negated = (guard[0], _NEGATE[guard[1]], guard[2])
-                found += _checks(src, stmt.body, params, (*guards, guard))
-                found += _checks(src, stmt.orelse, params, (*guards, negated))
+            branches = _branches(src, stmt.test, params, guards)
+            if branches is not None:
+                found += _checks(src, stmt.body, params, branches[0])
+                found += _checks(src, stmt.orelse, params, branches[1])
             continue
         value = stmt.value if isinstance(stmt, (ast.Expr, ast.Assign, ast.AnnAssign)) else None
         if isinstance(value, ast.IfExp):
-            guard = _guard(src, value.test, params)
-            if guard is not None:
-                negated = (guard[0], _NEGATE[guard[1]], guard[2])
-                found += _call_check(src, value.body, params, (*guards, guard))
-                found += _call_check(src, value.orelse, params, (*guards, negated))
+            branches = _branches(src, value.test, params, guards)
+            if branches is not None:
+                found += _call_check(src, value.body, params, branches[0])
+                found += _call_check(src, value.orelse, params, branches[1])
         elif value is not None:
             found += _call_check(src, value, params, guards)
     return found
+
+
+def _branches(
+    src: Source, test: ast.expr, params: Mapping[str, Param], guards: tuple[Guard, ...]
+) -> tuple[tuple[Guard, ...], tuple[Guard, ...]] | None:
+    """The guards of the true and the false branch of ``if test``, or None when the test
+    is not a comparison of a parameter with a literal."""
+    guard = _guard(src, test, params)
+    if guard is None:
+        return None
+    negated = (guard[0], _NEGATE[guard[1]], guard[2])
+    return (*guards, guard), (*guards, negated)
 
 
 def _guard(src: Source, test: ast.expr, params: Mapping[str, Param]) -> Guard | None:
