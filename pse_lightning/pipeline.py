@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
@@ -44,7 +45,7 @@ from pse_lightning.modules.training import (
     partial_checkpoint_path,
 )
 from pse_lightning.reporting.loggers import finish_logger
-from pse_lightning.validation import require_at_least, require_choice
+from pse_lightning.validation import InputError, require_at_least, require_choice
 
 log = logging.getLogger(__name__)
 STAGES = ("auto", "fit", "evaluate")
@@ -362,7 +363,15 @@ def trained_model(cfg: DictConfig, parts: Components) -> Path | str:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run the configured stages; see the module docstring."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    parts = build(cfg)
+    try:
+        parts = build(cfg)
+    except InstantiationException as err:
+        # Hydra wraps the constructor's one-line error in three lines of its own.
+        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError)) else err
+        raise InputError(str(cause)) from err
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        # Bad values the config check cannot see and missing data: the user's to fix.
+        raise InputError(str(err)) from err
     failed = True
     try:
         if parts.logger is not None:

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+# torch is imported inside the tensor checks only: the CLI runs the scalar checks on the
+# config before any heavy import (pse_lightning.cli).
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class InputError(ValueError):
+    """An input the run cannot use (a config value, a missing file, absent hardware).
+
+    The message is one line naming the key, the value and the fix; the command line prints
+    it without a traceback (``HYDRA_FULL_ERROR=1`` shows one).
+    """
 
 
 def require_positive(key: str, value: float) -> float:
@@ -69,6 +80,9 @@ def require_images(name: str, x: Tensor) -> None:
     outside [0, 1] almost always means the data pipeline normalised it, which silently
     rescales every epsilon (torchattacks #63, foolbox #145).
     """
+    import torch
+    from torch import Tensor
+
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -87,7 +101,9 @@ def require_images(name: str, x: Tensor) -> None:
 
 def require_labels(name: str, y: Tensor, batch: int, num_classes: int) -> None:
     """Check that ``y`` is an integer (N,) label vector with values in [0, num_classes)."""
-    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32):
+    import torch
+
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer tensor of class indices")
     if y.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(y.shape)}")

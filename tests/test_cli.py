@@ -21,11 +21,17 @@ QUICK = [
 
 
 def run_cli(
-    args: list[str], cwd: Path, env_extra: dict | None = None, check: bool = True
+    args: list[str],
+    cwd: Path,
+    env_extra: dict | None = None,
+    check: bool = True,
+    python_flags: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
+    if "PYTHONPATH" not in (env_extra or {}):
+        env["PYTHONPATH"] = str(ROOT)  # the checkout's package, wherever the test runs from
     result = subprocess.run(
-        [sys.executable, "-m", "pse_lightning", *args],
+        [sys.executable, *(python_flags or []), "-m", "pse_lightning", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -37,10 +43,103 @@ def run_cli(
     return result
 
 
-def test_help_lists_the_groups(tmp_path: Path) -> None:
-    out = run_cli(["--help"], tmp_path).stdout
+def _imported_modules(stderr: str) -> set[str]:
+    """Top-level modules named by ``python -X importtime`` (one line per import)."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None:
+    result = run_cli(["--help"], tmp_path, python_flags=["-X", "importtime"])
+    out = result.stdout
+    assert out.startswith("pse_lightning: craft adversarial examples")
     for group in ("attack:", "dataset:", "model:", "analysis:", "trainer:", "logger:"):
         assert group in out
+    assert "attack: cam_cw, cam_pgd, cw, ead, fgsm, pgd, pgd_l2, strattack" in out
+    assert "== Examples ==" in out and "hydra/launcher=joblib" in out
+    loaded = _imported_modules(result.stderr)
+    assert "hydra" in loaded, "importtime output was not read"
+    assert not loaded & {"torch", "pytorch_lightning", "lightning", "wandb", "matplotlib"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["+unknown_key=1"], "unknown_key is not a setting (top-level keys: analysis"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (
+            ["attack=cw", "+attack.eps=-1"],
+            "eps is a setting of attack=fgsm, pgd, pgd_l2, strattack",
+        ),
+        (
+            ["analysis=pse", "analysis.pse.steps=0"],
+            "Error: analysis.pse.steps must be >= 1, got 0",
+        ),
+        (["model_checkpoint=missing.pt"], "Error: model_checkpoint=missing.pt: no such file"),
+    ],
+)
+def test_config_errors_are_one_line_before_torch_and_leave_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = run_cli(
+        [*args, f"paths.root={tmp_path}"], tmp_path, check=False, python_flags=["-X", "importtime"]
+    )
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time")]
+    assert result.returncode == 1
+    assert len(errors) == 1 and errors[0].startswith("Error: ") and message in errors[0]
+    assert "torch" not in _imported_modules(result.stderr)
+    assert list(tmp_path.iterdir()) == [], "a config error left files behind"
+
+
+def test_key_missing_from_the_chosen_file_names_the_choices_that_have_it(tmp_path: Path) -> None:
+    result = run_cli(["attack=cw", "attack.eps=-1"], tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "Hint: attack=cw has no setting eps; eps is a setting of attack=fgsm, pgd, pgd_l2, "
+        "strattack: choose one of those (e.g. attack=fgsm attack.eps=-1)"
+    )
+
+
+def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli(["seed=abc"], tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"}, check=False)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "seed must be an integer" in result.stderr
+
+
+def test_unreadable_checkpoint_and_absent_gpu_fail_before_the_run(tmp_path: Path) -> None:
+    import torch
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    result = run_cli(
+        [f"model_checkpoint={corrupt}", f"paths.root={tmp_path}"], tmp_path, check=False
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"Error: model_checkpoint={corrupt} is not a PyTorch weights")
+    if not torch.cuda.is_available():
+        result = run_cli(["trainer=gpu", f"paths.root={tmp_path}"], tmp_path, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "needs a CUDA GPU" in result.stderr and "use trainer=cpu" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pt"]
+
+
+@pytest.mark.slow
+def test_error_during_the_run_is_one_line_and_in_the_log_file(tmp_path: Path) -> None:
+    """A missing data root is found when data set-up starts: no traceback on the console,
+    the message (and the traceback) in the run's log file, no W&B run started."""
+    missing = tmp_path / "no_cifar"
+    args = ["dataset=cifar10", f"dataset.root={missing}", f"paths.root={tmp_path}"]
+    result = run_cli([*args, "logger=wandb"], tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: dataset=cifar10: cifar-10-batches-py/") and str(missing) in line
+    (log_file,) = (tmp_path / "outputs").glob("*/*/pse_lightning.log")
+    assert line.removeprefix("Error: ") in log_file.read_text()
+    assert "Traceback" in log_file.read_text()
+    assert not list((tmp_path / "outputs").glob("*/*/wandb"))
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:

@@ -153,3 +153,131 @@ def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
         if attack is not None:
             assert (attack.steps, attack.step_size, attack.eps) == (3, 0.0125, 0.03)
         assert list(job.analysis) == ["pse"]
+
+
+# The config check (pse_lightning.cli.check): every input before any heavy work ----------
+
+
+def _checked(*overrides: str) -> None:
+    """Compose as the CLI does (with the hydra node: its choices) and run the config check."""
+    from helpers import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pse_lightning.cli.check import check_config
+
+    base = ["attack=pgd", "analysis=none", "logger=none"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
+    check_config(cfg, OmegaConf.to_container(cfg.hydra.runtime.choices), CONF_DIR)
+
+
+@pytest.mark.parametrize(("group", "choice"), [(g, c) for g in GROUPS for c in group_choices(g)])
+def test_every_choice_passes_the_config_check(group: str, choice: str) -> None:
+    """No false alarms: each shipped file is a valid config."""
+    _checked(f"{group}={choice}")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+unknown_key=1"], r"^unknown_key is not a setting \(top-level keys: .*seed, stage"),
+        (["seed=abc"], r"^seed must be an integer, got 'abc'$"),
+        (["stage=train"], r"^stage must be one of \['auto', 'fit', 'evaluate'\], got 'train'$"),
+        (
+            ["attack=cw", "+attack.eps=-1"],
+            r"^attack\.eps is not a setting of attack=cw \(pse_lightning\.attacks\.CWL2; its "
+            r"keys: abort_early, .*\); eps is a setting of attack=fgsm, pgd, pgd_l2, strattack",
+        ),
+        (["attack=pgd", "+attack.epss=0.1"], r"^attack\.epss is not a setting of attack=pgd"),
+        (["analysis=pse", "analysis.pse.steps=0"], r"^analysis\.pse\.steps must be >= 1, got 0$"),
+        (["analysis=all", "+analysis.pse.bogus=1"], r"^analysis\.pse\.bogus is not a setting"),
+        (["attack=cam_cw", "attack.attack.steps=0"], r"^attack\.attack\.steps must be >= 1"),
+        (["+trainer.max_epochs=abc"], r"^trainer\.max_epochs must be an integer or null"),
+        (["training.epochs=x"], r"^training\.epochs must be an integer, got 'x'$"),
+        (["training.epochs=0"], r"^training\.epochs must be >= 1, got 0$"),
+        (["training=pgd_at", "training.adversary.steps=1.5"], r"objective\.attack\.steps must"),
+        (["stage=fit", "model_checkpoint=w.pt"], r"^stage=fit trains a new model"),
+        (["log_examples=-1"], r"^log_examples must be >= 0, got -1$"),
+    ],
+)
+def test_bad_inputs_are_named_by_their_full_key(overrides: list[str], message: str) -> None:
+    from pse_lightning.validation import InputError
+
+    with pytest.raises(InputError, match=message):
+        _checked(*overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["attack=pgd", "attack.steps=0"],
+        ["attack=pgd", "attack.eps=8"],
+        ["attack=pgd_l2", "attack.eps=-1"],
+        ["attack=pgd", "attack.norm=l3"],
+        ["attack=cw", "attack.kappa=-1"],
+        ["attack=ead", "attack.decision_rule=XX"],
+        ["attack=strattack", "attack.refine_quantile=2.0"],
+        ["attack=fgsm", "attack.target_rule=nope"],
+        ["dataset.batch_size=0"],
+        ["defense=neuron_mask", "defense.fill=x"],
+        ["training=trades", "training.objective.beta=-1.0"],
+    ],
+)
+def test_static_range_checks_say_what_the_constructor_says(make_cfg, overrides) -> None:
+    """The check re-runs the constructor's own require_* call: same bounds, same words."""
+    from pse_lightning.validation import InputError
+
+    cfg = make_cfg(*overrides)
+    group = overrides[-1].split(".")[0]
+    node = cfg.training.objective if group == "training" else cfg[group]
+    with pytest.raises((ValueError, InstantiationException)) as constructor:
+        instantiate(node)
+    with pytest.raises(InputError) as check:
+        _checked(*overrides)
+    cause = constructor.value.__cause__ or constructor.value
+    assert str(check.value) == str(cause)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "pse_lightning.attacks.PGD",
+        "pse_lightning.attacks.CWL2",
+        "pse_lightning.attacks.EAD",
+        "pse_lightning.attacks.StrAttack",
+        "pse_lightning.attacks.CAMGuided",
+        "pse_lightning.data.ShapesDataModule",
+        "pse_lightning.data.CIFAR10DataModule",
+        "pse_lightning.data.ImageNetDataModule",
+        "pse_lightning.models.TorchvisionClassifier",
+        "pytorch_lightning.Trainer",
+        "torch.optim.AdamW",
+    ],
+)
+def test_source_signature_matches_the_imported_one(target: str) -> None:
+    """The keys read from source without importing are those Python reports on import."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    from pse_lightning.cli.signature import signature_of
+
+    named = {
+        name
+        for name, p in inspect.signature(get_object(target)).parameters.items()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    signature = signature_of(target)
+    assert signature is not None and not signature.open
+    assert set(signature.params) == named
+
+
+def test_analysis_keys_include_the_metric_options_only() -> None:
+    """**kwargs that reach torchmetrics.Metric take its options and nothing else."""
+    from pse_lightning.cli.signature import signature_of
+
+    signature = signature_of("pse_lightning.analysis.pse.PSE")
+    assert signature is not None and not signature.open
+    assert {"steps", "tol", "sync_on_compute", "dist_sync_on_step"} <= set(signature.params)
+    assert "bogus" not in signature.params

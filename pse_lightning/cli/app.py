@@ -1,0 +1,149 @@
+"""``python -m pse_lightning`` / ``pse-lightning``: check everything, then run the pipeline.
+
+Order of work, so that a mistake costs a second and leaves nothing behind:
+
+1. Hydra composes the config (``--help``, ``--cfg job`` and tab completion stop here; this
+   module imports nothing heavy).
+2. :class:`Preflight` (a Hydra callback, before the run directory exists) checks the config
+   against the code (:mod:`~pse_lightning.cli.check`) and the accelerator and checkpoint
+   (:mod:`~pse_lightning.cli.preflight`). In a multirun each job repeats the checks.
+3. Only then is the pipeline (torch, Lightning, W&B, matplotlib) imported and run.
+
+A user error (:class:`~pse_lightning.validation.InputError`) prints one line and no
+traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback. Every error of a run is also
+written, with its traceback, to the run's log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from pse_lightning.cli.check import check_config
+from pse_lightning.cli.hints import override_hint
+from pse_lightning.cli.preflight import check_environment
+from pse_lightning.validation import InputError
+
+log = logging.getLogger("pse_lightning")
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+
+
+def config_dir() -> Path:
+    """The configs shipped inside an installed wheel, else the checkout's ``conf/``."""
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parent / "conf"
+
+
+class UserError(CompactHydraException):
+    """An :class:`InputError` as Hydra prints it: the message alone, no traceback."""
+
+
+def check(cfg: DictConfig, choices: dict[str, Any]) -> None:
+    """All checks that need no data: the config, the accelerator, the checkpoint."""
+    check_config(cfg, choices, config_dir())
+    check_environment(cfg, choices.get("trainer"))
+
+
+def report_and_exit(err: InputError) -> NoReturn:
+    """Print a user error as one line (and its traceback with ``HYDRA_FULL_ERROR=1``), exit 1.
+
+    Exiting here, rather than raising to Hydra, spares the console Hydra's header and
+    traceback; SystemExit passes Hydra's handlers, which catch ``Exception`` only.
+    """
+    if os.environ.get(_FULL_ERROR) == "1":
+        traceback.print_exception(err)
+    sys.stderr.write(f"Error: {err}\n")
+    raise SystemExit(1) from err
+
+
+class Preflight(Callback):
+    """Runs :func:`check` before Hydra creates the run directory (single runs).
+
+    Hydra turns a callback's exception into a warning, so a failed check prints its
+    message and exits here; nothing has been written yet.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        choices = OmegaConf.to_container(config.hydra.runtime.choices)
+        try:
+            check(config, choices)  # type: ignore[arg-type]
+        except InputError as err:
+            report_and_exit(err)
+
+
+class _DropAdvertisements(logging.Filter):
+    """Lightning prints a cloud-logger advertisement on every Trainer; it is not a message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+# One instance: addFilter ignores a filter already present, so every job of a multirun
+# calling quiet_third_party_noise() leaves one filter, not one per job.
+_DROP_ADVERTISEMENTS = _DropAdvertisements()
+
+
+def quiet_third_party_noise() -> None:
+    """Silence messages users cannot act on (kept out of the library: only the CLI does it)."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DROP_ADVERTISEMENTS)
+    # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; fixed upstream.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def log_to_files(message: str, exc_info: Any = None) -> None:
+    """Write an error to the run's log file only (the console gets Hydra's one line)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """One job: check (again, for multirun jobs), import the pipeline, run it."""
+    try:
+        check(cfg, dict(HydraConfig.get().runtime.choices))
+        quiet_third_party_noise()
+        from pse_lightning import pipeline
+
+        results = pipeline.run(cfg)
+    except InputError as err:
+        log_to_files(str(err), sys.exc_info())
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise UserError(str(err)) from err  # Hydra names the job's overrides first
+        report_and_exit(err)
+    except Exception as err:
+        log_to_files(f"{type(err).__name__}: {err}", sys.exc_info())
+        raise
+    # Returned to Hydra so sweepers that optimise an objective can read it.
+    value = results.get("test/robust_acc")
+    return None if value is None else float(value)
+
+
+_task = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(
+    run_job
+)
+
+
+def main() -> None:
+    """The console entry point; adds a hint when Hydra rejects a key of the chosen file."""
+    try:
+        _task()
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            hint = override_hint(sys.argv[1:], config_dir())
+            if hint:
+                sys.stderr.write(f"Hint: {hint}\n")
+        raise
