@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pse_lightning.validation import InputError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint exists but cannot be used (corrupt, another model, wrong keys)."""
 
 
