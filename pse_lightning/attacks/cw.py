@@ -23,10 +23,18 @@ from pse_lightning.attacks.search import (
     compact,
     squared_l2,
 )
-from pse_lightning.validation import require_positive
+from pse_lightning.validation import require_choice, require_positive
 
 # atanh(+-1) is infinite: shrink the box slightly before inverting tanh (PITFALLS).
 _ATANH_SHRINK = 1.0 - 1e-6
+BOXES: tuple[str, ...] = ("clip", "tanh")
+
+
+def project_box(w: Tensor, mid: Tensor | float, half: Tensor | float) -> Tensor:
+    """``w`` clipped to [mid - half, mid + half] (scalars or per-coordinate tensors)."""
+    if isinstance(mid, Tensor):
+        return torch.minimum(torch.maximum(w, mid - half), mid + half)
+    return w.clamp(mid - half, mid + half)
 
 
 def tanh_adam_search(
@@ -47,6 +55,8 @@ def tanh_adam_search(
     support: Tensor | None = None,
     start: Tensor | None = None,
     best: BestSoFar | None = None,
+    box: str = "clip",
+    repeat_last: bool = False,
 ) -> BestSoFar:
     """Minimise ||x' - x||_2^2 + c * f_kappa(x') per sample with Adam in tanh space.
 
@@ -73,6 +83,10 @@ def tanh_adam_search(
         start: (N, C, H, W) warm start inside the bounds; default x. Every outer step
             restarts from it.
         best: a tracker to continue (its entries are the ones to beat); default a fresh one.
+        box: 'clip' (Adam on x' itself, projected onto the bounds after each step) or
+            'tanh' (Carlini's change of variables, see :class:`CWL2`).
+        repeat_last: run the last outer step with each sample's upper bound on c
+            (Carlini's rule; see :func:`~pse_lightning.attacks.search.binary_search`).
 
     Returns:
         The tracker: ``x_best`` (smallest-L2 successful iterate, x where none), ``score``
@@ -85,7 +99,11 @@ def tanh_adam_search(
     else:
         mid, half = (upper + lower) / 2, (upper - lower) / 2
     start = x if start is None else start
-    w_start = torch.atanh(((start - mid) / half).clamp(-1.0, 1.0) * _ATANH_SHRINK)
+    tanh = box == "tanh"
+    if tanh:
+        w_start = torch.atanh(((start - mid) / half).clamp(-1.0, 1.0) * _ATANH_SHRINK)
+    else:
+        w_start = start.detach()
     best = BestSoFar(x) if best is None else best
 
     def inner(const: Tensor, best: BestSoFar) -> Tensor:
@@ -95,8 +113,8 @@ def tanh_adam_search(
         adam = BatchedAdam(w, lr)
         abort = EarlyAbort(n, steps, enabled=abort_early, device=x.device)
         for step in range(steps):
-            th = torch.tanh(w)
-            x_adv = mr + hr * th
+            th = torch.tanh(w) if tanh else None
+            x_adv = mr + hr * th if tanh else w.detach()
             x_adv = restrict(x_adv, xr, sr)
             x_adv.requires_grad_(True)
             logits = model(x_adv)
@@ -109,9 +127,11 @@ def tanh_adam_search(
                 best.update(rows, x_adv, dist.sqrt(), success, c, logits)
                 found[rows] |= success
                 keep = abort.keep(step, dist + c * f.detach())
-                grad_w = (grad_x + 2 * delta) * (hr * (1 - th * th))
-                grad_w = confine(grad_w, sr)
+                grad_w = grad_x + 2 * delta
+                grad_w = confine(grad_w * (hr * (1 - th * th)) if tanh else grad_w, sr)
                 w = adam.step(w, grad_w)
+                if not tanh:
+                    w = project_box(w, mr, hr)
                 if keep is not None and not bool(keep.all()):
                     if not bool(keep.any()):
                         break
@@ -121,7 +141,14 @@ def tanh_adam_search(
                     )
         return found
 
-    binary_search(best, inner, initial_const=initial_const, search_steps=search_steps, grow=grow)
+    binary_search(
+        best,
+        inner,
+        initial_const=initial_const,
+        search_steps=search_steps,
+        grow=grow,
+        repeat_last=repeat_last,
+    )
     return best
 
 
@@ -165,6 +192,8 @@ class CWL2(SearchSettings, Attack):
         binary_search_steps: int = 3,
         initial_const: float = 0.1,
         abort_early: bool = True,
+        box: str = "clip",
+        repeat_last: bool = True,
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
@@ -180,6 +209,8 @@ class CWL2(SearchSettings, Attack):
             abort_early=abort_early,
         )
         self.lr = require_positive("attack.lr", lr)
+        self.box = require_choice("attack.box", box, BOXES)
+        self.repeat_last = bool(repeat_last)
         self._extras: dict[str, Tensor] = {}
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
@@ -195,6 +226,8 @@ class CWL2(SearchSettings, Attack):
             initial_const=self.initial_const,
             abort_early=self.abort_early,
             support=batch.support,
+            box=self.box,
+            repeat_last=self.repeat_last,
         )
         self._extras = {"const": best.const}
         return best.result()
