@@ -16,7 +16,6 @@ from pse_lightning.attacks.base import Attack
 from pse_lightning.modules.attack_metrics import AttackMetrics
 from pse_lightning.modules.distributed import unshare_tensors
 
-
 # Extras that describe the batch rather than one sample (StrAttack's (H, W) group ids).
 SHARED_EXTRAS = frozenset({"group_map"})
 
