@@ -308,3 +308,47 @@ class Identity(Attack):
 
 def test_an_identity_attack_fails_the_success_floor() -> None:
     assert success_rate_of(Identity()) < MIN_SUCCESS
+
+
+# -- the evaluation's statistics and analyses see only attacked rows --------------------------
+
+
+def test_attack_metrics_report_clean_misclassified_apart() -> None:
+    from pse_lightning.modules.attack_metrics import AttackMetrics
+
+    x = torch.zeros(4, 1, 2, 2)
+    x_adv = x.clone()
+    x_adv[0] += 0.5  # attacked, successful: L2 1.0
+    x_adv[3] += 1e-5  # clean-misclassified, "moved" a hair: must not count
+    y = torch.tensor([0, 0, 0, 0])
+    clean = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]])  # row 3 misclassified
+    adv = torch.tensor([[0.0, 1], [1, 0], [1, 0], [0, 1]])
+    metrics = AttackMetrics()
+    metrics.update(
+        x, x_adv, y, clean, adv, torch.tensor([True, False, False, True]), torch.arange(4)
+    )
+    out = metrics.compute()
+    assert float(out["clean_misclassified"]) == 1
+    assert float(out["success_rate"]) == pytest.approx(1 / 3)
+    assert float(out["robust_acc"]) == pytest.approx(2 / 4)
+    assert float(out["l2_median"]) == pytest.approx(1.0)
+
+
+def test_analyses_get_only_the_attacked_rows() -> None:
+    from pse_lightning.analysis.base import AdversarialBatch
+    from pse_lightning.modules.evaluation import attacked_rows
+
+    n = 4
+    t = torch.arange(n)
+    batch = AdversarialBatch(
+        x=torch.rand(n, 1, n, 3), y=t, index=t + 10, logits_clean=torch.rand(n, 5),
+        x_adv=torch.rand(n, 1, n, 3), logits_adv=torch.rand(n, 5), target=t, success=t > 1,
+        targeted=False,
+        extras={"const": t.float(), "group_map": torch.zeros(n, 3, dtype=torch.long)},
+    )  # fmt: skip
+    keep = torch.tensor([True, False, True, True])
+    sub = attacked_rows(batch, keep)
+    assert torch.equal(sub.index, torch.tensor([10, 12, 13]))
+    assert torch.equal(sub.extras["const"], torch.tensor([0.0, 2, 3]))
+    assert sub.extras["group_map"].shape == (n, 3)  # shared, even when H == N
+    assert sub.x.shape[0] == 3 and sub.logits_adv.shape[0] == 3
