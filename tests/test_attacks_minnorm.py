@@ -296,6 +296,25 @@ def test_strattack_refinement_never_hurts() -> None:
     assert ((refined.extras["groups"] > 0) <= (plain.extras["groups"] > 0)).all()
 
 
+def test_strattack_refinement_rounds_reprune_and_improve() -> None:
+    """The authors' refinement: every round prunes the current best again and
+    re-optimises on what is left. The L2 objective without the group penalty moves the
+    ADMM solution 6% closer (median; measured 0.937), more rounds never lose ground and the
+    support never grows."""
+    model, x, y = multi_class_problem()  # at the defaults: a short ADMM run to refine
+    plain = StrAttack(refine=False)(model, x, y)
+    one = StrAttack(refine_rounds=1)(model, x, y)
+    three = StrAttack(refine_rounds=3)(model, x, y)
+    assert plain.success.all() and one.success.all() and three.success.all()
+    l2_plain, l2_one = l_norm(plain.x_adv - x, 2), l_norm(one.x_adv - x, 2)
+    l2_three = l_norm(three.x_adv - x, 2)
+    assert float((l2_one / l2_plain).median()) <= 0.97
+    assert (l2_three <= l2_one + 1e-6).all()
+    nonzero = lambda r: ((r.x_adv - x) != 0).flatten(1).sum(1)  # noqa: E731
+    assert (nonzero(three) <= nonzero(one)).all() and (nonzero(one) <= nonzero(plain)).all()
+    assert (nonzero(three) < nonzero(one)).any()  # later rounds pruned again
+
+
 def test_pixel_groups_with_ragged_edges() -> None:
     groups = PixelGroups(3, 7, 8)  # 3 x 3 patches, last row/column smaller
     delta = torch.randn(2, 3, 7, 8)
