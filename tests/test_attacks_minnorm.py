@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import CONF_DIR
 from hydra.utils import instantiate
+from known_answers import LinearNet
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -26,21 +27,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class LinearNet(nn.Module):
-    """Z = W x + b on flattened images."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            self.fc.bias.copy_(bias)
-        self.num_classes = weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
 
 
 def two_class_problem(
