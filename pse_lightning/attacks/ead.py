@@ -76,10 +76,12 @@ class EAD(SearchSettings, Attack):
     with 'paper' (foolbox, which follows the paper: 1.37).
 
     The defaults (also ``conf/attack/ead.yaml``) are sized for 32 x 32 images on a CPU:
-    5 constants x 50 steps, about 60 gradient evaluations per image after early abort,
-    100% untargeted success on a standard-trained small_cnn with about 19% of the
-    coordinates perturbed. The paper's values: ``beta=1e-3, steps=1000, lr=0.01,
-    binary_search_steps=9, initial_const=1e-3, decision_rule='EN'``.
+    5 constants x 50 steps. On small_cnn trained on digits (32 correctly classified
+    images): success 1.00, about 190 forward passes per image (FISTA: two per iteration),
+    21% of the coordinates perturbed, median L2 1.61 and L1 24; ``shrinkage='paper'`` with
+    the old ``beta=0.01`` perturbs 23% with L2 1.64 and L1 28 (``beta=0.01`` with 'prox'
+    is nearly an L2 attack: 77% perturbed). The paper's values: ``beta=1e-3`` with its
+    threshold, ``steps=1000, lr=0.01, binary_search_steps=9, initial_const=1e-3``.
 
     Args:
         beta: L1 weight (and shrinkage threshold), in pixel units.
@@ -101,7 +103,7 @@ class EAD(SearchSettings, Attack):
     def __init__(
         self,
         *,
-        beta: float = 1e-2,
+        beta: float = 0.3,
         kappa: float = 0.0,
         steps: int = 50,
         lr: float = 1e-2,
