@@ -15,7 +15,7 @@ from torch import nn
 
 from pse_lightning.attacks import CWL2, EAD, Attack, StrAttack
 from pse_lightning.attacks.losses import margin
-from pse_lightning.attacks.search import ConstantSearch, EarlyAbort
+from pse_lightning.attacks.search import BestSoFar, ConstantSearch, EarlyAbort, binary_search
 from pse_lightning.attacks.strattack import PixelGroups, support_above_quantile
 
 
@@ -327,6 +327,23 @@ def test_constant_search_moves_each_sample_on_its_own() -> None:
     assert torch.allclose(search.const, torch.tensor([0.5, 10.0, 10.0]))
     search.update(torch.tensor([True, True, False]))
     assert torch.allclose(search.const, torch.tensor([0.25, 5.5, 100.0]))
+
+
+@pytest.mark.parametrize(("repeat", "last"), [(False, [0.375, 0.55]), (True, [0.5, 1.0])])
+def test_carlini_last_step_reruns_at_the_upper_bound(repeat: bool, last: list[float]) -> None:
+    """Carlini's rule: the last outer step uses the smallest constant known to succeed."""
+    seen: list[torch.Tensor] = []
+
+    def inner(const: torch.Tensor, best: BestSoFar) -> torch.Tensor:
+        seen.append(const.clone())
+        return const >= 0.3  # a sample succeeds exactly when c >= 0.3
+
+    best = BestSoFar(torch.zeros(2, 1, 1, 1))
+    initial = torch.tensor([1.0, 0.01])
+    binary_search(
+        best, inner, initial_const=initial, search_steps=4, grow=10.0, repeat_last=repeat
+    )
+    assert torch.allclose(seen[-1], torch.tensor(last))
 
 
 def test_early_abort_is_per_sample() -> None:

@@ -16,7 +16,7 @@ from pse_lightning.attacks.base import (
     input_gradient,
     keep_logits,
 )
-from pse_lightning.attacks.cw import tanh_adam_search
+from pse_lightning.attacks.cw import cw_adam_search
 from pse_lightning.attacks.search import (
     BestSoFar,
     EarlyAbort,
@@ -325,7 +325,7 @@ class StrAttack(SearchSettings, Attack):
         sub = best.select(idx)
         start = xs + delta * support
         initial = best.const[idx] / max(self.gamma, 1e-12)
-        tanh_adam_search(
+        cw_adam_search(
             model,
             xs,
             label[idx],
