@@ -51,9 +51,29 @@ def batch(n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 3, 16, 16, generator=gen), torch.randint(0, 5, (n,), generator=gen)
 
 
+def mixed_batch(model, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Even rows labelled with the model's prediction (attacked), odd rows with another
+    class (clean-misclassified), so both kinds of row are checked."""
+    x, _ = batch(n)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    odd = torch.arange(n) % 2 == 1
+    return x, torch.where(odd, (pred + 1) % 5, pred)
+
+
+def expected_success(model, x, x_adv, y, target=None) -> torch.Tensor:
+    """METHODS section 6: the clean prediction was right and the adversarial one is wrong
+    (targeted: equals the target)."""
+    with torch.no_grad():
+        clean, adv = model(x).argmax(1), model(x_adv).argmax(1)
+    hit = adv != y if target is None else adv == target
+    return hit & (clean == y)
+
+
 @pytest.mark.parametrize("name", ATTACKS)
 def test_box_budget_and_success(name: str) -> None:
-    model, (x, y) = tiny_model(), batch()
+    model = tiny_model()
+    x, y = mixed_batch(model)
     attack = attack_from_yaml(name)
     result = attack(model, x, y)
     assert result.x_adv.shape == x.shape and result.x_adv.dtype == x.dtype
@@ -63,7 +83,9 @@ def test_box_budget_and_success(name: str) -> None:
     with torch.no_grad():
         logits = model(result.x_adv)
     torch.testing.assert_close(result.logits_adv, logits)
-    assert torch.equal(result.success, logits.argmax(1) != y)
+    assert torch.equal(result.success, expected_success(model, x, result.x_adv, y))
+    assert torch.equal(result.attacked, torch.arange(len(y)) % 2 == 0)
+    assert not result.success[1::2].any(), "a clean-misclassified row counted as a success"
     assert (result.target != y).all()
 
 
@@ -96,11 +118,13 @@ def test_deterministic_and_batch_independent(name: str) -> None:
 
 @pytest.mark.parametrize("name", ATTACKS)
 def test_targeted_rules(name: str) -> None:
-    model, (x, y) = tiny_model(), batch()
+    model = tiny_model()
+    x, y = mixed_batch(model)
     for rule in ("random", "least_likely", "next"):
         result = attack_from_yaml(name, targeted=True, target_rule=rule)(model, x, y)
         assert (result.target != y).all()
-        assert torch.equal(result.success, result.logits_adv.argmax(1) == result.target)
+        want = expected_success(model, x, result.x_adv, y, result.target)
+        assert torch.equal(result.success, want)
     with torch.no_grad():
         clean = model(x)
     nxt = attack_from_yaml(name, targeted=True, target_rule="next")(model, x, y)
@@ -124,7 +148,9 @@ class LinearNet(torch.nn.Module):
 
 
 def test_targeted_pgd_lands_on_target_with_enough_budget() -> None:
-    model, (x, y) = LinearNet(), batch(16)
+    model, (x, _) = LinearNet(), batch(16)
+    with torch.no_grad():
+        y = model(x).argmax(1)
     attack = PGD(eps=0.5, step_size=0.05, steps=40, targeted=True, target_rule="next")
     result = attack(model, x, y)
     assert result.success.all()
@@ -166,6 +192,30 @@ def test_rejects_normalised_or_nan_inputs() -> None:
         PGD()(model, x_nan, y)
     with pytest.raises(ValueError, match="untargeted"):
         PGD()(model, x, y, target=(y + 1) % 5)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_explicit_target_equal_to_y_is_an_error(name: str) -> None:
+    model, (x, y) = tiny_model(), batch()
+    target = (y + 1) % 5
+    target[2] = y[2]
+    with pytest.raises(ValueError, match=r"target equals y in rows \[2\]"):
+        attack_from_yaml(name, targeted=True)(model, x, y, target=target)
+
+
+def test_clean_logits_from_the_caller_cost_no_forward() -> None:
+    """The evaluation loop passes its clean logits: ``attacked`` is read from them."""
+    model = tiny_model()
+    x, y = mixed_batch(model)
+    counter = CountingNet(model)
+    with torch.no_grad():
+        clean = model(x)
+    result = FGSM(eps=0.03)(counter, x, y, logits_clean=clean)
+    _ = result.success
+    assert counter.rows == 2 * len(x)  # gradient step + scoring; no clean forward
+    assert torch.equal(result.attacked, clean.argmax(1) == y)
+    with pytest.raises(ValueError, match="logits_clean must have shape"):
+        FGSM()(model, x, y, logits_clean=clean[:, :3])
 
 
 # -- what _perturb sees and returns -----------------------------------------------------------
@@ -220,11 +270,13 @@ def test_handed_logits_are_used_only_for_rows_the_enforcement_kept() -> None:
     torch.testing.assert_close(result.logits_adv[1], fresh[1])
     torch.testing.assert_close(result.logits_adv[3], fresh[3])
     assert torch.equal(result.logits_adv[4], handed[4])  # trusted as the attack's own pass
-    assert torch.equal(result.success, result.logits_adv.argmax(1) != y)
-    # Without logits every row is forwarded once.
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+    assert torch.equal(result.success, (result.logits_adv.argmax(1) != y) & clean_ok)
+    # Without logits every row is forwarded once (and x once, for the clean prediction).
     counter.rows = 0
     _ = Scripted(x_adv, None)(counter, x, y).success
-    assert counter.rows == 6
+    assert counter.rows == 12
 
 
 def test_perturb_sees_true_labels_and_targets() -> None:
@@ -240,16 +292,24 @@ def test_perturb_sees_true_labels_and_targets() -> None:
 
 
 @pytest.mark.parametrize(
-    ("attack", "per_row"),
-    [(FGSM(eps=0.03), 2), (PGD(steps=3, random_start=True), 4),
-     (PGD(steps=3, random_start=False, targeted=True, target_rule="random"), 4)],
+    ("attack", "steps"),
+    [(FGSM(eps=0.03), 1), (PGD(steps=3, random_start=True), 3),
+     (PGD(steps=3, random_start=False, targeted=True, target_rule="random"), 3),
+     (PGD(steps=2, restarts=2, eps=0.3, step_size=0.1), 4)],
 )  # fmt: skip
-def test_budget_attacks_pay_one_scoring_forward(attack: Attack, per_row: int) -> None:
-    """FGSM/PGD: one forward per gradient step plus one for the returned image; untargeted
-    and random/next targets need no clean forward."""
+def test_budget_attacks_pay_one_scoring_forward(attack: Attack, steps: int) -> None:
+    """FGSM/PGD: one forward per gradient step, plus one for the returned image of each
+    row whose returned iterate was not already scored (PGD hands over the logits of a
+    successful best iterate); with the caller's clean logits, no clean forward."""
     counter, (x, y) = CountingNet(tiny_model()), batch(6)
-    _ = attack(counter, x, y).success
-    assert counter.rows == per_row * len(x)
+    with torch.no_grad():
+        clean = counter.model(x)
+    result = attack(counter, x, y, logits_clean=clean)
+    gradient_rows = counter.rows
+    assert gradient_rows == steps * len(x)
+    _ = result.success
+    unscored = len(x) if isinstance(attack, FGSM) else int((~result.success).sum())
+    assert counter.rows - gradient_rows <= unscored
 
 
 @pytest.mark.parametrize("abort_early", [False, True])
@@ -274,7 +334,8 @@ def test_min_norm_attacks_forward_only_the_rows_they_never_solved(cls, abort_ear
     found = torch.isfinite(result.extras["const"])
     iterations = sum(rows_per_eval[: len(rows_per_eval) - (0 if found.all() else 1)])
     if not abort_early:
-        assert iterations == len(x) * 4 * 2
+        # FISTA scores the proximal iterate x^k with its own forward (gradient at y^k).
+        assert iterations == len(x) * 4 * 2 * (2 if cls is EAD else 1)
     assert sum(rows_per_eval) == iterations + int((~found).sum())
     with torch.no_grad():
         torch.testing.assert_close(result.logits_adv, model(result.x_adv), atol=1e-5, rtol=1e-5)
@@ -309,8 +370,10 @@ def test_support_mask_confines_every_attack(name: str) -> None:
 def test_l2_pgd_spends_its_whole_budget_inside_the_support() -> None:
     """Masked gradients and starts, not post-hoc masking: the L2 step and the random start
     live in the support, so a saturating attack reaches ||delta|| = eps there."""
-    model, (x, y) = tiny_model(), batch()
+    model, (x, _) = tiny_model(), batch()
     x = 0.25 + 0.5 * x  # far from the box, so only the ball binds
+    with torch.no_grad():
+        y = model(x).argmax(1)  # correctly classified: the start itself is no success
     support = random_support(x, channels=3)
     result = PGD(norm="l2", eps=0.5, step_size=0.5, steps=3)(model, x, y, support=support)
     norms = flat_norm(result.x_adv - x, "l2")
@@ -351,8 +414,11 @@ def test_scoring_forward_runs_only_when_success_is_read() -> None:
         fresh = model.eval()(result.x_adv)
     torch.testing.assert_close(result.logits_adv, fresh)
     assert torch.equal(target, fresh.scatter(1, y[:, None], float("-inf")).argmax(1))
-    assert torch.equal(result.success, fresh.argmax(1) != y)
-    assert counter.rows == 12
+    clean_ok = model(x).argmax(1) == y
+    assert torch.equal(result.success, (fresh.argmax(1) != y) & clean_ok)
+    assert counter.rows == 18  # the clean prediction, once, on the first read of success
+    _ = result.success
+    assert counter.rows == 18
 
 
 def test_late_scoring_refuses_a_changed_model() -> None:

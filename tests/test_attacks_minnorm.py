@@ -9,13 +9,14 @@ import pytest
 import torch
 from helpers import CONF_DIR
 from hydra.utils import instantiate
+from known_answers import LinearNet
 from omegaconf import OmegaConf
 from torch import nn
 
 from pse_lightning.analysis.pse.statistics import grid_group_map
 from pse_lightning.attacks import CWL2, EAD, Attack, StrAttack
 from pse_lightning.attacks.losses import margin
-from pse_lightning.attacks.search import ConstantSearch, EarlyAbort
+from pse_lightning.attacks.search import BestSoFar, ConstantSearch, EarlyAbort, binary_search
 from pse_lightning.attacks.strattack import PixelGroups, support_above_quantile
 
 
@@ -27,21 +28,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class LinearNet(nn.Module):
-    """Z = W x + b on flattened images."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            self.fc.bias.copy_(bias)
-        self.num_classes = weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
 
 
 def two_class_problem(
@@ -197,13 +183,16 @@ def saturated_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(n, 3, 8, 8, generator=gen)
     x = torch.where(x < 0.3, torch.zeros_like(x), torch.where(x > 0.7, torch.ones_like(x), x))
-    return x, torch.randint(0, 5, (n,), generator=gen)
+    with torch.no_grad():  # correctly classified: only those rows are attacked
+        y = TinyConv().eval()(x).argmax(1)
+    return x, y
 
 
 @pytest.mark.parametrize("name", ATTACKS)
 def test_box_budget_and_success_invariants(name: str) -> None:
     model, (x, y) = TinyConv().eval(), saturated_batch()
-    attack = fast(name, steps=30, binary_search_steps=3)
+    # This random net's logits barely move: the constants must start large to succeed.
+    attack = fast(name, steps=30, binary_search_steps=3, initial_const=10.0)
     result = attack(model, x, y)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     if attack.eps is not None:
@@ -291,6 +280,25 @@ def test_strattack_refinement_never_hurts() -> None:
     assert ((refined.extras["groups"] > 0) <= (plain.extras["groups"] > 0)).all()
 
 
+def test_strattack_refinement_rounds_reprune_and_improve() -> None:
+    """The authors' refinement: every round prunes the current best again and
+    re-optimises on what is left. The L2 objective without the group penalty moves the
+    ADMM solution 6% closer (median; measured 0.937), more rounds never lose ground and the
+    support never grows."""
+    model, x, y = multi_class_problem()  # at the defaults: a short ADMM run to refine
+    plain = StrAttack(refine=False)(model, x, y)
+    one = StrAttack(refine_rounds=1)(model, x, y)
+    three = StrAttack(refine_rounds=3)(model, x, y)
+    assert plain.success.all() and one.success.all() and three.success.all()
+    l2_plain, l2_one = l_norm(plain.x_adv - x, 2), l_norm(one.x_adv - x, 2)
+    l2_three = l_norm(three.x_adv - x, 2)
+    assert float((l2_one / l2_plain).median()) <= 0.97
+    assert (l2_three <= l2_one + 1e-6).all()
+    nonzero = lambda r: ((r.x_adv - x) != 0).flatten(1).sum(1)  # noqa: E731
+    assert (nonzero(three) <= nonzero(one)).all() and (nonzero(one) <= nonzero(plain)).all()
+    assert (nonzero(three) < nonzero(one)).any()  # later rounds pruned again
+
+
 def test_pixel_groups_with_ragged_edges() -> None:
     groups = PixelGroups(3, 7, 8)  # 3 x 3 patches, last row/column smaller
     delta = torch.randn(2, 3, 7, 8)
@@ -317,6 +325,23 @@ def test_constant_search_moves_each_sample_on_its_own() -> None:
     assert torch.allclose(search.const, torch.tensor([0.5, 10.0, 10.0]))
     search.update(torch.tensor([True, True, False]))
     assert torch.allclose(search.const, torch.tensor([0.25, 5.5, 100.0]))
+
+
+@pytest.mark.parametrize(("repeat", "last"), [(False, [0.375, 0.55]), (True, [0.5, 1.0])])
+def test_carlini_last_step_reruns_at_the_upper_bound(repeat: bool, last: list[float]) -> None:
+    """Carlini's rule: the last outer step uses the smallest constant known to succeed."""
+    seen: list[torch.Tensor] = []
+
+    def inner(const: torch.Tensor, best: BestSoFar) -> torch.Tensor:
+        seen.append(const.clone())
+        return const >= 0.3  # a sample succeeds exactly when c >= 0.3
+
+    best = BestSoFar(torch.zeros(2, 1, 1, 1))
+    initial = torch.tensor([1.0, 0.01])
+    binary_search(
+        best, inner, initial_const=initial, search_steps=4, grow=10.0, repeat_last=repeat
+    )
+    assert torch.allclose(seen[-1], torch.tensor(last))
 
 
 def test_early_abort_is_per_sample() -> None:

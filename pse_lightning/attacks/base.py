@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pse_lightning.attacks.losses import ascent_objective, is_success, other_max_index
-from pse_lightning.attacks.norms import NORMS, LpBall, Norm
+from pse_lightning.attacks.norms import NORMS, LpBall, Norm, exact_linf
 from pse_lightning.core import randomness
 from pse_lightning.core.model_state import frozen_eval, model_num_classes, model_version
 from pse_lightning.validation import (
@@ -43,7 +43,10 @@ class AttackResult:
 
     Attributes:
         x_adv: (N, C, H, W) adversarial images in [0, 1], within the budget.
-        success: (N,) bool, from ``logits_adv``.
+        attacked: (N,) bool, the clean prediction was correct: only these rows can succeed,
+            and attack statistics and analyses use only them (METHODS section 6).
+        success: (N,) bool: ``attacked`` and the adversarial prediction is wrong
+            (targeted: equals the target), from ``logits_adv``.
         logits_adv: (N, K) logits of exactly ``x_adv`` (after the box, budget and support
             enforcement): from the attack's own forward pass where it had them for a row
             the enforcement left bit-identical, else from a fresh forward pass.
@@ -54,10 +57,12 @@ class AttackResult:
         extras: attack-specific per-sample tensors (for example the group structure of the
             structured attack), keyed by name.
 
-    ``logits_adv`` may be given as a function: the forward pass that scores ``x_adv`` then
-    runs on first access of ``logits_adv``, ``success`` or (untargeted) ``target``, so a
-    caller that only wants ``x_adv`` (adversarial training) never pays it. The attack's
-    function refuses to run once the model's parameters or buffers changed in place.
+    ``logits_adv`` (and ``logits_clean``) may be given as functions: the forward pass then
+    runs on first access of ``logits_adv``, ``success``, ``attacked`` or (untargeted)
+    ``target``, so a caller that only wants ``x_adv`` (adversarial training) never pays it.
+    The attack's functions refuse to run once the model's parameters or buffers changed in
+    place. A caller that has the clean logits (the evaluation loop) passes them to the
+    attack, so reading ``attacked`` costs nothing.
     """
 
     def __init__(
@@ -69,8 +74,10 @@ class AttackResult:
         target: Tensor | None,
         targeted: bool,
         extras: dict[str, Tensor] | None = None,
+        logits_clean: Tensor | Callable[[], Tensor] | None = None,
     ) -> None:
         self.x_adv = x_adv
+        self._logits_clean = logits_clean
         self.targeted = targeted
         self.extras = dict(extras or {})
         self._logits = logits_adv
@@ -84,8 +91,17 @@ class AttackResult:
         return self._logits
 
     @property
+    def attacked(self) -> Tensor:
+        if self._logits_clean is None:
+            return torch.ones_like(self._y, dtype=torch.bool)
+        if callable(self._logits_clean):
+            self._logits_clean = self._logits_clean()
+        return self._logits_clean.argmax(dim=1) == self._y
+
+    @property
     def success(self) -> Tensor:
-        return is_success(self.logits_adv, self._y, self._target, self.targeted)
+        hit = is_success(self.logits_adv, self._y, self._target, self.targeted)
+        return hit & self.attacked
 
     @property
     def target(self) -> Tensor:
@@ -229,6 +245,7 @@ class Attack(ABC):
         target: Tensor | None = None,
         index: Tensor | None = None,
         support: Tensor | None = None,
+        logits_clean: Tensor | None = None,
     ) -> AttackResult:
         """Attack a batch.
 
@@ -241,21 +258,37 @@ class Attack(ABC):
                 0..N-1, so pass them whenever results must not depend on batching.
             support: (N, 1 or C, H, W) bool, the only coordinates the perturbation may
                 touch (intersected with the attack's own region, if it has one).
+            logits_clean: (N, K) logits of x, when the caller has them: they decide which
+                rows count as attacked (clean prediction correct) without a forward pass;
+                without them that forward runs when the result's success is first read.
 
         Returns:
             An :class:`AttackResult`.
+
+        Raises:
+            ValueError: an explicit target equal to y (a targeted attack could then
+                "succeed" without moving), or an explicit target for an untargeted attack.
         """
         check_images(x)
         if index is None:
             index = torch.arange(len(x), device=x.device)
         x = x.detach()
         with frozen_eval(model), torch.enable_grad():
-            logits_clean = None
-            if self.targeted and target is None and self.target_rule == "least_likely":
+            if (
+                logits_clean is None
+                and self.targeted
+                and target is None
+                and self.target_rule == "least_likely"
+            ):
                 with torch.no_grad():
                     logits_clean = model(x)
             num_classes = model_num_classes(model, x, logits_clean)
             require_labels("y", y, len(x), num_classes)
+            if logits_clean is not None and logits_clean.shape != (len(x), num_classes):
+                raise ValueError(
+                    f"logits_clean must have shape ({len(x)}, {num_classes}), got "
+                    f"{tuple(logits_clean.shape)}: pass the model's logits of x"
+                )
             if target is not None:
                 if not self.targeted:
                     raise ValueError(
@@ -263,6 +296,7 @@ class Attack(ABC):
                         "set attack.targeted=true"
                     )
                 require_labels("target", target, len(x), num_classes)
+                check_target_differs(target, y)
             elif self.targeted:
                 target = self.choose_target(logits_clean, y, index, num_classes)
             support = intersect_masks(check_support(support, x), self._region(model, x, y))
@@ -279,6 +313,7 @@ class Attack(ABC):
             target=target,
             targeted=self.targeted,
             extras=self.extras(),
+            logits_clean=self._scorer(model, x, logits_clean),
         )
 
     # -- hooks for subclasses -------------------------------------------------------------
@@ -306,17 +341,22 @@ class Attack(ABC):
     # -- shared machinery -----------------------------------------------------------------
 
     def enforce_constraints(self, x: Tensor, x_adv: Tensor) -> Tensor:
-        """Clip to the budget (if any) and to the box [0, 1]."""
-        if self.ball is not None:
-            return self.ball.project(x, x_adv)
-        return x_adv.clamp(0.0, 1.0)
+        """Clip to the budget (if any) and to the box [0, 1], exactly in x's dtype (the
+        L-inf bounds are rounded towards x, so float16 rounding cannot exceed eps)."""
+        if self.ball is None:
+            return x_adv.clamp(0.0, 1.0)
+        if self.norm == "linf":  # a clamp, no arithmetic on x_adv: idempotent and exact
+            return exact_linf(x, x_adv, self.eps)
+        return self.ball.project(x, x_adv)
 
-    def sample_start(self, batch: AttackBatch) -> Tensor:
+    def sample_start(self, batch: AttackBatch, restart: int = 0) -> Tensor:
         """A uniformly random point of the ball (inside the support), keyed by (seed,
-        sample index)."""
+        sample index, restart)."""
         x = batch.x
-        noise = randomness.uniform(batch.index, tuple(x.shape[1:]), self.seed, STREAM_START)
-        return batch.restrict(self.ball.sample(x, noise.to(x.dtype)))
+        size = self.ball.noise_size(x[0].numel())
+        stream = STREAM_START + (restart << 4)  # restart 0 keeps the historical stream
+        noise = randomness.uniform(batch.index, (size,), self.seed, stream)
+        return batch.restrict(self.ball.sample(x, noise.to(x.dtype), batch.support))
 
     def objective_gradient(
         self,
@@ -328,10 +368,23 @@ class Attack(ABC):
     ) -> Tensor:
         """Gradient of the per-sample ascent objective at ``x_adv`` (one fwd + one bwd),
         zero outside the support."""
+        return self.scored_gradient(model, x_adv, batch, loss, reference)[0]
+
+    def scored_gradient(
+        self,
+        model: nn.Module,
+        x_adv: Tensor,
+        batch: AttackBatch,
+        loss: str,
+        reference: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(gradient, logits, objective)`` at ``x_adv`` from one fwd + one bwd: the
+        logits and objective score the iterate itself (best-iterate tracking)."""
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
         objective = ascent_objective(logits, batch.label, self.targeted, loss, reference)
-        return batch.confine(input_gradient(objective, x_adv))
+        grad = batch.confine(input_gradient(objective, x_adv))
+        return grad, logits.detach(), objective.detach()
 
     def choose_target(
         self, logits_clean: Tensor | None, y: Tensor, index: Tensor, num_classes: int
@@ -372,6 +425,17 @@ class Attack(ABC):
                 return out
 
         return score
+
+
+def check_target_differs(target: Tensor, y: Tensor) -> None:
+    """An explicit target must differ from the true label in every row."""
+    same = (target == y).nonzero()[:, 0]
+    if len(same):
+        raise ValueError(
+            f"target equals y in rows {same[:8].tolist()}: a targeted attack needs "
+            "target != y (that row would count as a success without moving); pass other "
+            "targets or use attack.target_rule"
+        )
 
 
 def check_images(x: Tensor) -> None:

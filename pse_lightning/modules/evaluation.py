@@ -32,6 +32,19 @@ class EvaluationResult:
     analyses: dict[str, AnalysisResult] = field(default_factory=dict)
     examples: dict[str, Tensor] = field(default_factory=dict)
 
+# Extras that describe the batch rather than one sample (StrAttack's (H, W) group ids).
+SHARED_EXTRAS = frozenset({"group_map"})
+
+
+def attacked_rows(adv: AdversarialBatch, attacked: Tensor) -> AdversarialBatch:
+    """The rows the attack was about (clean prediction correct): analyses never see a
+    clean-misclassified sample (METHODS section 6)."""
+    if bool(attacked.all()):
+        return adv
+    rows = {k: v[attacked] for k, v in vars(adv).items() if isinstance(v, Tensor)}
+    extras = {k: v if k in SHARED_EXTRAS else v[attacked] for k, v in adv.extras.items()}
+    return AdversarialBatch(**rows, targeted=adv.targeted, extras=extras)
+
 
 class EvaluationModule(pl.LightningModule):
     """Runs an attack on every test batch and feeds the result to each analysis.
@@ -85,26 +98,30 @@ class EvaluationModule(pl.LightningModule):
         x, y, index = batch
         with torch.no_grad():
             logits_clean = self.model(x)
-        result = self.attack(self.model, x, y, index=index)
+        result = self.attack(self.model, x, y, index=index, logits_clean=logits_clean)
         self.attack_metrics.update(
             x, result.x_adv, y, logits_clean, result.logits_adv, result.success, index
         )
-        adv = AdversarialBatch(
-            x=x,
-            y=y,
-            index=index,
-            logits_clean=logits_clean,
-            x_adv=result.x_adv,
-            logits_adv=result.logits_adv,
-            target=result.target,
-            success=result.success,
-            targeted=result.targeted,
-            extras=result.extras,
+        adv = attacked_rows(
+            AdversarialBatch(
+                x=x,
+                y=y,
+                index=index,
+                logits_clean=logits_clean,
+                x_adv=result.x_adv,
+                logits_adv=result.logits_adv,
+                target=result.target,
+                success=result.success,
+                targeted=result.targeted,
+                extras=result.extras,
+            ),
+            result.attacked,
         )
-        with torch.enable_grad():
-            for analysis in self.analyses.values():
-                analysis.update(self.model, adv)
-        self._keep_examples(adv)
+        if len(adv.y):
+            with torch.enable_grad():
+                for analysis in self.analyses.values():
+                    analysis.update(self.model, adv)
+            self._keep_examples(adv)
 
     def _keep_examples(self, adv: AdversarialBatch) -> None:
         keep = adv.index < self.log_examples
