@@ -17,7 +17,7 @@ from pse_lightning.analysis.base import AdversarialBatch
 from pse_lightning.analysis.cam import CAMAnalysis
 from pse_lightning.analysis.cam import statistics as fcam
 from pse_lightning.analysis.cam.result import CAMExamples
-from pse_lightning.attacks import FGSM, PGD, Attack, CAMGuided
+from pse_lightning.attacks import FGSM, PGD, Attack, AttackResult, CAMGuided
 from pse_lightning.attacks.base import AttackBatch
 from pse_lightning.attacks.cw import CWL2
 from pse_lightning.attacks.norms import flat_norm
@@ -401,16 +401,15 @@ def test_analysis_config_instantiates_and_bad_values_name_the_key() -> None:
 # -- CAM-guided attack ----------------------------------------------------------------------
 
 
-def check_confined(attack: CAMGuided, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def check_confined(attack: CAMGuided, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
     result = attack(model, x, y)
     delta = result.x_adv - x
     region = attack.region(model, x, y)  # recomputed independently of the attack's state
-    assert torch.equal(region[:, 0], attack.last_mask)
     assert torch.all(delta * ~region == 0), "perturbation outside the CAM region"
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert not region.all() and region.any()
     torch.testing.assert_close(result.extras["cam_area"], amaps.mask_area(region[:, 0]))
-    return delta
+    return result
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5)])
@@ -419,17 +418,18 @@ def test_cam_guided_pgd_is_zero_outside_the_mask_and_within_budget(norm: str, ep
     attack = CAMGuided(
         attack=PGD(norm=norm, eps=eps, step_size=eps / 4, steps=5), threshold=0.5, dilate=0
     )
-    delta = check_confined(attack, model, x, y)
+    delta = check_confined(attack, model, x, y).x_adv - x
     assert (flat_norm(delta, norm) <= eps * (1 + 1e-6)).all()
     assert (delta.abs().flatten(1).amax(1) > 0).all()  # it did attack inside the mask
 
 
 def test_cam_guided_cw_is_zero_outside_the_mask() -> None:
     model, (x, y) = small_cnn(), images(4, size=32)  # 16 x 16 features: a cell is 2 px
-    cw = CWL2(steps=10, binary_search_steps=2, initial_const=1.0, abort_early=False)
+    cw = CWL2(steps=10, binary_search_steps=2, initial_const=1.0, abort_early=False,
+              targeted=True, target_rule="next")  # fmt: skip
     attack = CAMGuided(attack=cw, threshold=0.5, dilate=1, targeted=True, target_rule="next")
-    check_confined(attack, model, x, y)
-    assert "const" in attack.extras()
+    result = check_confined(attack, model, x, y)
+    assert set(result.extras) == {"const", "cam_area"}  # the wrapped attack's extras too
 
 
 class GradientSpy(Attack):
@@ -451,7 +451,7 @@ def test_cam_guided_base_attack_sees_the_masked_model() -> None:
     spy = GradientSpy()
     attack = CAMGuided(attack=spy, threshold=0.5, dilate=0)
     attack(model, x, y)
-    outside = ~attack.last_mask[:, None].expand_as(x)
+    outside = ~attack.region(model, x, y).expand_as(x)
     assert torch.all(spy.grad[outside] == 0) and torch.all(spy.grad[~outside] != 0)
 
 
@@ -465,14 +465,15 @@ def test_cam_guided_with_full_mask_is_the_base_attack() -> None:
 
 def test_cam_guided_targeted_masks_the_true_class_and_rejects_bad_settings() -> None:
     model, (x, y) = small_cnn(), images(6)
-    attack = CAMGuided(
-        attack=PGD(steps=2), threshold=0.5, dilate=0, targeted=True, target_rule="next"
-    )
-    assert attack.attack.targeted and attack.attack.target_rule == "next"
+    inner = PGD(steps=2, targeted=True, target_rule="next")
+    attack = CAMGuided(attack=inner, threshold=0.5, dilate=0, targeted=True, target_rule="next")
     result = attack(model, x, y)
     assert torch.equal(result.target, (y + 1) % 5)
-    assert torch.equal(attack.last_mask, attack.region(model, x, y)[:, 0])
-    assert not torch.equal(attack.last_mask, attack.region(model, x, result.target)[:, 0])
+    true_region, target_region = attack.region(model, x, y), attack.region(model, x, result.target)
+    assert not torch.equal(true_region, target_region)
+    assert torch.all((result.x_adv - x) * ~true_region == 0)  # the true class's region
+    with pytest.raises(ValueError, match="attack.attack.targeted"):
+        CAMGuided(attack=PGD(steps=2), targeted=True)
     with pytest.raises(TypeError, match="attack.attack"):
         CAMGuided(attack={"_target_": "pse_lightning.attacks.PGD"})
     with pytest.raises(ValueError, match="attack.dilate"):

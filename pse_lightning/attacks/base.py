@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -161,9 +161,21 @@ def restrict(x_adv: Tensor, x: Tensor, support: Tensor | None) -> Tensor:
     return x_adv if support is None else torch.where(support, x_adv, x)
 
 
-# What ``_perturb`` returns: the images, or the images and their logits (rows of NaN where
-# a row's logits are unknown), which spares the base class a forward pass.
-Perturbation = Tensor | tuple[Tensor, Tensor]
+@dataclass(frozen=True)
+class Perturbation:
+    """What ``_perturb`` returns when it has more than the images.
+
+    Attributes:
+        x_adv: (N, C, H, W) the adversarial images.
+        logits: (N, K) logits of exactly those images where the attack has them (rows of
+            NaN where not): the base class then skips their forward pass. None: unknown.
+        extras: attack-specific per-sample outputs (constants, group structure), handed to
+            the caller in :attr:`AttackResult.extras`.
+    """
+
+    x_adv: Tensor
+    logits: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 def keep_logits(before: Tensor, after: Tensor, logits: Tensor | None) -> Tensor | None:
@@ -302,29 +314,27 @@ class Attack(ABC):
             support = intersect_masks(check_support(support, x), self._region(model, x, y))
             batch = AttackBatch(x, y, target if self.targeted else None, index, support)
             out = self._perturb(model, batch)
-            x_adv, logits = out if isinstance(out, tuple) else (out, None)
-            x_adv = x_adv.detach()
+            if isinstance(out, Tensor):
+                out = Perturbation(out)
+            x_adv = out.x_adv.detach()
             x_final = batch.restrict(self.enforce_constraints(x, x_adv))
-            known = keep_logits(x_adv, x_final, logits)
+            known = keep_logits(x_adv, x_final, out.logits)
         return AttackResult(
             x_adv=x_final,
             logits_adv=self._scorer(model, x_final, known),
             y=y,
             target=target,
             targeted=self.targeted,
-            extras=self.extras(),
+            extras=out.extras,
             logits_clean=self._scorer(model, x, logits_clean),
         )
 
     # -- hooks for subclasses -------------------------------------------------------------
 
     @abstractmethod
-    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
-        """Adversarial images for ``batch.x``, optionally with their logits.
-
-        Return the images, or ``(images, logits)`` when the logits of exactly those images
-        are at hand (rows of NaN where not): the base class then skips their forward pass.
-        """
+    def _perturb(self, model: nn.Module, batch: AttackBatch) -> Tensor | Perturbation:
+        """Adversarial images for ``batch.x``: the images, or a :class:`Perturbation` with
+        their logits (which spares the base class a forward pass) and extras."""
 
     def _region(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
         """(N, 1 or C, H, W) bool: where this attack may perturb (None: anywhere).
@@ -334,9 +344,6 @@ class Attack(ABC):
         """
         return None
 
-    def extras(self) -> dict[str, Tensor]:
-        """Attack-specific outputs of the last call (group structure, constants...)."""
-        return {}
 
     # -- shared machinery -----------------------------------------------------------------
 

@@ -191,7 +191,7 @@ class CWL2(SearchSettings, Attack):
         box: 'clip' (projected Adam on x') or 'tanh' (Carlini's change of variables).
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
 
-    ``extras()`` after a call: ``{"const": (N,) the c of the returned example (nan where
+    ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.
     """
 
@@ -221,7 +221,6 @@ class CWL2(SearchSettings, Attack):
         )
         self.lr = require_positive("attack.lr", lr)
         self.box = require_choice("attack.box", box, BOXES)
-        self._extras: dict[str, Tensor] = {}
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
         best = cw_adam_search(
@@ -240,8 +239,4 @@ class CWL2(SearchSettings, Attack):
             # Carlini's rule: with 10+ outer steps the last one reruns at the upper bound.
             repeat_last=self.binary_search_steps >= 10,
         )
-        self._extras = {"const": best.const}
         return best.result()
-
-    def extras(self) -> dict[str, Tensor]:
-        return dict(self._extras)

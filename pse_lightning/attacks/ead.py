@@ -96,7 +96,7 @@ class EAD(SearchSettings, Attack):
         abort_early: stop a sample whose loss fell less than 0.01% over steps / 10 steps.
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
 
-    ``extras()`` after a call: ``{"const": (N,) the c of the returned example (nan where
+    ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.
     """
 
@@ -132,7 +132,6 @@ class EAD(SearchSettings, Attack):
         self.decision_rule = require_choice("attack.decision_rule", decision_rule, DECISION_RULES)
         self.fista = bool(fista)
         self.shrinkage = require_choice("attack.shrinkage", shrinkage, SHRINKAGES)
-        self._extras: dict[str, Tensor] = {}
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
         best = BestSoFar(batch.x)
@@ -143,7 +142,6 @@ class EAD(SearchSettings, Attack):
             search_steps=self.binary_search_steps,
             grow=10.0,
         )
-        self._extras = {"const": best.const}
         return best.result()
 
     def _fista(self, model: nn.Module, batch: AttackBatch, const: Tensor, best: BestSoFar):
@@ -205,5 +203,3 @@ class EAD(SearchSettings, Attack):
         f, _ = adversarial_margin(logits, label, self.targeted, self.kappa)
         return input_gradient(const * f, y_k)
 
-    def extras(self) -> dict[str, Tensor]:
-        return dict(self._extras)

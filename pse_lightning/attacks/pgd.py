@@ -33,14 +33,14 @@ class BestIterate:
         self.x[better] = x_it[better]
         self.logits[better] = logits[better]
 
-    def result(self, x_final: Tensor) -> Perturbation:
+    def result(self, x_final: Tensor) -> Tensor | Perturbation:
         """The best successful iterate where one was seen (with its logits), else the final
         iterate (unscored: the base class forwards it only if its success is read)."""
         if self.logits is None:
             return x_final
         keep = self.success[:, None, None, None]
         logits = self.logits.masked_fill(~self.success[:, None], torch.nan)
-        return torch.where(keep, self.x, x_final), logits
+        return Perturbation(torch.where(keep, self.x, x_final), logits)
 
 
 class PGD(Attack):

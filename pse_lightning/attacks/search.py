@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pse_lightning.attacks.base import Perturbation
 from pse_lightning.attacks.losses import margin
 from pse_lightning.validation import require_at_least, require_non_negative, require_positive
 
@@ -158,10 +159,10 @@ class BestSoFar:
             self.logits = logits.new_full((len(self.score), logits.shape[1]), math.nan)
         return self.logits
 
-    def result(self) -> tuple[Tensor, Tensor] | Tensor:
+    def result(self) -> Perturbation:
         """What ``_perturb`` returns: the best images with their logits (NaN rows where
-        nothing was found)."""
-        return self.x_best if self.logits is None else (self.x_best, self.logits)
+        nothing was found) and, as extras, the constant each was found with."""
+        return Perturbation(self.x_best, self.logits, {"const": self.const})
 
     def select(self, idx: Tensor) -> BestSoFar:
         """A tracker over the rows ``idx`` (copies), to continue a search on a subset."""

@@ -151,7 +151,7 @@ class StrAttack(SearchSettings, Attack):
         refine_rounds: prune-and-re-optimise rounds; each prunes the current best again.
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
 
-    ``extras()`` after a call (keys exactly):
+    ``AttackResult.extras`` (keys exactly):
         ``groups``: (N, n_groups) float, L2 norm of the returned perturbation
             ``x_adv - x`` in each group (0 for groups the attack left untouched);
         ``group_map``: (H, W) long, the group id of every pixel (row-major over patches,
@@ -220,7 +220,6 @@ class StrAttack(SearchSettings, Attack):
         self.refine_quantile = require_in_range(
             "attack.refine_quantile", refine_quantile, 0.0, 1.0
         )
-        self._extras: dict[str, Tensor] = {}
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
         x, label = batch.x, batch.label
@@ -242,12 +241,12 @@ class StrAttack(SearchSettings, Attack):
         # norms below describe exactly the returned perturbation.
         x_adv = batch.restrict(self.enforce_constraints(x, best.x_best))
         delta = x_adv - x
-        self._extras = {
+        extras = {
             "groups": groups.norms(delta).flatten(1),
             "group_map": groups.index_map(x.device),
             "const": best.const,
         }
-        return x_adv, keep_logits(best.x_best, x_adv, best.logits)
+        return Perturbation(x_adv, keep_logits(best.x_best, x_adv, best.logits), extras)
 
     def _admm(
         self,
@@ -344,5 +343,3 @@ class StrAttack(SearchSettings, Attack):
         )
         best.assign(idx, sub)
 
-    def extras(self) -> dict[str, Tensor]:
-        return dict(self._extras)
