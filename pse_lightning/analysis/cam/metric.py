@@ -65,7 +65,7 @@ KEPT_STATES: dict[str, str] = {
 def other_class(index: Tensor, y: Tensor, target: Tensor, num_classes: int, seed: int) -> Tensor:
     """Per image a class drawn uniformly from those that are neither y nor the target.
 
-    The class of the null mask (docs/METHODS.md §3.5): drawn from (seed, dataset index), so
+    The class of the null mask (docs/METHODS.md §3): drawn from (seed, dataset index), so
     an image gets the same class under any batching or process count.
 
     Args:
