@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from pse_lightning.analysis.base import AdversarialBatch
 from pse_lightning.analysis.cam import CAMAnalysis
 from pse_lightning.analysis.cam import statistics as fcam
+from pse_lightning.analysis.cam.metric import other_class
 from pse_lightning.analysis.cam.result import CAMExamples
 from pse_lightning.attacks import FGSM, PGD, Attack, AttackResult, CAMGuided
 from pse_lightning.attacks.base import AttackBatch
@@ -319,7 +320,12 @@ def test_analysis_scores_a_perturbation_inside_the_true_class_mask() -> None:
     torch.testing.assert_close(out["lift_true"], (1 / area).mean())
     assert out["is_union"] == pytest.approx(1.0)
     assert 0 <= out["is_target"] <= 1
-    assert out["pvalue_true"] <= 1 and 0 <= out["significant_true"] <= 1
+    assert 0 <= out["significant_true"] <= 1
+    # Every scored perturbation lies inside B_true: IS^2 - area = 1 - area > 0 on all five.
+    torch.testing.assert_close(
+        out["excess_true"], fcam.signed_rank_summary(1 - area)["effect"], atol=1e-12, rtol=0
+    )
+    assert float(out["excess_true_p"]) == pytest.approx(2 / 2**5)
 
 
 def test_pse_share_on_an_analytic_model() -> None:
@@ -396,6 +402,154 @@ def test_analysis_config_instantiates_and_bad_values_name_the_key() -> None:
         CAMAnalysis(top_area=0)
     with pytest.raises(ValueError, match="analysis.method"):
         CAMAnalysis(method="cams")
+
+
+# -- dataset-level statistics (issue 15) ----------------------------------------------------
+
+
+def test_hodges_lehmann_effect_ci_and_wilcoxon_known_answers() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for n in (2, 5, 40):
+        d = torch.randn(n, generator=gen, dtype=torch.float64)
+        i, j = torch.triu_indices(n, n)
+        walsh = ((d[i] + d[j]) / 2).sort().values
+        for k in range(1, len(walsh) + 1, max(1, len(walsh) // 9)):
+            assert fcam.walsh_order_statistic(d, k) == walsh[k - 1]
+            # The bisection used for large n (no n^2 memory) finds the same value.
+            assert fcam.walsh_order_statistic(d, k, direct_limit=0) == walsh[k - 1]
+        m = len(walsh)
+        expected = (walsh[(m - 1) // 2] + walsh[m // 2]) / 2  # the median of Walsh averages
+        torch.testing.assert_close(fcam.signed_rank_summary(d)["effect"], expected)
+    # All 10 differences positive: exact two-sided p = 2 / 2^10; the CI excludes 0.
+    out = fcam.signed_rank_summary(torch.arange(1.0, 11.0))
+    assert float(out["p"]) == pytest.approx(2 / 1024)
+    assert 0 < out["low"] <= out["effect"] <= out["high"] and float(out["effect"]) == 5.5
+    assert fcam.signed_rank_summary(torch.zeros(5))["p"].isnan()
+
+
+def test_hodges_lehmann_ci_covers_the_centre_at_its_nominal_rate() -> None:
+    gen = torch.Generator().manual_seed(6)
+    covered = 0
+    for _ in range(200):
+        out = fcam.signed_rank_summary(0.3 + torch.randn(40, generator=gen))
+        covered += int(out["low"] <= 0.3 <= out["high"])
+    assert 0.91 <= covered / 200 <= 0.99
+
+
+def centre_blobs(n: int, size: int, gen: torch.Generator, width: float) -> Tensor:
+    """(n, size, size) positive maps peaked near the centre (jittered), times noise."""
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    centre = 2.0 * torch.randn(n, 2, 1, 1, generator=gen, dtype=torch.float64)
+    r2 = (coords[None, :, None] - centre[:, 0]) ** 2 + (coords[None, None, :] - centre[:, 1]) ** 2
+    noise = torch.rand(n, size, size, generator=gen, dtype=torch.float64)
+    return torch.exp(-r2 / (2 * width**2)) * (0.25 + noise)
+
+
+def rejection_rates(planted: float, reps: int = 200, n: int = 40) -> dict[str, float]:
+    """Share of repetitions in which each test rejects at alpha = 0.05, on synthetic images:
+    a centre-biased perturbation energy and centre-biased maps of the true and of another
+    class, all independent unless ``planted`` > 0 adds energy inside the true-class mask."""
+    gen = torch.Generator().manual_seed(7)
+    total = reps * n  # every repetition's images drawn at once, then cut into repetitions
+    energy = centre_blobs(total, 16, gen, width=4.0)
+    own = amaps.top_area_mask(centre_blobs(total, 16, gen, width=3.0), 0.2)
+    other = amaps.top_area_mask(centre_blobs(total, 16, gen, width=3.0), 0.2)
+    delta = (energy * (1 + planted * own)).sqrt()[:, None]
+    own_sq = fcam.interpretability_score(delta, own) ** 2
+    tests = {
+        "specific": own_sq - fcam.interpretability_score(delta, other) ** 2,
+        "excess": own_sq - amaps.mask_area(own),
+    }
+    rejected = {name: 0 for name in tests}
+    for name, d in tests.items():
+        for rep in d.view(reps, n):
+            rejected[name] += int(fcam.signed_rank_summary(rep)["p"] <= 0.05)
+    return {name: count / reps for name, count in rejected.items()}
+
+
+def test_other_class_null_is_calibrated_where_the_random_mask_baseline_is_not() -> None:
+    """The issue-15 null: a centre-biased perturbation unrelated to a centre-biased mask."""
+    rates = rejection_rates(planted=0.0)
+    assert 0.02 <= rates["specific"] <= 0.08
+    assert rates["excess"] > 0.5  # IS^2 - area confuses shared centre bias with an effect
+
+
+def test_other_class_null_detects_a_planted_effect() -> None:
+    assert rejection_rates(planted=0.5)["specific"] >= 0.8
+
+
+def test_other_class_is_neither_label_nor_target_and_depends_on_the_index_only() -> None:
+    index = torch.arange(60000)
+    y = torch.randint(0, 5, (60000,), generator=torch.Generator().manual_seed(8))
+    target = torch.where(index % 3 == 0, y, (y + 1 + index % 4) % 5)
+    c = other_class(index, y, target, 5, seed=3)
+    assert ((c != y) & (c != target) & (c >= 0) & (c < 5)).all()
+    sel = (y == 0) & (target == 1)
+    counts = torch.bincount(c[sel], minlength=5)[2:].double()
+    assert (counts / counts.sum() - 1 / 3).abs().max() < 0.04  # uniform over {2, 3, 4}
+    torch.testing.assert_close(
+        other_class(index.flip(0), y.flip(0), target.flip(0), 5, 3), c.flip(0)
+    )
+    assert not torch.equal(other_class(index, y, target, 5, seed=4), c)
+
+
+class ObjectMasks:
+    """A datamodule stand-in serving shapes-style concept labels (object in category 0)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+
+    def concept_labels(self, split: str) -> Tensor:
+        assert split == "test"
+        labels = torch.zeros(len(self.mask), 4, *self.mask.shape[-2:], dtype=torch.long)
+        labels[:, 0] = self.mask.long() * 3
+        labels[:, 3] = (~self.mask).long() * 9
+        return labels
+
+
+def test_fixed_area_null_and_object_masks_on_an_analytic_model() -> None:
+    """PixelGAP: CAM_c = sum_k W_ck x_k, so every mask and score is known by hand."""
+    model = PixelGAP()
+    gen = torch.Generator().manual_seed(9)
+    n = 12
+    x = torch.rand(n, 3, 8, 8, generator=gen) * 0.5 + 0.25
+    obj = torch.zeros(n + 3, 8, 8, dtype=torch.bool)
+    obj[:, 2:5, 1:6] = True
+    obj[3:, 0, :] = True
+    delta = 0.05 * torch.randn(n, 3, 8, 8, generator=gen) * (1 + 3 * obj[3:, None])
+    y, target = torch.arange(n) % 4, (torch.arange(n) + 1) % 4
+    index = torch.arange(3, n + 3)
+    metric = CAMAnalysis(examples=0, shifts=5, areas=(0.2, 0.5), seed=11)
+    metric.prepare(model, ObjectMasks(obj))
+    metric.update(model, adversarial_batch(model, x, x + delta, y, target, index))
+    out = metric.compute().scalars
+    weight = model.fc.weight.detach()
+
+    def top_sq(images: Tensor, classes: Tensor, area: float) -> Tensor:
+        cam = torch.einsum("nk,nkhw->nhw", weight[classes], images)
+        return fcam.interpretability_score(delta, amaps.top_area_mask(cam, area)).double() ** 2
+
+    other = other_class(index, y, target, 4, seed=11)
+    for area, tag in ((0.2, "top20"), (0.5, "top50")):
+        own, null = top_sq(x, y, area), top_sq(x, other, area)
+        assert float(out[f"is_true_{tag}"]) == pytest.approx(float(own.sqrt().mean()), abs=1e-6)
+        assert float(out[f"null_is_true_{tag}"]) == pytest.approx(float(null.sqrt().mean()),
+                                                                   abs=1e-6)  # fmt: skip
+        expected = fcam.signed_rank_summary(own - null)
+        for suffix, key in (("", "effect"), ("_low", "low"), ("_high", "high"), ("_p", "p")):
+            got = float(out[f"specific_true_{tag}{suffix}"])
+            assert got == pytest.approx(float(expected[key]), abs=1e-6)
+        own_t, null_t = top_sq(x + delta, target, area), top_sq(x + delta, other, area)
+        expected = fcam.signed_rank_summary(own_t - null_t)["effect"]
+        assert float(out[f"specific_target_{tag}"]) == pytest.approx(float(expected), abs=1e-6)
+    obj_sq = fcam.interpretability_score(delta, obj[3:]).double() ** 2
+    area = amaps.mask_area(obj[3:]).double()
+    assert float(out["is_object"]) == pytest.approx(float(obj_sq.sqrt().mean()), abs=1e-6)
+    assert float(out["lift_object"]) == pytest.approx(float((obj_sq / area).mean()), abs=1e-6)
+    assert float(out["excess_object"]) > 0 and float(out["excess_object_p"]) < 0.01
+    excess = fcam.signed_rank_summary(obj_sq - area)
+    assert float(out["excess_object_low"]) == pytest.approx(float(excess["low"]), abs=1e-6)
+    assert not any(key.startswith("pvalue") for key in out)  # no mean of p-values
 
 
 # -- CAM-guided attack ----------------------------------------------------------------------

@@ -24,15 +24,30 @@ from pse_lightning.analysis.cam.report import cam_section
 from pse_lightning.analysis.cam.result import MASK_KINDS, CAMExamples
 from pse_lightning.analysis.pse.attribution import grad_times_delta
 from pse_lightning.core import activation_maps as amaps
-from pse_lightning.core.model_state import frozen_eval
+from pse_lightning.core.model_state import frozen_eval, model_num_classes
+from pse_lightning.core.randomness import uniform
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
 SIGNIFICANCE = 0.05
+# The mask kinds that also get fixed-area masks and the other-class null (the union of two
+# fixed-area masks has no fixed area).
+AREA_KINDS: tuple[str, ...] = ("true", "target")
+_OTHER_CLASS_STREAM = 7  # randomness stream of the other-class draw (core.randomness)
 # float64 sums over scored samples, each a vector over MASK_KINDS.
 KIND_SUMS: tuple[str, ...] = (
-    "is_sum", "area_sum", "random_sum", "lift_sum", "lift_count", "pvalue_sum",
-    "significant_count",
+    "is_sum", "area_sum", "random_sum", "lift_sum", "lift_count", "significant_count",
 )  # fmt: skip
+# float64 per-image rows of the scored samples, for the dataset-level tests (``cat``: the
+# signed-rank test needs every difference; a few floats per image).
+IMAGE_STATES: tuple[str, ...] = (
+    "image_is_sq",  # (n, len(MASK_KINDS)) IS^2 against the threshold (or top_area) mask
+    "image_area",  # (n, len(MASK_KINDS)) its area
+    "image_top_is_sq",  # (n, len(AREA_KINDS), len(areas)) IS^2 of the top-area masks
+    "image_top_area",  # same shape: their areas (round(a H W) pixels)
+    "image_null_is_sq",  # same shape: IS^2 of the other class's top-area masks, NaN if K < 3
+    "image_object_is_sq",  # (n,) IS^2 of the ground-truth object mask (datasets that have it)
+    "image_object_area",  # (n,) its area
+)
 # float64 scalar sums of the first-order PSE shares (``pse_share``).
 SHARE_SUMS: tuple[str, ...] = (
     "promotion_sum", "promotion_count", "suppression_sum", "suppression_count"
@@ -45,6 +60,43 @@ KEPT_STATES: dict[str, str] = {
     "kept_x_adv": "x_adv", "kept_map_clean": "map_clean", "kept_map_adv": "map_adv",
     "kept_mask_true": "mask_true", "kept_mask_target": "mask_target",
 }  # fmt: skip
+
+
+def other_class(index: Tensor, y: Tensor, target: Tensor, num_classes: int, seed: int) -> Tensor:
+    """Per image a class drawn uniformly from those that are neither y nor the target.
+
+    The class of the null mask (docs/METHODS.md §3): drawn from (seed, dataset index), so
+    an image gets the same class under any batching or process count.
+
+    Args:
+        index: (N,) dataset indices.
+        y, target: (N,) labels and targets (equal ones exclude a single class).
+        num_classes: K >= 3.
+        seed: the analysis seed.
+
+    Returns:
+        (N,) long classes in [0, K) \\ {y, target}.
+    """
+    lo, hi = torch.minimum(y, target), torch.maximum(y, target)
+    free = num_classes - 1 - (hi != lo).long()  # how many classes are left to draw from
+    u = uniform(index, (1,), seed, _OTHER_CLASS_STREAM)[:, 0].to(y.device)
+    rank = torch.minimum((u * free).long(), free - 1)
+    c = rank + (rank >= lo).long()  # skip lo, then hi: c runs over the free classes in order
+    return c + ((c >= hi) & (hi != lo)).long()
+
+
+def _cat_or_none(state: list[Tensor] | Tensor) -> Tensor | None:
+    """A ``cat`` state as one float64 tensor, None before any update."""
+    if isinstance(state, list) and not state:
+        return None
+    return dim_zero_cat(state).double().cpu()
+
+
+def _test_keys(name: str, d: Tensor) -> dict[str, Tensor]:
+    """``name`` (the effect), ``name_low``, ``name_high``, ``name_p`` of d (NaN rows left out)."""
+    summary = stats.signed_rank_summary(d[~d.isnan()])
+    return {name: summary["effect"], f"{name}_low": summary["low"],
+            f"{name}_high": summary["high"], f"{name}_p": summary["p"]}  # fmt: skip
 
 
 class CAMAnalysis(Analysis):
@@ -67,6 +119,8 @@ class CAMAnalysis(Analysis):
         pse_share: also measure the share of first-order promotion of Z_t inside B_target
             and of suppression of Z_t0 inside B_true (one extra forward + two backward).
         examples: keep samples with dataset index < examples for figures and the table.
+        areas: fixed-area masks (the top share of each map) scored beside the threshold mask,
+            each against the same-area mask of another class on the same image.
     """
 
     name = "cam"
@@ -84,6 +138,7 @@ class CAMAnalysis(Analysis):
         seed: int = 0,
         pse_share: bool = False,
         examples: int = 4,
+        areas: Sequence[float] = (0.1, 0.2, 0.3),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -101,7 +156,11 @@ class CAMAnalysis(Analysis):
             raise ValueError(f"analysis.pse_share must be true or false, got {pse_share!r}")
         self.pse_share = pse_share
         self.examples = require_at_least("analysis.examples", examples, 0)
+        self.areas = tuple(
+            require_in_range("analysis.areas", float(a), 0.0, 1.0, low_open=True) for a in areas
+        )
         self._mapper_cache: amaps.ActivationMap | None = None
+        self._object_masks: Tensor | None = None
 
         f64 = dict(dtype=torch.float64)
         self.add_state("evaluated", torch.zeros((), **f64), dist_reduce_fx="sum")
@@ -110,8 +169,20 @@ class CAMAnalysis(Analysis):
             self.add_state(name, torch.zeros(len(MASK_KINDS), **f64), dist_reduce_fx="sum")
         for name in SHARE_SUMS:
             self.add_state(name, torch.zeros((), **f64), dist_reduce_fx="sum")
+        for name in IMAGE_STATES:
+            self.add_state(name, [], dist_reduce_fx="cat")
         for name in KEPT_STATES:
             self.add_state(name, [], dist_reduce_fx="cat")
+
+    def prepare(self, model: nn.Module, datamodule: Any) -> None:
+        """Ground-truth object masks of the evaluation split, where the dataset has them.
+
+        A datamodule with ``concept_labels(split)`` (shapes) labels the object's pixels in
+        its first category, so those pixels are the object. Others (CIFAR-10, ImageNet) have
+        none and the object reference is left out.
+        """
+        labels = getattr(datamodule, "concept_labels", None)
+        self._object_masks = None if labels is None else labels("test")[:, 0] > 0
 
     def _mapper(self, model: nn.Module) -> amaps.ActivationMap:
         """One map object kept across batches, so CAM verifies the head only once."""
@@ -140,25 +211,28 @@ class CAMAnalysis(Analysis):
         per_kind = self._score(delta, energy, mask, scored.double())
         if self.pse_share:
             self._share(model, batch, mask, scored.double())
+        self._per_image(batch, delta, maps, per_kind, scored)
         self._keep(batch, maps, mask, per_kind)
 
     def _maps(self, model: nn.Module, batch: AdversarialBatch) -> dict[str, Tensor]:
-        """Normalised maps: true class on x, target on x' (+ predicted classes when kept)."""
+        """Normalised maps: true class on x, target on x', another class on both (the null)
+        and, when examples are kept, the predicted classes."""
         size = (batch.x.shape[-2], batch.x.shape[-1])
-        keep = bool((batch.index < self.examples).any())
-        pred_clean = batch.logits_clean.argmax(dim=1)
-        pred_adv = batch.logits_adv.argmax(dim=1)
+        num_classes = model_num_classes(model, batch.x, batch.logits_clean)
+        targets = {"true": (batch.x, batch.y), "target": (batch.x_adv, batch.target)}
+        if num_classes >= 3:
+            other = other_class(batch.index, batch.y, batch.target, num_classes, self.seed)
+            targets |= {"null_true": (batch.x, other), "null_target": (batch.x_adv, other)}
+        if bool((batch.index < self.examples).any()):
+            targets["pred_clean"] = (batch.x, batch.logits_clean.argmax(dim=1))
+            targets["pred_adv"] = (batch.x_adv, batch.logits_adv.argmax(dim=1))
         mapper = self._mapper(model)
+        maps = {}
         with frozen_eval(model):
-            _, clean = mapper.raw_maps(model, batch.x, [batch.y, pred_clean] if keep
-                                       else [batch.y])  # fmt: skip
-            _, adv = mapper.raw_maps(model, batch.x_adv, [batch.target, pred_adv] if keep
-                                     else [batch.target])  # fmt: skip
-        maps = {"true": amaps.image_maps(clean[0], size),
-                "target": amaps.image_maps(adv[0], size)}  # fmt: skip
-        if keep:
-            maps["pred_clean"] = amaps.image_maps(clean[1], size)
-            maps["pred_adv"] = amaps.image_maps(adv[1], size)
+            for images in (batch.x, batch.x_adv):  # one forward pass per image batch
+                names = [k for k, (im, _) in targets.items() if im is images]
+                _, raw = mapper.raw_maps(model, images, [targets[k][1] for k in names])
+                maps |= {k: amaps.image_maps(r, size) for k, r in zip(names, raw, strict=True)}
         return maps
 
     def _score(
@@ -171,7 +245,7 @@ class CAMAnalysis(Analysis):
         area = torch.stack([amaps.mask_area(mask[k]).double() for k in MASK_KINDS], 1)
         pvalue = torch.stack(
             [stats.cyclic_shift_pvalue(energy, mask[k], shifts).double() for k in MASK_KINDS], 1
-        )
+        )  # per image for the examples' table only: no mean of p-values (docs/METHODS.md §7)
         w = sel[:, None]
         has_area = (area > 0).double() * w
         self.is_sum += (score * w).sum(0)
@@ -179,7 +253,6 @@ class CAMAnalysis(Analysis):
         self.random_sum += (area.sqrt() * w).sum(0)
         self.lift_sum += (score.pow(2) / area.clamp_min(1e-12) * has_area).sum(0)
         self.lift_count += has_area.sum(0)
-        self.pvalue_sum += (pvalue * w).sum(0)
         self.significant_count += ((pvalue <= SIGNIFICANCE).double() * w).sum(0)
         return {"score": score, "area": area, "pvalue": pvalue}
 
@@ -198,6 +271,42 @@ class CAMAnalysis(Analysis):
         self.promotion_count += promo_w.sum()
         self.suppression_sum += (supp.double() * supp_w).sum()
         self.suppression_count += supp_w.sum()
+
+    def _per_image(
+        self,
+        batch: AdversarialBatch,
+        delta: Tensor,
+        maps: dict[str, Tensor],
+        per_kind: dict[str, Tensor],
+        scored: Tensor,
+    ) -> None:
+        """Append the scored images' rows for the dataset-level tests (``IMAGE_STATES``)."""
+        delta = delta[scored]
+        top_sq, top_area, null_sq = [], [], []
+        for kind in AREA_KINDS:
+            for a in self.areas:
+                top = amaps.top_area_mask(maps[kind][scored], a)
+                top_sq.append(stats.interpretability_score(delta, top).pow(2))
+                top_area.append(amaps.mask_area(top).double())
+                null_sq.append(
+                    stats.interpretability_score(
+                        delta, amaps.top_area_mask(maps[f"null_{kind}"][scored], a)
+                    ).pow(2)
+                    if f"null_{kind}" in maps
+                    else torch.full_like(top_sq[-1], float("nan"))
+                )
+        shape = (len(delta), len(AREA_KINDS), len(self.areas))
+        self.image_is_sq.append(per_kind["score"][scored].pow(2))
+        self.image_area.append(per_kind["area"][scored])
+        self.image_top_is_sq.append(torch.stack(top_sq, 1).view(shape))
+        self.image_top_area.append(torch.stack(top_area, 1).view(shape))
+        self.image_null_is_sq.append(torch.stack(null_sq, 1).view(shape))
+        obj = delta.new_zeros((0, *delta.shape[-2:]), dtype=torch.bool)
+        if self._object_masks is not None:
+            obj = self._object_masks.to(delta.device)[batch.index[scored]]
+        self.image_object_is_sq.append(stats.interpretability_score(delta, obj).pow(2)
+                                       if len(obj) else delta.new_zeros(0))  # fmt: skip
+        self.image_object_area.append(amaps.mask_area(obj).double())
 
     def _keep(
         self,
@@ -234,9 +343,10 @@ class CAMAnalysis(Analysis):
 
         Scalars per mask kind k in (true, target, union): ``is_k`` mean IS, ``random_k``
         mean sqrt(area) (a random mask's RMS score), ``area_k``, ``lift_k`` mean IS^2/area,
-        ``pvalue_k`` mean cyclic-shift p-value, ``significant_k`` share with p <= 0.05.
-        With ``pse_share``: ``promotion_in_target`` and ``suppression_in_true``. Details:
-        ``examples``, a :class:`CAMExamples` or None when none was kept.
+        ``significant_k`` share with cyclic-shift p <= 0.05 (calibrated only for spatially
+        stationary perturbations). With ``pse_share``: ``promotion_in_target`` and
+        ``suppression_in_true``. The dataset-level tests are in :meth:`_dataset_scalars`.
+        Details: ``examples``, a :class:`CAMExamples` or None when none was kept.
         """
         n = self.scored.expand(len(MASK_KINDS))
         columns = {
@@ -244,7 +354,6 @@ class CAMAnalysis(Analysis):
             "random": stats.mean_or_nan(self.random_sum, n),
             "area": stats.mean_or_nan(self.area_sum, n),
             "lift": stats.mean_or_nan(self.lift_sum, self.lift_count),
-            "pvalue": stats.mean_or_nan(self.pvalue_sum, n),
             "significant": stats.mean_or_nan(self.significant_count, n),
         }
         scalars = {"evaluated": self.evaluated.clone(), "scored": self.scored.clone()}
@@ -257,7 +366,44 @@ class CAMAnalysis(Analysis):
             scalars["suppression_in_true"] = stats.mean_or_nan(
                 self.suppression_sum, self.suppression_count
             )
+        scalars |= self._dataset_scalars()
         return AnalysisResult(scalars=scalars, details={"examples": self._kept_examples()})
+
+    def _dataset_scalars(self) -> dict[str, Tensor]:
+        """Signed-rank tests over images, each with its Hodges-Lehmann effect and 95% CI.
+
+        ``excess_k`` (k in MASK_KINDS, and ``object``): d = IS^2 - area, the mask against
+        a random mask of its area (E[IS^2] = area); it does not control for uneven spatial
+        spread. ``specific_k_topA`` (k in AREA_KINDS, A in ``areas`` in %): d = IS^2(top A%
+        of class k's map) - IS^2(top A% of another class's map on the same image), the same
+        area by construction, so a centre-biased perturbation scores alike on both. Each
+        comes with ``_low``, ``_high`` and ``_p`` (two-sided Wilcoxon, uncorrected; see
+        docs/METHODS.md §7). ``is_k_topA``, ``lift_k_topA``, ``null_is_k_topA``,
+        ``is_object``, ``area_object``, ``lift_object``: means over images.
+        """
+        rows = {name: _cat_or_none(getattr(self, name)) for name in IMAGE_STATES}
+        out: dict[str, Tensor] = {}
+        if rows["image_is_sq"] is None:
+            return out
+        for i, kind in enumerate(MASK_KINDS):
+            d = rows["image_is_sq"][:, i] - rows["image_area"][:, i]
+            out |= _test_keys(f"excess_{kind}", d)
+        for i, kind in enumerate(AREA_KINDS):
+            for j, a in enumerate(self.areas):
+                tag = f"{kind}_top{round(100 * a)}"
+                is_sq, area = rows["image_top_is_sq"][:, i, j], rows["image_top_area"][:, i, j]
+                null = rows["image_null_is_sq"][:, i, j]
+                out[f"is_{tag}"] = is_sq.sqrt().mean()
+                out[f"lift_{tag}"] = (is_sq / area).mean()
+                out[f"null_is_{tag}"] = null.sqrt().mean()
+                out |= _test_keys(f"specific_{tag}", is_sq - null)
+        obj_sq, obj_area = rows["image_object_is_sq"], rows["image_object_area"]
+        if obj_sq is not None and len(obj_sq):
+            has = obj_area > 0
+            out["is_object"], out["area_object"] = obj_sq.sqrt().mean(), obj_area.mean()
+            out["lift_object"] = (obj_sq[has] / obj_area[has]).mean()
+            out |= _test_keys("excess_object", obj_sq - obj_area)
+        return out
 
     def _kept_examples(self) -> CAMExamples | None:
         """The gathered kept examples in dataset-index order, or None when there are none."""

@@ -8,6 +8,8 @@ image scored on its own, so a sample's numbers never depend on its batch or proc
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -122,3 +124,76 @@ def mean_or_nan(total: Tensor, count: Tensor) -> Tensor:
     """total / count elementwise, NaN where nothing was counted (no silent zero)."""
     nan = torch.full_like(total, float("nan"))
     return torch.where(count > 0, total / count.clamp_min(1e-300), nan)
+
+
+def walsh_order_statistic(d: Tensor, k: int, direct_limit: int = 2048) -> Tensor:
+    """The k-th smallest (1-based) Walsh average (d_i + d_j) / 2, i <= j.
+
+    There are n (n + 1) / 2 Walsh averages. Up to ``direct_limit`` differences they are
+    formed and selected; beyond, counting those <= t takes one sorted search (O(n log n)),
+    so the order statistic is found by bisection on t and snapped to the Walsh average
+    itself, in O(n) memory for any n (exact unless two averages lie within 1e-12 of the
+    range of d, where either is returned).
+    """
+    s = d.double().sort().values
+    n = len(s)
+    first = torch.arange(n, device=s.device)
+    if n <= direct_limit:
+        i, j = torch.triu_indices(n, n, device=s.device)
+        return ((s[i] + s[j]) / 2).kthvalue(k).values
+
+    def count_at_most(t: Tensor) -> Tensor:
+        # pairs i <= j with s_i + s_j <= 2 t: for each i, the j in [i, n) with s_j <= 2t - s_i
+        last = torch.searchsorted(s, 2 * t - s, right=True)
+        return (last - first).clamp_min(0).sum()
+
+    lo, hi = s[0] - 1, s[-1].clone()  # count(lo) = 0 < k <= count(hi)
+    tolerance = 1e-12 * float(s[-1] - s[0] + 1)
+    while float(hi - lo) > tolerance:
+        mid = (lo + hi) / 2
+        if count_at_most(mid) >= k:
+            hi = mid
+        else:
+            lo = mid
+    # Snap to the Walsh average itself: the smallest one above lo.
+    j = torch.maximum(torch.searchsorted(s, 2 * lo - s, right=True), first)
+    above = (s + s[j.clamp_max(n - 1)]) / 2
+    return torch.where(j < n, above, torch.inf).min()
+
+
+def signed_rank_summary(d: Tensor, confidence: float = 0.95) -> dict[str, Tensor]:
+    """Wilcoxon signed-rank test of d against 0 with the Hodges-Lehmann effect and its CI.
+
+    docs/METHODS.md §7: the effect is the pseudo-median of d (the median of the Walsh
+    averages, the estimate that inverts the signed-rank test); its CI is the pair of Walsh
+    order statistics at the signed-rank critical count (normal approximation, Hollander &
+    Wolfe), and p is scipy's two-sided Wilcoxon p (zeros dropped; exact for small n).
+
+    Args:
+        d: (n,) paired differences, one per image.
+        confidence: coverage of the interval.
+
+    Returns:
+        ``effect``, ``low``, ``high``, ``p`` as float64 0-d tensors (NaN when n < 2 or every
+        difference is zero).
+    """
+    from scipy.stats import norm, wilcoxon  # scipy is slow to import; only compute() needs it
+
+    d = d.double().flatten().cpu()
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    n = len(d)
+    if n < 2 or bool((d == 0).all()):
+        return {"effect": nan, "low": nan, "high": nan, "p": nan}
+    pairs = n * (n + 1) // 2
+    z = float(norm.ppf(0.5 + confidence / 2))
+    k = int(pairs / 2 - z * math.sqrt(n * (n + 1) * (2 * n + 1) / 24))
+    k = max(k, 0)
+    effect = (walsh_order_statistic(d, (pairs + 1) // 2)
+              + walsh_order_statistic(d, pairs // 2 + 1)) / 2  # fmt: skip
+    p = float(wilcoxon(d.numpy(), alternative="two-sided").pvalue)
+    return {
+        "effect": effect,
+        "low": walsh_order_statistic(d, k + 1) if k + 1 <= pairs else nan,
+        "high": walsh_order_statistic(d, pairs - k) if pairs - k >= 1 else nan,
+        "p": torch.tensor(p, dtype=torch.float64),
+    }
