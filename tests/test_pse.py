@@ -20,13 +20,18 @@ from pse_lightning.analysis.pse.attribution import (
 from pse_lightning.analysis.pse.samples import ROW_STATES
 from pse_lightning.analysis.pse.statistics import (
     BALANCED,
+    MIN_PAIR_IMAGES,
     NONE,
     PROMOTION,
     SUPPRESSION,
     attribution_totals,
     classify,
+    eta_squared,
     grid_group_map,
     group_scores,
+    image_shares,
+    pair_breakdown,
+    pair_ids,
     promotion_suppression_maps,
     pse_type,
 )
@@ -53,7 +58,9 @@ class Linear(nn.Module):
 class TwoLogits(nn.Module):
     """Logit 0 (true) and logit 1 (target) are chosen nonlinear functions of s = sum(x).
 
-    ``true_fn``/``target_fn`` map s (N,) to a logit; a third logit stays constant.
+    ``true_fn``/``target_fn`` map s (N,) to a logit; a third logit stays constant. Logit 0
+    is shifted by 30, so the clean prediction is the true class (a constant shift changes
+    no gradient and no logit change).
     """
 
     def __init__(self, true_fn, target_fn) -> None:
@@ -63,7 +70,8 @@ class TwoLogits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = x.flatten(1).mean(1)
-        return torch.stack([self.true_fn(s), self.target_fn(s), torch.zeros_like(s)], dim=1)
+        true = self.true_fn(s) + 30.0
+        return torch.stack([true, self.target_fn(s), torch.zeros_like(s)], dim=1)
 
 
 def small_cnn(seed: int = 0) -> SmallCNN:
@@ -359,6 +367,7 @@ def test_group_map_from_attack_extras() -> None:
         model.weight.zero_()
         model.weight[0].view(4, 4)[:, :2] = -1.0  # true logit falls on the left
         model.weight[1].view(4, 4)[:, 2:] = 1.0  # target logit rises on the right
+        model.bias.copy_(torch.tensor([20.0, 0.0]))  # the clean prediction is the true class
     x = torch.full((2, 1, 4, 4), 0.5)
     group_map = torch.zeros(4, 4, dtype=torch.long)
     group_map[:, 2:] = 1
@@ -375,10 +384,16 @@ def test_group_map_from_attack_extras() -> None:
 # -- the Metric ----------------------------------------------------------------------------
 
 
+def predicted(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's clean prediction: used as the label, so every image is analysed."""
+    with torch.no_grad():
+        return model(x).argmax(dim=1)
+
+
 def cnn_batch(n: int = 12, seed: int = 0):
     model = small_cnn(seed)
     x = images(n, seed=seed)
-    y = torch.arange(n) % 10
+    y = predicted(model, x)
     t = (y + 1 + torch.arange(n) % 3) % 10
     x_adv = towards_target(model, x, y, t, eps=0.05)
     success = torch.arange(n) % 4 != 3
@@ -439,6 +454,155 @@ def test_split_and_merged_states_equal_one_pass() -> None:
     torch.testing.assert_close(net_total, margin, atol=0.02 * float(margin.abs().max()), rtol=0)
 
 
+def test_clean_misclassified_rows_are_skipped_and_counted() -> None:
+    model, batch = cnn_batch()
+    wrong = torch.tensor([1, 5, 8])  # labels the model does not predict on clean images
+    y = batch.y.clone()
+    y[wrong] = (y[wrong] + 1) % 10
+    mislabelled = AdversarialBatch(**{**vars(batch), "y": y})
+    kw = dict(steps=4, max_steps=4, max_rows=12)
+    metric, reference = PSE(**kw), PSE(**kw)
+    metric.update(model, mislabelled)
+    keep = torch.tensor([i for i in range(12) if i not in wrong.tolist()])
+    reference.update(model, sub_batch(batch, keep))  # only the clean-correct rows
+    got, expected = metric.compute(), reference.compute()
+    assert int(got.scalars["n_clean_misclassified"]) == 3
+    assert int(expected.scalars["n_clean_misclassified"]) == 0
+    # success rows 0..11 but 3, 7, 11; of those 1, 5, 8 are skipped
+    assert got.details["rows"].index.tolist() == [0, 2, 4, 6, 9, 10]
+    assert got.scalars["analysed_fraction"] == pytest.approx(6 / 12)
+    for key in ("frac_suppression", "frac_balanced", "promotion_share", "mean_r", "residual_max"):
+        torch.testing.assert_close(got.scalars[key], expected.scalars[key], equal_nan=True)
+
+
+def test_incomplete_attributions_are_counted_listed_and_kept_out_of_shares(
+    tmp_path: Path,
+) -> None:
+    model, batch = cnn_batch(12, seed=1)
+    x, x_adv, y, t = batch.x, batch.x_adv, batch.y, batch.target
+    ok = batch.success
+    coarse = pse_attributions(model, x[ok], x_adv[ok], y[ok], t[ok], steps=1, max_steps=1,
+                              logits_clean=batch.logits_clean[ok],
+                              logits_adv=batch.logits_adv[ok])  # fmt: skip
+    tol = float(coarse.residual.median())  # one integration step: about half incomplete
+    incomplete = coarse.residual > tol
+    assert incomplete.any() and (~incomplete).any()
+    metric = PSE(steps=1, max_steps=2, tol=tol)  # 3 steps > max_steps: no refinement
+    metric.update(model, batch)
+    result = metric.compute()
+    assert int(result.scalars["n_incomplete"]) == int(incomplete.sum())
+    # the shares average the complete images only
+    totals = attribution_totals(coarse.attr_true, coarse.attr_target).double()
+    expected = image_shares(totals[~incomplete]).mean(0)
+    got = torch.stack([result.scalars[k] for k in ("promotion_share", "suppression_share",
+                                                   "counter_share")])  # fmt: skip
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, image_shares(totals).mean(0), atol=1e-4)
+    # the types still count every analysed image (r comes from the measured logits)
+    assert int(result.scalars["n_images"]) == int(ok.sum())
+    # every incomplete image is listed, with its residual
+    section = metric.report(result, tmp_path, [f"c{c}" for c in range(10)])
+    columns, rows = section.tables["pse_incomplete"]
+    assert [row[0] for row in rows] == batch.index[ok][incomplete].tolist()
+    listed = torch.tensor([row[3] for row in rows], dtype=torch.float64)
+    torch.testing.assert_close(listed, coarse.residual[incomplete].double(), rtol=1e-5, atol=0)
+    assert f"{int(incomplete.sum())} images keep a completeness residual" in section.markdown
+    # nothing complete: the shares are undefined, not 0
+    strict = PSE(steps=1, max_steps=1, tol=1e-9)
+    strict.update(model, batch)
+    scalars = strict.compute().scalars
+    assert scalars["n_incomplete"] == scalars["n_images"] == int(ok.sum())
+    assert math.isnan(float(scalars["promotion_share"]))
+    assert scalars["group_frac_active"] == 0.0
+
+
+# -- class pairs ---------------------------------------------------------------------------
+
+
+def test_eta_squared_hand_computed() -> None:
+    groups = torch.tensor([0, 0, 1, 1])
+    split = eta_squared(torch.tensor([0.0, 0.0, 1.0, 1.0]), groups, min_size=3)
+    assert split["eta2"] == 1.0 and split["epsilon2"] == 1.0
+    assert split["eta2_null"] == pytest.approx(1 / 3) and split["n_small"] == 2
+    # within-group spread only: SS_b = 0, SS_t = 1, MS_w = 1 / 2 -> epsilon^2 = -1/2
+    mixed = eta_squared(torch.tensor([0.0, 1.0, 0.0, 1.0]), groups)
+    assert mixed["eta2"] == 0.0 and mixed["epsilon2"] == pytest.approx(-0.5)
+    # NaN (type none) is left out; no spread leaves eta^2 undefined
+    nan = eta_squared(torch.tensor([0.0, math.nan, 1.0, 0.0]), groups)  # {0}, {1, 0}
+    assert int(nan["n"]) == 3 and nan["eta2"] == pytest.approx(1 - 0.5 / (2 / 3))
+    assert math.isnan(float(eta_squared(torch.ones(4), groups)["eta2"]))
+    one = eta_squared(torch.rand(3), torch.zeros(3).long())  # one pair explains nothing
+    assert one["eta2"] == 0.0 and one["eta2_null"] == 0.0
+    alone = eta_squared(torch.rand(3), torch.arange(3))  # n <= G: no within-pair spread
+    assert all(math.isnan(float(alone[k])) for k in ("eta2", "eta2_null", "epsilon2"))
+
+
+def _pairs(n: int, classes: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    label = torch.randint(0, classes, (n,), generator=gen)
+    return label, (label + 1 + torch.randint(0, classes - 1, (n,), generator=gen)) % classes
+
+
+def test_planted_pair_effect_gives_eta_squared_near_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    label, target = _pairs(400, 4, gen)  # 12 pairs
+    pair_mean = torch.rand(4, 4, generator=gen)
+    r = pair_mean[label, target] + 0.01 * torch.randn(400, generator=gen)
+    effect = eta_squared(r, pair_ids(label, target))
+    assert int(effect["n_groups"]) == 12
+    assert effect["eta2"] > 0.99 and effect["epsilon2"] > 0.99
+
+
+def test_independent_r_gives_the_null_eta_squared() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, draws = 120, 300
+    eta2, eps2, null = [], [], []
+    for _ in range(draws):
+        label, target = _pairs(n, 4, gen)
+        effect = eta_squared(torch.rand(n, generator=gen), pair_ids(label, target))
+        eta2.append(float(effect["eta2"]))
+        eps2.append(float(effect["epsilon2"]))
+        null.append(float(effect["eta2_null"]))  # (G - 1) / (n - 1), G = 12 almost surely
+    eta2_t, eps2_t = torch.tensor(eta2), torch.tensor(eps2)
+    se = float(eta2_t.std()) / draws**0.5
+    assert abs(float(eta2_t.mean()) - sum(null) / draws) < 4 * se  # about 11/119 = 0.092
+    assert abs(float(eps2_t.mean())) < 4 * float(eps2_t.std()) / draws**0.5
+
+
+def test_pair_breakdown_counts_types_per_pair() -> None:
+    label = torch.tensor([0, 0, 0, 1, 1, 2])
+    target = torch.tensor([1, 1, 2, 0, 0, 0])
+    r = torch.tensor([0.1, 0.9, 0.5, math.nan, 0.2, 0.4])
+    pairs = pair_breakdown(label, target, classify(r, 1 / 3, 2 / 3), r)
+    assert pairs.label.tolist() == [0, 0, 1, 2] and pairs.target.tolist() == [1, 2, 0, 0]
+    assert pairs.counts.tolist() == [[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 1], [0, 1, 0, 0]]
+    torch.testing.assert_close(pairs.mean_r, torch.tensor([0.5, 0.5, 0.2, 0.4]).double())
+    assert pairs.n_defined.tolist() == [2, 1, 1, 1]
+
+
+def test_metric_pair_effect_and_report(tmp_path: Path) -> None:
+    model, batch = cnn_batch(16, seed=2)
+    metric = PSE(method="grad", successful_only=False)
+    metric.update(model, batch)
+    result = metric.compute()
+    images = result.details["images"]
+    assert images.index.tolist() == list(range(16))
+    expected = eta_squared(images.r, pair_ids(batch.y, batch.target))
+    for name, key in (("eta2", "pair_eta2"), ("eta2_null", "pair_eta2_null"),
+                      ("n_groups", "n_pairs"), ("n_small", "n_pairs_small")):  # fmt: skip
+        torch.testing.assert_close(result.scalars[key], expected[name], equal_nan=True)
+    pairs = result.details["pairs"]
+    assert int(pairs.counts.sum()) == 16 and len(pairs) == int(result.scalars["n_pairs"])
+    names = [f"c{c}" for c in range(10)]
+    section = metric.report(result, tmp_path, names)
+    columns, rows = section.tables["pse_pairs"]
+    assert columns[:3] == ["true class", "target class", "images"]
+    assert sum(row[2] for row in rows) == 16 and rows[0][0].startswith("c")
+    small = [row for row in rows if row[-1]]
+    assert len(small) == int(result.scalars["n_pairs_small"])  # every pair here is small
+    assert f"fewer than {MIN_PAIR_IMAGES}" in small[0][-1]
+    assert "explains eta^2" in section.markdown
+
+
 def test_metric_leaves_model_untouched() -> None:
     model, batch = cnn_batch(4)
     model.train()
@@ -463,7 +627,7 @@ def test_report_uses_only_the_result(tmp_path: Path) -> None:
     section = PSE(**kw).report(result, tmp_path, names)
     assert section.markdown == metric.report(result, tmp_path / "again", names).markdown
     assert sorted(p.name for p in section.figures) == [
-        "pse_examples.png", "pse_ratio_hist.png", "pse_scatter.png"]  # fmt: skip
+        "pse_examples.png", "pse_ratio_hist.png", "pse_scatter.png", "pse_sweep.png"]  # fmt: skip
     for path in section.figures:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     columns, rows = section.tables["pse_images"]
@@ -497,16 +661,17 @@ def test_report_of_a_foreign_result_fails(tmp_path: Path) -> None:
 
 
 def test_example_images_must_share_a_shape() -> None:
-    model = Linear((1, 4, 4), 2)
     metric = PSE(method="grad")
-    x = torch.full((1, 1, 4, 4), 0.5)
-    metric.update(model, make_batch(model, x, x + 0.1, torch.zeros(1).long(),
-                                    torch.ones(1).long()))  # fmt: skip
-    other = Linear((1, 2, 8), 2)
-    x = torch.full((1, 1, 2, 8), 0.5)
-    with pytest.raises(ValueError, match="one image shape"):
-        metric.update(other, make_batch(other, x, x + 0.1, torch.zeros(1).long(),
-                                        torch.ones(1).long()))  # fmt: skip
+    for shape, fails in (((1, 4, 4), False), ((1, 2, 8), True)):
+        model, x = Linear(shape, 2), torch.full((1, *shape), 0.5)
+        y = predicted(model, x)
+        batch = make_batch(model, x, x + 0.1, y, 1 - y)
+        if fails:
+            with pytest.raises(ValueError, match="one image shape"):
+                metric.update(model, batch)
+        else:
+            metric.update(model, batch)
+    assert int(metric.type_counts.sum()) == 1
 
 
 def test_inference_mode_is_refused() -> None:

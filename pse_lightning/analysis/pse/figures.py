@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from torch import Tensor
 
 from pse_lightning.analysis.pse.samples import ExampleMaps, ImageRows
-from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES
+from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP, sweep_fractions
 from pse_lightning.reporting.figures import (
     FONT_SIZE,
     PALETTE,
@@ -125,3 +125,20 @@ def _threshold_rays(ax: Axes, rows: ImageRows, tau_s: float, tau_p: float) -> No
             end = min(x_top, y_top / slope)
             ax.plot([0, end], [0, slope * end], color="k", linestyle=style, linewidth=0.8,
                     label=f"r = {tau:.3g}")  # fmt: skip
+
+
+def sweep_figure(sweep_counts: Tensor, tau_s: float, tau_p: float, path: Path) -> Path:
+    """Share of each type against the symmetric threshold q (tau_s = q, tau_p = 1 - q)."""
+    fig, axes = new_figure(width=5.0, height=3.2)
+    ax = axes[0, 0]
+    qs = list(SWEEP)
+    fractions = sweep_fractions(sweep_counts)
+    for k in range(3):
+        ax.plot(qs, fractions[:, k].numpy(), marker="o", color=PALETTE[k], label=PSE_TYPES[k])
+    ax.axvline(tau_s, color="k", linestyle="--", linewidth=1,
+               label=f"configured τ_s = {tau_s:.3g} (τ_p = {tau_p:.3g})")  # fmt: skip
+    ax.set_xlabel("q (τ_s = q, τ_p = 1 − q)", fontsize=FONT_SIZE)
+    ax.set_ylabel("share of images with a defined r", fontsize=FONT_SIZE)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=FONT_SIZE - 1)
+    return save(fig, path)

@@ -7,6 +7,15 @@ scores groups of pixels (the structured attack's groups or a fixed grid) and typ
 image as suppression-dominated, balanced or promotion-dominated ([P] Xu et al. 2019,
 thresholds [X]; :mod:`.statistics`).
 
+Only images the model classified correctly before the attack are analysed: an attack on a
+misclassified image has nothing to flip, and its tiny perturbation makes every ratio of
+attributions noise (they are counted as ``n_clean_misclassified``). An image whose
+completeness residual stays above ``tol`` after refinement is *incomplete*: its
+attributions do not add up to the logit changes, so it is left out of every
+attribution-based number (promotion/suppression/counter shares, group types) and listed in
+the report; its image type still counts, since r comes from the measured logit changes
+(docs/METHODS.md §2.6-§2.7).
+
 State reduces exactly across processes: counts, sums and a fixed-bin histogram of the PSE
 ratio; the per-image rows and the example maps for figures are one named ``cat`` state per
 column (:mod:`.samples`), bounded by the *dataset index* (index < max_rows,
@@ -32,9 +41,11 @@ from pse_lightning.analysis.pse.report import pse_section
 from pse_lightning.analysis.pse.samples import (
     EXACT_ID_LIMIT,
     EXAMPLE_STATES,
+    IMAGE_STATES,
     ROW_STATES,
     example_maps,
     image_rows,
+    image_summary,
 )
 from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
@@ -52,7 +63,8 @@ class PSE(Analysis):
         max_steps: a sample whose completeness residual exceeds ``tol`` is refined to
             three times the steps, reusing every gradient already evaluated, while they
             stay <= max_steps (ig): 32 steps reach 96 and 288.
-        tol: relative completeness tolerance (ig); 0.01 = 1%.
+        tol: relative completeness tolerance; 0.01 = 1%. ig refines above it; with
+            either method an image still above it is incomplete (see the module doc).
         tau_s: suppression-dominated when r < tau_s.
         tau_p: promotion-dominated when r > tau_p (tau_s <= tau_p).
         center_logits: attribute per-sample centred logits Z_c - mean_j Z_j (softmax
@@ -118,11 +130,13 @@ class PSE(Analysis):
         long, double = dict(dtype=torch.long), dict(dtype=torch.float64)
         types = len(PSE_TYPES)
         self.add_state("n_seen", torch.zeros((), **long), dist_reduce_fx="sum")
+        self.add_state("n_clean_misclassified", torch.zeros((), **long), dist_reduce_fx="sum")
+        self.add_state("n_incomplete", torch.zeros((), **long), dist_reduce_fx="sum")
         self.add_state("type_counts", torch.zeros(types, **long), dist_reduce_fx="sum")
         self.add_state("group_type_counts", torch.zeros(types, **long), dist_reduce_fx="sum")
         self.add_state("r_hist", torch.zeros(HIST_BINS, **long), dist_reduce_fx="sum")
         self.add_state("sweep_counts", torch.zeros(len(SWEEP), 3, **long), dist_reduce_fx="sum")
-        # promotion share, suppression share, counter share, over images with P + S > 0
+        # promotion share, suppression share, counter share, over complete images, P + S > 0
         self.add_state("share_sums", torch.zeros(3, **double), dist_reduce_fx="sum")
         self.add_state("share_count", torch.zeros((), **long), dist_reduce_fx="sum")
         self.add_state("r_sum", torch.zeros((), **double), dist_reduce_fx="sum")
@@ -133,20 +147,30 @@ class PSE(Analysis):
         self.add_state("example_shape", torch.zeros(3, **long), dist_reduce_fx="max")
 
     def _add_sample_states(self) -> None:
-        """The bounded samples: one ``cat`` state per column (names in :mod:`.samples`)."""
-        for state in (*ROW_STATES.values(), *EXAMPLE_STATES.values()):
+        """Samples: one ``cat`` state per column (names and bounds in :mod:`.samples`)."""
+        for state in (*ROW_STATES.values(), *EXAMPLE_STATES.values(), *IMAGE_STATES.values()):
             self.add_state(state, [], dist_reduce_fx="cat")
 
     # -- update ---------------------------------------------------------------------------
 
     def update(self, model: nn.Module, batch: AdversarialBatch) -> None:
         """Attribute, type and tally one adversarial batch (needs grad mode, not inference)."""
+        if len(batch.index) and int(batch.index.max()) >= EXACT_ID_LIMIT:
+            raise ValueError(
+                f"PSE keeps dataset indices < {EXACT_ID_LIMIT} exactly, got "
+                f"{int(batch.index.max())}; evaluate a smaller split (data.* limits)"
+            )
         self.n_seen += len(batch.y)
-        keep = batch.success.bool() if self.successful_only else torch.ones_like(batch.y).bool()
+        keep = batch.logits_clean.argmax(dim=1) == batch.y
+        self.n_clean_misclassified += int((~keep).sum())
+        if self.successful_only:
+            keep &= batch.success.bool()
         sel = keep.nonzero().flatten()
         if len(sel) == 0:
             return
         x, x_adv, y, target = batch.x[sel], batch.x_adv[sel], batch.y[sel], batch.target[sel]
+        if bool((batch.index[sel] < self.max_figures).any()):  # checked before any tally
+            self._record_example_shape(x.shape[1:])
         attr = pse_attributions(
             model, x, x_adv, y, target, method=self.method, steps=self.steps,
             max_steps=self.max_steps, tol=self.tol, center=self.center_logits,
@@ -155,19 +179,25 @@ class PSE(Analysis):
         )  # fmt: skip
         r, kind = statistics.pse_type(attr.delta_true, attr.delta_target, self.tau_s, self.tau_p)
         totals = statistics.attribution_totals(attr.attr_true, attr.attr_target).double()
-        self._tally_images(r, kind, totals, attr)
-        self._tally_groups(attr, batch.extras.get("group_map"), sel)
+        complete = attr.residual <= self.tol  # NaN residuals are incomplete too
+        self._tally_images(r, kind, totals, attr, complete)
+        self._tally_groups(attr, batch.extras.get("group_map"), sel, complete)
         ids = {"index": batch.index[sel], "label": y, "target": target, "type": kind}
+        image = {"r": r, "residual": attr.residual, "steps": attr.steps}
+        self._append(IMAGE_STATES, {**ids, **image})
         self._keep_rows(ids, attr, totals, r, batch.success[sel])
         self._keep_examples(ids, r, x, x_adv, attr)
 
-    def _tally_images(self, r: Tensor, kind: Tensor, totals: Tensor, attr: PSEAttribution) -> None:
+    def _tally_images(
+        self, r: Tensor, kind: Tensor, totals: Tensor, attr: PSEAttribution, complete: Tensor
+    ) -> None:
         dev = self.type_counts.device
         self.type_counts += torch.bincount(kind, minlength=len(PSE_TYPES)).to(dev)
         self.r_hist += statistics.ratio_histogram(r).to(dev)
         self.r_sum += r[~torch.isnan(r)].double().sum().to(dev)
         self.sweep_counts += statistics.sweep_counts(r).to(dev)
-        shares = statistics.image_shares(totals)
+        self.n_incomplete += int((~complete).sum())
+        shares = statistics.image_shares(totals[complete])
         self.share_sums += shares.sum(0).to(dev)
         self.share_count += len(shares)
         residual = attr.residual.double()
@@ -175,16 +205,19 @@ class PSE(Analysis):
         self.residual_max = torch.maximum(self.residual_max, residual.max().to(dev))
         self.steps_sum += attr.steps.sum().to(dev)
 
-    def _tally_groups(self, attr: PSEAttribution, group_map: Tensor | None, sel: Tensor) -> None:
+    def _tally_groups(
+        self, attr: PSEAttribution, group_map: Tensor | None, sel: Tensor, complete: Tensor
+    ) -> None:
+        """Group types of the complete images (their attributions add up)."""
         _, _, height, width = attr.attr_true.shape
         if group_map is None:
             group_map = statistics.grid_group_map(
                 height, width, self.group_size, attr.attr_true.device
             )
         elif group_map.dim() == 3:
-            group_map = group_map[sel]
+            group_map = group_map[sel][complete]
         promotion, suppression = statistics.group_scores(
-            attr.attr_true, attr.attr_target, group_map
+            attr.attr_true[complete], attr.attr_target[complete], group_map
         )
         ratio = statistics.pse_ratio(promotion, suppression)
         kind = statistics.classify(ratio, self.tau_s, self.tau_p).flatten()
@@ -219,7 +252,6 @@ class PSE(Analysis):
         keep = (ids["index"] < self.max_figures).nonzero().flatten()
         if len(keep) == 0:
             return
-        self._record_example_shape(x.shape[1:])
         attr_true, attr_target = attr.attr_true[keep], attr.attr_target[keep]
         promotion, suppression = statistics.promotion_suppression_maps(attr_true, attr_target)
         columns = {
@@ -254,24 +286,37 @@ class PSE(Analysis):
     def compute(self) -> AnalysisResult:
         """Scalar metrics over every analysed image, and the samples for the report.
 
-        Called on every rank (it synchronises). Scalars: ``frac_<type>`` for the four
-        types (over analysed images, summing to 1); ``n_images`` analysed and
-        ``analysed_fraction`` of those seen; mean promotion and suppression shares
-        P/(P+S), S/(P+S) of the gross pixel attributions and the ``counter_share``
-        (attribution that works against the attack); ``mean_r`` over images with a
-        defined ratio; completeness ``residual_mean``/``residual_max`` and ``steps_mean``;
-        ``group_frac_<type>`` over groups with a defined type and ``group_frac_active``,
-        the fraction of groups that have one (docs/METHODS.md §2.4-§2.6).
+        Called on every rank (it synchronises). Scalars (docs/METHODS.md §2.4-§2.7):
+
+        - ``frac_<type>`` for the four types, over analysed images, summing to 1;
+          ``n_images`` analysed and ``analysed_fraction`` of those seen;
+          ``n_clean_misclassified`` seen but skipped (wrong clean prediction);
+        - over the *complete* images (residual <= tol): mean promotion and suppression
+          shares P/(P+S), S/(P+S) of the gross pixel attributions and the
+          ``counter_share`` (attribution that works against the attack);
+          ``group_frac_<type>`` over groups with a defined type and ``group_frac_active``,
+          the fraction of groups that have one;
+        - ``mean_r`` over images with a defined ratio; completeness
+          ``residual_mean``/``residual_max`` and ``steps_mean`` over all analysed images,
+          ``n_incomplete`` of them above ``tol``;
+        - the class-pair effect on r: ``pair_eta2`` (share of the variance of r explained
+          by the (true, target) pair), ``pair_eta2_null`` (its expectation were r
+          independent of the pair), ``pair_epsilon2`` (bias-corrected), ``n_pairs`` and
+          ``n_pairs_small`` (pairs with fewer than ``MIN_PAIR_IMAGES`` defined ratios).
 
         Details: ``rows`` (:class:`.samples.ImageRows`), ``examples``
-        (:class:`.samples.ExampleMaps`), ``r_hist`` (HIST_BINS,) and ``sweep_counts``
-        (len(SWEEP), 3), all on the CPU.
+        (:class:`.samples.ExampleMaps`), ``images`` (:class:`.samples.ImageSummary`, every
+        analysed image), ``pairs`` (:class:`.statistics.PairBreakdown`), ``r_hist``
+        (HIST_BINS,) and ``sweep_counts`` (len(SWEEP), 3), all on the CPU.
         """
         n_images = self.type_counts.double().sum()
         scalars = statistics.type_fractions(self.type_counts)
         scalars["n_images"] = n_images
         scalars["analysed_fraction"] = n_images / self.n_seen.double().clamp_min(1)
-        shares = self.share_sums / self.share_count.double().clamp_min(1)
+        scalars["n_clean_misclassified"] = self.n_clean_misclassified.clone()
+        scalars["n_incomplete"] = self.n_incomplete.clone()
+        # NaN, not 0, when no complete image has P + S > 0: there is nothing to average
+        shares = self.share_sums / self.share_count.double()
         for i, key in enumerate(("promotion_share", "suppression_share", "counter_share")):
             scalars[key] = shares[i]
         scalars["mean_r"] = statistics.mean_ratio(self.r_sum, self.type_counts)
@@ -279,13 +324,26 @@ class PSE(Analysis):
         scalars["residual_max"] = self.residual_max.clone()
         scalars["steps_mean"] = self.steps_sum.double() / n_images.clamp_min(1)
         scalars.update(statistics.group_fractions(self.group_type_counts))
+        images = image_summary(self._columns(IMAGE_STATES))
+        scalars.update(self._pair_effect(images.label, images.target, images.r))
+        kind = statistics.classify(images.r, self.tau_s, self.tau_p)
         details = {
+            "images": images,
+            "pairs": statistics.pair_breakdown(images.label, images.target, kind, images.r),
             "rows": image_rows(self._columns(ROW_STATES)),
             "examples": example_maps(self._columns(EXAMPLE_STATES), self.example_shape),
             "r_hist": self.r_hist.cpu().clone(),
             "sweep_counts": self.sweep_counts.cpu().clone(),
         }
         return AnalysisResult(scalars=scalars, details=details)
+
+    @staticmethod
+    def _pair_effect(label: Tensor, target: Tensor, r: Tensor) -> dict[str, Tensor]:
+        """eta^2 of r by (true, target) pair, with its null expectation and epsilon^2."""
+        effect = statistics.eta_squared(r, statistics.pair_ids(label, target))
+        names = {"eta2": "pair_eta2", "eta2_null": "pair_eta2_null", "epsilon2": "pair_epsilon2",
+                 "n_groups": "n_pairs", "n_small": "n_pairs_small"}  # fmt: skip
+        return {key: effect[name] for name, key in names.items()}
 
     def _columns(self, states: Mapping[str, str]) -> dict[str, Tensor]:
         """The gathered ``cat`` states as flat tensors (empty where nothing was kept)."""
@@ -312,13 +370,14 @@ class PSE(Analysis):
             settings=self.settings_sentence(int(result.scalars.get("n_images", 0))),
             tau_s=self.tau_s,
             tau_p=self.tau_p,
+            tol=self.tol,
         )
 
     def settings_sentence(self, n_images: int) -> str:
         """One sentence naming the method, thresholds and the images analysed."""
         ig = (
             f" ({self.steps} steps, tripled up to {self.max_steps} when the "
-            f"completeness residual exceeds {self.tol:.0%})"
+            f"completeness residual exceeds {100 * self.tol:.3g}%)"
         )
         return (
             f"Method: {self.method}"

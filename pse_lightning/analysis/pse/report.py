@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
 from pse_lightning.analysis.base import AnalysisResult, ReportSection
 from pse_lightning.analysis.pse import figures
-from pse_lightning.analysis.pse.statistics import PSE_TYPES, SWEEP, sweep_fractions
+from pse_lightning.analysis.pse.samples import ImageSummary
+from pse_lightning.analysis.pse.statistics import (
+    MIN_PAIR_IMAGES,
+    PSE_TYPES,
+    SWEEP,
+    PairBreakdown,
+    sweep_fractions,
+)
+from pse_lightning.reporting.figures import class_name
 
 TITLE = "Promotion-suppression effect (PSE)"
-_DETAILS = ("rows", "examples", "r_hist", "sweep_counts")
+_DETAILS = ("images", "pairs", "rows", "examples", "r_hist", "sweep_counts")
+MAX_LISTED = 20  # rows of a markdown listing; the W&B tables hold them all
+Table = tuple[list[str], list[list[object]]]
 
 
 def pse_section(
@@ -23,8 +34,9 @@ def pse_section(
     settings: str,
     tau_s: float,
     tau_p: float,
+    tol: float,
 ) -> ReportSection:
-    """Figures (examples, histogram of r, promotion vs suppression), text and image table.
+    """Figures, text (types, sweep, class pairs, incomplete images) and W&B tables.
 
     Args:
         result: what ``PSE.compute`` returned.
@@ -32,6 +44,7 @@ def pse_section(
         class_names: the dataset's class names (figures never show bare indices).
         settings: the sentence describing the method and thresholds.
         tau_s, tau_p: the type thresholds drawn on the figures.
+        tol: the completeness tolerance (images above it are listed as incomplete).
 
     Raises:
         ValueError: ``result`` is not a PSE ``compute`` result.
@@ -43,24 +56,47 @@ def pse_section(
             f"missing {missing}"
         )
     details = result.details
-    rows, examples = details["rows"], details["examples"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if len(examples):
-        paths.append(figures.examples_figure(examples, class_names, out_dir / "pse_examples.png"))
-    paths.append(
-        figures.ratio_histogram_figure(
-            details["r_hist"], tau_s, tau_p, out_dir / "pse_ratio_hist.png"
-        )
+    rows = details["rows"]
+    paths = write_figures(details, out_dir, class_names, tau_s=tau_s, tau_p=tau_p)
+    pairs, incomplete = (
+        pair_table(details["pairs"], class_names),
+        incomplete_table(details["images"], tol, class_names),
     )
-    if len(rows):
-        paths.append(figures.scatter_figure(rows, tau_s, tau_p, out_dir / "pse_scatter.png"))
+    text = [
+        markdown(result.scalars, details["sweep_counts"], settings),
+        pair_markdown(result.scalars, pairs),
+        incomplete_markdown(result.scalars, incomplete, tol),
+    ]
     return ReportSection(
         title=TITLE,
-        markdown=markdown(result.scalars, details["sweep_counts"], settings),
+        markdown="\n\n".join(text),
         figures=paths,
-        tables={"pse_images": rows.table()},
+        tables={"pse_images": rows.table(), "pse_pairs": pairs, "pse_incomplete": incomplete},
     )
+
+
+def write_figures(
+    details: Mapping[str, Any],
+    out_dir: Path,
+    class_names: Sequence[str],
+    *,
+    tau_s: float,
+    tau_p: float,
+) -> list[Path]:
+    """Examples, histogram of r, threshold sweep and the scatter, as PNG files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if len(details["examples"]):
+        paths.append(figures.examples_figure(details["examples"], class_names,
+                                             out_dir / "pse_examples.png"))  # fmt: skip
+    paths.append(figures.ratio_histogram_figure(details["r_hist"], tau_s, tau_p,
+                                                out_dir / "pse_ratio_hist.png"))  # fmt: skip
+    paths.append(figures.sweep_figure(details["sweep_counts"], tau_s, tau_p,
+                                      out_dir / "pse_sweep.png"))  # fmt: skip
+    if len(details["rows"]):
+        paths.append(figures.scatter_figure(details["rows"], tau_s, tau_p,
+                                            out_dir / "pse_scatter.png"))  # fmt: skip
+    return paths
 
 
 def markdown(scalars: Mapping[str, Tensor], sweep_counts: Tensor, settings: str) -> str:
@@ -70,16 +106,17 @@ def markdown(scalars: Mapping[str, Tensor], sweep_counts: Tensor, settings: str)
         return float(scalars[key])
 
     lines = [
-        settings,
+        settings + f" Skipped {int(num('n_clean_misclassified'))} images the model misclassified"
+        " before the attack.",
         "",
         "| type | fraction |",
         "|---|---|",
         *[f"| {name} | {num('frac_' + name):.3f} |" for name in PSE_TYPES],
         "",
-        f"Mean promotion share {num('promotion_share'):.3f}, suppression share "
-        f"{num('suppression_share'):.3f}, counter-effects {num('counter_share'):.3f}; "
-        f"completeness residual mean {num('residual_mean'):.2e}, "
-        f"max {num('residual_max'):.2e}.",
+        f"Over the images whose attributions are complete: mean promotion share "
+        f"{num('promotion_share'):.3f}, suppression share {num('suppression_share'):.3f}, "
+        f"counter-effects {num('counter_share'):.3f}. Completeness residual over all "
+        f"analysed images: mean {num('residual_mean'):.2e}, max {num('residual_max'):.2e}.",
         "",
         "Threshold sweep (tau_s = q, tau_p = 1 - q; fractions of images with a defined r):",
         "",
@@ -88,4 +125,78 @@ def markdown(scalars: Mapping[str, Tensor], sweep_counts: Tensor, settings: str)
     ]
     for q, fractions in zip(SWEEP, sweep_fractions(sweep_counts), strict=True):
         lines.append(f"| {q:.3g} | " + " | ".join(f"{v:.3f}" for v in fractions.tolist()) + " |")
+    return "\n".join(lines)
+
+
+def pair_table(pairs: PairBreakdown, class_names: Sequence[str]) -> Table:
+    """One row per (true, target) pair, most images first, with a note on small pairs."""
+    columns = ["true class", "target class", "images", *PSE_TYPES, "mean r", "note"]
+    order = sorted(range(len(pairs)), key=lambda g: (-int(pairs.counts[g].sum()), g))
+    rows = []
+    for g in order:
+        small = int(pairs.n_defined[g]) < MIN_PAIR_IMAGES
+        mean_r = float(pairs.mean_r[g])
+        rows.append([
+            class_name(class_names, int(pairs.label[g])),
+            class_name(class_names, int(pairs.target[g])),
+            int(pairs.counts[g].sum()),
+            *pairs.counts[g].tolist(),
+            None if mean_r != mean_r else round(mean_r, 3),
+            f"fewer than {MIN_PAIR_IMAGES} images with a defined r" if small else "",
+        ])  # fmt: skip
+    return columns, rows
+
+
+def pair_markdown(scalars: Mapping[str, Tensor], pairs: Table) -> str:
+    """The class-pair effect on r and the largest pairs."""
+    columns, rows = pairs
+    eta2, null, eps2 = (float(scalars[k]) for k in ("pair_eta2", "pair_eta2_null",
+                                                    "pair_epsilon2"))  # fmt: skip
+    lines = [
+        f"Class pairs: the (true, target) pair explains eta^2 = {eta2:.3f} of the variance of "
+        f"r over {int(scalars['n_pairs'])} pairs ({null:.3f} expected were r independent of "
+        f"the pair; bias-corrected epsilon^2 = {eps2:.3f}). "
+        f"{int(scalars['n_pairs_small'])} pairs have fewer than {MIN_PAIR_IMAGES} images "
+        "with a defined r: their means are noise. A large eta^2 means the types mostly "
+        "encode which classes are attacked into which.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows[:MAX_LISTED]:
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    if len(rows) > MAX_LISTED:
+        lines.append(f"\n{len(rows) - MAX_LISTED} more pairs in the W&B table pse_pairs.")
+    return "\n".join(lines)
+
+
+def incomplete_table(images: ImageSummary, tol: float, class_names: Sequence[str]) -> Table:
+    """The images whose completeness residual stays above ``tol`` (or is NaN)."""
+    columns = ["index", "true class", "target class", "residual", "steps"]
+    bad = (~(images.residual <= tol)).nonzero().flatten().tolist()
+    rows = [
+        [int(images.index[i]), class_name(class_names, int(images.label[i])),
+         class_name(class_names, int(images.target[i])), float(images.residual[i]),
+         int(images.steps[i])]
+        for i in bad
+    ]  # fmt: skip
+    return columns, rows
+
+
+def incomplete_markdown(scalars: Mapping[str, Tensor], incomplete: Table, tol: float) -> str:
+    """How many attributions stayed incomplete, what that changes, and which they are."""
+    columns, rows = incomplete
+    head = (
+        f"Incomplete attributions: {int(scalars['n_incomplete'])} images keep a completeness "
+        f"residual above {100 * tol:.3g}% at the largest step count. They are left out of the "
+        "promotion/suppression/counter shares and the group types; their image type counts, "
+        "since r comes from the measured logit changes."
+    )
+    if not rows:
+        return head
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for index, true, target, residual, steps in rows[:MAX_LISTED]:
+        lines.append(f"| {index} | {true} | {target} | {residual:.3g} | {steps} |")
+    if len(rows) > MAX_LISTED:
+        lines.append(f"\n{len(rows) - MAX_LISTED} more in the W&B table pse_incomplete.")
     return "\n".join(lines)

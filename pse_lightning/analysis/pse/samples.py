@@ -5,9 +5,9 @@ The metric keeps them in ``cat`` states, one named state per column (see ``ROW_S
 same images. Every entry is stored flat in the metric's floating dtype: torchmetrics
 substitutes an empty 1-D tensor of that dtype for a rank that kept nothing, and a gather
 meets the same dtype and rank on every process. Ids are exact in that dtype below 2**24,
-which bounds ``max_rows``. This module turns the gathered columns back into typed tensors,
-sorted by dataset index with duplicates dropped (a padded distributed sampler can deal an
-image twice).
+which bounds ``max_rows`` and the dataset indices. This module turns the gathered columns
+back into typed tensors, sorted by dataset index with duplicates dropped (a padded
+distributed sampler can deal an image twice).
 """
 
 from __future__ import annotations
@@ -51,13 +51,24 @@ EXAMPLE_STATES: dict[str, str] = {
     "suppression": "example_suppression",
     "net": "example_net",
 }
+# Every analysed image, unbounded: six numbers (24 bytes) an image, what the class-pair
+# statistics and the list of incomplete attributions need. No fixed-size sufficient
+# statistic exists for them without the class count, which the constructor does not know.
+IMAGE_STATES: dict[str, str] = {
+    "index": "image_index",
+    "label": "image_label",
+    "target": "image_target",
+    "r": "image_r",
+    "residual": "image_residual",
+    "steps": "image_steps",
+}
 _ID_COLUMNS = ("index", "label", "target", "type", "steps")
 
 
 class _Sample:
     """Named columns whose first axis is the kept image; ``len`` counts the images."""
 
-    index: Tensor
+    index: Tensor  # every subclass declares it as its first field
 
     def __len__(self) -> int:
         return len(self.index)
@@ -125,6 +136,30 @@ class ExampleMaps(_Sample):
     promotion: Tensor
     suppression: Tensor
     net: Tensor
+
+
+@dataclass
+class ImageSummary(_Sample):
+    """Every analysed image (clean-correct, successful if so configured), sorted by index.
+
+    Attributes:
+        index, label, target, steps: (N,) long.
+        r: (N,) PSE ratio, NaN for type none.
+        residual: (N,) relative completeness residual after refinement.
+    """
+
+    index: Tensor
+    label: Tensor
+    target: Tensor
+    r: Tensor
+    residual: Tensor
+    steps: Tensor
+
+
+def image_summary(columns: Mapping[str, Tensor]) -> ImageSummary:
+    """Typed, sorted, de-duplicated images from the gathered columns of ``IMAGE_STATES``."""
+    order = unique_by_index(columns["index"])
+    return ImageSummary(**{name: _typed(name, v)[order].cpu() for name, v in columns.items()})
 
 
 def image_rows(columns: Mapping[str, Tensor]) -> ImageRows:

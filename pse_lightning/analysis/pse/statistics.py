@@ -10,6 +10,7 @@ processes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,6 +20,8 @@ SUPPRESSION, BALANCED, PROMOTION, NONE = range(4)
 HIST_BINS = 20
 # Symmetric threshold sweep q: tau_s = q, tau_p = 1 - q (the default pair is q = 1/3).
 SWEEP: tuple[float, ...] = (0.1, 0.2, 0.25, 0.3, 1 / 3, 0.4, 0.45)
+# A class pair with fewer images with a defined r is flagged: its mean r is noise.
+MIN_PAIR_IMAGES = 5
 
 
 def promotion_suppression_maps(attr_true: Tensor, attr_target: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,3 +180,100 @@ def sweep_fractions(counts: Tensor) -> Tensor:
     """Rows of ``sweep_counts`` normalised to fractions of the images with a defined r."""
     counts = counts.double()
     return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+# -- class pairs ---------------------------------------------------------------------------
+
+
+@dataclass
+class PairBreakdown:
+    """Image types per (true, target) class pair, pairs sorted by (label, target).
+
+    Attributes:
+        label, target: (G,) long, the pair.
+        counts: (G, 4) long, images of each type (``PSE_TYPES`` order).
+        mean_r: (G,) mean r over the pair's images with a defined r (NaN if none).
+        n_defined: (G,) long, the pair's images with a defined r.
+    """
+
+    label: Tensor
+    target: Tensor
+    counts: Tensor
+    mean_r: Tensor
+    n_defined: Tensor
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def pair_breakdown(label: Tensor, target: Tensor, kind: Tensor, r: Tensor) -> PairBreakdown:
+    """Count the image types and average r per (true, target) pair (docs/METHODS.md §2.7).
+
+    Args:
+        label, target: (N,) long classes of each analysed image.
+        kind: (N,) long type ids.
+        r: (N,) PSE ratios, NaN for type none.
+    """
+    pairs, group = torch.unique(torch.stack([label, target], dim=1), dim=0, return_inverse=True)
+    g = len(pairs)
+    counts = torch.zeros(g, len(PSE_TYPES), dtype=torch.long)
+    counts.index_put_((group.cpu(), kind.cpu()), torch.ones(len(kind), dtype=torch.long),
+                      accumulate=True)  # fmt: skip
+    defined = ~torch.isnan(r)
+    n_defined = torch.bincount(group[defined], minlength=g).cpu()
+    r_sum = torch.zeros(g, dtype=torch.float64).index_add_(
+        0, group[defined].cpu(), r[defined].double().cpu()
+    )
+    mean_r = torch.where(n_defined > 0, r_sum / n_defined.clamp_min(1), torch.nan)
+    return PairBreakdown(pairs[:, 0].cpu(), pairs[:, 1].cpu(), counts, mean_r, n_defined)
+
+
+def eta_squared(
+    values: Tensor, groups: Tensor, *, min_size: int = MIN_PAIR_IMAGES
+) -> dict[str, Tensor]:
+    """Share of the variance of ``values`` explained by ``groups`` (one-way ANOVA effect size).
+
+    Over the finite values: eta^2 = SS_between / SS_total, with
+    SS_between = sum_g n_g (mean_g - mean)^2 and SS_total = sum_i (v_i - mean)^2. Groups of
+    one value explain it fully, so eta^2 is biased upwards: for values independent of the
+    groups its expectation is (G - 1) / (n - 1) (exact for normal values, where eta^2 is
+    Beta((G-1)/2, (n-G)/2)), reported as ``eta2_null``. epsilon^2 = (SS_between - (G - 1)
+    MS_within) / SS_total, MS_within = SS_within / (n - G), removes that bias (about 0
+    under independence, Okada 2013).
+
+    Args:
+        values: (N,) values, NaN ignored.
+        groups: (N,) long group ids.
+        min_size: groups with fewer finite values are counted in ``n_small``.
+
+    Returns:
+        ``eta2``, ``eta2_null``, ``epsilon2`` (float64 0-d, NaN where undefined: no
+        spread, or n <= G), ``n`` (finite values), ``n_groups`` and ``n_small`` (long 0-d).
+    """
+    finite = torch.isfinite(values)
+    v, g = values[finite].double().cpu(), groups[finite].cpu()
+    _, group = torch.unique(g, return_inverse=True)
+    n = len(v)
+    n_groups = int(group.max()) + 1 if n else 0
+    sizes = torch.bincount(group, minlength=n_groups).double()
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    out = {"eta2": nan, "eta2_null": nan, "epsilon2": nan}
+    if n > n_groups >= 1:
+        mean = v.mean()
+        group_mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, v) / sizes
+        ss_total = ((v - mean) ** 2).sum()
+        ss_between = (sizes * (group_mean - mean) ** 2).sum()
+        ms_within = (ss_total - ss_between) / (n - n_groups)
+        out["eta2_null"] = torch.tensor((n_groups - 1) / (n - 1), dtype=torch.float64)
+        if ss_total > 0:
+            out["eta2"] = ss_between / ss_total
+            out["epsilon2"] = (ss_between - (n_groups - 1) * ms_within) / ss_total
+    out["n"] = torch.tensor(n)
+    out["n_groups"] = torch.tensor(n_groups)
+    out["n_small"] = (sizes < min_size).sum().long()
+    return out
+
+
+def pair_ids(label: Tensor, target: Tensor) -> Tensor:
+    """One long id per (label, target) pair, the same for equal pairs."""
+    return torch.unique(torch.stack([label, target], dim=1), dim=0, return_inverse=True)[1]
