@@ -33,6 +33,7 @@ from pse_lightning.analysis.dissection.masks import (
     mask_thresholds,
     upsample,
 )
+from pse_lightning.analysis.dissection.metric import random_weights
 from pse_lightning.analysis.dissection.probe import layer_bins
 from pse_lightning.analysis.dissection.quantiles import (
     RadixQuantile,
@@ -709,7 +710,7 @@ def test_compute_and_report(tmp_path: Path) -> None:
         "s",
     ]
     assert len(rows) == 5 + 6
-    assert "Spearman" in section.markdown
+    assert "Spearman" in section.markdown and "Holm" in section.markdown
 
 
 def test_reset_then_the_same_batches_give_the_same_result() -> None:
@@ -727,6 +728,48 @@ def test_reset_then_the_same_batches_give_the_same_result() -> None:
     assert float(runs[0]["images"]) == 20
     for key, value in runs[0].items():
         assert torch.equal(value, runs[1][key]) or bool(value.isnan().all()), key
+
+
+def test_random_weights_are_the_default_init_from_the_seed() -> None:
+    """RandomConvNet(seed=0) is PyTorch's default init after manual_seed(0), in module
+    order: re-initialising it from seed 0 must give the same weights, seed 1 others, and
+    the global RNG must not move."""
+    model = RandomConvNet(seed=0)
+    state = torch.random.get_rng_state()
+    same, other = random_weights(model, 0), random_weights(model, 1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (name, p), q, r in zip(
+        model.named_parameters(), same.parameters(), other.parameters(), strict=True
+    ):
+        assert torch.equal(p, q), name
+        assert not torch.equal(p, r), name
+
+
+def test_baseline_and_category_rule_in_compute() -> None:
+    """ToyNet's detectors have no weights: the random-weights baseline dissects them
+    identically; a category is tested only with min_category_units interpretable units;
+    every p-value has its Holm adjustment."""
+    model = ToyNet().eval()
+    data = coloured_squares(12)
+    results = {}
+    for min_units in (1, 2):
+        dissection = Dissection(permutations=50, bootstrap=10, min_category_units=min_units)
+        dissection.prepare(model, data)
+        for batch in fake_adversarial_batches(model, n=12):  # ToyNet has 3 classes
+            batch = dataclasses.replace(batch, y=batch.y % 3, target=batch.target % 3)
+            dissection.update(model, batch)
+        results[min_units] = dissection.compute().scalars
+    out = results[1]
+    assert out["detect/random/interpretable"] == out["detect/interpretable"] == 3
+    assert out["detect/random/spearman_rho"] == out["detect/spearman_rho"]
+    # detect: one object unit (square) and two colour units (red, green).
+    assert "detect/colour/mannwhitney_p" in out and "detect/object/mannwhitney_p" in out
+    assert "detect/colour/mannwhitney_p" in results[2]
+    assert "detect/object/mannwhitney_p" not in results[2]
+    p_keys = [k for k in out if k.endswith("_p")]
+    assert p_keys and all(f"{k}_holm" in out for k in p_keys)
+    for k in p_keys:
+        assert float(out[f"{k}_holm"]) >= float(out[k]) or math.isnan(float(out[k]))
 
 
 def test_invalid_settings_name_their_key() -> None:

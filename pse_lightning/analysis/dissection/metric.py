@@ -17,6 +17,7 @@ them with the parent's own state, the weighted image count.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,12 @@ from pse_lightning.analysis.dissection.sensitivity import (
     spatial_mean,
 )
 from pse_lightning.analysis.dissection.showcase import Showcase, build_showcase
-from pse_lightning.analysis.dissection.summary import SummarySettings, summarise_layer
+from pse_lightning.analysis.dissection.statistics import holm
+from pse_lightning.analysis.dissection.summary import (
+    SummarySettings,
+    baseline_scalars,
+    summarise_layer,
+)
 from pse_lightning.core.distributed import rank_world
 from pse_lightning.core.model_state import frozen_eval, model_device
 from pse_lightning.validation import require_at_least, require_in_range
@@ -122,6 +128,13 @@ class Dissection(Analysis):
             activation, deleted at the end); false runs the model in every pass instead
             (no disk, 1 + ceil(32 / log2(bins)) forward passes).
         cache_dir: directory of those files (null: the system's temporary directory).
+        min_category_units: a concept category is tested (Mann–Whitney of its
+            interpretable units' s against the others) only with at least this many
+            interpretable units of that category in the layer (docs/METHODS.md §7.4).
+        random_baseline: also dissect the same architecture re-initialised from ``seed``
+            and measure its units' sensitivity to the same adversarial examples: the
+            interpretable units and rho a trained network must beat (docs/METHODS.md
+            §4.4). Doubles the dissection's cost.
         kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -145,6 +158,8 @@ class Dissection(Analysis):
         seed: int = 0,
         cache_features: bool = True,
         cache_dir: str | None = None,
+        min_category_units: int = 10,
+        random_baseline: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -169,15 +184,21 @@ class Dissection(Analysis):
                 "analysis.enrichment_top", enrichment_top, 0.0, 1.0, low_open=True
             ),
             seed=int(seed),
+            min_category_units=require_at_least(
+                "analysis.min_category_units", min_category_units, 1
+            ),
         )
+        self.random_baseline = _require_bool("analysis.random_baseline", random_baseline)
         self.top_units = require_at_least("analysis.top_units", top_units, 0)
         self.successful_only = _require_bool("analysis.successful_only", successful_only)
         self._metric_kwargs = kwargs
         self.probe: ProbeResult | None = None
+        self.baseline: tuple[nn.Module, ProbeResult] | None = None
         self.showcase: list[Showcase] = []
         replicates = 1 + self.summary_settings.bootstrap
         self.add_state("count", torch.zeros(replicates, dtype=torch.float64), "sum")
         self.unit_sums = nn.ModuleList()  # one UnitSums per probed layer, made by prepare
+        self.baseline_sums = nn.ModuleList()  # the same for the random-weights baseline
 
     @property
     def iou_threshold(self) -> float:
@@ -200,9 +221,31 @@ class Dissection(Analysis):
             )
         table = concept_table(datamodule)
         loader = datamodule.probe_dataloader()
+        self.probe = self._dissect(model, loader, layers, table, datamodule)
+        self.unit_sums = self._new_sums(model)
+        self.baseline, self.baseline_sums = None, nn.ModuleList()
+        if self.random_baseline:
+            random = random_weights(model, self.summary_settings.seed)
+            self.baseline = (random, self._dissect(random, loader, layers, table, datamodule))
+            self.baseline_sums = self._new_sums(model)
+        self.count = self.count.to(model_device(model))
+        self.showcase = []
+        if rank_world()[0] == 0 and self.top_units and self.probe_settings.top_images:
+            with frozen_eval(model), torch.no_grad():
+                self.showcase = build_showcase(model, loader, self.probe, self.top_units)
+
+    def _dissect(
+        self, model: nn.Module, loader: Any, layers: list[str], table: Any, datamodule: Any
+    ) -> ProbeResult:
         passes = ProbePasses(model, loader, layers, table, self.probe_settings)
         results, probe_images = passes.run()
-        self.probe = ProbeResult(
+        log.info(
+            "dissection: %s interpretable units of %s (IoU > %g)",
+            {n: int((r.best_iou > self.iou_threshold).sum()) for n, r in results.items()},
+            {n: r.units for n, r in results.items()},
+            self.iou_threshold,
+        )
+        return ProbeResult(
             layers=results,
             table=table,
             concepts=list(datamodule.concepts),
@@ -211,22 +254,14 @@ class Dissection(Analysis):
             pass_seconds=passes.seconds,
             pass_cpu_seconds=passes.cpu_seconds,
         )
-        device = model_device(model)
+
+    def _new_sums(self, model: nn.Module) -> nn.ModuleList:
+        """One zeroed :class:`UnitSums` per probed layer, on the model's device."""
+        assert self.probe is not None
         replicates = 1 + self.summary_settings.bootstrap
-        self.unit_sums = nn.ModuleList(
-            UnitSums(r.units, replicates, **self._metric_kwargs).to(device)
-            for r in results.values()
-        )
-        self.count = self.count.to(device)
-        self.showcase = []
-        if rank_world()[0] == 0 and self.top_units and self.probe_settings.top_images:
-            with frozen_eval(model), torch.no_grad():
-                self.showcase = build_showcase(model, loader, self.probe, self.top_units)
-        log.info(
-            "dissection: %s interpretable units of %s (IoU > %g)",
-            {n: int((r.best_iou > self.iou_threshold).sum()) for n, r in results.items()},
-            {n: r.units for n, r in results.items()},
-            self.iou_threshold,
+        return nn.ModuleList(
+            UnitSums(r.units, replicates, **self._metric_kwargs).to(model_device(model))
+            for r in self.probe.layers.values()
         )
 
     # -- sensitivity ----------------------------------------------------------------------
@@ -235,23 +270,36 @@ class Dissection(Analysis):
         """Accumulate clean and adversarial spatial-mean activations of every unit."""
         if self.probe is None:
             raise RuntimeError("Dissection.prepare(model, datamodule) must run before update")
-        layers = list(self.probe.layers)
-        n = len(batch.x)
-        with frozen_eval(model), torch.no_grad():
-            acts = layer_activations(model, torch.cat([batch.x, batch.x_adv]), layers)
         settings = self.summary_settings
         weights = poisson_weights(batch.index, settings.bootstrap, settings.seed)
         if self.successful_only:
             weights = weights * batch.success.to(weights).view(-1, 1)
-        for name, sums in zip(layers, self.unit_sums, strict=True):
+        self._accumulate(model, self.unit_sums, batch, weights, self.probe.head_layer)
+        if self.baseline is not None:
+            self._accumulate(self.baseline[0], self.baseline_sums, batch, weights, None)
+        self.count += weights.sum(dim=0)
+
+    def _accumulate(
+        self,
+        model: nn.Module,
+        unit_sums: nn.ModuleList,
+        batch: AdversarialBatch,
+        weights: Tensor,
+        head: str | None,
+    ) -> None:
+        """Add one batch's sensitivity terms of ``model``'s probed layers to ``unit_sums``."""
+        assert self.probe is not None
+        layers, n = list(self.probe.layers), len(batch.x)
+        with frozen_eval(model), torch.no_grad():
+            acts = layer_activations(model, torch.cat([batch.x, batch.x_adv]), layers)
+        for name, sums in zip(layers, unit_sums, strict=True):
             means = spatial_mean(acts[name])
             w_target = w_true = None
-            if name == self.probe.head_layer:
+            if name == head:
                 weight = model.get_submodule(model.head).weight.detach()
                 if weight.shape[1] == means.shape[1]:
                     w_target, w_true = weight[batch.target], weight[batch.y]
             sums.update(weights, sensitivity_terms(means[:n], means[n:], w_target, w_true))
-        self.count += weights.sum(dim=0)
 
     def compute(self) -> AnalysisResult:
         """Per-layer scalars (logged) and the unit tensors, concepts and top images the
@@ -261,13 +309,21 @@ class Dissection(Analysis):
         count = self.count.detach().cpu()
         scalars: dict[str, Tensor] = {"images": count[0].clone()}
         units = {}
-        for (name, layer), sums in zip(self.probe.layers.items(), self.unit_sums, strict=True):
-            sens = sensitivity_from_sums(sums.compute().detach().cpu(), count)
+        for i, (name, layer) in enumerate(self.probe.layers.items()):
+            sens = sensitivity_from_sums(self.unit_sums[i].compute().detach().cpu(), count)
             head = name == self.probe.head_layer
             layer_scalars, units[name] = summarise_layer(
                 layer, sens, self.probe.table, head, self.summary_settings
             )
+            if self.baseline is not None:
+                sums = self.baseline_sums[i].compute().detach().cpu()
+                random = self.baseline[1].layers[name]
+                sens = sensitivity_from_sums(sums, count)
+                layer_scalars.update(baseline_scalars(random, sens, self.summary_settings))
             scalars.update({f"{name}/{k}": v for k, v in layer_scalars.items()})
+        # One family: every p-value the report shows (docs/METHODS.md §7.5).
+        family = {k: v for k, v in scalars.items() if k.endswith("_p")}
+        scalars.update({f"{k}_holm": v for k, v in holm(family).items()})
         details = {
             "units": units,
             "concepts": self.probe.table,
@@ -279,7 +335,7 @@ class Dissection(Analysis):
     def reset(self) -> None:
         """Reset the image count and every layer's sums (the probe result is kept)."""
         super().reset()
-        for sums in self.unit_sums:
+        for sums in (*self.unit_sums, *self.baseline_sums):
             sums.reset()
 
     # -- report ---------------------------------------------------------------------------
@@ -289,8 +345,34 @@ class Dissection(Analysis):
     ) -> ReportSection:
         """Figures, the per-unit table and a markdown summary, from ``result`` alone."""
         return report_section(
-            result, Path(out_dir), self.name, self.probe_settings.quantile, self.iou_threshold
+            result,
+            Path(out_dir),
+            self.name,
+            self.probe_settings.quantile,
+            self.iou_threshold,
+            self.summary_settings.min_category_units,
         )
+
+
+def random_weights(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with every parameter and buffer re-initialised from ``seed``.
+
+    Each submodule's own ``reset_parameters`` (PyTorch's default initialisation; batch
+    norm's running statistics back to 0 and 1) runs in module order under a forked RNG
+    seeded with ``seed`` on CPU, so the global random state is untouched and the baseline
+    is the same in every process and on every device. Hooks are not copied: they belong to
+    the trained model.
+    """
+    device = model_device(model)
+    random = copy.deepcopy(model).cpu()  # initialised on CPU: the same on every device
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in random.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+    return random.to(device).eval()
 
 
 def _require_bool(key: str, value: Any) -> bool:

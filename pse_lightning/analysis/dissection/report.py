@@ -34,7 +34,12 @@ UNIT_COLUMNS = [
 
 
 def report_section(
-    result: AnalysisResult, out_dir: Path, title: str, quantile: float, iou_threshold: float
+    result: AnalysisResult,
+    out_dir: Path,
+    title: str,
+    quantile: float,
+    iou_threshold: float,
+    min_category_units: int,
 ) -> ReportSection:
     """Figures (IoU vs sensitivity, interpretable units per category, top images), the
     per-unit W&B table and a markdown summary. Rank zero only; no communication."""
@@ -63,7 +68,7 @@ def report_section(
         f"q = {quantile}, interpretable when IoU > {iou_threshold}; "
         f"sensitivity over {float(scalars.get('images', 0)):.0f} evaluation images.",
         "",
-        *markdown_tables(scalars, layers, table.categories),
+        *markdown_tables(scalars, layers, table.categories, min_category_units),
     ]
     section.markdown = "\n".join(lines)
     return section
@@ -101,24 +106,90 @@ def _fmt(scalars: dict[str, Tensor], key: str) -> str:
     return "—" if value is None else f"{float(value):.3g}"
 
 
+def _p(scalars: dict[str, Tensor], key: str) -> str:
+    """A p-value and its Holm-adjusted value: "raw (Holm)"."""
+    if key not in scalars:
+        return "—"
+    return f"{_fmt(scalars, key)} ({_fmt(scalars, key + '_holm')})"
+
+
+def _ci(scalars: dict[str, Tensor], prefix: str) -> str:
+    return f"[{_fmt(scalars, prefix + '_low')}, {_fmt(scalars, prefix + '_high')}]"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _correlation_cells(scalars: dict[str, Tensor], n: str) -> list[str]:
+    def f(key: str) -> str:
+        return _fmt(scalars, f"{n}/{key}")
+
+    return [
+        f("units"),
+        f("interpretable"),
+        f("spearman_rho"),
+        _p(scalars, f"{n}/spearman_p"),
+        _ci(scalars, f"{n}/spearman_ci"),
+        _ci(scalars, f"{n}/spearman_ci_units"),
+        f"{f('partial_sigma_rho')} ({_p(scalars, n + '/partial_sigma_p')})",
+        f"{f('partial_mean_rho')} ({_p(scalars, n + '/partial_mean_p')})",
+    ]
+
+
+def _group_cells(scalars: dict[str, Tensor], n: str) -> list[str]:
+    return [
+        _p(scalars, f"{n}/mannwhitney_p"),
+        _p(scalars, f"{n}/enrichment_p"),
+        _fmt(scalars, f"{n}/random/interpretable"),
+        _fmt(scalars, f"{n}/random/spearman_rho"),
+        _ci(scalars, f"{n}/random/spearman_ci"),
+        _p(scalars, f"{n}/random/spearman_p"),
+    ]
+
+
 def markdown_tables(
-    scalars: dict[str, Tensor], layers: list[str], categories: list[str]
+    scalars: dict[str, Tensor], layers: list[str], categories: list[str], min_units: int
 ) -> list[str]:
-    """The per-layer statistics table and the interpretable-units-per-category table."""
+    """The correlation, group-test, baseline and per-category tables of the section."""
+    family = sum(1 for k in scalars if k.endswith("_holm") and bool(scalars[k].isfinite()))
     lines = [
-        "| layer | units | interpretable | Spearman ρ(s, IoU) | perm. p | 95% CI | "
-        "Mann–Whitney p | enrichment p |",
-        "|---|---|---|---|---|---|---|---|",
+        f"p-values: raw (Holm-adjusted over the {family} p-values of this section, "
+        "family-wise α = 0.05). CI: 95% percentile bootstrap; two-way resamples units and "
+        "evaluation images, units resamples units only. Random-weights baseline: the same "
+        "architecture re-initialised from the seed, on the same adversarial examples.",
+        "",
+        "| layer | units | interpretable | Spearman ρ(s, IoU) | perm. p (Holm) | CI two-way | "
+        "CI units | partial ρ given σ (p) | partial ρ given mean (p) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(_row(n, *_correlation_cells(scalars, n)) for n in layers),
+        "",
+        "| layer | Mann–Whitney p (Holm) | enrichment p (Holm) | random-weights baseline: "
+        "interpretable | ρ | CI two-way | perm. p (Holm) |",
+        "|---|---|---|---|---|---|---|",
+        *(_row(n, *_group_cells(scalars, n)) for n in layers),
+    ]
+    return lines + category_table(scalars, layers, categories, min_units)
+
+
+def category_table(
+    scalars: dict[str, Tensor], layers: list[str], categories: list[str], min_units: int
+) -> list[str]:
+    """Interpretable units per category, with the category's test where it has power."""
+    lines = [
+        "",
+        f"Per category: interpretable units, and the Mann–Whitney p (Holm) of their s "
+        f"against the layer's other units, tested only with at least {min_units} of them.",
+        "",
+        "| layer | " + " | ".join(categories) + " |",
+        "|---|" + "---|" * len(categories),
     ]
     for n in layers:
-        f = lambda key, n=n: _fmt(scalars, f"{n}/{key}")  # noqa: E731
-        lines.append(
-            f"| {n} | {f('units')} | {f('interpretable')} | {f('spearman_rho')} | "
-            f"{f('spearman_p')} | [{f('spearman_ci_low')}, {f('spearman_ci_high')}] | "
-            f"{f('mannwhitney_p')} | {f('enrichment_p')} |"
-        )
-    lines += ["", "| layer | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
-    for n in layers:
-        counts = [_fmt(scalars, f"{n}/{c}/interpretable") for c in categories]
-        lines.append(f"| {n} | " + " | ".join(counts) + " |")
+        cells = []
+        for c in categories:
+            cell = _fmt(scalars, f"{n}/{c}/interpretable")
+            if f"{n}/{c}/mannwhitney_p" in scalars:
+                cell += f"; p {_p(scalars, f'{n}/{c}/mannwhitney_p')}"
+            cells.append(cell)
+        lines.append(_row(n, *cells))
     return lines

@@ -129,3 +129,135 @@ def enrichment(s: Tensor, interpretable: Tensor, top_fraction: float) -> tuple[i
     expected = m * float(interpretable.double().mean())
     p = hypergeom_sf(observed, units, int(interpretable.sum()), m)
     return observed, expected, p
+
+
+# Resampling, partial correlation and multiple testing (issue 15) ---------------------------
+
+
+def rank_rows(x: Tensor) -> Tensor:
+    """Ranks 1..n along the last dimension, ties averaged (:func:`rankdata` per row).
+
+    One sort per row: a tie group's first and last sorted positions come from running
+    max / min scans, so thousands of bootstrap resamples rank in one call.
+    """
+    values, order = x.double().sort(dim=-1)
+    n = values.shape[-1]
+    pos = torch.arange(n, device=x.device).expand_as(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[..., 1:] = values[..., 1:] != values[..., :-1]
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, pos, 0).cummax(dim=-1).values
+    last = torch.where(ends, pos, n - 1).flip(-1).cummin(dim=-1).values.flip(-1)
+    average = (first + last).double() / 2.0 + 1.0
+    return torch.empty_like(average).scatter_(-1, order, average)
+
+
+def correlation_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation along the last dimension (NaN where either row is constant)."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    norm = a.norm(dim=-1) * b.norm(dim=-1)
+    r = (a * b).sum(dim=-1) / norm.clamp_min(1e-300)
+    return torch.where(norm > 1e-12, r.clamp(-1.0, 1.0), torch.full_like(r, math.nan))
+
+
+def spearman_rows(x: Tensor, y: Tensor) -> Tensor:
+    """Spearman's rho of each row pair of ``x``, ``y`` (..., n): vectorised resamples."""
+    return correlation_rows(rank_rows(x), rank_rows(y))
+
+
+def unit_bootstrap_ci(
+    s: Tensor,
+    iou: Tensor,
+    replicates: int,
+    generator: torch.Generator,
+    s_images: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """95% percentile CI of Spearman's rho(s, IoU) resampling UNITS with replacement.
+
+    The units are the sample the correlation is computed over, so resampling them is what
+    measures rho's sampling error (docs/METHODS.md §7.2). With ``s_images`` (B, K), the
+    sensitivities of B Poisson-bootstrap replicates over evaluation images, replicate b
+    also uses ``s_images[b]``: a two-way bootstrap over units and evaluation images, so
+    the interval includes the noise of s_k's estimate as well.
+
+    Args:
+        s, iou: (K,) sensitivity and best IoU.
+        replicates: B (ignored with ``s_images``, whose rows set it).
+        generator: the source of the unit resamples.
+    """
+    units = len(s)
+    b = replicates if s_images is None else len(s_images)
+    if b < 1 or units < 3:
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        return nan, nan.clone()
+    pick = torch.randint(units, (b, units), generator=generator)
+    x = s.double()[pick] if s_images is None else s_images.double().gather(1, pick)
+    return percentile_ci(spearman_rows(x, iou.double()[pick]))
+
+
+def rank_residuals(values: Tensor, control: Tensor) -> Tensor:
+    """Ranks of ``values`` (n,) minus their least-squares line on the ranks of ``control``
+    (n,): the part of the ranks the control does not explain linearly."""
+    design = torch.stack([torch.ones(len(values), dtype=torch.float64), rankdata(control)], 1)
+    ranks = rankdata(values).view(-1, 1)
+    coef = torch.linalg.lstsq(design, ranks).solution
+    return (ranks - design @ coef).view(-1)
+
+
+def block_permutations(
+    control: Tensor, permutations: int, block: int, generator: torch.Generator
+) -> Tensor:
+    """(R, n) permutations that move each unit only among the ``block`` units nearest to it
+    in ``control`` (consecutive blocks of the control's order; the last may be smaller)."""
+    n = len(control)
+    order = control.argsort(stable=True)
+    block_id = (torch.arange(n) // block).double()
+    within = (torch.rand(permutations, n, generator=generator).double() + block_id).argsort(1)
+    perm = torch.empty(permutations, n, dtype=torch.long)
+    perm[:, order] = order[within]
+    return perm
+
+
+def partial_spearman(
+    x: Tensor,
+    y: Tensor,
+    control: Tensor,
+    permutations: int,
+    generator: torch.Generator,
+    block: int = 8,
+) -> tuple[Tensor, Tensor]:
+    """Partial Spearman correlation of x and y given ``control`` (all (n,)), and its p-value.
+
+    rho_partial = corr(e_x, e_y), e the rank residuals (:func:`rank_residuals`). The
+    two-sided p-value permutes e_y only within blocks of ``block`` units adjacent in the
+    control (:func:`block_permutations`): (1 + #{|corr(e_x, e_y perm)| >= |rho_partial|}) /
+    (R + 1). A free permutation of the residuals (Kennedy, 1995) rejects about 10% of
+    true nulls when the control drives both variables (the residuals' spread then varies
+    with the control in both alike); within-block permutation keeps that structure and
+    holds the nominal rate (tests/test_dissection_statistics.py).
+    """
+    ex, ey = rank_residuals(x, control), rank_residuals(y, control)
+    rho = correlation_rows(ex, ey)
+    if not bool(torch.isfinite(rho)) or permutations < 1:
+        return rho, torch.tensor(math.nan, dtype=torch.float64)
+    perm = block_permutations(control, permutations, block, generator)
+    null = correlation_rows(ex.expand(permutations, -1), ey[perm])
+    hits = int((null.abs() >= rho.abs() - 1e-12).sum())
+    return rho, torch.tensor((1 + hits) / (permutations + 1), dtype=torch.float64)
+
+
+def holm(pvalues: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Holm's step-down adjustment of a family of p-values (NaNs left out of the family).
+
+    With the m finite p-values sorted p_(1) <= ... <= p_(m), the adjusted
+    p̃_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)); rejecting p̃ <= α controls the
+    family-wise error rate at α under any dependence (Holm, 1979).
+    """
+    finite = {k: float(v) for k, v in pvalues.items() if math.isfinite(float(v))}
+    m, running, out = len(finite), 0.0, {}
+    for j, (key, p) in enumerate(sorted(finite.items(), key=lambda kv: kv[1])):
+        running = max(running, min(1.0, (m - j) * p))
+        out[key] = torch.tensor(running, dtype=torch.float64)
+    return {k: out.get(k, torch.tensor(math.nan, dtype=torch.float64)) for k in pvalues}
