@@ -285,7 +285,7 @@ class Attack(ABC):
         if index is None:
             index = torch.arange(len(x), device=x.device)
         x = x.detach()
-        with frozen_eval(model), torch.enable_grad():
+        with frozen_eval(model), full_precision(x), torch.enable_grad():
             if (
                 logits_clean is None
                 and self.targeted
@@ -424,7 +424,7 @@ class Attack(ABC):
                     "(an optimizer step or a train-mode forward since the attack ran): read "
                     "them before updating the model"
                 )
-            with frozen_eval(model), torch.no_grad():
+            with frozen_eval(model), full_precision(x_adv), torch.no_grad():
                 if logits is None or bool(stale.all()):
                     return model(x_adv)
                 out = logits.clone()
@@ -443,6 +443,13 @@ def check_target_differs(target: Tensor, y: Tensor) -> None:
             "target != y (that row would count as a success without moving); pass other "
             "targets or use attack.target_rule"
         )
+
+
+def full_precision(x: Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device: an attack's steps, budget and success are computed in
+    the model's own precision (float32), whatever ``trainer.precision`` (a bf16-mixed run
+    would otherwise round the gradients and the logits that decide success)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def check_images(x: Tensor) -> None:

@@ -15,6 +15,7 @@ from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResu
 from pse_lightning.attacks import Attack
 from pse_lightning.core.distributed import all_gather_objects, unshare_tensors
 from pse_lightning.modules.attack_metrics import AttackMetrics
+from pse_lightning.validation import InputError
 
 
 @dataclass
@@ -31,6 +32,7 @@ class EvaluationResult:
     scalars: dict[str, float]
     analyses: dict[str, AnalysisResult] = field(default_factory=dict)
     examples: dict[str, Tensor] = field(default_factory=dict)
+
 
 # Extras that describe the batch rather than one sample (StrAttack's (H, W) group ids).
 SHARED_EXTRAS = frozenset({"group_map"})
@@ -89,6 +91,15 @@ class EvaluationModule(pl.LightningModule):
     def on_test_start(self) -> None:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("attacks need gradients: set trainer.inference_mode=false")
+        low = sorted(
+            {str(p.dtype) for p in self.model.parameters()} - {"torch.float32", "torch.float64"}
+        )
+        if low:
+            raise InputError(
+                f"the model's weights are {', '.join(low)}: attacks compute in float32 so their "
+                "budgets and success are exact; use trainer.precision=32 or bf16-mixed/16-mixed "
+                "(mixed precision is switched off inside the attack), not a *-true precision"
+            )
         self.model.eval()
         self.examples = {k: [] for k in ("index", "x", "x_adv", "y", "pred_clean", "pred_adv")}
         for analysis in self.analyses.values():
