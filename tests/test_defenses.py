@@ -11,7 +11,17 @@ import torch
 from torch import nn
 
 from pse_lightning import pipeline
+from pse_lightning.core.proportions import holm_adjust
 from pse_lightning.defenses.base import Defense
+from pse_lightning.defenses.curve_report import curve_markdown
+from pse_lightning.defenses.curve_stats import (
+    METRICS,
+    MaskChoice,
+    accuracy_rows,
+    paired_comparisons,
+    random_spread,
+)
+from pse_lightning.defenses.figures import accuracy_vs_k_figure
 from pse_lightning.reporting.tables import markdown_table
 
 
@@ -82,6 +92,39 @@ def test_neuron_mask_end_to_end(make_cfg, tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     assert metrics["test/neuron_mask/k"] == 2
     report = (run_dir / "report.md").read_text()
-    assert "## neuron_mask" in report and "random (2 draws)" in report
+    assert "## neuron_mask" in report and "random (2 draw(s))" in report
     assert "Wilson 95%" in report and "McNemar" in report and "Holm" in report
     assert (run_dir / "figures" / "neuron_mask_vs_k.png").stat().st_size > 0
+
+
+def test_curve_statistics_and_report_from_planted_outcomes(tmp_path: Path) -> None:
+    """Ten images; three random draws right on 5, 6 and 7 of them: mean 0.6, sd 0.1."""
+    choices = [
+        MaskChoice(2, "top", 0, (0, 1)),
+        *(MaskChoice(2, "random", d, (d + 2, d + 3)) for d in range(3)),
+        MaskChoice(2, "bottom", 0, (8, 9)),
+    ]
+    hits = [9, 5, 6, 7, 2]  # correct images per choice (the first ``hits`` of ten)
+    column = [torch.arange(10) < h for h in hits]
+    outcomes = {m: torch.stack(column, dim=1) for m in METRICS}
+    undefended = {"clean": torch.arange(10) < 9, "robust": torch.arange(10) < 1}
+    rows = accuracy_rows(choices, outcomes)
+    assert [r["adaptive_acc"] for r in rows] == [0.9, 0.5, 0.6, 0.7, 0.2]
+    (spread,) = random_spread(rows)
+    assert spread["draws"] == 3 and spread["clean_mean"] == pytest.approx(0.6)
+    assert spread["clean_sd"] == pytest.approx(0.1)
+    tests = paired_comparisons(choices, outcomes, undefended)
+    by = {(t["metric"], t["versus"]): t for t in tests}
+    assert by[("clean", "undefended")]["p"] == 1.0  # same nine images right
+    # adaptive: the top mask gets images 1..8 right that the undefended model misses.
+    assert (
+        by[("adaptive", "undefended")]["only_top"],
+        by[("adaptive", "undefended")]["only_other"],
+    ) == (8, 0)
+    assert by[("adaptive", "undefended")]["p"] == pytest.approx(2 / 2**8)
+    assert [t["p_holm"] for t in tests] == holm_adjust([t["p"] for t in tests])
+    details = {"rows": rows, "spread": [spread], "tests": tests}
+    markdown = curve_markdown("two units", details)
+    assert "0.600 ± 0.100 (0.500–0.700)" in markdown and "0.900 [0.596, 0.982]" in markdown
+    figure = accuracy_vs_k_figure(rows, [spread], tmp_path / "curve.png")
+    assert figure.stat().st_size > 0

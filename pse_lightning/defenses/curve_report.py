@@ -32,7 +32,7 @@ def curve_table(details: dict[str, Any]) -> str:
         elif row["draw"] == 0:
             entry = spread[row["k"]]
             cells = [_with_spread(entry, m) for m in METRICS]
-            lines.append([row["k"], f"random ({entry['draws']} draws)", "", *cells])
+            lines.append([row["k"], f"random ({entry['draws']} draw(s))", "", *cells])
     columns = ["k", "units masked", "unit indices", *(LABELS[m] for m in METRICS)]
     return markdown_table(columns, lines)
 

@@ -40,7 +40,9 @@ def _spread_line(ax: Axes, spread: Sequence[dict[str, Any]], metric: str, colour
                     [m + s for m, s in zip(mean, sd, strict=True)],
                     color=colour, alpha=0.18, linewidth=0)  # fmt: skip
     draws = spread[0]["draws"]
-    ax.plot(ks, mean, "--s", color=colour, ms=3, label=f"random units: mean ± sd, {draws} draws")
+    ax.plot(
+        ks, mean, "--s", color=colour, ms=3, label=f"random units: mean ± sd over {draws} draw(s)"
+    )
 
 
 def accuracy_vs_k_figure(
@@ -58,6 +60,7 @@ def accuracy_vs_k_figure(
         ax.set_title(TITLES[metric], fontsize=FONT_SIZE)
         ax.set_xlabel("masked units k", fontsize=FONT_SIZE)
         ax.set_ylim(0.0, 1.02)
+        ax.set_xscale("symlog", linthresh=1.0)  # k = 0, 1, 2, 4, ... evenly spaced
     axes[0, 0].set_ylabel("accuracy (share of test images)", fontsize=FONT_SIZE)
     axes[0, 0].legend(fontsize=FONT_SIZE - 1, loc="best")
     return save(fig, path)
