@@ -210,7 +210,7 @@ class MaskedModel(nn.Module):
     """``model`` with units of one layer replaced by fixed values (the defended model).
 
     The hook lives only during this wrapper's forward, so the wrapped model stays
-    unmasked when called directly (the transfer source of :func:`accuracy_vs_k`). It keeps
+    unmasked when called directly (the transfer source of the masking curve). It keeps
     the :class:`~pse_lightning.models.Classifier` facts (num_classes, layer names), so
     attacks and analyses treat it like any model; gradients flow through it (masked units
     pass none), which is what an adaptive attack must differentiate.
@@ -295,7 +295,8 @@ class NeuronMask(Defense):
         masks = {c.key: None for c in choices}
         values = fill_values(calibration, self.fill)
         masked = [
-            MaskedModel(model, calibration.layer, torch.tensor(key), values) for key in masks
+            MaskedModel(model, calibration.layer, torch.tensor(key, dtype=torch.int64), values)
+            for key in masks
         ]
         return MaskCurve(
             model,
