@@ -26,9 +26,8 @@ from torch import nn
 
 from pse_lightning.analysis.base import Analysis
 from pse_lightning.attacks import Attack
-from pse_lightning.core.report import ReportSection
 from pse_lightning.data.base import ImageDataModule
-from pse_lightning.defenses.neuron_mask import NeuronMask, accuracy_vs_k_figure
+from pse_lightning.defenses.base import Defense
 from pse_lightning.models.checkpoint import (
     cache_path,
     config_digest,
@@ -62,7 +61,7 @@ class Components:
     attack: Attack
     analyses: dict[str, Analysis]
     logger: Logger | None
-    defense: NeuronMask | None
+    defense: Defense | None
 
 
 def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -230,50 +229,32 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         log.info("checkpoint saved to %s (val/acc %s)", path, meta["val_acc"])
 
 
-def defend(parts: Components, run_dir: Path) -> tuple[nn.Module, list[ReportSection]]:
-    """Calibrate the defense on the validation split; measure its accuracy-vs-k curve.
+def defend(parts: Components) -> tuple[nn.Module, dict[str, Analysis]]:
+    """Calibrate the defense on the validation split and apply it.
 
     Returns the defended model (evaluated next, so the attack is adaptive: it differentiates
-    through the defense) and the report section with the curve.
+    through the defense) and the defense's own evaluation (its controls and curve), an
+    analysis that runs in the same test pass and writes its own report section.
     """
-    defense, model, datamodule = parts.defense, parts.model, parts.datamodule
-    stats = defense.calibrate(model, parts.attack, datamodule.val_dataloader())
-    rows = defense.curve(model, parts.attack, datamodule.test_dataloader(), stats)
-    figure = accuracy_vs_k_figure(rows, run_dir / "figures" / "neuron_mask_vs_k.png")
-    columns = list(rows[0]) if rows else []
-    table = (
-        "| "
-        + " | ".join(columns)
-        + " |\n|"
-        + "---|" * len(columns)
-        + "\n"
-        + "\n".join(
-            "| "
-            + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns)
-            + " |"
-            for r in rows
+    defense, model = parts.defense, parts.model
+    if defense.name in parts.analyses:
+        raise ValueError(
+            f"analysis.{defense.name} clashes with the defense's own section; "
+            "rename the analysis or choose another defense"
         )
-    )
-    section = ReportSection(
-        title="neuron_mask",
-        markdown=(
-            "Clean and robust accuracy with the k most attack-sensitive units of "
-            f"`{stats.layer}` masked (controls: random and least sensitive units); "
-            "'transferred' attacks the unmasked model, 'adaptive' the masked one.\n\n" + table
-        ),
-        figures=[figure],
-        tables={"accuracy_vs_k": (columns, [[r[c] for c in columns] for r in rows])},
-    )
-    return defense.apply(model, stats), [section]
+    calibration = defense.calibrate(model, parts.attack, parts.datamodule.val_dataloader())
+    log.info("defense %s: %s", defense.name, defense.describe(calibration))
+    evaluation = defense.evaluation(model, parts.attack, calibration)
+    extra = {} if evaluation is None else {defense.name: evaluation}
+    return defense.apply(model, calibration), extra
 
 
 def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, float]:
     """Attack the test split, run the analyses and write the report; returns the scalars."""
     run_dir = Path(cfg.paths.run_dir)
-    model, sections = parts.model, []
+    model, defense_analyses = parts.model, {}
     if parts.defense is not None:
-        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
-        model, sections = defend(parts, run_dir)
+        model, defense_analyses = defend(parts)
     setup = {
         "dataset": parts.datamodule.name,
         "model": model_name(cfg),
@@ -289,9 +270,9 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict
         title=f"{parts.attack.name} on {model_name(cfg)} / {parts.datamodule.name}",
         setup=setup,
         class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
-        sections=sections,
     )
-    module = EvaluationModule(model, parts.attack, parts.analyses, log_examples=cfg.log_examples)
+    analyses = {**defense_analyses, **parts.analyses}
+    module = EvaluationModule(model, parts.attack, analyses, log_examples=cfg.log_examples)
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
     # trainer.test returns rank zero's logged metrics on every strategy, ddp_spawn included
     # (whose workers' module objects never come back to this process).

@@ -13,9 +13,11 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import scipy.stats
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import pse_lightning.analysis.dissection.probe as probe_module
-from pse_lightning.analysis.base import AdversarialBatch, AnalysisResult
+from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
 from pse_lightning.analysis.dissection import Dissection
 from pse_lightning.analysis.dissection.masks import (
     activation_masks,
@@ -61,16 +63,17 @@ from pse_lightning.analysis.dissection.tally import (
 )
 from pse_lightning.attacks import FGSM
 from pse_lightning.core.distributed import rank_world
+from pse_lightning.core.proportions import mcnemar_exact, wilson_interval
 from pse_lightning.data.base import Concept, ShardSampler
 from pse_lightning.defenses.neuron_mask import (
     MaskedModel,
     NeuronMask,
     UnitSensitivity,
-    accuracy_vs_k,
     neuron_mask,
     select_units,
     unit_sensitivity,
 )
+from pse_lightning.modules.evaluation import EvaluationModule
 
 # Fake probe data ------------------------------------------------------------------------------
 
@@ -899,43 +902,96 @@ def test_neuron_mask_replaces_chosen_units_and_k0_is_identity() -> None:
     assert bool((filled[:, 0] == 0.3).all())
 
 
+def _run_curve(defended: nn.Module, attack: FGSM, curve: Analysis, loader: list) -> Any:
+    """The curve through the shared test pass: EvaluationModule under a Lightning trainer."""
+    module = EvaluationModule(defended, attack, {curve.name: curve}, log_examples=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.test(module, dataloaders=loader, verbose=False)
+    return module.result
+
+
 def test_neuron_mask_config_and_curve_known_answers() -> None:
-    """All units masked: the model predicts one constant class whatever the input."""
+    """All units masked: the model predicts one constant class whatever the input; no unit
+    masked: the undefended model. Paired tests and intervals from the per-image outcomes."""
     model = RandomConvNet().eval()
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(12, 3, 12, 12, generator=gen)
     y = torch.randint(0, 4, (12,), generator=gen)
-    loader = [(x[:6], y[:6], torch.arange(6)), (x[6:], y[6:], torch.arange(6, 12))]
+    batches = [(x[:6], y[:6], torch.arange(6)), (x[6:], y[6:], torch.arange(6, 12))]
     attack = FGSM(eps=0.1)
-    stats = unit_sensitivity(model, attack, loader)
+    stats = unit_sensitivity(model, attack, batches)
     assert stats.layer == "features.2" and stats.units == 6 and stats.images == 12
-    rows = accuracy_vs_k(model, attack, loader, stats, ks=[0, 6], seed=1)
-    assert len(rows) == 6
+    defense = NeuronMask(k=6, sweep=[0], draws=3, seed=1)
+    curve = defense.evaluation(model, attack, stats)
+    assert len(curve.masked) == 2  # k = 0 and k = 6 are one model whatever the selection
+    loader = DataLoader(ProbeSet(x, y), batch_size=6)
+    result = _run_curve(defense.apply(model, stats), attack, curve, loader)
+    rows = result.analyses["neuron_mask"].details["rows"]
+    assert [(r["k"], r["selection"], r["draw"]) for r in rows] == [
+        (k, sel, d) for k in (0, 6) for sel, d in
+        [("top", 0), ("random", 0), ("random", 1), ("random", 2), ("bottom", 0)]
+    ]  # fmt: skip
     with torch.no_grad():
-        clean = float((model(x).argmax(1) == y).double().mean())
-    robust = float(
-        torch.cat(
-            [attack(model, xb, yb, index=ib).logits_adv.argmax(1) == yb for xb, yb, ib in loader]
-        )
-        .double()
-        .mean()
+        clean_ok = model(x).argmax(1) == y
+        masked = MaskedModel(model, stats.layer, torch.arange(6), stats.clean_mean.float())
+        constant_ok = y == masked(x[:1]).argmax(1)
+    robust_ok = torch.cat(
+        [attack(model, *b[:2], index=b[2]).logits_adv.argmax(1) == b[1] for b in batches]
     )
     for row in rows:
-        if row["k"] == 0:
-            assert row["clean_acc"] == pytest.approx(clean)
-            assert row["transfer_acc"] == pytest.approx(robust)
-            assert row["adaptive_acc"] == pytest.approx(robust)
-        else:
-            masked = MaskedModel(model, stats.layer, torch.arange(6), stats.clean_mean.float())
-            with torch.no_grad():
-                constant = masked(x[:1]).argmax(1)
-            frac = float((y == constant).double().mean())
-            assert row["clean_acc"] == row["transfer_acc"] == row["adaptive_acc"] == frac
+        expect = (clean_ok, robust_ok, robust_ok) if row["k"] == 0 else (constant_ok,) * 3
+        for metric, ok in zip(("clean", "transfer", "adaptive"), expect, strict=True):
+            hits = int(ok.sum())
+            assert row[f"{metric}_acc"] == pytest.approx(hits / 12)
+            assert (row[f"{metric}_lo"], row[f"{metric}_hi"]) == wilson_interval(hits, 12)
+    tests = result.analyses["neuron_mask"].details["tests"]
+    # k = 6 against the undefended model only: top and bottom mask the same six units.
+    assert [(t["k"], t["metric"], t["versus"]) for t in tests] == [
+        (6, m, "undefended") for m in ("clean", "transfer", "adaptive")
+    ]
+    assert (tests[0]["only_top"], tests[0]["only_other"]) == (
+        int((constant_ok & ~clean_ok).sum()),
+        int((~constant_ok & clean_ok).sum()),
+    )
+    assert tests[0]["p"] == mcnemar_exact(constant_ok, clean_ok)
+    assert tests[2]["p"] == mcnemar_exact(constant_ok, robust_ok)
+    scalars = result.scalars
+    assert scalars["test/neuron_mask/adaptive_acc"] == pytest.approx(
+        float(constant_ok.double().mean())
+    )
+    assert scalars["test/neuron_mask/undefended_robust_acc"] == pytest.approx(
+        float(robust_ok.double().mean())
+    )
+    # The defended model evaluated by the shared loop is the curve's top-6 mask.
+    assert scalars["test/robust_acc"] == pytest.approx(scalars["test/neuron_mask/adaptive_acc"])
+    assert scalars["test/clean_acc"] == pytest.approx(scalars["test/neuron_mask/clean_acc"])
+
+
+def test_neuron_mask_settings_and_random_draws() -> None:
+    stats = _stats([0.1, 0.9, 0.5, 0.0, 0.3, 0.7])
     defense = NeuronMask(k=2, rank_by="s_minus", fill="zero")
-    defended = defense.apply(model, stats)
-    assert defended.units.tolist() == select_units(stats, 2, "s_minus").tolist()
+    defended = defense.apply(RandomConvNet().eval(), stats)
+    assert defended.units.tolist() == select_units(stats, 2, "s_minus").tolist() == [1, 5]
     assert defended.num_classes == 4 and defended.feature_layer == "model.features.2"
+    # Draw 0 is the single seeded permutation of earlier versions; later draws differ, and
+    # within a draw the units are nested across k.
+    first = torch.randperm(6, generator=torch.Generator().manual_seed(3))
+    assert select_units(stats, 3, selection="random", seed=3).tolist() == first[:3].tolist()
+    draws = [select_units(stats, 3, selection="random", seed=3, draw=d) for d in range(10)]
+    assert len({tuple(sorted(d.tolist())) for d in draws}) > 1
+    nested = select_units(stats, 5, selection="random", seed=3, draw=4)
+    assert nested[:3].tolist() == draws[4].tolist()
     with pytest.raises(ValueError, match="defense.rank_by"):
         NeuronMask(rank_by="sigma")
+    with pytest.raises(ValueError, match="defense.draws"):
+        NeuronMask(draws=0)
     with pytest.raises(ValueError, match="defense.k"):
         select_units(stats, 7)

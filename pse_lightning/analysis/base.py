@@ -78,6 +78,9 @@ class Analysis(Metric):
     """
 
     name: str = "analysis"
+    #: See only the attacked rows (clean prediction correct): interpretations of an attack
+    #: are about images it had to move. A defense's accuracy curve needs every row.
+    attacked_rows_only: bool = True
     is_differentiable = False
     higher_is_better = None
     full_state_update = False

@@ -1,11 +1,11 @@
 """Neuron masking: silence the most attack-sensitive units of a layer at inference.
 
 docs/METHODS.md §5: rank the units of a layer by their sensitivity s_k (or s⁻_k, s⁺_k)
-measured on a calibration split, and set the top m to their clean mean μ_k (or to 0)
-at inference through a forward hook. The defense is evaluated against examples
-transferred from the unmasked model and, as required for any defense, against an adaptive
-attack on the masked model itself, with two controls: m random units and the m least
-sensitive units (:func:`accuracy_vs_k`).
+measured on a calibration split, and set the top k to their clean mean μ_k (or to 0) at
+inference through a forward hook. The defense is evaluated against examples transferred
+from the unmasked model and, as required for any defense, against an adaptive attack on
+the masked model itself, with two controls: k random units (several seeded draws) and the
+k least sensitive units (:class:`~pse_lightning.defenses.mask_curve.MaskCurve`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +27,9 @@ from pse_lightning.attacks import Attack
 from pse_lightning.core.distributed import all_reduce_
 from pse_lightning.core.hooks import capture_activations
 from pse_lightning.core.model_state import frozen_eval, model_device
+from pse_lightning.defenses.base import Defense
+from pse_lightning.defenses.curve_stats import MaskChoice
+from pse_lightning.defenses.mask_curve import MaskCurve
 from pse_lightning.validation import require_at_least, require_choice
 
 log = logging.getLogger(__name__)
@@ -122,13 +123,19 @@ def unit_sensitivity(
 
 
 def select_units(
-    stats: UnitSensitivity, k: int, rank_by: str = "s", selection: str = "top", seed: int = 0
+    stats: UnitSensitivity,
+    k: int,
+    rank_by: str = "s",
+    selection: str = "top",
+    seed: int = 0,
+    draw: int = 0,
 ) -> Tensor:
     """Indices (k,) of the units to mask.
 
     'top': the k most sensitive by ``rank_by``; 'bottom': the k least sensitive; 'random':
-    the first k of a seeded permutation (nested across k, so a curve over k adds units).
-    Ties are broken by the unit index, so the choice is deterministic.
+    the first k of the ``draw``-th permutation drawn from a generator seeded with ``seed``
+    (nested across k within a draw, so a curve over k adds units; draw 0 is the single draw
+    of earlier versions). Ties are broken by the unit index, so the choice is deterministic.
     """
     require_at_least("defense.k", k, 0)
     require_choice("selection", selection, SELECTIONS)
@@ -136,13 +143,28 @@ def select_units(
         raise ValueError(f"defense.k must be <= the {stats.units} units of {stats.layer}, got {k}")
     if selection == "random":
         gen = torch.Generator().manual_seed(int(seed))
-        return torch.randperm(stats.units, generator=gen)[:k]
+        for _ in range(require_at_least("draw", draw, 0) + 1):
+            order = torch.randperm(stats.units, generator=gen)
+        return order[:k]
     score = stats.score(rank_by).double()
     by_unit = torch.arange(stats.units)
     order = sorted(by_unit.tolist(), key=lambda u: (-float(score[u]), u))
     if selection == "bottom":
         order = sorted(by_unit.tolist(), key=lambda u: (float(score[u]), u))
     return torch.tensor(order[:k], dtype=torch.int64)
+
+
+def mask_choices(
+    stats: UnitSensitivity, ks: Sequence[int], rank_by: str, draws: int, seed: int
+) -> list[MaskChoice]:
+    """For every k: the top-k units, ``draws`` random draws of k units, the bottom k."""
+    choices = []
+    for k in ks:
+        picks = [("top", 0)] + [("random", d) for d in range(draws)] + [("bottom", 0)]
+        for selection, draw in picks:
+            units = select_units(stats, k, rank_by, selection, seed, draw)
+            choices.append(MaskChoice(k, selection, draw, tuple(units.tolist())))
+    return choices
 
 
 def fill_values(stats: UnitSensitivity, fill: str) -> Tensor:
@@ -188,7 +210,7 @@ class MaskedModel(nn.Module):
     """``model`` with units of one layer replaced by fixed values (the defended model).
 
     The hook lives only during this wrapper's forward, so the wrapped model stays
-    unmasked when called directly (the transfer source of :func:`accuracy_vs_k`). It keeps
+    unmasked when called directly (the transfer source of the masking curve). It keeps
     the :class:`~pse_lightning.models.Classifier` facts (num_classes, layer names), so
     attacks and analyses treat it like any model; gradients flow through it (masked units
     pass none), which is what an adaptive attack must differentiate.
@@ -213,7 +235,7 @@ class MaskedModel(nn.Module):
             return self.model(x)
 
 
-class NeuronMask:
+class NeuronMask(Defense):
     """The ``defense=neuron_mask`` choice: mask the k most sensitive units of a layer.
 
     Args:
@@ -221,9 +243,12 @@ class NeuronMask:
         k: number of units to mask (0: the defense is the identity).
         rank_by: 's' (total), 's_minus' (suppression) or 's_plus' (promotion).
         fill: 'mean' (the clean mean μ_k) or 'zero'.
-        sweep: the k values of the accuracy-vs-k curve.
+        sweep: the k values of the accuracy-vs-k curve (``k`` is always added).
+        draws: number of random-units draws of the control at each k (≥ 10 for a spread).
         seed: seed of the random-units control.
     """
+
+    name = "neuron_mask"
 
     def __init__(
         self,
@@ -233,6 +258,7 @@ class NeuronMask:
         rank_by: str = "s",
         fill: str = "mean",
         sweep: Sequence[int] = (0, 1, 2, 4, 8, 16, 32),
+        draws: int = 10,
         seed: int = 0,
     ) -> None:
         self.layer = layer
@@ -240,161 +266,43 @@ class NeuronMask:
         self.rank_by = require_choice("defense.rank_by", rank_by, RANKINGS)
         self.fill = require_choice("defense.fill", fill, FILLS)
         self.sweep = [require_at_least("defense.sweep[]", int(v), 0) for v in sweep]
+        self.draws = require_at_least("defense.draws", draws, 1)
         self.seed = int(seed)
 
-    def calibrate(
-        self, model: nn.Module, attack: Attack, loader: Iterable, max_batches: int | None = None
-    ) -> UnitSensitivity:
+    def calibrate(self, model: nn.Module, attack: Attack, loader: Iterable) -> UnitSensitivity:
         """Unit sensitivities of ``self.layer`` on a calibration split."""
-        return unit_sensitivity(model, attack, loader, self.layer, max_batches)
+        return unit_sensitivity(model, attack, loader, self.layer)
 
-    def apply(self, model: nn.Module, stats: UnitSensitivity) -> MaskedModel:
+    def apply(self, model: nn.Module, calibration: UnitSensitivity) -> MaskedModel:
         """The defended model for already measured sensitivities."""
-        units = select_units(stats, self.k, self.rank_by, "top", self.seed)
-        log.info(
-            "neuron_mask: masking units %s of %s (by %s, fill %s)",
-            units.tolist(),
-            stats.layer,
-            self.rank_by,
-            self.fill,
+        units = select_units(calibration, self.k, self.rank_by, "top", self.seed)
+        log.info("neuron_mask: masking units %s; %s", units.tolist(), self.describe(calibration))
+        return MaskedModel(model, calibration.layer, units, fill_values(calibration, self.fill))
+
+    def describe(self, calibration: UnitSensitivity) -> str:
+        return (
+            f"the {self.k} units of `{calibration.layer}` (of {calibration.units}) with the "
+            f"highest {self.rank_by} on {calibration.images} calibration images, set to "
+            f"{'their clean mean' if self.fill == 'mean' else 'zero'}"
         )
-        return MaskedModel(model, stats.layer, units, fill_values(stats, self.fill))
 
-    def fit(
-        self, model: nn.Module, attack: Attack, loader: Iterable, max_batches: int | None = None
-    ) -> MaskedModel:
-        """Calibrate on ``loader`` and return the defended model."""
-        return self.apply(model, self.calibrate(model, attack, loader, max_batches))
-
-    def curve(
-        self,
-        model: nn.Module,
-        attack: Attack,
-        loader: Iterable,
-        stats: UnitSensitivity,
-        max_batches: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """:func:`accuracy_vs_k` over ``self.sweep`` with this defense's settings."""
-        ks = [k for k in self.sweep if k <= stats.units]
-        return accuracy_vs_k(
+    def evaluation(
+        self, model: nn.Module, attack: Attack, calibration: UnitSensitivity
+    ) -> MaskCurve:
+        """Accuracy against k for the top, random and bottom units (docs/METHODS.md §5)."""
+        ks = sorted({k for k in self.sweep if k <= calibration.units} | {self.k})
+        choices = mask_choices(calibration, ks, self.rank_by, self.draws, self.seed)
+        masks = {c.key: None for c in choices}
+        values = fill_values(calibration, self.fill)
+        masked = [
+            MaskedModel(model, calibration.layer, torch.tensor(key, dtype=torch.int64), values)
+            for key in masks
+        ]
+        return MaskCurve(
             model,
             attack,
-            loader,
-            stats,
-            ks=ks,
-            rank_by=self.rank_by,
-            fill=self.fill,
-            seed=self.seed,
-            max_batches=max_batches,
+            masked,
+            choices,
+            deployed_k=self.k,
+            description=self.describe(calibration),
         )
-
-
-def accuracy_vs_k(
-    model: nn.Module,
-    attack: Attack,
-    loader: Iterable,
-    stats: UnitSensitivity,
-    *,
-    ks: Sequence[int] = (0, 1, 2, 4, 8, 16),
-    rank_by: str = "s",
-    fill: str = "mean",
-    selections: Sequence[str] = SELECTIONS,
-    seed: int = 0,
-    max_batches: int | None = None,
-) -> list[dict[str, Any]]:
-    """Clean and robust accuracy of the masked model as the number of masked units grows.
-
-    For every batch the attack runs once on the unmasked model (transferred examples) and
-    once on each distinct masked model (adaptive attack: it differentiates through the
-    mask). Units are chosen from ``stats`` (measured on a separate calibration split):
-    'top' (the defense), 'random' and 'bottom' (least sensitive) are the controls.
-
-    Args:
-        model: the undefended classifier.
-        attack: the attack used for both the transferred and the adaptive examples.
-        loader: evaluation batches (x, y, index); under DDP counts are all-reduced.
-        stats: calibration sensitivities of the layer to mask.
-        ks: numbers of masked units.
-        rank_by, fill: see :class:`NeuronMask`.
-        selections: which unit choices to evaluate.
-        seed: seed of the random choice.
-        max_batches: stop after this many batches (per process).
-
-    Returns:
-        One row per (k, selection): k, selection, units (list), n, clean_acc,
-        transfer_acc, adaptive_acc.
-    """
-    for sel in selections:
-        require_choice("selection", sel, SELECTIONS)
-    values = fill_values(stats, fill)
-    device = model_device(model)
-    configs = [
-        (k, sel, select_units(stats, k, rank_by, sel, seed)) for k in ks for sel in selections
-    ]
-    distinct: dict[tuple[int, ...], MaskedModel] = {}
-    for _, _, units in configs:
-        key = tuple(sorted(units.tolist()))
-        if key not in distinct:
-            distinct[key] = MaskedModel(model, stats.layer, units, values).to(device)
-    # correct counts per distinct mask: clean, transferred, adaptive
-    correct = {key: torch.zeros(3, dtype=torch.float64, device=device) for key in distinct}
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for b, (x, y, index) in enumerate(loader):
-        if max_batches is not None and b >= max_batches:
-            break
-        x, y, index = x.to(device), y.to(device), index.to(device)
-        x_transfer = attack(model, x, y, index=index).x_adv
-        for key, masked in distinct.items():
-            with frozen_eval(masked), torch.no_grad():
-                clean = masked(x).argmax(dim=1) == y
-                transfer = masked(x_transfer).argmax(dim=1) == y
-            adaptive = attack(masked, x, y, index=index).logits_adv.argmax(dim=1) == y
-            correct[key] += torch.stack([clean.sum(), transfer.sum(), adaptive.sum()]).double()
-        total += len(x)
-    all_reduce_(total)
-    for tensor in correct.values():
-        all_reduce_(tensor)
-    n = max(float(total), 1.0)
-    rows = []
-    for k, sel, units in configs:
-        c = correct[tuple(sorted(units.tolist()))].cpu() / n
-        rows.append(
-            {
-                "k": k,
-                "selection": sel,
-                "units": units.tolist(),
-                "n": int(total),
-                "clean_acc": float(c[0]),
-                "transfer_acc": float(c[1]),
-                "adaptive_acc": float(c[2]),
-            }
-        )
-    return rows
-
-
-def accuracy_vs_k_figure(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Clean, transferred and adaptive robust accuracy against k, one line per selection."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = (
-        ("clean_acc", "clean"),
-        ("transfer_acc", "transferred"),
-        ("adaptive_acc", "adaptive"),
-    )
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
-    for ax, (key, title) in zip(axes, metrics, strict=True):
-        for sel, style in zip(SELECTIONS, ("-o", "--s", ":^"), strict=True):
-            chosen = sorted((r for r in rows if r["selection"] == sel), key=lambda r: r["k"])
-            if chosen:
-                ax.plot([r["k"] for r in chosen], [r[key] for r in chosen], style, label=sel, ms=4)
-        ax.set_title(f"{title} accuracy", fontsize=9)
-        ax.set_xlabel("masked units k")
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

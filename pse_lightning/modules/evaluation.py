@@ -113,25 +113,25 @@ class EvaluationModule(pl.LightningModule):
         self.attack_metrics.update(
             x, result.x_adv, y, logits_clean, result.logits_adv, result.success, index
         )
-        adv = attacked_rows(
-            AdversarialBatch(
-                x=x,
-                y=y,
-                index=index,
-                logits_clean=logits_clean,
-                x_adv=result.x_adv,
-                logits_adv=result.logits_adv,
-                target=result.target,
-                success=result.success,
-                targeted=result.targeted,
-                extras=result.extras,
-            ),
-            result.attacked,
+        full = AdversarialBatch(
+            x=x,
+            y=y,
+            index=index,
+            logits_clean=logits_clean,
+            x_adv=result.x_adv,
+            logits_adv=result.logits_adv,
+            target=result.target,
+            success=result.success,
+            targeted=result.targeted,
+            extras=result.extras,
         )
+        adv = attacked_rows(full, result.attacked)
+        with torch.enable_grad():
+            for analysis in self.analyses.values():
+                batch = adv if analysis.attacked_rows_only else full
+                if len(batch.y):
+                    analysis.update(self.model, batch)
         if len(adv.y):
-            with torch.enable_grad():
-                for analysis in self.analyses.values():
-                    analysis.update(self.model, adv)
             self._keep_examples(adv)
 
     def _keep_examples(self, adv: AdversarialBatch) -> None:

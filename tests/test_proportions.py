@@ -1,0 +1,88 @@
+"""Wilson intervals, the exact McNemar test and Holm's adjustment: known answers and
+calibration under a planted null (docs/METHODS.md §7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import binom
+
+from pse_lightning.core.proportions import (
+    discordant_pairs,
+    holm_adjust,
+    mcnemar_exact,
+    wilson_interval,
+)
+
+
+def test_wilson_interval_equals_the_hand_computed_value() -> None:
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71674,
+    # half 1.41602 * sqrt(0.016 + 0.009604) = 0.22658 -> [0.4902, 0.9433].
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4)
+    assert high == pytest.approx(0.9433, abs=1e-4)
+    # 0 of 10: the lower bound is 0 and the upper 2 * 0.13877 = 0.2775 (not 0 as a Wald
+    # interval would say).
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)
+
+
+@pytest.mark.parametrize(("n", "p"), [(30, 0.2), (50, 0.9), (100, 0.5), (200, 0.97)])
+def test_wilson_interval_has_close_to_nominal_exact_coverage(n: int, p: float) -> None:
+    """Coverage summed exactly over the binomial distribution, no simulation noise."""
+    coverage = sum(
+        binom.pmf(x, n, p)
+        for x in range(n + 1)
+        if wilson_interval(x, n)[0] <= p <= wilson_interval(x, n)[1]
+    )
+    assert 0.93 <= coverage <= 0.98
+
+
+def test_mcnemar_exact_known_answers() -> None:
+    a = torch.tensor([True] * 5 + [True] * 1 + [False] * 9 + [False] * 3)
+    b = torch.tensor([True] * 5 + [False] * 1 + [True] * 9 + [False] * 3)
+    assert discordant_pairs(a, b) == (1, 9)
+    # b ~ Binomial(10, 1/2): p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024.
+    assert mcnemar_exact(a, b) == pytest.approx(22 / 1024, rel=1e-12)
+    assert mcnemar_exact(b, a) == pytest.approx(22 / 1024, rel=1e-12)
+    assert mcnemar_exact(a, a) == 1.0  # no discordant image
+    balanced = torch.tensor([True, False, True, False]), torch.tensor([False, True, False, True])
+    assert mcnemar_exact(*balanced) == 1.0
+    with pytest.raises(ValueError, match="same images"):
+        mcnemar_exact(a, b[:-1])
+
+
+def _paired_outcomes(
+    gen: torch.Generator, n: int, acc_a: float, acc_b: float, copy: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classifiers on the same n images; b copies a's outcome with probability ``copy``
+    (correlated like two variants of one network) and is otherwise drawn with ``acc_b``."""
+    a = torch.rand(n, generator=gen) < acc_a
+    copied = torch.rand(n, generator=gen) < copy
+    own = torch.rand(n, generator=gen) < acc_b
+    return a, torch.where(copied, a, own)
+
+
+def test_mcnemar_false_positive_rate_under_a_planted_null() -> None:
+    """Equal accuracies (0.7), correlated outcomes: rejects at 0.05 in [2%, 8%] of 400 runs."""
+    gen = torch.Generator().manual_seed(0)
+    runs = [mcnemar_exact(*_paired_outcomes(gen, 300, 0.7, 0.7, 0.5)) for _ in range(400)]
+    rate = sum(p < 0.05 for p in runs) / len(runs)
+    assert 0.02 <= rate <= 0.08, rate
+
+
+def test_mcnemar_detects_a_planted_difference() -> None:
+    """Accuracy 0.7 against 0.6 on 300 shared images (half the outcomes shared)."""
+    gen = torch.Generator().manual_seed(1)
+    runs = [mcnemar_exact(*_paired_outcomes(gen, 300, 0.7, 0.5, 0.5)) for _ in range(200)]
+    assert sum(p < 0.05 for p in runs) / len(runs) >= 0.8
+
+
+def test_holm_adjustment_known_answer() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(1*0.04, 0.06).
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.5, 0.9]) == [1.0, 1.0]
+    assert holm_adjust([]) == []
