@@ -15,3 +15,8 @@ from pse_lightning.attacks.ead import EAD  # noqa: E402
 from pse_lightning.attacks.strattack import StrAttack  # noqa: E402
 
 __all__ += ["CWL2", "EAD", "StrAttack"]
+
+from pse_lightning.attacks.ddn import DDN  # noqa: E402
+from pse_lightning.attacks.fmn import FMN  # noqa: E402
+
+__all__ += ["DDN", "FMN"]
