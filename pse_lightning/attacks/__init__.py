@@ -20,3 +20,8 @@ from pse_lightning.attacks.ddn import DDN  # noqa: E402
 from pse_lightning.attacks.fmn import FMN  # noqa: E402
 
 __all__ += ["DDN", "FMN"]
+
+from pse_lightning.attacks.apgd import APGD  # noqa: E402
+from pse_lightning.attacks.autoattack import AutoAttack  # noqa: E402
+
+__all__ += ["APGD", "AutoAttack"]
