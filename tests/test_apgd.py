@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import pytest
 import torch
 from helpers import CONF_DIR
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_attacks_minnorm import digits_model
+from test_attacks_minnorm import _one_thread, digits_model  # noqa: F401 (autouse)
 from torch import nn
 
 from pse_lightning.attacks import APGD, PGD, AutoAttack
@@ -21,14 +20,6 @@ from pse_lightning.attacks.norms import LpBall
 HAS_AUTHORS = importlib.util.find_spec("pyautoattack") is not None
 NO_AUTHORS = "pyautoattack (the authors' AutoAttack) is not installed; extra 'peers'"
 HAS_TA = importlib.util.find_spec("torchattacks") is not None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

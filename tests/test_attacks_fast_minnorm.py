@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from helpers import CONF_DIR
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_attacks_minnorm import _one_thread  # noqa: F401 (an autouse fixture)
 from torch import nn
 
 from pse_lightning.attacks import DDN, FMN
 from pse_lightning.attacks.minnorm import cosine_anneal, project_l1, project_lp
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny linear models: intra-op threads cost more than the maths on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TwoClassLinear(nn.Module):
