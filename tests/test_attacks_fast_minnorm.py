@@ -162,6 +162,19 @@ def test_more_steps_never_hurt_much() -> None:
     assert float(size(long).median()) <= float(size(short).median())
 
 
+@pytest.mark.parametrize("norm", ["l1", "linf"])
+def test_fmn_other_norms_respect_a_support_mask(norm: str) -> None:
+    """(The contract suite covers FMN's YAML default, L2.) Only allowed pixels move, and
+    exactly the found examples move."""
+    model, x, y, *_ = saturated_problem()
+    support = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+    result = FMN(norm=norm, steps=30)(model, x, y, support=support)
+    delta = result.x_adv - x
+    assert torch.all(delta[~support] == 0)
+    moved = delta.flatten(1).abs().amax(1) > 0
+    assert torch.equal(moved, result.success) and result.success.float().mean() >= 0.5
+
+
 # -- the shared geometry ---------------------------------------------------------------------
 
 
