@@ -122,6 +122,8 @@ def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.logger.group == "robust_vs_standard"
     assert "comparison" in cfg.hydra.callbacks
+    # Every variant is also evaluated with AutoAttack at PGD's budget.
+    assert set(params.attack.split(",")) == {"fgsm", "pgd", "autoattack"}
 
 
 def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
@@ -133,7 +135,7 @@ def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
     jobs = []
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         for training in trained_variants():
-            for attack in ("fgsm", "pgd"):
+            for attack in ("fgsm", "pgd", "autoattack"):
                 jobs.append(
                     compose(
                         "config",
@@ -144,7 +146,7 @@ def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
                         ],
                     )
                 )
-    assert len(jobs) == 2 * len(trained_variants())
+    assert len(jobs) == 3 * len(trained_variants())
     assert len({OmegaConf.to_yaml(j.dataset) for j in jobs}) == 1
     assert {j.seed for j in jobs} == {0}
     for job in jobs:

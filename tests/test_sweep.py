@@ -111,6 +111,18 @@ def test_verdict_does_not_claim_a_winner_it_has_not_measured(
     assert expected in "\n".join(verdict(summary))
 
 
+def test_verdict_judges_under_autoattack_when_the_sweep_measured_it() -> None:
+    """PGD says pse_at wins, AutoAttack (the stronger evaluation) says it loses: the verdict
+    follows AutoAttack."""
+    summary = {
+        "pgd_at": {"clean_acc": 0.95, "robust_acc/pgd": 0.60, "robust_acc/autoattack": 0.55},
+        "pse_at": {"clean_acc": 0.955, "robust_acc/pgd": 0.62, "robust_acc/autoattack": 0.50},
+    }
+    text = "\n".join(verdict(summary))
+    assert "pse_at does not beat pgd_at under autoattack (-0.050" in text
+    assert "under pgd" not in text
+
+
 def test_comparison_of_an_empty_sweep_writes_nothing(tmp_path: Path) -> None:
     assert write_comparison(tmp_path) is None
     assert not (tmp_path / "comparison.md").exists()

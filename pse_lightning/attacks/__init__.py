@@ -1,18 +1,22 @@
 """Batched adversarial attacks; each is a plain callable usable without Lightning."""
 
-from pse_lightning.attacks.base import Attack, AttackBatch, AttackResult
+from pse_lightning.attacks.apgd import APGD
+from pse_lightning.attacks.autoattack import AutoAttack
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackResult, Perturbation
 from pse_lightning.attacks.cam_guided import CAMGuided
 from pse_lightning.attacks.cw import CWL2
+from pse_lightning.attacks.ddn import DDN
 from pse_lightning.attacks.ead import EAD
 from pse_lightning.attacks.fgsm import FGSM
+from pse_lightning.attacks.fmn import FMN
 from pse_lightning.attacks.losses import other_max_index
 from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.attacks.pgd import PGD
 from pse_lightning.attacks.strattack import StrAttack
 
 __all__ = [
-    "Attack", "AttackBatch", "AttackResult", "CAMGuided", "CWL2", "EAD", "FGSM", "PGD",
-    "StrAttack",
+    "Attack", "AttackBatch", "AttackResult", "Perturbation",
+    "APGD", "AutoAttack", "CAMGuided", "CWL2", "DDN", "EAD", "FGSM", "FMN", "PGD", "StrAttack",
     # helpers other layers need: per-sample norms and the adversarial runner-up class
     "flat_norm", "other_max_index",
 ]  # fmt: skip

@@ -344,7 +344,6 @@ class Attack(ABC):
         """
         return None
 
-
     # -- shared machinery -----------------------------------------------------------------
 
     def enforce_constraints(self, x: Tensor, x_adv: Tensor) -> Tensor:

@@ -239,4 +239,4 @@ class CWL2(SearchSettings, Attack):
             # Carlini's rule: with 10+ outer steps the last one reruns at the upper bound.
             repeat_last=self.binary_search_steps >= 10,
         )
-        return best.result()
+        return best.result({"const": best.const})

@@ -142,7 +142,7 @@ class EAD(SearchSettings, Attack):
             search_steps=self.binary_search_steps,
             grow=10.0,
         )
-        return best.result()
+        return best.result({"const": best.const})
 
     def _fista(self, model: nn.Module, batch: AttackBatch, const: Tensor, best: BestSoFar):
         """One constant's FISTA run from x; records every proximal iterate x^k in ``best``
@@ -202,4 +202,3 @@ class EAD(SearchSettings, Attack):
             y_k, logits = pending
         f, _ = adversarial_margin(logits, label, self.targeted, self.kappa)
         return input_gradient(const * f, y_k)
-

@@ -159,10 +159,10 @@ class BestSoFar:
             self.logits = logits.new_full((len(self.score), logits.shape[1]), math.nan)
         return self.logits
 
-    def result(self) -> Perturbation:
+    def result(self, extras: dict[str, Tensor] | None = None) -> Perturbation:
         """What ``_perturb`` returns: the best images with their logits (NaN rows where
-        nothing was found) and, as extras, the constant each was found with."""
-        return Perturbation(self.x_best, self.logits, {"const": self.const})
+        nothing was found), and the attack's ``extras``."""
+        return Perturbation(self.x_best, self.logits, dict(extras or {}))
 
     def select(self, idx: Tensor) -> BestSoFar:
         """A tracker over the rows ``idx`` (copies), to continue a search on a subset."""

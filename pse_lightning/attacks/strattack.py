@@ -342,4 +342,3 @@ class StrAttack(SearchSettings, Attack):
             best=sub,
         )
         best.assign(idx, sub)
-

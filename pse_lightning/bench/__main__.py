@@ -14,7 +14,8 @@ import sys
 
 import pse_lightning.bench as bench_pkg
 
-_NOT_SUITES = {"common", "__main__"}
+# optimality: a table of the attacks suite, not a suite of its own.
+_NOT_SUITES = {"common", "__main__", "optimality"}
 
 
 def available_suites() -> list[str]:
