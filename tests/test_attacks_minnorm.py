@@ -251,7 +251,7 @@ def test_strattack_is_group_sparse_and_reports_its_groups() -> None:
     x = 0.3 + 0.4 * torch.rand(6, 3, 8, 8, generator=gen)
     with torch.no_grad():
         y = model(x).argmax(1)
-    attack = StrAttack(eps=0.3, group_size=2, stride=2, steps=100, binary_search_steps=5, tau=1.0)
+    attack = StrAttack(eps=0.3, group_size=2, steps=100, binary_search_steps=5, tau=1.0)
     result = attack(model, x, y)
     assert result.success.all()
     delta = result.x_adv - x
@@ -369,7 +369,7 @@ def test_yaml_instantiates_the_class(name: str, cls: type) -> None:
         (CWL2, {"initial_const": 0}, "attack.initial_const"),
         (EAD, {"decision_rule": "L2"}, "attack.decision_rule"),
         (EAD, {"beta": -1}, "attack.beta"),
-        (StrAttack, {"group_size": 2, "stride": 1}, "attack.stride"),
+        (StrAttack, {"group_size": 0}, "attack.group_size"),
         (StrAttack, {"eps": 2}, "attack.eps"),
     ],
 )

@@ -120,9 +120,8 @@ class StrAttack(SearchSettings, Attack):
     trained on digits (16 images, the defaults) the refined median L2 is 0.88 of the
     unrefined with one round and 0.86 with three.
 
-    Groups are ``group_size x group_size`` patches over all channels and must not overlap:
-    ``stride`` must equal ``group_size`` (overlapping groups need a different y-update and
-    are not supported).
+    Groups are non-overlapping ``group_size x group_size`` patches over all channels (the
+    authors' code also allows overlapping ones, which need a different y-update).
 
     The defaults (also ``conf/attack/strattack.yaml``) are sized for 32 x 32 images on a
     CPU: 3 constants x 30 ADMM steps + refinement, about 110 gradient evaluations per
@@ -134,7 +133,6 @@ class StrAttack(SearchSettings, Attack):
     Args:
         eps: L-inf cap on the perturbation, in (0, 1].
         group_size: patch side in pixels.
-        stride: distance between patch origins; must equal group_size.
         kappa: confidence: success needs margin < -kappa.
         rho: ADMM penalty.
         gamma: weight of the squared L2 term.
@@ -167,7 +165,6 @@ class StrAttack(SearchSettings, Attack):
         *,
         eps: float = 0.5,
         group_size: int = 2,
-        stride: int = 2,
         kappa: float = 0.0,
         rho: float = 15.0,
         gamma: float = 2.0,
@@ -191,14 +188,6 @@ class StrAttack(SearchSettings, Attack):
             norm="linf", eps=eps, targeted=targeted, target_rule=target_rule, seed=seed
         )
         self.group_size = require_at_least("attack.group_size", group_size, 1)
-        stride = require_at_least("attack.stride", stride, 1)
-        if stride != group_size:
-            raise ValueError(
-                f"attack.stride must equal attack.group_size (non-overlapping groups), got "
-                f"stride={stride}, group_size={group_size}; overlapping groups are not "
-                f"supported: set attack.stride={group_size}"
-            )
-        self.stride = stride
         self.init_search(
             kappa=kappa,
             steps=steps,
