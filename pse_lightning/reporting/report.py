@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.figures import adversarial_examples_figure, summary_bar_figure
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
+from pse_lightning.reporting.findings import findings_markdown, run_findings
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,11 @@ def write_report(
         written["examples"] = adversarial_examples_figure(
             examples, class_names, fig_dir / "adversarial_examples.png"
         )
-    lines = [f"# {title}", "", "## Setup", ""]
+    findings = run_findings(scalars)
+    lines = [f"# {title}", "", "## Findings", "", findings_markdown(findings), ""]
+    lines += ["## Setup", ""]
     lines += [f"- **{k}**: `{v}`" for k, v in setup.items()]
-    lines += [
-        "",
-        "## Results",
-        "",
-        metrics_table(scalars),
-        "",
-        f"![summary]({written['summary'].relative_to(run_dir)})",
-        "",
-    ]
+    lines += ["", "## Results", "", f"![summary]({written['summary'].relative_to(run_dir)})", ""]
     if "examples" in written:
         lines += [
             "## Adversarial examples",
@@ -82,9 +77,11 @@ def write_report(
             rel = Path(figure).resolve().relative_to(run_dir.resolve())
             lines += [f"![{Path(figure).stem}]({rel})", ""]
             written[f"{section.title}/{Path(figure).stem}"] = Path(figure)
+    lines += ["## All metrics", "", metrics_table(scalars), ""]
     write_text_atomic(run_dir / "report.md", "\n".join(lines))
     written["report"] = run_dir / "report.md"
-    payload = {"metrics": scalars, **(extra or {})}
+    verdicts = {f.key: f.verdict for f in findings}
+    payload = {"metrics": scalars, "findings": verdicts, **(extra or {})}
     written["metrics"] = write_json_atomic(run_dir / "metrics.json", payload)
     log.info("report written to %s", run_dir / "report.md")
     return written
