@@ -62,7 +62,7 @@ def mixed_batch(model, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def expected_success(model, x, x_adv, y, target=None) -> torch.Tensor:
-    """METHODS section 6: the clean prediction was right and the adversarial one is wrong
+    """docs/METHODS.md §1.1: the clean prediction was right and the adversarial one is wrong
     (targeted: equals the target)."""
     with torch.no_grad():
         clean, adv = model(x).argmax(1), model(x_adv).argmax(1)

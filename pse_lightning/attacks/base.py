@@ -44,7 +44,7 @@ class AttackResult:
     Attributes:
         x_adv: (N, C, H, W) adversarial images in [0, 1], within the budget.
         attacked: (N,) bool, the clean prediction was correct: only these rows can succeed,
-            and attack statistics and analyses use only them (METHODS section 6).
+            and attack statistics and analyses use only them (docs/METHODS.md §1.1).
         success: (N,) bool: ``attacked`` and the adversarial prediction is wrong
             (targeted: equals the target), from ``logits_adv``.
         logits_adv: (N, K) logits of exactly ``x_adv`` (after the box, budget and support

@@ -13,7 +13,7 @@ from pse_lightning.attacks import flat_norm
 class AttackMetrics(Metric):
     """Clean and adversarial accuracy, success rates and perturbation norms.
 
-    Only correctly classified clean samples are attacked (METHODS section 6): a
+    Only correctly classified clean samples are attacked (docs/METHODS.md §1.1): a
     clean-misclassified sample is counted in ``clean_misclassified`` and nowhere else, so
     it can neither pass for a successful attack of norm ~0 nor for a robust sample.
     ``robust_acc`` is the share of all samples classified correctly both clean and

@@ -40,7 +40,7 @@ SHARED_EXTRAS = frozenset({"group_map"})
 
 def attacked_rows(adv: AdversarialBatch, attacked: Tensor) -> AdversarialBatch:
     """The rows the attack was about (clean prediction correct): analyses never see a
-    clean-misclassified sample (METHODS section 6)."""
+    clean-misclassified sample (docs/METHODS.md §1.1)."""
     if bool(attacked.all()):
         return adv
     rows = {k: v[attacked] for k, v in vars(adv).items() if isinstance(v, Tensor)}

@@ -1,6 +1,6 @@
 """The Findings at the top of every report: each claim of the paper, tested on this run.
 
-The claims (docs/METHODS.md §7.7) are read off the run's logged metrics, so the section
+The claims (docs/METHODS.md §7.13) are read off the run's logged metrics, so the section
 is the same whether the report is written now or rebuilt from ``metrics.json`` later. Every
 p-value shown here enters one Holm correction over the claims of the run; a verdict is
 "supported" when the corrected test rejects at 0.05 in the claimed direction, "not
@@ -152,7 +152,7 @@ def findings_markdown(findings: list[Finding]) -> str:
         f"test rejects at {ALPHA} in the claimed direction. Not supported: the interval "
         f"excludes an effect of the claimed size (a type share ≥ {MIN_TYPE_SHARE}, |ρ| ≥ "
         f"{MIN_TIGHT_RHO}) or points the other way. Otherwise inconclusive at this sample "
-        "size. Method: docs/METHODS.md §7.7.",
+        "size. Method: docs/METHODS.md §7.13.",
     ])  # fmt: skip
 
 

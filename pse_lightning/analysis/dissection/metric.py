@@ -134,7 +134,7 @@ class Dissection(Analysis):
         random_baseline: also dissect the same architecture re-initialised from ``seed``
             and measure its units' sensitivity to the same adversarial examples: the
             interpretable units and rho a trained network must beat (docs/METHODS.md
-            §4.4). Doubles the dissection's cost.
+            §4.7). Doubles the dissection's cost.
         kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -321,7 +321,7 @@ class Dissection(Analysis):
                 sens = sensitivity_from_sums(sums, count)
                 layer_scalars.update(baseline_scalars(random, sens, self.summary_settings))
             scalars.update({f"{name}/{k}": v for k, v in layer_scalars.items()})
-        # One family: every p-value the report shows (docs/METHODS.md §7.5).
+        # One family: every p-value the report shows (docs/METHODS.md §7.7).
         family = {k: v for k, v in scalars.items() if k.endswith("_p")}
         scalars.update({f"{k}_holm": v for k, v in holm(family).items()})
         details = {

@@ -1,4 +1,4 @@
-"""Adversarial sensitivity of units from streamed sums (docs/METHODS.md §4.2).
+"""Adversarial sensitivity of units from streamed sums (docs/METHODS.md §4.4).
 
 :func:`sensitivity_terms` gives each image's contribution to the rows of
 :data:`SENSITIVITY_ROWS`; the evaluation loop adds them, weighted by

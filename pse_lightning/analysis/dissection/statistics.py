@@ -177,7 +177,7 @@ def unit_bootstrap_ci(
     """95% percentile CI of Spearman's rho(s, IoU) resampling UNITS with replacement.
 
     The units are the sample the correlation is computed over, so resampling them is what
-    measures rho's sampling error (docs/METHODS.md §7.2). With ``s_images`` (B, K), the
+    measures rho's sampling error (docs/METHODS.md §7.3). With ``s_images`` (B, K), the
     sensitivities of B Poisson-bootstrap replicates over evaluation images, replicate b
     also uses ``s_images[b]``: a two-way bootstrap over units and evaluation images, so
     the interval includes the noise of s_k's estimate as well.

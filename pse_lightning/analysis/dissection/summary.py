@@ -91,7 +91,7 @@ def layer_units(
 def correlation_scalars(
     units: LayerUnits, boot_s: Tensor, settings: SummarySettings
 ) -> dict[str, Tensor]:
-    """Spearman's rho(s, IoU) with its permutation p and its intervals (§7.1, §7.2).
+    """Spearman's rho(s, IoU) with its permutation p and its intervals (§7.2, §7.3).
 
     ``spearman_ci_*`` is the two-way bootstrap over units and evaluation images (units
     only when there are no image replicates); ``spearman_ci_units_*`` resamples units
@@ -157,7 +157,7 @@ def layer_scalars(
 
 def partial_scalars(units: LayerUnits, settings: SummarySettings) -> dict[str, Tensor]:
     """Partial Spearman of (s, IoU) controlling σ_k, and controlling the clean mean ā_k:
-    s_k is divided by σ_k, and both may track IoU through the unit's scale (§7.3)."""
+    s_k is divided by σ_k, and both may track IoU through the unit's scale (§7.8)."""
     gen = torch.Generator().manual_seed(settings.seed + 2)
     out = {}
     for name, control in (("sigma", units.sigma), ("mean", units.mean)):
@@ -191,7 +191,7 @@ def baseline_scalars(
     layer: LayerDissection, sens: dict[str, Tensor], settings: SummarySettings
 ) -> dict[str, Tensor]:
     """The random-weights baseline of one layer: its interpretable units and rho(s, IoU)
-    with permutation p and two-way CI, keyed under ``random/`` (§4.4)."""
+    with permutation p and two-way CI, keyed under ``random/`` (§4.7)."""
     units = layer_units(layer, sens, False, settings.iou_threshold)
     correlation = correlation_scalars(units, sens["s"][1:], settings)
     keys = ("spearman_rho", "spearman_p", "spearman_ci_low", "spearman_ci_high")
