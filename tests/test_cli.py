@@ -58,7 +58,10 @@ def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None
     assert out.startswith("pse_lightning: craft adversarial examples")
     for group in ("attack:", "dataset:", "model:", "analysis:", "trainer:", "logger:"):
         assert group in out
-    assert "attack: cam_cw, cam_pgd, cw, ead, fgsm, pgd, pgd_l2, strattack" in out
+    assert (
+        "attack: apgd, autoattack, cam_cw, cam_pgd, cw, ddn, ead, fgsm, fmn, pgd, pgd_l2, strattack"
+        in out
+    )
     assert "== Examples ==" in out and "hydra/launcher=joblib" in out
     loaded = _imported_modules(result.stderr)
     assert "hydra" in loaded, "importtime output was not read"
@@ -72,7 +75,7 @@ def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (
             ["attack=cw", "+attack.eps=-1"],
-            "eps is a setting of attack=fgsm, pgd, pgd_l2, strattack",
+            "eps is a setting of attack=apgd, autoattack, fgsm, pgd, pgd_l2, strattack",
         ),
         (
             ["analysis=pse", "analysis.pse.steps=0"],
@@ -98,8 +101,8 @@ def test_key_missing_from_the_chosen_file_names_the_choices_that_have_it(tmp_pat
     result = run_cli(["attack=cw", "attack.eps=-1"], tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
-        "Hint: attack=cw has no setting eps; eps is a setting of attack=fgsm, pgd, pgd_l2, "
-        "strattack: choose one of those (e.g. attack=fgsm attack.eps=-1)"
+        "Hint: attack=cw has no setting eps; eps is a setting of attack=apgd, autoattack, "
+        "fgsm, pgd, pgd_l2, strattack: choose one of those (e.g. attack=apgd attack.eps=-1)"
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from pse_lightning import pipeline
 
@@ -26,11 +26,15 @@ def test_a_registered_attack_and_analysis_run_through_the_pipeline(
     metrics = json.loads((Path(cfg.paths.run_dir) / "metrics.json").read_text())["metrics"]
     assert metrics == results
 
-    # Known answer: brightening by eps inside the box moves a pixel by min(eps, 1 - x).
-    datamodule = instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    x = torch.cat([batch[0] for batch in datamodule.test_dataloader()]).double()
-    expected = (1.0 - x).clamp(max=cfg.attack.eps).mean()
+    # Known answer: brightening by eps inside the box moves a pixel by min(eps, 1 - x); the
+    # analysis sees the attacked rows, those the trained model classifies correctly.
+    parts = pipeline.build(OmegaConf.merge(cfg, {"stage": "evaluate"}))
+    pipeline.trained_model(OmegaConf.merge(cfg, {"stage": "evaluate"}), parts)
+    batches = list(parts.datamodule.test_dataloader())
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        attacked = parts.model.eval()(x).argmax(1) == y
+    expected = (1.0 - x[attacked].double()).clamp(max=cfg.attack.eps).mean()
+    assert 0 < int(attacked.sum()) < len(y)  # the filter is exercised
     assert results["test/mean_abs/value"] == pytest.approx(float(expected), rel=1e-6)
     assert results["test/linf_median"] <= cfg.attack.eps + 1e-7

@@ -201,7 +201,8 @@ def _check_node(
         value = value_of(node, key)
         if admits is not None and value is not NO_VALUE and not admits.admits(value):
             raise InputError(f"{path}.{key} must be {admits.describe()}, got {value!r}")
-    if path == "training" and isinstance(value_of(node, "epochs"), int):
+    trains = value_of(node, "name") != "none"
+    if path == "training" and trains and isinstance(value_of(node, "epochs"), int):
         require("require_at_least", "training.epochs", node.epochs, 1)
 
 
