@@ -44,7 +44,13 @@ from pse_lightning.modules.training import (
     check_partial_checkpoint,
     partial_checkpoint_path,
 )
-from pse_lightning.reporting.loggers import finish_logger
+from pse_lightning.reporting.loggers import (
+    finish_logger,
+    hydra_choices,
+    log_checkpoint,
+    run_name,
+    start_run,
+)
 from pse_lightning.validation import InputError, require_at_least, require_choice
 
 log = logging.getLogger(__name__)
@@ -168,6 +174,21 @@ def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl
     return instantiate(cfg.trainer, logger=logger if logger is not None else False, **overrides)
 
 
+def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
+    """Start the logger's run for a stage: named from the job's choices (class and config
+    names outside Hydra), typed ``train`` or ``evaluate``, with the resolved config."""
+    choices = hydra_choices()
+    name = run_name(
+        attack=choices.get("attack") or type(parts.attack).__name__.lower(),
+        model=choices.get("model") or model_name(cfg),
+        dataset=choices.get("dataset") or parts.datamodule.name,
+        training=choices.get("training") or str(cfg.training.name),
+        seed=cfg.seed,
+    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    start_run(parts.logger, name=name, job_type=job_type, config=config)
+
+
 def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
     """What a partial (resumable) checkpoint must match: the checkpoint identity plus the
     settings outside its digest that shape how training continues (batches per epoch and
@@ -214,6 +235,7 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         log.info(
             "an interrupted training left %s; starting over (resume=true continues it)", partial
         )
+    start_stage(cfg, parts, "train")
     trainer = make_trainer(
         cfg,
         parts.logger,
@@ -228,6 +250,7 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         save_checkpoint(path, parts.model, meta)
         partial.unlink(missing_ok=True)
         log.info("checkpoint saved to %s (val/acc %s)", path, meta["val_acc"])
+        log_checkpoint(parts.logger, path, meta)
 
 
 def defend(parts: Components, run_dir: Path) -> tuple[nn.Module, list[ReportSection]]:
@@ -292,6 +315,7 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict
         sections=sections,
     )
     module = EvaluationModule(model, parts.attack, parts.analyses, log_examples=cfg.log_examples)
+    start_stage(cfg, parts, "evaluate")
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
     # trainer.test returns rank zero's logged metrics on every strategy, ddp_spawn included
     # (whose workers' module objects never come back to this process).
@@ -374,8 +398,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise InputError(str(err)) from err
     failed = True
     try:
-        if parts.logger is not None:
-            parts.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         checkpoint = trained_model(cfg, parts)
         results: dict[str, float] = {}
         if cfg.stage in ("auto", "evaluate"):
