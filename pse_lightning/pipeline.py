@@ -37,6 +37,7 @@ from pse_lightning.models.checkpoint import (
 )
 from pse_lightning.models.classifier import Classifier
 from pse_lightning.modules.evaluation import EvaluationModule
+from pse_lightning.modules.progress import progress_callbacks
 from pse_lightning.modules.report_writer import ReportWriter
 from pse_lightning.modules.training import (
     ResumeCheckpoint,
@@ -171,7 +172,13 @@ def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[st
 
 
 def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl.Trainer:
-    return instantiate(cfg.trainer, logger=logger if logger is not None else False, **overrides)
+    """The configured Trainer; off a terminal, progress is a line with an ETA every 30 s."""
+    callbacks = [
+        *overrides.pop("callbacks", []),
+        *progress_callbacks(bool(cfg.trainer.get("enable_progress_bar", True))),
+    ]
+    logger = logger if logger is not None else False
+    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **overrides)
 
 
 def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
