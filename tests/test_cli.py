@@ -219,6 +219,16 @@ def test_installed_wheel_runs_from_another_directory(tmp_path: Path) -> None:
         check=True,
     )
     assert str(site) in probe.stdout
+    # The console script pip installs (`pse-lightning`) runs from there too.
+    script = subprocess.run(
+        [str(site / "bin" / "pse-lightning"), "--cfg", "job", "attack=pgd"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "pse_lightning.attacks.PGD" in script.stdout
 
 
 @pytest.mark.slow
