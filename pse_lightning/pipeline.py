@@ -36,6 +36,7 @@ from pse_lightning.models.checkpoint import (
 )
 from pse_lightning.models.classifier import Classifier
 from pse_lightning.modules.evaluation import EvaluationModule
+from pse_lightning.modules.progress import progress_callbacks
 from pse_lightning.modules.report_writer import ReportWriter
 from pse_lightning.modules.training import (
     ResumeCheckpoint,
@@ -43,7 +44,13 @@ from pse_lightning.modules.training import (
     check_partial_checkpoint,
     partial_checkpoint_path,
 )
-from pse_lightning.reporting.loggers import finish_logger
+from pse_lightning.reporting.loggers import (
+    finish_logger,
+    hydra_choices,
+    log_checkpoint,
+    run_name,
+    start_run,
+)
 from pse_lightning.validation import InputError, require_at_least, require_choice
 
 log = logging.getLogger(__name__)
@@ -164,7 +171,28 @@ def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[st
 
 
 def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl.Trainer:
-    return instantiate(cfg.trainer, logger=logger if logger is not None else False, **overrides)
+    """The configured Trainer; off a terminal, progress is a line with an ETA every 30 s."""
+    callbacks = [
+        *overrides.pop("callbacks", []),
+        *progress_callbacks(bool(cfg.trainer.get("enable_progress_bar", True))),
+    ]
+    logger = logger if logger is not None else False
+    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **overrides)
+
+
+def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
+    """Start the logger's run for a stage: named from the job's choices (class and config
+    names outside Hydra), typed ``train`` or ``evaluate``, with the resolved config."""
+    choices = hydra_choices()
+    name = run_name(
+        attack=choices.get("attack") or type(parts.attack).__name__.lower(),
+        model=choices.get("model") or model_name(cfg),
+        dataset=choices.get("dataset") or parts.datamodule.name,
+        training=choices.get("training") or str(cfg.training.name),
+        seed=cfg.seed,
+    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    start_run(parts.logger, name=name, job_type=job_type, config=config)
 
 
 def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +241,7 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         log.info(
             "an interrupted training left %s; starting over (resume=true continues it)", partial
         )
+    start_stage(cfg, parts, "train")
     trainer = make_trainer(
         cfg,
         parts.logger,
@@ -227,6 +256,7 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         save_checkpoint(path, parts.model, meta)
         partial.unlink(missing_ok=True)
         log.info("checkpoint saved to %s (val/acc %s)", path, meta["val_acc"])
+        log_checkpoint(parts.logger, path, meta)
 
 
 def defend(parts: Components) -> tuple[nn.Module, dict[str, Analysis]]:
@@ -273,6 +303,7 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict
     )
     analyses = {**defense_analyses, **parts.analyses}
     module = EvaluationModule(model, parts.attack, analyses, log_examples=cfg.log_examples)
+    start_stage(cfg, parts, "evaluate")
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
     # trainer.test returns rank zero's logged metrics on every strategy, ddp_spawn included
     # (whose workers' module objects never come back to this process).
@@ -355,8 +386,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise InputError(str(err)) from err
     failed = True
     try:
-        if parts.logger is not None:
-            parts.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         checkpoint = trained_model(cfg, parts)
         results: dict[str, float] = {}
         if cfg.stage in ("auto", "evaluate"):

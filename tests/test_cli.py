@@ -59,8 +59,8 @@ def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None
     for group in ("attack:", "dataset:", "model:", "analysis:", "trainer:", "logger:"):
         assert group in out
     assert (
-        "attack: apgd, autoattack, cam_cw, cam_pgd, cw, ddn, ead, fgsm, fmn, pgd, pgd_l2, strattack"
-        in out
+        "attack: apgd, autoattack, cam_cw, cam_pgd, cw, ddn, ead, fgsm, fmn, pgd, pgd_l2, "
+        "strattack" in out
     )
     assert "== Examples ==" in out and "hydra/launcher=joblib" in out
     loaded = _imported_modules(result.stderr)
@@ -222,6 +222,16 @@ def test_installed_wheel_runs_from_another_directory(tmp_path: Path) -> None:
         check=True,
     )
     assert str(site) in probe.stdout
+    # The console script pip installs (`pse-lightning`) runs from there too.
+    script = subprocess.run(
+        [str(site / "bin" / "pse-lightning"), "--cfg", "job", "attack=pgd"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "pse_lightning.attacks.PGD" in script.stdout
 
 
 @pytest.mark.slow

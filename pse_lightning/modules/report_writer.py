@@ -53,4 +53,11 @@ class ReportWriter(pl.Callback):
             sections=sections,
             extra=self.extra,
         )
-        log_report_to_wandb(trainer.logger, written, sections)
+        log_report_to_wandb(
+            trainer.logger,
+            written,
+            sections,
+            scalars=result.scalars,
+            examples=result.examples,
+            class_names=self.class_names,
+        )

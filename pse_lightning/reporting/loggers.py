@@ -1,10 +1,17 @@
-"""Experiment loggers: W&B (offline by default), with clean teardown for multiruns."""
+"""Experiment loggers: W&B (offline by default), with clean teardown for multiruns.
+
+A W&B run is named from the run's choices (``cw-resnet50-imagenet-standard-s0``), typed by
+what the job does (``job_type`` ``train`` or ``evaluate``) and, in a Hydra multirun, grouped
+with the other jobs of its sweep. The run starts only when the first stage does
+(:func:`start_run`), so a job that fails its checks leaves no W&B run behind.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +21,39 @@ from pse_lightning.validation import require_choice
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("offline", "online", "disabled")
+JOB_TYPES = ("train", "evaluate")
+# Lightning adds these to every log call; an evaluation has no epochs or optimiser steps.
+TRAINING_COUNTERS = ("epoch", "trainer/global_step")
+
+
+class RunLogger(WandbLogger):
+    """Lightning's WandbLogger whose name and job type are set when the first stage starts,
+    and whose evaluation metrics carry no training counters.
+
+    Lightning logs ``epoch`` and ``trainer/global_step`` with every metric; for the ``test/``
+    metrics of an evaluation they would read ``epoch 0`` in the run summary.
+    """
+
+    @property
+    def started(self) -> bool:
+        """Whether the W&B run exists (its name and job type are then fixed)."""
+        return self._experiment is not None
+
+    def set_identity(self, *, name: str | None, job_type: str) -> None:
+        """Name and type the run before it starts; a started run keeps its own."""
+        require_choice("job_type", job_type, JOB_TYPES)
+        if self.started:
+            return
+        if name and not self._wandb_init.get("name"):
+            self._wandb_init["name"] = name
+            self._name = name
+        self._wandb_init["job_type"] = job_type
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        results = {k: v for k, v in metrics.items() if k not in TRAINING_COUNTERS}
+        if results and all(str(key).startswith("test/") for key in results):
+            metrics, step = results, None
+        super().log_metrics(metrics, step)
 
 
 def wandb_logger(
@@ -26,11 +66,13 @@ def wandb_logger(
     tags: Sequence[str] = (),
     save_dir: str = ".",
     config: dict[str, Any] | None = None,
-) -> WandbLogger:
+) -> RunLogger:
     """A Lightning WandbLogger whose run lives inside the run directory.
 
     Offline mode writes a complete run under ``<save_dir>/wandb/offline-run-*`` that
     ``wandb sync`` uploads later; online mode needs ``WANDB_API_KEY`` or ``wandb login``.
+    ``name=None`` names the run from its choices when it starts (see :func:`start_run`);
+    ``group=None`` groups the jobs of a Hydra multirun by their sweep directory.
     """
     require_choice("logger.mode", mode, WANDB_MODES)
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
@@ -45,11 +87,11 @@ def wandb_logger(
     # (wandb #1314): every job starts its own.
     if wandb.run is not None:
         wandb.finish()
-    logger = WandbLogger(
+    logger = RunLogger(
         project=project,
         entity=entity,
         mode=mode,
-        group=group,
+        group=group or sweep_group(),
         name=name,
         tags=list(tags),
         save_dir=save_dir,
@@ -57,9 +99,8 @@ def wandb_logger(
     )
     # Lightning always passes anonymous=None to wandb.init, which wandb >= 0.19 answers with
     # a deprecation warning on every run; an absent key means the same.
-    init_kwargs = getattr(logger, "_wandb_init", None)
-    if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous", False) is None:
-        del init_kwargs["anonymous"]
+    if logger._wandb_init.get("anonymous", False) is None:
+        del logger._wandb_init["anonymous"]
     return logger
 
 
@@ -68,12 +109,94 @@ def _netrc_has_wandb() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def sweep_group(hydra_cfg: Any = None) -> str | None:
+    """``sweep-<date>-<time>`` (the sweep directory's last two parts) in a Hydra multirun.
+
+    Every job of one sweep gets the same group, so W&B shows them together; a single run
+    (or a run outside Hydra) gets none.
+
+    Args:
+        hydra_cfg: the ``hydra`` config node; by default Hydra's own for this job.
+    """
+    if hydra_cfg is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        hydra_cfg = HydraConfig.get()
+    if not str(hydra_cfg.mode).endswith("MULTIRUN"):
+        return None
+    parts = Path(str(hydra_cfg.sweep.dir)).parts[-2:]
+    return "sweep-" + "-".join(safe_key(p) for p in parts)
+
+
+def hydra_choices() -> dict[str, str]:
+    """The group choices of this Hydra job (``attack`` -> ``cw``), empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {str(k): str(v) for k, v in HydraConfig.get().runtime.choices.items() if v}
+
+
+def run_name(*, attack: str, model: str, dataset: str, training: str, seed: int) -> str:
+    """``<attack>-<model>-<dataset>-<training>-s<seed>``: ``cw-resnet50-imagenet-standard-s0``."""
+    parts = [attack, model, dataset, training]
+    return "-".join(safe_key(p).replace("/", "_") for p in parts) + f"-s{seed}"
+
+
+def safe_key(key: str) -> str:
+    """A W&B key without spaces or odd characters: ``Promotion effect`` -> ``promotion_effect``.
+
+    Keys with spaces are awkward to query and to type in W&B panels; the slash (W&B's section
+    separator), dots, dashes and equals signs are kept.
+    """
+    return re.sub(r"[^a-z0-9_./=-]+", "_", key.strip().lower()).strip("_")
+
+
+def start_run(logger: Logger | None, *, name: str, job_type: str, config: dict[str, Any]) -> None:
+    """Start the experiment logger's run for the first stage and log the resolved config.
+
+    Called by each stage (training, then evaluation); the first call names and types the
+    W&B run, later ones only refresh the config.
+    """
+    if logger is None:
+        return
+    if isinstance(logger, RunLogger):
+        logger.set_identity(name=name, job_type=job_type)
+    logger.log_hyperparams(config)
+
+
 def finish_logger(logger: Logger | None, *, failed: bool = False) -> None:
     """Close the logger's run, so the next job of a multirun starts a fresh one."""
     if isinstance(logger, WandbLogger):
         import wandb
 
         if wandb.run is not None:
+            if wandb.run.job_type == "evaluate":
+                _drop_training_counters(wandb.run.summary)
             wandb.finish(exit_code=1 if failed else 0)
     elif logger is not None:
         logger.finalize("failed" if failed else "success")
+
+
+def _drop_training_counters(summary: Any) -> None:
+    """Remove ``epoch`` and ``trainer/global_step`` from an evaluation's summary.
+
+    Lightning ties every W&B key to ``trainer/global_step`` (``define_metric(step_sync=True)``),
+    so each ``log`` call writes the counter back; a run that never trained should not show
+    ``global_step 0``, so the counters go just before the run closes.
+    """
+    present = set(summary.keys())  # wandb's Summary has no __contains__
+    for key in TRAINING_COUNTERS:
+        if key in present:
+            del summary[key]
+
+
+def log_checkpoint(logger: Logger | None, path: Path, meta: dict[str, Any]) -> None:
+    """Log a trained checkpoint as a W&B ``model`` artifact carrying its identity."""
+    if not isinstance(logger, WandbLogger):
+        return
+    from pse_lightning.reporting.wandb_run import model_artifact
+
+    logger.experiment.log_artifact(model_artifact(path, meta))

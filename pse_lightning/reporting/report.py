@@ -88,21 +88,26 @@ def write_report(
 
 
 def log_report_to_wandb(
-    logger: Logger | None, written: dict[str, Path], sections: Sequence[ReportSection]
+    logger: Logger | None,
+    written: dict[str, Path],
+    sections: Sequence[ReportSection],
+    *,
+    scalars: dict[str, float] | None = None,
+    examples: dict[str, Any] | None = None,
+    class_names: Sequence[str] = (),
 ) -> None:
-    """Figures as W&B images and analysis tables as W&B tables (rank zero only)."""
+    """The evaluation's figures, tables, per-example table, key results and report
+    artifact in the W&B run (see :mod:`~pse_lightning.reporting.wandb_run`); rank zero only.
+    """
     if not isinstance(logger, WandbLogger):
         return
-    import wandb
+    from pse_lightning.reporting.wandb_run import log_evaluation
 
-    images = {
-        f"report/{name}": wandb.Image(str(path))
-        for name, path in written.items()
-        if path.suffix == ".png"
-    }
-    tables = {
-        f"tables/{section.title}/{name}": wandb.Table(columns=list(columns), data=rows)
-        for section in sections
-        for name, (columns, rows) in section.tables.items()
-    }
-    logger.experiment.log({**images, **tables})
+    log_evaluation(
+        logger.experiment,
+        written=written,
+        sections=sections,
+        scalars=scalars or {},
+        examples=examples or {},
+        class_names=class_names,
+    )

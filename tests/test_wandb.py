@@ -1,0 +1,175 @@
+"""What a run leaves in W&B, read back from the offline run with wandb's own reader
+(``wandb leet inspect``): names, job types, groups, tables with images, artifacts, summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pse_lightning import pipeline
+from pse_lightning.models.checkpoint import read_checkpoint
+from pse_lightning.reporting.loggers import RunLogger, run_name, safe_key, sweep_group
+from pse_lightning.reporting.wandb_run import key_results
+
+WANDB_CLI = Path(sys.executable).with_name("wandb")
+
+
+def inspect(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(state and summary, every record) of the one offline W&B run under ``run_dir``."""
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    summary = subprocess.run(
+        [str(WANDB_CLI), "leet", "inspect", "--summary", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    records = subprocess.run(
+        [str(WANDB_CLI), "leet", "inspect", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(summary), [json.loads(line) for line in records.splitlines() if line]
+
+
+def run_record(records: list[dict]) -> dict:
+    return next(r["run"] for r in records if r["type"] == "run")
+
+
+def artifacts(records: list[dict], kind: str) -> list[dict]:
+    return [
+        r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == kind
+    ]
+
+
+def test_names_keys_and_sweep_groups() -> None:
+    name = run_name(attack="cw", model="resnet50", dataset="imagenet", training="standard", seed=0)
+    assert name == "cw-resnet50-imagenet-standard-s0"
+    assert (
+        safe_key(" Promotion-suppression effect/Top units ")
+        == "promotion-suppression_effect/top_units"
+    )
+    multirun = OmegaConf.create(
+        {"mode": "MULTIRUN", "sweep": {"dir": "/x/multirun/2026-12-01/22-48-56"}}
+    )
+    single = OmegaConf.create({"mode": "RUN", "sweep": {"dir": "/x/multirun/2026-12-01/22-48-56"}})
+    assert sweep_group(multirun) == "sweep-2026-12-01-22-48-56"
+    assert sweep_group(single) is None
+
+
+def test_key_results_are_few_named_and_finite() -> None:
+    scalars = {
+        "test/clean_acc": 0.9,
+        "test/l2_median": float("nan"),
+        "test/pse/frac_promotion": 0.2,
+    }
+    assert key_results(scalars) == {"results/clean_acc": 0.9, "results/pse_frac_promotion": 0.2}
+
+
+def test_set_identity_fixes_name_and_job_type_only_before_the_run_starts(tmp_path: Path) -> None:
+    logger = RunLogger(project="p", mode="disabled", save_dir=str(tmp_path), name="given")
+    logger.set_identity(name="from-choices", job_type="evaluate")
+    assert logger._wandb_init["name"] == "given"  # a name the user gave wins
+    assert logger._wandb_init["job_type"] == "evaluate"
+    with pytest.raises(ValueError, match="job_type"):
+        logger.set_identity(name=None, job_type="test")
+
+
+def logged_table(records: list[dict], name: str) -> tuple[list[dict], Callable]:
+    """(rows as dicts, cell -> pixel array) of a table logged to the run.
+
+    W&B keeps a logged table with its images in a ``run_table`` artifact (the copy under
+    ``files/media/table`` has the images replaced by their type name).
+    """
+    contents = {
+        c["path"]: c["local_path"]
+        for a in artifacts(records, "run_table")
+        for c in a["manifest"]["contents"]
+    }
+    table = json.loads(Path(contents[name]).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+
+    def png(cell: dict) -> np.ndarray:
+        assert cell["_type"] == "image-file"
+        return np.asarray(Image.open(contents[cell["path"]])).astype(np.float64)
+
+    return rows, png
+
+
+def test_training_then_evaluation_runs_read_back(make_cfg, tmp_path: Path) -> None:
+    fit_cfg = make_cfg("logger=wandb", "attack=fgsm", "stage=fit")
+    pipeline.run(fit_cfg)
+    state, records = inspect(Path(fit_cfg.paths.run_dir))
+    run = run_record(records)
+    assert run["display_name"] == "fgsm-smallcnn-shapes-standard-s0"
+    assert run["job_type"] == "train" and state["exit_code"] == 0
+    (model,) = artifacts(records, "model")
+    (checkpoint,) = Path(fit_cfg.paths.checkpoint_dir).glob("*.pt")
+    _, meta = read_checkpoint(checkpoint)
+    assert json.loads(model["metadata"])["digest"] == meta["digest"]
+    assert meta["digest"][:12] in model["name"]
+    assert [c["path"] for c in model["manifest"]["contents"]] == [checkpoint.name]
+
+    cfg = make_cfg(
+        "logger=wandb", "attack=fgsm", "stage=evaluate", "log_examples=3",
+        f"paths.run_dir={tmp_path}/eval",
+    )  # fmt: skip
+    results = pipeline.run(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    state, records = inspect(run_dir)
+    assert run_record(records)["job_type"] == "evaluate"
+    summary = state["summary"]
+    assert "epoch" not in summary and "trainer/global_step" not in summary
+    assert all(" " not in key for key in summary)
+    assert summary["results/robust_acc"] == pytest.approx(results["test/robust_acc"])
+    assert summary["test/clean_acc"] == pytest.approx(results["test/clean_acc"])
+    (report,) = artifacts(records, "report")
+    assert {c["path"] for c in report["manifest"]["contents"]} == {"report.md", "metrics.json"}
+
+    assert summary["examples/adversarial"]["nrows"] == 3
+    rows, png = logged_table(records, "examples/adversarial.table.json")
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    for row in rows:
+        x, y, _ = datamodule.test_set[row["index"]]
+        assert row["label"] == datamodule.class_names[int(y)]
+        clean = png(row["clean"])
+        expected = (x.permute(1, 2, 0).numpy() * 255).round()
+        assert np.abs(clean[..., :3].reshape(expected.shape) - expected).max() <= 1
+        # The perturbation panel is amplified to a full swing around grey, by the stated factor.
+        assert row["amplification"] * row["linf"] == pytest.approx(0.5, rel=1e-4)
+        swing = np.abs(png(row["perturbation"])[..., :3] - 127.5).max()
+        assert swing >= 120
+        adversarial = png(row["adversarial"])[..., :3] / 255
+        linf = np.abs(adversarial - expected.reshape(adversarial.shape) / 255).max()
+        assert linf == pytest.approx(row["linf"], abs=2 / 255)
+    assert torch.isfinite(torch.tensor([r["amplification"] for r in rows])).all()
+
+
+@pytest.mark.slow
+def test_multirun_jobs_share_a_sweep_group_and_are_named_by_choice(tmp_path: Path) -> None:
+    from test_cli import QUICK, run_cli
+
+    args = [*QUICK, "logger=wandb", f"paths.root={tmp_path}", "attack=fgsm,pgd"]
+    run_cli(["-m", *args], tmp_path)
+    jobs = sorted(p.parent for p in (tmp_path / "multirun").glob("*/*/*/metrics.json"))
+    assert len(jobs) == 2
+    runs = [run_record(inspect(job)[1]) for job in jobs]
+    sweep = jobs[0].parent
+    assert {r["run_group"] for r in runs} == {f"sweep-{sweep.parent.name}-{sweep.name}"}
+    assert [r["display_name"] for r in runs] == [
+        "fgsm-small_cnn-shapes-standard-s0",
+        "pgd-small_cnn-shapes-standard-s0",
+    ]
