@@ -72,7 +72,9 @@ def test_one_run_equals_the_authors_from_the_same_start(digits, norm, eps, loss)
 
     model, x, y = digits
     gen = torch.Generator().manual_seed(0)
-    start = LpBall(norm, eps).sample(x, torch.rand(x.shape, generator=gen))
+    ball = LpBall(norm, eps)
+    noise = torch.rand(len(x), ball.noise_size(x[0].numel()), generator=gen)
+    start = ball.sample(x, noise)
     with torch.no_grad():
         aim = model(x).argsort(dim=1, descending=True)[:, 1]
     name = "Linf" if norm == "linf" else "L2"
@@ -98,11 +100,13 @@ def test_one_run_equals_the_authors_from_the_same_start(digits, norm, eps, loss)
         torch.testing.assert_close(ours.loss, best_ref, atol=1e-5, rtol=1e-5)
         assert torch.equal(~ours.found, still.bool())
         return
-    # L2 normalisations and the DLR gradient (sorted vs masked logits) round differently;
-    # one rounding difference can flip a sign or a step-halving decision, after which
-    # that sample's trajectory parts from the authors'.
+    # L2 normalisations, the DLR gradient (sorted vs masked logits) and the L-inf bounds
+    # (ours rounded towards x, exact in any dtype; theirs a float32 clamp) round
+    # differently; one rounding difference can flip a sign or a step-halving decision,
+    # after which that sample's trajectory parts from the authors'. Most still agree, and
+    # the broken samples agree within one in 64 (below).
     same = torch.isclose(ours.loss, best_ref, atol=1e-5, rtol=1e-5)
-    assert same.float().mean() >= 0.85
+    assert same.float().mean() >= 0.75
     assert abs(int((~ours.found).sum()) - int(still.sum())) <= len(x) / 64
 
 

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pse_lightning.attacks import CWL2, EAD, FGSM, PGD, Attack, StrAttack
-from pse_lightning.attacks.base import AttackBatch
+from pse_lightning.attacks.base import AttackBatch, Perturbation
 from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.models import SmallCNN
 
@@ -243,7 +243,7 @@ class Scripted(Attack):
 
     def _perturb(self, model, batch: AttackBatch):
         self.seen = batch
-        return self.out if self.logits is None else (self.out, self.logits)
+        return Perturbation(self.out, self.logits)
 
 
 def test_handed_logits_are_used_only_for_rows_the_enforcement_kept() -> None:

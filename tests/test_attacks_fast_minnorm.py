@@ -141,7 +141,9 @@ def test_cost_is_steps_and_found_rows_need_no_scoring_forward(attack) -> None:
     rows never found are forwarded once more, and they come back unchanged."""
     model, x, y, *_ = saturated_problem()
     counter = Counting(model)
-    result = attack(counter, x, y)
+    with torch.no_grad():  # as the evaluation loop does: success needs the clean prediction
+        clean = model(x)
+    result = attack(counter, x, y, logits_clean=clean)
     assert counter.rows == 3 * len(x)
     never = ~result.success
     assert never.any() and result.success.any()  # 3 steps: some found, some not

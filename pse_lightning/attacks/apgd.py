@@ -232,8 +232,9 @@ class Tally:
         if len(rows) == 0:
             return
         sub = subset(self.batch, rows)
-        noise = randomness.uniform(sub.index, tuple(sub.x.shape[1:]), self.seed, stream)
-        start = sub.restrict(self.ball.sample(sub.x, noise.to(sub.x.dtype)))
+        size = self.ball.noise_size(sub.x[0].numel())
+        noise = randomness.uniform(sub.index, (size,), self.seed, stream)
+        start = sub.restrict(self.ball.sample(sub.x, noise.to(sub.x.dtype), sub.support))
         outcome = apgd_run(model, sub, start, ball=self.ball, steps=self.steps, loss=loss,
                            aim=None if aim is None else aim[rows], rho=self.rho)  # fmt: skip
         self.merge(rows, outcome, stage, comparable)

@@ -99,12 +99,13 @@ class LpBall:
         """Project onto the ball around ``x`` and then onto the box [0, 1].
 
         Clipping to the box after the ball projection keeps the budget (clipping only moves
-        coordinates towards ``x``), so both constraints hold exactly afterwards.
+        coordinates towards ``x``), so both constraints hold exactly afterwards. L-inf is
+        :func:`exact_linf`, the base class's own enforcement, so an attack's projected
+        iterate passes it bit-identically and keeps its logits.
         """
-        delta = x_adv - x
         if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
-        else:
-            d_norm = _per_sample(flat_norm(delta, "l2"), delta)
-            delta = delta * torch.clamp(self.eps / d_norm.clamp_min(_TINY), max=1.0)
+            return exact_linf(x, x_adv, self.eps)
+        delta = x_adv - x
+        d_norm = _per_sample(flat_norm(delta, "l2"), delta)
+        delta = delta * torch.clamp(self.eps / d_norm.clamp_min(_TINY), max=1.0)
         return (x + delta).clamp(0.0, 1.0)
