@@ -131,8 +131,7 @@ class EvaluationModule(pl.LightningModule):
                 batch = adv if analysis.attacked_rows_only else full
                 if len(batch.y):
                     analysis.update(self.model, batch)
-        if len(adv.y):
-            self._keep_examples(adv)
+        self._keep_examples(full)  # the first images as they are, misclassified ones too
 
     def _keep_examples(self, adv: AdversarialBatch) -> None:
         keep = adv.index < self.log_examples
