@@ -23,6 +23,7 @@ from torch import Tensor
 
 from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.figures import amplification, class_name, to_image
+from pse_lightning.reporting.findings import run_findings
 from pse_lightning.reporting.loggers import safe_key
 
 # test/<key> -> shown as results/<key> in the run summary, in this order of importance.
@@ -184,4 +185,6 @@ def log_evaluation(
         payload["examples/adversarial"] = examples_table(examples, class_names)
     run.log(payload)
     run.summary.update(key_results(scalars))
+    # The report's Findings, claim by claim (docs/METHODS.md §7.13), as filterable strings.
+    run.summary.update({f"findings/{safe_key(f.key)}": f.verdict for f in run_findings(scalars)})
     run.log_artifact(report_artifact(run, written))
