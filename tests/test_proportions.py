@@ -3,6 +3,8 @@ calibration under a planted null (docs/METHODS.md §7)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from scipy.stats import binom
@@ -86,3 +88,7 @@ def test_holm_adjustment_known_answer() -> None:
     assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm_adjust([0.5, 0.9]) == [1.0, 1.0]
     assert holm_adjust([]) == []
+    # A test that could not run (NaN) is not in the family: the others see m = 2.
+    adjusted = holm_adjust([0.01, float("nan"), 0.04])
+    assert adjusted[0] == pytest.approx(0.02) and adjusted[2] == pytest.approx(0.04)
+    assert math.isnan(adjusted[1])

@@ -74,11 +74,12 @@ def holm_adjust(pvalues: Sequence[float]) -> list[float]:
 
     Sorted ascending p_(1) <= ... <= p_(m): adjusted p_(i) = max_{j<=i} min(1, (m−j+1)·p_(j)).
     Rejecting where the adjusted p <= α controls the chance of any false rejection at α.
+    A NaN (a test that could not run) is left out of the family and stays NaN.
     """
-    m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
+    finite = [i for i, p in enumerate(pvalues) if math.isfinite(float(p))]
+    m = len(finite)
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, i in enumerate(sorted(finite, key=lambda i: float(pvalues[i]))):
         running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
         adjusted[i] = running
     return adjusted

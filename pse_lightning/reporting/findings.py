@@ -124,10 +124,11 @@ def training_finding() -> Finding:
 def run_findings(scalars: dict[str, float]) -> list[Finding]:
     """Every claim this run can speak to, with Holm-corrected p-values and verdicts."""
     found = [pse_types_finding(scalars), cam_finding(scalars), *dissection_findings(scalars)]
-    tested = [i for i, f in enumerate(found) if not math.isnan(f.p)]
-    adjusted = holm_adjust([found[i].p for i in tested])
-    for i, p_holm in zip(tested, adjusted, strict=True):
-        found[i] = replace(found[i], p_holm=p_holm, verdict=_verdict(found[i], p_holm))
+    adjusted = holm_adjust([f.p for f in found])  # untested claims (NaN) stay out
+    found = [
+        f if math.isnan(p_holm) else replace(f, p_holm=p_holm, verdict=_verdict(f, p_holm))
+        for f, p_holm in zip(found, adjusted, strict=True)
+    ]
     return [*found, training_finding()]
 
 

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from pse_lightning.core.proportions import holm_adjust
+
 
 def rankdata(x: Tensor) -> Tensor:
     """Ranks 1..n of a 1-D tensor, ties averaged (scipy.stats.rankdata 'average')."""
@@ -249,15 +251,9 @@ def partial_spearman(
 
 
 def holm(pvalues: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Holm's step-down adjustment of a family of p-values (NaNs left out of the family).
-
-    With the m finite p-values sorted p_(1) <= ... <= p_(m), the adjusted
-    p̃_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)); rejecting p̃ <= α controls the
-    family-wise error rate at α under any dependence (Holm, 1979).
-    """
-    finite = {k: float(v) for k, v in pvalues.items() if math.isfinite(float(v))}
-    m, running, out = len(finite), 0.0, {}
-    for j, (key, p) in enumerate(sorted(finite.items(), key=lambda kv: kv[1])):
-        running = max(running, min(1.0, (m - j) * p))
-        out[key] = torch.tensor(running, dtype=torch.float64)
-    return {k: out.get(k, torch.tensor(math.nan, dtype=torch.float64)) for k in pvalues}
+    """:func:`~pse_lightning.core.proportions.holm_adjust` over a named family of p-values
+    (NaNs left out of the family), as float64 tensors under the same names."""
+    adjusted = holm_adjust([float(v) for v in pvalues.values()])
+    return {
+        k: torch.tensor(p, dtype=torch.float64) for k, p in zip(pvalues, adjusted, strict=True)
+    }
