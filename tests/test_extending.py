@@ -38,3 +38,28 @@ def test_a_registered_attack_and_analysis_run_through_the_pipeline(
     assert 0 < int(attacked.sum()) < len(y)  # the filter is exercised
     assert results["test/mean_abs/value"] == pytest.approx(float(expected), rel=1e-6)
     assert results["test/linf_median"] <= cfg.attack.eps + 1e-7
+
+
+def test_compute_keeps_the_sample_axis_of_a_single_kept_sample() -> None:
+    """torchmetrics squeezes one-element tensors; an analysis's details must not lose their
+    sample axis (one kept example), and the result must not alias the metric's state."""
+    from pse_lightning.analysis.base import Analysis, AnalysisResult
+
+    class KeepIndex(Analysis):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("index", torch.zeros(1, dtype=torch.long), dist_reduce_fx="cat")
+
+        def update(self, model, batch) -> None:  # noqa: ANN001
+            self.index += 7
+
+        def compute(self) -> AnalysisResult:
+            return AnalysisResult(scalars={"n": self.index.new_tensor(1.0)},
+                                  details={"index": self.index})  # fmt: skip
+
+    metric = KeepIndex()
+    metric.update(None, None)
+    result = metric.compute()
+    assert result.details["index"].shape == (1,) and int(result.details["index"][0]) == 7
+    metric.index += 1  # in place, after compute
+    assert int(result.details["index"][0]) == 7

@@ -10,11 +10,13 @@ directory and W&B. No analysis reads another's state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -65,6 +67,13 @@ class AnalysisResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class _Boxed:
+    """Carries a computed result past torchmetrics' squeeze (it does not look inside)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class Analysis(Metric):
     """Base class of every analysis run inside the evaluation loop.
 
@@ -93,6 +102,22 @@ class Analysis(Metric):
 
     def compute(self) -> AnalysisResult:  # noqa: D102
         raise NotImplementedError
+
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """torchmetrics' compute wrapper (sync, cache), minus its squeeze of one-element
+        tensors: ``details`` keep their sample axis when one sample was kept, and
+        ``scalars`` are 0-d already. Tensors are cloned, as torchmetrics does."""
+
+        def boxed(*args: Any, **kwargs: Any) -> _Boxed:
+            return _Boxed(apply_to_collection(compute(*args, **kwargs), Tensor, Tensor.clone))
+
+        wrapped = super()._wrap_compute(boxed)
+
+        @functools.wraps(compute)
+        def unboxed(*args: Any, **kwargs: Any) -> Any:
+            return wrapped(*args, **kwargs).value
+
+        return unboxed
 
     def report(
         self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]

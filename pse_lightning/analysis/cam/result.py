@@ -50,13 +50,6 @@ class CAMExamples:
     mask_true: Tensor
     mask_target: Tensor
 
-    def __setattr__(self, name: str, value: object) -> None:
-        # torchmetrics squeezes one-element tensors of compute()'s result (a single kept
-        # example's label becomes 0-d); every field has the example axis first.
-        if isinstance(value, Tensor) and value.dim() == 0:
-            value = value.reshape(1)
-        super().__setattr__(name, value)
-
     def __len__(self) -> int:
         return len(self.index)
 
