@@ -208,7 +208,7 @@ def test_autoattack_runs_each_stage_on_the_survivors_only(digits) -> None:
     model, x, y = digits
     counter = Counting(model)
     steps = 20
-    result = AutoAttack(eps=0.1, steps=steps, target_classes=1)(counter, x, y)
+    result = AutoAttack(eps=0.1, steps=steps, target_classes=1, early_stop=False)(counter, x, y)
     stage = result.extras["stage"]
     after_ce = int((stage != 1).sum())  # survivors of APGD-CE (none is clean-misclassified)
     assert (stage != 0).all() and 0 < after_ce < len(x)
@@ -217,6 +217,26 @@ def test_autoattack_runs_each_stage_on_the_survivors_only(digits) -> None:
     assert counter.rows == len(x) + (steps + 1) * (len(x) + after_ce)  # no scoring forward
     with torch.no_grad():
         torch.testing.assert_close(result.logits_adv, model(result.x_adv))
+
+
+@pytest.mark.parametrize("cls", [APGD, AutoAttack])
+def test_early_stop_breaks_the_same_samples_for_less(digits, cls: type) -> None:
+    """Each sample's schedule is its own, so stopping a broken sample changes nobody
+    else's trajectory: the same samples break, the survivors return the very same points,
+    every returned image is adversarial or the survivor's best point, and fewer rows pass
+    through the model."""
+    model, x, y = digits
+    full_count, stop_count = Counting(model), Counting(model)
+    full = cls(eps=0.1, steps=20, early_stop=False)(full_count, x, y)
+    stop = cls(eps=0.1, steps=20, early_stop=True)(stop_count, x, y)
+    assert 0 < int(full.success.sum()) < len(x)  # not vacuous
+    assert torch.equal(stop.success, full.success)
+    survivors = ~full.success
+    assert torch.equal(stop.x_adv[survivors], full.x_adv[survivors])
+    with torch.no_grad():
+        assert (model(stop.x_adv[stop.success]).argmax(1) != y[stop.success]).all()
+    assert (stop.x_adv - x).abs().amax() <= 0.1 + 1e-6
+    assert stop_count.rows < full_count.rows
 
 
 def test_restarts_only_help(digits) -> None:

@@ -111,6 +111,28 @@ def _evaluate(
     return logits.detach(), objective.detach(), grad
 
 
+def _evaluate_rows(
+    model: nn.Module,
+    x_adv: Tensor,
+    batch: AttackBatch,
+    aim: Tensor | None,
+    loss: str,
+    active: Tensor,
+    previous: tuple[Tensor, Tensor, Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_evaluate` on the ``active`` rows only; the other rows keep ``previous``
+    (their iterate is not used again), so a finished sample costs no model pass."""
+    if bool(active.all()):
+        return _evaluate(model, x_adv, batch, aim, loss)
+    rows = active.nonzero()[:, 0]
+    part = _evaluate(model, x_adv[rows], subset(batch, rows), None if aim is None else aim[rows],
+                     loss)  # fmt: skip
+    out = tuple(t.clone() for t in previous)
+    for full, new in zip(out, part, strict=True):
+        full[rows] = new
+    return out  # type: ignore[return-value]
+
+
 def apgd_run(
     model: nn.Module,
     batch: AttackBatch,
@@ -122,8 +144,14 @@ def apgd_run(
     aim: Tensor | None = None,
     rho: float = 0.75,
     momentum: float = 0.75,
+    stop_at_success: bool = False,
 ) -> Outcome:
     """One APGD run from ``start``: steps + 1 gradient evaluations per sample.
+
+    With ``stop_at_success`` a sample leaves the run at its first adversarial iterate (which
+    it keeps): the same samples are broken as without it (every sample's schedule is its
+    own), at a fraction of the cost on a model that breaks quickly; without it, a broken
+    sample keeps iterating and keeps its last adversarial iterate, as the authors' code does.
 
     Success is judged against ``batch`` (its target if it has one, else y); the objective
     aims at ``aim`` (None: untargeted), so the untargeted APGD-T of AutoAttack passes an
@@ -143,19 +171,23 @@ def apgd_run(
     best_at_check, halved_at_check = best.clone(), torch.ones_like(found)
     marks = checkpoints(steps)
     for i in range(steps):
+        active = ~found if stop_at_success else torch.ones_like(found)
+        if not bool(active.any()):
+            break
         a = 1.0 if i == 0 else momentum
         with torch.no_grad():
             z = ball.project(x, ball.ascend(x_adv, grad, step))
             x_next = ball.project(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
         x_prev, x_adv = x_adv, x_next
-        logits, obj, grad = _evaluate(model, x_adv, batch, aim, loss)
+        logits, obj, grad = _evaluate_rows(model, x_adv, batch, aim, loss, active,
+                                           (logits, obj, grad))  # fmt: skip
         with torch.no_grad():
-            adv = is_success(logits, batch.y, batch.target, batch.target is not None)
+            adv = active & is_success(logits, batch.y, batch.target, batch.target is not None)
             x_out[adv], logits_out[adv] = x_adv[adv], logits[adv]
             found |= adv
-            rises += (obj > last).to(rises.dtype)
+            rises += (active & (obj > last)).to(rises.dtype)
             last = obj
-            better = obj > best
+            better = active & (obj > best)
             x_best[better], grad_best[better] = x_adv[better], grad[better]
             best = torch.where(better, obj, best)
             logits_best[better] = logits[better]
@@ -191,9 +223,17 @@ class Tally:
     """
 
     def __init__(
-        self, batch: AttackBatch, *, ball: LpBall, steps: int, rho: float, seed: int
+        self,
+        batch: AttackBatch,
+        *,
+        ball: LpBall,
+        steps: int,
+        rho: float,
+        seed: int,
+        early_stop: bool = False,
     ) -> None:
         self.batch, self.ball, self.steps, self.rho, self.seed = batch, ball, steps, rho, seed
+        self.early_stop = early_stop
         self.x_adv = batch.x.clone()
         self.logits: Tensor | None = None
         self.found = torch.zeros(len(batch.x), dtype=torch.bool, device=batch.x.device)
@@ -236,7 +276,8 @@ class Tally:
         noise = randomness.uniform(sub.index, (size,), self.seed, stream)
         start = sub.restrict(self.ball.sample(sub.x, noise.to(sub.x.dtype), sub.support))
         outcome = apgd_run(model, sub, start, ball=self.ball, steps=self.steps, loss=loss,
-                           aim=None if aim is None else aim[rows], rho=self.rho)  # fmt: skip
+                           aim=None if aim is None else aim[rows], rho=self.rho,
+                           stop_at_success=self.early_stop)  # fmt: skip
         self.merge(rows, outcome, stage, comparable)
 
     def result(self, extras: dict[str, Tensor]) -> Perturbation:
@@ -269,6 +310,8 @@ class APGD(Attack):
         loss: 'ce' or 'dlr'.
         restarts: runs from different random starts (1: the paper's single run).
         rho: share of rising steps below which a checkpoint halves the step (0.75).
+        early_stop: a sample leaves a run at its first adversarial iterate (the same samples
+            break; false: it iterates on and keeps its last one, as the authors' code).
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: ``{"restart": (N,) the run that broke the sample, -1 where
@@ -284,6 +327,7 @@ class APGD(Attack):
         loss: str = "ce",
         restarts: int = 1,
         rho: float = 0.75,
+        early_stop: bool = True,
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
@@ -293,9 +337,11 @@ class APGD(Attack):
         self.loss = require_choice("attack.loss", loss, APGD_LOSSES)
         self.restarts = require_at_least("attack.restarts", restarts, 1)
         self.rho = require_in_range("attack.rho", rho, 0.0, 1.0)
+        self.early_stop = bool(early_stop)
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
-        tally = Tally(batch, ball=self.ball, steps=self.steps, rho=self.rho, seed=self.seed)
+        tally = Tally(batch, ball=self.ball, steps=self.steps, rho=self.rho, seed=self.seed,
+                      early_stop=self.early_stop)  # fmt: skip
         for restart in range(self.restarts):
             tally.run(model, stream=restart_stream(0, restart), loss=self.loss,
                       aim=batch.target, stage=restart)  # fmt: skip

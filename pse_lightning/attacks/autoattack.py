@@ -36,8 +36,8 @@ class AutoAttack(Attack):
     logits of every returned image are known, so the base class pays no scoring forward.
 
     Cost per sample: one clean forward, then ``steps + 1`` gradient evaluations for each
-    run it takes part in: at most (1 + ``target_classes``) (steps + 1), and only
-    steps + 2 for a sample APGD-CE breaks.
+    run it takes part in: at most (1 + ``target_classes``) (steps + 1); with
+    ``early_stop`` a sample APGD-CE breaks at iteration i costs only i + 2.
 
     Args:
         norm: 'linf' or 'l2'.
@@ -45,6 +45,10 @@ class AutoAttack(Attack):
         steps: APGD iterations per run (the standard version: 100).
         target_classes: APGD-T targets per sample (the standard version: 9; capped at the
             number of classes - 1).
+        early_stop: a sample leaves each run at its first adversarial iterate: the same
+            robust accuracy as without it (each sample's schedule is its own) for a
+            fraction of the cost where samples break early; false: the authors' trajectory
+            (a broken sample iterates on and keeps its last adversarial iterate).
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: ``{"stage": (N,) index into ``STAGES`` of the stage that
@@ -58,6 +62,7 @@ class AutoAttack(Attack):
         eps: float = 0.03,
         steps: int = 100,
         target_classes: int = 9,
+        early_stop: bool = True,
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
@@ -65,11 +70,13 @@ class AutoAttack(Attack):
         super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule, seed=seed)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.target_classes = require_at_least("attack.target_classes", target_classes, 1)
+        self.early_stop = bool(early_stop)
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
         with torch.no_grad():
             clean = model(batch.x)
-        tally = Tally(batch, ball=self.ball, steps=self.steps, rho=0.75, seed=self.seed)
+        tally = Tally(batch, ball=self.ball, steps=self.steps, rho=0.75, seed=self.seed,
+                      early_stop=self.early_stop)  # fmt: skip
         wrong = (clean.argmax(1) == batch.target) if self.targeted else clean.argmax(1) != batch.y
         tally.found |= wrong
         tally.logits = clean.clone()
