@@ -47,7 +47,7 @@ def report_section(
     units: dict[str, LayerUnits] = result.details["units"]
     table: ConceptTable = result.details["concepts"]
     scalars, layers = result.scalars, list(units)
-    section = ReportSection(title=title)
+    section = ReportSection(title=TITLE, captions=captions(iou_threshold, quantile))
     section.figures.append(
         iou_vs_sensitivity_figure(
             units, scalars, table, iou_threshold, out_dir / "dissection_iou_vs_sensitivity.png"
@@ -71,7 +71,71 @@ def report_section(
         *markdown_tables(scalars, layers, table.categories, min_category_units),
     ]
     section.markdown = "\n".join(lines)
+    section.key_numbers = key_numbers(scalars, layers)
+    section.meaning = meaning(scalars, layers)
     return section
+
+
+TITLE = "Network dissection"
+
+
+def captions(iou_threshold: float, quantile: float) -> dict[str, str]:
+    """The caption of each dissection figure, by file stem."""
+    return {
+        "dissection_iou_vs_sensitivity": (
+            "One panel per dissected layer, one dot per unit: its attack sensitivity "
+            "s_k = E|Δ_k|/σ_k (unitless: the mean change of the unit's average activation in "
+            "clean standard deviations) against its best concept IoU; interpretable units "
+            f"(IoU > {iou_threshold}, dashed) coloured by their concept's category. Title: "
+            "Spearman ρ and its permutation p."
+        ),
+        "dissection_interpretable_units": (
+            "Number of interpretable units per layer (x) and concept category (colour)."
+        ),
+        "dissection_top_images": (
+            "The most interpretable units of each layer (rows) on their top-activating probe "
+            f"images: the unit's activation mask (top {quantile:g} quantile, white) and the "
+            "mask of its best concept (dashed cyan)."
+        ),
+        "dissection_sensitive_units": (
+            "The most attack-sensitive units of each layer (rows, by s_k) on kept evaluation "
+            "images: the unit's activation mask on the clean image (white) and on the "
+            "adversarial image (magenta) over the image, with the unit's best concept named."
+        ),
+    }
+
+
+def key_numbers(scalars: dict[str, Tensor], layers: list[str]) -> dict[str, float]:
+    """Per layer: interpretable share, Spearman ρ(s, IoU) with its two-way CI, and the
+    random-weights baseline's ρ."""
+    keys = ("frac_interpretable", "spearman_rho", "spearman_ci_low", "spearman_ci_high",
+            "random/spearman_rho")  # fmt: skip
+    return {
+        f"{n}/{k}": float(scalars[f"{n}/{k}"])
+        for n in layers
+        for k in keys
+        if f"{n}/{k}" in scalars
+    }
+
+
+def meaning(scalars: dict[str, Tensor], layers: list[str]) -> str:
+    """One sentence from the numbers: per layer, the direction of ρ(s, IoU) as its CI says."""
+    parts = []
+    for n in layers:
+        rho = float(scalars.get(f"{n}/spearman_rho", float("nan")))
+        low = float(scalars.get(f"{n}/spearman_ci_low", float("nan")))
+        high = float(scalars.get(f"{n}/spearman_ci_high", float("nan")))
+        if low > 0:
+            tie = "more interpretable units are more sensitive to the attack"
+        elif high < 0:
+            tie = "more interpretable units are less sensitive to the attack"
+        else:
+            tie = "the 95% interval includes 0, so no tie is shown"
+        parts.append(f"in {n}, ρ(s, IoU) = {rho:.3g} [{low:.3g}, {high:.3g}]: {tie}")
+    if not parts:
+        return "No layer was dissected."
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
 
 
 def unit_rows(units: dict[str, LayerUnits], table: ConceptTable) -> list[list[Any]]:
