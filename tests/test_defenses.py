@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pse_lightning import pipeline
+from pse_lightning.reporting.glossary import unexplained
 from pse_lightning.core.proportions import holm_adjust
 from pse_lightning.defenses.base import Defense
 from pse_lightning.defenses.curve_report import curve_markdown
@@ -92,7 +93,9 @@ def test_neuron_mask_end_to_end(make_cfg, tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     assert metrics["test/neuron_mask/k"] == 2
     report = (run_dir / "report.md").read_text()
-    assert "## neuron_mask" in report and "random (2 draw(s))" in report
+    assert "## Neuron masking (defense)" in report and "random (2 draw(s))" in report
+    assert "### Neuron masking (defense)" in report and "most sensitive units" in report
+    assert unexplained(metrics) == [], "metrics without a glossary entry"
     assert "Wilson 95%" in report and "McNemar" in report and "Holm" in report
     assert (run_dir / "figures" / "neuron_mask_vs_k.png").stat().st_size > 0
 

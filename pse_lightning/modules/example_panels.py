@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from pse_lightning.analysis.base import AnalysisResult
@@ -86,6 +87,18 @@ def panels_figure(
     note: str = "CAM not kept",
 ) -> Path:
     """Draw the rows (positions in ``pse``) of the panel; see :func:`example_panels_section`."""
+    return save(draw_panels(pse, cam, cam_rows, rows, class_names, note), path)
+
+
+def draw_panels(
+    pse: ExampleMaps,
+    cam: CAMExamples | None,
+    cam_rows: dict[int, int],
+    rows: Sequence[int],
+    class_names: Sequence[str],
+    note: str,
+) -> Figure:
+    """The figure of :func:`panels_figure`, unsaved."""
     fig, axes = new_figure(len(rows), COLUMNS, width=2.1 * COLUMNS, height=2.3 * len(rows))
     name = lambda c: class_name(class_names, int(c))  # noqa: E731
     for r, j in enumerate(rows):
@@ -99,7 +112,7 @@ def panels_figure(
         top = max(float(pse.promotion[j].max()), float(pse.suppression[j].max()), 1e-12)
         share_scale(row[3:5], top)
         _cam_panels(row[5:7], cam, cam_rows.get(index), name, note)
-    return save(fig, path)
+    return fig
 
 
 def _cam_panels(

@@ -220,11 +220,18 @@ def norm_distribution_figure(
     empirical CDF on a second axis and the median marked; a fixed budget ε as a line.
 
     Args:
-        norms: ``l2`` and ``linf`` -> (n,) per-image norms (pixels in [0, 1]).
+        norms: ``l2`` and ``linf`` -> (n,) per-image norms (pixels in [0, 1]), n >= 1.
         path: the PNG file.
         budget: (norm, ε) of a budgeted attack, drawn on that norm's panel; None for
             minimum-norm attacks.
     """
+    return save(draw_norm_distribution(norms, budget=budget), path)
+
+
+def draw_norm_distribution(
+    norms: dict[str, Tensor], *, budget: tuple[str, float] | None = None
+) -> Figure:
+    """The figure of :func:`norm_distribution_figure`, unsaved."""
     fig, axes = new_figure(1, len(norms), width=4.2 * len(norms), height=3.2)
     for ax, (name, values) in zip(axes[0], norms.items(), strict=True):
         data = np.sort(values.detach().cpu().double().numpy())
@@ -248,4 +255,4 @@ def norm_distribution_figure(
         more = ecdf.get_legend_handles_labels()
         ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=FONT_SIZE - 1,
                   loc="center right")  # fmt: skip
-    return save(fig, path)
+    return fig
