@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from pse_lightning import pipeline
-from pse_lightning.reporting.glossary import unexplained
 from pse_lightning.core.proportions import holm_adjust
 from pse_lightning.defenses.base import Defense
 from pse_lightning.defenses.curve_report import curve_markdown
@@ -23,6 +22,7 @@ from pse_lightning.defenses.curve_stats import (
     random_spread,
 )
 from pse_lightning.defenses.figures import accuracy_vs_k_figure
+from pse_lightning.reporting.glossary import unexplained
 from pse_lightning.reporting.tables import markdown_table
 
 

@@ -203,8 +203,9 @@ def test_attack_metrics_keep_successful_norms_in_index_order() -> None:
 
 def _pse_examples(index: list[int]) -> ExampleMaps:
     n = len(index)
-    return ExampleMaps(index=torch.tensor(index), label=torch.zeros(n, dtype=torch.long),
-                       target=torch.ones(n, dtype=torch.long), type=torch.zeros(n, dtype=torch.long),
+    zeros = torch.zeros(n, dtype=torch.long)
+    return ExampleMaps(index=torch.tensor(index), label=zeros, type=zeros,
+                       target=torch.ones(n, dtype=torch.long),
                        r=torch.full((n,), 0.1), x=torch.rand(n, 3, 8, 8),
                        delta=0.01 * torch.randn(n, 3, 8, 8), promotion=torch.rand(n, 8, 8),
                        suppression=torch.rand(n, 8, 8), net=torch.randn(n, 8, 8))  # fmt: skip
@@ -234,8 +235,10 @@ def test_example_panel_has_every_column_and_joins_by_index(tmp_path: Path) -> No
     assert row_without[0] == "#3: cat → dog" and len(row_without) == 5
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert texts == ["CAM not kept", "CAM not kept"]
-    results = {"pse": AnalysisResult({}, {"examples": pse}),
-               "cam": AnalysisResult({"lift_true": torch.tensor(1.0)}, {"examples": cam})}
+    results = {
+        "pse": AnalysisResult({}, {"examples": pse}),
+        "cam": AnalysisResult({"lift_true": torch.tensor(1.0)}, {"examples": cam}),
+    }
     made = example_panels_section(results, tmp_path, ["cat", "dog"])
     assert made is not None and made.figures[0].is_file()
     assert made.captions[made.figures[0].stem].startswith("One row per kept")

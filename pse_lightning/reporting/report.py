@@ -140,10 +140,11 @@ def attack_meaning(scalars: dict[str, float]) -> str:
             f"The model classified none of the {significant(n)} test images correctly, so "
             "nothing was attacked."
         )
+    attacked = f"{significant(round(clean * n))} " if n == n else ""
     text = (
         f"The attack succeeded on {significant(scalars.get('test/success_rate'))} of the "
-        f"{significant(round(clean * n))} correctly classified test images, lowering accuracy "
-        f"from {significant(clean)} to {significant(robust)}"
+        f"{attacked}correctly classified test images, lowering accuracy from "
+        f"{significant(clean)} to {significant(robust)}"
     )
     l2 = scalars.get("test/l2_median", math.nan)
     if l2 == l2:
