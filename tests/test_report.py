@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from helpers import ROOT
 
 from pse_lightning.analysis.base import AnalysisResult
 from pse_lightning.analysis.cam.result import CAMExamples
+from pse_lightning.analysis.dissection.figures import sensitive_units_figure
+from pse_lightning.analysis.dissection.sensitive import KeptActivations, sensitive_units
 from pse_lightning.analysis.pse.report import meaning as pse_meaning
 from pse_lightning.analysis.pse.samples import ExampleMaps
 from pse_lightning.core.report import ReportSection
@@ -243,3 +246,32 @@ def test_example_panel_has_every_column_and_joins_by_index(tmp_path: Path) -> No
     assert made is not None and made.figures[0].is_file()
     assert made.captions[made.figures[0].stem].startswith("One row per kept")
     assert example_panels_section({"cam": results["cam"]}, tmp_path, []) is None
+
+
+def test_sensitive_units_pick_the_largest_s_and_threshold_each_image(tmp_path: Path) -> None:
+    """Two units, s = (0.1, 0.9): unit 1 comes first; its mask is where the activation
+    reaches T = 0.5 on x (one cell) and on x' (two cells); images kept only below the limit
+    and sorted by dataset index."""
+
+    kept = KeptActivations(layers=1, limit=2)
+    acts = torch.zeros(4, 2, 2, 2)  # rows: x of images (index 5, 1), then their x'
+    acts[1, 1, 0, 0] = 1.0  # index 1, clean: unit 1 fires at the top-left cell
+    acts[3, 1, 0, :] = 1.0  # index 1, adversarial: the whole top row
+    kept.update(torch.tensor([5, 1]), torch.rand(2, 3, 2, 2), torch.rand(2, 3, 2, 2), [acts])
+    gathered = kept.gathered()
+    assert gathered["index"].tolist() == [1] and gathered["acts"][0].shape == (1, 2, 2, 2, 2)
+    layer = SimpleNamespace(
+        thresholds=torch.tensor([0.5, 0.5]),
+        floors=torch.zeros(2),
+        best_concept=torch.tensor([1, 2]),
+        best_iou=torch.tensor([0.1, 0.2]),
+    )
+    probe = SimpleNamespace(layers={"conv": layer}, table=SimpleNamespace(
+        name_of=lambda c: f"concept{c}", category_of=lambda c: "colour"))  # fmt: skip
+    units = {"conv": SimpleNamespace(s=torch.tensor([0.1, 0.9]))}
+    found = sensitive_units(gathered, probe, units, top_units=1)
+    (item,) = found
+    assert (item.unit, item.concept, item.iou) == (1, "concept2", pytest.approx(0.2))
+    assert item.mask_clean[0].tolist() == [[True, False], [False, False]]
+    assert item.mask_adv[0].tolist() == [[True, True], [False, False]]
+    assert sensitive_units_figure(found, tmp_path / "s.png").stat().st_size > 1000

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from pse_lightning.analysis.dissection.probe import ConceptTable
+from pse_lightning.analysis.dissection.sensitive import SensitiveUnit
 from pse_lightning.analysis.dissection.showcase import Showcase
 from pse_lightning.analysis.dissection.summary import LayerUnits
 from pse_lightning.reporting.figures import (
@@ -119,5 +120,48 @@ def top_images_figure(showcase: list[Showcase], path: Path) -> Path:
         Line2D([], [], color="cyan", lw=1.0, ls="--", label="the unit's best concept"),
     ]
     legend = fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=FONT_SIZE)
+    legend.get_frame().set_facecolor("0.35")
+    return save(fig, path)
+
+
+ADV_COLOUR = "magenta"
+
+
+def sensitive_units_figure(items: list[SensitiveUnit], path: Path) -> Path:
+    """Rows of the most sensitive units, column pairs of kept images: the unit's activation
+    mask on the clean image (white) and on the adversarial image (magenta, with the clean
+    mask dashed white for comparison)."""
+    k = len(items[0].index)
+    fig, axes = new_figure(
+        len(items), 2 * k, width=1.4 * 2 * k + 1.3, height=1.5 * len(items) + 0.5
+    )
+    for r, item in enumerate(items):
+        for j in range(k):
+            clean, adv = axes[r, 2 * j], axes[r, 2 * j + 1]
+            show_image(clean, item.x[j], f"#{int(item.index[j])} x")
+            _outline(clean, item.mask_clean[j], "white", "-")
+            show_image(adv, item.x_adv[j], f"#{int(item.index[j])} x'")
+            _outline(adv, item.mask_clean[j], "white", "--")
+            _outline(adv, item.mask_adv[j], ADV_COLOUR, "-")
+            for ax, mask in ((clean, item.mask_clean[j]), (adv, item.mask_adv[j])):
+                if not bool(mask.any()):  # below T_k everywhere: say so, not an empty panel
+                    ax.text(0.5, 0.06, "no mask", transform=ax.transAxes, ha="center",
+                            fontsize=FONT_SIZE - 2, color="white",
+                            bbox={"facecolor": "0.2", "alpha": 0.7, "lw": 0})  # fmt: skip
+        axes[r, 0].text(
+            -0.08,
+            0.5,
+            f"{item.layer}:{item.unit}\ns = {item.s:.2f}\n{item.concept}\nIoU {item.iou:.2f}",
+            transform=axes[r, 0].transAxes,
+            ha="right",
+            va="center",
+            fontsize=FONT_SIZE - 2,
+        )
+    handles = [
+        Line2D([], [], color="white", lw=1.0, ls="-", label="unit mask on x ($S_k \\geq T_k$)"),
+        Line2D([], [], color=ADV_COLOUR, lw=1.0, ls="-", label="unit mask on x'"),
+        Line2D([], [], color="white", lw=1.0, ls="--", label="unit mask on x, drawn on x'"),
+    ]
+    legend = fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=FONT_SIZE)
     legend.get_frame().set_facecolor("0.35")
     return save(fig, path)

@@ -11,6 +11,7 @@ from pse_lightning.analysis.base import AnalysisResult
 from pse_lightning.analysis.dissection.figures import (
     interpretable_units_figure,
     iou_vs_sensitivity_figure,
+    sensitive_units_figure,
     top_images_figure,
 )
 from pse_lightning.analysis.dissection.probe import ConceptTable
@@ -62,6 +63,12 @@ def report_section(
         section.figures.append(
             top_images_figure(result.details["showcase"], out_dir / "dissection_top_images.png")
         )
+    if result.details.get("sensitive"):
+        section.figures.append(
+            sensitive_units_figure(
+                result.details["sensitive"], out_dir / "dissection_sensitive_units.png"
+            )
+        )
     section.tables["units"] = (list(UNIT_COLUMNS), unit_rows(units, table))
     lines = [
         f"Probe set: {result.details['probe_images']} images; "
@@ -98,9 +105,12 @@ def captions(iou_threshold: float, quantile: float) -> dict[str, str]:
             "mask of its best concept (dashed cyan)."
         ),
         "dissection_sensitive_units": (
-            "The most attack-sensitive units of each layer (rows, by s_k) on kept evaluation "
-            "images: the unit's activation mask on the clean image (white) and on the "
-            "adversarial image (magenta) over the image, with the unit's best concept named."
+            "The most attack-sensitive units of each layer (rows, largest s_k first; the row "
+            "names layer:unit, s_k, the best concept and its IoU) on the kept evaluation "
+            f"images: where the unit fires (activation mask, top {quantile:g} quantile "
+            "threshold from the probe set) on the clean image x (white) and on the "
+            "adversarial image x' (magenta; the clean mask dashed white for comparison). "
+            "'no mask': the unit stays below its threshold on that image."
         ),
     }
 
