@@ -130,14 +130,14 @@ def test_a_figure_without_caption_is_marked(tmp_path: Path) -> None:
 
 def test_sentences_follow_the_numbers() -> None:
     text = attack_meaning(SCALARS)
-    assert "succeeded on 0.75 of the 8 correctly classified" in text
-    assert "from 0.8 to 0.2" in text and "L2 norm 0.412" in text
+    assert "succeeded on 75% of the 8 correctly classified" in text
+    assert "from 80% to 20%" in text and "L2 norm 0.412" in text
     assert "nothing was attacked" in attack_meaning({"test/samples": 4.0, "test/clean_acc": 0.0})
     base = {"n_images": 10, "pair_eta2": 0.2, "pair_eta2_null": 0.5}
     shares = {"frac_suppression": 0.6, "frac_balanced": 0.1, "frac_promotion": 0.3,
               "frac_none": 0.0}  # fmt: skip
     first = pse_meaning({k: torch.tensor(float(v)) for k, v in {**base, **shares}.items()})
-    assert "suppression-dominated perturbations are the commonest (0.6" in first
+    assert "suppression-dominated perturbations are the commonest (60% of images)" in first
     assert "no more than the 0.5 expected" in first
     shares["frac_promotion"], shares["frac_suppression"] = 0.6, 0.3
     second = pse_meaning({k: torch.tensor(float(v)) for k, v in {**base, **shares}.items()})

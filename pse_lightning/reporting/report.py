@@ -52,6 +52,13 @@ def significant(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def percent(share: float | None) -> str:
+    """A share in [0, 1] as a percentage at 3 significant digits ('n/a' for NaN or None)."""
+    if share is None or share != share:
+        return "n/a"
+    return f"{100 * share:.3g}%"
+
+
 def metrics_table(scalars: dict[str, float]) -> str:
     rows = "\n".join(
         f"| `{k}` | {'n/a' if isinstance(v, float) and math.isnan(v) else f'{v:.4g}'} |"
@@ -142,9 +149,9 @@ def attack_meaning(scalars: dict[str, float]) -> str:
         )
     attacked = f"{significant(round(clean * n))} " if n == n else ""
     text = (
-        f"The attack succeeded on {significant(scalars.get('test/success_rate'))} of the "
+        f"The attack succeeded on {percent(scalars.get('test/success_rate'))} of the "
         f"{attacked}correctly classified test images, lowering accuracy from "
-        f"{significant(clean)} to {significant(robust)}"
+        f"{percent(clean)} to {percent(robust)}"
     )
     l2 = scalars.get("test/l2_median", math.nan)
     if l2 == l2:
@@ -221,7 +228,8 @@ def write_report(
     parts = [attack, *sections]
     written: dict[str, Path] = {Path(f).stem: Path(f) for f in attack.figures}
     for section in sections:
-        written.update({f"{section.title}/{Path(f).stem}": Path(f) for f in section.figures})
+        key = section.prefix or section.title
+        written.update({f"{key}/{Path(f).stem}": Path(f) for f in section.figures})
     findings = run_findings(scalars)
     text = report_markdown(run_dir, title, setup, scalars, parts, findings_markdown(findings))
     write_text_atomic(run_dir / "report.md", text)

@@ -92,7 +92,7 @@ def meaning(scalars: Mapping[str, Tensor]) -> str:
     kind = {"balanced": "balanced perturbations", "none": "perturbations without a PSE (none)"}
     text = (
         f"Of {n} analysed adversarial examples, {kind.get(top, f'{top}-dominated perturbations')}"
-        f" are the commonest ({shares[top]:.3g} of images)"
+        f" are the commonest ({100 * shares[top]:.3g}% of images)"
     )
     eta2, null = float(scalars["pair_eta2"]), float(scalars["pair_eta2_null"])
     if eta2 == eta2:
