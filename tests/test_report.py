@@ -116,6 +116,15 @@ def test_report_sections_key_numbers_setup_and_captions(tmp_path: Path) -> None:
     assert "| none (PSE type) |" in glossary and "| counter-effects |" in glossary
     assert "`l2_mean, l2_median`" in glossary
     assert "cam/" not in glossary, "terms of an analysis that did not run are left out"
+    assert "Not in the glossary" not in glossary  # every key of SCALARS has an entry
+
+
+def test_keys_of_a_users_own_analysis_are_listed_apart(tmp_path: Path) -> None:
+    scalars = {**SCALARS, "test/mean_abs/value": 0.5}
+    write_report(tmp_path, title="t", setup={}, scalars=scalars, examples={}, class_names=[])
+    report = (tmp_path / "report.md").read_text()
+    assert "Not in the glossary (defined by the analysis that logs them): " in report
+    assert "`test/mean_abs/value`." in report
 
 
 def test_a_figure_without_caption_is_marked(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from pse_lightning.reporting.figures import (
 )
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 from pse_lightning.reporting.findings import findings_markdown, run_findings
-from pse_lightning.reporting.glossary import glossary_markdown, terms_for
+from pse_lightning.reporting.glossary import glossary_markdown, terms_for, unexplained
 
 log = logging.getLogger(__name__)
 HEADINGS = ("Findings", "Key numbers", "Setup", "Glossary", "All metrics")
@@ -194,6 +194,10 @@ def report_markdown(
                 log.warning("report: %s has no caption in section %r", figure, section.title)
             lines += figure_markdown(run_dir, Path(figure), caption or MISSING_CAPTION, number)
     lines += ["## Glossary", "", glossary_markdown(terms_for(scalars)), ""]
+    others = unexplained(scalars)
+    if others:  # a user's own analysis: its keys are defined where it is written
+        listed = ", ".join(f"`{key}`" for key in others)
+        lines += [f"Not in the glossary (defined by the analysis that logs them): {listed}.", ""]
     lines += ["## All metrics", "", metrics_table(scalars), ""]
     return "\n".join(lines)
 
