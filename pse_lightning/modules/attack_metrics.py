@@ -72,7 +72,7 @@ class AttackMetrics(Metric):
             should_sync=self._to_sync,
             should_unsync=self._should_unsync,
         ):
-            if not self.index:
+            if isinstance(self.index, list) and not self.index:  # a tensor once synchronised
                 return {"l2": torch.empty(0), "linf": torch.empty(0)}
             order = dim_zero_cat(self.index).argsort()
             ok = dim_zero_cat(self.succeeded).bool()[order]

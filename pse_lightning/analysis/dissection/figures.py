@@ -8,6 +8,7 @@ map (categories are discrete colours, masks are outlines), so none needs a colou
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
@@ -106,22 +107,27 @@ def top_images_figure(showcase: list[Showcase], path: Path) -> Path:
             show_image(ax, _image_at(item.images, c, size), f"probe #{item.index[c]}")
             _outline(ax, item.concept_masks[c], "cyan", "--")
             _outline(ax, item.activation_masks[c], "white", "-")
-        axes[r, 0].text(
-            -0.08,
-            0.5,
+        _row_label(
+            axes[r, 0],
             f"{item.layer}:{item.unit}\n{item.concept}\n({item.category})\nIoU {item.iou:.2f}",
-            transform=axes[r, 0].transAxes,
-            ha="right",
-            va="center",
-            fontsize=FONT_SIZE - 2,
         )
-    handles = [
-        Line2D([], [], color="white", lw=1.0, ls="-", label="unit mask $S_k \\geq T_k$"),
-        Line2D([], [], color="cyan", lw=1.0, ls="--", label="the unit's best concept"),
-    ]
-    legend = fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=FONT_SIZE)
-    legend.get_frame().set_facecolor("0.35")
+    _mask_legend(fig, [("white", "-", "unit mask $S_k \\geq T_k$"),
+                       ("cyan", "--", "the unit's best concept")])  # fmt: skip
     return save(fig, path)
+
+
+def _row_label(ax: Axes, text: str) -> None:
+    """The unit's name and numbers left of its row."""
+    ax.text(-0.08, 0.5, text, transform=ax.transAxes, ha="right", va="center",
+            fontsize=FONT_SIZE - 2)  # fmt: skip
+
+
+def _mask_legend(fig: Any, lines: list[tuple[str, str, str]]) -> None:
+    """One legend above the panels naming every outline drawn: (colour, style, label)."""
+    handles = [Line2D([], [], color=c, lw=1.0, ls=style, label=label) for c, style, label in lines]
+    legend = fig.legend(handles=handles, loc="outside upper center", ncols=len(lines),
+                        fontsize=FONT_SIZE)  # fmt: skip
+    legend.get_frame().set_facecolor("0.35")
 
 
 ADV_COLOUR = "magenta"
@@ -148,20 +154,11 @@ def sensitive_units_figure(items: list[SensitiveUnit], path: Path) -> Path:
                     ax.text(0.5, 0.06, "no mask", transform=ax.transAxes, ha="center",
                             fontsize=FONT_SIZE - 2, color="white",
                             bbox={"facecolor": "0.2", "alpha": 0.7, "lw": 0})  # fmt: skip
-        axes[r, 0].text(
-            -0.08,
-            0.5,
+        _row_label(
+            axes[r, 0],
             f"{item.layer}:{item.unit}\ns = {item.s:.2f}\n{item.concept}\nIoU {item.iou:.2f}",
-            transform=axes[r, 0].transAxes,
-            ha="right",
-            va="center",
-            fontsize=FONT_SIZE - 2,
         )
-    handles = [
-        Line2D([], [], color="white", lw=1.0, ls="-", label="unit mask on x ($S_k \\geq T_k$)"),
-        Line2D([], [], color=ADV_COLOUR, lw=1.0, ls="-", label="unit mask on x'"),
-        Line2D([], [], color="white", lw=1.0, ls="--", label="unit mask on x, drawn on x'"),
-    ]
-    legend = fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=FONT_SIZE)
-    legend.get_frame().set_facecolor("0.35")
+    _mask_legend(fig, [("white", "-", "unit mask on x ($S_k \\geq T_k$)"),
+                       (ADV_COLOUR, "-", "unit mask on x'"),
+                       ("white", "--", "unit mask on x, drawn on x'")])  # fmt: skip
     return save(fig, path)

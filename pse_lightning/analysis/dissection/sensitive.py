@@ -87,7 +87,7 @@ class KeptActivations(Metric):
             should_sync=self._to_sync,
             should_unsync=self._should_unsync,
         ):
-            if not self.index:
+            if isinstance(self.index, list) and not self.index:  # a tensor once synchronised
                 return None
             index = dim_zero_cat(self.index)
             if not index.numel():
