@@ -51,6 +51,7 @@ from pse_lightning.reporting.loggers import (
     run_name,
     start_run,
 )
+from pse_lightning.reporting.report import flatten_params
 from pse_lightning.validation import InputError, require_at_least, require_choice
 
 log = logging.getLogger(__name__)
@@ -279,27 +280,40 @@ def defend(parts: Components) -> tuple[nn.Module, dict[str, Analysis]]:
     return defense.apply(model, calibration), extra
 
 
+def report_setup(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, str]:
+    """The report's setup as ``key=value`` entries: the choices (as on the command line)
+    and the attack's and defense's parameters, without Hydra's ``_target_``."""
+    choices = hydra_choices()
+    attack = choices.get("attack") or type(parts.attack).__name__.lower()
+    setup = {
+        "dataset": parts.datamodule.name,
+        "model": model_name(cfg),
+        "training": str(cfg.training.name) if isinstance(checkpoint, Path) else "none",
+        "checkpoint": str(checkpoint),
+        "attack": attack,
+        **flatten_params("attack", OmegaConf.to_container(cfg.attack, resolve=True)),
+        "analysis": ",".join(parts.analyses) or "none",
+        "defense": choices.get("defense") or ("none" if parts.defense is None else
+                                              type(parts.defense).__name__.lower()),
+        "seed": str(cfg.seed),
+    }  # fmt: skip
+    if parts.defense is not None:
+        setup.update(flatten_params("defense", OmegaConf.to_container(cfg.defense, resolve=True)))
+    return setup
+
+
 def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, float]:
     """Attack the test split, run the analyses and write the report; returns the scalars."""
     run_dir = Path(cfg.paths.run_dir)
     model, defense_analyses = parts.model, {}
     if parts.defense is not None:
         model, defense_analyses = defend(parts)
-    setup = {
-        "dataset": parts.datamodule.name,
-        "model": model_name(cfg),
-        "training": str(cfg.training.name) if isinstance(checkpoint, Path) else "none",
-        "checkpoint": str(checkpoint),
-        "attack": f"{parts.attack.name} {OmegaConf.to_container(cfg.attack, resolve=True)}",
-        "analyses": ", ".join(parts.analyses) or "none",
-        "defense": "none" if parts.defense is None else type(parts.defense).__name__,
-        "seed": str(cfg.seed),
-    }
     writer = ReportWriter(
         run_dir,
         title=f"{parts.attack.name} on {model_name(cfg)} / {parts.datamodule.name}",
-        setup=setup,
+        setup=report_setup(cfg, parts, checkpoint),
         class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
+        budget=None if parts.attack.norm is None else (parts.attack.norm, parts.attack.eps),
     )
     analyses = {**defense_analyses, **parts.analyses}
     module = EvaluationModule(model, parts.attack, analyses, log_examples=cfg.log_examples)

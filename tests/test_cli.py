@@ -129,16 +129,42 @@ def test_unreadable_checkpoint_and_absent_gpu_fail_before_the_run(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pt"]
 
 
-@pytest.mark.slow
-def test_error_during_the_run_is_one_line_and_in_the_log_file(tmp_path: Path) -> None:
-    """A missing data root is found when data set-up starts: no traceback on the console,
-    the message (and the traceback) in the run's log file, no W&B run started."""
-    missing = tmp_path / "no_cifar"
-    args = ["dataset=cifar10", f"dataset.root={missing}", f"paths.root={tmp_path}"]
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ("cifar10", "Error: dataset=cifar10: cifar-10-batches-py/data_batch_1"),
+        ("imagenet", "Error: dataset=imagenet: train/, val/ missing under dataset.root="),
+    ],
+)
+def test_data_root_without_the_data_fails_in_the_preflight_and_leaves_nothing(
+    tmp_path: Path, dataset: str, message: str
+) -> None:
+    """A root that does not exist (cifar10) or an empty folder (imagenet) is refused before
+    Hydra creates the run directory: one line naming the root, nothing written."""
+    root = tmp_path / "data_root"
+    if dataset == "imagenet":
+        root.mkdir()
+    args = [f"dataset={dataset}", f"dataset.root={root}", f"paths.root={tmp_path}"]
     result = run_cli([*args, "logger=wandb"], tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.splitlines()
-    assert line.startswith("Error: dataset=cifar10: cifar-10-batches-py/") and str(missing) in line
+    assert line.startswith(message) and str(root) in line
+    expected = ["data_root"] if dataset == "imagenet" else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected, "a run directory was made"
+
+
+@pytest.mark.slow
+def test_error_during_the_run_is_one_line_and_in_the_log_file(tmp_path: Path) -> None:
+    """An error found only when data set-up starts (an ImageNet val/ without class folders):
+    no traceback on the console, the message (and the traceback) in the run's log file, no
+    W&B run started."""
+    root = tmp_path / "imagenet"
+    (root / "val").mkdir(parents=True)
+    args = ["dataset=imagenet", f"dataset.root={root}", f"paths.root={tmp_path}"]
+    result = run_cli([*args, "logger=wandb"], tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: dataset=imagenet: dataset.root/val") and str(root) in line
     (log_file,) = (tmp_path / "outputs").glob("*/*/pse_lightning.log")
     assert line.removeprefix("Error: ") in log_file.read_text()
     assert "Traceback" in log_file.read_text()

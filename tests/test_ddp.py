@@ -14,7 +14,8 @@ from pse_lightning import pipeline
 @pytest.mark.slow
 def test_ddp_cpu_matches_one_process(make_cfg, tmp_path: Path) -> None:
     # An odd number of samples: the shards differ in size and nothing may be padded.
-    common = ["dataset.eval_samples=45", "analysis=all", "logger=none"]
+    common = ["dataset.eval_samples=45", "analysis=all", "logger=none",
+              "analysis.dissection.sensitive_images=45"]  # fmt: skip
     single = pipeline.run(make_cfg(*common, f"paths.run_dir={tmp_path}/one"))
     double = pipeline.run(
         make_cfg(*common, "trainer=ddp_cpu", "stage=evaluate", f"paths.run_dir={tmp_path}/two")
@@ -30,3 +31,8 @@ def test_ddp_cpu_matches_one_process(make_cfg, tmp_path: Path) -> None:
     for run in ("one", "two"):
         assert json.loads((tmp_path / run / "metrics.json").read_text())["metrics"]
         assert (tmp_path / run / "report.md").is_file()
+    # Figures from gathered per-image states (norms, kept activations, examples) on both.
+    figures = [sorted(p.name for p in (tmp_path / run / "figures").iterdir())
+               for run in ("one", "two")]  # fmt: skip
+    assert figures[0] == figures[1]
+    assert {"perturbation_norms.png", "dissection_sensitive_units.png"} <= set(figures[0])

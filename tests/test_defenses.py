@@ -22,6 +22,7 @@ from pse_lightning.defenses.curve_stats import (
     random_spread,
 )
 from pse_lightning.defenses.figures import accuracy_vs_k_figure
+from pse_lightning.reporting.glossary import unexplained
 from pse_lightning.reporting.tables import markdown_table
 
 
@@ -92,7 +93,9 @@ def test_neuron_mask_end_to_end(make_cfg, tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     assert metrics["test/neuron_mask/k"] == 2
     report = (run_dir / "report.md").read_text()
-    assert "## neuron_mask" in report and "random (2 draw(s))" in report
+    assert "## Neuron masking (defense)" in report and "random (2 draw(s))" in report
+    assert "### Neuron masking (defense)" in report and "most sensitive units" in report
+    assert unexplained(metrics) == [], "metrics without a glossary entry"
     assert "Wilson 95%" in report and "McNemar" in report and "Holm" in report
     assert (run_dir / "figures" / "neuron_mask_vs_k.png").stat().st_size > 0
 

@@ -698,7 +698,9 @@ def test_compute_and_report(tmp_path: Path) -> None:
         "dissection_iou_vs_sensitivity.png",
         "dissection_interpretable_units.png",
         "dissection_top_images.png",
+        "dissection_sensitive_units.png",
     ]
+    assert all(p.stem in section.captions for p in section.figures)
     assert all(p.stat().st_size > 1000 for p in section.figures)
     columns, rows = section.tables["units"]
     assert columns[:9] == [

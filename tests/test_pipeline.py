@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_report import check_figures_captioned, check_report_layout
 
 from pse_lightning import pipeline
 from pse_lightning.models import CheckpointError
+from pse_lightning.reporting.glossary import unexplained
 
 
 def _report_figures(run_dir: Path) -> list[Path]:
@@ -59,8 +61,15 @@ def test_default_attack_and_analyses_end_to_end(make_cfg) -> None:
     results = pipeline.run(cfg)
     run_dir = Path(cfg.paths.run_dir)
     report = (run_dir / "report.md").read_text()
-    for section in ("## Promotion-suppression effect", "## cam", "## dissection"):
-        assert section in report
+    parts = ["Attack", "Per-example panels", "Promotion-suppression effect (PSE)",
+             "Class activation maps (CAM)", "Network dissection"]  # fmt: skip
+    check_report_layout(run_dir, parts)
+    check_figures_captioned(run_dir)
+    assert "attack=cwl2\nattack.kappa=0.0\n" in report and "'_target_'" not in report
+    # Every logged metric is explained: a new metric without a glossary entry fails here.
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert unexplained(metrics) == [], "metrics without a glossary entry"
+    assert (run_dir / "figures" / "perturbation_norms.png").is_file()
     for prefix in ("test/pse/", "test/cam/", "test/dissection/"):
         assert any(k.startswith(prefix) for k in results), prefix
     fractions = [

@@ -1,8 +1,10 @@
-"""Checks of what the config points at outside itself: the accelerator and the checkpoint.
+"""Checks of what the config points at outside itself: the accelerator, the checkpoint and
+the data root.
 
 They run after the config check and before the run directory, the data and any W&B run,
-so a machine without a GPU or a wrong checkpoint path costs a second, not a data set-up,
-and leaves nothing behind. They import torch, but only when the config needs them.
+so a machine without a GPU, a wrong checkpoint path or a data root without the data costs
+a second, not a data set-up, and leaves nothing behind. They import torch, but only when
+the config needs them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,36 @@ def check_environment(cfg: DictConfig, trainer_choice: str | None) -> None:
         check_accelerator(trainer, trainer_choice)
     if cfg.get("model_checkpoint"):
         check_checkpoint(Path(str(cfg.model_checkpoint)))
+    dataset = cfg.get("dataset")
+    if isinstance(dataset, DictConfig):
+        check_data_root(dataset)
+
+
+def check_data_root(dataset: DictConfig) -> None:
+    """A dataset read from ``dataset.root`` (and a probe from ``dataset.probe.root``) must
+    find its files there: the datamodule's own ``prepare_data`` check, which only looks at
+    the layout on disk. Generated datasets (no ``root``) are left to the run, and so is a
+    dataset that will download its missing files (``dataset.download=true``).
+    """
+    if "root" not in dataset and not isinstance(dataset.get("probe"), DictConfig):
+        return
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        datamodule = instantiate(dataset)
+    except InstantiationException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError)) else err
+        raise InputError(str(cause)) from err
+    parts = [datamodule] if not getattr(datamodule, "download", False) else []
+    probe = getattr(datamodule, "probe", None)
+    if probe is not None and not getattr(probe, "download", False):
+        parts.append(probe)
+    try:
+        for part in parts:
+            part.prepare_data()
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from err
 
 
 def check_accelerator(trainer: DictConfig, choice: str | None) -> None:

@@ -21,9 +21,19 @@ class ReportSection:
         figures: PNG files written into the run directory, embedded in the report and
             logged to W&B as images under ``report/<title>/<file stem>``.
         tables: W&B tables, name -> (columns, rows).
+        captions: figure file stem -> its caption (what it shows, units, amplification);
+            the report prints one under every figure.
+        key_numbers: the few numbers a reader needs first, metric key (as in
+            ``AnalysisResult.scalars``) -> value; shown at the top of the report.
+        meaning: one sentence, generated from those numbers, saying what they mean.
+        prefix: the metric prefix of the keys (the analysis's log name), set by the writer.
     """
 
     title: str
     markdown: str = ""
     figures: list[Path] = field(default_factory=list)
     tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
+    key_numbers: dict[str, float] = field(default_factory=dict)
+    meaning: str = ""
+    prefix: str = ""

@@ -8,6 +8,28 @@ from pse_lightning.defenses.curve_stats import METRICS
 from pse_lightning.reporting.tables import markdown_table
 
 LABELS = {"clean": "clean", "transfer": "transferred", "adaptive": "adaptive"}
+TITLE = "Neuron masking (defense)"
+KEY_NUMBERS = ("k", "undefended_clean_acc", "clean_acc", "undefended_robust_acc",
+               "transfer_acc", "adaptive_acc", "mcnemar_p_adaptive")  # fmt: skip
+CURVE_CAPTION = (
+    "Accuracy (share of test images) against the number k of masked units (symmetric log "
+    "axis), on clean images, on adversarial examples transferred from the unmasked model "
+    "and on adaptive ones crafted on the masked model: the most sensitive units (as "
+    "deployed) and the least sensitive ones with Wilson 95% bands, random units as mean "
+    "± sd over draws."
+)
+
+
+def curve_meaning(scalars: dict[str, float]) -> str:
+    """One sentence from the deployed defense's numbers against the undefended model."""
+    adaptive, robust = scalars["adaptive_acc"], scalars["undefended_robust_acc"]
+    change = "raises" if adaptive > robust else "does not raise"
+    return (
+        f"Masking the {int(scalars['k'])} most sensitive units {change} accuracy under the "
+        f"adaptive attack ({robust:.3g} undefended, {adaptive:.3g} defended; McNemar p = "
+        f"{scalars['mcnemar_p_adaptive']:.3g}) and moves clean accuracy from "
+        f"{scalars['undefended_clean_acc']:.3g} to {scalars['clean_acc']:.3g}."
+    )
 
 
 def _with_interval(row: dict[str, Any], metric: str) -> str:

@@ -22,7 +22,14 @@ from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResu
 from pse_lightning.attacks import Attack
 from pse_lightning.core.model_state import frozen_eval
 from pse_lightning.core.report import ReportSection
-from pse_lightning.defenses.curve_report import curve_markdown, curve_tables
+from pse_lightning.defenses.curve_report import (
+    CURVE_CAPTION,
+    KEY_NUMBERS,
+    TITLE,
+    curve_markdown,
+    curve_meaning,
+    curve_tables,
+)
 from pse_lightning.defenses.curve_stats import (
     METRICS,
     MaskChoice,
@@ -125,8 +132,11 @@ class MaskCurve(Analysis):
             details["rows"], details["spread"], Path(out_dir) / "neuron_mask_vs_k.png"
         )
         return ReportSection(
-            title=self.name,
+            title=TITLE,
             markdown=curve_markdown(self.description, details),
             figures=[figure],
             tables=curve_tables(details),
+            captions={figure.stem: CURVE_CAPTION},
+            key_numbers={k: float(result.scalars[k]) for k in KEY_NUMBERS},
+            meaning=curve_meaning({k: float(v) for k, v in result.scalars.items()}),
         )

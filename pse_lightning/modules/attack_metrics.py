@@ -60,6 +60,27 @@ class AttackMetrics(Metric):
         self.linf.append(flat_norm(delta, "linf"))
         self.succeeded.append(success)
 
+    def successful_norms(self) -> dict[str, Tensor]:
+        """Per-image ``l2`` and ``linf`` norms of δ over the successful adversarial examples,
+        ordered by dataset index, on the CPU: the report's norm distribution.
+
+        Reduced over every process like ``compute`` (call it on every rank), so the
+        distribution of a DDP run is that of one process.
+        """
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn,
+            should_sync=self._to_sync,
+            should_unsync=self._should_unsync,
+        ):
+            if isinstance(self.index, list) and not self.index:  # a tensor once synchronised
+                return {"l2": torch.empty(0), "linf": torch.empty(0)}
+            order = dim_zero_cat(self.index).argsort()
+            ok = dim_zero_cat(self.succeeded).bool()[order]
+            return {
+                name: dim_zero_cat(getattr(self, name))[order][ok].detach().cpu()
+                for name in ("l2", "linf")
+            }
+
     def compute(self) -> dict[str, Tensor]:
         index = dim_zero_cat(self.index)
         if index.numel() != int(self.total) or index.unique().numel() != index.numel():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from pse_lightning.core.report import ReportSection
-from pse_lightning.reporting.report import log_report_to_wandb, write_report
+from pse_lightning.modules.example_panels import example_panels_section
+from pse_lightning.reporting.report import log_report_to_wandb, with_prefix, write_report
 
 
 class ReportWriter(pl.Callback):
@@ -27,6 +28,7 @@ class ReportWriter(pl.Callback):
         class_names: Sequence[str],
         sections: Sequence[ReportSection] = (),
         extra: dict | None = None,
+        budget: tuple[str, float] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.title = title
@@ -34,15 +36,24 @@ class ReportWriter(pl.Callback):
         self.class_names = list(class_names)
         self.sections = list(sections)
         self.extra = extra or {}
+        self.budget = budget
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         result = pl_module.result
-        sections = self.sections + [
-            analysis.report(result.analyses[name], self.run_dir / "figures", self.class_names)
-            for name, analysis in pl_module.analyses.items()
-        ]
+        fig_dir = self.run_dir / "figures"
+        panels = example_panels_section(result.analyses, fig_dir, self.class_names)
+        sections = (
+            self.sections
+            + ([] if panels is None else [panels])
+            + [
+                with_prefix(
+                    analysis.report(result.analyses[name], fig_dir, self.class_names), name
+                )
+                for name, analysis in pl_module.analyses.items()
+            ]
+        )
         written = write_report(
             self.run_dir,
             title=self.title,
@@ -52,6 +63,8 @@ class ReportWriter(pl.Callback):
             class_names=self.class_names,
             sections=sections,
             extra=self.extra,
+            norms=result.norms,
+            budget=self.budget,
         )
         log_report_to_wandb(
             trainer.logger,

@@ -208,3 +208,51 @@ def stacked_fraction_figure(
     ax.legend(fontsize=FONT_SIZE - 1, ncols=min(4, len(parts)), loc="upper center",
               bbox_to_anchor=(0.5, 1.2))  # fmt: skip
     return save(fig, path)
+
+
+NORM_LABELS = {"l2": "‖δ‖₂", "linf": "‖δ‖∞"}
+
+
+def norm_distribution_figure(
+    norms: dict[str, Tensor], path: str | Path, *, budget: tuple[str, float] | None = None
+) -> Path:
+    """Per norm (L2, L∞): histogram of the successful examples' perturbation norms with their
+    empirical CDF on a second axis and the median marked; a fixed budget ε as a line.
+
+    Args:
+        norms: ``l2`` and ``linf`` -> (n,) per-image norms (pixels in [0, 1]), n >= 1.
+        path: the PNG file.
+        budget: (norm, ε) of a budgeted attack, drawn on that norm's panel; None for
+            minimum-norm attacks.
+    """
+    return save(draw_norm_distribution(norms, budget=budget), path)
+
+
+def draw_norm_distribution(
+    norms: dict[str, Tensor], *, budget: tuple[str, float] | None = None
+) -> Figure:
+    """The figure of :func:`norm_distribution_figure`, unsaved."""
+    fig, axes = new_figure(1, len(norms), width=4.2 * len(norms), height=3.2)
+    for ax, (name, values) in zip(axes[0], norms.items(), strict=True):
+        data = np.sort(values.detach().cpu().double().numpy())
+        ax.hist(data, bins=min(30, max(5, len(data) // 2)), color=PALETTE[0], alpha=0.7,
+                label=f"images (n = {len(data)})")  # fmt: skip
+        ecdf = ax.twinx()
+        ecdf.step(data, np.arange(1, len(data) + 1) / len(data), where="post",
+                  color=PALETTE[1], label="empirical CDF")  # fmt: skip
+        ecdf.set_ylim(0, 1.02)
+        ecdf.set_ylabel("share of successful examples ≤ norm", fontsize=FONT_SIZE)
+        ecdf.tick_params(labelsize=FONT_SIZE - 1)
+        median = float(values.median())
+        ax.axvline(median, color="k", linestyle="--", linewidth=1, label=f"median = {median:.3g}")
+        if budget is not None and budget[0] == name:
+            ax.axvline(budget[1], color=PALETTE[2], linestyle=":", linewidth=1.2,
+                       label=f"budget ε = {budget[1]:.3g}")  # fmt: skip
+        ax.set_xlabel(f"{NORM_LABELS.get(name, name)} of δ = x' − x (pixels in [0, 1])",
+                      fontsize=FONT_SIZE)  # fmt: skip
+        ax.set_ylabel("successful adversarial examples", fontsize=FONT_SIZE)
+        handles = ax.get_legend_handles_labels()
+        more = ecdf.get_legend_handles_labels()
+        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=FONT_SIZE - 1,
+                  loc="center right")  # fmt: skip
+    return fig

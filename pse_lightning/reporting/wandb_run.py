@@ -118,7 +118,7 @@ def section_tables(sections: Sequence[ReportSection]) -> dict[str, Any]:
     import wandb
 
     return {
-        f"tables/{safe_key(section.title)}/{safe_key(name)}": wandb.Table(
+        f"tables/{safe_key(section.prefix or section.title)}/{safe_key(name)}": wandb.Table(
             columns=[safe_key(str(c)) for c in columns],
             data=[[_cell(v) for v in row] for row in rows],
         )

@@ -61,7 +61,52 @@ def cam_section(
         figures = [example_figure(examples, i, class_names, out_dir) for i in range(len(examples))]
         rows = [examples.row(i) for i in range(len(examples))]
         tables["cam_examples"] = (list(EXAMPLE_COLUMNS), rows)
-    return ReportSection(title="cam", markdown="\n".join(body), figures=figures, tables=tables)
+    return ReportSection(
+        title=TITLE,
+        markdown="\n".join(body),
+        figures=figures,
+        tables=tables,
+        captions={Path(f).stem: EXAMPLE_CAPTION for f in figures},
+        key_numbers={k: float(s[k]) for k in KEY_NUMBERS if k in s},
+        meaning=meaning(s),
+    )
+
+
+TITLE = "Class activation maps (CAM)"
+KEY_NUMBERS = ("scored", "is_true", "lift_true", "lift_target", "specific_true_top20",
+               "specific_true_top20_p")  # fmt: skip
+EXAMPLE_CAPTION = (
+    "Top row: the clean image x with its prediction, the CAM of the predicted (true) class "
+    "over the grey image (min-max normalised per image) and δ = x' − x as grey + a·δ "
+    "(amplification a on the panel) with the outline of B_true. Bottom row: the same for "
+    "the adversarial image x' and the CAM region B_target of its predicted class. IS: the "
+    "share of δ's L2 norm inside the outlined region."
+)
+
+
+def meaning(s: dict[str, Tensor]) -> str:
+    """One sentence from the numbers: the lift in the true-class region and whether the
+    other-class test separates it from a region of the same area."""
+    if not float(s.get("scored", 0)) > 0:
+        return "No successful adversarial example was scored, so nothing is measured."
+    lift = float(s["lift_true"])
+    where = "more" if lift > 1 else "less"
+    text = (
+        f"The perturbation puts {lift:.3g}× the energy a random mask of the same area gets "
+        f"into the true class's CAM region ({where} than chance)"
+    )
+    effect = s.get("specific_true_top20")
+    if effect is not None and float(effect) == float(effect):
+        low, high = float(s["specific_true_top20_low"]), float(s["specific_true_top20_high"])
+        verdict = (
+            "more than" if low > 0 else "less than" if high < 0 else "not distinguishably from"
+        )
+        text += (
+            f"; in the top 20% of the map it gathers energy {verdict} another class's region "
+            f"of the same area (IS² difference {float(effect):.3g}, 95% CI "
+            f"[{low:.3g}, {high:.3g}])"
+        )
+    return text + "."
 
 
 def _test_table(s: dict[str, Tensor]) -> list[str]:

@@ -8,6 +8,7 @@ map (categories are discrete colours, masks are outlines), so none needs a colou
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
@@ -15,6 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from pse_lightning.analysis.dissection.probe import ConceptTable
+from pse_lightning.analysis.dissection.sensitive import SensitiveUnit
 from pse_lightning.analysis.dissection.showcase import Showcase
 from pse_lightning.analysis.dissection.summary import LayerUnits
 from pse_lightning.reporting.figures import (
@@ -105,19 +107,58 @@ def top_images_figure(showcase: list[Showcase], path: Path) -> Path:
             show_image(ax, _image_at(item.images, c, size), f"probe #{item.index[c]}")
             _outline(ax, item.concept_masks[c], "cyan", "--")
             _outline(ax, item.activation_masks[c], "white", "-")
-        axes[r, 0].text(
-            -0.08,
-            0.5,
+        _row_label(
+            axes[r, 0],
             f"{item.layer}:{item.unit}\n{item.concept}\n({item.category})\nIoU {item.iou:.2f}",
-            transform=axes[r, 0].transAxes,
-            ha="right",
-            va="center",
-            fontsize=FONT_SIZE - 2,
         )
-    handles = [
-        Line2D([], [], color="white", lw=1.0, ls="-", label="unit mask $S_k \\geq T_k$"),
-        Line2D([], [], color="cyan", lw=1.0, ls="--", label="the unit's best concept"),
-    ]
-    legend = fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=FONT_SIZE)
+    _mask_legend(fig, [("white", "-", "unit mask $S_k \\geq T_k$"),
+                       ("cyan", "--", "the unit's best concept")])  # fmt: skip
+    return save(fig, path)
+
+
+def _row_label(ax: Axes, text: str) -> None:
+    """The unit's name and numbers left of its row."""
+    ax.text(-0.08, 0.5, text, transform=ax.transAxes, ha="right", va="center",
+            fontsize=FONT_SIZE - 2)  # fmt: skip
+
+
+def _mask_legend(fig: Any, lines: list[tuple[str, str, str]]) -> None:
+    """One legend above the panels naming every outline drawn: (colour, style, label)."""
+    handles = [Line2D([], [], color=c, lw=1.0, ls=style, label=label) for c, style, label in lines]
+    legend = fig.legend(handles=handles, loc="outside upper center", ncols=len(lines),
+                        fontsize=FONT_SIZE)  # fmt: skip
     legend.get_frame().set_facecolor("0.35")
+
+
+ADV_COLOUR = "magenta"
+
+
+def sensitive_units_figure(items: list[SensitiveUnit], path: Path) -> Path:
+    """Rows of the most sensitive units, column pairs of kept images: the unit's activation
+    mask on the clean image (white) and on the adversarial image (magenta, with the clean
+    mask dashed white for comparison)."""
+    k = len(items[0].index)
+    fig, axes = new_figure(
+        len(items), 2 * k, width=1.4 * 2 * k + 1.3, height=1.5 * len(items) + 0.5
+    )
+    for r, item in enumerate(items):
+        for j in range(k):
+            clean, adv = axes[r, 2 * j], axes[r, 2 * j + 1]
+            show_image(clean, item.x[j], f"#{int(item.index[j])} x")
+            _outline(clean, item.mask_clean[j], "white", "-")
+            show_image(adv, item.x_adv[j], f"#{int(item.index[j])} x'")
+            _outline(adv, item.mask_clean[j], "white", "--")
+            _outline(adv, item.mask_adv[j], ADV_COLOUR, "-")
+            for ax, mask in ((clean, item.mask_clean[j]), (adv, item.mask_adv[j])):
+                if not bool(mask.any()):  # below T_k everywhere: say so, not an empty panel
+                    ax.text(0.5, 0.06, "no mask", transform=ax.transAxes, ha="center",
+                            fontsize=FONT_SIZE - 2, color="white",
+                            bbox={"facecolor": "0.2", "alpha": 0.7, "lw": 0})  # fmt: skip
+        _row_label(
+            axes[r, 0],
+            f"{item.layer}:{item.unit}\ns = {item.s:.2f}\n{item.concept}\nIoU {item.iou:.2f}",
+        )
+    _mask_legend(fig, [("white", "-", "unit mask on x ($S_k \\geq T_k$)"),
+                       (ADV_COLOUR, "-", "unit mask on x'"),
+                       ("white", "--", "unit mask on x, drawn on x'")])  # fmt: skip
     return save(fig, path)

@@ -37,6 +37,11 @@ from pse_lightning.analysis.dissection.probe import (
     head_layer,
 )
 from pse_lightning.analysis.dissection.report import report_section
+from pse_lightning.analysis.dissection.sensitive import (
+    KeptActivations,
+    SensitiveUnit,
+    sensitive_units,
+)
 from pse_lightning.analysis.dissection.sensitivity import (
     SENSITIVITY_ROWS,
     poisson_weights,
@@ -115,7 +120,10 @@ class Dissection(Analysis):
         max_probe_images: dissect only probe images with dataset index below this (null:
             all); chosen by index, so the same images under any number of processes.
         top_images: top-activating probe images kept per unit for the report figure.
-        top_units: units shown per layer in that figure (the most interpretable ones).
+        top_units: units shown per layer in that figure (the most interpretable ones) and
+            in the sensitive-unit figure (the most sensitive ones).
+        sensitive_images: evaluation images (dataset index < this, those s is measured on)
+            shown with the most sensitive units' masks on x and x' (0: no such figure).
         permutations: permutations for the p-value of Spearman's rho.
         bootstrap: Poisson-bootstrap replicates over evaluation images for rho's CI.
         enrichment_top: fraction of most sensitive units tested for enrichment in
@@ -151,6 +159,7 @@ class Dissection(Analysis):
         max_probe_images: int | None = None,
         top_images: int = 4,
         top_units: int = 4,
+        sensitive_images: int = 4,
         permutations: int = 10000,
         bootstrap: int = 200,
         enrichment_top: float = 0.1,
@@ -190,6 +199,8 @@ class Dissection(Analysis):
         )
         self.random_baseline = _require_bool("analysis.random_baseline", random_baseline)
         self.top_units = require_at_least("analysis.top_units", top_units, 0)
+        self.sensitive_images = require_at_least("analysis.sensitive_images", sensitive_images, 0)
+        self.kept = KeptActivations(0, 0, **kwargs)  # sized by prepare
         self.successful_only = _require_bool("analysis.successful_only", successful_only)
         self._metric_kwargs = kwargs
         self.probe: ProbeResult | None = None
@@ -229,6 +240,9 @@ class Dissection(Analysis):
             self.baseline = (random, self._dissect(random, loader, layers, table, datamodule))
             self.baseline_sums = self._new_sums(model)
         self.count = self.count.to(model_device(model))
+        limit = self.sensitive_images if self.top_units else 0
+        self.kept = KeptActivations(len(layers), limit, **self._metric_kwargs)
+        self.kept = self.kept.to(model_device(model))
         self.showcase = []
         if rank_world()[0] == 0 and self.top_units and self.probe_settings.top_images:
             with frozen_eval(model), torch.no_grad():
@@ -274,7 +288,11 @@ class Dissection(Analysis):
         weights = poisson_weights(batch.index, settings.bootstrap, settings.seed)
         if self.successful_only:
             weights = weights * batch.success.to(weights).view(-1, 1)
-        self._accumulate(model, self.unit_sums, batch, weights, self.probe.head_layer)
+        acts = self._accumulate(model, self.unit_sums, batch, weights, self.probe.head_layer)
+        if self.kept.limit:
+            shown = (weights[:, 0] > 0).nonzero().flatten()  # the images s is measured on
+            pairs = [torch.cat([a[shown], a[len(batch.x) + shown]]) for a in acts]
+            self.kept.update(batch.index[shown], batch.x[shown], batch.x_adv[shown], pairs)
         if self.baseline is not None:
             self._accumulate(self.baseline[0], self.baseline_sums, batch, weights, None)
         self.count += weights.sum(dim=0)
@@ -286,8 +304,9 @@ class Dissection(Analysis):
         batch: AdversarialBatch,
         weights: Tensor,
         head: str | None,
-    ) -> None:
-        """Add one batch's sensitivity terms of ``model``'s probed layers to ``unit_sums``."""
+    ) -> list[Tensor]:
+        """Add one batch's sensitivity terms of ``model``'s probed layers to ``unit_sums``;
+        returns each layer's activations (2N, K, h, w) on x then x'."""
         assert self.probe is not None
         layers, n = list(self.probe.layers), len(batch.x)
         with frozen_eval(model), torch.no_grad():
@@ -300,6 +319,7 @@ class Dissection(Analysis):
                 if weight.shape[1] == means.shape[1]:
                     w_target, w_true = weight[batch.target], weight[batch.y]
             sums.update(weights, sensitivity_terms(means[:n], means[n:], w_target, w_true))
+        return [acts[name] for name in layers]
 
     def compute(self) -> AnalysisResult:
         """Per-layer scalars (logged) and the unit tensors, concepts and top images the
@@ -329,13 +349,22 @@ class Dissection(Analysis):
             "concepts": self.probe.table,
             "probe_images": self.probe.probe_images,
             "showcase": self.showcase,
+            "sensitive": self._sensitive(units),
         }
         return AnalysisResult(scalars=scalars, details=details)
 
+    def _sensitive(self, units: dict[str, Any]) -> list[SensitiveUnit]:
+        """The most sensitive units on the kept evaluation images (synchronises)."""
+        kept = self.kept.gathered() if self.kept.limit else None
+        if kept is None or self.probe is None:
+            return []
+        return sensitive_units(kept, self.probe, units, self.top_units)
+
     def reset(self) -> None:
-        """Reset the image count and every layer's sums (the probe result is kept)."""
+        """Reset the image count, every layer's sums and the kept images (the probe result
+        is kept)."""
         super().reset()
-        for sums in (*self.unit_sums, *self.baseline_sums):
+        for sums in (*self.unit_sums, *self.baseline_sums, self.kept):
             sums.reset()
 
     # -- report ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pse_lightning.analysis.base import AnalysisResult
 from pse_lightning.analysis.dissection.figures import (
     interpretable_units_figure,
     iou_vs_sensitivity_figure,
+    sensitive_units_figure,
     top_images_figure,
 )
 from pse_lightning.analysis.dissection.probe import ConceptTable
@@ -47,7 +48,7 @@ def report_section(
     units: dict[str, LayerUnits] = result.details["units"]
     table: ConceptTable = result.details["concepts"]
     scalars, layers = result.scalars, list(units)
-    section = ReportSection(title=title)
+    section = ReportSection(title=TITLE, captions=captions(iou_threshold, quantile))
     section.figures.append(
         iou_vs_sensitivity_figure(
             units, scalars, table, iou_threshold, out_dir / "dissection_iou_vs_sensitivity.png"
@@ -62,6 +63,12 @@ def report_section(
         section.figures.append(
             top_images_figure(result.details["showcase"], out_dir / "dissection_top_images.png")
         )
+    if result.details.get("sensitive"):
+        section.figures.append(
+            sensitive_units_figure(
+                result.details["sensitive"], out_dir / "dissection_sensitive_units.png"
+            )
+        )
     section.tables["units"] = (list(UNIT_COLUMNS), unit_rows(units, table))
     lines = [
         f"Probe set: {result.details['probe_images']} images; "
@@ -71,7 +78,74 @@ def report_section(
         *markdown_tables(scalars, layers, table.categories, min_category_units),
     ]
     section.markdown = "\n".join(lines)
+    section.key_numbers = key_numbers(scalars, layers)
+    section.meaning = meaning(scalars, layers)
     return section
+
+
+TITLE = "Network dissection"
+
+
+def captions(iou_threshold: float, quantile: float) -> dict[str, str]:
+    """The caption of each dissection figure, by file stem."""
+    return {
+        "dissection_iou_vs_sensitivity": (
+            "One panel per dissected layer, one dot per unit: its attack sensitivity "
+            "s_k = E|Δ_k|/σ_k (unitless: the mean change of the unit's average activation in "
+            "clean standard deviations) against its best concept IoU; interpretable units "
+            f"(IoU > {iou_threshold}, dashed) coloured by their concept's category. Title: "
+            "Spearman ρ and its permutation p."
+        ),
+        "dissection_interpretable_units": (
+            "Number of interpretable units per layer (x) and concept category (colour)."
+        ),
+        "dissection_top_images": (
+            "The most interpretable units of each layer (rows) on their top-activating probe "
+            f"images: the unit's activation mask (top {quantile:g} quantile, white) and the "
+            "mask of its best concept (dashed cyan)."
+        ),
+        "dissection_sensitive_units": (
+            "The most attack-sensitive units of each layer (rows, largest s_k first; the row "
+            "names layer:unit, s_k, the best concept and its IoU) on the kept evaluation "
+            f"images: where the unit fires (activation mask, top {quantile:g} quantile "
+            "threshold from the probe set) on the clean image x (white) and on the "
+            "adversarial image x' (magenta; the clean mask dashed white for comparison). "
+            "'no mask': the unit stays below its threshold on that image."
+        ),
+    }
+
+
+def key_numbers(scalars: dict[str, Tensor], layers: list[str]) -> dict[str, float]:
+    """Per layer: interpretable share, Spearman ρ(s, IoU) with its two-way CI, and the
+    random-weights baseline's ρ."""
+    keys = ("frac_interpretable", "spearman_rho", "spearman_ci_low", "spearman_ci_high",
+            "random/spearman_rho")  # fmt: skip
+    return {
+        f"{n}/{k}": float(scalars[f"{n}/{k}"])
+        for n in layers
+        for k in keys
+        if f"{n}/{k}" in scalars
+    }
+
+
+def meaning(scalars: dict[str, Tensor], layers: list[str]) -> str:
+    """One sentence from the numbers: per layer, the direction of ρ(s, IoU) as its CI says."""
+    parts = []
+    for n in layers:
+        rho = float(scalars.get(f"{n}/spearman_rho", float("nan")))
+        low = float(scalars.get(f"{n}/spearman_ci_low", float("nan")))
+        high = float(scalars.get(f"{n}/spearman_ci_high", float("nan")))
+        if low > 0:
+            tie = "more interpretable units are more sensitive to the attack"
+        elif high < 0:
+            tie = "more interpretable units are less sensitive to the attack"
+        else:
+            tie = "the 95% interval includes 0, so no tie is shown"
+        parts.append(f"in {n}, ρ(s, IoU) = {rho:.3g} [{low:.3g}, {high:.3g}]: {tie}")
+    if not parts:
+        return "No layer was dissected."
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
 
 
 def unit_rows(units: dict[str, LayerUnits], table: ConceptTable) -> list[list[Any]]:

@@ -72,7 +72,63 @@ def pse_section(
         markdown="\n\n".join(text),
         figures=paths,
         tables={"pse_images": rows.table(), "pse_pairs": pairs, "pse_incomplete": incomplete},
+        captions=captions(tau_s, tau_p),
+        key_numbers={key: float(result.scalars[key]) for key in KEY_NUMBERS},
+        meaning=meaning(result.scalars),
     )
+
+
+KEY_NUMBERS = ("n_images", *(f"frac_{t}" for t in PSE_TYPES), "counter_share", "pair_eta2")
+
+
+def meaning(scalars: Mapping[str, Tensor]) -> str:
+    """One sentence from the numbers: the commonest type, and how much the class pair
+    explains (against its chance level)."""
+    n = int(scalars["n_images"])
+    if n == 0:
+        return "No image was analysed (no successful attack on a correctly classified image)."
+    shares = {t: float(scalars[f"frac_{t}"]) for t in PSE_TYPES}
+    top = max(shares, key=shares.__getitem__)
+    kind = {"balanced": "balanced perturbations", "none": "perturbations without a PSE (none)"}
+    text = (
+        f"Of {n} analysed adversarial examples, {kind.get(top, f'{top}-dominated perturbations')}"
+        f" are the commonest ({100 * shares[top]:.3g}% of images)"
+    )
+    eta2, null = float(scalars["pair_eta2"]), float(scalars["pair_eta2_null"])
+    if eta2 == eta2:
+        more = "more than" if eta2 > null else "no more than"
+        text += (
+            f"; the (true, target) class pair explains η² = {eta2:.3g} of the variance of r, "
+            f"{more} the {null:.3g} expected by chance"
+        )
+    return text + "."
+
+
+def captions(tau_s: float, tau_p: float) -> dict[str, str]:
+    """The caption of each PSE figure, by file stem."""
+    return {
+        "pse_examples": (
+            "Per kept example (dataset index: true → target class): the clean image; "
+            "δ = x' − x as grey + a·δ with the amplification a on the panel; the promotion "
+            "map Σ[a^t]₊ and the suppression map Σ[−a^t0]₊ on one colour scale; and the "
+            "signed net map Σ(a^t − a^t0). Colour bars in logit change per pixel."
+        ),
+        "pse_ratio_hist": (
+            f"Histogram of the PSE ratio r over the analysed images, bars coloured by the "
+            f"type their bin takes at τ_s = {tau_s:.3g} and τ_p = {tau_p:.3g} (dashed, "
+            "dotted); y: number of images."
+        ),
+        "pse_sweep": (
+            "Share of each PSE type among the images with a defined r as the symmetric "
+            "thresholds τ_s = q, τ_p = 1 − q vary; the vertical line marks the configured τ_s."
+        ),
+        "pse_scatter": (
+            "Left: measured fall of the true logit −Δ_t0 against rise of the target logit "
+            "Δ_t (logits), with the rays r = τ_s and r = τ_p. Right: gross suppression S "
+            "against promotion P of the pixel attributions (logits). One dot per image, "
+            "coloured by its type."
+        ),
+    }
 
 
 def write_figures(
