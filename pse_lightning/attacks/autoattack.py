@@ -45,7 +45,7 @@ class AutoAttack(Attack):
         steps: APGD iterations per run (the standard version: 100).
         target_classes: APGD-T targets per sample (the standard version: 9; capped at the
             number of classes - 1).
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: ``{"stage": (N,) index into ``STAGES`` of the stage that
     broke the sample (0: misclassified already), -1 where it survived}``.
@@ -61,15 +61,24 @@ class AutoAttack(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule, seed=seed)
+        super().__init__(
+            norm=norm,
+            eps=eps,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
+        )
         self.steps = require_at_least("attack.steps", steps, 1)
         self.target_classes = require_at_least("attack.target_classes", target_classes, 1)
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
         with torch.no_grad():
             clean = model(batch.x)
-        tally = Tally(batch, ball=self.ball, steps=self.steps, rho=0.75, seed=self.seed)
+        tally = Tally(batch, ball=self.ball, steps=self.steps, rho=0.75, seed=self.seed,
+                      gradients=self.gradients)  # fmt: skip
         wrong = (clean.argmax(1) == batch.target) if self.targeted else clean.argmax(1) != batch.y
         tally.found |= wrong
         tally.logits = clean.clone()
