@@ -287,8 +287,10 @@ class StrAttack(SearchSettings, Attack):
                     best.update(rows, x_adv, l2sq.sqrt(), success, c, logits)
                     found[rows] |= success
                     if self.abort_early:
-                        stalled = c * f + gamma * l2sq + tau * groups.norms(p).flatten(1).sum(1)
-                        keep = abort.keep(k, stalled)
+                        admm_objective = (
+                            c * f + gamma * l2sq + tau * groups.norms(p).flatten(1).sum(1)
+                        )
+                        keep = abort.keep(k, admm_objective)
                     else:
                         keep = None
                     eta = self.alpha * math.sqrt(k + 1)
