@@ -144,7 +144,7 @@ def test_compile_must_be_a_bool() -> None:
 )
 def test_inductor_matches_eager(make) -> None:
     """The real compiler (inductor): same examples within float tolerance (docs/METHODS.md
-    §1.5); a sign step may flip only on a gradient coordinate within rounding of zero."""
+    §1.14); a sign step may flip only on a gradient coordinate within rounding of zero."""
     torch._dynamo.reset()
     model, (x, y) = tiny_model(), tiny_batch()
     eager = make()(model, x, y)
@@ -153,3 +153,28 @@ def test_inductor_matches_eager(make) -> None:
     assert attack.gradients.compiled_calls > 0 and attack.gradients.compile_seconds > 0
     torch.testing.assert_close(result.x_adv, eager.x_adv, rtol=0, atol=1e-5)
     assert torch.equal(result.success, eager.success)
+
+
+def _check_config(*overrides: str) -> None:
+    """Compose as the CLI does and run its static config check (no attack is built)."""
+    from helpers import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pse_lightning.cli.check import check_config
+
+    base = ["analysis=none", "logger=none"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
+    check_config(cfg, OmegaConf.to_container(cfg.hydra.runtime.choices), CONF_DIR)
+
+
+def test_compile_is_a_key_of_every_attack_and_a_wrong_type_is_one_line() -> None:
+    from helpers import group_choices
+
+    from pse_lightning.validation import InputError
+
+    for choice in group_choices("attack"):
+        _check_config(f"attack={choice}", "attack.compile=true")
+    with pytest.raises(InputError, match=r"^attack\.compile must be true or false, got 'maybe'$"):
+        _check_config("attack=cw", "attack.compile=maybe")

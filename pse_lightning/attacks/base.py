@@ -209,7 +209,7 @@ class Attack(ABC):
         seed: seed of the per-sample counter-based RNG (random starts, random targets).
         compile: run the inner step (forward, objective, input gradient; for PGD also the
             update and projection) through ``torch.compile``, compiled on the first batch
-            and reused (:mod:`~pse_lightning.attacks.compiled`, docs/METHODS.md §1.5).
+            and reused (:mod:`~pse_lightning.attacks.compiled`, docs/METHODS.md §1.14).
     """
 
     def __init__(

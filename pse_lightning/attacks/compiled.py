@@ -27,7 +27,7 @@ shape, dtype, device) and reused for every later batch:
 
 The compiled path uses the default ``torch.compile`` mode on every device (no CUDA
 graphs: their outputs are overwritten by the next replay, while the attacks keep iterates
-and logits across steps); docs/METHODS.md §1.5 gives the tolerance and the costs.
+and logits across steps); docs/METHODS.md §1.14 gives the tolerance and the costs.
 """
 
 from __future__ import annotations
