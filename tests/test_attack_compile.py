@@ -77,6 +77,31 @@ def test_a_larger_batch_runs_eagerly_with_a_note(
     torch.testing.assert_close(got[0], eager_gradient(model, CE, x, y, None)[0])
 
 
+class GraphBreak(nn.Module):
+    """A model dynamo cannot trace as one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return self.inner(x)
+
+
+def test_a_step_that_cannot_compile_runs_eagerly_with_a_note(
+    counter: CompileCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Never silently half-compiled: a graph break means eager, said once in the log."""
+    model, grads = GraphBreak().eval(), Gradients(True)
+    x, y = tiny_batch()
+    with caplog.at_level(logging.WARNING, logger=compiled.__name__):
+        got = [grads(model, CE, x, y, None) for _ in range(2)]
+    assert caplog.text.count("compilation failed") == 1
+    assert grads.compiled_calls == 0
+    torch.testing.assert_close(got[1][0], eager_gradient(model, CE, x, y, None)[0])
+
+
 def test_parameters_are_read_at_call_time(counter: CompileCounter) -> None:
     """An in-place update (an optimizer step) is seen without a new trace: no stale weights."""
     model, grads = tiny_model(), Gradients(True)

@@ -21,9 +21,10 @@ shape, dtype, device) and reused for every later batch:
 - Parameters are read at call time (dynamo treats a module's parameters as graph inputs),
   so an optimizer step between batches (adversarial training) is seen; a different model
   object gets its own entry.
-- Dynamo's per-function recompile limit is raised and made fatal while a compiled step
-  runs, and a failure falls back to eager with a logged note, so compilation is never
-  silently skipped (:attr:`Gradients.compiled_calls` counts the calls that ran compiled).
+- The step is one graph (``fullgraph=True``); dynamo's per-function recompile limit is
+  raised and made fatal while a compiled step runs; a graph break or any failure falls
+  back to eager with a logged note, so compilation is never silently skipped
+  (:attr:`Gradients.compiled_calls` counts the calls that ran compiled).
 
 The compiled path uses the default ``torch.compile`` mode on every device (no CUDA
 graphs: their outputs are overwritten by the next replay, while the attacks keep iterates
@@ -180,7 +181,7 @@ class Gradients:
         entry = self._entries.get(full)
         if entry is None or entry.model() is not model:
             eager = build()
-            fn = torch.compile(eager, dynamic=False, backend=BACKEND)
+            fn = torch.compile(eager, fullgraph=True, dynamic=False, backend=BACKEND)
             entry = self._entries[full] = _Entry(fn, eager, n, weakref.ref(model))
             return self._first_call(entry, tensors)
         if n > entry.size:
