@@ -203,3 +203,20 @@ def test_compile_is_a_key_of_every_attack_and_a_wrong_type_is_one_line() -> None
         _check_config(f"attack={choice}", "attack.compile=true")
     with pytest.raises(InputError, match=r"^attack\.compile must be true or false, got 'maybe'$"):
         _check_config("attack=cw", "attack.compile=maybe")
+
+
+@pytest.mark.slow
+def test_lightning_test_loop_with_compile_gives_the_eager_metrics(
+    make_cfg, counter: CompileCounter, tmp_path
+) -> None:
+    """The evaluation loop (two batches, the last one smaller: padded) with
+    attack.compile=true: one trace, the same metrics as eager."""
+    from pse_lightning import pipeline
+
+    eager = pipeline.run(make_cfg())
+    again = make_cfg("stage=evaluate", "attack.compile=true", f"paths.run_dir={tmp_path}/c")
+    compiled_metrics = pipeline.run(again)
+    assert counter.frame_count == 1
+    assert compiled_metrics.keys() == eager.keys()
+    for key, value in eager.items():
+        assert compiled_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
