@@ -220,3 +220,15 @@ def test_lightning_test_loop_with_compile_gives_the_eager_metrics(
     assert compiled_metrics.keys() == eager.keys()
     for key, value in eager.items():
         assert compiled_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
+
+
+def test_a_strided_label_column_and_its_padded_copy_share_one_trace(
+    counter: CompileCounter,
+) -> None:
+    """AutoAttack aims at a column of a ranking matrix: full and padded calls, one trace."""
+    model, grads = tiny_model(), Gradients(True)
+    x, _ = tiny_batch()
+    ranked = torch.arange(30).view(6, 5) % 5
+    grads(model, CE, x, ranked[:, 1], None)
+    grads(model, CE, x[:4], ranked[:4, 2], None)
+    assert counter.frame_count == 1 and grads.compiled_calls == 2

@@ -133,10 +133,17 @@ def _signature(tensors: tuple[Tensor | None, ...]) -> tuple:
 
 
 def pad_rows(t: Tensor | None, size: int) -> Tensor | None:
-    """``t`` grown to ``size`` rows by repeating its last row (None stays None)."""
-    if t is None or len(t) == size:
+    """``t`` grown to ``size`` rows by repeating its last row (None stays None).
+
+    Per-sample vectors (labels, aims, constants) are made contiguous: a graph is compiled
+    for the strides it first saw, and a column of a matrix would otherwise recompile when a
+    padded copy arrives. Images keep their memory format (channels-last stays so).
+    """
+    if t is None:
         return t
-    return torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])])
+    if len(t) < size:
+        t = torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])])
+    return t if t.dim() >= 4 else t.contiguous()
 
 
 @dataclass
