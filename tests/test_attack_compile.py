@@ -19,7 +19,18 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
-from pse_lightning.attacks import CWL2, DDN, PGD, compiled
+from pse_lightning.attacks import (
+    APGD,
+    CWL2,
+    DDN,
+    EAD,
+    FGSM,
+    FMN,
+    PGD,
+    AutoAttack,
+    StrAttack,
+    compiled,
+)
 from pse_lightning.attacks.base import ascent
 from pse_lightning.attacks.compiled import Gradients, eager_gradient, objective_key
 
@@ -232,3 +243,27 @@ def test_a_strided_label_column_and_its_padded_copy_share_one_trace(
     grads(model, CE, x, ranked[:, 1], None)
     grads(model, CE, x[:4], ranked[:4, 2], None)
     assert counter.frame_count == 1 and grads.compiled_calls == 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        partial(FGSM, eps=0.03),
+        partial(APGD, eps=0.03, steps=4, restarts=2),
+        partial(AutoAttack, eps=0.03, steps=3, target_classes=2),
+        partial(EAD, steps=5, binary_search_steps=2, abort_early=True),
+        partial(EAD, steps=5, binary_search_steps=1, fista=False),
+        partial(StrAttack, eps=0.1, steps=4, binary_search_steps=1, group_size=2),
+        partial(FMN, steps=6),
+        partial(DDN, steps=6, targeted=True),
+    ],
+    ids=["fgsm", "apgd", "autoattack", "ead", "ead_ista", "strattack", "fmn", "ddn_targeted"],
+)
+def test_every_attack_runs_compiled_and_equals_eager(counter: CompileCounter, make) -> None:
+    model, (x, y) = tiny_model(), tiny_batch()
+    eager = make()(model, x, y)
+    attack = make(compile=True)
+    result = attack(model, x, y)
+    assert attack.gradients.compiled_calls > 0
+    torch.testing.assert_close(result.x_adv, eager.x_adv, rtol=0, atol=1e-5)
+    assert torch.equal(result.success, eager.success)
