@@ -36,3 +36,21 @@ def test_cw_step_ratio_is_measured_against_the_floor() -> None:
     assert row["floor_ms"] > 0 and row["peak_gpu_mib"] == 0.0
     # A CW iteration is one forward + backward plus cheap updates: about the floor.
     assert 0.3 < row["cw_iter_over_floor"] < 10
+
+
+@pytest.mark.slow
+def test_cw_step_ratio_reports_the_compile_cost_apart(monkeypatch) -> None:
+    """compile=True goes through the compiled step (traced with a counting backend)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pse_lightning.attacks import compiled
+
+    torch._dynamo.reset()
+    backend = CompileCounter()
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    row = gpu_check.cw_step_ratios(
+        "cpu", image_size=32, batch=4, arch="resnet18", iterations=2, compile_step=True
+    )
+    torch._dynamo.reset()
+    assert backend.frame_count == 1 and row["compile_s"] > 0
+    assert 0 < row["compile_s"] <= row["first_call_s"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,8 @@ from pse_lightning.attacks.base import (
     Attack,
     AttackBatch,
     Perturbation,
-    input_gradient,
 )
+from pse_lightning.attacks.compiled import EAGER, Gradients
 from pse_lightning.attacks.losses import is_success, margin
 from pse_lightning.attacks.norms import LpBall, Norm
 from pse_lightning.core import randomness
@@ -101,14 +102,17 @@ class Outcome:
 
 
 def _evaluate(
-    model: nn.Module, x_adv: Tensor, batch: AttackBatch, aim: Tensor | None, loss: str
+    model: nn.Module,
+    x_adv: Tensor,
+    batch: AttackBatch,
+    aim: Tensor | None,
+    loss: str,
+    gradients: Gradients,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Logits, objective and its input gradient (zero outside the support) at ``x_adv``."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    logits = model(x_adv)
-    objective = apgd_objective(logits, batch.y, aim, loss)
-    grad = batch.confine(input_gradient(objective, x_adv))
-    return logits.detach(), objective.detach(), grad
+    objective = partial(apgd_objective, loss=loss)
+    grad, logits, value = gradients(model, objective, x_adv, batch.y, aim)
+    return logits, value, batch.confine(grad)
 
 
 def _evaluate_rows(
@@ -117,16 +121,17 @@ def _evaluate_rows(
     batch: AttackBatch,
     aim: Tensor | None,
     loss: str,
+    gradients: Gradients,
     active: Tensor,
     previous: tuple[Tensor, Tensor, Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_evaluate` on the ``active`` rows only; the other rows keep ``previous``
     (their iterate is not used again), so a finished sample costs no model pass."""
     if bool(active.all()):
-        return _evaluate(model, x_adv, batch, aim, loss)
+        return _evaluate(model, x_adv, batch, aim, loss, gradients)
     rows = active.nonzero()[:, 0]
     part = _evaluate(model, x_adv[rows], subset(batch, rows), None if aim is None else aim[rows],
-                     loss)  # fmt: skip
+                     loss, gradients)  # fmt: skip
     out = tuple(t.clone() for t in previous)
     for full, new in zip(out, part, strict=True):
         full[rows] = new
@@ -145,6 +150,7 @@ def apgd_run(
     rho: float = 0.75,
     momentum: float = 0.75,
     stop_at_success: bool = False,
+    gradients: Gradients = EAGER,
 ) -> Outcome:
     """One APGD run from ``start``: steps + 1 gradient evaluations per sample.
 
@@ -162,7 +168,7 @@ def apgd_run(
     """
     x = batch.x
     x_adv = start
-    logits, obj, grad = _evaluate(model, x_adv, batch, aim, loss)
+    logits, obj, grad = _evaluate(model, x_adv, batch, aim, loss, gradients)
     found = is_success(logits, batch.y, batch.target, batch.target is not None)
     x_out, logits_out = x_adv.clone(), logits.clone()
     x_best, grad_best, best, logits_best = x_adv.clone(), grad.clone(), obj, logits.clone()
@@ -179,7 +185,7 @@ def apgd_run(
             z = ball.project(x, ball.ascend(x_adv, grad, step))
             x_next = ball.project(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
         x_prev, x_adv = x_adv, x_next
-        logits, obj, grad = _evaluate_rows(model, x_adv, batch, aim, loss, active,
+        logits, obj, grad = _evaluate_rows(model, x_adv, batch, aim, loss, gradients, active,
                                            (logits, obj, grad))  # fmt: skip
         with torch.no_grad():
             adv = active & is_success(logits, batch.y, batch.target, batch.target is not None)
@@ -231,9 +237,10 @@ class Tally:
         rho: float,
         seed: int,
         early_stop: bool = False,
+        gradients: Gradients = EAGER,
     ) -> None:
         self.batch, self.ball, self.steps, self.rho, self.seed = batch, ball, steps, rho, seed
-        self.early_stop = early_stop
+        self.early_stop, self.gradients = early_stop, gradients
         self.x_adv = batch.x.clone()
         self.logits: Tensor | None = None
         self.found = torch.zeros(len(batch.x), dtype=torch.bool, device=batch.x.device)
@@ -277,7 +284,7 @@ class Tally:
         start = sub.restrict(self.ball.sample(sub.x, noise.to(sub.x.dtype), sub.support))
         outcome = apgd_run(model, sub, start, ball=self.ball, steps=self.steps, loss=loss,
                            aim=None if aim is None else aim[rows], rho=self.rho,
-                           stop_at_success=self.early_stop)  # fmt: skip
+                           stop_at_success=self.early_stop, gradients=self.gradients)  # fmt: skip
         self.merge(rows, outcome, stage, comparable)
 
     def result(self, extras: dict[str, Tensor]) -> Perturbation:
@@ -312,7 +319,7 @@ class APGD(Attack):
         rho: share of rising steps below which a checkpoint halves the step (0.75).
         early_stop: a sample leaves a run at its first adversarial iterate (the same samples
             break; false: it iterates on and keeps its last one, as the authors' code).
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: ``{"restart": (N,) the run that broke the sample, -1 where
     none did}``.
@@ -331,8 +338,16 @@ class APGD(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule, seed=seed)
+        super().__init__(
+            norm=norm,
+            eps=eps,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
+        )
         self.steps = require_at_least("attack.steps", steps, 1)
         self.loss = require_choice("attack.loss", loss, APGD_LOSSES)
         self.restarts = require_at_least("attack.restarts", restarts, 1)
@@ -341,7 +356,7 @@ class APGD(Attack):
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Perturbation:
         tally = Tally(batch, ball=self.ball, steps=self.steps, rho=self.rho, seed=self.seed,
-                      early_stop=self.early_stop)  # fmt: skip
+                      early_stop=self.early_stop, gradients=self.gradients)  # fmt: skip
         for restart in range(self.restarts):
             tally.run(model, stream=restart_stream(0, restart), loss=self.loss,
                       aim=batch.target, stage=restart)  # fmt: skip

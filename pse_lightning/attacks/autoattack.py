@@ -49,7 +49,7 @@ class AutoAttack(Attack):
             robust accuracy as without it (each sample's schedule is its own) for a
             fraction of the cost where samples break early; false: the authors' trajectory
             (a broken sample iterates on and keeps its last adversarial iterate).
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: ``{"stage": (N,) index into ``STAGES`` of the stage that
     broke the sample (0: misclassified already), -1 where it survived}``.
@@ -66,8 +66,16 @@ class AutoAttack(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule, seed=seed)
+        super().__init__(
+            norm=norm,
+            eps=eps,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
+        )
         self.steps = require_at_least("attack.steps", steps, 1)
         self.target_classes = require_at_least("attack.target_classes", target_classes, 1)
         self.early_stop = bool(early_stop)
@@ -76,7 +84,7 @@ class AutoAttack(Attack):
         with torch.no_grad():
             clean = model(batch.x)
         tally = Tally(batch, ball=self.ball, steps=self.steps, rho=0.75, seed=self.seed,
-                      early_stop=self.early_stop)  # fmt: skip
+                      early_stop=self.early_stop, gradients=self.gradients)  # fmt: skip
         wrong = (clean.argmax(1) == batch.target) if self.targeted else clean.argmax(1) != batch.y
         tally.found |= wrong
         tally.logits = clean.clone()

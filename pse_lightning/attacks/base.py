@@ -17,10 +17,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from pse_lightning.attacks.compiled import (
+    Gradients,
+    Step,
+    functional_gradient,
+    objective_key,
+)
 from pse_lightning.attacks.losses import ascent_objective, is_success, other_max_index
 from pse_lightning.attacks.norms import NORMS, LpBall, Norm, exact_linf
 from pse_lightning.core import randomness
@@ -190,16 +197,6 @@ def keep_logits(before: Tensor, after: Tensor, logits: Tensor | None) -> Tensor 
     return logits.masked_fill(changed[:, None], float("nan"))
 
 
-def input_gradient(objective: Tensor, x: Tensor) -> Tensor:
-    """d(sum of per-sample objectives)/dx: each sample's gradient ignores its batch mates.
-
-    ``torch.autograd.grad`` never fills parameter ``.grad`` and never fires a DDP reducer,
-    unlike ``.backward()`` (pytorch #22436).
-    """
-    (grad,) = torch.autograd.grad(objective.sum(), x)
-    return grad
-
-
 class Attack(ABC):
     """Base class: subclasses implement ``_perturb`` only.
 
@@ -210,6 +207,9 @@ class Attack(ABC):
         targeted: aim at a target class chosen by ``target_rule`` (or passed explicitly).
         target_rule: 'random', 'least_likely' (lowest clean logit) or 'next' ((y + 1) mod K).
         seed: seed of the per-sample counter-based RNG (random starts, random targets).
+        compile: run the inner step (forward, objective, input gradient; for PGD also the
+            update and projection) through ``torch.compile``, compiled on the first batch
+            and reused (:mod:`~pse_lightning.attacks.compiled`, docs/METHODS.md §1.14).
     """
 
     def __init__(
@@ -220,6 +220,7 @@ class Attack(ABC):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         if norm is None:
             self.ball = None
@@ -244,6 +245,10 @@ class Attack(ABC):
         self.targeted = targeted
         self.target_rule = require_choice("attack.target_rule", target_rule, TARGET_RULES)
         self.seed = int(seed)
+        if not isinstance(compile, bool):
+            raise ValueError(f"attack.compile must be true or false, got {compile!r}")
+        self.compile = compile
+        self.gradients = Gradients(compile)
 
     @property
     def name(self) -> str:
@@ -386,11 +391,31 @@ class Attack(ABC):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(gradient, logits, objective)`` at ``x_adv`` from one fwd + one bwd: the
         logits and objective score the iterate itself (best-iterate tracking)."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        logits = model(x_adv)
-        objective = ascent_objective(logits, batch.label, self.targeted, loss, reference)
-        grad = batch.confine(input_gradient(objective, x_adv))
-        return grad, logits.detach(), objective.detach()
+        objective = partial(ascent, targeted=self.targeted, loss=loss)
+        grad, logits, value = self.gradients(model, objective, x_adv, batch.label, reference)
+        return batch.confine(grad), logits, value
+
+    def ascent_step(
+        self,
+        model: nn.Module,
+        x_adv: Tensor,
+        batch: AttackBatch,
+        loss: str,
+        step_size: float,
+        reference: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(next iterate, logits, objective)``: one projected steepest-ascent step in the
+        ball from ``x_adv``, scored at ``x_adv``; compiled as one graph (update and
+        projection included) under ``attack.compile``."""
+        if not self.compile:
+            grad, logits, value = self.scored_gradient(model, x_adv, batch, loss, reference)
+            x_next = self.ball.project(batch.x, self.ball.ascend(x_adv, grad, step_size))
+            return x_next, logits, value
+        objective = partial(ascent, targeted=self.targeted, loss=loss)
+        key = ("ascent_step", self.norm, self.eps, step_size, objective_key(objective))
+        build = partial(projected_step, model, objective, self.ball, step_size)
+        tensors = (x_adv, batch.x, batch.support, batch.label, reference)
+        return self.gradients.run(key, model, build, *tensors)
 
     def choose_target(
         self, logits_clean: Tensor | None, y: Tensor, index: Tensor, num_classes: int
@@ -431,6 +456,28 @@ class Attack(ABC):
                 return out
 
         return score
+
+
+def ascent(
+    logits: Tensor, label: Tensor, reference: Tensor | None, *, targeted: bool, loss: str
+) -> Tensor:
+    """:func:`ascent_objective` with every tensor positional (a compiled step's objective:
+    the loss settings are fixed, the labels and reference are arguments)."""
+    return ascent_objective(logits, label, targeted, loss, reference)
+
+
+def projected_step(model: nn.Module, objective: Callable[..., Tensor], ball: LpBall,
+                   step_size: float) -> Step:  # fmt: skip
+    """The functional (compilable) step ``(x_adv, x, support, *args) -> (x_next, logits,
+    objective)`` of :meth:`Attack.ascent_step`."""
+    gradient = functional_gradient(model, objective)
+
+    def step(x_adv: Tensor, x: Tensor, support: Tensor | None, *args: Tensor | None) -> tuple:
+        grad, logits, value = gradient(x_adv, *args)
+        x_next = ball.project(x, ball.ascend(x_adv, confine(grad, support), step_size))
+        return x_next, logits, value
+
+    return step
 
 
 def check_target_differs(target: Tensor, y: Tensor) -> None:

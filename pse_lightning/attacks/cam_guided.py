@@ -36,7 +36,7 @@ class CAMGuided(Attack):
         dilate: grow B by this many feature-map cells (docs/METHODS.md §3.7: one), so the
             edge of the discriminative region stays attackable.
         method: 'auto' (CAM for GAP + linear heads, Grad-CAM otherwise), 'cam', 'gradcam'.
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: the wrapped attack's extras plus ``cam_area`` (N,), the share of
     pixels the perturbation was allowed to touch.
@@ -52,6 +52,7 @@ class CAMGuided(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         if not isinstance(attack, Attack):
             raise TypeError(
@@ -59,8 +60,8 @@ class CAMGuided(Attack):
                 f"pse_lightning.attacks.CWL2), got {type(attack).__name__}"
             )
         super().__init__(norm=attack.norm, eps=attack.eps, targeted=targeted,
-                         target_rule=target_rule, seed=seed)  # fmt: skip
-        for key in ("targeted", "target_rule", "seed"):
+                         target_rule=target_rule, seed=seed, compile=compile)  # fmt: skip
+        for key in ("targeted", "target_rule", "seed", "compile"):
             if getattr(attack, key) != getattr(self, key):
                 raise ValueError(
                     f"attack.attack.{key}={getattr(attack, key)!r} differs from attack.{key}="

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -10,9 +12,9 @@ from pse_lightning.attacks.base import (
     AttackBatch,
     Perturbation,
     confine,
-    input_gradient,
     restrict,
 )
+from pse_lightning.attacks.compiled import EAGER, Gradients
 from pse_lightning.attacks.search import (
     BatchedAdam,
     BestSoFar,
@@ -22,6 +24,7 @@ from pse_lightning.attacks.search import (
     binary_search,
     compact,
     squared_l2,
+    weighted_hinge,
 )
 from pse_lightning.validation import require_choice, require_positive
 
@@ -57,6 +60,7 @@ def cw_adam_search(
     best: BestSoFar | None = None,
     box: str = "clip",
     repeat_last: bool = False,
+    gradients: Gradients = EAGER,
 ) -> BestSoFar:
     """Minimise ||x' - x||_2^2 + c * f_kappa(x') per sample with Adam, inside a box.
 
@@ -89,6 +93,7 @@ def cw_adam_search(
             'tanh' (Carlini's change of variables, see :class:`CWL2`).
         repeat_last: run the last outer step with each sample's upper bound on c
             (Carlini's rule; see :func:`~pse_lightning.attacks.search.binary_search`).
+        gradients: how the input gradient is computed (the attack's, compiled or eager).
 
     Returns:
         The tracker: ``x_best`` (smallest-L2 successful iterate, x where none), ``score``
@@ -107,6 +112,7 @@ def cw_adam_search(
     else:
         w_start = start.detach()
     best = BestSoFar(x) if best is None else best
+    objective = partial(weighted_hinge, targeted=targeted, kappa=kappa)
 
     def inner(const: Tensor, best: BestSoFar) -> Tensor:
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -117,18 +123,15 @@ def cw_adam_search(
         for step in range(steps):
             th = torch.tanh(w) if tanh else None
             x_adv = mr + hr * th if tanh else w.detach()
-            x_adv = restrict(x_adv, xr, sr)
-            x_adv.requires_grad_(True)
-            logits = model(x_adv)
-            f, success = adversarial_margin(logits, lab, targeted, kappa)
-            grad_x = input_gradient(c * f, x_adv)
+            x_adv = restrict(x_adv, xr, sr).detach()
+            grad_x, logits, _ = gradients(model, objective, x_adv, lab, c)
             with torch.no_grad():
-                x_adv = x_adv.detach()
+                f, success = adversarial_margin(logits, lab, targeted, kappa)
                 delta = x_adv - xr
                 dist = squared_l2(delta)
                 best.update(rows, x_adv, dist.sqrt(), success, c, logits)
                 found[rows] |= success
-                keep = abort.keep(step, dist + c * f.detach())
+                keep = abort.keep(step, dist + c * f)
                 grad_w = grad_x + 2 * delta
                 grad_w = confine(grad_w * (hr * (1 - th * th)) if tanh else grad_w, sr)
                 w = adam.step(w, grad_w)
@@ -189,7 +192,7 @@ class CWL2(SearchSettings, Attack):
         initial_const: c of the first outer step.
         abort_early: stop a sample whose loss fell less than 0.01% over steps / 10 steps.
         box: 'clip' (projected Adam on x') or 'tanh' (Carlini's change of variables).
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.
@@ -208,9 +211,15 @@ class CWL2(SearchSettings, Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__(
-            norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
+            norm=None,
+            eps=None,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
         )
         self.init_search(
             kappa=kappa,
@@ -236,6 +245,7 @@ class CWL2(SearchSettings, Attack):
             abort_early=self.abort_early,
             support=batch.support,
             box=self.box,
+            gradients=self.gradients,
             # Carlini's rule: with 10+ outer steps the last one reruns at the upper bound.
             repeat_last=self.binary_search_steps >= 10,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,12 @@ from pse_lightning.attacks.minnorm import (
 )
 from pse_lightning.attacks.search import BestSoFar
 from pse_lightning.validation import require_at_least, require_in_range, require_positive
+
+
+def ce_descent(logits: Tensor, label: Tensor, *, targeted: bool) -> Tensor:
+    """What DDN decreases: the cross-entropy on the target (targeted), else minus the
+    cross-entropy on the true label."""
+    return -ascent_objective(logits, label, targeted, "ce")
 
 
 class DDN(Attack):
@@ -40,7 +48,7 @@ class DDN(Attack):
         init_norm: eps of the first step (L2, [0, 1] pixel units).
         gamma: relative change of eps per step.
         init_step, final_step: the step length alpha at the first and the last step.
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`
             (``seed`` is unused: DDN is deterministic).
     """
 
@@ -55,9 +63,15 @@ class DDN(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__(
-            norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
+            norm=None,
+            eps=None,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
         )
         self.steps = require_at_least("attack.steps", steps, 1)
         self.init_norm = require_positive("attack.init_norm", init_norm)
@@ -69,9 +83,6 @@ class DDN(Attack):
         x = batch.x
         eps = torch.full((len(x),), self.init_norm, device=x.device)
         cap = worst_norm(x, "l2", batch.support)
-
-        def loss(logits: Tensor) -> Tensor:
-            return -ascent_objective(logits, batch.label, self.targeted, "ce")
 
         def update(it: Iterate, best: BestSoFar) -> Tensor:
             nonlocal eps
@@ -86,7 +97,8 @@ class DDN(Attack):
             targeted=self.targeted,
             norm="l2",
             steps=self.steps,
-            loss=loss,
+            loss=partial(ce_descent, targeted=self.targeted),
             update=update,
+            gradients=self.gradients,
         )
         return best.result()

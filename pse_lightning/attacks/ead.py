@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -12,8 +13,8 @@ from pse_lightning.attacks.base import (
     AttackBatch,
     Perturbation,
     confine,
-    input_gradient,
 )
+from pse_lightning.attacks.compiled import input_gradient
 from pse_lightning.attacks.search import (
     BestSoFar,
     EarlyAbort,
@@ -22,6 +23,7 @@ from pse_lightning.attacks.search import (
     binary_search,
     compact,
     squared_l2,
+    weighted_hinge,
 )
 from pse_lightning.validation import (
     require_choice,
@@ -94,7 +96,7 @@ class EAD(SearchSettings, Attack):
         fista: FISTA momentum (True) or plain ISTA (False).
         shrinkage: 'prox' (threshold a_k * beta) or 'paper' (threshold beta).
         abort_early: stop a sample whose loss fell less than 0.01% over steps / 10 steps.
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.
@@ -116,9 +118,15 @@ class EAD(SearchSettings, Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__(
-            norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
+            norm=None,
+            eps=None,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
         )
         self.beta = require_non_negative("attack.beta", beta)
         self.init_search(
@@ -164,10 +172,13 @@ class EAD(SearchSettings, Attack):
                 y_k = x_next + (k / (k + 3.0)) * (x_next - x_k) if self.fista else x_next
                 # FISTA's y^k may leave the box; the model only ever sees valid images.
                 y_k, x_k = y_k.clamp(0.0, 1.0), x_next
-            scored = x_k if self.fista else y_k.requires_grad_(True)
-            with torch.set_grad_enabled(not self.fista):
+            # ISTA reuses this forward's graph for the next gradient (not when compiled: the
+            # compiled gradient is one graph from the image, so it forwards afresh).
+            reuse = not (self.fista or self.compile)
+            scored = x_k if self.fista else y_k.requires_grad_(reuse)
+            with torch.set_grad_enabled(reuse):
                 logits = model(scored)
-            pending = None if self.fista else (scored, logits)
+            pending = (scored, logits) if reuse else None
             with torch.no_grad():
                 f, success = adversarial_margin(logits, lab, self.targeted, self.kappa)
                 delta = x_k - xr
@@ -195,10 +206,8 @@ class EAD(SearchSettings, Attack):
     ) -> Tensor:
         """Gradient of c * f_kappa at y^k (one backward; the forward too unless ``pending``
         holds the graph of a forward at y^k)."""
+        objective = partial(weighted_hinge, targeted=self.targeted, kappa=self.kappa)
         if pending is None:
-            y_k = y_k.detach().requires_grad_(True)
-            logits = model(y_k)
-        else:
-            y_k, logits = pending
-        f, _ = adversarial_margin(logits, label, self.targeted, self.kappa)
-        return input_gradient(const * f, y_k)
+            return self.gradients(model, objective, y_k, label, const)[0]
+        y_k, logits = pending
+        return input_gradient(objective(logits, label, const), y_k)

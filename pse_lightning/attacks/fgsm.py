@@ -14,7 +14,7 @@ class FGSM(Attack):
     Args:
         eps: L-inf budget in [0, 1] pixel units.
         loss: 'ce' (the original) or 'margin'.
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
     """
 
     def __init__(
@@ -25,9 +25,15 @@ class FGSM(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__(
-            norm="linf", eps=eps, targeted=targeted, target_rule=target_rule, seed=seed
+            norm="linf",
+            eps=eps,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
         )
         self.loss = require_choice("attack.loss", loss, ("ce", "margin"))
 

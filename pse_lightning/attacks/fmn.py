@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -49,7 +51,7 @@ class FMN(Attack):
         init_step, final_step: alpha at the first and last step (final: init / 100 when
             null).
         gamma, final_gamma: the relative eps change at the first and last step.
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`
             (``seed`` is unused: FMN is deterministic).
     """
 
@@ -65,9 +67,15 @@ class FMN(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__(
-            norm=None, eps=None, targeted=targeted, target_rule=target_rule, seed=seed
+            norm=None,
+            eps=None,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
         )
         # Not ``self.norm``: that names a budget ball, and FMN has none.
         self.distance = require_choice("attack.norm", norm, MIN_NORMS)
@@ -85,9 +93,6 @@ class FMN(Attack):
         eps = torch.full((len(x),), float("inf"), device=x.device)
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         cap = worst_norm(x, norm, batch.support)
-
-        def loss(logits: Tensor) -> Tensor:
-            return margin(logits, batch.label, self.targeted)
 
         def update(it: Iterate, best: BestSoFar) -> Tensor:
             nonlocal eps, found
@@ -108,7 +113,8 @@ class FMN(Attack):
             targeted=self.targeted,
             norm=norm,
             steps=self.steps,
-            loss=loss,
+            loss=partial(margin, targeted=self.targeted),
             update=update,
+            gradients=self.gradients,
         )
         return best.result()

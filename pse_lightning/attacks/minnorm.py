@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pse_lightning.attacks.base import AttackBatch, input_gradient
+from pse_lightning.attacks.base import AttackBatch
+from pse_lightning.attacks.compiled import EAGER, Gradients, Objective
 from pse_lightning.attacks.losses import margin
 from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.attacks.search import BestSoFar
@@ -134,7 +135,6 @@ class Iterate:
     grad: Tensor
 
 
-Loss = Callable[[Tensor], Tensor]
 Update = Callable[[Iterate, BestSoFar], Tensor]
 
 
@@ -145,15 +145,17 @@ def descend(
     targeted: bool,
     norm: str,
     steps: int,
-    loss: Loss,
+    loss: Objective,
     update: Update,
+    gradients: Gradients = EAGER,
 ) -> BestSoFar:
     """Run ``steps`` iterations from x and track the smallest adversarial iterate.
 
     Each iteration forwards x_adv once with gradient, scores it (the strict margin test,
     so a tracked success is also a success by argmax), keeps it if it is the smallest
     adversarial iterate so far, and asks ``update`` for the next perturbation, which is
-    clipped to the box here. ``loss`` maps logits to the per-sample quantity to decrease.
+    clipped to the box here. ``loss(logits, label)`` is the per-sample quantity to decrease
+    (a module-level function or a partial of one, so a compiled step can be reused).
 
     Returns:
         The tracker: ``x_best`` (x where nothing was found), ``score`` (its norm, inf where
@@ -165,12 +167,9 @@ def descend(
     no_const = torch.full((len(x),), math.nan, device=x.device)
     x_adv = x.clone()
     for step in range(steps):
-        x_adv.requires_grad_(True)
-        logits = model(x_adv)
-        grad = batch.confine(input_gradient(loss(logits), x_adv))
+        grad, logits, _ = gradients(model, loss, x_adv, batch.label)
         with torch.no_grad():
-            x_adv = x_adv.detach()
-            grad = box_aware(grad, x_adv)
+            grad = box_aware(batch.confine(grad), x_adv)
             delta = x_adv - x
             m = margin(logits, batch.label, targeted)
             size = flat_norm(delta, norm)

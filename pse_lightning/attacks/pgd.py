@@ -63,7 +63,7 @@ class PGD(Attack):
             the first always start at random: from x they would repeat the first).
         restarts: independent runs per sample.
         loss: 'ce', 'margin', or 'kl' (maximise KL(f(x) || f(x')): the TRADES inner problem).
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
     """
 
     def __init__(
@@ -79,8 +79,16 @@ class PGD(Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule, seed=seed)
+        super().__init__(
+            norm=norm,
+            eps=eps,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
+        )
         self.step_size = require_positive("attack.step_size", step_size)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.random_start = bool(random_start)
@@ -98,11 +106,11 @@ class PGD(Attack):
             start = self.random_start or restart > 0
             x_adv = self.sample_start(batch, restart) if start else x
             for _ in range(self.steps):
-                grad, logits, objective = self.scored_gradient(
-                    model, x_adv, batch, self.loss, reference
+                x_next, logits, objective = self.ascent_step(
+                    model, x_adv, batch, self.loss, self.step_size, reference
                 )
                 best.update(x_adv, logits, objective, self._hit(logits, batch))
-                x_adv = self.ball.project(x, self.ball.ascend(x_adv, grad, self.step_size))
+                x_adv = x_next
         return best.result(x_adv)
 
     def _hit(self, logits: Tensor, batch: AttackBatch) -> Tensor:

@@ -72,6 +72,14 @@ def adversarial_margin(
     return m.clamp_min(0.0), m < 0
 
 
+def weighted_hinge(
+    logits: Tensor, label: Tensor, const: Tensor, *, targeted: bool, kappa: float
+) -> Tensor:
+    """``c * f_kappa`` per sample: the part of the CW, EAD and StrAttack objectives whose
+    input gradient needs the model (the distance terms have closed-form gradients)."""
+    return const * adversarial_margin(logits, label, targeted, kappa)[0]
+
+
 class ConstantSearch:
     """Per-sample binary search over the constant c that weights the adversarial loss.
 

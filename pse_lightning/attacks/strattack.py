@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,6 @@ from pse_lightning.attacks.base import (
     AttackBatch,
     Perturbation,
     confine,
-    input_gradient,
     keep_logits,
 )
 from pse_lightning.attacks.cw import cw_adam_search
@@ -25,6 +25,7 @@ from pse_lightning.attacks.search import (
     binary_search,
     compact,
     squared_l2,
+    weighted_hinge,
 )
 from pse_lightning.validation import (
     require_at_least,
@@ -147,7 +148,7 @@ class StrAttack(SearchSettings, Attack):
         refine_steps, refine_search_steps, refine_lr: the refinement's CW optimiser.
         refine_quantile: magnitude quantile below which coordinates leave the support.
         refine_rounds: prune-and-re-optimise rounds; each prunes the current best again.
-        targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
+        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
     ``AttackResult.extras`` (keys exactly):
         ``groups``: (N, n_groups) float, L2 norm of the returned perturbation
@@ -183,9 +184,15 @@ class StrAttack(SearchSettings, Attack):
         targeted: bool = False,
         target_rule: str = "random",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__(
-            norm="linf", eps=eps, targeted=targeted, target_rule=target_rule, seed=seed
+            norm="linf",
+            eps=eps,
+            targeted=targeted,
+            target_rule=target_rule,
+            seed=seed,
+            compile=compile,
         )
         self.group_size = require_at_least("attack.group_size", group_size, 1)
         self.init_search(
@@ -256,6 +263,8 @@ class StrAttack(SearchSettings, Attack):
             self.targeted,
         )
 
+        hinge = partial(weighted_hinge, targeted=targeted, kappa=kappa)
+
         def inner(const: Tensor, best: BestSoFar) -> Tensor:
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
             rows = torch.arange(n, device=x.device)
@@ -269,18 +278,19 @@ class StrAttack(SearchSettings, Attack):
                     y = groups.shrink(z - v, tau / rho)
                     w = torch.minimum(torch.maximum(z - s, lo), hi)
                     p = torch.minimum(torch.maximum(y, lo), hi)
-                x_adv = (xr + p).requires_grad_(True)
-                logits = model(x_adv)
-                f, success = adversarial_margin(logits, lab, targeted, kappa)
-                grad_f = input_gradient(c * f, x_adv)
+                x_adv = xr + p
+                grad_f, logits, _ = self.gradients(model, hinge, x_adv, lab, c)
                 with torch.no_grad():
+                    f, success = adversarial_margin(logits, lab, targeted, kappa)
                     grad_f = confine(grad_f, sr)
                     l2sq = squared_l2(p)
                     best.update(rows, x_adv, l2sq.sqrt(), success, c, logits)
                     found[rows] |= success
                     if self.abort_early:
-                        objective = c * f + gamma * l2sq + tau * groups.norms(p).flatten(1).sum(1)
-                        keep = abort.keep(k, objective)
+                        admm_objective = (
+                            c * f + gamma * l2sq + tau * groups.norms(p).flatten(1).sum(1)
+                        )
+                        keep = abort.keep(k, admm_objective)
                     else:
                         keep = None
                     eta = self.alpha * math.sqrt(k + 1)
@@ -327,6 +337,7 @@ class StrAttack(SearchSettings, Attack):
             lower=(xs - self.eps).clamp_min(0.0),
             upper=(xs + self.eps).clamp_max(1.0),
             support=support,
+            gradients=self.gradients,
             start=start,
             best=sub,
         )

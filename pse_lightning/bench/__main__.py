@@ -14,8 +14,8 @@ import sys
 
 import pse_lightning.bench as bench_pkg
 
-# optimality: a table of the attacks suite, not a suite of its own.
-_NOT_SUITES = {"common", "__main__", "optimality"}
+# optimality, compilation: tables of the attacks suite, not suites of their own.
+_NOT_SUITES = {"common", "__main__", "optimality", "compilation"}
 
 
 def available_suites() -> list[str]:

@@ -3,9 +3,11 @@ wall time, success and median L2 against torchattacks and foolbox at equal itera
 
 ``python -m pse_lightning.bench attacks [--quick] [--batch 128] [--steps 25]
 [--search-steps 4] [--train-steps 150] [--threads 0] [--repeats 3] [--no-peers]
-[--budgets 100 500] [--opt-batch 32] [--only timing|optimality]``
+[--budgets 100 500] [--opt-batch 32] [--only timing|optimality|compile] [--compile]``
 
-Two tables: the cost table below, and the optimality table of
+Two tables (three with ``--compile``; ``--only compile`` runs just the third): the cost
+table below, the ``attack.compile`` on/off table of :mod:`pse_lightning.bench.compilation`
+(compile seconds apart from the steady cost per iteration), and the optimality table of
 :mod:`pse_lightning.bench.optimality` (AttackBench: median L2 / best per image over every
 attack of the run, at budgets of 100 and 500 gradient evaluations). ``--quick``: a small
 batch, one round, budget 100 only (a smoke run; its numbers are not the benchmark).
@@ -48,6 +50,7 @@ from torch import Tensor, nn
 
 from pse_lightning.attacks import APGD, CWL2, EAD, FGSM, PGD, StrAttack
 from pse_lightning.bench.common import format_table, forward_backward_floor, synchronize
+from pse_lightning.bench.compilation import compile_specs, print_compile_table
 from pse_lightning.bench.optimality import optimality_table
 from pse_lightning.models import SmallCNN
 
@@ -198,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
         "--budgets", type=int, nargs="+", default=[100, 500], help="evaluations per image"
     )
     parser.add_argument("--opt-batch", type=int, default=32, help="images, optimality table")
-    parser.add_argument("--only", choices=["timing", "optimality"], default=None)
+    parser.add_argument("--only", choices=["timing", "optimality", "compile"], default=None)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the attack.compile table (compiles on the first call: minutes on a CPU)",
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -208,11 +216,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, x, y = digits_batch(max(args.batch, args.opt_batch), args.train_steps, device)
-    if args.only != "timing":
+    if args.only in (None, "optimality"):
         xo, yo = x[: args.opt_batch], y[: args.opt_batch]
         optimality_table(model, xo, yo, args.budgets, args.repeats, not args.no_peers)
-    if args.only != "optimality":
+    if args.only in (None, "timing"):
         timing_table(model, x[: args.batch], y[: args.batch], args, device)
+    if args.only == "compile" or args.compile:
+        specs = compile_specs(args.pgd_steps, args.steps, EPS_LINF)
+        print_compile_table(model, x[: args.batch], y[: args.batch], specs, args.repeats)
 
 
 def timing_table(
