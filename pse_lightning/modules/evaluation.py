@@ -27,11 +27,14 @@ class EvaluationResult:
         analyses: analysis name -> its :class:`~pse_lightning.analysis.base.AnalysisResult`.
         examples: the kept adversarial examples (index, x, x_adv, y, pred_clean, pred_adv),
             sorted by dataset index; empty when none were kept.
+        outcomes: per-image ``index``, ``clean_correct`` and ``adv_correct`` of every
+            process, sorted by dataset index (what a sweep's paired test compares).
     """
 
     scalars: dict[str, float]
     analyses: dict[str, AnalysisResult] = field(default_factory=dict)
     examples: dict[str, Tensor] = field(default_factory=dict)
+    outcomes: dict[str, Tensor] = field(default_factory=dict)
 
 
 # Extras that describe the batch rather than one sample (StrAttack's (H, W) group ids).
@@ -157,6 +160,7 @@ class EvaluationModule(pl.LightningModule):
             scalars={k: float(v) for k, v in scalars.items()},
             analyses=analysis_results,
             examples=self._gather_examples(),
+            outcomes=self.attack_metrics.outcomes(),
         )
         self.attack_metrics.reset()
         for analysis in self.analyses.values():

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from pse_lightning.core.report import ReportSection
+from pse_lightning.reporting.outcomes import write_outcomes
 from pse_lightning.reporting.report import log_report_to_wandb, write_report
 
 
 class ReportWriter(pl.Callback):
-    """After the test loop: analysis sections, figures, report.md, then metrics.json."""
+    """After the test loop: per-image outcomes, analysis sections, figures, report.md, then
+    metrics.json."""
 
     def __init__(
         self,
@@ -43,6 +45,8 @@ class ReportWriter(pl.Callback):
             analysis.report(result.analyses[name], self.run_dir / "figures", self.class_names)
             for name, analysis in pl_module.analyses.items()
         ]
+        if result.outcomes:  # before metrics.json, which marks the run complete
+            write_outcomes(self.run_dir, result.outcomes)
         written = write_report(
             self.run_dir,
             title=self.title,
