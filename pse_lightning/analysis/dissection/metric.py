@@ -117,7 +117,8 @@ class Dissection(Analysis):
         top_images: top-activating probe images kept per unit for the report figure.
         top_units: units shown per layer in that figure (the most interpretable ones).
         permutations: permutations for the p-value of Spearman's rho.
-        bootstrap: Poisson-bootstrap replicates over evaluation images for rho's CI.
+        bootstrap: Poisson-bootstrap replicates over evaluation images and (independently)
+            over probe images for rho's two-way CI.
         enrichment_top: fraction of most sensitive units tested for enrichment in
             interpretable units (hypergeometric p-value).
         successful_only: accumulate sensitivity over successful attacks only.
@@ -175,6 +176,8 @@ class Dissection(Analysis):
             top_images=require_at_least("analysis.top_images", top_images, 0),
             cache_features=_require_bool("analysis.cache_features", cache_features),
             cache_dir=None if cache_dir is None else str(cache_dir),
+            bootstrap=require_at_least("analysis.bootstrap", bootstrap, 0),
+            seed=int(seed),
         )
         self.summary_settings = SummarySettings(
             iou_threshold=require_in_range("analysis.iou_threshold", iou_threshold, 0.0, 1.0),
