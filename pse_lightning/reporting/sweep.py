@@ -18,9 +18,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
-from pse_lightning.reporting.findings import findings_markdown
+from pse_lightning.reporting.findings import PSE_TYPES, findings_markdown
 from pse_lightning.reporting.sweep_figures import (
-    PSE_TYPES,
     accuracy_eps_figure,
     accuracy_figure,
     pse_types_figure,

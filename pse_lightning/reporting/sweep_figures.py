@@ -16,9 +16,8 @@ from pse_lightning.reporting.figures import (
     save,
     stacked_fraction_figure,
 )
+from pse_lightning.reporting.findings import PSE_TYPES
 from pse_lightning.reporting.sweep_jobs import Job
-
-PSE_TYPES = ("suppression", "balanced", "promotion")
 
 
 def accuracy_figure(summary: dict[str, dict], variants: list[str], path: Path) -> Path:
