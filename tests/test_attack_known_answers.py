@@ -334,6 +334,27 @@ def test_attack_metrics_report_clean_misclassified_apart() -> None:
     assert float(out["l2_median"]) == pytest.approx(1.0)
 
 
+def test_attack_metrics_keep_per_image_outcomes_sorted_by_index() -> None:
+    """What a sweep pairs: per image, clean correct and robust (clean and adversarially
+    correct), by dataset index whatever the batch order."""
+    from pse_lightning.modules.attack_metrics import AttackMetrics
+
+    metrics = AttackMetrics()
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([0, 0])
+    right, wrong = torch.tensor([1.0, 0]), torch.tensor([0.0, 1])
+    for index, clean, adv in (
+        ((7, 3), (right, right), (right, wrong)),  # 7 robust, 3 broken
+        ((5, 1), (wrong, right), (right, right)),  # 5 clean-misclassified: not robust
+    ):
+        no = torch.zeros(2, dtype=torch.bool)
+        metrics.update(x, x, y, torch.stack(clean), torch.stack(adv), no, torch.tensor(index))
+    out = metrics.outcomes()
+    assert out["index"].tolist() == [1, 3, 5, 7]
+    assert out["clean_correct"].tolist() == [True, True, False, True]
+    assert out["adv_correct"].tolist() == [True, False, False, True]
+    assert float(metrics.compute()["robust_acc"]) == out["adv_correct"].float().mean()
+
+
 def test_analyses_get_only_the_attacked_rows() -> None:
     from pse_lightning.analysis.base import AdversarialBatch
     from pse_lightning.modules.evaluation import attacked_rows

@@ -493,6 +493,70 @@ def test_other_class_is_neither_label_nor_target_and_depends_on_the_index_only()
     assert not torch.equal(other_class(index, y, target, 5, seed=4), c)
 
 
+def test_same_class_partner_is_another_image_of_the_class_drawn_by_index() -> None:
+    from pse_lightning.analysis.cam.partners import SameClassPartners, evaluation_labels
+    from pse_lightning.data.base import IndexedTensorDataset
+
+    labels = torch.tensor([0, 1, 0, 2, 0, 1] * 500 + [3])  # class 3: a single image
+    dataset = IndexedTensorDataset(torch.zeros(len(labels), 1, 2, 2), labels)
+    subset = torch.utils.data.Subset(dataset, range(3000))
+    assert torch.equal(evaluation_labels(subset), labels[:3000])
+    assert torch.equal(evaluation_labels(dataset), labels)
+    partners = SameClassPartners(dataset, evaluation_labels(dataset), seed=2)
+    index = torch.arange(len(labels))
+    j = partners.partners(index)
+    assert j[-1] == -1  # nobody else in class 3
+    assert ((labels[j[:-1]] == labels[:-1]) & (j[:-1] != index[:-1])).all()
+    zeros = j[:-1][labels[:-1] == 0]  # 1500 images of class 0: uniform over the other 1499
+    assert torch.bincount(zeros, minlength=len(labels)).max() <= 8
+    assert torch.equal(partners.partners(index.flip(0)), j.flip(0))  # index only
+    assert not torch.equal(SameClassPartners(dataset, labels, seed=3).partners(index), j)
+
+
+def same_class_rejections(planted: float, reps: int = 200, n: int = 40) -> dict[str, float]:
+    """Per repetition, n images of 4 classes whose true-class maps are tightly centred
+    (width 1.5) while other classes' maps spread wider (width 6); the perturbation energy is
+    centre-biased (width 4) and unrelated to the masks unless ``planted`` > 0 adds energy
+    inside the true-class mask. Shares of repetitions where each test rejects at 0.05 (the
+    cyclic-shift test: share of images with p <= 0.05)."""
+    from pse_lightning.analysis.cam.partners import SameClassPartners
+
+    gen = torch.Generator().manual_seed(11)
+    labels = torch.arange(n) % 4
+    partners = SameClassPartners(None, labels, seed=0).partners(torch.arange(n))
+    shifts = fcam.choose_shifts(16, 16, 100, 0)
+    rejected = {"same_class": 0, "other_class": 0, "cyclic_shift": 0.0}
+    for _ in range(reps):
+        energy = centre_blobs(n, 16, gen, width=4.0)
+        own = amaps.top_area_mask(centre_blobs(n, 16, gen, width=1.5), 0.2)
+        other = amaps.top_area_mask(centre_blobs(n, 16, gen, width=6.0), 0.2)
+        delta = (energy * (1 + planted * own)).sqrt()[:, None]
+        own_sq = fcam.interpretability_score(delta, own) ** 2
+        tests = {
+            "same_class": own_sq - fcam.interpretability_score(delta, own[partners]) ** 2,
+            "other_class": own_sq - fcam.interpretability_score(delta, other) ** 2,
+        }
+        for name, d in tests.items():
+            rejected[name] += int(fcam.signed_rank_summary(d)["p"] <= 0.05)
+        p = fcam.cyclic_shift_pvalue(delta[:, 0] ** 2, own, shifts)
+        rejected["cyclic_shift"] += float((p <= 0.05).double().mean())
+    return {name: count / reps for name, count in rejected.items()}
+
+
+def test_same_class_null_is_calibrated_where_other_nulls_are_not() -> None:
+    """Centre-biased perturbation, unrelated but more centre-biased true-class masks: the
+    same-class null holds its level; the other-class null (wider masks) and the cyclic shift
+    (stationary energy assumed) both report an effect that is not there."""
+    rates = same_class_rejections(planted=0.0)
+    assert 0.02 <= rates["same_class"] <= 0.08, rates
+    assert rates["other_class"] > 0.5, rates
+    assert rates["cyclic_shift"] > 0.1, rates  # share of images with p <= 0.05: 0.19
+
+
+def test_same_class_null_detects_a_planted_effect() -> None:
+    assert same_class_rejections(planted=0.8)["same_class"] >= 0.8
+
+
 class ObjectMasks:
     """A datamodule stand-in serving shapes-style concept labels (object in category 0)."""
 
@@ -642,3 +706,61 @@ def test_cam_attack_configs_instantiate(name: str) -> None:
     assert isinstance(attack, CAMGuided) and attack.attack.seed == 5
     if name == "cam_cw":
         assert isinstance(attack.attack, CWL2) and attack.attack.abort_early is True
+
+
+class EvaluationSplit:
+    """A datamodule stand-in serving the evaluation split (index = position)."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        from pse_lightning.data.base import IndexedTensorDataset
+
+        self.dataset = IndexedTensorDataset(x, y)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.dataset, batch_size=4)
+
+
+def test_same_class_null_on_an_analytic_model() -> None:
+    """PixelGAP: the null mask of image i is the top area of CAM_y on its partner's clean
+    image x_j (and CAM_t on x_j for the target), so the test's inputs are known by hand;
+    images batched in two halves give the same result as in one."""
+    from pse_lightning.analysis.cam.partners import SameClassPartners
+
+    model = PixelGAP()
+    gen = torch.Generator().manual_seed(12)
+    n = 16
+    x = torch.rand(n, 3, 8, 8, generator=gen) * 0.5 + 0.25
+    delta = 0.05 * torch.randn(n, 3, 8, 8, generator=gen)
+    y, target = torch.arange(n) % 3, (torch.arange(n) + 1) % 3
+    y[-1] = 3  # alone in its class: no partner, left out of the test
+    index = torch.arange(n)
+    weight = model.fc.weight.detach()
+
+    def top_sq(images: Tensor, classes: Tensor, area: float) -> Tensor:
+        cam = torch.einsum("nk,nkhw->nhw", weight[classes], images)
+        return fcam.interpretability_score(delta, amaps.top_area_mask(cam, area)).double() ** 2
+
+    partner = SameClassPartners(None, y, seed=5).partners(index)
+    assert partner[-1] == -1 and (y[partner[:-1]] == y[:-1]).all()
+    results = []
+    for cuts in ((0, n), (0, 7, n)):
+        metric = CAMAnalysis(examples=0, shifts=5, areas=(0.2,), seed=5)
+        metric.prepare(model, EvaluationSplit(x, y))
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            rows = slice(lo, hi)
+            batch = adversarial_batch(model, x[rows], (x + delta)[rows], y[rows], target[rows],
+                                      index[rows])  # fmt: skip
+            metric.update(model, batch)
+        results.append(metric.compute().scalars)
+    out = results[0]
+    for kind, classes in (("true", y), ("target", target)):
+        own = top_sq(x if kind == "true" else x + delta, classes, 0.2)[:-1]
+        same = top_sq(x[partner.clamp_min(0)], classes, 0.2)[:-1]
+        expected = fcam.signed_rank_summary(own - same)
+        for suffix, key in (("", "effect"), ("_low", "low"), ("_high", "high"), ("_p", "p")):
+            got = float(out[f"specific_same_{kind}_top20{suffix}"])
+            assert got == pytest.approx(float(expected[key]), abs=1e-6)
+            assert float(results[1][f"specific_same_{kind}_top20{suffix}"]) == pytest.approx(got)
+        assert float(out[f"same_is_{kind}_top20"]) == pytest.approx(
+            float(same.sqrt().mean()), abs=1e-6
+        )

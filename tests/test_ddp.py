@@ -28,6 +28,10 @@ def test_ddp_cpu_matches_one_process(make_cfg, tmp_path: Path) -> None:
             assert other is None or math.isnan(other), key
         else:
             assert other == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    outcomes = [
+        json.loads((tmp_path / run / "outcomes.json").read_text()) for run in ("one", "two")
+    ]
+    assert outcomes[0] == outcomes[1] and outcomes[0]["index"] == list(range(45))
     for run in ("one", "two"):
         assert json.loads((tmp_path / run / "metrics.json").read_text())["metrics"]
         assert (tmp_path / run / "report.md").is_file()

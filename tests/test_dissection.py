@@ -997,3 +997,47 @@ def test_neuron_mask_settings_and_random_draws() -> None:
         NeuronMask(draws=0)
     with pytest.raises(ValueError, match="defense.k"):
         select_units(stats, 7)
+
+
+@pytest.mark.parametrize("act_size", [8, 3])  # at the label size, and upsampled from 3 x 3
+def test_probe_replicate_tallies_weight_each_probe_image(act_size: int) -> None:
+    """Replicate b of the IoU tally is the tally of the probe set with image n repeated
+    w_{n,b} times: weights of 1 give the tally itself, weights (2, 0, 1, 1, 3, 1) the tally
+    of images [0, 0, 2, 3, 4, 4, 4, 5]; the same in one batch or three."""
+    from pse_lightning.analysis.dissection.tally import (
+        add_replicate_labels,
+        add_sparse_tally,
+        empty_replicates,
+        empty_tally,
+        label_area,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    n, units, size, concepts = 6, 5, 8, 3
+    acts = torch.rand(n, units, act_size, act_size, generator=gen)
+    labels = torch.zeros(n, 2, size, size, dtype=torch.long)
+    labels[:, 0] = torch.randint(0, 3, (n, size, size), generator=gen)  # concepts 1, 2
+    labels[:, 1] = torch.where(torch.rand(n, size, size, generator=gen) < 0.3, 3, 0)
+    labels[3, 1] = 0  # image 3 is not annotated for the second category
+    mask_t = torch.full((units,), 0.7)
+
+    def tally(rows: list[int], weights: Tensor | None = None, cuts=((0, n),)):
+        t = empty_tally(units, 2, concepts, torch.device("cpu"))
+        r = empty_replicates(0 if weights is None else weights.shape[1], t)
+        for lo, hi in cuts:
+            part = rows[lo:hi]
+            rep = None if weights is None else (r, weights[lo:hi])
+            add_sparse_tally(t, acts[part], mask_t, mask_t, labels[part], rep)
+            t.label_area += label_area(labels[part], concepts)
+            if rep is not None:
+                add_replicate_labels(r, labels[part], weights[lo:hi])
+        return t, r
+
+    weights = torch.tensor([[1.0, 2], [1, 0], [1, 1], [1, 1], [1, 3], [1, 1]], dtype=torch.float64)
+    full, reps = tally(list(range(n)), weights)
+    repeated, _ = tally([0, 0, 2, 3, 4, 4, 4, 5], cuts=((0, 8),))
+    for b, expected in ((0, full), (1, repeated)):
+        for got, want in zip(reps.tensors(), expected.tensors(), strict=True):
+            assert torch.equal(got[b], want.double())
+    _, batched = tally(list(range(n)), weights, cuts=((0, 2), (2, 5), (5, 6)))
+    assert all(torch.equal(a, b) for a, b in zip(reps.tensors(), batched.tensors(), strict=True))

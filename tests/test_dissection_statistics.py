@@ -157,3 +157,55 @@ def test_partial_spearman_matches_pingouin_style_reference() -> None:
         v - design @ torch.linalg.lstsq(design, v.view(-1, 1)).solution.view(-1) for v in (rx, ry)
     ]
     assert float(rho) == pytest.approx(float(torch.corrcoef(torch.stack(res))[0, 1]), abs=1e-12)
+
+
+def _probe_iou(a: Tensor, gen: torch.Generator, seed: int, images: int = 40, side: int = 6):
+    """Best IoUs of units whose masks cover a concept's pixels with probability a_k times
+    a per-(image, unit) log-normal factor (mean 1), and 5% of the other pixels, on a probe
+    set of ``images`` random label maps; with 200 Poisson replicates over probe images,
+    tallied by the streaming code the probe pass uses."""
+    from pse_lightning.analysis.dissection.sensitivity import PROBE_POISSON_STREAM, poisson_weights
+    from pse_lightning.analysis.dissection.tally import (
+        add_replicate_labels,
+        add_sparse_tally,
+        best_concepts,
+        empty_replicates,
+        empty_tally,
+        iou_from_tally,
+        label_area,
+        replicate_best_iou,
+    )
+
+    units, category = len(a), torch.tensor([-1, 0])
+    labels = (torch.rand(images, 1, side, side, generator=gen) < 0.25).long()
+    factor = torch.exp(0.8 * torch.randn(images, units, 1, 1, generator=gen, dtype=torch.float64)
+                       - 0.32)  # fmt: skip
+    u = torch.rand(images, units, side, side, generator=gen, dtype=torch.float64)
+    masks = torch.where(labels.bool(), u < (a.view(1, -1, 1, 1) * factor).clamp(0, 1), u < 0.05)
+    tally = empty_tally(units, 1, 1, torch.device("cpu"))
+    reps = empty_replicates(200, tally)
+    weights = poisson_weights(torch.arange(images), 200, seed, PROBE_POISSON_STREAM)[:, 1:]
+    half = torch.full((units,), 0.5)
+    add_sparse_tally(tally, masks.float(), half, half, labels, (reps, weights))
+    tally.label_area += label_area(labels, 1)
+    add_replicate_labels(reps, labels, weights)
+    return best_concepts(iou_from_tally(tally, category))[0], replicate_best_iou(reps, category)
+
+
+@pytest.mark.slow
+def test_two_way_bootstrap_over_probe_images_covers_the_true_rho() -> None:
+    """IoU measured on a finite probe set (each unit's coverage of the concept varies from
+    image to image): resampling probe images with the units covers the population rho of
+    (s, the unit's concept coverage) at close to 95%, and widens the units-only interval."""
+    truth = 6.0 / math.pi * math.asin(0.4 / 2.0)
+    gen = torch.Generator().manual_seed(5)
+    covered, wider = [], []
+    for rep in range(REPS):
+        s, z = correlated(60, 0.4, gen)
+        iou, boot_iou = _probe_iou((0.45 + 0.12 * z).clamp(0.05, 0.95), gen, seed=rep)
+        low, high = unit_bootstrap_ci(s, iou, 0, gen, iou_probe=boot_iou)
+        covered.append(float(low) <= truth <= float(high))
+        units_low, units_high = unit_bootstrap_ci(s, iou, 200, gen)
+        wider.append(float(high - low) > float(units_high - units_low))
+    assert 0.9 <= rate(covered) <= 0.99, rate(covered)
+    assert rate(wider) >= 0.8, rate(wider)

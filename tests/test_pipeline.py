@@ -41,6 +41,10 @@ def test_full_run_with_csv_logger_then_cached_evaluation(make_cfg, tmp_path: Pat
         metrics["test/samples"] - clean_correct
     )
     assert metrics["test/linf_median"] <= 0.03 + 1e-6
+    outcomes = json.loads((run_dir / "outcomes.json").read_text())  # what a sweep pairs
+    assert outcomes["index"] == list(range(48))
+    assert sum(outcomes["adv_correct"]) == pytest.approx(robust)
+    assert sum(outcomes["clean_correct"]) == pytest.approx(clean_correct)
     figures = _report_figures(run_dir)
     assert figures and all(f.is_file() and f.stat().st_size > 1000 for f in figures)
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))

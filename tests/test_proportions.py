@@ -13,6 +13,7 @@ from pse_lightning.core.proportions import (
     discordant_pairs,
     holm_adjust,
     mcnemar_exact,
+    paired_difference_interval,
     wilson_interval,
 )
 
@@ -92,3 +93,39 @@ def test_holm_adjustment_known_answer() -> None:
     adjusted = holm_adjust([0.01, float("nan"), 0.04])
     assert adjusted[0] == pytest.approx(0.02) and adjusted[2] == pytest.approx(0.04)
     assert math.isnan(adjusted[1])
+
+
+def test_paired_difference_interval_equals_the_hand_computed_value() -> None:
+    """10 images: 5 both right, 3 only a, 1 only b, 1 neither; p_a 0.8, p_b 0.6.
+    Wilson: a [0.4902, 0.9433], b [0.3127, 0.8318]; φ = (5·1 − 3·1)/sqrt(8·2·6·4) = 0.10206.
+    Lower 0.2 − sqrt(0.3098² − 2φ·0.3098·0.2318 + 0.2318²) = −0.1675;
+    upper 0.2 + sqrt(0.1433² − 2φ·0.1433·0.2873 + 0.2873²) = 0.5077 (Newcombe 1998, method 10).
+    """
+    a = torch.tensor([True] * 8 + [False] * 2)
+    b = torch.tensor([True] * 5 + [False] * 3 + [True, False])
+    theta, low, high = paired_difference_interval(a, b)
+    assert theta == pytest.approx(0.2)
+    assert low == pytest.approx(-0.1675, abs=2e-4)
+    assert high == pytest.approx(0.5077, abs=2e-4)
+    # Identical outcomes: a narrow interval around 0 (Wilson's asymmetry, not zero width).
+    assert paired_difference_interval(a, a)[0] == 0.0
+    x = torch.arange(400) < 240
+    _, low_same, high_same = paired_difference_interval(x, x)
+    assert -0.01 < low_same < 0 < high_same < 0.01
+    with pytest.raises(ValueError, match="at least one image"):
+        paired_difference_interval(a[:0], b[:0])
+
+
+@pytest.mark.parametrize(("acc_b", "copy"), [(0.7, 0.5), (0.6, 0.8)])
+def test_paired_difference_interval_covers_the_true_difference(acc_b: float, copy: float) -> None:
+    """Over 400 sets of 300 correlated paired outcomes the 95% interval covers the true
+    difference 0.7 − acc_b in 92–98% of sets."""
+    gen = torch.Generator().manual_seed(2)
+    hits = 0
+    for _ in range(400):
+        a = torch.rand(300, generator=gen) < 0.7
+        own = torch.rand(300, generator=gen) < (acc_b - copy * 0.7) / (1 - copy)
+        b = torch.where(torch.rand(300, generator=gen) < copy, a, own)
+        _, low, high = paired_difference_interval(a, b)
+        hits += low <= 0.7 - acc_b <= high
+    assert 0.92 <= hits / 400 <= 0.98, hits / 400

@@ -1,4 +1,5 @@
-"""The multirun comparison report: tables, verdict and figures from job directories on disk."""
+"""The multirun comparison: paired tests, verdicts, tables and figures from job directories
+on disk (docs/METHODS.md §7.6)."""
 
 from __future__ import annotations
 
@@ -6,123 +7,210 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from scipy.stats import fisher_exact
+from torch import Tensor
 
-from pse_lightning.reporting.sweep import collect_jobs, verdict, write_comparison
+from pse_lightning.reporting.outcomes import write_outcomes
+from pse_lightning.reporting.sweep import write_comparison
+from pse_lightning.reporting.sweep_jobs import Job, collect_jobs
+from pse_lightning.reporting.sweep_stats import Comparison, comparison_findings, paired_test
+
+N = 400
 
 
 def _job(
     sweep: Path,
     num: int,
-    training: str,
-    attack: str,
-    clean: float,
-    robust: float,
+    overrides: dict[str, str],
+    clean: Tensor,
+    adv: Tensor,
+    *,
+    eps: float = 0.03,
     pse: tuple[float, float, float] | None = None,
+    outcomes: bool = True,
     complete: bool = True,
 ) -> None:
-    job = sweep / f"{num}_training={training},attack={attack}"
+    """A job directory as Hydra and the report writer leave it."""
+    job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
-    choices = {"training": training, "attack": attack, "model": "small_cnn", "dataset": "shapes"}
+    choices = {"training": "standard", "model": "small_cnn", "dataset": "shapes"}
+    choices |= {k: v for k, v in overrides.items() if "." not in k}
     (job / ".hydra" / "hydra.yaml").write_text(
         yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}})
     )
-    metrics = {"test/clean_acc": clean, "test/robust_acc": robust, "test/samples": 400.0}
+    lines = ["experiment=robust_vs_standard", *(f"{k}={v}" for k, v in overrides.items())]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(lines))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"attack": {"eps": eps}}))
+    adv = adv & clean
+    metrics = {
+        "test/clean_acc": float(clean.float().mean()),
+        "test/robust_acc": float(adv.float().mean()),
+        "test/samples": float(len(clean)),
+    }
     if pse is not None:
-        metrics.update(
-            {
-                f"test/pse/frac_{k}": v
-                for k, v in zip(("suppression", "balanced", "promotion"), pse, strict=True)
-            }
-        )
+        metrics |= {f"test/pse/frac_{k}": v for k, v in
+                    zip(("suppression", "balanced", "promotion"), pse, strict=True)}  # fmt: skip
+    if outcomes:
+        index = torch.arange(len(clean)).flip(0)  # any order on disk: matched by index
+        write_outcomes(job, {"index": index, "clean_correct": clean.flip(0),
+                             "adv_correct": adv.flip(0)})  # fmt: skip
     if complete:  # an interrupted job has no metrics.json (it is written last)
         (job / "metrics.json").write_text(json.dumps({"metrics": metrics}))
 
 
+def _first(k: int, n: int = N) -> Tensor:
+    return torch.arange(n) < k
+
+
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
-    rows = [
-        ("standard", 0.99, {"fgsm": 0.10, "pgd": 0.02}),
-        ("pgd_at", 0.95, {"fgsm": 0.70, "pgd": 0.60}),
-        ("pse_at", 0.955, {"fgsm": 0.72, "pgd": 0.63}),
-    ]
+    """standard (clean 0.99, robust ~0), pgd_at (robust 0.6 under pgd), pse_at with exactly
+    pgd_at's outcomes; trades interrupted."""
+    clean_std, clean_rob = _first(396), _first(380)
+    robust = {
+        "standard": {"fgsm": _first(40), "pgd": _first(8)},
+        "pgd_at": {"fgsm": _first(280), "pgd": _first(240)},
+        "pse_at": {"fgsm": _first(280), "pgd": _first(240)},
+    }
     num = 0
-    for training, clean, robust in rows:
-        for attack, acc in robust.items():
-            _job(tmp_path, num, training, attack, clean, acc, pse=(0.5, 0.3, 0.2))
+    for training, per_attack in robust.items():
+        clean = clean_std if training == "standard" else clean_rob
+        for attack, adv in per_attack.items():
+            overrides = {"training": training, "attack": attack}
+            _job(tmp_path, num, overrides, clean, adv, pse=(0.5, 0.3, 0.2))
             num += 1
-    _job(tmp_path, num, "trades", "pgd", 0.9, 0.5, complete=False)
+    _job(tmp_path, num, {"training": "trades", "attack": "pgd"}, clean_rob, _first(200),
+         complete=False)  # fmt: skip
     return tmp_path
 
 
-def test_comparison_reads_only_completed_jobs_and_tabulates_them(sweep: Path) -> None:
-    assert len(collect_jobs(sweep)) == 6
-    path = write_comparison(sweep)
-    text = path.read_text()
+def test_comparison_pairs_the_variants_and_writes_verdicts(sweep: Path) -> None:
+    assert len(collect_jobs(sweep)) == 6  # the interrupted job is left out
+    text = write_comparison(sweep).read_text()
+    result = json.loads((sweep / "comparison.json").read_text())
+    verdicts = result["verdicts"]
+    assert result["variant_key"] == "training"
+    # 232 images only pgd_at gets right, 0 only standard: far beyond chance.
+    assert verdicts["robust/pgd_at_vs_standard/pgd"] == "supported"
+    assert verdicts["robust/pse_at_vs_standard/fgsm"] == "supported"
+    # Identical outcomes: the paired interval is about ±0.003, so a gain of 0.01 is excluded.
+    assert verdicts["robust/pse_at_vs_pgd_at/pgd"] == "not supported"
+    # Clean 0.95 vs 0.99: 16 images only standard gets right, none the other way.
+    assert verdicts["clean/pgd_at_vs_standard"] == "supported"
+    assert verdicts["clean/pse_at_vs_pgd_at"] == "not supported"  # identical: no difference
+    row = next(r for r in result["comparisons"] if r["key"] == "robust/pgd_at_vs_standard/pgd")
+    assert (row["only_variant"], row["only_baseline"], row["n"]) == (232, 0, N)
+    assert row["difference"] == pytest.approx(0.58)
+    assert row["ci_low"] < 0.58 < row["ci_high"]
+    # Holm over the 9 comparisons shown (3 pairs x (clean + 2 attacks)): the two clean
+    # tests against standard (16 vs 0 discordant, p = 2 / 2**16) rank 5th and 6th of 9,
+    # so both are multiplied by 9 - 5 + 1 = 5.
+    assert len(result["comparisons"]) == 9
+    clean = next(r for r in result["comparisons"] if r["key"] == "clean/pse_at_vs_standard")
+    assert clean["p"] == pytest.approx(2 / 2**16, rel=1e-9)
+    assert clean["p_holm"] == pytest.approx(5 * 2 / 2**16, rel=1e-9)
+    # The Findings table of the run reports, with the same vocabulary.
+    assert "| claim | measured effect (95% CI) | test | p | p (Holm) | verdict |" in text
+    assert "| pgd_at is more robust than standard under pgd | 0.600 − 0.020 = +0.580" in text
+    assert "**not supported** |" in text
     assert "| pgd_at | 0.950 | 0.700 | 0.600 |" in text
-    assert "| pse_at | 0.955 | 0.720 | 0.630 |" in text
-    assert "trades" not in text.split("Jobs:")[0]
-    summary = json.loads((sweep / "comparison.json").read_text())
-    assert summary["variants"]["pse_at"]["robust_acc/pgd"] == pytest.approx(0.63)
-    assert summary["variants"]["standard"]["pse/frac_suppression/fgsm"] == pytest.approx(0.5)
-    assert (sweep / "comparison.png").stat().st_size > 0
-    assert (sweep / "comparison_pse_types.png").stat().st_size > 0
-    assert "![comparison_pse_types](comparison_pse_types.png)" in text
+    assert "trades" not in text
+    assert result["variants"]["standard"]["pse/frac_suppression/fgsm"] == pytest.approx(0.5)
+    for name in ("comparison.png", "comparison_pse_types.png"):
+        assert (sweep / name).stat().st_size > 0 and f"]({name})" in text
+    assert not (sweep / "comparison_accuracy_eps.png").exists()  # one budget per attack
 
 
-def test_verdict_compares_robust_variants_with_standard_and_pse_at_with_pgd_at(
-    sweep: Path,
+def test_a_zoo_sweep_compares_models_two_sided_and_plots_accuracy_against_eps(
+    tmp_path: Path,
 ) -> None:
-    write_comparison(sweep)
-    lines = json.loads((sweep / "comparison.json").read_text())["verdict"]
-    text = "\n".join(lines)
-    # pgd_at - standard: clean 0.95 - 0.99, pgd 0.60 - 0.02; s.e. sqrt(.6*.4/400) = 0.024
-    assert (
-        "pgd_at vs standard: clean accuracy -0.040; robust accuracy fgsm +0.600 (s.e. 0.023)"
-        ", pgd +0.580 (s.e. 0.024)" in text
-    )
-    assert (
-        "pse_at vs pgd_at: clean accuracy +0.005; robust accuracy fgsm +0.020, pgd +0.030" in text
-    )
-    # s.e. of the difference: sqrt(.63*.37/400 + .6*.4/400) = 0.0344 > 0.030 / 2
-    assert (
-        "At equal clean accuracy (within 0.01), pse_at beats pgd_at under pgd (+0.030; the "
-        "difference is within 2 standard errors (0.034), so it is not significant" in text
-    )
-
-
-@pytest.mark.parametrize(
-    ("clean", "pgd", "expected"),
-    [
-        (0.90, 0.65, "no winner at equal clean accuracy"),  # less clean, more robust: a trade-off
-        (0.97, 0.62, "pse_at is at least as good on both"),  # better on both
-        (0.93, 0.55, "pgd_at is at least as good on both"),  # worse on both
-        (0.951, 0.58, "pse_at does not beat pgd_at under pgd (-0.020)"),
-        (0.955, 0.70, "pse_at beats pgd_at under pgd (+0.100)"),
-    ],
-)
-def test_verdict_does_not_claim_a_winner_it_has_not_measured(
-    clean: float, pgd: float, expected: str
-) -> None:
-    summary = {
-        "pgd_at": {"clean_acc": 0.95, "robust_acc/pgd": 0.60},
-        "pse_at": {"clean_acc": clean, "robust_acc/pgd": pgd},
+    """Variants named by model.name; attack.eps swept: one comparison per budget."""
+    num = 0
+    for name, robust in (("A", (300, 200)), ("B", (300, 120))):
+        for eps, k in zip((0.01, 0.03), robust, strict=True):
+            overrides = {"model": "robustbench", "model.name": name, "attack": "pgd",
+                         "attack.eps": str(eps)}  # fmt: skip
+            _job(tmp_path, num, overrides, _first(390), _first(k), eps=eps)
+            num += 1
+    text = write_comparison(tmp_path).read_text()
+    result = json.loads((tmp_path / "comparison.json").read_text())
+    assert result["variant_key"] == "model.name"
+    assert result["verdicts"] == {
+        "clean/A_vs_B": "not supported",  # identical clean outcomes
+        "robust/A_vs_B/pgd eps=0.01": "not supported",  # identical robust outcomes
+        "robust/A_vs_B/pgd eps=0.03": "supported",  # 80 images only A survives
     }
-    assert expected in "\n".join(verdict(summary))
+    assert "A and B differ in robust accuracy under pgd eps=0.03" in text
+    assert (
+        "| model.name | clean acc | robust acc (pgd eps=0.01) | robust acc (pgd eps=0.03) |"
+        in text
+    )
+    assert (tmp_path / "comparison_accuracy_eps.png").stat().st_size > 0
 
 
-def test_verdict_judges_under_autoattack_when_the_sweep_measured_it() -> None:
-    """PGD says pse_at wins, AutoAttack (the stronger evaluation) says it loses: the verdict
-    follows AutoAttack."""
-    summary = {
-        "pgd_at": {"clean_acc": 0.95, "robust_acc/pgd": 0.60, "robust_acc/autoattack": 0.55},
-        "pse_at": {"clean_acc": 0.955, "robust_acc/pgd": 0.62, "robust_acc/autoattack": 0.50},
-    }
-    text = "\n".join(verdict(summary))
-    assert "pse_at does not beat pgd_at under autoattack (-0.050" in text
-    assert "under pgd" not in text
+def test_jobs_without_per_image_outcomes_are_not_measured(tmp_path: Path) -> None:
+    for num, training in enumerate(("standard", "pgd_at")):
+        _job(tmp_path, num, {"training": training, "attack": "pgd"}, _first(390),
+             _first(100 * num), outcomes=False)  # fmt: skip
+    write_comparison(tmp_path)
+    verdicts = json.loads((tmp_path / "comparison.json").read_text())["verdicts"]
+    assert set(verdicts.values()) == {"not measured"}
 
 
 def test_comparison_of_an_empty_sweep_writes_nothing(tmp_path: Path) -> None:
     assert write_comparison(tmp_path) is None
     assert not (tmp_path / "comparison.md").exists()
+
+
+def test_the_paired_test_detects_a_difference_an_unpaired_test_cannot() -> None:
+    """Two variants agree on all but 24 of 500 images (strongly correlated outcomes): 20 only
+    the first gets right, 4 only the second. Accuracy 0.600 against 0.568: as independent
+    samples (Fisher's exact test on the two accuracies) the gap is noise; paired, McNemar
+    sees 20 against 4 discordant images."""
+    a = torch.arange(500) < 300
+    b = a.clone()
+    b[280:300] = False
+    b[300:304] = True
+    stats = paired_test(a, b)
+    unpaired = fisher_exact([[300, 200], [284, 216]]).pvalue
+    assert stats["difference"] == pytest.approx(0.032)
+    assert unpaired > 0.2
+    # p = 2 * P(X <= 4), X ~ Bin(24, 1/2): 2 * (1 + 24 + 276 + 2024 + 10626) / 2**24
+    assert stats["p"] == pytest.approx(2 * 12951 / 2**24, rel=1e-9)
+    assert 0 < stats["ci_low"] < 0.032 < stats["ci_high"]
+
+
+def _paired(gen: torch.Generator, n: int, acc_a: float, acc_b: float, copy: float):
+    """b copies a's outcome with probability ``copy``, otherwise is drawn so that its
+    accuracy is ``acc_b``."""
+    a = torch.rand(n, generator=gen) < acc_a
+    own = torch.rand(n, generator=gen) < (acc_b - copy * acc_a) / (1 - copy)
+    return a, torch.where(torch.rand(n, generator=gen) < copy, a, own)
+
+
+def _verdict(a: Tensor, b: Tensor, directional: bool) -> str:
+    index = torch.arange(len(a))
+    jobs = [Job(dir=v, overrides={}, attack_choice="pgd", attack="pgd", variant=v,
+                outcomes={"index": index, "clean_correct": torch.ones_like(o), "adv_correct": o})
+            for v, o in (("b", b), ("a", a))]  # fmt: skip
+    found, _ = comparison_findings(jobs, [Comparison("b", "a", "robust", "pgd", directional)])
+    return found[0].verdict
+
+
+def test_comparison_false_positive_rate_under_a_planted_null() -> None:
+    """Equal robust accuracy (0.5), half the outcomes shared: "supported" in [2%, 8%] of
+    400 sweeps (two-sided claim, alpha 0.05)."""
+    gen = torch.Generator().manual_seed(0)
+    runs = [_verdict(*_paired(gen, 500, 0.5, 0.5, 0.5), directional=False) for _ in range(400)]
+    rate = runs.count("supported") / len(runs)
+    assert 0.02 <= rate <= 0.08, rate
+
+
+def test_comparison_detects_a_planted_gain() -> None:
+    """Robust accuracy 0.55 against 0.50 on 500 shared images (80% of outcomes shared): the
+    directional claim is supported in at least 80% of 200 sweeps."""
+    gen = torch.Generator().manual_seed(1)
+    runs = [_verdict(*_paired(gen, 500, 0.5, 0.55, 0.8), directional=True) for _ in range(200)]
+    assert runs.count("supported") / len(runs) >= 0.8

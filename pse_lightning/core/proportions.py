@@ -83,3 +83,43 @@ def holm_adjust(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
         adjusted[i] = running
     return adjusted
+
+
+def paired_difference_interval(
+    correct_a: Tensor, correct_b: Tensor, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Accuracy of ``a`` minus accuracy of ``b`` on the same images, with Newcombe's
+    hybrid score interval for paired proportions (Newcombe 1998, method 10).
+
+    The Wilson interval of each accuracy gives its distances below and above the estimate
+    (l₁, u₁ for a; l₂, u₂ for b); they are combined like two standard errors whose
+    correlation φ is the phi coefficient of the 2×2 table of outcomes:
+    θ = p₁ − p₂, lower θ − sqrt(l₁² − 2φ·l₁·u₂ + u₂²), upper θ + sqrt(u₁² − 2φ·u₁·l₂ + l₂²).
+    Positively correlated outcomes (two variants of one network on one test set) narrow it,
+    which an interval for independent samples cannot do. φ = 0 when a margin is empty.
+
+    Args:
+        correct_a, correct_b: (N,) bool per-image correctness on the same N > 0 images.
+        confidence: two-sided coverage.
+
+    Returns:
+        (θ, lower, upper), inside [−1, 1].
+    """
+    pos_a, pos_b = discordant_pairs(correct_a, correct_b)
+    n = int(correct_a.numel())
+    if n == 0:
+        raise ValueError("a paired difference needs at least one image, got 0")
+    both = int((correct_a.bool() & correct_b.bool()).sum())
+    neither = n - both - pos_a - pos_b
+    hits_a, hits_b = both + pos_a, both + pos_b
+    p_a, p_b = hits_a / n, hits_b / n
+    low_a, high_a = wilson_interval(hits_a, n, confidence)
+    low_b, high_b = wilson_interval(hits_b, n, confidence)
+    margins = hits_a * (n - hits_a) * hits_b * (n - hits_b)
+    phi = (both * neither - pos_a * pos_b) / math.sqrt(margins) if margins else 0.0
+    below = (p_a - low_a, high_b - p_b)  # how far θ can fall: a lower, b higher
+    above = (high_a - p_a, p_b - low_b)
+    theta = p_a - p_b
+    delta = math.sqrt(max(0.0, below[0] ** 2 - 2 * phi * below[0] * below[1] + below[1] ** 2))
+    eps = math.sqrt(max(0.0, above[0] ** 2 - 2 * phi * above[0] * above[1] + above[1] ** 2))
+    return theta, max(-1.0, theta - delta), min(1.0, theta + eps)

@@ -20,6 +20,9 @@ class AttackMetrics(Metric):
     adversarially; ``success_rate`` is over the attacked (correctly classified) samples;
     the norms are over the successful ones.
 
+    Per-image outcomes (clean correct, adversarially correct) are kept too: a sweep compares
+    two variants with a paired test on the images both saw (docs/METHODS.md §7.6).
+
     Counts are ``sum`` states. Perturbation norms are one float per sample, kept as ``cat``
     states with their dataset index so the median is exact and a sample seen twice (a
     padded DDP shard) would be detected instead of silently counted twice.
@@ -37,6 +40,8 @@ class AttackMetrics(Metric):
         self.add_state("l2", [], dist_reduce_fx="cat")
         self.add_state("linf", [], dist_reduce_fx="cat")
         self.add_state("succeeded", [], dist_reduce_fx="cat")
+        self.add_state("clean_ok", [], dist_reduce_fx="cat")
+        self.add_state("adv_ok", [], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -52,13 +57,16 @@ class AttackMetrics(Metric):
         success = success & clean_ok  # already so from an Attack; kept for any caller
         self.total += len(y)
         self.clean_correct += clean_ok.sum()
-        self.adv_correct += (clean_ok & (logits_adv.argmax(dim=1) == y)).sum()
+        adv_ok = clean_ok & (logits_adv.argmax(dim=1) == y)
+        self.adv_correct += adv_ok.sum()
         self.success += success.sum()
         delta = x_adv - x
         self.index.append(index)
         self.l2.append(flat_norm(delta, "l2"))
         self.linf.append(flat_norm(delta, "linf"))
         self.succeeded.append(success)
+        self.clean_ok.append(clean_ok)
+        self.adv_ok.append(adv_ok)
 
     def successful_norms(self) -> dict[str, Tensor]:
         """Per-image ``l2`` and ``linf`` norms of δ over the successful adversarial examples,
@@ -103,3 +111,21 @@ class AttackMetrics(Metric):
             "linf_mean": linf.mean() if linf.numel() else nan,
             "linf_median": linf.median() if linf.numel() else nan,
         }
+
+    def outcomes(self) -> dict[str, Tensor]:
+        """Per-image outcomes of every process, sorted by dataset index (so the same under
+        any sharding): ``index`` (N,) long, ``clean_correct`` and ``adv_correct`` (N,) bool.
+        A collective under DDP: every rank must call it."""
+        with self.sync_context():
+            index = _cat(self.index, torch.long)
+            order = index.argsort()
+            return {
+                "index": index[order].cpu(),
+                "clean_correct": _cat(self.clean_ok, torch.bool)[order].cpu(),
+                "adv_correct": _cat(self.adv_ok, torch.bool)[order].cpu(),
+            }
+
+
+def _cat(state: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
+    """A ``cat`` state as one tensor (empty when this process saw no batch)."""
+    return dim_zero_cat(state).to(dtype) if len(state) else torch.zeros(0, dtype=dtype)

@@ -29,12 +29,15 @@ class EvaluationResult:
             sorted by dataset index; empty when none were kept.
         norms: per-image ``l2`` and ``linf`` norms of the successful perturbations, in
             dataset-index order (the report's norm distribution).
+        outcomes: per-image ``index``, ``clean_correct`` and ``adv_correct`` of every
+            process, sorted by dataset index (what a sweep's paired test compares).
     """
 
     scalars: dict[str, float]
     analyses: dict[str, AnalysisResult] = field(default_factory=dict)
     examples: dict[str, Tensor] = field(default_factory=dict)
     norms: dict[str, Tensor] = field(default_factory=dict)
+    outcomes: dict[str, Tensor] = field(default_factory=dict)
 
 
 # Extras that describe the batch rather than one sample (StrAttack's (H, W) group ids).
@@ -161,6 +164,7 @@ class EvaluationModule(pl.LightningModule):
             analyses=analysis_results,
             examples=self._gather_examples(),
             norms=self.attack_metrics.successful_norms(),
+            outcomes=self.attack_metrics.outcomes(),
         )
         self.attack_metrics.reset()
         for analysis in self.analyses.values():

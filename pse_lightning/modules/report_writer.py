@@ -13,11 +13,13 @@ import pytorch_lightning as pl
 
 from pse_lightning.core.report import ReportSection
 from pse_lightning.modules.example_panels import example_panels_section
+from pse_lightning.reporting.outcomes import write_outcomes
 from pse_lightning.reporting.report import log_report_to_wandb, with_prefix, write_report
 
 
 class ReportWriter(pl.Callback):
-    """After the test loop: analysis sections, figures, report.md, then metrics.json."""
+    """After the test loop: per-image outcomes, analysis sections, figures, report.md, then
+    metrics.json."""
 
     def __init__(
         self,
@@ -54,6 +56,8 @@ class ReportWriter(pl.Callback):
                 for name, analysis in pl_module.analyses.items()
             ]
         )
+        if result.outcomes:  # before metrics.json, which marks the run complete
+            write_outcomes(self.run_dir, result.outcomes)
         written = write_report(
             self.run_dir,
             title=self.title,

@@ -124,12 +124,17 @@ def training_finding() -> Finding:
 def run_findings(scalars: dict[str, float]) -> list[Finding]:
     """Every claim this run can speak to, with Holm-corrected p-values and verdicts."""
     found = [pse_types_finding(scalars), cam_finding(scalars), *dissection_findings(scalars)]
+    return [*judge(found), training_finding()]
+
+
+def judge(found: list[Finding]) -> list[Finding]:
+    """Holm over the family ``found`` and each tested claim's verdict; a finding built with
+    ``verdict="against"`` (its interval excludes the claimed effect) is "not supported"."""
     adjusted = holm_adjust([f.p for f in found])  # untested claims (NaN) stay out
-    found = [
+    return [
         f if math.isnan(p_holm) else replace(f, p_holm=p_holm, verdict=_verdict(f, p_holm))
         for f, p_holm in zip(found, adjusted, strict=True)
     ]
-    return [*found, training_finding()]
 
 
 def _verdict(finding: Finding, p_holm: float) -> str:
@@ -138,8 +143,17 @@ def _verdict(finding: Finding, p_holm: float) -> str:
     return "supported" if p_holm < ALPHA else "inconclusive"
 
 
-def findings_markdown(findings: list[Finding]) -> str:
-    """The Findings table and the rule that produced its verdicts."""
+RUN_RULE = (
+    f"Holm's correction runs over every p-value in this table. Supported: the corrected "
+    f"test rejects at {ALPHA} in the claimed direction. Not supported: the interval "
+    f"excludes an effect of the claimed size (a type share ≥ {MIN_TYPE_SHARE}, |ρ| ≥ "
+    f"{MIN_TIGHT_RHO}) or points the other way. Otherwise inconclusive at this sample "
+    "size. Method: docs/METHODS.md §7.13."
+)
+
+
+def findings_markdown(findings: list[Finding], rule: str = RUN_RULE) -> str:
+    """The Findings table and ``rule``, the sentence that says how its verdicts were made."""
     rows = [
         f"| {f.claim} | {f.effect} | {f.test} | {_p(f.p)} | {_p(f.p_holm)} | **{f.verdict}** |"
         for f in findings
@@ -149,11 +163,7 @@ def findings_markdown(findings: list[Finding]) -> str:
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Holm's correction runs over every p-value in this table. Supported: the corrected "
-        f"test rejects at {ALPHA} in the claimed direction. Not supported: the interval "
-        f"excludes an effect of the claimed size (a type share ≥ {MIN_TYPE_SHARE}, |ρ| ≥ "
-        f"{MIN_TIGHT_RHO}) or points the other way. Otherwise inconclusive at this sample "
-        "size. Method: docs/METHODS.md §7.13.",
+        rule,
     ])  # fmt: skip
 
 

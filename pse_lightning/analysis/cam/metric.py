@@ -20,6 +20,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
 from pse_lightning.analysis.cam import statistics as stats
+from pse_lightning.analysis.cam.partners import SameClassPartners, evaluation_labels
 from pse_lightning.analysis.cam.report import cam_section
 from pse_lightning.analysis.cam.result import MASK_KINDS, CAMExamples
 from pse_lightning.analysis.pse.attribution import grad_times_delta
@@ -45,6 +46,7 @@ IMAGE_STATES: tuple[str, ...] = (
     "image_top_is_sq",  # (n, len(AREA_KINDS), len(areas)) IS^2 of the top-area masks
     "image_top_area",  # same shape: their areas (round(a H W) pixels)
     "image_null_is_sq",  # same shape: IS^2 of the other class's top-area masks, NaN if K < 3
+    "image_same_is_sq",  # same shape: IS^2 of the same class's masks on another image (or NaN)
     "image_object_is_sq",  # (n,) IS^2 of the ground-truth object mask (datasets that have it)
     "image_object_area",  # (n,) its area
 )
@@ -161,6 +163,7 @@ class CAMAnalysis(Analysis):
         )
         self._mapper_cache: amaps.ActivationMap | None = None
         self._object_masks: Tensor | None = None
+        self._partners: SameClassPartners | None = None
 
         f64 = dict(dtype=torch.float64)
         self.add_state("evaluated", torch.zeros((), **f64), dist_reduce_fx="sum")
@@ -179,10 +182,17 @@ class CAMAnalysis(Analysis):
 
         A datamodule with ``concept_labels(split)`` (shapes) labels the object's pixels in
         its first category, so those pixels are the object. Others (CIFAR-10, ImageNet) have
-        none and the object reference is left out.
+        none and the object reference is left out. Also the evaluation split's labels, from
+        which each image's same-class partner is drawn (none: the same-class null is NaN).
         """
         labels = getattr(datamodule, "concept_labels", None)
         self._object_masks = None if labels is None else labels("test")[:, 0] > 0
+        loader = getattr(datamodule, "test_dataloader", None)
+        dataset = None if loader is None else loader().dataset
+        classes = evaluation_labels(dataset)
+        self._partners = (
+            None if classes is None else SameClassPartners(dataset, classes, self.seed)
+        )
 
     def _mapper(self, model: nn.Module) -> amaps.ActivationMap:
         """One map object kept across batches, so CAM verifies the head only once."""
@@ -226,10 +236,15 @@ class CAMAnalysis(Analysis):
         if bool((batch.index < self.examples).any()):
             targets["pred_clean"] = (batch.x, batch.logits_clean.argmax(dim=1))
             targets["pred_adv"] = (batch.x_adv, batch.logits_adv.argmax(dim=1))
+        batches = [batch.x, batch.x_adv]
+        if self._partners is not None:  # the same classes' maps on another image of class y
+            partner = self._partners.images(self._partners.partners(batch.index), batch.x)
+            targets |= {"same_true": (partner, batch.y), "same_target": (partner, batch.target)}
+            batches.append(partner)
         mapper = self._mapper(model)
         maps = {}
         with frozen_eval(model):
-            for images in (batch.x, batch.x_adv):  # one forward pass per image batch
+            for images in batches:  # one forward pass per image batch
                 names = [k for k, (im, _) in targets.items() if im is images]
                 _, raw = mapper.raw_maps(model, images, [targets[k][1] for k in names])
                 maps |= {k: amaps.image_maps(r, size) for k, r in zip(names, raw, strict=True)}
@@ -282,31 +297,44 @@ class CAMAnalysis(Analysis):
     ) -> None:
         """Append the scored images' rows for the dataset-level tests (``IMAGE_STATES``)."""
         delta = delta[scored]
-        top_sq, top_area, null_sq = [], [], []
+        top_sq, top_area, null_sq, same_sq = [], [], [], []
+        has_partner = self._has_partner(batch.index[scored])
         for kind in AREA_KINDS:
             for a in self.areas:
                 top = amaps.top_area_mask(maps[kind][scored], a)
                 top_sq.append(stats.interpretability_score(delta, top).pow(2))
                 top_area.append(amaps.mask_area(top).double())
-                null_sq.append(
-                    stats.interpretability_score(
-                        delta, amaps.top_area_mask(maps[f"null_{kind}"][scored], a)
-                    ).pow(2)
-                    if f"null_{kind}" in maps
-                    else torch.full_like(top_sq[-1], float("nan"))
-                )
+                null_sq.append(self._null_score(delta, maps, f"null_{kind}", scored, a))
+                same = self._null_score(delta, maps, f"same_{kind}", scored, a)
+                same_sq.append(torch.where(has_partner, same, float("nan")))
         shape = (len(delta), len(AREA_KINDS), len(self.areas))
         self.image_is_sq.append(per_kind["score"][scored].pow(2))
         self.image_area.append(per_kind["area"][scored])
         self.image_top_is_sq.append(torch.stack(top_sq, 1).view(shape))
         self.image_top_area.append(torch.stack(top_area, 1).view(shape))
         self.image_null_is_sq.append(torch.stack(null_sq, 1).view(shape))
+        self.image_same_is_sq.append(torch.stack(same_sq, 1).view(shape))
         obj = delta.new_zeros((0, *delta.shape[-2:]), dtype=torch.bool)
         if self._object_masks is not None:
             obj = self._object_masks.to(delta.device)[batch.index[scored]]
         self.image_object_is_sq.append(stats.interpretability_score(delta, obj).pow(2)
                                        if len(obj) else delta.new_zeros(0))  # fmt: skip
         self.image_object_area.append(amaps.mask_area(obj).double())
+
+    def _has_partner(self, index: Tensor) -> Tensor:
+        if self._partners is None:
+            return torch.zeros(len(index), dtype=torch.bool, device=index.device)
+        return (self._partners.partners(index) >= 0).to(index.device)
+
+    def _null_score(
+        self, delta: Tensor, maps: dict[str, Tensor], name: str, scored: Tensor, area: float
+    ) -> Tensor:
+        """IS^2 of the scored rows against the top ``area`` of null map ``name`` (NaN rows
+        when that null is not available)."""
+        if name not in maps:
+            return delta.new_full((len(delta),), float("nan"))
+        mask = amaps.top_area_mask(maps[name][scored], area)
+        return stats.interpretability_score(delta, mask).pow(2)
 
     def _keep(
         self,
@@ -378,7 +406,10 @@ class CAMAnalysis(Analysis):
         of class k's map) - IS^2(top A% of another class's map on the same image), the same
         area by construction, so a centre-biased perturbation scores alike on both. Each
         comes with ``_low``, ``_high`` and ``_p`` (two-sided Wilcoxon, uncorrected; see
-        docs/METHODS.md §7). ``is_k_topA``, ``lift_k_topA``, ``null_is_k_topA``,
+        docs/METHODS.md §7). ``specific_same_k_topA``: the same with the null mask of class
+        k's own label on another evaluated image of the true class, which shares the class's
+        typical spread (images without such a partner are left out). ``is_k_topA``,
+        ``lift_k_topA``, ``null_is_k_topA``, ``same_is_k_topA``,
         ``is_object``, ``area_object``, ``lift_object``: means over images.
         """
         rows = {name: _cat_or_none(getattr(self, name)) for name in IMAGE_STATES}
@@ -393,10 +424,13 @@ class CAMAnalysis(Analysis):
                 tag = f"{kind}_top{round(100 * a)}"
                 is_sq, area = rows["image_top_is_sq"][:, i, j], rows["image_top_area"][:, i, j]
                 null = rows["image_null_is_sq"][:, i, j]
+                same = rows["image_same_is_sq"][:, i, j]
                 out[f"is_{tag}"] = is_sq.sqrt().mean()
                 out[f"lift_{tag}"] = (is_sq / area).mean()
                 out[f"null_is_{tag}"] = null.sqrt().mean()
                 out |= _test_keys(f"specific_{tag}", is_sq - null)
+                out[f"same_is_{tag}"] = same[~same.isnan()].sqrt().mean()
+                out |= _test_keys(f"specific_same_{tag}", is_sq - same)
         obj_sq, obj_area = rows["image_object_is_sq"], rows["image_object_area"]
         if obj_sq is not None and len(obj_sq):
             has = obj_area > 0

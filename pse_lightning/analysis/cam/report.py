@@ -119,7 +119,9 @@ def _test_table(s: dict[str, Tensor]) -> list[str]:
         "effect = Hodges-Lehmann pseudo-median of d with its 95% CI). excess: d = IS^2 - area "
         "(against a random mask; biased by uneven spatial spread). specific: d = IS^2(top A% "
         "of the class's map) - IS^2(top A% of another class's map on the same image), the "
-        "null that respects uneven spread. object: the ground-truth object mask, a reference.",
+        "null that respects uneven spread. specific_same: the same with the class's map on "
+        "another image of the true class, which also respects a class's own typical spread. "
+        "object: the ground-truth object mask, a reference.",
         "",
         "| test | effect | 95% CI | p |",
         "|---|---|---|---|",
@@ -134,15 +136,16 @@ def _area_table(s: dict[str, Tensor]) -> list[str]:
     """Fixed-area masks and the object mask: mean IS, the null's IS and the lift."""
     tags = [k[len("lift_") :] for k in s if k.startswith("lift_") and "_top" in k]
     lines = [
-        "| mask (fixed area) | IS | IS of another class's mask | lift IS^2/area |",
-        "|---|---|---|---|",
+        "| mask (fixed area) | IS | IS of another class's mask | IS of the class's mask on "
+        "another image | lift IS^2/area |",
+        "|---|---|---|---|---|",
     ]
     for tag in tags:
-        cells = [_num(s.get(f"{stat}_{tag}")) for stat in ("is", "null_is", "lift")]
+        cells = [_num(s.get(f"{stat}_{tag}")) for stat in ("is", "null_is", "same_is", "lift")]
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     if "lift_object" in s:
         lines.append(f"| ground-truth object (area {_num(s['area_object'])}) | "
-                     f"{_num(s['is_object'])} | - | {_num(s['lift_object'])} |")  # fmt: skip
+                     f"{_num(s['is_object'])} | - | - | {_num(s['lift_object'])} |")  # fmt: skip
     return [*lines, ""] if len(lines) > 2 else []
 
 

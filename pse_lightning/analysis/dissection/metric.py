@@ -125,7 +125,8 @@ class Dissection(Analysis):
         sensitive_images: evaluation images (dataset index < this, those s is measured on)
             shown with the most sensitive units' masks on x and x' (0: no such figure).
         permutations: permutations for the p-value of Spearman's rho.
-        bootstrap: Poisson-bootstrap replicates over evaluation images for rho's CI.
+        bootstrap: Poisson-bootstrap replicates over evaluation images and (independently)
+            over probe images for rho's two-way CI.
         enrichment_top: fraction of most sensitive units tested for enrichment in
             interpretable units (hypergeometric p-value).
         successful_only: accumulate sensitivity over successful attacks only.
@@ -184,6 +185,8 @@ class Dissection(Analysis):
             top_images=require_at_least("analysis.top_images", top_images, 0),
             cache_features=_require_bool("analysis.cache_features", cache_features),
             cache_dir=None if cache_dir is None else str(cache_dir),
+            bootstrap=require_at_least("analysis.bootstrap", bootstrap, 0),
+            seed=int(seed),
         )
         self.summary_settings = SummarySettings(
             iou_threshold=require_in_range("analysis.iou_threshold", iou_threshold, 0.0, 1.0),

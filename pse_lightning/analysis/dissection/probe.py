@@ -25,14 +25,19 @@ from pse_lightning.analysis.dissection.activations import layer_activations
 from pse_lightning.analysis.dissection.cache import ActivationCache
 from pse_lightning.analysis.dissection.masks import hot_bounds, mask_thresholds
 from pse_lightning.analysis.dissection.quantiles import RadixQuantile
+from pse_lightning.analysis.dissection.sensitivity import PROBE_POISSON_STREAM, poisson_weights
 from pse_lightning.analysis.dissection.tally import (
     IoUTally,
+    ReplicateTally,
+    add_replicate_labels,
     add_sparse_tally,
     best_concepts,
+    empty_replicates,
     empty_tally,
     iou_from_tally,
     label_area,
     merge_top,
+    replicate_best_iou,
 )
 from pse_lightning.core.distributed import all_gather, all_reduce_, rank_world
 from pse_lightning.core.model_state import frozen_eval, model_device
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 EMPTY_INDEX = 1 << 62  # sorts after every dataset index: an empty slot of a top-k list
 _HISTOGRAM_BYTES = 1 << 28  # per-layer cap of the threshold histogram (see layer_bins)
+_REPLICATE_BYTES = 1 << 28  # per-layer cap of the IoU tally's probe replicates
 
 Batches = Iterator[tuple[dict[str, Tensor], Tensor | None, Tensor]]
 
@@ -55,6 +61,8 @@ class ProbeSettings:
     top_images: int
     cache_features: bool
     cache_dir: str | None
+    bootstrap: int = 0  # Poisson-bootstrap replicates over probe images (IoU uncertainty)
+    seed: int = 0
 
 
 @dataclass  # not frozen: torchmetrics maps compute()'s result through its dataclasses
@@ -93,6 +101,8 @@ class LayerDissection:
         iou: (K, C + 1) IoU_{k,c}; best_iou, best_concept: (K,) max and argmax over c.
         top_scores, top_index: (K, top_images) highest per-image max activations and
             the dataset indices of those images.
+        boot_best_iou: (B, K) best IoU in each Poisson-bootstrap replicate over probe
+            images (thresholds T_k held at the full probe set's); (0, K) without replicates.
     """
 
     name: str
@@ -104,6 +114,7 @@ class LayerDissection:
     best_concept: Tensor
     top_scores: Tensor
     top_index: Tensor
+    boot_best_iou: Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
     @property
     def units(self) -> int:
@@ -156,6 +167,16 @@ def layer_bins(units: int, bins: int) -> int:
     while bins > 16 and units * bins * 8 > _HISTOGRAM_BYTES:
         bins //= 2
     return bins
+
+
+def probe_replicates(requested: int, tally: IoUTally) -> int:
+    """Probe replicates for a layer: ``requested``, capped so that the replicate tallies
+    fit in 256 MB (a 512-unit layer against 1,200 Broden concepts gets 54)."""
+    per_replicate = 8 * sum(t.numel() for t in tally.tensors())
+    capped = min(requested, _REPLICATE_BYTES // per_replicate)
+    if capped < requested:
+        log.warning("probe bootstrap: %d of %d replicates fit the memory cap", capped, requested)
+    return capped
 
 
 def head_layer(model: nn.Module, layers: Sequence[str]) -> str | None:
@@ -315,25 +336,36 @@ class ProbePasses:
 
     def _iou_pass(
         self, searches: dict[str, RadixQuantile], units: dict[str, int]
-    ) -> dict[str, IoUTally]:
-        """Intersections and areas of the unit masks, visiting only pixels near hot cells."""
+    ) -> dict[str, tuple[IoUTally, ReplicateTally]]:
+        """Intersections and areas of the unit masks, visiting only pixels near hot cells,
+        and their Poisson-bootstrap replicates over probe images."""
         concepts, categories = len(self.table.names), len(self.table.categories)
-        tallies = {n: empty_tally(k, categories, concepts, self.device) for n, k in units.items()}
+        tallies = {}
+        for n, k in units.items():
+            tally = empty_tally(k, categories, concepts, self.device)
+            reps = probe_replicates(self.settings.bootstrap, tally)
+            tallies[n] = (tally, empty_replicates(reps, tally))
         mask_t, bounds = {}, {}
         for n, s in searches.items():
             mask_t[n] = mask_thresholds(s.thresholds(), s.minimum()).to(self.device)
             bounds[n] = hot_bounds(mask_t[n], s.minimum(), s.maximum()).to(self.device)
-        for acts, labels, _index in self._sweep(labels=True):
+        most = max(r.replicates for _, r in tallies.values())
+        for acts, labels, index in self._sweep(labels=True):
             areas = label_area(labels, concepts)
+            weights = poisson_weights(index, most, self.settings.seed, PROBE_POISSON_STREAM)[:, 1:]
             for n in self.layers:
-                add_sparse_tally(tallies[n], acts[n], mask_t[n], bounds[n], labels)
-                tallies[n].label_area += areas
+                tally, rep = tallies[n]
+                replicate = (rep, weights[:, : rep.replicates]) if rep.replicates else None
+                add_sparse_tally(tally, acts[n], mask_t[n], bounds[n], labels, replicate)
+                tally.label_area += areas
+                if replicate is not None:
+                    add_replicate_labels(rep, labels, replicate[1])
         return tallies
 
     def _reduce(
         self,
         searches: dict[str, RadixQuantile],
-        tallies: dict[str, IoUTally],
+        tallies: dict[str, tuple[IoUTally, ReplicateTally]],
         tops: dict[str, tuple[Tensor, Tensor]],
         images: Tensor,
     ) -> tuple[dict[str, LayerDissection], int]:
@@ -341,10 +373,11 @@ class ProbePasses:
         all_reduce_(images, "sum")
         results = {}
         for n in self.layers:
-            for tensor in tallies[n].tensors():
+            for tensor in (*tallies[n][0].tensors(), *tallies[n][1].tensors()):
                 all_reduce_(tensor, "sum")
             scores, index = _gather_top(*tops[n], max(self.settings.top_images, 1))
-            tally = IoUTally(*(t.cpu() for t in tallies[n].tensors()))
+            tally = IoUTally(*(t.cpu() for t in tallies[n][0].tensors()))
+            reps = ReplicateTally(*(t.cpu() for t in tallies[n][1].tensors()))
             iou = iou_from_tally(tally, self.table.concept_category)
             best_iou, best_concept = best_concepts(iou)
             results[n] = LayerDissection(
@@ -357,6 +390,7 @@ class ProbePasses:
                 best_concept=best_concept,
                 top_scores=scores[:, : self.settings.top_images].cpu(),
                 top_index=index[:, : self.settings.top_images].cpu(),
+                boot_best_iou=replicate_best_iou(reps, self.table.concept_category),
             )
         return results, int(images)
 

@@ -29,6 +29,7 @@ SENSITIVITY_ROWS: tuple[str, ...] = (
     "suppression_signed",  # sum of -w_{t0,k} Δ_k
 )
 _POISSON_STREAM = 101  # counter-based RNG stream of the bootstrap weights (attacks use 1, 2)
+PROBE_POISSON_STREAM = 102  # the probe images' bootstrap weights (IoU replicates)
 
 
 def spatial_mean(acts: Tensor) -> Tensor:
@@ -72,17 +73,20 @@ def sensitivity_terms(
     )
 
 
-def poisson_weights(index: Tensor, replicates: int, seed: int) -> Tensor:
+def poisson_weights(
+    index: Tensor, replicates: int, seed: int, stream: int = _POISSON_STREAM
+) -> Tensor:
     """(N, 1 + B) sample weights: 1, then B Poisson(1) bootstrap weights per sample.
 
     A Poisson bootstrap resamples images in a stream: each image's B weights depend only
     on (seed, dataset index), so the replicate sums are the same under any batching or
-    number of processes, and memory is B sums instead of the per-image data.
+    number of processes, and memory is B sums instead of the per-image data. The probe's
+    replicates use another ``stream``, independent of the evaluation images' weights.
     """
     ones = torch.ones(len(index), 1, dtype=torch.float64, device=index.device)
     if replicates == 0:
         return ones
-    u = randomness.uniform(index, (replicates,), seed, _POISSON_STREAM).double()
+    u = randomness.uniform(index, (replicates,), seed, stream).double()
     pmf = [math.exp(-1.0) / math.factorial(i) for i in range(12)]
     cdf = torch.tensor(pmf, dtype=torch.float64, device=index.device).cumsum(0)
     counts = (u.unsqueeze(-1) >= cdf).sum(dim=-1).double()

@@ -175,28 +175,32 @@ def unit_bootstrap_ci(
     replicates: int,
     generator: torch.Generator,
     s_images: Tensor | None = None,
+    iou_probe: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """95% percentile CI of Spearman's rho(s, IoU) resampling UNITS with replacement.
 
     The units are the sample the correlation is computed over, so resampling them is what
     measures rho's sampling error (docs/METHODS.md §7.3). With ``s_images`` (B, K), the
     sensitivities of B Poisson-bootstrap replicates over evaluation images, replicate b
-    also uses ``s_images[b]``: a two-way bootstrap over units and evaluation images, so
-    the interval includes the noise of s_k's estimate as well.
+    also uses ``s_images[b]``; with ``iou_probe`` (B', K), the best IoUs of Poisson-
+    bootstrap replicates over probe images, it also uses ``iou_probe[b]``. The interval
+    then includes the noise of s_k's and of IoU_k's estimates as well.
 
     Args:
         s, iou: (K,) sensitivity and best IoU.
-        replicates: B (ignored with ``s_images``, whose rows set it).
+        replicates: B (ignored when image replicates are given: the fewest rows set it).
         generator: the source of the unit resamples.
     """
     units = len(s)
-    b = replicates if s_images is None else len(s_images)
+    given = [len(r) for r in (s_images, iou_probe) if r is not None]
+    b = min(given) if given else replicates
     if b < 1 or units < 3:
         nan = torch.tensor(math.nan, dtype=torch.float64)
         return nan, nan.clone()
     pick = torch.randint(units, (b, units), generator=generator)
-    x = s.double()[pick] if s_images is None else s_images.double().gather(1, pick)
-    return percentile_ci(spearman_rows(x, iou.double()[pick]))
+    x = s.double()[pick] if s_images is None else s_images[:b].double().gather(1, pick)
+    y = iou.double()[pick] if iou_probe is None else iou_probe[:b].double().gather(1, pick)
+    return percentile_ci(spearman_rows(x, y))
 
 
 def rank_residuals(values: Tensor, control: Tensor) -> Tensor:

@@ -89,13 +89,14 @@ def layer_units(
 
 
 def correlation_scalars(
-    units: LayerUnits, boot_s: Tensor, settings: SummarySettings
+    units: LayerUnits, boot_s: Tensor, settings: SummarySettings, boot_iou: Tensor | None = None
 ) -> dict[str, Tensor]:
     """Spearman's rho(s, IoU) with its permutation p and its intervals (§7.2, §7.3).
 
-    ``spearman_ci_*`` is the two-way bootstrap over units and evaluation images (units
-    only when there are no image replicates); ``spearman_ci_units_*`` resamples units
-    only; ``spearman_ci_images_*`` evaluation images only (units fixed: the noise of s_k's
+    ``spearman_ci_*`` is the two-way bootstrap: units, together with evaluation images
+    (``boot_s``) and probe images (``boot_iou``, (B', K) best IoUs), units only when there
+    are no image replicates; ``spearman_ci_units_*`` resamples units only;
+    ``spearman_ci_images_*`` evaluation images only (units fixed: the noise of s_k's
     estimate alone, not a CI of rho as a property of the layer).
     """
     gen = torch.Generator().manual_seed(settings.seed)
@@ -109,7 +110,8 @@ def correlation_scalars(
     low, high = unit_bootstrap_ci(s, iou, replicates, unit_gen)
     out["spearman_ci_units_low"], out["spearman_ci_units_high"] = low, high
     if settings.bootstrap:
-        two_way = unit_bootstrap_ci(s, iou, 0, unit_gen, s_images=boot_s)
+        probe = boot_iou if boot_iou is not None and len(boot_iou) else None
+        two_way = unit_bootstrap_ci(s, iou, 0, unit_gen, s_images=boot_s, iou_probe=probe)
         out["spearman_ci_low"], out["spearman_ci_high"] = two_way
         images = torch.stack([spearman(row, iou) for row in boot_s])
         out["spearman_ci_images_low"], out["spearman_ci_images_high"] = percentile_ci(images)
@@ -123,6 +125,7 @@ def layer_scalars(
     boot_s: Tensor,
     table: ConceptTable,
     settings: SummarySettings,
+    boot_iou: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The logged scalars of one layer.
 
@@ -130,6 +133,7 @@ def layer_scalars(
         units: the layer's :class:`LayerUnits`.
         boot_s: (B, K) s_k of each Poisson-bootstrap replicate over evaluation images.
         table: the probe's concepts and categories.
+        boot_iou: (B', K) best IoU of each Poisson-bootstrap replicate over probe images.
         settings: the statistics' settings.
     """
     s, iou, interp = units.s, units.iou, units.interpretable
@@ -143,7 +147,7 @@ def layer_scalars(
         "mean_s": s.mean(),
         "mean_s_plus": units.s_plus.mean(),
         "mean_s_minus": units.s_minus.mean(),
-        **correlation_scalars(units, boot_s, settings),
+        **correlation_scalars(units, boot_s, settings, boot_iou),
         "mannwhitney_u": u_stat,
         "mannwhitney_p": u_p,
         "enrichment_observed": _scalar(observed),
@@ -193,7 +197,7 @@ def baseline_scalars(
     """The random-weights baseline of one layer: its interpretable units and rho(s, IoU)
     with permutation p and two-way CI, keyed under ``random/`` (§4.7)."""
     units = layer_units(layer, sens, False, settings.iou_threshold)
-    correlation = correlation_scalars(units, sens["s"][1:], settings)
+    correlation = correlation_scalars(units, sens["s"][1:], settings, layer.boot_best_iou)
     keys = ("spearman_rho", "spearman_p", "spearman_ci_low", "spearman_ci_high")
     out = {
         "interpretable": _scalar(int(units.interpretable.sum())),
@@ -214,4 +218,5 @@ def summarise_layer(
 ) -> tuple[dict[str, Tensor], LayerUnits]:
     """(scalars, unit tensors) of one layer from its probe result and sensitivity."""
     units = layer_units(layer, sens, head, settings.iou_threshold)
-    return layer_scalars(units, sens["s"][1:], table, settings), units
+    scalars = layer_scalars(units, sens["s"][1:], table, settings, layer.boot_best_iou)
+    return scalars, units

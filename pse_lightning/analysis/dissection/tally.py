@@ -41,6 +41,70 @@ class IoUTally:
         return [self.intersection, self.mask_area, self.label_area]
 
 
+@dataclass
+class ReplicateTally:
+    """B Poisson-bootstrap replicates over probe images of an :class:`IoUTally`.
+
+    Replicate b adds each probe image's counts times its weight w_{n,b} ~ Poisson(1), a
+    function of (seed, dataset index) only: the sums stream like the tally itself (memory
+    B times the tally's, whatever the probe set's size) and, being integers held exactly in
+    float64, add up to the same values under any batching or number of processes.
+
+    Attributes:
+        intersection: (B, K, C + 1); mask_area: (B, G, K); label_area: (B, C + 1).
+    """
+
+    intersection: Tensor
+    mask_area: Tensor
+    label_area: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        return [self.intersection, self.mask_area, self.label_area]
+
+    @property
+    def replicates(self) -> int:
+        return self.intersection.shape[0]
+
+
+def empty_replicates(replicates: int, like: IoUTally) -> ReplicateTally:
+    """A zero :class:`ReplicateTally` of B = ``replicates`` copies of ``like``'s shapes."""
+    zeros = [
+        torch.zeros(replicates, *t.shape, dtype=torch.float64, device=t.device)
+        for t in like.tensors()
+    ]
+    return ReplicateTally(*zeros)
+
+
+def add_replicate_labels(rep: ReplicateTally, labels: Tensor, weights: Tensor) -> None:
+    """Add a batch's weighted label areas: ``weights`` (N, B), ``labels`` (N, G, H, W)."""
+    n, width = len(labels), rep.label_area.shape[1]
+    keys = torch.arange(n, device=labels.device).view(-1, 1) * width + labels.reshape(n, -1)
+    per_image = torch.bincount(keys.view(-1), minlength=n * width).view(n, width).double()
+    rep.label_area += weights.T @ per_image
+
+
+def _add_replicate_hits(
+    rep: ReplicateTally, weights: Tensor, image: Tensor, keys: Tensor, area: Tensor,
+    annotated: Tensor,
+) -> None:  # fmt: skip
+    """Weighted intersections and mask areas of one batch's hits: each distinct
+    (image, unit, concept) key once, its pixel count times the image's B weights."""
+    cells = rep.intersection[0].numel()
+    pair, counts = torch.unique(image * cells + keys, return_counts=True)
+    source = weights[pair // cells] * counts.double().view(-1, 1)  # (pairs, B)
+    rep.intersection.view(rep.replicates, cells).index_add_(1, pair % cells, source.T)
+    rep.mask_area += torch.einsum("nb,ng,nk->bgk", weights, annotated, area.double())
+
+
+def replicate_best_iou(rep: ReplicateTally, concept_category: Tensor) -> Tensor:
+    """(B, K) each unit's best IoU in each probe replicate (:func:`iou_from_tally`)."""
+    rows = [
+        best_concepts(iou_from_tally(IoUTally(*parts), concept_category))[0]
+        for parts in zip(*rep.tensors(), strict=True)
+    ]
+    return torch.stack(rows) if rows else torch.zeros(0, rep.intersection.shape[1])
+
+
 def empty_tally(units: int, categories: int, concepts: int, device: torch.device) -> IoUTally:
     """A zero :class:`IoUTally` for K units, G categories and C concepts."""
     long = {"dtype": torch.int64, "device": device}
@@ -62,9 +126,16 @@ def annotated_categories(labels: Tensor) -> Tensor:
 
 
 def _add_hits(
-    tally: IoUTally, labels: Tensor, image: Tensor, unit: Tensor, y: Tensor, x: Tensor
+    tally: IoUTally,
+    labels: Tensor,
+    image: Tensor,
+    unit: Tensor,
+    y: Tensor,
+    x: Tensor,
+    replicate: tuple[ReplicateTally, Tensor] | None = None,
 ) -> None:
-    """Add mask pixels (image, unit, y, x) to intersections and annotated mask areas."""
+    """Add mask pixels (image, unit, y, x) to intersections and annotated mask areas, and
+    with ``replicate`` = (replicate tally, (N, B) probe-image weights) to its replicates."""
     n, categories = labels.shape[:2]
     units, width = tally.intersection.shape
     height, width_px = labels.shape[-2:]
@@ -77,10 +148,19 @@ def _add_hits(
     annotated = annotated_categories(labels).double()
     # Sums of at most N H W per entry: exact in float64 (a long matmul has no CUDA kernel).
     tally.mask_area += (annotated.T @ area.double()).round().long()
+    if replicate is not None:
+        rep, weights = replicate
+        hit_image = image.view(-1, 1).expand(-1, categories).reshape(-1)
+        _add_replicate_hits(rep, weights, hit_image, keys, area, annotated)
 
 
 def add_sparse_tally(
-    tally: IoUTally, acts: Tensor, mask_t: Tensor, bound: Tensor, labels: Tensor
+    tally: IoUTally,
+    acts: Tensor,
+    mask_t: Tensor,
+    bound: Tensor,
+    labels: Tensor,
+    replicate: tuple[ReplicateTally, Tensor] | None = None,
 ) -> None:
     """Add one batch's intersections and mask areas, visiting only pixels near hot cells.
 
@@ -98,6 +178,8 @@ def add_sparse_tally(
         labels: (N, G, H, W) long, per pixel and category the global concept id in [1, C],
             0 where no concept of that category is present. An image counts as annotated
             for category g when any of its pixels carries a label of g.
+        replicate: optional (:class:`ReplicateTally`, (N, B) Poisson weights of the
+            batch's probe images), updated with the same hits.
     """
     a = acts.detach().float()
     n, units, h, w = a.shape
@@ -105,7 +187,7 @@ def add_sparse_tally(
     mask_t, bound = mask_t.to(a.device), bound.to(a.device)
     if (h, w) == size:
         image, unit, y, x = (a >= mask_t.view(1, -1, 1, 1)).nonzero(as_tuple=True)
-        _add_hits(tally, labels, image, unit, y, x)
+        _add_hits(tally, labels, image, unit, y, x, replicate)
         return
     # Maps whose peak is below the bound have no hot cell: a max per map skips them.
     maps = (a.flatten(2).amax(dim=2) >= bound).view(-1).nonzero().squeeze(1)  # n * K + k
@@ -139,6 +221,7 @@ def add_sparse_tally(
         image_unit % units,
         ay.owned[y[hit], row],
         ax.owned[x[hit], col],
+        replicate,
     )
 
 

@@ -1,0 +1,143 @@
+"""The jobs of a multirun as read back from disk, and what distinguishes them.
+
+A job's *variant* is whatever its overrides set differently from the other jobs, the attack
+aside: the training choice in ``experiment=robust_vs_standard``, ``model.name`` in a model
+zoo sweep. Its *attack* is the attack choice plus any ``attack.*`` override (``pgd
+eps=0.01``), so a sweep over budgets compares variants at each budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import Tensor
+
+from pse_lightning.reporting.outcomes import read_outcomes
+
+
+@dataclass
+class Job:
+    """One completed job of a sweep."""
+
+    dir: str
+    overrides: dict[str, str]
+    attack_choice: str
+    attack: str = ""
+    variant: str = ""
+    eps: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, Tensor] | None = None
+
+
+# The order in which training variants are listed: the baseline first, the paper's last.
+TRAINING_ORDER = ("standard", "pgd_at", "trades", "pse_at")
+
+
+def _is_attack_key(key: str) -> bool:
+    return key == "attack" or key.startswith(("attack.", "attack/"))
+
+
+def _job_number(job_dir: Path) -> tuple[int, str]:
+    match = re.match(r"\d+", job_dir.name)
+    return (int(match.group()) if match else -1, job_dir.name)
+
+
+def read_overrides(job_dir: Path, hydra_cfg: dict[str, Any]) -> dict[str, str]:
+    """key -> value of the job's command-line overrides (``.hydra/overrides.yaml``), else its
+    config group choices (a job directory written without the overrides file)."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if path.exists():
+        lines = yaml.safe_load(path.read_text()) or []
+    else:
+        lines = hydra_cfg["hydra"].get("overrides", {}).get("task") or [
+            f"{k}={v}" for k, v in hydra_cfg["hydra"]["runtime"]["choices"].items()
+        ]
+    overrides = {}
+    for line in lines:
+        key, _, value = str(line).lstrip("+~").partition("=")
+        overrides[key] = value
+    return overrides
+
+
+def _attack_eps(job_dir: Path) -> float | None:
+    path = job_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    eps = (yaml.safe_load(path.read_text()) or {}).get("attack", {}).get("eps")
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def collect_jobs(sweep_dir: Path) -> list[Job]:
+    """Every completed job under ``sweep_dir`` (those with ``metrics.json``), in job order,
+    with its variant and attack labels set."""
+    jobs = []
+    files = sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_number(p.parent))
+    for metrics_file in files:
+        job_dir = metrics_file.parent
+        hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
+        choices = hydra_cfg["hydra"]["runtime"]["choices"]
+        jobs.append(
+            Job(
+                dir=job_dir.name,
+                overrides=read_overrides(job_dir, hydra_cfg),
+                attack_choice=str(choices.get("attack")),
+                eps=_attack_eps(job_dir),
+                metrics=json.loads(metrics_file.read_text())["metrics"],
+                outcomes=read_outcomes(job_dir),
+            )
+        )
+    label_jobs(jobs)
+    return jobs
+
+
+def variant_keys(jobs: list[Job]) -> list[str]:
+    """The override keys, attack aside, whose value differs between jobs."""
+    keys = sorted({k for j in jobs for k in j.overrides if not _is_attack_key(k)})
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+
+
+def label_jobs(jobs: list[Job]) -> None:
+    """Set each job's ``variant`` and ``attack`` labels (in place)."""
+    keys = variant_keys(jobs)
+    for job in jobs:
+        if len(keys) == 1:
+            job.variant = str(job.overrides.get(keys[0]))
+        elif keys:
+            job.variant = ",".join(f"{k}={job.overrides.get(k)}" for k in keys)
+        else:
+            job.variant = job.overrides.get("training", "run")
+        extra = sorted(
+            (k.split(".", 1)[1], v) for k, v in job.overrides.items() if k.startswith("attack.")
+        )
+        job.attack = " ".join([job.attack_choice, *(f"{k}={v}" for k, v in extra)])
+
+
+def variant_title(jobs: list[Job]) -> str:
+    """The column header of the variant: the one key that differs, else "variant"."""
+    keys = variant_keys(jobs)
+    return keys[0] if len(keys) == 1 else "variant"
+
+
+def variant_order(jobs: list[Job]) -> list[str]:
+    """Variants in display order: known training variants baseline first, then the others
+    as swept."""
+    seen = list(dict.fromkeys(j.variant for j in jobs))
+
+    def rank(name: str) -> tuple[int, int]:
+        known = TRAINING_ORDER.index(name) if name in TRAINING_ORDER else len(TRAINING_ORDER)
+        return (known, seen.index(name))
+
+    return sorted(seen, key=rank)
+
+
+def attack_order(jobs: list[Job]) -> list[str]:
+    """Attack labels in display order: by attack, then by budget."""
+    first = {}
+    for j in jobs:
+        first.setdefault(j.attack, (j.attack_choice, j.eps if j.eps is not None else 0.0))
+    return sorted(first, key=lambda a: (*first[a], a))
