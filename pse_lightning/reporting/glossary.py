@@ -159,6 +159,14 @@ TERMS: tuple[Term, ...] = (
     _metric("cam/specific_<k>_top<A>[_low|_high|_p]", rf"cam/specific_(true|target)_top\d+{_CI}",
             "IS²(class mask) − IS²(another class's mask of the same area): Hodges–Lehmann "
             "effect, its 95% CI and the Wilcoxon signed-rank p over images.", "§3.8"),
+    _metric("cam/same_is_<k>_top<A>", r"cam/same_is_(true|target)_top\d+",
+            "IS in the same class's fixed-area mask on another evaluated image of the true "
+            "class (the same-class null; NaN for an image alone in its class).", "§3.8"),
+    _metric("cam/specific_same_<k>_top<A>[_low|_high|_p]",
+            rf"cam/specific_same_(true|target)_top\d+{_CI}",
+            "IS²(class mask) − IS²(the same class's mask on another image of that class): "
+            "Hodges–Lehmann effect, 95% CI and Wilcoxon p; what is specific to the image "
+            "beyond where the class's maps usually lie.", "§3.8"),
     _metric("cam/excess_<mask>[_low|_high|_p]", rf"cam/excess_({_KIND[1:-1]}|object){_CI}",
             "IS² − area against a random mask: Hodges–Lehmann effect, 95% CI, Wilcoxon p.",
             "§3.8"),
