@@ -48,8 +48,11 @@ class ForeignWeights:
     std: tuple[float, ...] | None = None
 
 
-def _unwrap(payload: object, path: Path) -> dict[str, Tensor]:
-    """Descend through ``state_dict``/``model`` wrappers to a dict of tensors."""
+def unwrap_state(
+    payload: object, what: str, wrappers: tuple[str, ...] = _WRAPPERS
+) -> dict[str, Tensor]:
+    """Descend through ``state_dict``/``model`` (or other ``wrappers``) entries to a dict of
+    tensors; ``what`` names the file in the error (``model.weights=/path``)."""
     for _ in range(3):
         if (
             isinstance(payload, dict)
@@ -57,15 +60,15 @@ def _unwrap(payload: object, path: Path) -> dict[str, Tensor]:
             and all(isinstance(v, Tensor) for v in payload.values())
         ):
             return payload
-        keys = _WRAPPERS if isinstance(payload, dict) else ()
+        keys = wrappers if isinstance(payload, dict) else ()
         inner = next((payload[k] for k in keys if k in payload), None)
         if not isinstance(inner, dict):
             break
         payload = inner
     keys = list(payload)[:6] if isinstance(payload, dict) else type(payload).__name__
     raise CheckpointError(
-        f"model.weights={path} holds no state dict (a dict of tensors, possibly under "
-        f"'state_dict' or 'model'); found {keys}. See docs/MODELS.md for the formats"
+        f"{what} holds no state dict (a dict of tensors, possibly under "
+        f"{' or '.join(repr(w) for w in wrappers)}); found {keys}. See docs/MODELS.md"
     )
 
 
@@ -111,7 +114,7 @@ def read_foreign_weights(path: str | Path) -> ForeignWeights:
             f"model.weights={path} cannot be read as weights only ({type(err).__name__}: "
             f"{err}); re-save it as a state dict: torch.save(model.state_dict(), path)"
         ) from err
-    return to_torchvision_layout(_unwrap(payload, path))
+    return to_torchvision_layout(unwrap_state(payload, f"model.weights={path}"))
 
 
 def state_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> str | None:
