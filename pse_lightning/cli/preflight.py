@@ -1,4 +1,5 @@
-"""Checks of what the config points at outside itself: the accelerator and the checkpoint.
+"""Checks of what the config points at outside itself: the accelerator, the checkpoint and
+a zoo model's weights file.
 
 They run after the config check and before the run directory, the data and any W&B run,
 so a machine without a GPU or a wrong checkpoint path costs a second, not a data set-up,
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 from pse_lightning.validation import InputError
 
 _GPU_ACCELERATORS = ("gpu", "cuda")
+_ZOO_MODEL = ".RobustBenchClassifier"
 
 
 def check_environment(cfg: DictConfig, trainer_choice: str | None) -> None:
@@ -24,6 +26,9 @@ def check_environment(cfg: DictConfig, trainer_choice: str | None) -> None:
         check_accelerator(trainer, trainer_choice)
     if cfg.get("model_checkpoint"):
         check_checkpoint(Path(str(cfg.model_checkpoint)))
+    model = cfg.get("model")
+    if isinstance(model, DictConfig) and str(model.get("_target_", "")).endswith(_ZOO_MODEL):
+        check_zoo_weights(model)
 
 
 def check_accelerator(trainer: DictConfig, choice: str | None) -> None:
@@ -80,6 +85,19 @@ def check_checkpoint(path: Path) -> None:
             "state_dict saved with torch.save(model.state_dict(), path) or a file written "
             "by stage=fit"
         )
+
+
+def check_zoo_weights(model: DictConfig) -> None:
+    """A RobustBench zoo model's weights file must be on disk unless it may be downloaded."""
+    if model.get("download"):
+        return
+    from pse_lightning.core.zoo_files import missing_zoo_weights, zoo_weights_file
+
+    path = zoo_weights_file(
+        model.get("model_dir"), str(model.dataset), str(model.threat_model), str(model.name)
+    )
+    if not path.is_file():
+        raise InputError(missing_zoo_weights(path, str(model.name)))
 
 
 def _reason(err: Exception) -> str:
