@@ -1,0 +1,182 @@
+"""experiment=robust_vs_standard_zoo and experiment=paper_imagenet: composed, and run end to
+end on tiny fixture trees with stand-in weights (random tensors in the real key layouts and
+shapes) in a temporary torch hub cache, so nothing downloads.
+
+The end-to-end runs are the CLI in a subprocess (Hydra's multirun, the sweep callback),
+with CIFAR's MD5 check relaxed for the fake files as tests/test_real_data.py does; steps and
+sample counts are shrunk by overrides. WideResNet-28-10 and ResNet-50 at 224 px on CPU keep
+them slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CONF_DIR, ROOT
+from hydra import compose, initialize_config_dir
+from test_pretrained import imagenet_val_tree, stand_in_state
+from test_real_data import write_broden, write_cifar
+from test_zoo import needs_robustbench
+from test_zoo import stand_in_state as zoo_stand_in_state
+
+from pse_lightning.models.pretrained import cached_file, default_weights, imagenet_wnids
+
+ZOO_MODELS = ("Standard", "Carmon2019Unlabeled")
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_robust_vs_standard_zoo_composes_one_group_of_two_zoo_models_untrained() -> None:
+    cfg = composed("experiment=robust_vs_standard_zoo")
+    params = cfg.hydra.sweeper.params
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and "comparison" in cfg.hydra.callbacks
+    assert params["model.name"].split(",") == list(ZOO_MODELS)
+    assert set(params.attack.split(",")) == {"fgsm", "pgd", "autoattack"}
+    assert cfg.logger.group == "robust_vs_standard_zoo" and cfg.training.name == "none"
+    assert cfg.model._target_.endswith("RobustBenchClassifier")
+    assert (cfg.model.dataset, cfg.model.threat_model) == ("cifar10", "Linf")
+    assert cfg.dataset._target_.endswith("CIFAR10DataModule")
+    for attack in ("fgsm", "pgd", "autoattack"):  # every job: same data, budget, analyses
+        job = composed("experiment=robust_vs_standard_zoo", f"attack={attack}")
+        assert job.attack.eps == pytest.approx(8 / 255, abs=1e-6)
+        assert list(job.analysis) == ["pse", "cam"] and job.dataset.eval_samples == 500
+
+
+def test_paper_imagenet_composes_pretrained_resnet50_three_attacks_broden_probe() -> None:
+    cfg = composed("experiment=paper_imagenet")
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.logger.group == "paper_imagenet"
+    assert set(cfg.hydra.sweeper.params.attack.split(",")) == {"cw", "ead", "strattack"}
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.training.name) == ("resnet50", True, "none")
+    assert cfg.dataset._target_.endswith("ImageNetDataModule")
+    assert cfg.dataset.probe._target_.endswith("BrodenDataModule")
+    assert set(cfg.analysis) == {"pse", "cam", "dissection"}
+
+
+# End to end ------------------------------------------------------------------------------
+
+#: The CLI with CIFAR's MD5 check reduced to "the file exists" (fake files cannot match).
+_CLI = """
+import os, sys
+import torchvision.datasets.cifar as cifar
+cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
+from pse_lightning.cli.app import main
+sys.argv = ["pse_lightning", *sys.argv[1:]]
+main()
+"""
+
+
+def run_cli(tmp_path: Path, *overrides: str) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "WANDB_MODE": "offline",
+        "HYDRA_FULL_ERROR": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _CLI, f"paths.root={tmp_path}", "logger=none", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-6000:]}")
+
+
+def job_metrics(tmp_path: Path) -> dict[str, dict]:
+    """``{job dir name: metrics}`` of every multirun job under ``tmp_path``."""
+    return {
+        p.parent.name: json.loads(p.read_text())["metrics"]
+        for p in sorted((tmp_path / "multirun").glob("*/*/*/metrics.json"))
+    }
+
+
+def write_zoo_stand_ins(tmp_path: Path) -> None:
+    """Standard as a bare state dict, Carmon2019Unlabeled as its authors saved it
+    (``state_dict`` with DataParallel's ``module.``), in RobustBench's file layout."""
+    from pse_lightning.models.zoo_registry import zoo_entry
+
+    folder = tmp_path / "torch" / "hub" / "robustbench" / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    for seed, name in enumerate(ZOO_MODELS):
+        state = zoo_stand_in_state(zoo_entry(name, "cifar10", "Linf").build(), seed=seed)
+        if name == "Carmon2019Unlabeled":
+            state = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 200}
+        torch.save(state, folder / f"{name}.pt")
+
+
+@pytest.mark.slow
+@needs_robustbench
+def test_robust_vs_standard_zoo_runs_end_to_end(tmp_path: Path) -> None:
+    write_cifar(tmp_path / "cifar")
+    write_zoo_stand_ins(tmp_path)
+    small = [
+        "experiment=robust_vs_standard_zoo",
+        f"dataset.root={tmp_path}/cifar",
+        "dataset.num_val=10",
+        "dataset.eval_samples=2",
+        "dataset.batch_size=2",
+        "trainer.enable_progress_bar=false",
+        "analysis.pse.steps=4",
+        "analysis.pse.max_steps=4",
+        "analysis.cam.shifts=8",
+    ]
+    run_cli(tmp_path, *small, "attack=fgsm,pgd")
+    run_cli(tmp_path, *small, "attack=autoattack", "attack.steps=2", "attack.target_classes=2")
+    jobs = job_metrics(tmp_path)
+    assert len(jobs) == 6, sorted(jobs)
+    for name in ZOO_MODELS:
+        for attack in ("fgsm", "pgd", "autoattack"):
+            (job,) = [m for d, m in jobs.items() if f"model.name={name}" in d and attack in d]
+            assert job["test/samples"] == 2 and "test/robust_acc" in job
+    sweeps = sorted((tmp_path / "multirun").glob("*/*/comparison.md"))
+    assert sweeps, "the sweep callback wrote no comparison"
+    assert not any((tmp_path / "outputs" / "checkpoints").glob("*.pt"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_paper_imagenet_runs_end_to_end(tmp_path: Path) -> None:
+    path = (
+        tmp_path / "torch" / "hub" / "checkpoints" / cached_file(default_weights("resnet50")).name
+    )
+    path.parent.mkdir(parents=True)
+    torch.save(stand_in_state("resnet50"), path)
+    imagenet_val_tree(tmp_path / "imagenet", imagenet_wnids())
+    write_broden(tmp_path / "broden")
+    run_cli(
+        tmp_path,
+        "experiment=paper_imagenet",
+        f"dataset.root={tmp_path}/imagenet",
+        "dataset.num_workers=0",
+        "dataset.eval_samples=1",
+        "dataset.batch_size=1",
+        f"dataset.probe.root={tmp_path}/broden",
+        "dataset.probe.image_size=64",
+        "dataset.probe.mask_size=32",
+        "trainer.enable_progress_bar=false",
+        "attack.steps=2",
+        "attack.binary_search_steps=1",
+        "analysis.pse.steps=4",
+        "analysis.pse.max_steps=4",
+        "analysis.cam.shifts=8",
+        "analysis.dissection.permutations=50",
+        "analysis.dissection.bootstrap=10",
+    )
+    jobs = job_metrics(tmp_path)
+    assert len(jobs) == 3, sorted(jobs)
+    for attack in ("cw", "ead", "strattack"):
+        (job,) = [m for d, m in jobs.items() if f"attack={attack}" in d]
+        assert job["test/samples"] == 1
+        assert any(k.startswith("dissection/") for k in job), sorted(job)
+    assert not (tmp_path / "imagenet" / "train").exists()
