@@ -79,11 +79,12 @@ def run_cli(tmp_path: Path, *overrides: str) -> None:
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "TORCH_HOME": str(tmp_path / "torch"),
-        "WANDB_MODE": "offline",
+        "WANDB_MODE": "offline",  # the experiments' W&B group, offline
+        "WANDB_SILENT": "true",
         "HYDRA_FULL_ERROR": "1",
     }
     result = subprocess.run(
-        [sys.executable, "-c", _CLI, f"paths.root={tmp_path}", "logger=none", *overrides],
+        [sys.executable, "-c", _CLI, f"paths.root={tmp_path}", *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,

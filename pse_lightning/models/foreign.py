@@ -107,14 +107,26 @@ def read_foreign_weights(path: str | Path) -> ForeignWeights:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.weights={path} does not exist; pass an existing file")
+    what = f"model.weights={path}"
+    payload = load_weights_only(path, what, "torch.save(model.state_dict(), path)")
+    return to_torchvision_layout(unwrap_state(payload, what))
+
+
+def load_weights_only(path: Path, what: str, resave: str) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``what`` names the file and
+    ``resave`` is the command that re-saves it as a state dict, for the error.
+
+    Raises:
+        CheckpointError: corrupt, or holding pickled objects other than tensors.
+    """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or pickled-code files
+        first = (str(err).splitlines() or [""])[0][:160]
         raise CheckpointError(
-            f"model.weights={path} cannot be read as weights only ({type(err).__name__}: "
-            f"{err}); re-save it as a state dict: torch.save(model.state_dict(), path)"
+            f"{what} cannot be read as weights only ({type(err).__name__}: {first}); "
+            f"re-save it as a state dict: {resave}"
         ) from err
-    return to_torchvision_layout(unwrap_state(payload, f"model.weights={path}"))
 
 
 def state_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> str | None:

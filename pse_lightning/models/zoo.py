@@ -22,13 +22,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from pse_lightning.core.zoo_files import missing_zoo_weights, zoo_weights_file
 from pse_lightning.models.checkpoint import CheckpointError
 from pse_lightning.models.classifier import Classifier
-from pse_lightning.models.foreign import state_mismatch, to_torchvision_layout, unwrap_state
+from pse_lightning.models.foreign import (
+    load_weights_only,
+    state_mismatch,
+    to_torchvision_layout,
+    unwrap_state,
+)
 from pse_lightning.models.layers import disable_inplace, find_feature_layers
 from pse_lightning.models.pretrained import imagenet_wnids
 from pse_lightning.models.zoo_registry import ZooEntry, fetch_weights, zoo_entry
@@ -65,16 +69,11 @@ def read_zoo_state(path: Path, net: nn.Module) -> dict[str, Tensor]:
     Raises:
         CheckpointError: unreadable as weights, or keys/shapes that do not fit ``net``.
     """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or pickled-code files
-        raise CheckpointError(
-            f"model=robustbench: {path} cannot be read as weights only ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160]}); if you trust the file, re-save its state dict: "
-            "torch.save(torch.load(p, weights_only=False)['state_dict'], p)"
-        ) from err
+    what = f"model=robustbench: {path}"
+    resave = "if you trust it, torch.save(torch.load(p, weights_only=False)['state_dict'], p)"
+    payload = load_weights_only(path, what, resave)
     own = net.state_dict()
-    state = align_keys(unwrap_state(payload, f"model=robustbench: {path}", _WRAPPERS), set(own))
+    state = align_keys(unwrap_state(payload, what, _WRAPPERS), set(own))
     absent = {k for k in set(own) - set(state) if k.rsplit(".", 1)[-1] in _OPTIONAL}
     problem = state_mismatch({k: v for k, v in own.items() if k not in absent}, state)
     if problem:
