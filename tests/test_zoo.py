@@ -49,16 +49,22 @@ class TinyZooNet(nn.Module):
 
 
 def stand_in_state(net: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The architecture's keys and shapes with random values (BN statistics valid)."""
+    """The architecture's keys and shapes with random values at its own scale.
+
+    Each floating tensor is redrawn around its initial mean with its initial spread (0.1
+    for constant ones: BN weights around 1, biases around 0), so a deep stand-in stays
+    finite; BN running variances are positive; the normalisation constants are kept.
+    """
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in net.state_dict().items():
-        if key.endswith("running_var"):
-            state[key] = torch.rand(value.shape, generator=gen) + 0.5
-        elif value.is_floating_point() and not key.endswith(("mu", "sigma", "mean", "std")):
-            state[key] = torch.randn(value.shape, generator=gen)
-        else:
+        if not value.is_floating_point() or key.endswith(("mu", "sigma", "mean", "std")):
             state[key] = value.clone()
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        else:
+            spread = float(value.std()) if value.numel() > 1 and value.std() > 0 else 0.1
+            state[key] = value.mean() + spread * torch.randn(value.shape, generator=gen)
     return state
 
 
