@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from helpers import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 from test_pretrained import imagenet_val_tree, stand_in_state
 from test_real_data import write_broden, write_cifar
 from test_zoo import needs_robustbench
 from test_zoo import stand_in_state as zoo_stand_in_state
+from torch import nn
 
-from pse_lightning.models.pretrained import cached_file, default_weights, imagenet_wnids
+from pse_lightning.data import ImageNetDataModule
+from pse_lightning.models.pretrained import (
+    cached_file,
+    default_weights,
+    imagenet_wnids,
+    preprocessing,
+)
 
 ZOO_MODELS = ("Standard", "Carmon2019Unlabeled")
 
@@ -103,25 +112,65 @@ def job_metrics(tmp_path: Path) -> dict[str, dict]:
     }
 
 
-def write_zoo_stand_ins(tmp_path: Path) -> None:
+def write_zoo_stand_ins(tmp_path: Path) -> nn.Module:
     """Standard as a bare state dict, Carmon2019Unlabeled as its authors saved it
-    (``state_dict`` with DataParallel's ``module.``), in RobustBench's file layout."""
+    (``state_dict`` with DataParallel's ``module.``), in RobustBench's file layout.
+
+    Returns:
+        The robust stand-in as loaded, to label the fixture images with its predictions.
+    """
     from pse_lightning.models.zoo_registry import zoo_entry
 
     folder = tmp_path / "torch" / "hub" / "robustbench" / "cifar10" / "Linf"
     folder.mkdir(parents=True)
     for seed, name in enumerate(ZOO_MODELS):
-        state = zoo_stand_in_state(zoo_entry(name, "cifar10", "Linf").build(), seed=seed)
+        net = zoo_entry(name, "cifar10", "Linf").build()
+        state = zoo_stand_in_state(net, seed=seed)
+        net.load_state_dict(state)
         if name == "Carmon2019Unlabeled":
             state = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 200}
         torch.save(state, folder / f"{name}.pt")
+    return net.eval()
+
+
+def label_cifar_test_images(root: Path, net: nn.Module) -> None:
+    """Relabel the fake test batch with ``net``'s predictions, so that its images are
+    clean-correct and get attacked and analysed (random weights would get them wrong)."""
+    path = root / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle)
+    x = torch.tensor(batch["data"], dtype=torch.float32).view(-1, 3, 32, 32) / 255
+    with torch.no_grad():
+        batch["labels"] = net(x).argmax(1).tolist()
+    with open(path, "wb") as handle:
+        pickle.dump(batch, handle)
+
+
+def make_first_served_image_correct(tmp_path: Path, weights_file: Path) -> None:
+    """Raise the stand-in ResNet-50's bias for the class of the first image the run serves
+    until that image is classified correctly (by 0.5), so CW, EAD and StrAttack attack it."""
+    data = ImageNetDataModule(root=str(tmp_path / "imagenet"), num_workers=0, seed=0,
+                              eval_samples=1, batch_size=1)  # fmt: skip
+    data.prepare_data()
+    data.setup("test")
+    prep = preprocessing(default_weights("resnet50"))
+    data.use_preprocessing(prep.crop_size, prep.resize_size, prep.interpolation)
+    x, y, _ = next(iter(data.test_dataloader()))
+    state = torch.load(weights_file, weights_only=True)
+    net = torchvision.models.resnet50()
+    net.load_state_dict(state)
+    mean, std = torch.tensor(prep.mean).view(1, 3, 1, 1), torch.tensor(prep.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = net.eval()((x - mean) / std)[0]
+    state["fc.bias"][y] += logits.max() - logits[y] + 0.5
+    torch.save(state, weights_file)
 
 
 @pytest.mark.slow
 @needs_robustbench
 def test_robust_vs_standard_zoo_runs_end_to_end(tmp_path: Path) -> None:
     write_cifar(tmp_path / "cifar")
-    write_zoo_stand_ins(tmp_path)
+    label_cifar_test_images(tmp_path / "cifar", write_zoo_stand_ins(tmp_path))
     small = [
         "experiment=robust_vs_standard_zoo",
         f"dataset.root={tmp_path}/cifar",
@@ -141,6 +190,13 @@ def test_robust_vs_standard_zoo_runs_end_to_end(tmp_path: Path) -> None:
         for attack in ("fgsm", "pgd", "autoattack"):
             (job,) = [m for d, m in jobs.items() if f"model.name={name}" in d and attack in d]
             assert job["test/samples"] == 2 and "test/robust_acc" in job
+            if name == "Carmon2019Unlabeled":  # its own predictions label the images
+                assert job["test/clean_acc"] == 1
+                assert job["test/cam/evaluated"] == 2
+    # The stand-in robust model is as weak as random weights: PGD and AutoAttack flip both
+    # images, and PSE analyses them.
+    carmon_pgd = [m for d, m in jobs.items() if "Carmon" in d and "attack=pgd" in d][0]
+    assert carmon_pgd["test/success_rate"] == 1 and carmon_pgd["test/pse/n_images"] == 2
     sweeps = sorted((tmp_path / "multirun").glob("*/*/comparison.md"))
     assert sweeps, "the sweep callback wrote no comparison"
     assert not any((tmp_path / "outputs" / "checkpoints").glob("*.pt"))  # nothing trained
@@ -154,6 +210,7 @@ def test_paper_imagenet_runs_end_to_end(tmp_path: Path) -> None:
     path.parent.mkdir(parents=True)
     torch.save(stand_in_state("resnet50"), path)
     imagenet_val_tree(tmp_path / "imagenet", imagenet_wnids())
+    make_first_served_image_correct(tmp_path, path)
     write_broden(tmp_path / "broden")
     run_cli(
         tmp_path,
@@ -178,6 +235,6 @@ def test_paper_imagenet_runs_end_to_end(tmp_path: Path) -> None:
     assert len(jobs) == 3, sorted(jobs)
     for attack in ("cw", "ead", "strattack"):
         (job,) = [m for d, m in jobs.items() if f"attack={attack}" in d]
-        assert job["test/samples"] == 1
-        assert any(k.startswith("dissection/") for k in job), sorted(job)
+        assert job["test/samples"] == 1 and job["test/clean_acc"] == 1
+        assert any(k.startswith("test/dissection/") for k in job), sorted(job)
     assert not (tmp_path / "imagenet" / "train").exists()
