@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import yaml
 from helpers import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 from test_pretrained import imagenet_val_tree, stand_in_state
@@ -93,7 +94,15 @@ def run_cli(tmp_path: Path, *overrides: str) -> None:
         "HYDRA_FULL_ERROR": "1",
     }
     result = subprocess.run(
-        [sys.executable, "-c", _CLI, f"paths.root={tmp_path}", *overrides],
+        # Job folders by number: the shrinking overrides would make names too long.
+        [
+            sys.executable,
+            "-c",
+            _CLI,
+            f"paths.root={tmp_path}",
+            "hydra.sweep.subdir=${hydra.job.num}",
+            *overrides,
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -105,11 +114,12 @@ def run_cli(tmp_path: Path, *overrides: str) -> None:
 
 
 def job_metrics(tmp_path: Path) -> dict[str, dict]:
-    """``{job dir name: metrics}`` of every multirun job under ``tmp_path``."""
-    return {
-        p.parent.name: json.loads(p.read_text())["metrics"]
-        for p in sorted((tmp_path / "multirun").glob("*/*/*/metrics.json"))
-    }
+    """``{the job's overrides, space-separated: metrics}`` of every multirun job."""
+    jobs = {}
+    for path in sorted((tmp_path / "multirun").glob("*/*/*/metrics.json")):
+        overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
+        jobs[" ".join(overrides)] = json.loads(path.read_text())["metrics"]
+    return jobs
 
 
 def write_zoo_stand_ins(tmp_path: Path) -> nn.Module:
@@ -188,14 +198,14 @@ def test_robust_vs_standard_zoo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(jobs) == 6, sorted(jobs)
     for name in ZOO_MODELS:
         for attack in ("fgsm", "pgd", "autoattack"):
-            (job,) = [m for d, m in jobs.items() if f"model.name={name}" in d and attack in d]
+            (job,) = [m for o, m in jobs.items() if f"model.name={name}" in o and attack in o]
             assert job["test/samples"] == 2 and "test/robust_acc" in job
             if name == "Carmon2019Unlabeled":  # its own predictions label the images
                 assert job["test/clean_acc"] == 1
                 assert job["test/cam/evaluated"] == 2
     # The stand-in robust model is as weak as random weights: PGD and AutoAttack flip both
     # images, and PSE analyses them.
-    carmon_pgd = [m for d, m in jobs.items() if "Carmon" in d and "attack=pgd" in d][0]
+    carmon_pgd = [m for o, m in jobs.items() if "Carmon" in o and "attack=pgd" in o][0]
     assert carmon_pgd["test/success_rate"] == 1 and carmon_pgd["test/pse/n_images"] == 2
     sweeps = sorted((tmp_path / "multirun").glob("*/*/comparison.md"))
     assert sweeps, "the sweep callback wrote no comparison"
@@ -234,7 +244,7 @@ def test_paper_imagenet_runs_end_to_end(tmp_path: Path) -> None:
     jobs = job_metrics(tmp_path)
     assert len(jobs) == 3, sorted(jobs)
     for attack in ("cw", "ead", "strattack"):
-        (job,) = [m for d, m in jobs.items() if f"attack={attack}" in d]
+        (job,) = [m for o, m in jobs.items() if f"attack={attack}" in o]
         assert job["test/samples"] == 1 and job["test/clean_acc"] == 1
         assert any(k.startswith("test/dissection/") for k in job), sorted(job)
     assert not (tmp_path / "imagenet" / "train").exists()
