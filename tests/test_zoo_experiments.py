@@ -122,9 +122,13 @@ def job_metrics(tmp_path: Path) -> dict[str, dict]:
     return jobs
 
 
-def write_zoo_stand_ins(tmp_path: Path) -> nn.Module:
+def write_zoo_stand_ins(tmp_path: Path, x_test: torch.Tensor) -> nn.Module:
     """Standard as a bare state dict, Carmon2019Unlabeled as its authors saved it
     (``state_dict`` with DataParallel's ``module.``), in RobustBench's file layout.
+
+    A random WRN-28-10 gives every image the same class by a wide margin; the robust
+    stand-in's head bias is centred on the fixture images (``x_test``, (N, 3, 32, 32) in
+    [0, 1]) so that its predictions depend on the image and attacks can flip them.
 
     Returns:
         The robust stand-in as loaded, to label the fixture images with its predictions.
@@ -138,6 +142,9 @@ def write_zoo_stand_ins(tmp_path: Path) -> nn.Module:
         state = zoo_stand_in_state(net, seed=seed)
         net.load_state_dict(state)
         if name == "Carmon2019Unlabeled":
+            with torch.no_grad():
+                state["fc.bias"] -= net.eval()(x_test).mean(0)
+            net.load_state_dict(state)
             state = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 200}
         torch.save(state, folder / f"{name}.pt")
     return net.eval()
@@ -149,11 +156,15 @@ def label_cifar_test_images(root: Path, net: nn.Module) -> None:
     path = root / "cifar-10-batches-py" / "test_batch"
     with open(path, "rb") as handle:
         batch = pickle.load(handle)
-    x = torch.tensor(batch["data"], dtype=torch.float32).view(-1, 3, 32, 32) / 255
     with torch.no_grad():
-        batch["labels"] = net(x).argmax(1).tolist()
+        batch["labels"] = net(cifar_images(batch["data"])).argmax(1).tolist()
     with open(path, "wb") as handle:
         pickle.dump(batch, handle)
+
+
+def cifar_images(rows) -> torch.Tensor:
+    """CIFAR's uint8 rows (R, G, B planes) as the datamodule serves them: (N, 3, 32, 32)."""
+    return torch.as_tensor(rows, dtype=torch.float32).view(-1, 3, 32, 32) / 255
 
 
 def make_first_served_image_correct(tmp_path: Path, weights_file: Path) -> None:
@@ -179,8 +190,9 @@ def make_first_served_image_correct(tmp_path: Path, weights_file: Path) -> None:
 @pytest.mark.slow
 @needs_robustbench
 def test_robust_vs_standard_zoo_runs_end_to_end(tmp_path: Path) -> None:
-    write_cifar(tmp_path / "cifar")
-    label_cifar_test_images(tmp_path / "cifar", write_zoo_stand_ins(tmp_path))
+    x_test = write_cifar(tmp_path / "cifar")[2]
+    robust = write_zoo_stand_ins(tmp_path, cifar_images(x_test.reshape(len(x_test), -1)))
+    label_cifar_test_images(tmp_path / "cifar", robust)
     small = [
         "experiment=robust_vs_standard_zoo",
         f"dataset.root={tmp_path}/cifar",
@@ -203,10 +215,11 @@ def test_robust_vs_standard_zoo_runs_end_to_end(tmp_path: Path) -> None:
             if name == "Carmon2019Unlabeled":  # its own predictions label the images
                 assert job["test/clean_acc"] == 1
                 assert job["test/cam/evaluated"] == 2
-    # The stand-in robust model is as weak as random weights: PGD and AutoAttack flip both
-    # images, and PSE analyses them.
+    # The stand-in robust model is as weak as random weights: PGD flips both images, and
+    # PSE and CAM analyse them.
     carmon_pgd = [m for o, m in jobs.items() if "Carmon" in o and "attack=pgd" in o][0]
     assert carmon_pgd["test/success_rate"] == 1 and carmon_pgd["test/pse/n_images"] == 2
+    assert carmon_pgd["test/cam/scored"] == 2
     sweeps = sorted((tmp_path / "multirun").glob("*/*/comparison.md"))
     assert sweeps, "the sweep callback wrote no comparison"
     assert not any((tmp_path / "outputs" / "checkpoints").glob("*.pt"))  # nothing trained
