@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import group_choices
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -323,3 +325,37 @@ def test_a_real_imagenet_entry_loads_a_robustness_library_file(tmp_path, monkeyp
         torch.testing.assert_close(model(x), reference.eval()(x), atol=1e-6, rtol=0)
     assert (model.preprocessing.crop_size, model.preprocessing.resize_size) == (224, 256)
     assert model.feature_layer == "net.model.layer4" and model.head == "net.model.fc"
+
+
+@pytest.mark.parametrize("choice", group_choices("attack"))
+def test_every_attack_runs_on_a_zoo_model(zoo, make_cfg, choice: str) -> None:
+    """The wrapper is an ordinary Classifier: each attack config (CAM-guided ones through
+    the found feature layer) returns a valid adversarial batch."""
+    torch.save(stand_in_state(TinyZooNet()), zoo_file(zoo))
+    model = RobustBenchClassifier(name="Tiny", image_size=32, **DATA).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    result = instantiate(make_cfg(f"attack={choice}").attack)(model, x, y)
+    assert result.x_adv.shape == x.shape
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+
+
+def test_dissection_finds_and_probes_the_zoo_models_layers(zoo, tmp_path, monkeypatch) -> None:
+    import torchvision
+    from test_real_data import broden, cifar, write_broden, write_cifar
+
+    from pse_lightning.analysis.dissection import Dissection
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity",
+                        lambda path, md5=None: Path(path).is_file())  # fmt: skip
+    write_cifar(tmp_path / "cifar")
+    write_broden(tmp_path / "broden")
+    dm = cifar(tmp_path / "cifar", probe=broden(tmp_path / "broden"))
+    dm.setup()
+    torch.save(stand_in_state(TinyZooNet()), zoo_file(zoo))
+    model = RobustBenchClassifier(name="Tiny", image_size=32, **DATA).eval()
+    analysis = Dissection(bins=16, permutations=0, bootstrap=0, top_images=1, top_units=1)
+    analysis.prepare(model, dm)
+    assert set(analysis.probe.layers) == {"net.block1", "net.relu"}
+    assert analysis.probe.probe_images == 3
