@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The torch pair this project is tested with; override for another CUDA build, e.g.
 # make test TORCH_SPEC="torch==2.5.1 torchvision==0.20.1".
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,peers,launchers
+EXTRAS ?= test,peers,launchers,robust
 
 .PHONY: install run test test-all bench gpu-check lint format clean
 

@@ -86,7 +86,9 @@ def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def model_name(cfg: DictConfig) -> str:
-    return str(cfg.model.get("arch") or cfg.model._target_.rsplit(".", 1)[-1].lower())
+    """The architecture (torchvision), the zoo name (RobustBench) or the model class."""
+    model = cfg.model
+    return str(model.get("arch") or model.get("name") or model._target_.rsplit(".", 1)[-1].lower())
 
 
 def build(cfg: DictConfig) -> Components:
@@ -187,7 +189,8 @@ def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
     choices = hydra_choices()
     name = run_name(
         attack=choices.get("attack") or type(parts.attack).__name__.lower(),
-        model=choices.get("model") or model_name(cfg),
+        # A zoo model is named by its zoo name: the jobs of a comparison share model=robustbench.
+        model=(None if cfg.model.get("name") else choices.get("model")) or model_name(cfg),
         dataset=choices.get("dataset") or parts.datamodule.name,
         training=choices.get("training") or str(cfg.training.name),
         seed=cfg.seed,

@@ -50,7 +50,18 @@ def test_analysis_choice_instantiates(make_cfg, choice: str) -> None:
         assert instantiate(sub).name == name
 
 
-@pytest.mark.parametrize("choice", group_choices("model"))
+@pytest.mark.parametrize(
+    "choice",
+    [
+        pytest.param(
+            c,
+            marks=pytest.mark.skip(reason="needs zoo weights: tests/test_zoo.py builds it"),
+        )
+        if c == "robustbench"
+        else c
+        for c in group_choices("model")
+    ],
+)
 def test_model_choice_instantiates(make_cfg, choice: str) -> None:
     cfg = make_cfg(f"model={choice}")
     model = instantiate(

@@ -756,3 +756,16 @@ def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     assert_same_samples(got["details"], expected.details)
     assert got["details"]["rows"].index.tolist() == [0, 1, 2, 4, 5, 6]
     assert got["details"]["examples"].index.tolist() == [0, 1, 2]
+
+
+def test_no_analysed_image_gives_empty_examples_not_an_error() -> None:
+    """Every image misclassified (a zoo model on a tiny slice): compute() still answers."""
+    model, batch = cnn_batch()
+    y = (batch.logits_clean.argmax(1) + 1) % 10  # no clean-correct row
+    metric = PSE(steps=4, max_steps=4, max_rows=12)
+    metric.update(model, AdversarialBatch(**{**vars(batch), "y": y}))
+    got = metric.compute()
+    assert int(got.scalars["n_clean_misclassified"]) == 12
+    assert int(got.scalars["n_images"]) == 0
+    examples = got.details["examples"]
+    assert examples.x.shape[0] == 0 and examples.index.numel() == 0

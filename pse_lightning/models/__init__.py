@@ -4,10 +4,12 @@ from pse_lightning.models.checkpoint import CheckpointError, load_weights, save_
 from pse_lightning.models.classifier import Classifier
 from pse_lightning.models.small_cnn import SmallCNN
 from pse_lightning.models.torchvision_nets import TorchvisionClassifier
+from pse_lightning.models.zoo import RobustBenchClassifier
 
 __all__ = [
     "CheckpointError",
     "Classifier",
+    "RobustBenchClassifier",
     "SmallCNN",
     "TorchvisionClassifier",
     "load_weights",

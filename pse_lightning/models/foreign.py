@@ -48,8 +48,11 @@ class ForeignWeights:
     std: tuple[float, ...] | None = None
 
 
-def _unwrap(payload: object, path: Path) -> dict[str, Tensor]:
-    """Descend through ``state_dict``/``model`` wrappers to a dict of tensors."""
+def unwrap_state(
+    payload: object, what: str, wrappers: tuple[str, ...] = _WRAPPERS
+) -> dict[str, Tensor]:
+    """Descend through ``state_dict``/``model`` (or other ``wrappers``) entries to a dict of
+    tensors; ``what`` names the file in the error (``model.weights=/path``)."""
     for _ in range(3):
         if (
             isinstance(payload, dict)
@@ -57,15 +60,15 @@ def _unwrap(payload: object, path: Path) -> dict[str, Tensor]:
             and all(isinstance(v, Tensor) for v in payload.values())
         ):
             return payload
-        keys = _WRAPPERS if isinstance(payload, dict) else ()
+        keys = wrappers if isinstance(payload, dict) else ()
         inner = next((payload[k] for k in keys if k in payload), None)
         if not isinstance(inner, dict):
             break
         payload = inner
     keys = list(payload)[:6] if isinstance(payload, dict) else type(payload).__name__
     raise CheckpointError(
-        f"model.weights={path} holds no state dict (a dict of tensors, possibly under "
-        f"'state_dict' or 'model'); found {keys}. See docs/MODELS.md for the formats"
+        f"{what} holds no state dict (a dict of tensors, possibly under "
+        f"{' or '.join(repr(w) for w in wrappers)}); found {keys}. See docs/MODELS.md"
     )
 
 
@@ -104,14 +107,26 @@ def read_foreign_weights(path: str | Path) -> ForeignWeights:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.weights={path} does not exist; pass an existing file")
+    what = f"model.weights={path}"
+    payload = load_weights_only(path, what, "torch.save(model.state_dict(), path)")
+    return to_torchvision_layout(unwrap_state(payload, what))
+
+
+def load_weights_only(path: Path, what: str, resave: str) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``what`` names the file and
+    ``resave`` is the command that re-saves it as a state dict, for the error.
+
+    Raises:
+        CheckpointError: corrupt, or holding pickled objects other than tensors.
+    """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or pickled-code files
+        first = (str(err).splitlines() or [""])[0][:160]
         raise CheckpointError(
-            f"model.weights={path} cannot be read as weights only ({type(err).__name__}: "
-            f"{err}); re-save it as a state dict: torch.save(model.state_dict(), path)"
+            f"{what} cannot be read as weights only ({type(err).__name__}: {first}); "
+            f"re-save it as a state dict: {resave}"
         ) from err
-    return to_torchvision_layout(_unwrap(payload, path))
 
 
 def state_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> str | None:

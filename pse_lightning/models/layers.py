@@ -108,6 +108,14 @@ def gap_linear_head(net: nn.Module, layer: str) -> str | None:
     return tail[-1][0]
 
 
+def disable_inplace(net: nn.Module) -> None:
+    """Turn off in-place activations: they overwrite the activations a hook captured
+    (captum #156)."""
+    for module in net.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+
+
 def find_feature_layers(net: nn.Module, arch: str) -> FeatureLayers:
     """The CAM layer, dissection layers and exact-CAM head of ``net`` (see module doc)."""
     blocks, parent = conv_blocks(net)

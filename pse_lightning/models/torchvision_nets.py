@@ -36,7 +36,7 @@ from pse_lightning.models.foreign import (
     read_foreign_weights,
     state_mismatch,
 )
-from pse_lightning.models.layers import find_feature_layers
+from pse_lightning.models.layers import disable_inplace, find_feature_layers
 from pse_lightning.models.pretrained import (
     Preprocessing,
     builder_kwargs,
@@ -64,12 +64,6 @@ def bare_net(arch: str, num_classes: int) -> nn.Module:
     if arch in ("inception_v3", "googlenet"):
         kwargs = {"aux_logits": False, "init_weights": True}
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-
-
-def _disable_inplace(net: nn.Module) -> None:
-    for module in net.modules():
-        if getattr(module, "inplace", False):
-            module.inplace = False
 
 
 def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
@@ -192,7 +186,7 @@ class TorchvisionClassifier(Classifier):
         else:
             net = bare_net(arch, num_classes)
             adapt_stem(net, arch, in_channels, image_size, num_classes)
-        _disable_inplace(net)
+        disable_inplace(net)
         layers = find_feature_layers(net, arch)
         super().__init__(
             net,

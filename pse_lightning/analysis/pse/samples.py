@@ -178,8 +178,11 @@ def example_maps(columns: Mapping[str, Tensor], shape: Tensor) -> ExampleMaps:
         shape: (3,) the image shape (C, H, W) shared by every example.
     """
     c, h, w = (int(v) for v in shape.tolist())
-    views = {"x": (-1, c, h, w), "delta": (-1, c, h, w), "promotion": (-1, h, w),
-             "suppression": (-1, h, w), "net": (-1, h, w)}  # fmt: skip
+    # No example kept (every image misclassified or every attack failed): 0 rows, not -1,
+    # which an empty tensor cannot resolve.
+    e = -1 if c * h * w else 0
+    views = {"x": (e, c, h, w), "delta": (e, c, h, w), "promotion": (e, h, w),
+             "suppression": (e, h, w), "net": (e, h, w)}  # fmt: skip
     typed = {
         name: _typed(name, values).view(views[name]) if name in views else _typed(name, values)
         for name, values in columns.items()
