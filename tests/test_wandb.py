@@ -178,3 +178,74 @@ def test_multirun_jobs_share_a_sweep_group_and_are_named_by_choice(tmp_path: Pat
         "fgsm-small_cnn-shapes-standard-s0",
         "pgd-small_cnn-shapes-standard-s0",
     ]
+
+
+def _fields(cls: type, n: int, index: list[int], **given: torch.Tensor) -> object:
+    """A kept-examples dataclass with ``index`` and ``given``, other fields zeros."""
+    from dataclasses import fields
+
+    out = {"index": torch.tensor(index)}
+    for f in fields(cls):
+        out.setdefault(f.name, given.get(f.name, torch.zeros(n, 4, 4)))
+    return cls(**out)
+
+
+def test_examples_table_joins_the_analyses_maps_by_dataset_index(tmp_path: Path) -> None:
+    """PSE kept examples 2 and 5, CAM kept 5 and 7: each example's row gets the maps of
+    the analyses that kept it (None elsewhere), and a map's hottest pixel is the top
+    colour of the report's heat map scale."""
+    import matplotlib
+
+    from pse_lightning.analysis.base import AnalysisResult
+    from pse_lightning.analysis.cam.result import CAMExamples
+    from pse_lightning.analysis.pse.samples import ExampleMaps
+    from pse_lightning.modules.example_panels import example_map_columns
+    from pse_lightning.reporting.figures import HEAT_CMAP
+    from pse_lightning.reporting.wandb_run import MAP_COLUMNS, examples_table
+
+    hot = torch.zeros(2, 4, 4)
+    hot[0, 1, 2] = 3.0  # example 2's promotion map: one hot pixel
+    hot[1, 0, 0] = 1.0
+    pse = _fields(ExampleMaps, 2, [2, 5], promotion=hot)
+    cam = _fields(CAMExamples, 2, [5, 7], map_clean=torch.rand(2, 4, 4))
+    results = {
+        "pse": AnalysisResult({}, {"examples": pse}),
+        "cam": AnalysisResult({}, {"examples": cam}),
+    }
+    index = torch.tensor([2, 5, 7])
+    columns = example_map_columns(results, index)
+    assert set(columns) == set(MAP_COLUMNS)
+    assert torch.equal(columns["promotion"][0], pse.promotion[0])
+    assert torch.equal(columns["promotion"][1], pse.promotion[1])
+    assert columns["promotion"][2] is None
+    assert columns["cam_clean"][0] is None
+    assert torch.equal(columns["cam_clean"][2], cam.map_clean[1])
+    assert set(example_map_columns({"pse": results["pse"]}, index)) == set(MAP_COLUMNS[:2])
+
+    n = 3
+    examples = {
+        "index": index, "x": torch.rand(n, 3, 4, 4), "x_adv": torch.rand(n, 3, 4, 4),
+        "y": torch.zeros(n, dtype=torch.long), "pred_clean": torch.zeros(n, dtype=torch.long),
+        "pred_adv": torch.ones(n, dtype=torch.long), **columns,
+    }  # fmt: skip
+    table = examples_table(examples, ["a", "b"])
+    assert table.columns[-4:] == list(MAP_COLUMNS)
+    cell = table.data[0][table.columns.index("promotion")]
+    pixels = np.asarray(cell.image).astype(float)
+    top = np.array(matplotlib.colormaps[HEAT_CMAP](1.0)[:3]) * 255
+    bottom = np.array(matplotlib.colormaps[HEAT_CMAP](0.0)[:3]) * 255
+    assert np.abs(pixels[1, 2, :3] - top).max() <= 1
+    assert np.abs(pixels[0, 0, :3] - bottom).max() <= 1
+    assert table.data[2][table.columns.index("promotion")] is None
+
+    # The table, None cells and all, logs to an offline run and reads back.
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="t")
+    run.log({"examples/adversarial": table})
+    run.finish()
+    _, records = inspect(tmp_path)
+    rows, png = logged_table(records, "examples/adversarial.table.json")
+    assert [r["index"] for r in rows] == [2, 5, 7] and rows[2]["promotion"] is None
+    assert np.abs(png(rows[0]["promotion"])[1, 2, :3] - top).max() <= 1
+    assert rows[0]["cam_clean"] is None and rows[2]["cam_clean"] is not None

@@ -38,8 +38,9 @@ def check_environment(cfg: DictConfig, trainer_choice: str | None) -> None:
 def check_data_root(dataset: DictConfig) -> None:
     """A dataset read from ``dataset.root`` (and a probe from ``dataset.probe.root``) must
     find its files there: the datamodule's own layout check (``check_layout`` or
-    ``check_files``), which only looks at the disk. Generated datasets (no ``root``) are left to the run, and so is a
-    dataset that will download its missing files (``dataset.download=true``).
+    ``check_files``), which only looks at the disk. Generated datasets (shapes, digits)
+    are left to the run, and so is a dataset that will download its missing files
+    (``dataset.download=true``).
     """
     if "root" not in dataset and not isinstance(dataset.get("probe"), DictConfig):
         return

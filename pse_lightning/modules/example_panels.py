@@ -32,6 +32,7 @@ from pse_lightning.reporting.figures import (
     show_map,
     show_perturbation,
 )
+from pse_lightning.reporting.wandb_run import MAP_COLUMNS
 
 COLUMNS = 7  # x, x', δ, promotion, suppression, CAM on x, CAM on x'
 MAX_ROWS = 6
@@ -46,6 +47,29 @@ def _find(results: Mapping[str, AnalysisResult], kind: type) -> object | None:
         if isinstance(found, kind):
             return found
     return None
+
+
+def example_map_columns(
+    results: Mapping[str, AnalysisResult], index: Tensor
+) -> dict[str, list[Tensor | None]]:
+    """The map columns of the W&B examples table (``MAP_COLUMNS``), one entry per dataset
+    index in ``index``: the PSE analysis's promotion and suppression maps and the CAM
+    analysis's maps on x and x' of that example, None where the analysis kept none; only
+    the columns of the analyses that ran."""
+    pse, cam = _find(results, ExampleMaps), _find(results, CAMExamples)
+    out: dict[str, list[Tensor | None]] = {}
+    rows = [int(i) for i in index.tolist()]
+    for kept, names, fields in (
+        (pse, MAP_COLUMNS[:2], ("promotion", "suppression")),
+        (cam, MAP_COLUMNS[2:], ("map_clean", "map_adv")),
+    ):
+        if kept is None:
+            continue
+        at = {int(i): j for j, i in enumerate(kept.index.tolist())}
+        for name, field in zip(names, fields, strict=True):
+            values = getattr(kept, field)
+            out[name] = [None if i not in at else values[at[i]] for i in rows]
+    return out
 
 
 def example_panels_section(

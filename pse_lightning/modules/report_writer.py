@@ -12,7 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from pse_lightning.core.report import ReportSection
-from pse_lightning.modules.example_panels import example_panels_section
+from pse_lightning.modules.example_panels import example_map_columns, example_panels_section
 from pse_lightning.reporting.outcomes import write_outcomes
 from pse_lightning.reporting.report import log_report_to_wandb, with_prefix, write_report
 
@@ -70,11 +70,14 @@ class ReportWriter(pl.Callback):
             norms=result.norms,
             budget=self.budget,
         )
+        examples = result.examples
+        if examples:  # the W&B table also shows each example's PSE and CAM maps
+            examples = {**examples, **example_map_columns(result.analyses, examples["index"])}
         log_report_to_wandb(
             trainer.logger,
             written,
             sections,
             scalars=result.scalars,
-            examples=result.examples,
+            examples=examples,
             class_names=self.class_names,
         )

@@ -2,7 +2,8 @@
 
 - the report's figures as images and every analysis table, under keys without spaces;
 - ``examples/adversarial``: one row per kept example with image columns (clean,
-  adversarial, amplified δ) and the amplification in its own column;
+  adversarial, amplified δ and, where the analyses kept the example, its promotion and
+  suppression maps and the CAM on x and x') and the amplification in its own column;
 - the key results under ``results/`` in the run summary (few enough for the console
   summary W&B prints at the end, which shows the first ten keys in sorted order);
 - ``report.md`` and ``metrics.json`` as a ``report`` artifact; a trained checkpoint as a
@@ -22,7 +23,7 @@ import numpy as np
 from torch import Tensor
 
 from pse_lightning.core.report import ReportSection
-from pse_lightning.reporting.figures import amplification, class_name, to_image
+from pse_lightning.reporting.figures import HEAT_CMAP, amplification, class_name, to_image
 from pse_lightning.reporting.findings import run_findings
 from pse_lightning.reporting.loggers import safe_key
 
@@ -50,6 +51,10 @@ EXAMPLE_COLUMNS = [
     "amplification",
     "linf",
 ]
+# Optional (H, W) map columns of the examples table, filled from the analyses' kept examples
+# (None where an analysis kept no map for that example): PSE's promotion Σ[a^t]₊ and
+# suppression Σ[−a^t0]₊, the CAM of the predicted class on x and on x'.
+MAP_COLUMNS = ("promotion", "suppression", "cam_clean", "cam_adv")
 
 
 def key_results(scalars: dict[str, float]) -> dict[str, float]:
@@ -69,16 +74,33 @@ def _image(x: Tensor) -> Any:
     return wandb.Image((to_image(x) * 255).round().astype(np.uint8))
 
 
-def examples_table(examples: dict[str, Tensor], class_names: Sequence[str]) -> Any:
-    """One row per kept example: labels by name, the three images, δ's amplification.
+def _heat(values: Tensor | None) -> Any:
+    """An (H, W) non-negative map -> a W&B image in the report's heat map colours, scaled to
+    its own maximum (the maps' units differ; the report's figures give them); None stays."""
+    if values is None:
+        return None
+    import matplotlib
+    import wandb
+
+    v = values.detach().float().cpu().clamp_min(0)
+    v = v / max(float(v.max()), 1e-12)
+    rgb = matplotlib.colormaps[HEAT_CMAP](v.numpy())[..., :3]
+    return wandb.Image((rgb * 255).round().astype(np.uint8))
+
+
+def examples_table(examples: dict[str, Any], class_names: Sequence[str]) -> Any:
+    """One row per kept example: labels by name, the three images, δ's amplification, and
+    the map columns of :data:`MAP_COLUMNS` that ``examples`` carries.
 
     Args:
         examples: ``index``, ``x``, ``x_adv`` (N, C, H, W) in [0, 1], ``y``, ``pred_clean``,
-            ``pred_adv`` (N,), as kept by the evaluation.
+            ``pred_adv`` (N,), as kept by the evaluation; optionally any of
+            :data:`MAP_COLUMNS`, each a list of N (H, W) maps or None.
         class_names: names of the classes, indexed by label.
     """
     import wandb
 
+    maps = [c for c in MAP_COLUMNS if c in examples]
     rows = []
     for i in range(len(examples["index"])):
         x, x_adv = examples["x"][i].float(), examples["x_adv"][i].float()
@@ -97,9 +119,10 @@ def examples_table(examples: dict[str, Tensor], class_names: Sequence[str]) -> A
                 _image((0.5 + factor * delta).clamp(0, 1)),
                 factor,
                 float(delta.abs().max()),
+                *(_heat(examples[c][i]) for c in maps),
             ]
         )
-    return wandb.Table(columns=EXAMPLE_COLUMNS, data=rows)
+    return wandb.Table(columns=EXAMPLE_COLUMNS + maps, data=rows)
 
 
 def _cell(value: Any) -> Any:
