@@ -232,7 +232,7 @@ def draw_norm_distribution(
     norms: dict[str, Tensor], *, budget: tuple[str, float] | None = None
 ) -> Figure:
     """The figure of :func:`norm_distribution_figure`, unsaved."""
-    fig, axes = new_figure(1, len(norms), width=4.2 * len(norms), height=3.2)
+    fig, axes = new_figure(1, len(norms), width=5.0 * len(norms), height=3.2)
     for ax, (name, values) in zip(axes[0], norms.items(), strict=True):
         data = np.sort(values.detach().cpu().double().numpy())
         ax.hist(data, bins=min(30, max(5, len(data) // 2)), color=PALETTE[0], alpha=0.7,
