@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from pse_lightning.attacks.apgd import Tally, restart_stream, subset
 from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
 from pse_lightning.attacks.norms import Norm
-from pse_lightning.attacks.square import require_linf, square_run
+from pse_lightning.attacks.square import square_run
 from pse_lightning.validation import require_at_least
 
 STAGES: tuple[str, ...] = ("clean", "apgd-ce", "apgd-t", "square")
@@ -56,7 +56,7 @@ class AutoAttack(Attack):
             (a broken sample iterates on and keeps its last adversarial iterate).
         square: run the Square Attack (:class:`~pse_lightning.attacks.Square`, p_init 0.8,
             the authors' unscaled p schedule) on the survivors as the last stage: the
-            standard version minus FAB-T. L-inf only.
+            standard version minus FAB-T.
         square_queries: its queries per sample (the standard version: 5000).
         targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
 
@@ -92,8 +92,6 @@ class AutoAttack(Attack):
         self.early_stop = bool(early_stop)
         if not isinstance(square, bool):
             raise ValueError(f"attack.square must be true or false, got {square!r}")
-        if square:
-            require_linf(norm, "attack=autoattack with attack.square=true")
         self.square = square
         self.square_queries = require_at_least("attack.square_queries", square_queries, 1)
 

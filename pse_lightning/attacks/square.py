@@ -1,7 +1,8 @@
 """Square Attack (Andriushchenko et al., ECCV 2020): score-based black-box random search.
 
 No gradients: each iteration changes the current best point on one random square window
-(every pixel of the window, per channel, to x +- eps) and keeps the change when the margin
+(L-inf: every pixel of the window, per channel, to x +- eps; L2: mass moved between two
+windows, :mod:`~pse_lightning.attacks.square_l2`) and keeps the change when the margin
 loss decreases. It is the last stage of the standard AutoAttack, the one that catches
 models whose gradients are masked (a random search cannot be fooled by a broken gradient).
 :func:`square_run` is one run on a batch, shared with
@@ -19,6 +20,7 @@ from pse_lightning.attacks.apgd import Outcome, subset
 from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
 from pse_lightning.attacks.losses import is_success, margin
 from pse_lightning.attacks.norms import LpBall, Norm
+from pse_lightning.attacks.square_l2 import corner, grid_start, l2_candidate, l2_side
 from pse_lightning.core import randomness
 from pse_lightning.validation import require_at_least, require_in_range
 
@@ -49,8 +51,7 @@ def square_side(p: float, h: int, w: int) -> int:
 def square_mask(noise: Tensor, side: int, h: int, w: int) -> Tensor:
     """(N, 1, h, w) bool: one side x side window per sample, its corner uniform over the
     (h - side + 1)(w - side + 1) positions from two uniform numbers per row."""
-    top = (noise[:, 0] * (h - side + 1)).long().clamp_max(h - side)
-    left = (noise[:, 1] * (w - side + 1)).long().clamp_max(w - side)
+    top, left = corner(noise[:, 0], side, h), corner(noise[:, 1], side, w)
     rows = torch.arange(h, device=noise.device)
     cols = torch.arange(w, device=noise.device)
     in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
@@ -77,7 +78,7 @@ def candidate(batch: AttackBatch, best: Tensor, ball: LpBall, side: int, noise: 
     x = batch.x
     _, c, h, w = x.shape
     mask = square_mask(noise[:, :2], side, h, w)
-    colour = signs(noise[:, 2:]).view(-1, c, 1, 1).to(x)
+    colour = signs(noise[:, 2 : 2 + c]).view(-1, c, 1, 1).to(x)
     moved = ball.project(x, x + ball.eps * colour.expand_as(x))
     return batch.restrict(torch.where(mask, moved, best))
 
@@ -130,35 +131,32 @@ def square_run(
     """
     x = batch.x
     _, c, h, w = x.shape
+    linf = ball.norm == "linf"
+    start, propose = (stripes, candidate) if linf else (grid_start, l2_candidate)
     with torch.no_grad():
-        search = Search(model, batch, stripes(batch, ball, seed))
+        search = Search(model, batch, start(batch, ball, seed))
         for i in range(n_queries - 1):
             rows = (~search.found).nonzero()[:, 0]
             if len(rows) == 0:
                 break
-            side = square_side(square_fraction(i, n_queries, p_init, rescale), h, w)
-            noise = randomness.uniform(batch.index[rows], (2 + c,), seed, STREAM_ITERATION + i)
+            p = square_fraction(i, n_queries, p_init, rescale)
+            side = square_side(p, h, w) if linf else l2_side(p, h, w)
+            noise = randomness.uniform(batch.index[rows], (5 + c,), seed, STREAM_ITERATION + i)
             sub = subset(batch, rows)
-            search.offer(rows, candidate(sub, search.best[rows], ball, side, noise.to(x)))
+            search.offer(rows, propose(sub, search.best[rows], ball, side, noise.to(x)))
     outcome = Outcome(search.best, search.logits, search.found, -search.loss)
     return outcome, search.queries
 
 
-def require_linf(norm: str, who: str) -> None:
-    """The L2 Square Attack is not implemented: refuse it in one line."""
-    if norm != "linf":
-        raise ValueError(
-            f"attack.norm={norm!r} is not supported by {who} (only the L-inf Square Attack "
-            "is implemented); set attack.norm=linf"
-        )
-
-
 class Square(Attack):
-    """Square Attack in an L-inf ball, untargeted or targeted, with the margin loss.
+    """Square Attack in an L-inf or L2 ball, untargeted or targeted, with the margin loss.
 
-    Start: vertical stripes (each column and channel at x +- eps). Iteration i: a square of
-    side round(sqrt(p(i) h w)) at a uniformly random position per sample, every pixel of it
-    set to x +- eps with one random sign per channel; accepted when the margin
+    L-inf: start from vertical stripes (each column and channel at x +- eps); iteration i
+    draws a square of side round(sqrt(p(i) h w)) at a uniformly random position per sample
+    and sets every pixel of it to x +- eps with one random sign per channel. L2: start from
+    a grid of centred patterns; iteration i moves the perturbation of one random window
+    into another (:func:`~pse_lightning.attacks.square_l2.l2_candidate`), then rescales it to
+    norm eps. A proposal is accepted when the margin
     (untargeted: Z_y - max_{j != y} Z_j; targeted: max_{j != t} Z_j - Z_t) decreases. p
     starts at ``p_init`` and halves at the authors' checkpoints (:func:`square_fraction`).
     Locations and colours are keyed by (seed, dataset index, iteration), so a sample's
@@ -166,10 +164,10 @@ class Square(Attack):
     adversarial point; the logits of the returned images are known (no scoring forward).
 
     Args:
-        norm: 'linf' only ('l2' is refused).
+        norm: 'linf' or 'l2'.
         eps: the budget in [0, 1] pixel units.
         n_queries: forward passes per sample, the start included (AutoAttack: 5000).
-        p_init: initial share of the pixels the square covers (0.8 for L-inf).
+        p_init: initial share of the pixels the square covers (AutoAttack's value: 0.8).
         rescale: stretch the p schedule, defined for 10000 queries, to ``n_queries``.
         targeted, target_rule, seed: see :class:`~pse_lightning.attacks.base.Attack`.
         compile: accepted for a uniform config and ignored: the attack takes no gradients
@@ -192,7 +190,6 @@ class Square(Attack):
         seed: int = 0,
         compile: bool = False,
     ) -> None:
-        require_linf(norm, "attack=square")
         super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule,
                          seed=seed, compile=compile)  # fmt: skip
         self.n_queries = require_at_least("attack.n_queries", n_queries, 1)
