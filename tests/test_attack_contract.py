@@ -28,7 +28,13 @@ def tiny_model(seed: int = 0) -> SmallCNN:
 
 
 # The contract does not depend on how long an attack runs: cap every iteration count.
-QUICK_CAPS = {"steps": 5, "binary_search_steps": 2, "refine_steps": 5, "refine_search_steps": 1}
+QUICK_CAPS = {
+    "steps": 5,
+    "binary_search_steps": 2,
+    "refine_steps": 5,
+    "refine_search_steps": 1,
+    "n_queries": 20,
+}
 
 
 def _cap_iterations(node) -> None:

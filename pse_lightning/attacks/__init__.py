@@ -12,11 +12,13 @@ from pse_lightning.attacks.fmn import FMN
 from pse_lightning.attacks.losses import other_max_index
 from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.attacks.pgd import PGD
+from pse_lightning.attacks.square import Square
 from pse_lightning.attacks.strattack import StrAttack
 
 __all__ = [
     "Attack", "AttackBatch", "AttackResult", "Perturbation",
-    "APGD", "AutoAttack", "CAMGuided", "CWL2", "DDN", "EAD", "FGSM", "FMN", "PGD", "StrAttack",
+    "APGD", "AutoAttack", "CAMGuided", "CWL2", "DDN", "EAD", "FGSM", "FMN", "PGD", "Square",
+    "StrAttack",
     # helpers other layers need: per-sample norms and the adversarial runner-up class
     "flat_norm", "other_max_index",
 ]  # fmt: skip
