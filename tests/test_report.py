@@ -283,4 +283,8 @@ def test_sensitive_units_pick_the_largest_s_and_threshold_each_image(tmp_path: P
     assert (item.unit, item.concept, item.iou) == (1, "concept2", pytest.approx(0.2))
     assert item.mask_clean[0].tolist() == [[True, False], [False, False]]
     assert item.mask_adv[0].tolist() == [[True, True], [False, False]]
+    # The heat map is the activation itself (2 x 2 cells at 2 x 2 pixels: no interpolation).
+    assert item.act_clean[0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert item.act_adv[0].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    assert item.threshold == pytest.approx(0.5)
     assert sensitive_units_figure(found, tmp_path / "s.png").stat().st_size > 1000

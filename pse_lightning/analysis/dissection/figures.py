@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from torch import Tensor
@@ -21,6 +22,7 @@ from pse_lightning.analysis.dissection.showcase import Showcase
 from pse_lightning.analysis.dissection.summary import LayerUnits
 from pse_lightning.reporting.figures import (
     FONT_SIZE,
+    HEAT_CMAP,
     PALETTE,
     bar_chart,
     new_figure,
@@ -133,20 +135,32 @@ def _mask_legend(fig: Any, lines: list[tuple[str, str, str]]) -> None:
 ADV_COLOUR = "magenta"
 
 
+def _activation_overlay(ax: Axes, values: Tensor, low: float, high: float) -> None:
+    """The unit's upsampled activation as a translucent heat map over the image."""
+    ax.imshow(values.float().numpy(), cmap=HEAT_CMAP, vmin=low, vmax=high, alpha=0.55,
+              interpolation="nearest")  # fmt: skip
+
+
 def sensitive_units_figure(items: list[SensitiveUnit], path: Path) -> Path:
     """Rows of the most sensitive units, column pairs of kept images: the unit's activation
-    mask on the clean image (white) and on the adversarial image (magenta, with the clean
-    mask dashed white for comparison)."""
+    as a heat map (one scale per row, from its lowest value to at least its threshold) with
+    its activation mask outlined on the clean image (white) and on the adversarial image
+    (magenta, with the clean mask dashed white for comparison)."""
     k = len(items[0].index)
     fig, axes = new_figure(
         len(items), 2 * k, width=1.4 * 2 * k + 1.3, height=1.5 * len(items) + 0.5
     )
     for r, item in enumerate(items):
+        low = float(torch.minimum(item.act_clean.min(), item.act_adv.min()))
+        high = max(float(torch.maximum(item.act_clean.max(), item.act_adv.max())),
+                   item.threshold, low + 1e-12)  # fmt: skip
         for j in range(k):
             clean, adv = axes[r, 2 * j], axes[r, 2 * j + 1]
             show_image(clean, item.x[j], f"#{int(item.index[j])} x")
+            _activation_overlay(clean, item.act_clean[j], low, high)
             _outline(clean, item.mask_clean[j], "white", "-")
             show_image(adv, item.x_adv[j], f"#{int(item.index[j])} x'")
+            _activation_overlay(adv, item.act_adv[j], low, high)
             _outline(adv, item.mask_clean[j], "white", "--")
             _outline(adv, item.mask_adv[j], ADV_COLOUR, "-")
             for ax, mask in ((clean, item.mask_clean[j]), (adv, item.mask_adv[j])):

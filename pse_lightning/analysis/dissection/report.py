@@ -107,7 +107,9 @@ def captions(iou_threshold: float, quantile: float) -> dict[str, str]:
         "dissection_sensitive_units": (
             "The most attack-sensitive units of each layer (rows, largest s_k first; the row "
             "names layer:unit, s_k, the best concept and its IoU) on the kept evaluation "
-            f"images: where the unit fires (activation mask, top {quantile:g} quantile "
+            "images: the unit's activation S_k upsampled to the image (heat map, magma, one "
+            "scale per row from its lowest value to at least its threshold; unitless "
+            f"activation) and where it fires (activation mask, top {quantile:g} quantile "
             "threshold from the probe set) on the clean image x (white) and on the "
             "adversarial image x' (magenta; the clean mask dashed white for comparison). "
             "'no mask': the unit stays below its threshold on that image."

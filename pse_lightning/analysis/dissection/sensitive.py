@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from pse_lightning.analysis.dissection.masks import activation_masks
+from pse_lightning.analysis.dissection.masks import activation_masks, mask_thresholds, upsample
 from pse_lightning.analysis.dissection.probe import ProbeResult
 from pse_lightning.analysis.dissection.summary import LayerUnits
 
@@ -33,6 +33,9 @@ class SensitiveUnit:
             concept on the probe set.
         index: (k,) dataset indices; x, x_adv: (k, C, H, W) images in [0, 1].
         mask_clean, mask_adv: (k, H, W) bool activation masks on x and on x'.
+        act_clean, act_adv: (k, H, W) the unit's upsampled activation S_k on x and on x'
+            (where it responds even below its threshold).
+        threshold: the mask threshold the masks use (T_k, or the unit's floor above it).
     """
 
     layer: str
@@ -46,6 +49,9 @@ class SensitiveUnit:
     x_adv: Tensor
     mask_clean: Tensor
     mask_adv: Tensor
+    act_clean: Tensor
+    act_adv: Tensor
+    threshold: float
 
 
 class KeptActivations(Metric):
@@ -116,6 +122,8 @@ def sensitive_units(
         thresholds, floors = layer.thresholds[order], layer.floors[order]
         clean = activation_masks(acts[:, 0], thresholds, floors, size)  # (k, U, H, W)
         adv = activation_masks(acts[:, 1], thresholds, floors, size)
+        s_clean, s_adv = upsample(acts[:, 0], size), upsample(acts[:, 1], size)
+        limits = mask_thresholds(thresholds, floors)
         for j, unit in enumerate(order):
             concept = int(layer.best_concept[unit])
             found.append(
@@ -131,6 +139,9 @@ def sensitive_units(
                     x_adv=kept["x_adv"],
                     mask_clean=clean[:, j],
                     mask_adv=adv[:, j],
+                    act_clean=s_clean[:, j].cpu(),
+                    act_adv=s_adv[:, j].cpu(),
+                    threshold=float(limits[j]),
                 )  # fmt: skip
             )
     return found
