@@ -122,12 +122,13 @@ def _evaluate_rows(
     aim: Tensor | None,
     loss: str,
     gradients: Gradients,
-    active: Tensor,
+    active: Tensor | None,
     previous: tuple[Tensor, Tensor, Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_evaluate` on the ``active`` rows only; the other rows keep ``previous``
-    (their iterate is not used again), so a finished sample costs no model pass."""
-    if bool(active.all()):
+    """:func:`_evaluate` on the ``active`` rows only (None: every row); the other rows keep
+    ``previous`` (their iterate is not used again), so a finished sample costs no model
+    pass."""
+    if active is None or bool(active.all()):
         return _evaluate(model, x_adv, batch, aim, loss, gradients)
     rows = active.nonzero()[:, 0]
     part = _evaluate(model, x_adv[rows], subset(batch, rows), None if aim is None else aim[rows],
@@ -176,16 +177,19 @@ def apgd_run(
     x_prev, last, rises = x_adv, obj, torch.zeros_like(obj)
     best_at_check, halved_at_check = best.clone(), torch.ones_like(found)
     marks = checkpoints(steps)
+    everyone = torch.ones_like(found)
     for i in range(steps):
-        active = ~found if stop_at_success else torch.ones_like(found)
-        if not bool(active.any()):
+        # Without early stop nothing here waits on the device (no host sync per step).
+        active = ~found if stop_at_success else everyone
+        if stop_at_success and not bool(active.any()):
             break
         a = 1.0 if i == 0 else momentum
         with torch.no_grad():
             z = ball.project(x, ball.ascend(x_adv, grad, step))
             x_next = ball.project(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
         x_prev, x_adv = x_adv, x_next
-        logits, obj, grad = _evaluate_rows(model, x_adv, batch, aim, loss, gradients, active,
+        logits, obj, grad = _evaluate_rows(model, x_adv, batch, aim, loss, gradients,
+                                           active if stop_at_success else None,
                                            (logits, obj, grad))  # fmt: skip
         with torch.no_grad():
             adv = active & is_success(logits, batch.y, batch.target, batch.target is not None)
