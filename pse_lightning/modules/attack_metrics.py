@@ -68,26 +68,31 @@ class AttackMetrics(Metric):
         self.clean_ok.append(clean_ok)
         self.adv_ok.append(adv_ok)
 
-    def successful_norms(self) -> dict[str, Tensor]:
-        """Per-image ``l2`` and ``linf`` norms of δ over the successful adversarial examples,
-        ordered by dataset index, on the CPU: the report's norm distribution.
-
-        Reduced over every process like ``compute`` (call it on every rank), so the
-        distribution of a DDP run is that of one process.
-        """
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn,
-            should_sync=self._to_sync,
-            should_unsync=self._should_unsync,
-        ):
-            if isinstance(self.index, list) and not self.index:  # a tensor once synchronised
-                return {"l2": torch.empty(0), "linf": torch.empty(0)}
-            order = dim_zero_cat(self.index).argsort()
-            ok = dim_zero_cat(self.succeeded).bool()[order]
-            return {
-                name: dim_zero_cat(getattr(self, name))[order][ok].detach().cpu()
-                for name in ("l2", "linf")
+    def per_image(self) -> dict[str, Tensor]:
+        """Every process's per-image rows, sorted by dataset index (so the same under any
+        sharding), on the CPU: ``index`` (N,) long; ``clean_correct``, ``adv_correct``,
+        ``succeeded`` (N,) bool; ``l2``, ``linf`` (N,) norms of δ. One collective under
+        DDP: every rank must call it."""
+        with self.sync_context():
+            index = _cat(self.index, torch.long)
+            order = index.argsort()
+            rows = {
+                "index": index,
+                "clean_correct": _cat(self.clean_ok, torch.bool),
+                "adv_correct": _cat(self.adv_ok, torch.bool),
+                "succeeded": _cat(self.succeeded, torch.bool),
+                "l2": _cat(self.l2, torch.float32),
+                "linf": _cat(self.linf, torch.float32),
             }
+            return {name: values[order].detach().cpu() for name, values in rows.items()}
+
+    def successful_norms(self, rows: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per-image ``l2`` and ``linf`` norms of δ over the successful adversarial examples,
+        ordered by dataset index: the report's norm distribution. From ``rows`` of
+        :meth:`per_image` when given, else a collective like it."""
+        rows = self.per_image() if rows is None else rows
+        ok = rows["succeeded"]
+        return {name: rows[name][ok] for name in ("l2", "linf")}
 
     def compute(self) -> dict[str, Tensor]:
         index = dim_zero_cat(self.index)
@@ -112,18 +117,12 @@ class AttackMetrics(Metric):
             "linf_median": linf.median() if linf.numel() else nan,
         }
 
-    def outcomes(self) -> dict[str, Tensor]:
-        """Per-image outcomes of every process, sorted by dataset index (so the same under
-        any sharding): ``index`` (N,) long, ``clean_correct`` and ``adv_correct`` (N,) bool.
-        A collective under DDP: every rank must call it."""
-        with self.sync_context():
-            index = _cat(self.index, torch.long)
-            order = index.argsort()
-            return {
-                "index": index[order].cpu(),
-                "clean_correct": _cat(self.clean_ok, torch.bool)[order].cpu(),
-                "adv_correct": _cat(self.adv_ok, torch.bool)[order].cpu(),
-            }
+    def outcomes(self, rows: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per-image ``index``, ``clean_correct`` and ``adv_correct``, sorted by dataset
+        index (what a sweep's paired test compares). From ``rows`` of :meth:`per_image`
+        when given, else a collective like it."""
+        rows = self.per_image() if rows is None else rows
+        return {name: rows[name] for name in ("index", "clean_correct", "adv_correct")}
 
 
 def _cat(state: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:

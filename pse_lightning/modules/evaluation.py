@@ -159,12 +159,13 @@ class EvaluationModule(pl.LightningModule):
             for key, value in computed.scalars.items():
                 scalars[f"test/{name}/{key}"] = torch.as_tensor(value).float()
         self.log_dict(scalars, sync_dist=False)
+        per_image = self.attack_metrics.per_image()  # one gather for norms and outcomes
         self.result = EvaluationResult(
             scalars={k: float(v) for k, v in scalars.items()},
             analyses=analysis_results,
             examples=self._gather_examples(),
-            norms=self.attack_metrics.successful_norms(),
-            outcomes=self.attack_metrics.outcomes(),
+            norms=self.attack_metrics.successful_norms(per_image),
+            outcomes=self.attack_metrics.outcomes(per_image),
         )
         self.attack_metrics.reset()
         for analysis in self.analyses.values():
