@@ -52,7 +52,12 @@ from pse_lightning.reporting.loggers import (
     start_run,
 )
 from pse_lightning.reporting.report import flatten_params
-from pse_lightning.validation import InputError, require_at_least, require_choice
+from pse_lightning.validation import (
+    InputError,
+    constructor_error,
+    require_at_least,
+    require_choice,
+)
 
 log = logging.getLogger(__name__)
 STAGES = ("auto", "fit", "evaluate")
@@ -395,9 +400,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     try:
         parts = build(cfg)
     except InstantiationException as err:
-        # Hydra wraps the constructor's one-line error in three lines of its own.
-        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError)) else err
-        raise InputError(str(cause)) from err
+        raise constructor_error(err) from err
     except (ValueError, TypeError, FileNotFoundError) as err:
         # Bad values the config check cannot see and missing data: the user's to fix.
         raise InputError(str(err)) from err

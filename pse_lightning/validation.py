@@ -24,6 +24,13 @@ class InputError(ValueError):
     """
 
 
+def constructor_error(err: Exception) -> InputError:
+    """The one-line error a constructor raised, out of Hydra's ``InstantiationException``
+    (which wraps it in three lines of its own); any other wrapped error as it reads."""
+    cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError)) else err
+    return InputError(str(cause))
+
+
 def require_positive(key: str, value: float) -> float:
     """Return ``value`` if it is a finite number > 0, else raise naming ``key``."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pse_lightning.validation import InputError
+from pse_lightning.validation import InputError, constructor_error
 
 _GPU_ACCELERATORS = ("gpu", "cuda")
 _ZOO_MODEL = ".RobustBenchClassifier"
@@ -50,8 +50,7 @@ def check_data_root(dataset: DictConfig) -> None:
     try:
         datamodule = instantiate(dataset)
     except InstantiationException as err:
-        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError)) else err
-        raise InputError(str(cause)) from err
+        raise constructor_error(err) from err
     parts = [datamodule] if not getattr(datamodule, "download", False) else []
     probe = getattr(datamodule, "probe", None)
     if probe is not None and not getattr(probe, "download", False):
