@@ -49,6 +49,11 @@ def _find(results: Mapping[str, AnalysisResult], kind: type) -> object | None:
     return None
 
 
+def _rows_by_index(kept: Any) -> dict[int, int]:
+    """{dataset index: row} of an analysis's kept examples (empty for None)."""
+    return {} if kept is None else {int(i): j for j, i in enumerate(kept.index.tolist())}
+
+
 def example_map_columns(
     results: Mapping[str, AnalysisResult], index: Tensor
 ) -> dict[str, list[Tensor | None]]:
@@ -65,7 +70,7 @@ def example_map_columns(
     ):
         if kept is None:
             continue
-        at = {int(i): j for j, i in enumerate(kept.index.tolist())}
+        at = _rows_by_index(kept)
         for name, field in zip(names, fields, strict=True):
             values = getattr(kept, field)
             out[name] = [None if i not in at else values[at[i]] for i in rows]
@@ -82,7 +87,7 @@ def example_panels_section(
     ran = any(isinstance(r.details.get("examples"), CAMExamples) or "lift_true" in r.scalars
               for r in results.values())  # fmt: skip
     cam = _find(results, CAMExamples)
-    cam_rows = {} if cam is None else {int(i): j for j, i in enumerate(cam.index.tolist())}
+    cam_rows = _rows_by_index(cam)
     order = sorted(range(len(pse)), key=lambda j: (int(pse.index[j]) not in cam_rows, j))
     rows = order[:MAX_ROWS]
     note = "CAM not kept" if ran else "CAM not run"
