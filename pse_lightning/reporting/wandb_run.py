@@ -67,11 +67,16 @@ def key_results(scalars: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _image(x: Tensor) -> Any:
-    """(C, H, W) in [0, 1] -> a W&B image (8-bit, so the table stays small)."""
+def _picture(array: np.ndarray) -> Any:
+    """(H, W[, C]) in [0, 1] -> a W&B image (8-bit, so the table stays small)."""
     import wandb
 
-    return wandb.Image((to_image(x) * 255).round().astype(np.uint8))
+    return wandb.Image((array * 255).round().astype(np.uint8))
+
+
+def _image(x: Tensor) -> Any:
+    """(C, H, W) in [0, 1] -> a W&B image."""
+    return _picture(to_image(x))
 
 
 def _heat(values: Tensor | None) -> Any:
@@ -80,12 +85,10 @@ def _heat(values: Tensor | None) -> Any:
     if values is None:
         return None
     import matplotlib
-    import wandb
 
     v = values.detach().float().cpu().clamp_min(0)
     v = v / max(float(v.max()), 1e-12)
-    rgb = matplotlib.colormaps[HEAT_CMAP](v.numpy())[..., :3]
-    return wandb.Image((rgb * 255).round().astype(np.uint8))
+    return _picture(matplotlib.colormaps[HEAT_CMAP](v.numpy())[..., :3])
 
 
 def examples_table(examples: dict[str, Any], class_names: Sequence[str]) -> Any:
