@@ -100,7 +100,11 @@ def activation_masks(
     acts: Tensor, thresholds: Tensor, floors: Tensor, size: tuple[int, int]
 ) -> Tensor:
     """M_k = 1[S_k >= T_k and S_k > floor_k], bool (N, K, H, W) (see :func:`mask_thresholds`)."""
-    s = upsample(acts, size)
+    return above_threshold(upsample(acts, size), thresholds, floors)
+
+
+def above_threshold(s: Tensor, thresholds: Tensor, floors: Tensor) -> Tensor:
+    """The masks of :func:`activation_masks` from already upsampled activations S (N, K, H, W)."""
     return s >= mask_thresholds(thresholds, floors).to(s.device).view(1, -1, 1, 1)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from pse_lightning.analysis.dissection.masks import activation_masks, mask_thresholds, upsample
+from pse_lightning.analysis.dissection.masks import above_threshold, mask_thresholds, upsample
 from pse_lightning.analysis.dissection.probe import ProbeResult
 from pse_lightning.analysis.dissection.summary import LayerUnits
 
@@ -120,9 +120,9 @@ def sensitive_units(
         order = sorted(range(len(s)), key=lambda u: (-float(s[u]), u))[:top_units]
         acts = kept["acts"][i][:, :, order]  # (k, 2, U, h, w)
         thresholds, floors = layer.thresholds[order], layer.floors[order]
-        clean = activation_masks(acts[:, 0], thresholds, floors, size)  # (k, U, H, W)
-        adv = activation_masks(acts[:, 1], thresholds, floors, size)
-        s_clean, s_adv = upsample(acts[:, 0], size), upsample(acts[:, 1], size)
+        s_clean, s_adv = upsample(acts[:, 0], size), upsample(acts[:, 1], size)  # (k, U, H, W)
+        clean = above_threshold(s_clean, thresholds, floors)
+        adv = above_threshold(s_adv, thresholds, floors)
         limits = mask_thresholds(thresholds, floors)
         for j, unit in enumerate(order):
             concept = int(layer.best_concept[unit])
