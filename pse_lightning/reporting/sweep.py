@@ -32,20 +32,14 @@ from pse_lightning.reporting.sweep_jobs import (
     variant_title,
 )
 from pse_lightning.reporting.sweep_stats import RULE, comparison_findings, comparison_plan
+from pse_lightning.reporting.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
 
-def _fmt(value: float | None) -> str:
-    return (
-        "–"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{value:.3f}"
-    )
-
-
-def _row(*cells: str) -> str:
-    return "| " + " | ".join(cells) + " |"
+def _num(value: float | None) -> float:
+    """A table cell's number; a metric a job did not log is NaN (shown as n/a)."""
+    return math.nan if value is None else float(value)
 
 
 def variant_summary(
@@ -74,32 +68,24 @@ def variant_summary(
 
 def comparison_tables(summary: dict[str, dict[str, Any]], title: str, attacks: list[str]) -> str:
     """Accuracy, PSE-type and interpretable-unit tables (variants as rows)."""
-    lines = [
-        "### Accuracy",
-        "",
-        _row(title, "clean acc", *(f"robust acc ({a})" for a in attacks)),
-        "|---|---|" + "---|" * len(attacks),
-    ]
-    for v, s in summary.items():
-        lines.append(
-            _row(v, _fmt(s["clean_acc"]), *(_fmt(s.get(f"robust_acc/{a}")) for a in attacks))
-        )
+    accuracy = markdown_table(
+        [title, "clean acc", *(f"robust acc ({a})" for a in attacks)],
+        [[v, _num(s["clean_acc"]), *(_num(s.get(f"robust_acc/{a}")) for a in attacks)]
+         for v, s in summary.items()],
+    )  # fmt: skip
+    parts = ["### Accuracy", "", accuracy]
     pse = [(v, a) for v in summary for a in attacks if f"pse/frac_balanced/{a}" in summary[v]]
     if pse:
-        lines += ["", "### PSE types of the successful perturbations", "",
-                  _row(title, "attack", *(f"frac_{t}" for t in PSE_TYPES)),
-                  "|---|---|" + "---|" * len(PSE_TYPES)]  # fmt: skip
-        for v, a in pse:
-            lines.append(
-                _row(v, a, *(_fmt(summary[v].get(f"pse/frac_{t}/{a}")) for t in PSE_TYPES))
-            )
+        rows = [[v, a, *(_num(summary[v].get(f"pse/frac_{t}/{a}")) for t in PSE_TYPES)]
+                for v, a in pse]  # fmt: skip
+        table = markdown_table([title, "attack", *(f"frac_{t}" for t in PSE_TYPES)], rows)
+        parts += ["", "### PSE types of the successful perturbations", "", table]
     units = sorted({k for s in summary.values() for k in s if k.startswith("dissection/")})
     if units:
-        lines += ["", "### Interpretable units", "",
-                  _row(title, *(k.removeprefix("dissection/") for k in units)),
-                  "|---|" + "---|" * len(units)]  # fmt: skip
-        lines += [_row(v, *(_fmt(s.get(k)) for k in units)) for v, s in summary.items()]
-    return "\n".join(lines)
+        rows = [[v, *(_num(s.get(k)) for k in units)] for v, s in summary.items()]
+        table = markdown_table([title, *(k.removeprefix("dissection/") for k in units)], rows)
+        parts += ["", "### Interpretable units", "", table]
+    return "\n".join(parts)
 
 
 def write_comparison(sweep_dir: Path) -> Path | None:
