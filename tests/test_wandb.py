@@ -133,11 +133,13 @@ def test_training_then_evaluation_runs_read_back(make_cfg, tmp_path: Path) -> No
     assert all(" " not in key for key in summary)
     assert summary["results/robust_acc"] == pytest.approx(results["test/robust_acc"])
     assert summary["test/clean_acc"] == pytest.approx(results["test/clean_acc"])
-    # The report's Findings: no analysis ran here, so no claim could be measured.
-    assert summary["findings/cam_region"] == "not measured"
-    assert json.loads((run_dir / "metrics.json").read_text())["findings"]["cam_region"] == (
-        "not measured"
-    )
+    # The report's Findings: no analysis ran here, so none declared a claim; the training
+    # claim (a sweep's) is listed as not measured.
+    assert "findings/cam_region" not in summary
+    assert summary["findings/pse_training"] == "not measured"
+    assert json.loads((run_dir / "metrics.json").read_text())["findings"] == {
+        "pse_training": "not measured"
+    }
     (report,) = artifacts(records, "report")
     assert {c["path"] for c in report["manifest"]["contents"]} == {"report.md", "metrics.json"}
 

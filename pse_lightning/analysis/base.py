@@ -20,6 +20,7 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from pse_lightning.core.findings import Finding
 from pse_lightning.core.report import ReportSection
 
 
@@ -66,6 +67,10 @@ class AnalysisResult:
     scalars: dict[str, Tensor]
     details: dict[str, Any] = field(default_factory=dict)
 
+    def values(self) -> dict[str, float]:
+        """``scalars`` as Python floats (float64: a p-value of 1e-79 stays 1e-79)."""
+        return {k: float(v) for k, v in self.scalars.items()}
+
 
 class _Boxed:
     """Carries a computed result past torchmetrics' squeeze (it does not look inside)."""
@@ -80,7 +85,8 @@ class Analysis(Metric):
     Subclasses set ``name`` (the log prefix: ``test/<name>/<key>``) and implement
     ``update(model, batch)``, ``compute()`` (an :class:`AnalysisResult`; called on every
     rank: it synchronises) and ``report(result, out_dir, class_names)`` (rank zero only,
-    after ``compute``; reads only ``result``, must not communicate).
+    after ``compute``; reads only ``result``, must not communicate). ``findings(result)``
+    declares the paper's claims the analysis tests (rank zero, after ``compute``).
 
     ``prepare(model, datamodule)`` runs once on every rank before the first batch, for
     analyses that need their own pass over other data (dissection's probe set).
@@ -118,6 +124,11 @@ class Analysis(Metric):
             return wrapped(*args, **kwargs).value
 
         return unboxed
+
+    def findings(self, result: AnalysisResult) -> list[Finding]:
+        """The paper's claims this analysis tests on ``result``, for the report's Findings
+        (judged there by :func:`~pse_lightning.core.findings.judge`); default: none."""
+        return []
 
     def report(
         self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]

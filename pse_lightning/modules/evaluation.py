@@ -157,8 +157,10 @@ class EvaluationModule(pl.LightningModule):
         analysis_results = {name: analysis.compute() for name, analysis in self.analyses.items()}
         for name, computed in analysis_results.items():
             for key, value in computed.scalars.items():
-                scalars[f"test/{name}/{key}"] = torch.as_tensor(value).float()
-        self.log_dict(scalars, sync_dist=False)
+                scalars[f"test/{name}/{key}"] = torch.as_tensor(value)
+        # Loggers get float32; the result (metrics.json, the report) keeps each value's own
+        # precision, so a p-value of 1e-79 computed in float64 is not stored as 0.
+        self.log_dict({k: v.float() for k, v in scalars.items()}, sync_dist=False)
         per_image = self.attack_metrics.per_image()  # one gather for norms and outcomes
         self.result = EvaluationResult(
             scalars={k: float(v) for k, v in scalars.items()},

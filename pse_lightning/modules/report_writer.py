@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 
 from pse_lightning.core.report import ReportSection
 from pse_lightning.modules.example_panels import example_map_columns, example_panels_section
+from pse_lightning.reporting.findings import run_findings
 from pse_lightning.reporting.outcomes import write_outcomes
 from pse_lightning.reporting.report import log_report_to_wandb, with_prefix, write_report
 
@@ -56,6 +57,11 @@ class ReportWriter(pl.Callback):
                 for name, analysis in pl_module.analyses.items()
             ]
         )
+        findings = run_findings([
+            finding
+            for name, analysis in pl_module.analyses.items()
+            for finding in analysis.findings(result.analyses[name])
+        ])  # fmt: skip
         if result.outcomes:  # before metrics.json, which marks the run complete
             write_outcomes(self.run_dir, result.outcomes)
         written = write_report(
@@ -69,6 +75,7 @@ class ReportWriter(pl.Callback):
             extra=self.extra,
             norms=result.norms,
             budget=self.budget,
+            findings=findings,
         )
         examples = result.examples
         if examples:  # the W&B table also shows each example's PSE and CAM maps
@@ -80,4 +87,5 @@ class ReportWriter(pl.Callback):
             scalars=result.scalars,
             examples=examples,
             class_names=self.class_names,
+            verdicts={f.key: f.verdict for f in findings},
         )

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import Tensor
 
+from pse_lightning.core.findings import Finding
 from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.figures import (
     adversarial_examples_figure,
@@ -214,6 +215,7 @@ def write_report(
     extra: dict[str, Any] | None = None,
     norms: dict[str, Tensor] | None = None,
     budget: tuple[str, float] | None = None,
+    findings: Sequence[Finding] | None = None,
 ) -> dict[str, Path]:
     """Write figures, ``report.md`` and finally ``metrics.json`` into ``run_dir``.
 
@@ -221,6 +223,8 @@ def write_report(
         sections: the analyses' parts, in order, after the attack's own.
         norms: per-image ``l2``/``linf`` norms of the successful perturbations.
         budget: (norm, ε) of a budgeted attack, marked on the norm distribution.
+        findings: the judged Findings (:func:`~pse_lightning.reporting.findings.run_findings`
+            of what the analyses declared); None: no analysis declared any.
 
     Returns:
         name -> path of everything written (figures included), for logging.
@@ -234,11 +238,14 @@ def write_report(
     for section in sections:
         key = section.prefix or section.title
         written.update({f"{key}/{Path(f).stem}": Path(f) for f in section.figures})
-    findings = run_findings(scalars)
+    findings = run_findings([]) if findings is None else list(findings)
     text = report_markdown(run_dir, title, setup, scalars, parts, findings_markdown(findings))
     write_text_atomic(run_dir / "report.md", text)
     written["report"] = run_dir / "report.md"
     verdicts = {f.key: f.verdict for f in findings}
+    findings_out = run_dir / "findings.json"
+    write_json_atomic(findings_out, [asdict(f) for f in findings])
+    written["findings"] = findings_out
     payload = {"metrics": scalars, "findings": verdicts, **(extra or {})}
     written["metrics"] = write_json_atomic(run_dir / "metrics.json", payload)
     log.info("report written to %s", run_dir / "report.md")
@@ -258,6 +265,7 @@ def log_report_to_wandb(
     scalars: dict[str, float] | None = None,
     examples: dict[str, Any] | None = None,
     class_names: Sequence[str] = (),
+    verdicts: dict[str, str] | None = None,
 ) -> None:
     """The evaluation's figures, tables, per-example table, key results and report
     artifact in the W&B run (see :mod:`~pse_lightning.reporting.wandb_run`); rank zero only.
@@ -273,4 +281,5 @@ def log_report_to_wandb(
         scalars=scalars or {},
         examples=examples or {},
         class_names=class_names,
+        verdicts=verdicts or {},
     )

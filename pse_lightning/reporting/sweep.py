@@ -17,8 +17,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pse_lightning.core.pse_types import DOMINANCE_TYPES as PSE_TYPES
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
-from pse_lightning.reporting.findings import PSE_TYPES, findings_markdown
+from pse_lightning.reporting.findings import findings_markdown
 from pse_lightning.reporting.sweep_figures import (
     accuracy_eps_figure,
     accuracy_figure,

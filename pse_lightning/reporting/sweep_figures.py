@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pse_lightning.core.proportions import wilson_interval
+from pse_lightning.core.pse_types import DOMINANCE_TYPES as PSE_TYPES
 from pse_lightning.reporting.figures import (
     FONT_SIZE,
     PALETTE,
@@ -16,7 +17,6 @@ from pse_lightning.reporting.figures import (
     save,
     stacked_fraction_figure,
 )
-from pse_lightning.reporting.findings import PSE_TYPES
 from pse_lightning.reporting.sweep_jobs import Job
 
 

@@ -14,12 +14,12 @@ from itertools import combinations
 
 from torch import Tensor
 
+from pse_lightning.core.findings import Finding, judge, not_measured, rule_text
 from pse_lightning.core.proportions import (
     discordant_pairs,
     mcnemar_exact,
     paired_difference_interval,
 )
-from pse_lightning.reporting.findings import ALPHA, Finding, judge
 from pse_lightning.reporting.outcomes import aligned
 from pse_lightning.reporting.sweep_jobs import Job
 
@@ -28,13 +28,11 @@ from pse_lightning.reporting.sweep_jobs import Job
 # is not more robust.
 MIN_GAIN = 0.01
 TEST = "exact McNemar, paired on the same images"
-RULE = (
-    f"Holm's correction runs over every p-value in this table. Supported: the corrected "
-    f'test rejects at {ALPHA} (for "more robust", in that direction). Not supported: for '
-    f'"more robust", the interval excludes a gain of {MIN_GAIN} or the test rejects the '
-    f'other way; for "differ", the interval lies inside (−{MIN_GAIN}, {MIN_GAIN}). '
-    "Otherwise inconclusive at this sample size. Intervals: Newcombe's hybrid score interval "
-    "for paired proportions. Method: docs/METHODS.md §7.6."
+RULE = rule_text("comparison") + (
+    f' The claimed size is {MIN_GAIN} (one point of accuracy): for "more robust" a gain, for '
+    f'"differ" a difference either way. p: exact McNemar; interval: Newcombe\'s hybrid '
+    "score interval for paired proportions; both resample the test images (binomial model "
+    "of the discordant pairs). Method: docs/METHODS.md §7.6."
 )
 
 
@@ -112,14 +110,6 @@ def _outcomes(jobs: list[Job], variant: str, attack: str) -> dict[str, Tensor] |
     return None
 
 
-def _against(c: Comparison, stats: dict[str, float]) -> bool:
-    """The interval excludes the claimed effect, or the test rejects the other way."""
-    if c.directional:
-        wrong_way = stats["difference"] < 0 and stats["p"] < ALPHA
-        return stats["ci_high"] < MIN_GAIN or wrong_way
-    return stats["ci_low"] > -MIN_GAIN and stats["ci_high"] < MIN_GAIN
-
-
 def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
     a, b = (
         _outcomes(jobs, v, "" if c.measure == "clean" else c.attack)
@@ -128,7 +118,7 @@ def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
     record = asdict(c) | {"key": c.key, "claim": c.claim}
     if a is None or b is None:
         text = "per-image outcomes missing (a job written before outcomes.json): not paired"
-        return Finding(c.key, c.claim, text, TEST), record
+        return not_measured(c.key, c.claim, text), record
     column = "clean_correct" if c.measure == "clean" else "adv_correct"
     stats = paired_test(*aligned(a, b, column))
     text = (
@@ -136,8 +126,12 @@ def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
         f"[{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]; n = {stats['n']}, only one right: "
         f"{stats['only_variant']} / {stats['only_baseline']}"
     )
-    verdict = "against" if _against(c, stats) else ""
-    return Finding(c.key, c.claim, text, TEST, stats["p"], verdict=verdict), record | stats
+    finding = Finding(
+        c.key, c.claim, text, TEST,
+        estimate=stats["difference"], low=stats["ci_low"], high=stats["ci_high"], p=stats["p"],
+        direction="greater" if c.directional else "two-sided", size=MIN_GAIN,
+    )  # fmt: skip
+    return finding, record | stats
 
 
 def comparison_findings(

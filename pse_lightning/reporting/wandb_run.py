@@ -24,7 +24,6 @@ from torch import Tensor
 
 from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.figures import HEAT_CMAP, amplification, class_name, to_image
-from pse_lightning.reporting.findings import run_findings
 from pse_lightning.reporting.loggers import safe_key
 
 # test/<key> -> shown as results/<key> in the run summary, in this order of importance.
@@ -197,8 +196,10 @@ def log_evaluation(
     scalars: dict[str, float],
     examples: dict[str, Tensor],
     class_names: Sequence[str],
+    verdicts: dict[str, str],
 ) -> None:
-    """Log an evaluation's figures, tables, examples, key results and report artifact."""
+    """Log an evaluation's figures, tables, examples, key results, the Findings' verdicts
+    (claim key -> verdict) and the report artifact."""
     import wandb
 
     payload: dict[str, Any] = {
@@ -212,5 +213,5 @@ def log_evaluation(
     run.log(payload)
     run.summary.update(key_results(scalars))
     # The report's Findings, claim by claim (docs/METHODS.md §7.13), as filterable strings.
-    run.summary.update({f"findings/{safe_key(f.key)}": f.verdict for f in run_findings(scalars)})
+    run.summary.update({f"findings/{safe_key(k)}": v for k, v in verdicts.items()})
     run.log_artifact(report_artifact(run, written))

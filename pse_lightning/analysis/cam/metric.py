@@ -20,11 +20,13 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
 from pse_lightning.analysis.cam import statistics as stats
+from pse_lightning.analysis.cam.findings import cam_findings
 from pse_lightning.analysis.cam.partners import SameClassPartners, evaluation_labels
 from pse_lightning.analysis.cam.report import cam_section
 from pse_lightning.analysis.cam.result import MASK_KINDS, CAMExamples
 from pse_lightning.analysis.pse.attribution import grad_times_delta
 from pse_lightning.core import activation_maps as amaps
+from pse_lightning.core.findings import Finding
 from pse_lightning.core.model_state import frozen_eval, model_num_classes
 from pse_lightning.core.randomness import uniform
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
@@ -450,6 +452,9 @@ class CAMAnalysis(Analysis):
         if values["index"].numel() == 0:
             return None
         return CAMExamples(**values).sorted_cpu()
+
+    def findings(self, result: AnalysisResult) -> list[Finding]:  # noqa: D102
+        return cam_findings(result.values())
 
     def report(
         self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]

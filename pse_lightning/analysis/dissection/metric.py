@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
 from pse_lightning.analysis.dissection.activations import layer_activations
+from pse_lightning.analysis.dissection.findings import dissection_findings
 from pse_lightning.analysis.dissection.probe import (
     ProbePasses,
     ProbeResult,
@@ -57,6 +58,7 @@ from pse_lightning.analysis.dissection.summary import (
     summarise_layer,
 )
 from pse_lightning.core.distributed import rank_world
+from pse_lightning.core.findings import Finding
 from pse_lightning.core.model_state import frozen_eval, model_device
 from pse_lightning.validation import require_at_least, require_in_range
 
@@ -371,6 +373,9 @@ class Dissection(Analysis):
             sums.reset()
 
     # -- report ---------------------------------------------------------------------------
+
+    def findings(self, result: AnalysisResult) -> list[Finding]:  # noqa: D102
+        return dissection_findings(result.values())
 
     def report(
         self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]

@@ -37,6 +37,7 @@ from torchmetrics.utilities import dim_zero_cat
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
 from pse_lightning.analysis.pse import statistics
 from pse_lightning.analysis.pse.attribution import METHODS, PSEAttribution, pse_attributions
+from pse_lightning.analysis.pse.findings import pse_findings
 from pse_lightning.analysis.pse.report import pse_section
 from pse_lightning.analysis.pse.samples import (
     EXACT_ID_LIMIT,
@@ -48,6 +49,7 @@ from pse_lightning.analysis.pse.samples import (
     image_summary,
 )
 from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP
+from pse_lightning.core.findings import Finding
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
 log = logging.getLogger(__name__)
@@ -357,6 +359,9 @@ class PSE(Analysis):
         return out
 
     # -- report ---------------------------------------------------------------------------
+
+    def findings(self, result: AnalysisResult) -> list[Finding]:  # noqa: D102
+        return pse_findings(result.values())
 
     def report(
         self, result: AnalysisResult, out_dir: Path, class_names: Sequence[str]

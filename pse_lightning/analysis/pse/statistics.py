@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PSE_TYPES: tuple[str, ...] = ("suppression", "balanced", "promotion", "none")
+from pse_lightning.core.pse_types import DOMINANCE_TYPES
+
+PSE_TYPES: tuple[str, ...] = (*DOMINANCE_TYPES, "none")
 SUPPRESSION, BALANCED, PROMOTION, NONE = range(4)
 HIST_BINS = 20
 # Symmetric threshold sweep q: tau_s = q, tau_p = 1 - q (the default pair is q = 1/3).

@@ -1,0 +1,136 @@
+"""A claim tested on a run, and the one rule that turns its test into a verdict.
+
+Analyses declare the claims they test (``Analysis.findings``) as :class:`Finding` objects;
+the report and the sweep comparison only judge and print them. The rule (docs/METHODS.md
+§7.13) asks one thing of every finding: its p-value and its interval come from the same
+resampling scheme, named in ``test``, so the two cannot disagree about what was resampled.
+
+- *supported*: the Holm-corrected p < ALPHA **and** the interval excludes ``null`` in the
+  claimed direction;
+- *not supported*: the interval excludes every effect of the claimed size (beyond ``null``
+  by at least ``size``, in the claimed direction; for a two-sided claim, the interval lies
+  inside (null − size, null + size)), or the corrected test rejects the other way;
+- *inconclusive*: anything else at this sample size;
+- *not measured* / *untestable*: set by the analysis (``status``) with the reason in
+  ``note``; such findings stay out of the Holm family.
+
+It sits in ``core`` because analyses declare findings and ``reporting`` judges them, and
+neither may import the other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from pse_lightning.core.proportions import holm_adjust
+
+ALPHA = 0.05
+Direction = Literal["greater", "less", "two-sided"]
+NOT_MEASURED = "not measured"
+UNTESTABLE = "untestable"
+SUPPORTED = "supported"
+NOT_SUPPORTED = "not supported"
+INCONCLUSIVE = "inconclusive"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim, its measured effect, its test and (after :func:`judge`) its verdict.
+
+    Attributes:
+        key: a stable identifier (``metrics.json`` ``findings``, W&B ``findings/<key>``).
+        claim: the paper's claim in words.
+        effect: the measured effect and its 95 % interval, as printed.
+        test: the test *and* the resampling scheme its p and interval share.
+        estimate, low, high: the effect and its 95 % interval, on the scale of ``null``.
+        p: the test's p-value (one-sided when ``direction`` is one-sided).
+        direction: the claimed direction of the effect relative to ``null``.
+        null: the value of "no effect" (0 for a difference, 0.05 for a share that "occurs").
+        size: the smallest effect beyond ``null`` that counts as the claim; an interval
+            that excludes every such effect makes the claim *not supported*.
+        status: "" when testable, else ``not measured`` or ``untestable``.
+        note: why it is untestable or not measured, or a caveat the reader needs.
+        p_holm: p after Holm over the family it was judged in (set by :func:`judge`).
+        verdict: set by :func:`judge`.
+    """
+
+    key: str
+    claim: str
+    effect: str
+    test: str
+    estimate: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+    p: float = math.nan
+    direction: Direction = "greater"
+    null: float = 0.0
+    size: float = 0.0
+    status: str = ""
+    note: str = ""
+    p_holm: float = math.nan
+    verdict: str = ""
+
+    @property
+    def tested(self) -> bool:
+        """Whether the finding enters the Holm family: testable, with a finite p."""
+        return not self.status and not math.isnan(self.p)
+
+
+def not_measured(key: str, claim: str, why: str) -> Finding:
+    """A claim this run could not measure (its analysis did not run, or saw no data)."""
+    return Finding(key, claim, why, "—", status=NOT_MEASURED, note=why)
+
+
+def untestable(key: str, claim: str, effect: str, test: str, why: str) -> Finding:
+    """A claim measured but not testable here (``why`` says what is missing)."""
+    return Finding(key, claim, effect, test, status=UNTESTABLE, note=why)
+
+
+def judge(found: Sequence[Finding]) -> list[Finding]:
+    """Holm over the tested findings of ``found`` (one family) and every finding's verdict."""
+    adjusted = holm_adjust([f.p if f.tested else math.nan for f in found])
+    return [
+        replace(f, verdict=f.status)
+        if f.status
+        else replace(f, p_holm=p_holm, verdict=verdict(f, p_holm))
+        for f, p_holm in zip(found, adjusted, strict=True)
+    ]
+
+
+def verdict(f: Finding, p_holm: float) -> str:
+    """The rule of the module docstring for one testable finding."""
+    if any(math.isnan(v) for v in (f.low, f.high)) or math.isnan(p_holm):
+        return INCONCLUSIVE
+    rejects = p_holm < ALPHA
+    if f.direction == "greater":
+        if rejects and f.low > f.null:
+            return SUPPORTED
+        if f.high < f.null + f.size or (rejects and f.high < f.null):
+            return NOT_SUPPORTED
+    elif f.direction == "less":
+        if rejects and f.high < f.null:
+            return SUPPORTED
+        if f.low > f.null - f.size or (rejects and f.low > f.null):
+            return NOT_SUPPORTED
+    else:
+        if rejects and (f.low > f.null or f.high < f.null):
+            return SUPPORTED
+        if f.size > 0 and f.null - f.size < f.low and f.high < f.null + f.size:
+            return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def rule_text(what: str = "table") -> str:
+    """The sentence under a Findings table that says how its verdicts were made."""
+    return (
+        f"Holm's correction runs over every tested p-value in this {what}. Each claim's "
+        "p-value and interval come from the one resampling scheme its test column names. "
+        f"Supported: the corrected test rejects at {ALPHA} and the 95 % interval excludes "
+        "no effect, in the claimed direction. Not supported: the interval excludes every "
+        "effect of the claimed size, or the test rejects the other way. Otherwise "
+        "inconclusive at this sample size. Untestable: measured, but this run cannot test "
+        "it (the row says why). Method: docs/METHODS.md §7.13."
+    )
