@@ -81,6 +81,13 @@ def test_default_attack_and_analyses_end_to_end(make_cfg) -> None:
     ]
     assert sum(fractions) == pytest.approx(1.0)
     assert all(f.is_file() for f in _report_figures(run_dir))
+    # One rule decides the attacked rows: the PSE's skipped count is the attack's (one
+    # training epoch on the tiny slice leaves some images misclassified, so it is not 0 = 0).
+    assert results["test/clean_misclassified"] > 0
+    assert results["test/pse/n_clean_misclassified"] == results["test/clean_misclassified"]
+    # The analyses' declared claims are judged and written beside metrics.json.
+    judged = json.loads((run_dir / "findings.json").read_text())
+    assert {"pse_types", "cam_region", "pse_training"} <= {f["key"] for f in judged}
 
 
 def test_wandb_offline_run_reads_back(make_cfg) -> None:

@@ -22,6 +22,7 @@ from torchmetrics import Metric
 
 from pse_lightning.core.findings import Finding
 from pse_lightning.core.report import ReportSection
+from pse_lightning.core.rows import clean_correct
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class AdversarialBatch:
         success: (N,) bool attack success.
         targeted: whether the attack was targeted.
         extras: attack-specific tensors (for example ``groups`` of the structured attack).
+        attacked: (N,) bool, the rows the attack was about (clean prediction correct,
+            :func:`~pse_lightning.core.rows.clean_correct`); filled from the logits when
+            not given.
     """
 
     x: Tensor
@@ -51,6 +55,11 @@ class AdversarialBatch:
     success: Tensor
     targeted: bool
     extras: dict[str, Tensor] = field(default_factory=dict)
+    attacked: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.attacked is None:
+            self.attacked = clean_correct(self.logits_clean, self.y)
 
 
 @dataclass

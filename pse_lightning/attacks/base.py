@@ -32,6 +32,7 @@ from pse_lightning.attacks.losses import ascent_objective, is_success, other_max
 from pse_lightning.attacks.norms import NORMS, LpBall, Norm, exact_linf
 from pse_lightning.core import randomness
 from pse_lightning.core.model_state import frozen_eval, model_num_classes, model_version
+from pse_lightning.core.rows import clean_correct
 from pse_lightning.validation import (
     require_choice,
     require_images,
@@ -103,7 +104,7 @@ class AttackResult:
             return torch.ones_like(self._y, dtype=torch.bool)
         if callable(self._logits_clean):
             self._logits_clean = self._logits_clean()
-        return self._logits_clean.argmax(dim=1) == self._y
+        return clean_correct(self._logits_clean, self._y)
 
     @property
     def success(self) -> Tensor:

@@ -44,9 +44,10 @@ class EvaluationResult:
 SHARED_EXTRAS = frozenset({"group_map"})
 
 
-def attacked_rows(adv: AdversarialBatch, attacked: Tensor) -> AdversarialBatch:
-    """The rows the attack was about (clean prediction correct): analyses never see a
-    clean-misclassified sample (docs/METHODS.md §1.1)."""
+def attacked_rows(adv: AdversarialBatch) -> AdversarialBatch:
+    """The rows the attack was about (``adv.attacked``: clean prediction correct), for the
+    analyses that see only those (docs/METHODS.md §1.1)."""
+    attacked = adv.attacked
     if bool(attacked.all()):
         return adv
     rows = {k: v[attacked] for k, v in vars(adv).items() if isinstance(v, Tensor)}
@@ -130,8 +131,9 @@ class EvaluationModule(pl.LightningModule):
             success=result.success,
             targeted=result.targeted,
             extras=result.extras,
+            attacked=result.attacked,
         )
-        adv = attacked_rows(full, result.attacked)
+        adv = attacked_rows(full)
         with torch.enable_grad():
             for analysis in self.analyses.values():
                 batch = adv if analysis.attacked_rows_only else full

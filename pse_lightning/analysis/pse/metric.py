@@ -86,6 +86,9 @@ class PSE(Analysis):
     """
 
     name = "pse"
+    # Sees every row: the clean-misclassified ones are counted (``n_clean_misclassified``,
+    # the report's "skipped" line), then left out by the same ``batch.attacked`` mask.
+    attacked_rows_only = False
 
     def __init__(
         self,
@@ -163,7 +166,7 @@ class PSE(Analysis):
                 f"{int(batch.index.max())}; evaluate a smaller split (data.* limits)"
             )
         self.n_seen += len(batch.y)
-        keep = batch.logits_clean.argmax(dim=1) == batch.y
+        keep = batch.attacked.clone()
         self.n_clean_misclassified += int((~keep).sum())
         if self.successful_only:
             keep &= batch.success.bool()
