@@ -45,9 +45,11 @@ def one_sided_p(p_two_sided: float, estimate: float) -> float:
     """P of the signed-rank test for "greater" from its two-sided p.
 
     The signed-rank statistic's null distribution is symmetric, so the one-sided p is half
-    the two-sided one when the statistic lies above its null mean, and 1 − p/2 otherwise.
-    The statistic T⁺ counts the positive Walsh averages, so it lies above its mean exactly
-    when their median, the Hodges–Lehmann estimate, is positive.
+    the two-sided one when the statistic lies above its null mean. The statistic T⁺ counts
+    the positive Walsh averages, so it lies above its mean when their median, the
+    Hodges–Lehmann estimate, is positive. Otherwise the effect points away from the claim
+    and 1 − p/2 (at least 1/2: never a rejection) stands in for P(T⁺ ≥ t), which exceeds it
+    by the point mass P(T⁺ = t) of the exact distribution.
     """
     if math.isnan(p_two_sided) or math.isnan(estimate):
         return math.nan
