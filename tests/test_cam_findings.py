@@ -195,7 +195,7 @@ def test_claim_2_is_judged_on_the_same_class_null_not_the_other_class_one() -> N
 
 def test_cam_vs_object_finding_says_which_side_the_interval_is_on() -> None:
     on_object = {f.key: f for f in judge(cam_findings(reviewed_run()))}["cam_vs_object"]
-    assert on_object.verdict == "supported" and "on the object" in on_object.note
+    assert on_object.verdict == "supported" and "on the object, not specific" in on_object.note
     specific = reviewed_run(cam_vs_object=0.05, cam_vs_object_low=0.02, cam_vs_object_high=0.08)
     f = {f.key: f for f in cam_findings(specific)}["cam_vs_object"]
     assert "specific to the CAM" in f.note
@@ -347,7 +347,7 @@ def rejections(d: Tensor) -> tuple[float, float]:
 def test_cam_vs_object_holds_its_level_when_the_perturbation_is_merely_on_the_object() -> None:
     """2000 null sets: a true false-positive rate of 0.075 passes the bound 0.063 with
     probability < 0.05 (binomial, sd 0.0059); a calibrated 0.05 fails it with < 0.01.
-    Measured: 0.0525 (0.026 up, 0.0265 down). The lift-style excess of the CAM region over
+    Measured: 0.052 (0.0205 up, 0.0315 down). The lift-style excess of the CAM region over
     a random mask rejects in every set: the object draws the energy, not the CAM."""
     d, excess = object_null_sets(0.0, "cam", reps=2000)
     up, down = rejections(d)

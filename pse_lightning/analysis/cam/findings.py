@@ -25,8 +25,9 @@ KEY = "cam_region"
 CLAIM = "Perturbations concentrate in the class-discriminative (CAM) region of the true class"
 OBJECT_KEY = "cam_vs_object"
 OBJECT_CLAIM = (
-    "Perturbations concentrate in the CAM region beyond the object: specific to the CAM "
-    "(two-sided; above 0: the CAM region, below 0: the object)"
+    "Specific to the CAM, beyond the object: the true class's CAM region and the object mask "
+    "of the same area catch different shares of the perturbation (two-sided; above 0: "
+    "specific to the CAM, below 0: on the object rather than the CAM)"
 )
 TEST = "Wilcoxon signed-rank over images; Hodges–Lehmann interval"
 UNCALIBRATED = "not calibrated for a verdict"
@@ -107,7 +108,7 @@ def _object_finding(scalars: Mapping[str, float]) -> Finding:
     if low > 0:
         note = "the interval lies above 0: specific to the CAM, beyond the object"
     elif high < 0:
-        note = "the interval lies below 0: the perturbation is on the object more than on the CAM"
+        note = "the interval lies below 0: on the object, not specific to the CAM"
     else:
         note = "the interval holds 0: the CAM region is not told apart from the object"
     return Finding(OBJECT_KEY, OBJECT_CLAIM, text, TEST + " (two-sided p)", estimate=effect,
