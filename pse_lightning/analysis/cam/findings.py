@@ -25,9 +25,9 @@ KEY = "cam_region"
 CLAIM = "Perturbations concentrate in the class-discriminative (CAM) region of the true class"
 OBJECT_KEY = "cam_vs_object"
 OBJECT_CLAIM = (
-    "Specific to the CAM, beyond the object: the true class's CAM region and the object mask "
-    "of the same area catch different shares of the perturbation (two-sided; above 0: "
-    "specific to the CAM, below 0: on the object rather than the CAM)"
+    "The true class's CAM region and the object mask of the same area catch different shares "
+    "of the perturbation (two-sided; above 0: specific to the CAM, beyond the object; below "
+    "0: on the object rather than the CAM)"
 )
 TEST = "Wilcoxon signed-rank over images; Hodges–Lehmann interval"
 UNCALIBRATED = "not calibrated for a verdict"
