@@ -146,10 +146,11 @@ TERMS: tuple[Term, ...] = (
     _metric("cam/area_<mask>", rf"cam/area_({_KIND[1:-1]}|object)",
             "Mean share of the image the mask covers.", "§3.3"),
     _metric("cam/lift_<mask>", rf"cam/lift_({_KIND[1:-1]}|object)",
-            "Mean IS²/area: > 1 when δ concentrates inside the mask, 1 for a random mask.",
-            "§3.3"),
+            "Mean IS²/area: 1 for a random mask; descriptive, not calibrated for a verdict "
+            "(δ and a map that share a centre bias give > 1 with no link).", "§3.3"),
     _metric("cam/significant_<mask>", rf"cam/significant_{_KIND}",
-            "Share of scored images with cyclic-shift p ≤ 0.05 (descriptive only).", "§3.4"),
+            "Share of scored images with cyclic-shift p ≤ 0.05; uncalibrated (valid only "
+            "for spatially even perturbation energy), descriptive only.", "§3.4"),
     _metric("cam/is_<k>_top<A>, cam/lift_<k>_top<A>", r"cam/(is|lift)_(true|target)_top\d+",
             "IS and IS²/area for the fixed-area mask: the A% highest pixels of the class map.",
             "§3.8"),
@@ -158,7 +159,8 @@ TERMS: tuple[Term, ...] = (
             "§3.8"),
     _metric("cam/specific_<k>_top<A>[_low|_high|_p]", rf"cam/specific_(true|target)_top\d+{_CI}",
             "IS²(class mask) − IS²(another class's mask of the same area): Hodges–Lehmann "
-            "effect, its 95% CI and the Wilcoxon signed-rank p over images.", "§3.8"),
+            "effect, its 95% CI and the Wilcoxon signed-rank p over images; context, not "
+            "calibrated for a verdict when classes' maps sit differently.", "§3.8"),
     _metric("cam/same_is_<k>_top<A>", r"cam/same_is_(true|target)_top\d+",
             "IS in the same class's fixed-area mask on another evaluated image of the true "
             "class (the same-class null; NaN for an image alone in its class).", "§3.8"),
@@ -167,6 +169,14 @@ TERMS: tuple[Term, ...] = (
             "IS²(class mask) − IS²(the same class's mask on another image of that class): "
             "Hodges–Lehmann effect, 95% CI and Wilcoxon p; what is specific to the image "
             "beyond where the class's maps usually lie.", "§3.8"),
+    _metric("cam/cam_vs_object[_low|_high|_p]", rf"cam/cam_vs_object{_CI}",
+            "IS²(true class's CAM region) − IS²(ground-truth object mask), both of the "
+            "object's pixel count on each image: Hodges–Lehmann effect, 95% CI and two-sided "
+            "Wilcoxon p; > 0: specific to the CAM beyond the object, < 0: on the object.",
+            "§3.8"),
+    _metric("cam/is_true_object_area", r"cam/is_true_object_area",
+            "Mean IS in the true class's CAM region of the object's area (the top-k pixels "
+            "of the map, k = the object's pixel count).", "§3.8"),
     _metric("cam/excess_<mask>[_low|_high|_p]", rf"cam/excess_({_KIND[1:-1]}|object){_CI}",
             "IS² − area against a random mask: Hodges–Lehmann effect, 95% CI, Wilcoxon p.",
             "§3.8"),

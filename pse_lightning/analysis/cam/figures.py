@@ -2,8 +2,9 @@
 
 Two rows (clean x with B_true, adversarial x' with B_target) of three panels: the image with
 its prediction, the normalised CAM of the predicted class as a heat map over the grey image
-(colour bar in units of the map's maximum), and the amplified perturbation with the mask's
-outline, the factor and the score written on the panel.
+(colour bar in units of the map's maximum), and the amplified perturbation with the outline
+of the mask the Findings test (the top 20% of the class's map, ``FINDING_AREA``), the factor
+and that mask's score written on the panel.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from torch import Tensor
 
-from pse_lightning.analysis.cam.result import MASK_KINDS, CAMExamples
+from pse_lightning.analysis.cam.result import FINDING_AREA, CAMExamples
 from pse_lightning.reporting.figures import (
     FONT_SIZE,
     PALETTE,
@@ -38,20 +39,21 @@ def example_figure(
     fig, axes = new_figure(2, 3, width=9.5, height=6.0)
     name = lambda c: class_name(class_names, int(c))  # noqa: E731
     delta = examples.x_adv[i] - examples.x[i]
+    share = f"top {FINDING_AREA:.0%}"
     rows = (
         ("clean", examples.x[i], examples.map_clean[i], examples.pred_clean[i],
-         examples.mask_true[i], "B_true", f"true class {name(examples.y[i])} on x",
-         examples.score[i, MASK_KINDS.index("true")]),
+         examples.mask_true[i], "B_true", f"true class {name(examples.y[i])} on x"),
         ("adversarial", examples.x_adv[i], examples.map_adv[i], examples.pred_adv[i],
-         examples.mask_target[i], "B_target", f"target {name(examples.target[i])} on x'",
-         examples.score[i, MASK_KINDS.index("target")]),
+         examples.mask_target[i], "B_target", f"target {name(examples.target[i])} on x'"),
     )  # fmt: skip
-    for r, (label, image, cam_map, pred, mask, mask_name, of, score) in enumerate(rows):
+    scores = examples.region_scores(i)  # the IS in exactly the outlined masks
+    for r, (label, image, cam_map, pred, mask, mask_name, of) in enumerate(rows):
         show_image(axes[r, 0], image, f"{label}: predicted {name(pred)}")
         show_map(axes[r, 1], cam_map, unit=MAP_UNIT, background=image,
                  title=f"CAM of the predicted class\n{name(pred)}")  # fmt: skip
-        show_perturbation(axes[r, 2], delta, f"IS in {mask_name} = {float(score):.2f}\nδ")
-        _outline(axes[r, 2], mask, f"{mask_name}: CAM region of the {of}")
+        show_perturbation(axes[r, 2], delta,
+                          f"IS in {share} {mask_name} = {scores[r]:.2f}\nδ")  # fmt: skip
+        _outline(axes[r, 2], mask, f"{mask_name}: {share} of the CAM of the {of}")
     return save(fig, out_dir / f"cam_example_{int(examples.index[i])}.png")
 
 

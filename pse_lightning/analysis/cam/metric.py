@@ -23,7 +23,7 @@ from pse_lightning.analysis.cam import statistics as stats
 from pse_lightning.analysis.cam.findings import cam_findings
 from pse_lightning.analysis.cam.partners import SameClassPartners, evaluation_labels
 from pse_lightning.analysis.cam.report import cam_section
-from pse_lightning.analysis.cam.result import MASK_KINDS, CAMExamples
+from pse_lightning.analysis.cam.result import FINDING_AREA, MASK_KINDS, CAMExamples
 from pse_lightning.analysis.pse.attribution import grad_times_delta
 from pse_lightning.core import activation_maps as amaps
 from pse_lightning.core.findings import Finding
@@ -51,6 +51,7 @@ IMAGE_STATES: tuple[str, ...] = (
     "image_same_is_sq",  # same shape: IS^2 of the same class's masks on another image (or NaN)
     "image_object_is_sq",  # (n,) IS^2 of the ground-truth object mask (datasets that have it)
     "image_object_area",  # (n,) its area
+    "image_object_cam_is_sq",  # (n,) IS^2 of the true class's top-k CAM, k = object pixels
 )
 # float64 scalar sums of the first-order PSE shares (``pse_share``).
 SHARE_SUMS: tuple[str, ...] = (
@@ -224,7 +225,7 @@ class CAMAnalysis(Analysis):
         if self.pse_share:
             self._share(model, batch, mask, scored.double())
         self._per_image(batch, delta, maps, per_kind, scored)
-        self._keep(batch, maps, mask, per_kind)
+        self._keep(batch, maps, per_kind)
 
     def _maps(self, model: nn.Module, batch: AdversarialBatch) -> dict[str, Tensor]:
         """Normalised maps: true class on x, target on x', another class on both (the null)
@@ -261,7 +262,7 @@ class CAMAnalysis(Analysis):
         score = torch.stack([stats.interpretability_score(delta, mask[k]) for k in MASK_KINDS], 1)
         area = torch.stack([amaps.mask_area(mask[k]).double() for k in MASK_KINDS], 1)
         pvalue = torch.stack(
-            [stats.cyclic_shift_pvalue(energy, mask[k], shifts).double() for k in MASK_KINDS], 1
+            [stats.cyclic_shift_pvalue(energy, mask[k], shifts) for k in MASK_KINDS], 1
         )  # per image for the examples' table only: no mean of p-values (docs/METHODS.md §7)
         w = sel[:, None]
         has_area = (area > 0).double() * w
@@ -316,12 +317,19 @@ class CAMAnalysis(Analysis):
         self.image_top_area.append(torch.stack(top_area, 1).view(shape))
         self.image_null_is_sq.append(torch.stack(null_sq, 1).view(shape))
         self.image_same_is_sq.append(torch.stack(same_sq, 1).view(shape))
-        obj = delta.new_zeros((0, *delta.shape[-2:]), dtype=torch.bool)
-        if self._object_masks is not None:
-            obj = self._object_masks.to(delta.device)[batch.index[scored]]
-        self.image_object_is_sq.append(stats.interpretability_score(delta, obj).pow(2)
-                                       if len(obj) else delta.new_zeros(0))  # fmt: skip
+        none = delta.new_zeros(0)
+        if self._object_masks is None:  # no ground truth: the object states stay empty
+            for name in ("image_object_is_sq", "image_object_area", "image_object_cam_is_sq"):
+                getattr(self, name).append(none)
+            return
+        obj = self._object_masks.to(delta.device)[batch.index[scored]]
+        # The true class's CAM region with exactly the object's pixel count, per image: the
+        # CAM-vs-object test compares the two at the same area (docs/METHODS.md §3.8).
+        cam = stats.top_count_mask(maps["true"][scored], obj.flatten(1).sum(dim=1))
+        score = stats.interpretability_score
+        self.image_object_is_sq.append(score(delta, obj).pow(2))
         self.image_object_area.append(amaps.mask_area(obj).double())
+        self.image_object_cam_is_sq.append(score(delta, cam).pow(2))
 
     def _has_partner(self, index: Tensor) -> Tensor:
         if self._partners is None:
@@ -339,11 +347,7 @@ class CAMAnalysis(Analysis):
         return stats.interpretability_score(delta, mask).pow(2)
 
     def _keep(
-        self,
-        batch: AdversarialBatch,
-        maps: dict[str, Tensor],
-        mask: dict[str, Tensor],
-        per_kind: dict[str, Tensor],
+        self, batch: AdversarialBatch, maps: dict[str, Tensor], per_kind: dict[str, Tensor]
     ) -> None:
         """Append the examples with dataset index < ``examples`` (possibly none).
 
@@ -352,14 +356,16 @@ class CAMAnalysis(Analysis):
         """
         keep = batch.index < self.examples
         empty = batch.x.new_zeros((0, *batch.x.shape[-2:]))
+        # The figures outline the masks the Findings test: the top FINDING_AREA of each map.
+        top = {k: amaps.top_area_mask(maps[k], FINDING_AREA) for k in ("true", "target")}
         values = {
             "kept_index": batch.index, "kept_y": batch.y, "kept_target": batch.target,
             "kept_pred_clean": batch.logits_clean.argmax(dim=1),
             "kept_pred_adv": batch.logits_adv.argmax(dim=1), "kept_success": batch.success,
             "kept_score": per_kind["score"], "kept_area": per_kind["area"],
             "kept_pvalue": per_kind["pvalue"], "kept_x": batch.x.detach(),
-            "kept_x_adv": batch.x_adv.detach(), "kept_mask_true": mask["true"],
-            "kept_mask_target": mask["target"],
+            "kept_x_adv": batch.x_adv.detach(), "kept_mask_true": top["true"],
+            "kept_mask_target": top["target"],
             "kept_map_clean": maps.get("pred_clean", empty),
             "kept_map_adv": maps.get("pred_adv", empty),
         }  # fmt: skip
@@ -410,7 +416,10 @@ class CAMAnalysis(Analysis):
         comes with ``_low``, ``_high`` and ``_p`` (two-sided Wilcoxon, uncorrected; see
         docs/METHODS.md §7). ``specific_same_k_topA``: the same with the null mask of class
         k's own label on another evaluated image of the true class, which shares the class's
-        typical spread (images without such a partner are left out). ``is_k_topA``,
+        typical spread (images without such a partner are left out). ``cam_vs_object``
+        (datasets with object masks): d = IS^2(top-k true-class CAM) - IS^2(object mask),
+        k = the object's pixel count on that image (images without an object left out);
+        ``is_true_object_area`` the mean IS of that CAM region. ``is_k_topA``,
         ``lift_k_topA``, ``null_is_k_topA``, ``same_is_k_topA``,
         ``is_object``, ``area_object``, ``lift_object``: means over images.
         """
@@ -439,6 +448,9 @@ class CAMAnalysis(Analysis):
             out["is_object"], out["area_object"] = obj_sq.sqrt().mean(), obj_area.mean()
             out["lift_object"] = (obj_sq[has] / obj_area[has]).mean()
             out |= _test_keys("excess_object", obj_sq - obj_area)
+            cam_sq = rows["image_object_cam_is_sq"][has]
+            out["is_true_object_area"] = cam_sq.sqrt().mean()
+            out |= _test_keys("cam_vs_object", cam_sq - obj_sq[has])
         return out
 
     def _kept_examples(self) -> CAMExamples | None:

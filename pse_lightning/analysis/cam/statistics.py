@@ -91,13 +91,36 @@ def cyclic_shift_pvalue(energy: Tensor, mask: Tensor, shifts: Tensor) -> Tensor:
         shifts: (R,) flat shift indices from :func:`choose_shifts`.
 
     Returns:
-        (N,) p-values in [1 / (R + 1), 1].
+        (N,) float64 p-values in [1 / (R + 1), 1] (float64 whatever ``energy``'s dtype: a
+        p-value is never stored in a type it could underflow or round in).
     """
     scores = shifted_scores(energy, mask).flatten(1)
     observed = scores[:, :1]
     shifted = scores[:, shifts.to(scores.device)]
     exceed = (shifted >= observed - _TIE_SLACK).sum(dim=1)
-    return ((1 + exceed).double() / (len(shifts) + 1)).to(energy.dtype)
+    return (1 + exceed).double() / (len(shifts) + 1)
+
+
+def top_count_mask(maps: Tensor, counts: Tensor) -> Tensor:
+    """Per image the ``counts[i]`` highest-scoring pixels of map i (an area matched per image).
+
+    The CAM-vs-object test (docs/METHODS.md §3.8) compares the true class's CAM region with
+    the ground-truth object mask at the same area: k_i = the object's pixel count, so both
+    masks of an image hold exactly the same number of pixels. Ties are broken by pixel order.
+
+    Args:
+        maps: (N, H, W) scores.
+        counts: (N,) integer pixel counts in [0, H W].
+
+    Returns:
+        (N, H, W) bool masks with exactly ``counts[i]`` pixels set.
+    """
+    n, h, w = maps.shape
+    order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(h * w, device=maps.device).expand(n, -1).contiguous()
+    )
+    return (rank < counts.to(maps.device).long()[:, None]).view(n, h, w)
 
 
 def masked_share(attribution: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
