@@ -58,8 +58,8 @@ class AdversarialBatch:
     attacked: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.attacked is None:
-            self.attacked = clean_correct(self.logits_clean, self.y)
+        if self.attacked is None:  # frozen: set once, here
+            object.__setattr__(self, "attacked", clean_correct(self.logits_clean, self.y))
 
 
 @dataclass
