@@ -228,3 +228,11 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def columns(rows: list[tuple]) -> tuple[Tensor, ...]:
+    """Per-set tuples of numbers or 0-d tensors as one float64 tensor per position."""
+    return tuple(
+        torch.tensor([float(row[i]) for row in rows], dtype=torch.float64)
+        for i in range(len(rows[0]))
+    )
