@@ -169,12 +169,18 @@ def check_two_sided(
     up: tuple[Tensor, Tensor],
     down: tuple[Tensor, Tensor],
     strict: bool = True,
+    fpr_mutant: float = BAD_FPR,
 ) -> dict[str, float]:
     """A two-sided test's calibration: its FPR over the null sets in :func:`fpr_region`,
     its power >= ``POWER`` on the planted effect in each direction (rejecting with the
     estimate on the planted side). With ``strict`` (enough null sets) the checks are also
-    shown to fail for two mutants: the same test rejecting at p <= ``BAD_FPR``, and its
+    shown to fail for two mutants: the same test rejecting at p <= ``fpr_mutant``, and its
     one-sided version. Returns the rates for the docs.
+
+    ``fpr_mutant`` is ``BAD_FPR`` for a test whose p is close to uniform under the null (its
+    true rate at p <= 0.075 is then 0.075). A conservative test (a discrete exact test:
+    true rate at p <= 0.075 below 0.075) passes 2 alpha instead: the mutant that reports a
+    one-sided p as two-sided.
 
     Args:
         null_p: (n,) p-values under the null.
@@ -188,7 +194,8 @@ def check_two_sided(
         power[name] = rejections(p, estimate=estimate, sign=sign)
         power_floor(len(p)).check(power[name], f"{what} power {name}")
     if strict:
-        assert not region.accepts(rejections(null_p, BAD_FPR)), f"{what}: FPR mutant passes"
+        mutant = rejections(null_p, fpr_mutant)
+        assert not region.accepts(mutant), f"{what}: FPR mutant passes ({mutant}/{n})"
         mutant = rejections(one_sided_mutant(*down), estimate=down[1], sign=-1)
         assert not power_floor(len(down[0])).accepts(mutant), f"{what}: one-sided mutant passes"
     return {
