@@ -148,8 +148,10 @@ def scaled(low: Tensor, high: Tensor, estimates: Tensor, factor: float) -> tuple
     return estimates - factor * (estimates - low), estimates + factor * (high - estimates)
 
 
-def rejections(p: Tensor, alpha: float = ALPHA, estimate: Tensor | None = None, sign: int = 0):
-    """How many sets reject at ``alpha``; with ``sign`` = ±1, only those whose estimate
+def rejections(
+    p: Tensor, estimate: Tensor | None = None, *, sign: int = 0, alpha: float = ALPHA
+) -> int:
+    """How many sets reject at ``alpha``; with ``sign`` = ±1, only those whose ``estimate``
     points that way (power in one direction)."""
     hit = p <= alpha
     if sign:
@@ -194,7 +196,7 @@ def check_two_sided(
         power[name] = rejections(p, estimate=estimate, sign=sign)
         power_floor(len(p)).check(power[name], f"{what} power {name}")
     if strict:
-        mutant = rejections(null_p, fpr_mutant)
+        mutant = rejections(null_p, alpha=fpr_mutant)
         assert not region.accepts(mutant), f"{what}: FPR mutant passes ({mutant}/{n})"
         mutant = rejections(one_sided_mutant(*down), estimate=down[1], sign=-1)
         assert not power_floor(len(down[0])).accepts(mutant), f"{what}: one-sided mutant passes"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from calibration import check_interval, check_two_sided, columns
+from calibration import check_interval, check_two_sided, columns, one_thread
 from scipy.stats import binom
 
 from pse_lightning.core.proportions import (
@@ -74,17 +74,19 @@ def _mcnemar(sets: int, acc_a: float, acc_b: float, seed: int) -> tuple[torch.Te
     """(p, a's accuracy minus b's) of the exact McNemar test over ``sets`` sets of 300
     images, half the outcomes shared."""
     a, b = _paired_outcomes(torch.Generator().manual_seed(seed), sets, 300, acc_a, acc_b, 0.5)
-    rows = [(mcnemar_exact(x, y), (x.double() - y.double()).mean()) for x, y in zip(a, b)]  # noqa: B905
+    with one_thread():
+        rows = [(mcnemar_exact(x, y), (x.double() - y.double()).mean()) for x, y in zip(a, b)]  # noqa: B905
     return columns(rows)
 
 
 @pytest.mark.parametrize("sets", [200, pytest.param(2000, marks=pytest.mark.slow)])
 def test_mcnemar_holds_its_level_and_detects_differences_in_both_directions(sets: int) -> None:
-    """Equal accuracies (0.7) over 2000 sets (200 in the fast smoke version) of 300 correlated paired outcomes: the
-    false-positive rate passes tests/calibration.py (an FPR-inflated or one-sided mutant
-    fails); 0.7 against 0.6 and 0.6 against 0.7: rejected with the right sign in >= 80% of
-    500 sets each (100 in the smoke version). The exact test is conservative (0.06 of the nulls at p <= 0.075), so
-    the FPR mutant reports the one-sided p (rejects at p <= 0.1)."""
+    """Equal accuracies (0.7) over 2000 sets (200 in the fast smoke version) of 300
+    correlated paired outcomes: the false-positive rate passes tests/calibration.py (an
+    FPR-inflated or one-sided mutant fails); 0.7 against 0.6 and 0.6 against 0.7: rejected
+    with the right sign in >= 80% of 500 sets each (50 in the smoke version). The exact test
+    is conservative (0.06 of the nulls at p <= 0.075), so the FPR mutant reports the
+    one-sided p (rejects at p <= 0.1)."""
     null_p, _ = _mcnemar(sets, 0.7, 0.7, seed=0)
     up, down = _mcnemar(sets // 4, 0.7, 0.6, 1), _mcnemar(sets // 4, 0.6, 0.7, 2)
     check_two_sided("McNemar", null_p, up, down, strict=sets >= 2000, fpr_mutant=0.1)
@@ -128,5 +130,7 @@ def test_paired_difference_interval_covers_the_true_difference(acc_b: float, cop
     difference 0.7 − acc_b at close to its nominal rate and is as wide as the spread of the
     estimates calls for (tests/calibration.py: 1.5× wider or narrower fails)."""
     a, b = _paired_outcomes(torch.Generator().manual_seed(2), 1200, 300, 0.7, acc_b, copy)
-    theta, low, high = columns([paired_difference_interval(*pair) for pair in zip(a, b)])  # noqa: B905
+    with one_thread():
+        rows = [paired_difference_interval(*pair) for pair in zip(a, b)]  # noqa: B905
+    theta, low, high = columns(rows)
     check_interval("Newcombe", low, high, theta, 0.7 - acc_b)
