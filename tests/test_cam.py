@@ -580,7 +580,11 @@ def test_same_class_null_is_calibrated_where_other_nulls_are_not(sets: int) -> N
         up = same_class_tests(0.8, power_sets)["same_class"]
         down = same_class_tests(1 / 1.8 - 1, power_sets)["same_class"]
         up, down = (summarise({"d": d}, power_sets, 40)["d"] for d in (up, down))
-    check_two_sided("same_class", tests["same_class"][0], up, down, strict=sets >= FULL_NULLS)
+    # Conservative (0.034 of 2000 nulls at p <= 0.05, 0.06 at 0.075: a partner's mask
+    # enters two differences): the FPR mutant reports the one-sided p (p <= 0.1).
+    check_two_sided(
+        "same_class", tests["same_class"][0], up, down, sets >= FULL_NULLS, fpr_mutant=0.1
+    )
     assert rejections(tests["other_class"][0]) > 0.5 * sets
     # share of images with p <= 0.05: 0.19
     assert float((null["cyclic_shift"] <= 0.05).double().mean()) > 0.1
