@@ -459,7 +459,7 @@ def test_clean_misclassified_rows_are_skipped_and_counted() -> None:
     wrong = torch.tensor([1, 5, 8])  # labels the model does not predict on clean images
     y = batch.y.clone()
     y[wrong] = (y[wrong] + 1) % 10
-    mislabelled = AdversarialBatch(**{**vars(batch), "y": y})
+    mislabelled = AdversarialBatch(**{**vars(batch), "y": y, "attacked": None})
     kw = dict(steps=4, max_steps=4, max_rows=12)
     metric, reference = PSE(**kw), PSE(**kw)
     metric.update(model, mislabelled)
@@ -763,7 +763,7 @@ def test_no_analysed_image_gives_empty_examples_not_an_error() -> None:
     model, batch = cnn_batch()
     y = (batch.logits_clean.argmax(1) + 1) % 10  # no clean-correct row
     metric = PSE(steps=4, max_steps=4, max_rows=12)
-    metric.update(model, AdversarialBatch(**{**vars(batch), "y": y}))
+    metric.update(model, AdversarialBatch(**{**vars(batch), "y": y, "attacked": None}))
     got = metric.compute()
     assert int(got.scalars["n_clean_misclassified"]) == 12
     assert int(got.scalars["n_images"]) == 0
