@@ -98,6 +98,26 @@ def test_cw_reaches_the_analytic_minimal_l2() -> None:
     assert (ratio <= 1.03).all(), ratio
 
 
+def test_cw_boundary_constant_is_the_linear_threshold() -> None:
+    """const_unit='boundary' measures c in units of 2 m / ||w_1 - w_0||^2, the constant at
+    which the minimiser of ||delta||^2 + c max(m - a . delta, 0) reaches the boundary: one
+    run below it never succeeds, one above it lands on the exact minimal L2; and the unit
+    makes the run blind to the logit scale (weights x 100: the same examples)."""
+    model, x, y, l2_star = two_class_problem()
+    kw = {"steps": 200, "binary_search_steps": 1, "lr": 0.005, "const_unit": "boundary"}
+    assert not CWL2(initial_const=0.7, **kw)(model, x, y).success.any()
+    above = CWL2(initial_const=1.5, **kw)(model, x, y)
+    assert above.success.all()
+    torch.testing.assert_close(l_norm(above.x_adv - x, 2), l2_star, rtol=2e-3, atol=0)
+    steep = LinearNet(model.fc.weight.detach() * 100, model.fc.bias.detach() * 100)
+    torch.testing.assert_close(CWL2(initial_const=1.5, **kw)(steep, x, y).x_adv, above.x_adv)
+    absolute = {**kw, "const_unit": "absolute"}
+    assert not torch.allclose(
+        CWL2(initial_const=1.5, **absolute)(steep, x, y).x_adv,
+        CWL2(initial_const=1.5, **absolute)(model, x, y).x_adv,
+    )
+
+
 def test_ead_is_sparser_than_cw() -> None:
     model, x, y, _ = two_class_problem()
     cw = fast("cw")(model, x, y)
@@ -370,6 +390,8 @@ def test_yaml_instantiates_the_class(name: str, cls: type) -> None:
     [
         (CWL2, {"steps": 0}, "attack.steps"),
         (CWL2, {"initial_const": 0}, "attack.initial_const"),
+        (CWL2, {"const_unit": "relative"}, "attack.const_unit"),
+        (CWL2, {"lr_schedule": "linear"}, "attack.lr_schedule"),
         (EAD, {"decision_rule": "L2"}, "attack.decision_rule"),
         (EAD, {"beta": -1}, "attack.beta"),
         (StrAttack, {"group_size": 0}, "attack.group_size"),
