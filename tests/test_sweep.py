@@ -112,9 +112,7 @@ def test_comparison_pairs_the_variants_and_writes_verdicts(sweep: Path) -> None:
     assert clean["p"] == pytest.approx(2 / 2**16, rel=1e-9)
     assert clean["p_holm"] == pytest.approx(5 * 2 / 2**16, rel=1e-9)
     # The Findings table of the run reports, with the same vocabulary.
-    assert (
-        "| claim | measured effect (95% CI) | test and resampling scheme | p | p (Holm) " in text
-    )
+    assert "| claim | measured effect (95% CI) | test and resampling scheme | p | p (Holm) " in text
     assert "| pgd_at is more robust than standard under pgd | 0.600 − 0.020 = +0.580" in text
     assert "**not supported** |" in text
     assert "| pgd_at | 0.950 | 0.700 | 0.600 |" in text
