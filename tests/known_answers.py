@@ -39,13 +39,22 @@ class LinearNet(nn.Module):
 
 
 def boxed_problem(
-    n: int = 12, k: int = 5, shape: tuple[int, int, int] = (3, 8, 8), seed: int = 0
+    n: int = 12,
+    k: int = 5,
+    shape: tuple[int, int, int] = (3, 8, 8),
+    seed: int = 0,
+    logit_scale: float = 1.0,
 ) -> tuple[LinearNet, Tensor, Tensor]:
     """A k-class linear model and images with about 40% of the pixels at exactly 0 or 1
-    (so the box binds), labelled with the model's own prediction."""
+    (so the box binds), labelled with the model's own prediction.
+
+    ``logit_scale`` multiplies the weights: the decision boundaries, and so the exact
+    optima, do not change, but the logits (and any penalty weighed against them) do; a
+    trained network's logits move by about 10 per unit of L2 (``logit_scale`` 10)."""
     gen = torch.Generator().manual_seed(seed)
     d = shape[0] * shape[1] * shape[2]
-    model = LinearNet(torch.randn(k, d, generator=gen) / d**0.5, torch.zeros(k))
+    weight = torch.randn(k, d, generator=gen) / d**0.5 * logit_scale
+    model = LinearNet(weight, torch.zeros(k))
     x = torch.rand(n, *shape, generator=gen)
     pick = torch.rand(n, *shape, generator=gen)
     x = torch.where(pick < 0.2, torch.zeros_like(x), torch.where(pick > 0.8, 1.0, x))

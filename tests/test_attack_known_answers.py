@@ -74,6 +74,27 @@ def test_cw_reaches_the_exact_minimal_l2_where_the_box_binds() -> None:
     )
 
 
+@pytest.mark.parametrize("logit_scale", [0.05, 8.0])
+def test_cw_defaults_are_near_minimal_at_the_main_job_budget(logit_scale: float) -> None:
+    """The shipped CW (conf/attack/cw.yaml: 2 x 30 Adam steps, 59 gradient evaluations)
+    ends within 5% of the exact minimal L2 where the box binds, whatever the logit scale.
+
+    Held out: the defaults were chosen on other seeds, shapes and class counts. Scale 8 is
+    a trained network's (small_cnn on shapes: |grad margin| about 8 per unit L2), where an
+    absolute c0 = 1 is 20-50x the threshold and Adam, dominated by the hinge, crosses the
+    boundary along sign(grad) and stays there (the old defaults: median 1.22); at scale
+    0.05, c0 = 1 is below it and the old defaults failed on 4 of 24 samples."""
+    model, x, y = boxed_problem(n=24, k=8, shape=(3, 12, 12), seed=11, logit_scale=logit_scale)
+    _, value = exact_optimum(model, x, y, 0.0)
+    cfg = OmegaConf.load(CONF_DIR / "attack" / "cw.yaml")
+    cfg.seed = 0
+    result = instantiate(cfg)(model, x, y)
+    assert result.success.all()
+    ratio = l2(result.x_adv - x) / value.sqrt()
+    assert (ratio >= 1 - 1e-4).all(), ratio
+    assert float(ratio.median()) <= 1.05, ratio
+
+
 def test_cw_tanh_box_leaves_boundary_pixels_stuck() -> None:
     """Why the default box is 'clip': with Carlini's tanh variables a pixel at 0 or 1 starts
     at atanh(1 - 1e-6) = 7.25 and a short run barely moves it."""

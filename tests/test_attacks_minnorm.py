@@ -98,6 +98,26 @@ def test_cw_reaches_the_analytic_minimal_l2() -> None:
     assert (ratio <= 1.03).all(), ratio
 
 
+def test_cw_boundary_constant_is_the_linear_threshold() -> None:
+    """const_unit='boundary' measures c in units of 2 m / ||w_1 - w_0||^2, the constant at
+    which the minimiser of ||delta||^2 + c max(m - a . delta, 0) reaches the boundary: one
+    run below it never succeeds, one above it lands on the exact minimal L2; and the unit
+    makes the run blind to the logit scale (weights x 100: the same examples)."""
+    model, x, y, l2_star = two_class_problem()
+    kw = {"steps": 200, "binary_search_steps": 1, "lr": 0.005, "const_unit": "boundary"}
+    assert not CWL2(initial_const=0.7, **kw)(model, x, y).success.any()
+    above = CWL2(initial_const=1.5, **kw)(model, x, y)
+    assert above.success.all()
+    torch.testing.assert_close(l_norm(above.x_adv - x, 2), l2_star, rtol=2e-3, atol=0)
+    steep = LinearNet(model.fc.weight.detach() * 100, model.fc.bias.detach() * 100)
+    torch.testing.assert_close(CWL2(initial_const=1.5, **kw)(steep, x, y).x_adv, above.x_adv)
+    absolute = {**kw, "const_unit": "absolute"}
+    assert not torch.allclose(
+        CWL2(initial_const=1.5, **absolute)(steep, x, y).x_adv,
+        CWL2(initial_const=1.5, **absolute)(model, x, y).x_adv,
+    )
+
+
 def test_ead_is_sparser_than_cw() -> None:
     model, x, y, _ = two_class_problem()
     cw = fast("cw")(model, x, y)
@@ -191,8 +211,11 @@ def saturated_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", ATTACKS)
 def test_box_budget_and_success_invariants(name: str) -> None:
     model, (x, y) = TinyConv().eval(), saturated_batch()
-    # This random net's logits barely move: the constants must start large to succeed.
-    attack = fast(name, steps=30, binary_search_steps=3, initial_const=10.0)
+    # This random net's logits barely move: the constants must start large to succeed, and
+    # the perturbations are large (L2 about 2 on 192 pixels), beyond the reach of 30 CW
+    # steps whose cosine lr falls from 0.01 (about 0.15 per pixel): start it at 0.02.
+    reach = {"lr": 0.02} if name == "cw" else {}
+    attack = fast(name, steps=30, binary_search_steps=3, initial_const=10.0, **reach)
     result = attack(model, x, y)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     if attack.eps is not None:
@@ -367,6 +390,8 @@ def test_yaml_instantiates_the_class(name: str, cls: type) -> None:
     [
         (CWL2, {"steps": 0}, "attack.steps"),
         (CWL2, {"initial_const": 0}, "attack.initial_const"),
+        (CWL2, {"const_unit": "relative"}, "attack.const_unit"),
+        (CWL2, {"lr_schedule": "linear"}, "attack.lr_schedule"),
         (EAD, {"decision_rule": "L2"}, "attack.decision_rule"),
         (EAD, {"beta": -1}, "attack.beta"),
         (StrAttack, {"group_size": 0}, "attack.group_size"),
