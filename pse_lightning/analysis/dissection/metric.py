@@ -278,7 +278,7 @@ class Dissection(Analysis):
             )
         table = concept_table(datamodule)
         loader = datamodule.probe_dataloader()
-        self.classes = _num_classes(model, loader, datamodule)
+        self.classes = _num_classes(model, datamodule)
         replicates = 1 + self.summary_settings.bootstrap
         self.class_counts = ClassCounts(self.classes, replicates, **self._metric_kwargs)
         self.class_counts = self.class_counts.to(model_device(model))
@@ -470,14 +470,18 @@ def random_weights(model: nn.Module, seed: int) -> nn.Module:
     return random.to(device).eval()
 
 
-def _num_classes(model: nn.Module, loader: Any, datamodule: Any) -> int:
-    """The datamodule's ``num_classes``, else the width of the model's logits on the first
-    probe image."""
-    classes = getattr(datamodule, "num_classes", None)
+def _num_classes(model: nn.Module, datamodule: Any) -> int:
+    """The number of classes: the datamodule's ``num_classes``, else the model's.
+
+    Raises:
+        ValueError: neither names it.
+    """
+    classes = getattr(datamodule, "num_classes", None) or getattr(model, "num_classes", None)
     if classes is None:
-        x0 = loader.dataset[0][0].unsqueeze(0).to(model_device(model)).float()
-        with frozen_eval(model), torch.no_grad():
-            classes = model(x0).shape[-1]
+        raise ValueError(
+            "dissection needs the number of classes (for each unit's target share): "
+            "give the datamodule or the model a num_classes attribute"
+        )
     return int(classes)
 
 
