@@ -110,9 +110,12 @@ class UnitSums(Metric):
         if y is not None and clean is not None and len(self.class_clean):
             self.class_clean.index_add_(0, y, clean.double() * weights[:, :1])
 
-    def compute(self) -> Tensor:
-        """(1 + B, R, K): the rows stacked in :data:`SENSITIVITY_ROWS` order."""
-        return torch.stack([getattr(self, row) for row in SENSITIVITY_ROWS], dim=1)
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """((1 + B, R, K) the rows stacked in :data:`SENSITIVITY_ROWS` order, (C, K)
+        ``class_clean``), synchronised: read the states through this, not afterwards (the
+        states return to the local values once ``compute`` is done)."""
+        rows = torch.stack([getattr(self, row) for row in SENSITIVITY_ROWS], dim=1)
+        return rows, self.class_clean.clone()
 
 
 class ClassCounts(Metric):
@@ -140,8 +143,8 @@ class ClassCounts(Metric):
         self.targets.index_add_(1, target, weights.T)
 
     def compute(self) -> tuple[Tensor, Tensor]:
-        """(images (C,), targets (1 + B, C))."""
-        return self.images, self.targets
+        """(images (C,), targets (1 + B, C)), synchronised."""
+        return self.images.clone(), self.targets.clone()
 
 
 class Dissection(Analysis):
@@ -387,8 +390,8 @@ class Dissection(Analysis):
         table, settings = self.probe.table, self.summary_settings
 
         def sensitivities(sums: UnitSums) -> dict[str, Tensor]:
-            sens = sensitivity_from_sums(sums.compute().detach().cpu(), count)
-            class_clean = sums.class_clean.detach().cpu()
+            rows, class_clean = (t.detach().cpu() for t in sums.compute())
+            sens = sensitivity_from_sums(rows, count)
             sens["preferred_class"], sens["target_share"] = class_target_share(
                 class_clean, class_images, targets, count
             )
