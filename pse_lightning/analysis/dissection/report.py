@@ -190,7 +190,8 @@ def meaning(scalars: dict[str, Tensor], layers: list[str]) -> str:
             and _value(scalars, key) < ALPHA
         ]
         if rejected:
-            text += "; after Holm over this section's tests, " + ", ".join(rejected) + " reject"
+            verb = "rejects" if len(rejected) == 1 else "reject"
+            text += f"; after Holm over this section's tests, {', '.join(rejected)} {verb}"
         else:
             text += "; none of this section's tests rejects after Holm"
         parts.append(text)
