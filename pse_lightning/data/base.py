@@ -87,6 +87,8 @@ class ImageDataModule(pl.LightningDataModule):
     class_names: Sequence[str]
     concepts: Sequence[Concept] = ()
     categories: Sequence[str] = ()
+    #: Categories whose concepts are the class labels (dissection: class-selective units).
+    class_categories: Sequence[str] = ()
 
     def __init__(
         self,

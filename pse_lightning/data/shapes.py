@@ -382,6 +382,9 @@ class ShapesDataModule(ImageDataModule):
     class_names = SHAPES
     concepts = CONCEPTS
     categories = CATEGORIES
+    #: The object concepts are the class labels: a unit interpretable for one of them is
+    #: class-selective (the dissection's class-controlled tests leave them out).
+    class_categories = ("object",)
 
     def __init__(
         self,

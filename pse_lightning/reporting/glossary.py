@@ -193,6 +193,30 @@ TERMS: tuple[Term, ...] = (
          "exceeds the threshold.", "dissection", ref="§4.3"),
     Term("Holm", "p-values adjusted for multiple testing by Holm's step-down method.",
          "dissection", ref="§7.7"),  # fmt: skip
+    Term("target share f_k", "The share of the attack's targets (the runner-up when "
+         "untargeted) that go to unit k's preferred class, the class whose clean images "
+         "activate it most: how often a class-selective unit's class is attacked into.",
+         "dissection", ref="§4.6"),
+    Term("non-class concept", "A concept of a category that is not the class labels (on "
+         "shapes: colour, texture, background, not object); a unit interpretable only for an "
+         "object concept is class-selective.", "dissection", ref="§4.6"),
+    Term("Δρ (trained − random)", "Claim 3's effect: the trained network's ρ(s, IoU) minus "
+         "the random-weights baseline's, with a two-way bootstrap interval and sign p.",
+         "dissection", ref="§7.13"),
+    _metric("dissection/<layer>/[random/]non_class/<interpretable|spearman_rho|spearman_p>",
+            rf"dissection/{_LAYER}/(random/)?non_class/(interpretable|spearman_rho|spearman_p)",
+            "Units interpretable for a non-class concept (best IoU over colour, texture, "
+            "background…), and Spearman ρ of s against that IoU with its permutation p.",
+            "§4.6"),
+    _metric("dissection/<layer>/[random/]partial_target_<rho|p>, …/target_share_rho",
+            rf"dissection/{_LAYER}/(random/)?(partial_target_(rho|p)|target_share_rho)",
+            "Partial Spearman ρ(s, IoU) controlling the target share f_k and its "
+            "block-permutation p; ρ(s, f_k).", "§4.6"),
+    _metric("dissection/<layer>/[non_class/|partial_target/]delta_rho[_ci_low|_ci_high|_p]",
+            rf"dissection/{_LAYER}/((non_class|partial_target)/)?delta_rho(_ci_low|_ci_high|_p)?",
+            "Trained minus random-weights ρ (plain, non-class concepts, partial given the "
+            "target share): estimate, 95% two-way bootstrap interval and the bootstrap sign "
+            "p, from one set of replicates (Claim 3's test; Holm in the Findings).", "§7.13"),
     _metric("dissection/images", r"dissection/images",
             "Evaluation images the unit sensitivities are measured on.", "§4.4"),
     _metric("dissection/<layer>/units, …/interpretable, …/frac_interpretable",
@@ -225,7 +249,8 @@ TERMS: tuple[Term, ...] = (
             "Interpretable units whose concept is in the category, and their mean s (n/a "
             "when there is none).", "§4.6"),
     _metric("dissection/…_holm", r"dissection/.+_p_holm",
-            "The p-value Holm-adjusted over every p-value of the dissection.", "§7.7"),
+            "The p-value Holm-adjusted over its family in the dissection section: the trained "
+            "network's tests, or the random-weights baseline's (random/).", "§7.7"),
     # -- neuron masking -----------------------------------------------------------------------
     _metric("neuron_mask/k", r"neuron_mask/k", "Units masked by the deployed defense.",
             "§5.2"),

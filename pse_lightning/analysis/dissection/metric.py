@@ -45,16 +45,18 @@ from pse_lightning.analysis.dissection.sensitive import (
 )
 from pse_lightning.analysis.dissection.sensitivity import (
     SENSITIVITY_ROWS,
+    class_target_share,
     poisson_weights,
     sensitivity_from_sums,
     sensitivity_terms,
     spatial_mean,
 )
 from pse_lightning.analysis.dissection.showcase import Showcase, build_showcase
-from pse_lightning.analysis.dissection.statistics import holm
 from pse_lightning.analysis.dissection.summary import (
     SummarySettings,
     baseline_scalars,
+    difference_scalars,
+    holm_families,
     summarise_layer,
 )
 from pse_lightning.core.distributed import rank_world
@@ -88,21 +90,61 @@ class UnitSums(Metric):
     suppression: Tensor
     suppression_signed: Tensor
 
-    def __init__(self, units: int, replicates: int, **kwargs: Any) -> None:
+    def __init__(self, units: int, replicates: int, classes: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         for row in SENSITIVITY_ROWS:
             zeros = torch.zeros(replicates, units, dtype=torch.float64)
             self.add_state(row, zeros, dist_reduce_fx="sum")
+        zeros = torch.zeros(classes, units, dtype=torch.float64)
+        self.add_state("class_clean", zeros, dist_reduce_fx="sum")
 
-    def update(self, weights: Tensor, terms: Tensor) -> None:
-        """Add per-image ``terms`` (R, N, K) weighted by ``weights`` (N, 1 + B)."""
+    def update(
+        self, weights: Tensor, terms: Tensor, y: Tensor | None = None, clean: Tensor | None = None
+    ) -> None:
+        """Add per-image ``terms`` (R, N, K) weighted by ``weights`` (N, 1 + B), and with
+        labels ``y`` (N,) the clean means ``clean`` (N, K) to their true class's row of
+        ``class_clean`` (C, K) (replicate-0 weights: each counted image once)."""
         sums = torch.einsum("nb,rnk->brk", weights, terms)
         for i, row in enumerate(SENSITIVITY_ROWS):
             getattr(self, row).add_(sums[:, i])
+        if y is not None and clean is not None and len(self.class_clean):
+            self.class_clean.index_add_(0, y, clean.double() * weights[:, :1])
 
-    def compute(self) -> Tensor:
-        """(1 + B, R, K): the rows stacked in :data:`SENSITIVITY_ROWS` order."""
-        return torch.stack([getattr(self, row) for row in SENSITIVITY_ROWS], dim=1)
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """((1 + B, R, K) the rows stacked in :data:`SENSITIVITY_ROWS` order, (C, K)
+        ``class_clean``), synchronised: read the states through this, not afterwards (the
+        states return to the local values once ``compute`` is done)."""
+        rows = torch.stack([getattr(self, row) for row in SENSITIVITY_ROWS], dim=1)
+        return rows, self.class_clean.clone()
+
+
+class ClassCounts(Metric):
+    """Evaluated images per true class (replicate-0 weights) and the attack's targets per
+    class in every bootstrap replicate: the class traffic of :func:`class_target_share`.
+
+    Args:
+        classes: C.
+        replicates: 1 + B.
+        kwargs: passed to ``torchmetrics.Metric``.
+    """
+
+    full_state_update = False
+    images: Tensor
+    targets: Tensor
+
+    def __init__(self, classes: int, replicates: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("images", torch.zeros(classes, dtype=torch.float64), "sum")
+        self.add_state("targets", torch.zeros(replicates, classes, dtype=torch.float64), "sum")
+
+    def update(self, weights: Tensor, y: Tensor, target: Tensor) -> None:
+        """Add a batch: ``weights`` (N, 1 + B), labels ``y`` and targets ``target`` (N,)."""
+        self.images.index_add_(0, y, weights[:, 0])
+        self.targets.index_add_(1, target, weights.T)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """(images (C,), targets (1 + B, C)), synchronised."""
+        return self.images.clone(), self.targets.clone()
 
 
 class Dissection(Analysis):
@@ -215,6 +257,8 @@ class Dissection(Analysis):
         self.add_state("count", torch.zeros(replicates, dtype=torch.float64), "sum")
         self.unit_sums = nn.ModuleList()  # one UnitSums per probed layer, made by prepare
         self.baseline_sums = nn.ModuleList()  # the same for the random-weights baseline
+        self.class_counts = ClassCounts(0, replicates, **kwargs)  # sized by prepare
+        self.classes = 0
 
     @property
     def iou_threshold(self) -> float:
@@ -237,6 +281,10 @@ class Dissection(Analysis):
             )
         table = concept_table(datamodule)
         loader = datamodule.probe_dataloader()
+        self.classes = _num_classes(model, datamodule)
+        replicates = 1 + self.summary_settings.bootstrap
+        self.class_counts = ClassCounts(self.classes, replicates, **self._metric_kwargs)
+        self.class_counts = self.class_counts.to(model_device(model))
         self.probe = self._dissect(model, loader, layers, table, datamodule)
         self.unit_sums = self._new_sums(model)
         self.baseline, self.baseline_sums = None, nn.ModuleList()
@@ -279,7 +327,9 @@ class Dissection(Analysis):
         assert self.probe is not None
         replicates = 1 + self.summary_settings.bootstrap
         return nn.ModuleList(
-            UnitSums(r.units, replicates, **self._metric_kwargs).to(model_device(model))
+            UnitSums(r.units, replicates, self.classes, **self._metric_kwargs).to(
+                model_device(model)
+            )
             for r in self.probe.layers.values()
         )
 
@@ -300,6 +350,7 @@ class Dissection(Analysis):
             self.kept.update(batch.index[shown], batch.x[shown], batch.x_adv[shown], pairs)
         if self.baseline is not None:
             self._accumulate(self.baseline[0], self.baseline_sums, batch, weights, None)
+        self.class_counts.update(weights, batch.y, batch.target)
         self.count += weights.sum(dim=0)
 
     def _accumulate(
@@ -323,7 +374,8 @@ class Dissection(Analysis):
                 weight = model.get_submodule(model.head).weight.detach()
                 if weight.shape[1] == means.shape[1]:
                     w_target, w_true = weight[batch.target], weight[batch.y]
-            sums.update(weights, sensitivity_terms(means[:n], means[n:], w_target, w_true))
+            terms = sensitivity_terms(means[:n], means[n:], w_target, w_true)
+            sums.update(weights, terms, batch.y, means[:n])
         return [acts[name] for name in layers]
 
     def compute(self) -> AnalysisResult:
@@ -332,23 +384,32 @@ class Dissection(Analysis):
         if self.probe is None:
             raise RuntimeError("Dissection.prepare(model, datamodule) must run before compute")
         count = self.count.detach().cpu()
+        class_images, targets = (t.detach().cpu() for t in self.class_counts.compute())
         scalars: dict[str, Tensor] = {"images": count[0].clone()}
         units = {}
-        for i, (name, layer) in enumerate(self.probe.layers.items()):
-            sens = sensitivity_from_sums(self.unit_sums[i].compute().detach().cpu(), count)
-            head = name == self.probe.head_layer
-            layer_scalars, units[name] = summarise_layer(
-                layer, sens, self.probe.table, head, self.summary_settings
+        table, settings = self.probe.table, self.summary_settings
+
+        def sensitivities(sums: UnitSums) -> dict[str, Tensor]:
+            rows, class_clean = (t.detach().cpu() for t in sums.compute())
+            sens = sensitivity_from_sums(rows, count)
+            sens["preferred_class"], sens["target_share"] = class_target_share(
+                class_clean, class_images, targets, count
             )
+            return sens
+
+        for i, (name, layer) in enumerate(self.probe.layers.items()):
+            sens = sensitivities(self.unit_sums[i])
+            head = name == self.probe.head_layer
+            layer_scalars, units[name] = summarise_layer(layer, sens, table, head, settings)
             if self.baseline is not None:
-                sums = self.baseline_sums[i].compute().detach().cpu()
                 random = self.baseline[1].layers[name]
-                sens = sensitivity_from_sums(sums, count)
-                layer_scalars.update(baseline_scalars(random, sens, self.summary_settings))
+                random_sens = sensitivities(self.baseline_sums[i])
+                layer_scalars.update(baseline_scalars(random, random_sens, table, settings))
+                layer_scalars.update(
+                    difference_scalars((layer, sens), (random, random_sens), table, settings)
+                )
             scalars.update({f"{name}/{k}": v for k, v in layer_scalars.items()})
-        # One family: every p-value the report shows (docs/METHODS.md §7.7).
-        family = {k: v for k, v in scalars.items() if k.endswith("_p")}
-        scalars.update({f"{k}_holm": v for k, v in holm(family).items()})
+        scalars.update(holm_families(scalars))
         details = {
             "units": units,
             "concepts": self.probe.table,
@@ -369,7 +430,7 @@ class Dissection(Analysis):
         """Reset the image count, every layer's sums and the kept images (the probe result
         is kept)."""
         super().reset()
-        for sums in (*self.unit_sums, *self.baseline_sums, self.kept):
+        for sums in (*self.unit_sums, *self.baseline_sums, self.kept, self.class_counts):
             sums.reset()
 
     # -- report ---------------------------------------------------------------------------
@@ -410,6 +471,21 @@ def random_weights(model: nn.Module, seed: int) -> nn.Module:
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
     return random.to(device).eval()
+
+
+def _num_classes(model: nn.Module, datamodule: Any) -> int:
+    """The number of classes: the datamodule's ``num_classes``, else the model's.
+
+    Raises:
+        ValueError: neither names it.
+    """
+    classes = getattr(datamodule, "num_classes", None) or getattr(model, "num_classes", None)
+    if classes is None:
+        raise ValueError(
+            "dissection needs the number of classes (for each unit's target share): "
+            "give the datamodule or the model a num_classes attribute"
+        )
+    return int(classes)
 
 
 def _require_bool(key: str, value: Any) -> bool:

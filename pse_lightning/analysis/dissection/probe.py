@@ -37,7 +37,7 @@ from pse_lightning.analysis.dissection.tally import (
     iou_from_tally,
     label_area,
     merge_top,
-    replicate_best_iou,
+    replicate_category_iou,
 )
 from pse_lightning.core.distributed import all_gather, all_reduce_, rank_world
 from pse_lightning.core.model_state import frozen_eval, model_device
@@ -75,11 +75,19 @@ class ConceptTable:
         names: (C,) concept names; id c is ``names[c - 1]``.
         categories: (G,) category names.
         concept_category: (C + 1,) long, the category index of each concept id (-1 for 0).
+        class_categories: the categories whose concepts are the class labels themselves
+            (the shapes' ``object``): a unit interpretable for one of them is class-selective.
     """
 
     names: list[str]
     categories: list[str]
     concept_category: Tensor
+    class_categories: list[str] = field(default_factory=list)
+
+    @property
+    def class_mask(self) -> Tensor:
+        """(G,) bool: the category is one of :attr:`class_categories`."""
+        return torch.tensor([c in self.class_categories for c in self.categories])
 
     def name_of(self, concept: int) -> str:
         """The name of concept id ``concept`` in [1, C]."""
@@ -101,8 +109,9 @@ class LayerDissection:
         iou: (K, C + 1) IoU_{k,c}; best_iou, best_concept: (K,) max and argmax over c.
         top_scores, top_index: (K, top_images) highest per-image max activations and
             the dataset indices of those images.
-        boot_best_iou: (B, K) best IoU in each Poisson-bootstrap replicate over probe
-            images (thresholds T_k held at the full probe set's); (0, K) without replicates.
+        boot_category_iou: (B, K, G) each unit's best IoU per concept category in each
+            Poisson-bootstrap replicate over probe images (thresholds T_k held at the full
+            probe set's); (0, K, G) without replicates.
     """
 
     name: str
@@ -114,11 +123,24 @@ class LayerDissection:
     best_concept: Tensor
     top_scores: Tensor
     top_index: Tensor
-    boot_best_iou: Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    boot_category_iou: Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
 
     @property
     def units(self) -> int:
         return len(self.thresholds)
+
+    @property
+    def boot_best_iou(self) -> Tensor:
+        """(B, K) best IoU over all concepts in each probe replicate."""
+        if not len(self.boot_category_iou):
+            return torch.zeros(0, self.units, dtype=torch.float64)
+        return self.boot_category_iou.amax(dim=-1)
+
+    def boot_best_iou_outside(self, excluded: Tensor) -> Tensor:
+        """(B, K) best IoU over the categories not in ``excluded`` ((G,) bool) per replicate."""
+        if not len(self.boot_category_iou):
+            return torch.zeros(0, self.units, dtype=torch.float64)
+        return self.boot_category_iou[..., ~excluded].amax(dim=-1)
 
 
 @dataclass
@@ -157,8 +179,15 @@ def concept_table(datamodule: Any) -> ConceptTable:
         raise ValueError(
             f"concept categories {unknown} are not in the dataset's categories {categories}"
         )
+    class_categories = [str(c) for c in getattr(datamodule, "class_categories", ())]
+    if set(class_categories) - set(index):
+        raise ValueError(
+            f"class_categories {class_categories} are not in the dataset's categories {categories}"
+        )
     concept_category = torch.tensor([-1] + [index[c.category] for c in concepts])
-    return ConceptTable([str(c.name) for c in concepts], categories, concept_category)
+    return ConceptTable(
+        [str(c.name) for c in concepts], categories, concept_category, class_categories
+    )
 
 
 def layer_bins(units: int, bins: int) -> int:
@@ -390,7 +419,9 @@ class ProbePasses:
                 best_concept=best_concept,
                 top_scores=scores[:, : self.settings.top_images].cpu(),
                 top_index=index[:, : self.settings.top_images].cpu(),
-                boot_best_iou=replicate_best_iou(reps, self.table.concept_category),
+                boot_category_iou=replicate_category_iou(
+                    reps, self.table.concept_category, len(self.table.categories)
+                ),
             )
         return results, int(images)
 

@@ -16,6 +16,7 @@ from pse_lightning.analysis.dissection.figures import (
 )
 from pse_lightning.analysis.dissection.probe import ConceptTable
 from pse_lightning.analysis.dissection.summary import LayerUnits
+from pse_lightning.core.findings import ALPHA
 from pse_lightning.core.report import ReportSection
 
 UNIT_COLUMNS = [
@@ -31,6 +32,8 @@ UNIT_COLUMNS = [
     "threshold",
     "promotion",
     "suppression",
+    "iou_non_class",
+    "target_share",
 ]
 
 
@@ -118,10 +121,11 @@ def captions(iou_threshold: float, quantile: float) -> dict[str, str]:
 
 
 def key_numbers(scalars: dict[str, Tensor], layers: list[str]) -> dict[str, float]:
-    """Per layer: interpretable share, Spearman ρ(s, IoU) with its two-way CI, and the
-    random-weights baseline's ρ."""
+    """Per layer: interpretable share, Spearman ρ(s, IoU) with its two-way CI, the
+    random-weights baseline's ρ and the trained − random difference with its CI."""
     keys = ("frac_interpretable", "spearman_rho", "spearman_ci_low", "spearman_ci_high",
-            "random/spearman_rho")  # fmt: skip
+            "random/spearman_rho", "delta_rho", "delta_rho_ci_low",
+            "delta_rho_ci_high")  # fmt: skip
     return {
         f"{n}/{k}": float(scalars[f"{n}/{k}"])
         for n in layers
@@ -130,24 +134,71 @@ def key_numbers(scalars: dict[str, Tensor], layers: list[str]) -> dict[str, floa
     }
 
 
+#: The section's trained-network tests, by key suffix, as the summary sentence names them.
+SECTION_TESTS = {
+    "spearman_p": "Spearman ρ",
+    "partial_sigma_p": "partial ρ given σ",
+    "partial_mean_p": "partial ρ given the mean",
+    "partial_target_p": "partial ρ given the target share",
+    "non_class/spearman_p": "ρ on non-class concepts",
+    "mannwhitney_p": "Mann–Whitney",
+    "enrichment_p": "enrichment",
+}
+
+
+def _value(scalars: dict[str, Tensor], key: str) -> float:
+    return float(scalars.get(key, float("nan")))
+
+
 def meaning(scalars: dict[str, Tensor], layers: list[str]) -> str:
-    """One sentence from the numbers: per layer, the direction of ρ(s, IoU) as its CI says."""
+    """One sentence per layer from the numbers: interpretable units against the random
+    baseline, the trained − random Δρ with its interval, and which of the section's tests
+    reject after the section's Holm correction (the Findings hold the verdict)."""
     parts = []
     for n in layers:
-        rho = float(scalars.get(f"{n}/spearman_rho", float("nan")))
-        low = float(scalars.get(f"{n}/spearman_ci_low", float("nan")))
-        high = float(scalars.get(f"{n}/spearman_ci_high", float("nan")))
-        if low > 0:
-            tie = "more interpretable units are more sensitive to the attack"
-        elif high < 0:
-            tie = "more interpretable units are less sensitive to the attack"
+        trained, random = (
+            _value(scalars, f"{n}/interpretable"),
+            _value(scalars, f"{n}/random/interpretable"),
+        )
+        text = f"in {n}, {trained:.0f} interpretable units"
+        if random == random:  # the baseline ran
+            text += f" ({random:.0f} at random weights"
+            if not trained > random:
+                text += ": no more than chance, so Claim 3 is untestable here"
+            text += ")"
+        delta = _value(scalars, f"{n}/delta_rho")
+        if delta == delta:
+            low, high = (
+                _value(scalars, f"{n}/delta_rho_ci_low"),
+                _value(scalars, f"{n}/delta_rho_ci_high"),
+            )
+            text += f", ρ(s, IoU) trained − random = {delta:.2g} [{low:.2g}, {high:.2g}]"
         else:
-            tie = "the 95% interval includes 0, so no tie is shown"
-        parts.append(f"in {n}, ρ(s, IoU) = {rho:.3g} [{low:.3g}, {high:.3g}]: {tie}")
+            rho = _value(scalars, f"{n}/spearman_rho")
+            text += f", ρ(s, IoU) = {rho:.2g}"
+        rejected = [
+            name
+            for suffix, name in SECTION_TESTS.items()
+            if _value(scalars, f"{n}/{suffix}_holm") < ALPHA
+        ]
+        rejected += [
+            f"Mann–Whitney of {key.split('/')[-2]} units"
+            for key in scalars
+            if key.startswith(f"{n}/")
+            and key.endswith("/mannwhitney_p_holm")
+            and "/random/" not in key
+            and _value(scalars, key) < ALPHA
+        ]
+        if rejected:
+            verb = "rejects" if len(rejected) == 1 else "reject"
+            text += f"; after Holm over this section's tests, {', '.join(rejected)} {verb}"
+        else:
+            text += "; none of this section's tests rejects after Holm"
+        parts.append(text)
     if not parts:
         return "No layer was dissected."
     text = "; ".join(parts)
-    return text[0].upper() + text[1:] + "."
+    return text[0].upper() + text[1:] + ". The verdict on Claim 3 is the Findings'."
 
 
 def unit_rows(units: dict[str, LayerUnits], table: ConceptTable) -> list[list[Any]]:
@@ -172,6 +223,8 @@ def unit_rows(units: dict[str, LayerUnits], table: ConceptTable) -> list[list[An
                     float(layer.threshold[unit]),
                     float(promo[unit]) if promo is not None else None,
                     float(supp[unit]) if supp is not None else None,
+                    float(layer.iou_non_class[unit]),
+                    float(layer.target_share[unit]),
                 ]
             )
     return rows
@@ -213,37 +266,86 @@ def _correlation_cells(scalars: dict[str, Tensor], n: str) -> list[str]:
     ]
 
 
+def _class_cells(scalars: dict[str, Tensor], n: str) -> list[str]:
+    def f(key: str) -> str:
+        return _fmt(scalars, f"{n}/{key}")
+
+    return [
+        f("target_share_rho"),
+        f"{f('partial_target_rho')} ({_p(scalars, n + '/partial_target_p')})",
+        f("non_class/interpretable"),
+        f"{f('non_class/spearman_rho')} ({_p(scalars, n + '/non_class/spearman_p')})",
+    ]
+
+
 def _group_cells(scalars: dict[str, Tensor], n: str) -> list[str]:
     return [
         _p(scalars, f"{n}/mannwhitney_p"),
         _p(scalars, f"{n}/enrichment_p"),
         _fmt(scalars, f"{n}/random/interpretable"),
+        _fmt(scalars, f"{n}/random/non_class/interpretable"),
         _fmt(scalars, f"{n}/random/spearman_rho"),
         _ci(scalars, f"{n}/random/spearman_ci"),
         _p(scalars, f"{n}/random/spearman_p"),
     ]
 
 
+def _difference_cells(scalars: dict[str, Tensor], n: str) -> list[str]:
+    cells = []
+    for prefix in ("", "non_class/", "partial_target/"):
+        key = f"{n}/{prefix}delta_rho"
+        cells.append(
+            f"{_fmt(scalars, key)} {_ci(scalars, key + '_ci')}; p {_fmt(scalars, key + '_p')}"
+        )
+    return cells
+
+
 def markdown_tables(
     scalars: dict[str, Tensor], layers: list[str], categories: list[str], min_units: int
 ) -> list[str]:
-    """The correlation, group-test, baseline and per-category tables of the section."""
-    family = sum(1 for k in scalars if k.endswith("_holm") and bool(scalars[k].isfinite()))
+    """The correlation, class-control, group-test, baseline, difference and per-category
+    tables of the section."""
+    trained = sum(
+        1
+        for k in scalars
+        if k.endswith("_holm") and "/random/" not in k and bool(scalars[k].isfinite())
+    )
+    random = sum(
+        1
+        for k in scalars
+        if k.endswith("_holm") and "/random/" in k and bool(scalars[k].isfinite())
+    )
     lines = [
-        f"p-values: raw (Holm-adjusted over the {family} p-values of this section, "
-        "family-wise α = 0.05). CI: 95% percentile bootstrap; two-way resamples units and "
-        "evaluation images, units resamples units only. Random-weights baseline: the same "
-        "architecture re-initialised from the seed, on the same adversarial examples.",
+        f"p-values: raw (Holm-adjusted over this section's {trained} tests of the trained "
+        f"network, family-wise α = 0.05; the random-weights baseline's {random} p-values are "
+        "their own Holm family). CI: 95% percentile bootstrap; two-way resamples units and "
+        "evaluation and probe images, units resamples units only. Random-weights baseline: "
+        "the same architecture re-initialised from the seed, on the same adversarial examples. "
+        "Target share f_k: the share of the attack's targets that go to the class whose "
+        "clean images activate unit k most; non-class concepts: every category but the class "
+        "labels'.",
         "",
         "| layer | units | interpretable | Spearman ρ(s, IoU) | perm. p (Holm) | CI two-way | "
         "CI units | partial ρ given σ (p) | partial ρ given mean (p) |",
         "|---|---|---|---|---|---|---|---|---|",
         *(_row(n, *_correlation_cells(scalars, n)) for n in layers),
         "",
+        "| layer | ρ(s, target share) | partial ρ given target share (p) | interpretable, "
+        "non-class concepts | ρ(s, non-class IoU) (perm. p) |",
+        "|---|---|---|---|---|",
+        *(_row(n, *_class_cells(scalars, n)) for n in layers),
+        "",
         "| layer | Mann–Whitney p (Holm) | enrichment p (Holm) | random-weights baseline: "
-        "interpretable | ρ | CI two-way | perm. p (Holm) |",
-        "|---|---|---|---|---|---|---|",
+        "interpretable | non-class | ρ | CI two-way | perm. p (Holm, baseline family) |",
+        "|---|---|---|---|---|---|---|---|",
         *(_row(n, *_group_cells(scalars, n)) for n in layers),
+        "",
+        "Claim 3's tests, trained − random-weights: Δρ [95% CI]; p, both from one two-way "
+        "bootstrap (raw p: Holm-adjusted in the Findings table, over its own family).",
+        "",
+        "| layer | Δρ(s, IoU) | Δρ(s, non-class IoU) | Δ partial ρ given target share |",
+        "|---|---|---|---|",
+        *(_row(n, *_difference_cells(scalars, n)) for n in layers),
     ]
     return lines + category_table(scalars, layers, categories, min_units)
 
@@ -255,7 +357,9 @@ def category_table(
     lines = [
         "",
         f"Per category: interpretable units, and the Mann–Whitney p (Holm) of their s "
-        f"against the layer's other units, tested only with at least {min_units} of them.",
+        f"against the layer's other units, tested only with at least {min_units} of them "
+        "and not when the category holds every interpretable unit (its test is then the "
+        "layer's Mann–Whitney above).",
         "",
         "| layer | " + " | ".join(categories) + " |",
         "|---|" + "---|" * len(categories),

@@ -137,3 +137,31 @@ def sensitivity_from_sums(sums: Tensor, count: Tensor) -> dict[str, Tensor]:
         "suppression": rows["suppression"] / safe_n,
         "suppression_signed": rows["suppression_signed"] / safe_n,
     }
+
+
+def class_target_share(
+    class_clean: Tensor, class_images: Tensor, targets: Tensor, count: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each unit's preferred class and the share of adversarial targets that go to it.
+
+    The preferred class c_k is the class whose clean images give unit k the highest mean
+    activation, argmax_c mean{ā_k(x) : y(x) = c} (classes without images are skipped; ties
+    to the lower class). The target share f_k = #{n : t_n = c_k} / N is the fraction of
+    the attack's targets (the runner-up when untargeted) that are c_k. A unit selective for
+    a class the attack often pushes images into changes on many images, whatever concept it
+    detects: f_k is the class-traffic confound of ρ(s, IoU) (docs/METHODS.md §4.6).
+
+    Args:
+        class_clean: (C, K) sums of ā_k over clean images of each true class.
+        class_images: (C,) images of each true class.
+        targets: (1 + B, C) weighted target counts per bootstrap replicate.
+        count: (1 + B,) weighted image counts.
+
+    Returns:
+        (c_k (K,) long, f_k (1 + B, K) float64: row 0 on all images, rows 1..B per replicate).
+    """
+    mean = class_clean.double() / class_images.double().clamp_min(1.0).view(-1, 1)
+    mean = torch.where(class_images.view(-1, 1) > 0, mean, torch.full_like(mean, -math.inf))
+    preferred = mean.argmax(dim=0)
+    share = targets.double() / count.double().clamp_min(1.0).view(-1, 1)
+    return preferred, share[:, preferred]

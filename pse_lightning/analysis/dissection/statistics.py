@@ -6,6 +6,7 @@ Pure functions on reduced per-unit tensors: no state, no communication.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -261,3 +262,111 @@ def holm(pvalues: dict[str, Tensor]) -> dict[str, Tensor]:
     return {
         k: torch.tensor(p, dtype=torch.float64) for k, p in zip(pvalues, adjusted, strict=True)
     }
+
+
+# Trained against random weights (issue 21) ------------------------------------------------
+
+
+def partial_spearman_rows(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """Partial Spearman ρ(x, y | z) of each row of (..., n) tensors.
+
+    (ρ_xy − ρ_xz ρ_yz) / sqrt((1 − ρ_xz²)(1 − ρ_yz²)) on tie-averaged ranks: the same value
+    as the correlation of the rank residuals of :func:`partial_spearman`, for many
+    resamples at once. NaN where x or y is constant or z explains x or y entirely; a
+    constant z gives the plain ρ.
+    """
+    rx, ry, rz = rank_rows(x), rank_rows(y), rank_rows(z)
+    xy = correlation_rows(rx, ry)
+    # A constant control explains nothing: the partial rho is then the plain one.
+    xz = correlation_rows(rx, rz).nan_to_num(nan=0.0)
+    yz = correlation_rows(ry, rz).nan_to_num(nan=0.0)
+    denominator = ((1.0 - xz * xz) * (1.0 - yz * yz)).sqrt()
+    ok = denominator > 1e-12
+    out = (xy - xz * yz) / torch.where(ok, denominator, torch.ones_like(denominator))
+    return torch.where(ok, out.clamp(-1.0, 1.0), torch.full_like(out, math.nan))
+
+
+@dataclass(frozen=True)
+class RankSample:
+    """One network's units for ρ(x, y) or the partial ρ(x, y | z), with resampling rows.
+
+    Attributes:
+        x, y: (K,) the point values (unit sensitivity s_k and best IoU_k).
+        z: (K,) the control of a partial ρ, or None for the plain Spearman ρ.
+        x_rows, y_rows, z_rows: (R_v, K) the values in R_v bootstrap replicates over images
+            (s over evaluation images, IoU over probe images), or None: the point values
+            stand in every replicate. Replicate r uses row r mod R_v.
+    """
+
+    x: Tensor
+    y: Tensor
+    z: Tensor | None = None
+    x_rows: Tensor | None = None
+    y_rows: Tensor | None = None
+    z_rows: Tensor | None = None
+
+    @property
+    def units(self) -> int:
+        return len(self.x)
+
+    def rho(self) -> Tensor:
+        """ρ of the point values (a 0-d float64 tensor)."""
+        return self._rho(self.x.view(1, -1), self.y.view(1, -1), self._point_z())[0]
+
+    def _point_z(self) -> Tensor | None:
+        return None if self.z is None else self.z.view(1, -1)
+
+    def resampled(self, replicates: Tensor, pick: Tensor) -> Tensor:
+        """ρ in replicates ``replicates`` (R,) with units ``pick`` (R, K) -> (R,)."""
+        x, y = _rows(self.x, self.x_rows, replicates), _rows(self.y, self.y_rows, replicates)
+        x, y = x.gather(1, pick), y.gather(1, pick)
+        z = None if self.z is None else _rows(self.z, self.z_rows, replicates).gather(1, pick)
+        return self._rho(x, y, z)
+
+    @staticmethod
+    def _rho(x: Tensor, y: Tensor, z: Tensor | None) -> Tensor:
+        return spearman_rows(x, y) if z is None else partial_spearman_rows(x, y, z)
+
+
+def _rows(point: Tensor, rows: Tensor | None, replicates: Tensor) -> Tensor:
+    if rows is None or not len(rows):
+        return point.double().view(1, -1).expand(len(replicates), -1)
+    return rows.double()[replicates % len(rows)]
+
+
+def rho_difference(
+    a: RankSample, b: RankSample, replicates: int, generator: torch.Generator, chunk: int = 500
+) -> dict[str, Tensor]:
+    """Δρ = ρ_a − ρ_b of two networks' units, with its interval and p from one bootstrap.
+
+    Replicate r resamples the units of each network with replacement (independently: the
+    units of two networks are not paired) and uses image replicate r mod R of both, the same
+    Poisson weights over evaluation and probe images for the two networks, so the noise they
+    share cancels in the difference. Over the R finite replicates d_r:
+
+    - interval: the 2.5 % and 97.5 % quantiles of d_r (percentile);
+    - p: two-sided bootstrap p of the sign, min(1, 2 min(1 + #{d_r ≤ 0}, 1 + #{d_r ≥ 0}) /
+      (R + 1)); it rejects at α exactly when the (1 − α) percentile interval excludes 0, up
+      to the +1.
+
+    Returns:
+        ``delta_rho``, ``delta_rho_ci_low``, ``delta_rho_ci_high``, ``delta_rho_p``: 0-d
+        float64 tensors (NaN when either ρ is undefined or a network has < 3 units).
+    """
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    delta = a.rho() - b.rho()
+    keys = ("delta_rho", "delta_rho_ci_low", "delta_rho_ci_high", "delta_rho_p")
+    if not bool(torch.isfinite(delta)) or min(a.units, b.units) < 3 or replicates < 1:
+        return dict(zip(keys, (delta, nan, nan.clone(), nan.clone()), strict=True))
+    parts = []
+    for start in range(0, replicates, chunk):
+        r = torch.arange(start, min(start + chunk, replicates))
+        pick_a = torch.randint(a.units, (len(r), a.units), generator=generator)
+        pick_b = torch.randint(b.units, (len(r), b.units), generator=generator)
+        parts.append(a.resampled(r, pick_a) - b.resampled(r, pick_b))
+    d = torch.cat(parts)
+    d = d[torch.isfinite(d)]
+    low, high = percentile_ci(d)
+    below, above = int((d <= 0).sum()), int((d >= 0).sum())
+    p = min(1.0, 2.0 * min(1 + below, 1 + above) / (len(d) + 1))
+    return dict(zip(keys, (delta, low, high, torch.tensor(p, dtype=torch.float64)), strict=True))

@@ -105,6 +105,20 @@ def replicate_best_iou(rep: ReplicateTally, concept_category: Tensor) -> Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, rep.intersection.shape[1])
 
 
+def replicate_category_iou(
+    rep: ReplicateTally, concept_category: Tensor, categories: int
+) -> Tensor:
+    """(B, K, G) each unit's best IoU per category in each probe replicate
+    (:func:`iou_from_tally`, :func:`category_iou`); the max over G is the best IoU."""
+    rows = [
+        category_iou(iou_from_tally(IoUTally(*parts), concept_category), concept_category,
+                     categories)
+        for parts in zip(*rep.tensors(), strict=True)
+    ]  # fmt: skip
+    units = rep.intersection.shape[1]
+    return torch.stack(rows) if rows else torch.zeros(0, units, categories, dtype=torch.float64)
+
+
 def empty_tally(units: int, categories: int, concepts: int, device: torch.device) -> IoUTally:
     """A zero :class:`IoUTally` for K units, G categories and C concepts."""
     long = {"dtype": torch.int64, "device": device}
