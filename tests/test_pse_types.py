@@ -42,6 +42,7 @@ from pse_lightning.analysis.pse.statistics import (
     ratio_histogram_by_type,
 )
 from pse_lightning.core.findings import judge
+from pse_lightning.reporting.glossary import unexplained
 
 CLASSES = 6
 
@@ -318,6 +319,7 @@ def test_metric_cluster_bootstrap_and_modes_end_to_end(tmp_path: Path) -> None:
     found = judge(metric.findings(result))[0]
     assert found.verdict != "supported" and found.p > 0.05
     assert "not at q" in found.effect and "BIC prefers k = 3" in found.effect
+    assert unexplained(f"pse/{key}" for key in s) == [], "keys without a glossary entry"
     section = metric.report(result, tmp_path, [str(c) for c in range(CLASSES)])
     assert "rarest [95% CI]" in section.markdown and "BIC prefers k = 3" in section.markdown
 
