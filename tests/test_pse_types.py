@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from pse_lightning.analysis.base import AdversarialBatch
@@ -210,7 +211,7 @@ def test_a_rare_type_in_few_pairs_is_not_supported() -> None:
 @pytest.mark.slow
 def test_cluster_bootstrap_is_calibrated_and_powered() -> None:
     """2000 null data sets (rarest share 0.05, clustered by pair): P(p < 0.05) <= 0.063;
-    planted 0.12: >= 0.8. An image-level bootstrap of the same data rejects far more."""
+    planted 0.12: >= 0.8. The old test, an exact binomial over images, rejects too often."""
     gen = torch.Generator().manual_seed(6)
     sizes = torch.full((30,), 15)
 
@@ -225,6 +226,14 @@ def test_cluster_bootstrap_is_calibrated_and_powered() -> None:
     fpr = rejects(MIN_TYPE_SHARE, 2000)
     assert fpr <= 0.063, fpr
     assert rejects(0.12, 200) >= 0.8
+    # the old test (exact binomial over images as independent replicates) on the same nulls
+    old = 0
+    for _ in range(2000):
+        _, types = pair_sample(null_pairs(30, MIN_TYPE_SHARE, gen), sizes, gen)
+        c = types[:, :3].sum(0)
+        test = binomtest(int(c[2]), int(c.sum()), MIN_TYPE_SHARE, alternative="greater")
+        old += test.pvalue < 0.05
+    assert old / 2000 > 0.075, old / 2000
 
 
 def test_within_pair_share_equals_one_minus_eta_squared() -> None:
@@ -287,14 +296,16 @@ def typed_batch(r: Tensor, label: Tensor, target: Tensor, start: int = 0) -> Adv
                             targeted=False)  # fmt: skip
 
 
-def clustered_run(promotion_pairs: int, seed: int = 8, **kw) -> tuple[PSE, dict]:
+def clustered_run(
+    promotion_pairs: int, seed: int = 8, high: float = 0.85, **kw
+) -> tuple[PSE, dict]:
     """500 images in the 30 ordered pairs of 6 classes; each pair has one r level (tight
     noise), so the pair decides the type: low r, balanced, or (``promotion_pairs`` pairs)
-    high r."""
+    r near ``high``."""
     gen = torch.Generator().manual_seed(seed)
     pairs = torch.tensor([(a, b) for a in range(CLASSES) for b in range(CLASSES) if a != b])
     level = torch.where(torch.arange(30) % 2 == 0, 0.15, 0.5)
-    level[:promotion_pairs] = 0.85
+    level[:promotion_pairs] = high
     pick = torch.randint(30, (500,), generator=gen)
     r = (level[pick] + 0.03 * torch.randn(500, generator=gen)).clamp(0, 1)
     metric = PSE(method="grad", max_rows=0, max_figures=0, **kw)
@@ -332,9 +343,17 @@ def test_claim_holds_only_where_every_central_threshold_holds() -> None:
     central = [sweep_key(q) for q in (0.25, 0.3, 1 / 3, 0.4)]
     assert found.p == max(s[f"rarest_{t}_p"] for t in central)
     assert found.verdict == "supported"
-    # shift the thresholds' central range off the data: q = 0.45 makes balanced
-    # (0.45 <= r <= 0.55) still common; q = 0.1 keeps all three here too
-    assert "q = " in found.effect
+    # promotion pairs at r ~ 0.70: promotion-dominated for tau_p = 2/3 (q = 1/3) and 0.6,
+    # but balanced for tau_p = 0.75 (q = 0.25): the claim holds at some central q only
+    metric, result = clustered_run(10, high=0.70, mixture_bootstrap=0, bootstrap=999)
+    s = result.values()
+    assert s["rarest_q333_p"] < 0.05 and s["rarest_q250_p"] > 0.5
+    found = judge(metric.findings(result))[0]
+    assert found.p == s["rarest_q250_p"] and found.verdict != "supported"
+    assert found.estimate == s["rarest_q250"] and found.low == s["rarest_q250_low"]
+    holds, fails = found.effect.split("not at q ∈")
+    assert "0.333" in holds.split("at q ∈")[-1] and "0.4" in holds.split("at q ∈")[-1]
+    assert "0.25" in fails.split("}")[0]
 
 
 def test_findings_without_cluster_scalars_are_not_measured() -> None:
