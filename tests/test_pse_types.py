@@ -388,3 +388,8 @@ def test_report_draws_the_mixture_on_the_histogram(tmp_path: Path) -> None:
                           tau_s=1 / 3, tau_p=2 / 3, tol=0.01)  # fmt: skip
     assert (tmp_path / "pse_ratio_hist.png").exists()
     assert "mixture" in section.captions["pse_ratio_hist"]
+
+
+def test_pair_table_size_is_bounded() -> None:
+    with pytest.raises(ValueError, match="analysis.pair_classes"):
+        PSE(pair_classes=1000)

@@ -54,6 +54,8 @@ from pse_lightning.core.findings import Finding
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
 log = logging.getLogger(__name__)
+# pair_classes^2 slots x 28 numbers: 256 classes is ~15 MB of state per process
+MAX_PAIR_CLASSES = 256
 
 
 class PSE(Analysis):
@@ -135,6 +137,12 @@ class PSE(Analysis):
         self.max_rows = _require_id_bound("max_rows", max_rows)
         self.max_figures = _require_id_bound("max_figures", max_figures)
         self.pair_classes = require_at_least("analysis.pair_classes", pair_classes, 1)
+        if pair_classes > MAX_PAIR_CLASSES:
+            raise ValueError(
+                f"analysis.pair_classes must be <= {MAX_PAIR_CLASSES} (the pair table holds "
+                f"pair_classes^2 slots), got {pair_classes}; pairs of larger classes are hashed "
+                "into the table, so keep the default 64"
+            )
         self.bootstrap = require_at_least("analysis.bootstrap", bootstrap, 1)
         self.mixture_bootstrap = require_at_least(
             "analysis.mixture_bootstrap", mixture_bootstrap, 0
