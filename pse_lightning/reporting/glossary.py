@@ -131,6 +131,34 @@ TERMS: tuple[Term, ...] = (
             "ε²: the bias-corrected η² (about 0 under independence).", "§2.7"),
     _metric("pse/n_pairs, pse/n_pairs_small", r"pse/n_pairs(_small)?",
             "Class pairs seen, and those with fewer than 5 images with a defined r.", "§2.7"),
+    _metric("pse/frac_<type>_low, pse/frac_<type>_high",
+            r"pse/frac_(suppression|balanced|promotion)_(low|high)",
+            "95 % percentile interval of the type's share (configured thresholds), from the "
+            "cluster bootstrap over (true, target) class pairs.", "§2.7"),
+    _metric("pse/rarest_q<1000q>, …_low, …_high, …_p", r"pse/rarest_q\d{3}(|_low|_high|_p)",
+            "Claim 1 at the sweep threshold q (τ_s = q, τ_p = 1 − q; q250 is q = 0.25): the "
+            "smallest of the three type shares among images with a defined r, its 95 % "
+            "percentile interval and the p of share > 0.05, from one cluster bootstrap over "
+            "class pairs: p = (1 + #replicates ≤ 0.05)/(B + 1).", "§2.7"),
+    _metric("pse/n_pair_clusters", r"pse/n_pair_clusters",
+            "Class-pair slots the cluster bootstrap resamples (pairs, unless hashed).", "§2.7"),
+    _metric("pse/n_pairs_hashed", r"pse/n_pairs_hashed",
+            "Images whose true or target class is ≥ analysis.pair_classes: their pairs share "
+            "hashed slots of the bounded pair table (fewer, larger clusters).", "§2.7"),
+    _metric("pse/n_bootstrap", r"pse/n_bootstrap",
+            "Replicates B of the cluster bootstrap over class pairs.", "§2.7"),
+    _metric("pse/pair_within_share", r"pse/pair_within_share",
+            "Share of the variance of r within class pairs, SS_within/SS_total (1 − η² over "
+            "the pair slots).", "§2.7"),
+    _metric("pse/mixture_bic_k<k>", r"pse/mixture_bic_k\d",
+            "BIC of a Gaussian mixture with k components fitted to a 100-bin histogram of r "
+            "(NaN with fewer than 20 images with a defined r).", "§2.6"),
+    _metric("pse/mixture_k", r"pse/mixture_k",
+            "Number of mixture components of r with the smallest BIC (0: not fitted).",
+            "§2.6"),
+    _metric("pse/mixture_p_1v2, pse/mixture_p_2v3", r"pse/mixture_p_(1v2|2v3)",
+            "Parametric-bootstrap likelihood-ratio p of k against k + 1 mixture components "
+            "of r (small: evidence for more components).", "§2.6"),
     # -- CAM ----------------------------------------------------------------------------------
     Term("IS (interpretability score)", "IS = ‖B⊙δ‖₂/‖δ‖₂: the share of the perturbation's "
          "L2 norm inside mask B (IS² is the share of its energy).", "cam", ref="§3.3"),

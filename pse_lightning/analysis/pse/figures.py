@@ -15,6 +15,7 @@ import torch
 from matplotlib.axes import Axes
 from torch import Tensor
 
+from pse_lightning.analysis.pse.mixture import Modes
 from pse_lightning.analysis.pse.samples import ExampleMaps, ImageRows
 from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP, sweep_fractions
 from pse_lightning.reporting.figures import (
@@ -68,19 +69,40 @@ def share_scale(axes: Sequence[Axes], vmax: float) -> None:
         ax.images[-1].set_clim(0.0, vmax)
 
 
-def ratio_histogram_figure(hist: Tensor, tau_s: float, tau_p: float, path: Path) -> Path:
-    """Histogram of r with the two thresholds; bars coloured by the type their bin takes."""
+def histogram_bars(hist: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """Stacked bars of the by-type histogram (HIST_BINS, 3): per type k, (k, left edges,
+    heights, bottoms) of its non-empty bars. The heights of type k sum to its image count,
+    so a bin straddling a threshold shows both of its types."""
+    edges = torch.linspace(0, 1, HIST_BINS + 1)[:-1]
+    bottoms = torch.zeros(HIST_BINS, dtype=torch.float64)
+    bars = []
+    for k in range(3):
+        heights = hist[:, k].double()
+        mask = heights > 0
+        if mask.any():
+            bars.append((k, edges[mask], heights[mask], bottoms[mask].clone()))
+        bottoms += heights
+    return bars
+
+
+def ratio_histogram_figure(
+    hist: Tensor, tau_s: float, tau_p: float, path: Path, modes: Modes | None = None
+) -> Path:
+    """Histogram of r with the two thresholds, bars stacked by each image's type, and the
+    Gaussian mixture preferred by BIC (scaled to image counts per bin) when fitted."""
     fig, axes = new_figure(width=5.0, height=3.2)
     ax = axes[0, 0]
-    edges = torch.linspace(0, 1, HIST_BINS + 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    kinds = torch.where(centres < tau_s, 0, torch.where(centres > tau_p, 2, 1))
-    for k in range(3):
-        mask = kinds == k
-        if mask.any():
-            ax.bar(edges[:-1][mask].numpy(), hist[mask].numpy(), width=1 / HIST_BINS,
-                   align="edge", color=PALETTE[k], edgecolor="k", linewidth=0.4,
-                   label=f"{PSE_TYPES[k]} (at these τ)")  # fmt: skip
+    for k, lefts, heights, bottoms in histogram_bars(hist):
+        ax.bar(lefts.numpy(), heights.numpy(), width=1 / HIST_BINS, bottom=bottoms.numpy(),
+               align="edge", color=PALETTE[k], edgecolor="k", linewidth=0.4,
+               label=f"{PSE_TYPES[k]} (at these τ)")  # fmt: skip
+    if modes is not None and modes.fit is not None:
+        x = torch.linspace(0, 1, 401, dtype=torch.float64)
+        y = modes.fit.density(x)[0] * float(hist.sum()) / HIST_BINS
+        p = float(modes.p[2])
+        test = "" if math.isnan(p) else f"; LRT 2 vs 3 p = {p:.2g}"
+        ax.plot(x.numpy(), y.numpy(), color="k", linewidth=1.2,
+                label=f"Gaussian mixture, k = {modes.k} (BIC){test}")  # fmt: skip
     for tau, name, style in ((tau_s, "τ_s", "--"), (tau_p, "τ_p", ":")):
         ax.axvline(tau, color="k", linestyle=style, linewidth=1, label=f"{name} = {tau:.3g}")
     ax.set_xlabel(RATIO_LABEL, fontsize=FONT_SIZE)

@@ -5,35 +5,75 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from scipy.stats import binomtest
-
-from pse_lightning.core.findings import Finding, not_measured
-from pse_lightning.core.proportions import wilson_interval
+from pse_lightning.analysis.pse.clusters import CENTRAL, MIN_TYPE_SHARE, sweep_key
+from pse_lightning.analysis.pse.statistics import SWEEP
+from pse_lightning.core.findings import ALPHA, Finding, not_measured
 from pse_lightning.core.pse_types import DOMINANCE_TYPES as TYPES
 
 KEY = "pse_types"
 CLAIM = "Perturbations are of three PSE types: suppression-, promotion-dominated, balanced"
-# The smallest share for a PSE type to count as "occurring" (one perturbation in twenty).
-MIN_TYPE_SHARE = 0.05
 
 
 def pse_findings(scalars: Mapping[str, float]) -> list[Finding]:
-    """Each type's share > MIN_TYPE_SHARE, intersection-union (the largest of the three
-    one-sided exact binomial p-values; the rarest type's Wilson interval)."""
-    n = scalars.get("n_images", math.nan)
-    shares = [scalars.get(f"frac_{t}", math.nan) for t in TYPES]
-    if not n > 0 or any(math.isnan(s) for s in shares):
+    """The rarest type's share > MIN_TYPE_SHARE at every central threshold q.
+
+    Per q of the sweep (tau_s = q, tau_p = 1 - q) one cluster bootstrap over (true, target)
+    class pairs gives the rarest share's p and percentile interval (``rarest_q*`` scalars).
+    Intersection-union over ``CENTRAL``: the claim's p is the largest p there, its estimate
+    and interval those of that q. The effect text says where it holds, the modes of r and
+    the within-pair share of the variance of r.
+    """
+    tags = {q: f"rarest_{sweep_key(q)}" for q in SWEEP}
+    needed = [f"{tag}{end}" for tag in tags.values() for end in ("", "_low", "_high", "_p")]
+    if not scalars.get("n_images", 0) > 0 or any(k not in scalars for k in needed):
         return [not_measured(KEY, CLAIM, "no successful attack to analyse")]
-    n = int(n)
-    counts = [round(s * n) for s in shares]
-    intervals = [wilson_interval(c, n) for c in counts]
-    p = max(binomtest(c, n, MIN_TYPE_SHARE, alternative="greater").pvalue for c in counts)
-    rarest = min(range(3), key=lambda i: shares[i])
-    effect = ", ".join(
-        f"{t} {s:.2f} [{lo:.2f}, {hi:.2f}]"
-        for t, s, (lo, hi) in zip(TYPES, shares, intervals, strict=True)
+    values = {q: {end: scalars[f"{tag}{end}"] for end in ("", "_low", "_high", "_p")}
+              for q, tag in tags.items()}  # fmt: skip
+    central = [q for q in SWEEP if any(math.isclose(q, c) for c in CENTRAL)]
+    if any(math.isnan(values[q]["_p"]) for q in central):
+        return [not_measured(KEY, CLAIM, "no image with a defined PSE ratio r")]
+    worst = max(central, key=lambda q: values[q]["_p"])
+    holds = [q for q in SWEEP if values[q]["_p"] < ALPHA and values[q]["_low"] > MIN_TYPE_SHARE]
+    fails = [q for q in SWEEP if q not in holds]
+    qs = lambda group: "{" + ", ".join(f"{q:.3g}" for q in group) + "}"  # noqa: E731
+    shares = ", ".join(
+        f"{t} {scalars.get(f'frac_{t}', math.nan):.2f} "
+        f"[{scalars.get(f'frac_{t}_low', math.nan):.2f}, "
+        f"{scalars.get(f'frac_{t}_high', math.nan):.2f}]"
+        for t in TYPES
     )
-    test = f"exact binomial over images, each share > {MIN_TYPE_SHARE} (largest p), n = {n}"
-    low, high = intervals[rarest]
-    return [Finding(KEY, CLAIM, effect, test, estimate=shares[rarest], low=low, high=high,
-                    p=p, null=MIN_TYPE_SHARE)]  # fmt: skip
+    v = values[worst]
+    effect = (
+        f"rarest share {v['']:.3f} [{v['_low']:.3f}, {v['_high']:.3f}] at q = {worst:.3g} "
+        f"(the central q with the largest p); rarest share > {MIN_TYPE_SHARE} "
+        f"(p < {ALPHA}, interval above it) at q ∈ {qs(holds)}, not at q ∈ {qs(fails)}; "
+        f"configured thresholds: {shares}; {modes_text(scalars)}; within-pair share of the "
+        f"variance of r {scalars.get('pair_within_share', math.nan):.2f}"
+    )
+    test = (
+        f"cluster bootstrap over (true, target) class pairs "
+        f"({int(scalars.get('n_bootstrap', 0))} replicates of "
+        f"{int(scalars.get('n_pair_clusters', 0))} pairs): per q, rarest type share > "
+        f"{MIN_TYPE_SHARE}, p = (1 + #replicates <= {MIN_TYPE_SHARE}) / (B + 1), percentile "
+        f"interval; intersection-union over q ∈ {qs(central)} (largest p)"
+    )
+    note = ""
+    if scalars.get("n_pairs_hashed", 0) > 0:
+        note = (
+            f"{int(scalars['n_pairs_hashed'])} images have a class beyond "
+            "analysis.pair_classes: their pairs share hashed slots (fewer, larger clusters)"
+        )
+    return [Finding(KEY, CLAIM, effect, test, estimate=v[""], low=v["_low"], high=v["_high"],
+                    p=v["_p"], null=MIN_TYPE_SHARE, note=note)]  # fmt: skip
+
+
+def modes_text(scalars: Mapping[str, float]) -> str:
+    """The modes result: BIC's number of mixture components and the LR tests' p."""
+    k = int(scalars.get("mixture_k", 0) or 0)
+    if k == 0:
+        return "modes of r: too few images to fit a mixture"
+    return (
+        f"Gaussian mixture on r: BIC prefers k = {k} components (bootstrap LR test 1 vs 2 "
+        f"p = {scalars.get('mixture_p_1v2', math.nan):.3g}, 2 vs 3 "
+        f"p = {scalars.get('mixture_p_2v3', math.nan):.3g})"
+    )

@@ -35,9 +35,10 @@ from torch import Tensor, nn
 from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
-from pse_lightning.analysis.pse import statistics
+from pse_lightning.analysis.pse import clusters, mixture, statistics
 from pse_lightning.analysis.pse.attribution import METHODS, PSEAttribution, pse_attributions
 from pse_lightning.analysis.pse.findings import pse_findings
+from pse_lightning.analysis.pse.mixture import MAX_COMPONENTS, MIX_BINS
 from pse_lightning.analysis.pse.report import pse_section
 from pse_lightning.analysis.pse.samples import (
     EXACT_ID_LIMIT,
@@ -53,6 +54,8 @@ from pse_lightning.core.findings import Finding
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
 log = logging.getLogger(__name__)
+# pair_classes^2 slots x 28 numbers: 256 classes is ~15 MB of state per process
+MAX_PAIR_CLASSES = 256
 
 
 class PSE(Analysis):
@@ -82,6 +85,12 @@ class PSE(Analysis):
             for a model that ``.view``-s its convolution outputs.
         max_rows: keep per-image rows (W&B table, scatter) for dataset index < max_rows.
         max_figures: keep maps for the example figure for dataset index < max_figures.
+        pair_classes: (true, target) pairs with both classes below it are tallied exactly
+            for the cluster bootstrap; other pairs share hashed slots (:mod:`.clusters`).
+            The per-pair state holds pair_classes^2 slots.
+        bootstrap: replicates of the cluster bootstrap over class pairs (Claim 1).
+        mixture_bootstrap: replicates of each parametric-bootstrap likelihood-ratio test
+            of the number of mixture components of r (0 skips the tests).
         **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``...).
     """
 
@@ -106,6 +115,9 @@ class PSE(Analysis):
         channels_last: bool = True,
         max_rows: int = 1000,
         max_figures: int = 8,
+        pair_classes: int = 64,
+        bootstrap: int = 2000,
+        mixture_bootstrap: int = 99,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -127,6 +139,17 @@ class PSE(Analysis):
         self.chunk_size = require_at_least("analysis.chunk_size", chunk_size, 1)
         self.max_rows = _require_id_bound("max_rows", max_rows)
         self.max_figures = _require_id_bound("max_figures", max_figures)
+        self.pair_classes = require_at_least("analysis.pair_classes", pair_classes, 1)
+        if pair_classes > MAX_PAIR_CLASSES:
+            raise ValueError(
+                f"analysis.pair_classes must be <= {MAX_PAIR_CLASSES} (the pair table holds "
+                f"pair_classes^2 slots), got {pair_classes}; pairs of larger classes are hashed "
+                "into the table, so keep the default 64"
+            )
+        self.bootstrap = require_at_least("analysis.bootstrap", bootstrap, 1)
+        self.mixture_bootstrap = require_at_least(
+            "analysis.mixture_bootstrap", mixture_bootstrap, 0
+        )
         self._add_tally_states()
         self._add_sample_states()
 
@@ -139,7 +162,15 @@ class PSE(Analysis):
         self.add_state("n_incomplete", torch.zeros((), **long), dist_reduce_fx="sum")
         self.add_state("type_counts", torch.zeros(types, **long), dist_reduce_fx="sum")
         self.add_state("group_type_counts", torch.zeros(types, **long), dist_reduce_fx="sum")
-        self.add_state("r_hist", torch.zeros(HIST_BINS, **long), dist_reduce_fx="sum")
+        # histogram of r by the image's type (bins x suppression/balanced/promotion)
+        self.add_state("r_hist", torch.zeros(HIST_BINS, 3, **long), dist_reduce_fx="sum")
+        self.add_state("mix_hist", torch.zeros(MIX_BINS, **long), dist_reduce_fx="sum")
+        slots = self.pair_classes**2
+        self.add_state("slot_sweep", torch.zeros(slots, len(SWEEP), 3, **long),
+                       dist_reduce_fx="sum")  # fmt: skip
+        self.add_state("slot_types", torch.zeros(slots, types, **long), dist_reduce_fx="sum")
+        self.add_state("slot_moments", torch.zeros(slots, 3, **double), dist_reduce_fx="sum")
+        self.add_state("n_pairs_hashed", torch.zeros((), **long), dist_reduce_fx="sum")
         self.add_state("sweep_counts", torch.zeros(len(SWEEP), 3, **long), dist_reduce_fx="sum")
         # promotion share, suppression share, counter share, over complete images, P + S > 0
         self.add_state("share_sums", torch.zeros(3, **double), dist_reduce_fx="sum")
@@ -186,6 +217,7 @@ class PSE(Analysis):
         totals = statistics.attribution_totals(attr.attr_true, attr.attr_target).double()
         complete = attr.residual <= self.tol  # NaN residuals are incomplete too
         self._tally_images(r, kind, totals, attr, complete)
+        self._tally_pairs(r, y, target)
         self._tally_groups(attr, batch.extras.get("group_map"), sel, complete)
         ids = {"index": batch.index[sel], "label": y, "target": target, "type": kind}
         image = {"r": r, "residual": attr.residual, "steps": attr.steps}
@@ -198,7 +230,8 @@ class PSE(Analysis):
     ) -> None:
         dev = self.type_counts.device
         self.type_counts += torch.bincount(kind, minlength=len(PSE_TYPES)).to(dev)
-        self.r_hist += statistics.ratio_histogram(r).to(dev)
+        self.r_hist += statistics.ratio_histogram_by_type(r, kind).to(dev)
+        self.mix_hist += mixture.fine_histogram(r).to(dev)
         self.r_sum += r[~torch.isnan(r)].double().sum().to(dev)
         self.sweep_counts += statistics.sweep_counts(r).to(dev)
         self.n_incomplete += int((~complete).sum())
@@ -209,6 +242,18 @@ class PSE(Analysis):
         self.residual_sum += residual.sum().to(dev)
         self.residual_max = torch.maximum(self.residual_max, residual.max().to(dev))
         self.steps_sum += attr.steps.sum().to(dev)
+
+    def _tally_pairs(self, r: Tensor, y: Tensor, target: Tensor) -> None:
+        """Per (true, target) pair slot: sweep and configured type counts, sums of r."""
+        dev = self.slot_types.device
+        slot, hashed = clusters.pair_slots(y.to(dev), target.to(dev), self.pair_classes)
+        sweep, types, moments = clusters.slot_tallies(
+            r.to(dev), slot, self.tau_s, self.tau_p, self.pair_classes**2
+        )
+        self.slot_sweep += sweep
+        self.slot_types += types
+        self.slot_moments += moments
+        self.n_pairs_hashed += int(hashed.sum())
 
     def _tally_groups(
         self, attr: PSEAttribution, group_map: Tensor | None, sel: Tensor, complete: Tensor
@@ -307,12 +352,21 @@ class PSE(Analysis):
         - the class-pair effect on r: ``pair_eta2`` (share of the variance of r explained
           by the (true, target) pair), ``pair_eta2_null`` (its expectation were r
           independent of the pair), ``pair_epsilon2`` (bias-corrected), ``n_pairs`` and
-          ``n_pairs_small`` (pairs with fewer than ``MIN_PAIR_IMAGES`` defined ratios).
+          ``n_pairs_small`` (pairs with fewer than ``MIN_PAIR_IMAGES`` defined ratios);
+        - Claim 1 by a cluster bootstrap over (true, target) pair slots (:mod:`.clusters`,
+          ``n_bootstrap`` replicates over ``n_pair_clusters`` slots, ``n_pairs_hashed``
+          images in shared slots): per sweep threshold q, ``rarest_q<1000q>`` (the smallest
+          type share among defined r) with ``_low``/``_high`` (percentile interval) and
+          ``_p``; ``frac_<type>_low``/``_high`` for the configured dominance types;
+          ``pair_within_share`` (SS_within / SS_total of r by pair slot);
+        - the modes of r (:mod:`.mixture`): ``mixture_bic_k1..k4``, ``mixture_k`` (smallest
+          BIC, 0 if not fitted), ``mixture_p_1v2`` and ``mixture_p_2v3`` (bootstrap LR tests).
 
         Details: ``rows`` (:class:`.samples.ImageRows`), ``examples``
         (:class:`.samples.ExampleMaps`), ``images`` (:class:`.samples.ImageSummary`, every
         analysed image), ``pairs`` (:class:`.statistics.PairBreakdown`), ``r_hist``
-        (HIST_BINS,) and ``sweep_counts`` (len(SWEEP), 3), all on the CPU.
+        (HIST_BINS, 3) by type, ``sweep_counts`` (len(SWEEP), 3) and ``modes``
+        (:class:`.mixture.Modes`), all on the CPU.
         """
         n_images = self.type_counts.double().sum()
         scalars = statistics.type_fractions(self.type_counts)
@@ -332,7 +386,11 @@ class PSE(Analysis):
         images = image_summary(self._columns(IMAGE_STATES))
         scalars.update(self._pair_effect(images.label, images.target, images.r))
         kind = statistics.classify(images.r, self.tau_s, self.tau_p)
+        modes = mixture.modes(self.mix_hist.cpu(), replicates=self.mixture_bootstrap)
+        scalars.update(self._modes_scalars(modes))
+        scalars.update(self._cluster_scalars())
         details = {
+            "modes": modes,
             "images": images,
             "pairs": statistics.pair_breakdown(images.label, images.target, kind, images.r),
             "rows": image_rows(self._columns(ROW_STATES)),
@@ -341,6 +399,35 @@ class PSE(Analysis):
             "sweep_counts": self.sweep_counts.cpu().clone(),
         }
         return AnalysisResult(scalars=scalars, details=details)
+
+    @staticmethod
+    def _modes_scalars(modes: mixture.Modes) -> dict[str, Tensor]:
+        out = {f"mixture_bic_k{k + 1}": modes.bic[k] for k in range(MAX_COMPONENTS)}
+        out["mixture_k"] = torch.tensor(float(modes.k), dtype=torch.float64)
+        out["mixture_p_1v2"], out["mixture_p_2v3"] = modes.p[1], modes.p[2]
+        return out
+
+    def _cluster_scalars(self) -> dict[str, Tensor]:
+        """Claim 1 per sweep threshold and the type-share intervals, one cluster bootstrap
+        over (true, target) pair slots; the within-pair share of the variance of r."""
+        test = clusters.rarest_share_test(
+            self.slot_sweep, self.slot_types, replicates=self.bootstrap
+        )
+        out: dict[str, Tensor] = {}
+        for i, q in enumerate(SWEEP):
+            tag = clusters.sweep_key(q)
+            out[f"rarest_{tag}"] = test["rarest"][i]
+            out[f"rarest_{tag}_low"] = test["low"][i]
+            out[f"rarest_{tag}_high"] = test["high"][i]
+            out[f"rarest_{tag}_p"] = test["p"][i]
+        for i, name in enumerate(PSE_TYPES[:3]):
+            out[f"frac_{name}_low"] = test["type_low"][i]
+            out[f"frac_{name}_high"] = test["type_high"][i]
+        out["n_pair_clusters"] = test["clusters"]
+        out["n_pairs_hashed"] = self.n_pairs_hashed.clone()
+        out["pair_within_share"] = clusters.within_pair_share(self.slot_moments.cpu())
+        out["n_bootstrap"] = torch.tensor(float(self.bootstrap), dtype=torch.float64)
+        return out
 
     @staticmethod
     def _pair_effect(label: Tensor, target: Tensor, r: Tensor) -> dict[str, Tensor]:

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from pse_lightning.analysis.base import AnalysisResult, ReportSection
 from pse_lightning.analysis.pse import figures
+from pse_lightning.analysis.pse.clusters import MIN_TYPE_SHARE, sweep_key
+from pse_lightning.analysis.pse.mixture import MAX_COMPONENTS
 from pse_lightning.analysis.pse.samples import ImageSummary
 from pse_lightning.analysis.pse.statistics import (
     MIN_PAIR_IMAGES,
@@ -21,7 +23,7 @@ from pse_lightning.analysis.pse.statistics import (
 from pse_lightning.reporting.figures import class_name
 
 TITLE = "Promotion-suppression effect (PSE)"
-_DETAILS = ("images", "pairs", "rows", "examples", "r_hist", "sweep_counts")
+_DETAILS = ("images", "pairs", "rows", "examples", "r_hist", "sweep_counts", "modes")
 MAX_LISTED = 20  # rows of a markdown listing; the W&B tables hold them all
 Table = tuple[list[str], list[list[object]]]
 
@@ -114,9 +116,10 @@ def captions(tau_s: float, tau_p: float) -> dict[str, str]:
             "signed net map Σ(a^t − a^t0). Colour bars in logit change per pixel."
         ),
         "pse_ratio_hist": (
-            f"Histogram of the PSE ratio r over the analysed images, bars coloured by the "
-            f"type their bin takes at τ_s = {tau_s:.3g} and τ_p = {tau_p:.3g} (dashed, "
-            "dotted); y: number of images."
+            f"Histogram of the PSE ratio r over the analysed images, bars stacked by each "
+            f"image's type at τ_s = {tau_s:.3g} and τ_p = {tau_p:.3g} (dashed, dotted; a bin "
+            "that straddles a threshold shows both types); black line: the Gaussian mixture "
+            "BIC prefers, fitted to a 100-bin histogram of r; y: number of images."
         ),
         "pse_sweep": (
             "Share of each PSE type among the images with a defined r as the symmetric "
@@ -146,7 +149,8 @@ def write_figures(
         paths.append(figures.examples_figure(details["examples"], class_names,
                                              out_dir / "pse_examples.png"))  # fmt: skip
     paths.append(figures.ratio_histogram_figure(details["r_hist"], tau_s, tau_p,
-                                                out_dir / "pse_ratio_hist.png"))  # fmt: skip
+                                                out_dir / "pse_ratio_hist.png",
+                                                details["modes"]))  # fmt: skip
     paths.append(figures.sweep_figure(details["sweep_counts"], tau_s, tau_p,
                                       out_dir / "pse_sweep.png"))  # fmt: skip
     if len(details["rows"]):
@@ -174,14 +178,38 @@ def markdown(scalars: Mapping[str, Tensor], sweep_counts: Tensor, settings: str)
         f"counter-effects {num('counter_share'):.3f}. Completeness residual over all "
         f"analysed images: mean {num('residual_mean'):.2e}, max {num('residual_max'):.2e}.",
         "",
-        "Threshold sweep (tau_s = q, tau_p = 1 - q; fractions of images with a defined r):",
+        "Threshold sweep (tau_s = q, tau_p = 1 - q; fractions of images with a defined r). "
+        f"The rarest type's share with its 95% interval and the p of share > {MIN_TYPE_SHARE} "
+        f"come from one cluster bootstrap over (true, target) class pairs "
+        f"({int(num('n_bootstrap'))} replicates of {int(num('n_pair_clusters'))} pairs):",
         "",
-        "| q | suppression | balanced | promotion |",
-        "|---|---|---|---|",
+        "| q | suppression | balanced | promotion | rarest [95% CI] | p |",
+        "|---|---|---|---|---|---|",
     ]
     for q, fractions in zip(SWEEP, sweep_fractions(sweep_counts), strict=True):
-        lines.append(f"| {q:.3g} | " + " | ".join(f"{v:.3f}" for v in fractions.tolist()) + " |")
+        tag = f"rarest_{sweep_key(q)}"
+        rarest = f"{num(tag):.3f} [{num(tag + '_low'):.3f}, {num(tag + '_high'):.3f}]"
+        lines.append(f"| {q:.3g} | " + " | ".join(f"{v:.3f}" for v in fractions.tolist())
+                     + f" | {rarest} | {num(tag + '_p'):.3g} |")  # fmt: skip
+    lines += ["", modes_sentence(scalars)]
     return "\n".join(lines)
+
+
+def modes_sentence(scalars: Mapping[str, Tensor]) -> str:
+    """BIC per number of mixture components of r, the preferred k and the LR tests."""
+    k = int(float(scalars["mixture_k"]))
+    if k == 0:
+        return "Modes of r: too few images with a defined r to fit a mixture."
+    bics = ", ".join(
+        f"{float(scalars[f'mixture_bic_k{j}']):.1f}" for j in range(1, MAX_COMPONENTS + 1)
+    )
+    return (
+        f"Modes of r: Gaussian mixtures fitted to a 100-bin histogram of r, BIC for "
+        f"k = 1..{MAX_COMPONENTS} components: {bics}; BIC prefers k = {k}. Parametric-"
+        f"bootstrap likelihood-ratio tests: 1 vs 2 components p = "
+        f"{float(scalars['mixture_p_1v2']):.3g}, 2 vs 3 p = {float(scalars['mixture_p_2v3']):.3g}"
+        " (a small p is evidence for the larger number)."
+    )
 
 
 def pair_table(pairs: PairBreakdown, class_names: Sequence[str]) -> Table:

@@ -122,6 +122,17 @@ def ratio_histogram(r: Tensor) -> Tensor:
     return torch.bincount(bins, minlength=HIST_BINS)
 
 
+def ratio_histogram_by_type(r: Tensor, kind: Tensor) -> Tensor:
+    """Counts (HIST_BINS, 3) of the defined r in equal bins of [0, 1], split by the image's
+    type (suppression, balanced, promotion): each column sums to that type's count, so a bar
+    straddling a threshold is split, not coloured by its centre."""
+    defined = ~torch.isnan(r)
+    bins = (r[defined].double() * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+    out = torch.zeros(HIST_BINS, 3, dtype=torch.long, device=r.device)
+    kind = kind[defined].to(r.device)
+    return out.index_put_((bins, kind), torch.ones_like(kind), accumulate=True)
+
+
 def sweep_counts(r: Tensor) -> Tensor:
     """Counts (len(SWEEP), 3) of suppression, balanced, promotion at tau_s = q, tau_p = 1 - q
     for each q of ``SWEEP``, over the images with a defined r."""
