@@ -183,6 +183,23 @@ def test_a_layer_not_above_the_random_baseline_is_untestable() -> None:
     )
 
 
+def test_the_plain_rho_of_a_layer_of_class_detectors_is_untestable() -> None:
+    """The main job's features.2: 110 interpretable units, none for a non-class concept; the
+    plain Δρ measures class traffic, so only the class-controlled rows carry a verdict."""
+    scalars = layer_scalars(110, 9, 0.6, 0.19, 0.93, 0.004)
+    scalars["features.2/non_class/interpretable"] = 0.0
+    scalars["features.2/target_share_rho"] = 0.76
+    found = {f.key.rsplit("features.2", 1)[1]: f for f in judge(dissection_findings(scalars))}
+    assert found[""].verdict == "untestable"
+    assert "110 of 110" in found[""].note and "0.76" in found[""].note
+    assert found["/non_class"].verdict == "untestable"  # 0 non-class units against 9
+    assert found["/partial_target"].verdict == "supported"  # judged, not gated
+    # Half or more of the interpretable units with a non-class concept: the plain row counts.
+    scalars["features.2/non_class/interpretable"] = 56.0
+    plain = judge(dissection_findings(scalars))[0]
+    assert plain.verdict == "supported"
+
+
 def test_without_the_baseline_claim_3_is_untestable() -> None:
     scalars = {"features.2/spearman_rho": 0.4, "features.2/interpretable": 50.0}
     found = dissection_findings(scalars)

@@ -14,6 +14,9 @@ interval and p from one two-way bootstrap (§7.3):
 
 A layer whose interpretable units (of the kind the finding counts) are no more than the
 random-weights baseline's is untestable: its "interpretable" units are not above chance.
+The plain ``<layer>`` row is untestable too when most of its interpretable units are
+interpretable for no non-class concept (class detectors): its ρ then measures class traffic,
+and the two controlled rows are the test.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ TEST = (
     "same evaluation- and probe-image weights for both): percentile interval and two-sided "
     "sign p of the difference"
 )
+#: The plain ρ is untestable as a claim about interpretability when at least this share of
+#: a layer's interpretable units has no non-class concept (they are class detectors).
+CLASS_DOMINATED = 0.5
 #: (key suffix, the ρ in words, its key prefix, the interpretable count that gates it).
 VARIANTS = (
     ("", "ρ(s, max IoU)", "", "interpretable"),
@@ -86,6 +92,15 @@ def _finding(
     counts = f"{trained_n:.0f} interpretable units trained, {random_n:.0f} at random weights"
     if not trained_n > random_n:
         why = f"{counts}: the layer's interpretable units do not exceed chance"
+        return untestable(key, claim, effect, TEST, why)
+    class_units = trained_n - get("non_class/interpretable")
+    if not prefix and class_units >= CLASS_DOMINATED * trained_n:
+        why = (
+            f"{class_units:.0f} of {trained_n:.0f} interpretable units are not interpretable "
+            "for any non-class concept: here 'interpretable' means class-selective, and ρ "
+            f"tracks how often the attack targets a unit's class (ρ(s, target share) = "
+            f"{get('target_share_rho'):.2f}); the class-controlled rows test the claim"
+        )
         return untestable(key, claim, effect, TEST, why)
     return Finding(key, claim, effect, TEST, estimate=delta, low=low, high=high,
                    p=get(f"{prefix}delta_rho_p"), direction="two-sided", null=0.0,
