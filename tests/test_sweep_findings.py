@@ -13,7 +13,13 @@ from hydra import compose, initialize_config_dir
 from test_sweep import _first, _job
 
 from pse_lightning.reporting.sweep import write_comparison
-from pse_lightning.reporting.sweep_jobs import collect_jobs, seeds, variant_title
+from pse_lightning.reporting.sweep_jobs import (
+    Job,
+    collect_jobs,
+    mean_metrics,
+    seeds,
+    variant_title,
+)
 from pse_lightning.reporting.sweep_stats import comparison_plan
 
 N = 400
@@ -76,6 +82,18 @@ def test_comparison_opens_with_the_claims_per_attack(attack_sweep: Path) -> None
     assert one["cells"]["ddn"]["low"] == pytest.approx(0.3)
     assert two["cells"]["cw targeted=True"]["estimate"] is None
     assert "ddn" not in two["cells"]
+
+
+def test_metrics_written_as_null_read_as_missing(attack_sweep: Path) -> None:
+    """metrics.json stores NaN as null: a mean skips it, a table shows n/a."""
+    jobs = [Job("0", {}, "pgd", metrics={"a": 1.0, "b": None}),
+            Job("1", {}, "pgd", metrics={"a": 3.0, "b": None, "c": 2.0})]  # fmt: skip
+    assert mean_metrics(jobs) == {"a": 2.0, "b": None, "c": 2.0}
+    path = attack_sweep / "0" / "metrics.json"
+    metrics = json.loads(path.read_text())["metrics"] | {"test/pse/frac_balanced": None}
+    path.write_text(json.dumps({"metrics": metrics}))
+    text = write_comparison(attack_sweep).read_text()
+    assert "| run | cw targeted=False | n/a | n/a | n/a |" in text
 
 
 def test_a_sweep_without_findings_files_has_no_claims_table(tmp_path: Path) -> None:

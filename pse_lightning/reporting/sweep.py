@@ -135,11 +135,12 @@ def write_comparison(sweep_dir: Path) -> Path | None:
         if len(replicates) > 1
         else ""
     )
+    row = "variant" if title == "variant" else f"{title} variant"
     text = "\n".join([
         f"# Comparison of {len(jobs)} jobs",
         "",
         *(_claims_section(claims[0], len(variants) == 1) if claims else []),
-        f"Each row is one {title} variant, evaluated with the same attacks (columns) on the "
+        f"Each row is one {row}, evaluated with the same attacks (columns) on the "
         "same test images. Robust accuracy is the share of all evaluated images classified "
         f"correctly both clean and under attack.{means}",
         "",

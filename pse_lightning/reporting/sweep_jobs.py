@@ -186,12 +186,12 @@ def seeds(jobs: list[Job]) -> list[str]:
     return sorted({j.seed for j in jobs}, key=rank)
 
 
-def mean_metrics(jobs: list[Job]) -> dict[str, float]:
+def mean_metrics(jobs: list[Job]) -> dict[str, float | None]:
     """Each metric's mean over ``jobs`` (the seed replicates of one variant and attack), over
-    the jobs that logged it."""
+    the jobs that logged a number for it; None where none did (NaN is stored as null)."""
     keys = dict.fromkeys(k for j in jobs for k in j.metrics)
-    return {
-        k: sum(vals) / len(vals)
-        for k in keys
-        if (vals := [float(j.metrics[k]) for j in jobs if k in j.metrics])
-    }
+    means: dict[str, float | None] = {}
+    for key in keys:
+        values = [float(v) for j in jobs if (v := j.metrics.get(key)) is not None]
+        means[key] = sum(values) / len(values) if values else None
+    return means
