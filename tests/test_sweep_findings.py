@@ -4,11 +4,14 @@ replicates, not variants (docs/METHODS.md §7.6), on fabricated job directories.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import CONF_DIR
+from helpers import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 from test_sweep import _first, _job
 
@@ -189,6 +192,17 @@ def test_a_seeded_sweep_pairs_each_variant_within_its_seed(seeded: Path) -> None
     assert "With 2 seeds" in text
 
 
+def test_claims_columns_name_the_seed_of_a_replicated_sweep(seeded: Path) -> None:
+    for num in range(6):
+        _findings(seeded, num, [_f("k", "A claim", "supported", f"{num}")])
+    write_comparison(seeded)
+    claims = json.loads((seeded / "comparison.json").read_text())["claims"]
+    assert claims["columns"] == [
+        f"{v} / pgd / seed {s}" for v in ("standard", "pgd_at", "pse_at") for s in "01"
+    ]
+    assert claims["jobs"]["pse_at / pgd / seed 1"] == "5"
+
+
 def test_one_seed_for_every_job_is_not_a_replicate(tmp_path: Path) -> None:
     for num, training in enumerate(("standard", "pgd_at")):
         _job(tmp_path, num, {"training": training, "seed": "3", "attack": "pgd"}, _first(390),
@@ -231,3 +245,29 @@ def test_pse_types_preset_sweeps_attack_families_targeted_and_not_on_one_model()
     for key in ("model", "dataset", "training", "seed"):
         assert len({str(j[key]) for j in jobs}) == 1, key
     assert "pse" in jobs[0].analysis
+
+
+@pytest.mark.slow
+def test_pse_types_runs_end_to_end_and_opens_with_the_claims_per_attack(tmp_path: Path) -> None:
+    """The preset at toy size: one training, six attack jobs, one claims table."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    small = ["dataset.num_train=256", "dataset.num_val=64", "dataset.num_test=64",
+             "dataset.eval_samples=16", "training.epochs=2", "logger=none"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pse_lightning", "experiment=pse_types", f"paths.root={tmp_path}",
+         "hydra.sweep.subdir=${hydra.job.num}", *small],  # fmt: skip
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    (sweep,) = tmp_path.glob("multirun/*/*")
+    assert len(list(sweep.glob("*/findings.json"))) == 6
+    assert len(list((tmp_path / "outputs" / "checkpoints").glob("*.pt"))) == 1  # one training
+    claims = json.loads((sweep / "comparison.json").read_text())["claims"]
+    assert claims["columns"] == [
+        f"{a} targeted={t}" for a in ("cw", "ddn", "pgd_l2") for t in ("False", "True")
+    ]
+    text = (sweep / "comparison.md").read_text()
+    assert text.index("## The runs' claims per attack") < text.index("## Findings")
+    keys = {row["key"] for row in claims["rows"]}
+    for job in sorted(sweep.glob("*/findings.json")):
+        assert {f["key"] for f in json.loads(job.read_text())} <= keys

@@ -97,9 +97,9 @@ def comparison_tables(summary: dict[str, dict[str, Any]], title: str, attacks: l
     return "\n".join(parts)
 
 
-def _claims_section(table: str, one_variant: bool) -> list[str]:
+def _claims_section(table: str, attacks_only: bool) -> list[str]:
     """The claims of every job side by side, first in the report."""
-    what = "attack" if one_variant else "job"
+    what = "attack" if attacks_only else "job"
     return [
         f"## The runs' claims per {what}",
         "",
@@ -139,7 +139,7 @@ def write_comparison(sweep_dir: Path) -> Path | None:
     text = "\n".join([
         f"# Comparison of {len(jobs)} jobs",
         "",
-        *(_claims_section(claims[0], len(variants) == 1) if claims else []),
+        *(_claims_section(claims[0], len(variants) == len(replicates) == 1) if claims else []),
         f"Each row is one {row}, evaluated with the same attacks (columns) on the "
         "same test images. Robust accuracy is the share of all evaluated images classified "
         f"correctly both clean and under attack.{means}",
