@@ -252,7 +252,7 @@ def test_pse_types_runs_end_to_end_and_opens_with_the_claims_per_attack(tmp_path
     """The preset at toy size: one training, six attack jobs, one claims table."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
     small = ["dataset.num_train=256", "dataset.num_val=64", "dataset.num_test=64",
-             "dataset.eval_samples=16", "training.epochs=2", "logger=none"]  # fmt: skip
+             "dataset.eval_samples=16", "training.epochs=2"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "pse_lightning", "experiment=pse_types", f"paths.root={tmp_path}",
          "hydra.sweep.subdir=${hydra.job.num}", *small],  # fmt: skip
