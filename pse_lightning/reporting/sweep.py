@@ -3,8 +3,10 @@
 A Hydra callback (``hydra.callbacks``) runs after the last job of a sweep and reads each
 job's ``metrics.json``, ``outcomes.json`` and Hydra files from disk, so it works for every
 launcher (basic, joblib, SLURM) without talking to the jobs. The variants (whatever the jobs'
-overrides set differently, the attack aside) are compared image by image on the shared test
-images (docs/METHODS.md §7.6), with verdicts like the per-run Findings.
+overrides set differently, the attack and the seed aside) are compared image by image on the
+shared test images (docs/METHODS.md §7.6), with verdicts like the per-run Findings, within
+each seed when the sweep replicates over seeds. When the jobs wrote ``findings.json``, the
+report opens with their claims side by side, one column per attack (``experiment=pse_types``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 from pse_lightning.core.pse_types import DOMINANCE_TYPES as PSE_TYPES
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 from pse_lightning.reporting.findings import findings_markdown
+from pse_lightning.reporting.sweep_claims import claims_by_job
 from pse_lightning.reporting.sweep_figures import (
     accuracy_eps_figure,
     accuracy_figure,
@@ -29,6 +32,8 @@ from pse_lightning.reporting.sweep_jobs import (
     Job,
     attack_order,
     collect_jobs,
+    mean_metrics,
+    seeds,
     variant_order,
     variant_title,
 )
@@ -47,17 +52,20 @@ def variant_summary(
     jobs: list[Job], variants: list[str], attacks: list[str]
 ) -> dict[str, dict[str, Any]]:
     """variant -> clean accuracy, samples, ``robust_acc/<attack>``, ``pse/frac_<type>/<attack>``
-    and the dissection's interpretable-unit counts."""
+    and the dissection's interpretable-unit counts; each the mean over the seed replicates."""
     summary: dict[str, dict[str, Any]] = {}
     for v in variants:
         mine = [j for j in jobs if j.variant == v]
-        first = mine[0].metrics
+        first = mean_metrics(mine)
         entry = {"clean_acc": first.get("test/clean_acc"), "samples": first.get("test/samples")}
-        for job in mine:
-            entry[f"robust_acc/{job.attack}"] = job.metrics.get("test/robust_acc")
+        for attack in attacks:
+            cell = mean_metrics([j for j in mine if j.attack == attack])
+            if not cell:
+                continue
+            entry[f"robust_acc/{attack}"] = cell.get("test/robust_acc")
             for t in PSE_TYPES:
-                if f"test/pse/frac_{t}" in job.metrics:
-                    entry[f"pse/frac_{t}/{job.attack}"] = job.metrics[f"test/pse/frac_{t}"]
+                if f"test/pse/frac_{t}" in cell:
+                    entry[f"pse/frac_{t}/{attack}"] = cell[f"test/pse/frac_{t}"]
         entry |= {
             k.removeprefix("test/"): val
             for k, val in first.items()
@@ -89,6 +97,21 @@ def comparison_tables(summary: dict[str, dict[str, Any]], title: str, attacks: l
     return "\n".join(parts)
 
 
+def _claims_section(table: str, attacks_only: bool) -> list[str]:
+    """The claims of every job side by side, first in the report."""
+    what = "attack" if attacks_only else "job"
+    return [
+        f"## The runs' claims per {what}",
+        "",
+        f"Each column is one job ({what}): the claims its analyses tested, as that run judged "
+        "them (its findings.json; Holm within the run, not across this table). Each cell: "
+        "verdict (measured effect, 95% CI).",
+        "",
+        table,
+        "",
+    ]
+
+
 def write_comparison(sweep_dir: Path) -> Path | None:
     """Write ``comparison.md``, ``comparison.json`` and the figures into ``sweep_dir``."""
     jobs = collect_jobs(sweep_dir)
@@ -96,19 +119,30 @@ def write_comparison(sweep_dir: Path) -> Path | None:
         log.warning("no completed job with metrics.json under %s: no comparison", sweep_dir)
         return None
     title, variants, attacks = variant_title(jobs), variant_order(jobs), attack_order(jobs)
+    replicates = seeds(jobs)
     summary = variant_summary(jobs, variants, attacks)
-    findings, records = comparison_findings(jobs, comparison_plan(variants, attacks))
+    findings, records = comparison_findings(jobs, comparison_plan(variants, attacks, replicates))
+    claims = claims_by_job(jobs)
     figures = [
         accuracy_figure(summary, variants, sweep_dir / "comparison.png"),
         pse_types_figure(jobs, variants, attacks, sweep_dir / "comparison_pse_types.png"),
         accuracy_eps_figure(jobs, variants, sweep_dir / "comparison_accuracy_eps.png"),
     ]
+    means = (
+        f" With {len(replicates)} seeds (replicates: each variant trained once per seed), "
+        "the tables show means over the seeds and the Findings pair the variants within "
+        "each seed."
+        if len(replicates) > 1
+        else ""
+    )
+    row = "variant" if title == "variant" else f"{title} variant"
     text = "\n".join([
         f"# Comparison of {len(jobs)} jobs",
         "",
-        f"Each row is one {title} variant, evaluated with the same attacks (columns) on the "
+        *(_claims_section(claims[0], len(variants) == len(replicates) == 1) if claims else []),
+        f"Each row is one {row}, evaluated with the same attacks (columns) on the "
         "same test images. Robust accuracy is the share of all evaluated images classified "
-        "correctly both clean and under attack.",
+        f"correctly both clean and under attack.{means}",
         "",
         "## Findings",
         "",
@@ -119,13 +153,18 @@ def write_comparison(sweep_dir: Path) -> Path | None:
         *[f"![{f.stem}]({f.name})" for f in figures if f is not None],
         "",
         "Job directories (under this sweep directory): "
-        + ", ".join(f"{j.variant}/{j.attack} → `{j.dir}`" for j in jobs),
+        + ", ".join(
+            f"{j.variant}/{j.attack}{f'/seed {j.seed}' if means else ''} → `{j.dir}`"
+            for j in jobs
+        ),
     ])  # fmt: skip
     write_json_atomic(
         sweep_dir / "comparison.json",
         {
             "variant_key": title,
+            "seeds": replicates if len(replicates) > 1 else [],
             "variants": summary,
+            "claims": claims[1] if claims else None,
             "comparisons": records,
             "verdicts": {f.key: f.verdict for f in findings},
             "jobs": [j.dir for j in jobs],

@@ -17,7 +17,7 @@ from pse_lightning.reporting.figures import (
     save,
     stacked_fraction_figure,
 )
-from pse_lightning.reporting.sweep_jobs import Job
+from pse_lightning.reporting.sweep_jobs import Job, mean_metrics, seeds
 
 
 def accuracy_figure(summary: dict[str, dict], variants: list[str], path: Path) -> Path:
@@ -34,9 +34,13 @@ def accuracy_figure(summary: dict[str, dict], variants: list[str], path: Path) -
 def pse_types_figure(
     jobs: list[Job], variants: list[str], attacks: list[str], path: Path
 ) -> Path | None:
-    """Suppression / balanced / promotion shares, one stacked bar per (variant, attack);
-    None when no job ran the PSE analysis."""
-    cells = {(j.variant, j.attack): j.metrics for j in jobs}
+    """Suppression / balanced / promotion shares, one stacked bar per (variant, attack), means
+    over the seed replicates; None when no job ran the PSE analysis."""
+    cells = {
+        (v, a): mean_metrics([j for j in jobs if (j.variant, j.attack) == (v, a)])
+        for v in variants
+        for a in attacks
+    }
     bars = [
         (v, a)
         for v in variants
@@ -52,13 +56,15 @@ def pse_types_figure(
 
 
 def accuracy_eps_figure(jobs: list[Job], variants: list[str], path: Path) -> Path | None:
-    """Robust accuracy against ε, one line per (variant, attack) with Wilson 95% bars; None
-    unless some attack was run at two or more budgets."""
-    curves: dict[tuple[str, str], list[tuple[float, float, int]]] = defaultdict(list)
+    """Robust accuracy against ε, one line per (variant, attack) and seed replicate, with Wilson
+    95% bars; None unless some attack was run at two or more budgets."""
+    replicates = len(seeds(jobs)) > 1
+    curves: dict[tuple[str, ...], list[tuple[float, float, int]]] = defaultdict(list)
     for job in jobs:
         acc, n = job.metrics.get("test/robust_acc"), job.metrics.get("test/samples")
         if job.eps is not None and acc is not None and n:
-            curves[(job.variant, job.attack_choice)].append((job.eps, float(acc), int(n)))
+            line = (job.variant, job.attack_choice, *([f"seed {job.seed}"] if replicates else []))
+            curves[line].append((job.eps, float(acc), int(n)))
     curves = {k: sorted(v) for k, v in curves.items() if len({e for e, _, _ in v}) > 1}
     if not curves:
         return None

@@ -1,9 +1,11 @@
 """The jobs of a multirun as read back from disk, and what distinguishes them.
 
 A job's *variant* is whatever its overrides set differently from the other jobs, the attack
-aside: the training choice in ``experiment=robust_vs_standard``, ``model.name`` in a model
-zoo sweep. Its *attack* is the attack choice plus any ``attack.*`` override (``pgd
-eps=0.01``), so a sweep over budgets compares variants at each budget.
+and the seed aside: the training choice in ``experiment=robust_vs_standard``, ``model.name``
+in a model zoo sweep. Its *attack* is the attack choice plus any ``attack.*`` override (``pgd
+eps=0.01``), so a sweep over budgets compares variants at each budget. Its *seed* is a
+replicate, never part of a variant: ``seed=0,1,2`` trains every variant three times, and the
+comparison pairs each variant with its baseline within each seed.
 """
 
 from __future__ import annotations
@@ -30,16 +32,26 @@ class Job:
     attack: str = ""
     variant: str = ""
     eps: float | None = None
+    seed: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     outcomes: dict[str, Tensor] | None = None
+    findings: list[dict[str, Any]] | None = None
 
 
 # The order in which training variants are listed: the baseline first, the paper's last.
 TRAINING_ORDER = ("standard", "pgd_at", "trades", "pse_at")
 
 
+# The override that makes a job a replicate of another rather than a different variant.
+SEED_KEY = "seed"
+
+
 def _is_attack_key(key: str) -> bool:
     return key == "attack" or key.startswith(("attack.", "attack/"))
+
+
+def _is_variant_key(key: str) -> bool:
+    return not _is_attack_key(key) and key != SEED_KEY
 
 
 def _job_number(job_dir: Path) -> tuple[int, str]:
@@ -64,12 +76,27 @@ def read_overrides(job_dir: Path, hydra_cfg: dict[str, Any]) -> dict[str, str]:
     return overrides
 
 
-def _attack_eps(job_dir: Path) -> float | None:
+def _job_config(job_dir: Path) -> dict[str, Any]:
     path = job_dir / ".hydra" / "config.yaml"
-    if not path.exists():
-        return None
-    eps = (yaml.safe_load(path.read_text()) or {}).get("attack", {}).get("eps")
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def _attack_eps(config: dict[str, Any]) -> float | None:
+    eps = (config.get("attack") or {}).get("eps")
     return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def _seed(overrides: dict[str, str], config: dict[str, Any]) -> str:
+    """The job's seed: its override, else its resolved config's, else "" (unknown)."""
+    seed = overrides.get(SEED_KEY, config.get(SEED_KEY))
+    return "" if seed is None else str(seed)
+
+
+def read_findings(job_dir: Path) -> list[dict[str, Any]] | None:
+    """The run's judged Findings (``findings.json``, one dict per claim), or None for a job
+    written without them."""
+    path = job_dir / "findings.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def collect_jobs(sweep_dir: Path) -> list[Job]:
@@ -81,14 +108,17 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
         job_dir = metrics_file.parent
         hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
         choices = hydra_cfg["hydra"]["runtime"]["choices"]
+        overrides, config = read_overrides(job_dir, hydra_cfg), _job_config(job_dir)
         jobs.append(
             Job(
                 dir=job_dir.name,
-                overrides=read_overrides(job_dir, hydra_cfg),
+                overrides=overrides,
                 attack_choice=str(choices.get("attack")),
-                eps=_attack_eps(job_dir),
+                eps=_attack_eps(config),
+                seed=_seed(overrides, config),
                 metrics=json.loads(metrics_file.read_text())["metrics"],
                 outcomes=read_outcomes(job_dir),
+                findings=read_findings(job_dir),
             )
         )
     label_jobs(jobs)
@@ -96,8 +126,8 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
 
 
 def variant_keys(jobs: list[Job]) -> list[str]:
-    """The override keys, attack aside, whose value differs between jobs."""
-    keys = sorted({k for j in jobs for k in j.overrides if not _is_attack_key(k)})
+    """The override keys, attack and seed aside, whose value differs between jobs."""
+    keys = sorted({k for j in jobs for k in j.overrides if _is_variant_key(k)})
     return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
 
 
@@ -141,3 +171,27 @@ def attack_order(jobs: list[Job]) -> list[str]:
     for j in jobs:
         first.setdefault(j.attack, (j.attack_choice, j.eps if j.eps is not None else 0.0))
     return sorted(first, key=lambda a: (*first[a], a))
+
+
+def seeds(jobs: list[Job]) -> list[str]:
+    """The replicate seeds of a sweep, in numeric order where they are numbers; one entry
+    (possibly "") when the sweep has no seed replicates."""
+
+    def rank(seed: str) -> tuple[int, float, str]:
+        try:
+            return (0, float(seed), seed)
+        except ValueError:
+            return (1, 0.0, seed)
+
+    return sorted({j.seed for j in jobs}, key=rank)
+
+
+def mean_metrics(jobs: list[Job]) -> dict[str, float | None]:
+    """Each metric's mean over ``jobs`` (the seed replicates of one variant and attack), over
+    the jobs that logged a number for it; None where none did (NaN is stored as null)."""
+    keys = dict.fromkeys(k for j in jobs for k in j.metrics)
+    means: dict[str, float | None] = {}
+    for key in keys:
+        values = [float(v) for j in jobs if (v := j.metrics.get(key)) is not None]
+        means[key] = sum(values) / len(values) if values else None
+    return means
