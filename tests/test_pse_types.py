@@ -393,3 +393,24 @@ def test_report_draws_the_mixture_on_the_histogram(tmp_path: Path) -> None:
 def test_pair_table_size_is_bounded() -> None:
     with pytest.raises(ValueError, match="analysis.pair_classes"):
         PSE(pair_classes=1000)
+
+
+def test_an_empty_ratio_histogram_says_so_instead_of_drawing_empty_axes(tmp_path) -> None:
+    """The smoke run of issue 23: no successful attack gave an empty plot with a negative y
+    axis; the figure now says why it is empty and keeps y at 0."""
+    import matplotlib.pyplot as plt
+
+    from pse_lightning.analysis.pse import figures
+
+    shown = []
+    real_save = figures.save
+    figures.save = lambda fig, path: shown.append(fig) or real_save(fig, path)
+    try:
+        figures.ratio_histogram_figure(torch.zeros(figures.HIST_BINS, 3), 1 / 3, 2 / 3,
+                                       tmp_path / "h.png")  # fmt: skip
+    finally:
+        figures.save = real_save
+    ax = shown[0].axes[0]
+    assert any("no analysed image" in t.get_text() for t in ax.texts)
+    assert ax.get_ylim()[0] == 0
+    plt.close("all")

@@ -90,8 +90,11 @@ def ratio_histogram_figure(
 ) -> Path:
     """Histogram of r with the two thresholds, bars stacked by each image's type, and the
     Gaussian mixture preferred by BIC (scaled to image counts per bin) when fitted."""
-    fig, axes = new_figure(width=5.0, height=3.2)
+    fig, axes = new_figure(width=5.0, height=4.0)
     ax = axes[0, 0]
+    if float(hist.sum()) == 0:  # say so, rather than draw empty axes
+        ax.text(0.5, 0.5, "no analysed image with a defined r\n(no successful attack)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=FONT_SIZE)  # fmt: skip
     for k, lefts, heights, bottoms in histogram_bars(hist):
         ax.bar(lefts.numpy(), heights.numpy(), width=1 / HIST_BINS, bottom=bottoms.numpy(),
                align="edge", color=PALETTE[k], edgecolor="k", linewidth=0.4,
@@ -108,7 +111,10 @@ def ratio_histogram_figure(
     ax.set_xlabel(RATIO_LABEL, fontsize=FONT_SIZE)
     ax.set_ylabel("images", fontsize=FONT_SIZE)
     ax.set_xlim(0, 1)
-    ax.legend(fontsize=FONT_SIZE - 1)
+    ax.set_ylim(bottom=0)
+    # Below the axes, so it never hides a bar or the fitted mixture.
+    ax.legend(fontsize=FONT_SIZE - 1, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=2, frameon=False)  # fmt: skip
     return save(fig, path)
 
 
