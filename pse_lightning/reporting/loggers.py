@@ -3,7 +3,9 @@
 A W&B run is named from the run's choices (``cw-resnet50-imagenet-standard-s0``), typed by
 what the job does (``job_type`` ``train`` or ``evaluate``) and, in a Hydra multirun, grouped
 with the other jobs of its sweep. The run starts only when the first stage does
-(:func:`start_run`), so a job that fails its checks leaves no W&B run behind.
+(:func:`start_run`), so a job that fails its checks leaves no W&B run behind. Offline
+makes no network access and leaves no W&B file outside the run directory
+(:func:`wandb_environment`).
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def wandb_environment(mode: str, save_dir: Path) -> str:
     - ``WANDB_MODE``: a value the user set wins over ``logger.mode`` (W&B's own banner
       tells users to set it); else ``logger.mode``.
     - ``WANDB_ERROR_REPORTING=false``: W&B's crash and usage telemetry would otherwise
-      reach the network (a DNS query from its service) even offline.
+      reach the network even offline (its Python side and its service each resolve the
+      telemetry host).
     - ``WANDB_DATA_DIR``, ``WANDB_CACHE_DIR``, ``WANDB_ARTIFACT_DIR``: W&B's artifact
       staging (copies of every logged file, kept for ``wandb sync``), cache and downloads
       go to ``<save_dir>/wandb/{data,cache,artifacts}`` instead of the home directory, so a
