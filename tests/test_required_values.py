@@ -52,7 +52,9 @@ def test_the_cli_refuses_them_before_writing_anything(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
     before = _nothing_at_the_filesystem_root()
-    result = run_cli(args, tmp_path, check=False)
+    # An invalid size fails the next check: an implementation that misses the empty value
+    # fails this test quickly instead of running a job at the filesystem root.
+    result = run_cli([*args, "dataset.num_train=0"], tmp_path, check=False)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), result.stderr
@@ -64,7 +66,7 @@ def test_the_python_api_refuses_an_empty_checkpoint_before_the_data(make_cfg, tm
     from pse_lightning import pipeline
 
     data = tmp_path / "fresh_data"
-    cfg = make_cfg("model_checkpoint=", f"paths.data_dir={data}")
+    cfg = make_cfg("model_checkpoint=", f"paths.data_dir={data}", "stage=evaluate")
     with pytest.raises(InputError, match="model_checkpoint is empty"):
         pipeline.run(cfg)
     assert not data.exists()

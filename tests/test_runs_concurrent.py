@@ -133,7 +133,7 @@ def test_a_second_job_waits_for_the_shapes_data_instead_of_generating_it(
     found: dict = {}
     caplog.set_level("INFO")
     with cache_lock(first.cache_path):
-        worker = threading.Thread(target=lambda: found.update(second.load_arrays()))
+        worker = threading.Thread(target=lambda: found.update(second.load_arrays()), daemon=True)
         worker.start()
         assert _wait_for(caplog, WAITING), "the second job did not wait for the lock"
         arrays = first._generate()
@@ -163,7 +163,7 @@ def test_a_second_job_waits_for_the_training_instead_of_training_again(
     caplog.set_level("INFO")
     with cache_lock(checkpoint):
         worker = threading.Thread(
-            target=lambda: got.update(path=pipeline.trained_model(cfg, parts))
+            target=lambda: got.update(path=pipeline.trained_model(cfg, parts)), daemon=True
         )
         worker.start()
         assert _wait_for(caplog, WAITING), "the second job did not wait for the training"
