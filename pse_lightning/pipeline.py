@@ -13,6 +13,7 @@ job of a multirun.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 
 from pse_lightning.analysis.base import Analysis
 from pse_lightning.attacks import Attack
+from pse_lightning.core.locks import cache_lock, single_process_world
 from pse_lightning.data.base import ImageDataModule
 from pse_lightning.defenses.base import Defense
 from pse_lightning.models.checkpoint import (
@@ -57,6 +59,7 @@ from pse_lightning.validation import (
     constructor_error,
     require_at_least,
     require_choice,
+    require_value,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,8 @@ def build(cfg: DictConfig) -> Components:
     """Instantiate and validate every component; heavy work (data, training) comes later."""
     require_choice("stage", cfg.stage, STAGES)
     require_at_least("log_examples", cfg.log_examples, 0)
+    for key in ("model_checkpoint", "paths.root"):
+        require_value(key, OmegaConf.select(cfg, key))
     datamodule = instantiate(cfg.dataset)
     attack = instantiate(cfg.attack)
     analyses = {name: instantiate(sub) for name, sub in _analysis_configs(cfg).items()}
@@ -382,16 +387,33 @@ def trained_model(cfg: DictConfig, parts: Components) -> Path | str:
         identity["digest"],
     )
     if cfg.stage == "fit" or (cfg.stage == "auto" and not checkpoint.exists()):
-        if cfg.stage == "auto":
-            log.info("no trained model cached at %s: training it first (stage=fit)", checkpoint)
-        parts.datamodule.setup("fit")
-        fit(cfg, parts, checkpoint, identity)
-        return checkpoint
+        with training_lock(checkpoint):
+            # A job that waited for the lock finds the model another job trained meanwhile.
+            if cfg.stage == "fit" or not checkpoint.exists():
+                if cfg.stage == "auto":
+                    log.info(
+                        "no trained model cached at %s: training it first (stage=fit)",
+                        checkpoint,
+                    )
+                parts.datamodule.setup("fit")
+                fit(cfg, parts, checkpoint, identity)
+                return checkpoint
+            log.info("another job has trained this model meanwhile")
     load_weights(
         parts.model, checkpoint, expect={k: identity[k] for k in ("model", "num_classes")}
     )
     log.info("loaded %s", checkpoint)
     return checkpoint
+
+
+def training_lock(checkpoint: Path) -> AbstractContextManager[None]:
+    """The checkpoint cache entry's lock, held while its model trains, so a concurrent job
+    that needs the same model waits for it instead of training it again. Under DDP only the
+    launching process takes it (the ranks train together); ranks started from outside
+    (torchrun, SLURM tasks) take none."""
+    if not single_process_world():
+        return nullcontext()
+    return cache_lock(checkpoint, "to finish training this model")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -31,6 +31,39 @@ def constructor_error(err: Exception) -> InputError:
     return InputError(str(cause))
 
 
+#: Settings whose empty value (``key=`` on the command line) would silently do something
+#: else than asked, with what it would do and the fix.
+REQUIRED_VALUES = {
+    "paths.root": (
+        "runs and caches would be written under /outputs at the filesystem root; pass a "
+        "directory (paths.root=. is the current one) or drop paths.root="
+    ),
+    "paths.data_dir": (
+        "data would be cached in the current directory; pass a directory or drop "
+        "paths.data_dir= (default <paths.root>/outputs/data)"
+    ),
+    "paths.checkpoint_dir": (
+        "models would be cached in the current directory; pass a directory or drop "
+        "paths.checkpoint_dir= (default <paths.root>/outputs/checkpoints)"
+    ),
+    "paths.run_dir": (
+        "the report would be written to the current directory; drop paths.run_dir= (the "
+        "run directory) or pass a directory"
+    ),
+    "model_checkpoint": (
+        "the run would train a model instead of loading one; pass a weights file "
+        "(model_checkpoint=<file>), or drop model_checkpoint= to use the cached model "
+        "(or train one)"
+    ),
+}
+
+
+def require_value(key: str, value: object) -> None:
+    """Raise when ``key`` (one of :data:`REQUIRED_VALUES`) holds an empty string."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{key} is empty: {REQUIRED_VALUES[key]}")
+
+
 def require_positive(key: str, value: float) -> float:
     """Return ``value`` if it is a finite number > 0, else raise naming ``key``."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

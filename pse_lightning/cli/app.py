@@ -31,13 +31,17 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pse_lightning.cli.check import check_config
+from pse_lightning.cli.check import check_config, check_required_values
 from pse_lightning.cli.hints import override_hint
 from pse_lightning.cli.preflight import check_environment
+from pse_lightning.cli.run_dirs import register_resolvers
 from pse_lightning.validation import InputError
 
 log = logging.getLogger("pse_lightning")
 _FULL_ERROR = "HYDRA_FULL_ERROR"
+# conf/config.yaml names run and sweep directories with ${unique:...}: registered before
+# Hydra composes the config, here and in every process that imports the task.
+register_resolvers()
 
 
 def config_dir() -> Path:
@@ -73,13 +77,21 @@ class Preflight(Callback):
     """Runs :func:`check` before Hydra creates the run directory (single runs).
 
     Hydra turns a callback's exception into a warning, so a failed check prints its
-    message and exits here; nothing has been written yet.
+    message and exits here; nothing has been written yet. A multirun is checked job by
+    job (the sweep's values are not in its config yet), except for the empty settings
+    that would misplace the sweep directory itself (``paths.root=``).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         choices = OmegaConf.to_container(config.hydra.runtime.choices)
         try:
             check(config, choices)  # type: ignore[arg-type]
+        except InputError as err:
+            report_and_exit(err)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_required_values(config)
         except InputError as err:
             report_and_exit(err)
 

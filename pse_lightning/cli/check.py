@@ -155,10 +155,21 @@ def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: P
     """
     files = ConfigFiles(conf_dir)
     _check_top_level(cfg, files)
+    check_required_values(cfg)
     for group in files.groups():
         node = cfg.get(group)
         if isinstance(node, DictConfig):
             _check_node(node, group, files, choices)
+
+
+def check_required_values(cfg: DictConfig) -> None:
+    """Settings given as ``key=`` (empty): ``paths.root=`` would put every run and cache at
+    the filesystem root, ``model_checkpoint=`` would train instead of loading."""
+    for path in validation.REQUIRED_VALUES:
+        group, _, key = path.rpartition(".")
+        node = cfg.get(group) if group else cfg
+        if isinstance(node, DictConfig) and key in node:
+            require("require_value", path, node._get_node(key)._value())
 
 
 def _check_top_level(cfg: DictConfig, files: ConfigFiles) -> None:

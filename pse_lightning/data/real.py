@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pse_lightning.core.locks import cache_lock
 from pse_lightning.data.base import Concept, ImageDataModule, IndexedTensorDataset
 from pse_lightning.data.digits import stratified_order
 from pse_lightning.validation import require_at_least
@@ -292,7 +293,10 @@ class TorchvisionDataModule(ProbedDataModule):
     def prepare_data(self) -> None:
         """Download when asked and needed; otherwise only check that the files are there."""
         if self.missing_files() and self.download:
-            run_download(self.name, self.root, self.source, self.fetch)
+            # Concurrent jobs download once; the others wait and find the files there.
+            with cache_lock(self.root / f"{self.name}-download", "to finish downloading"):
+                if self.missing_files():
+                    run_download(self.name, self.root, self.source, self.fetch)
         self.check_files()
         super().prepare_data()
 

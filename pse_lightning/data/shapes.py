@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pse_lightning.core.locks import cache_lock
 from pse_lightning.data.base import Concept, ImageDataModule, IndexedTensorDataset
 from pse_lightning.validation import require_at_least
 
@@ -322,6 +323,15 @@ def _read_cache(path: Path, params: dict[str, int]) -> dict[str, np.ndarray] | N
     return stored
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, None when absent: tells whether it was replaced."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _write_cache(path: Path, arrays: dict[str, np.ndarray], params: dict[str, int]) -> None:
     """Write atomically: a temp file in the same folder, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,13 +451,20 @@ class ShapesDataModule(ImageDataModule):
         path = self.cache_path
         if path is None:
             return self._generate()
-        if path.exists():
+        seen = _stamp(path)
+        if seen is not None:
             arrays = _read_cache(path, self.params)
             if arrays is not None:
                 return arrays
-        log.info("generating the shapes dataset into %s", path)
-        arrays = self._generate()
-        _write_cache(path, arrays, self.params)
+        # Concurrent jobs generate once: the others wait, then read what the first wrote.
+        with cache_lock(path, "to finish generating the shapes dataset"):
+            if _stamp(path) not in (None, seen):
+                arrays = _read_cache(path, self.params)
+                if arrays is not None:
+                    return arrays
+            log.info("generating the shapes dataset into %s", path)
+            arrays = self._generate()
+            _write_cache(path, arrays, self.params)
         return arrays
 
     def prepare_data(self) -> None:

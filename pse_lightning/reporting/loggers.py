@@ -3,7 +3,9 @@
 A W&B run is named from the run's choices (``cw-resnet50-imagenet-standard-s0``), typed by
 what the job does (``job_type`` ``train`` or ``evaluate``) and, in a Hydra multirun, grouped
 with the other jobs of its sweep. The run starts only when the first stage does
-(:func:`start_run`), so a job that fails its checks leaves no W&B run behind.
+(:func:`start_run`), so a job that fails its checks leaves no W&B run behind. Offline
+makes no network access and leaves no W&B file outside the run directory
+(:func:`wandb_environment`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from pse_lightning.validation import require_choice
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("offline", "online", "disabled")
+# W&B's older names for two modes, still accepted in WANDB_MODE.
+_WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 JOB_TYPES = ("train", "evaluate")
+# W&B's folders outside its run: kept in <run dir>/wandb/<folder> (see wandb_environment).
+WANDB_FOLDERS = {
+    "WANDB_DATA_DIR": "data",
+    "WANDB_CACHE_DIR": "cache",
+    "WANDB_ARTIFACT_DIR": "artifacts",
+}
+# The W&B variables this process set itself (a user's are never changed).
+_OWN_ENVIRONMENT: dict[str, str] = {}
 # Lightning adds these to every log call; an evaluation has no epochs or optimiser steps.
 TRAINING_COUNTERS = ("epoch", "trainer/global_step")
 
@@ -75,13 +87,14 @@ def wandb_logger(
     ``group=None`` groups the jobs of a Hydra multirun by their sweep directory.
     """
     require_choice("logger.mode", mode, WANDB_MODES)
+    mode = wandb_environment(mode, Path(save_dir))
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
         raise ValueError(
             "logger.mode=online needs W&B credentials: run `wandb login` or set WANDB_API_KEY, "
             "or keep logger.mode=offline and upload later with `wandb sync`"
         )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    import wandb
+    import wandb  # after wandb_environment: W&B reads some settings once, at import
 
     # A run left open by an earlier job of the same process would be silently reused
     # (wandb #1314): every job starts its own.
@@ -102,6 +115,57 @@ def wandb_logger(
     if logger._wandb_init.get("anonymous", False) is None:
         del logger._wandb_init["anonymous"]
     return logger
+
+
+def wandb_environment(mode: str, save_dir: Path) -> str:
+    """Set W&B's environment for this process and return the mode the run uses.
+
+    W&B reads its mode, its error reporting and its folders from the environment (some of
+    them once, when wandb is imported or its service starts), so they are set here, before
+    the first ``import wandb``, for the whole process (DDP ranks inherit them):
+
+    - ``WANDB_MODE``: a value the user set wins over ``logger.mode`` (W&B's own banner
+      tells users to set it); else ``logger.mode``.
+    - ``WANDB_ERROR_REPORTING=false``: W&B's crash and usage telemetry would otherwise
+      reach the network even offline (its Python side and its service each resolve the
+      telemetry host).
+    - ``WANDB_DATA_DIR``, ``WANDB_CACHE_DIR``, ``WANDB_ARTIFACT_DIR``: W&B's artifact
+      staging (copies of every logged file, kept for ``wandb sync``), cache and downloads
+      go to ``<save_dir>/wandb/{data,cache,artifacts}`` instead of the home directory, so a
+      run directory holds all of its run and deleting it frees the space.
+      ``WANDB_CONFIG_DIR`` (the user's W&B settings) is left alone.
+
+    A variable the user set is never changed; one set here for an earlier job of the same
+    process (a multirun) follows the new job's directory.
+
+    Raises:
+        ValueError: ``WANDB_MODE`` holds a value pse_lightning does not know.
+    """
+    user_mode = _user_value("WANDB_MODE")
+    if user_mode is not None:
+        user_mode = _WANDB_MODE_ALIASES.get(user_mode, user_mode)
+        require_choice("WANDB_MODE (environment)", user_mode, WANDB_MODES)
+        if user_mode != mode:
+            log.info("WANDB_MODE=%s (environment) overrides logger.mode=%s", user_mode, mode)
+        mode = user_mode
+    _set_own("WANDB_MODE", mode)
+    _set_own("WANDB_ERROR_REPORTING", "false")
+    for variable, folder in WANDB_FOLDERS.items():
+        _set_own(variable, str((save_dir / "wandb" / folder).resolve()))
+    return mode
+
+
+def _user_value(variable: str) -> str | None:
+    """The variable's value when the user set it (not this module, for an earlier job)."""
+    value = os.environ.get(variable)
+    return None if value is None or _OWN_ENVIRONMENT.get(variable) == value else value
+
+
+def _set_own(variable: str, value: str) -> None:
+    """Set ``variable`` unless the user did; remember it as set here."""
+    if _user_value(variable) is None:
+        os.environ[variable] = value
+        _OWN_ENVIRONMENT[variable] = value
 
 
 def _netrc_has_wandb() -> bool:

@@ -1,0 +1,72 @@
+"""Settings given empty (``key=``) fail in one line before any work, naming the key and fix.
+
+``paths.root=`` used to write ``/outputs`` at the filesystem root and ``model_checkpoint=``
+silently trained a model from scratch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import CONF_DIR
+from hydra import compose, initialize_config_dir
+from test_cli import run_cli
+
+from pse_lightning.cli.check import check_config
+from pse_lightning.validation import REQUIRED_VALUES, InputError
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("key", sorted(REQUIRED_VALUES))
+def test_an_empty_setting_is_refused_with_its_fix(key: str) -> None:
+    cfg = _compose(f"{key}=")
+    choices = dict(cfg.hydra.runtime.choices)
+    with pytest.raises(InputError, match=rf"^{key} is empty: .*; .*{key}") as err:
+        check_config(cfg, choices, CONF_DIR)
+    assert "\n" not in str(err.value)
+
+
+def test_set_values_and_null_checkpoint_pass(tmp_path: Path) -> None:
+    cfg = _compose(f"paths.root={tmp_path}", "model_checkpoint=null")
+    check_config(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+
+
+def _nothing_at_the_filesystem_root() -> list[Path]:
+    return [p for p in (Path("/outputs"), Path("/multirun")) if p.exists()]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["paths.root="], "paths.root is empty: runs and caches would be written under /outputs"),
+        (["-m", "paths.root=", "attack=fgsm,pgd"], "paths.root is empty"),
+        (["model_checkpoint="], "model_checkpoint is empty: the run would train a model"),
+    ],
+)
+def test_the_cli_refuses_them_before_writing_anything(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    before = _nothing_at_the_filesystem_root()
+    # An invalid size fails the next check: an implementation that misses the empty value
+    # fails this test quickly instead of running a job at the filesystem root.
+    result = run_cli([*args, "dataset.num_train=0"], tmp_path, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert _nothing_at_the_filesystem_root() == before
+
+
+def test_the_python_api_refuses_an_empty_checkpoint_before_the_data(make_cfg, tmp_path) -> None:
+    from pse_lightning import pipeline
+
+    data = tmp_path / "fresh_data"
+    cfg = make_cfg("model_checkpoint=", f"paths.data_dir={data}", "stage=evaluate")
+    with pytest.raises(InputError, match="model_checkpoint is empty"):
+        pipeline.run(cfg)
+    assert not data.exists()
