@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml setup.py
 run: $(STAMP)  ## the main job on the embedded default (pass ARGS="key=value ...")
 	$(PY) -m pse_lightning $(ARGS)
 
+# Two workers (pytest-xdist), one per core; each test's torch uses one thread there.
 test: $(STAMP)  ## the fast test suite
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 2 $(ARGS)
 
 test-all: $(STAMP)  ## every test, the slow ones (DDP, multirun, cross-checks) included
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)

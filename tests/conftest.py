@@ -33,7 +33,9 @@ def _offline_wandb(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_CONFIG_DIR"] = str(home / "config")
     os.environ["WANDB_CACHE_DIR"] = str(home / "cache")
     os.environ["WANDB_DATA_DIR"] = str(home / "data")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Under pytest-xdist (`make test`: one worker per core) each worker keeps one thread.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // workers))
 
 
 @pytest.fixture(scope="session")
