@@ -63,3 +63,27 @@ def test_compute_keeps_the_sample_axis_of_a_single_kept_sample() -> None:
     assert result.details["index"].shape == (1,) and int(result.details["index"][0]) == 7
     metric.index += 1  # in place, after compute
     assert int(result.details["index"][0]) == 7
+
+
+def test_the_readmes_extension_command_runs_from_the_cli(tmp_path: Path) -> None:
+    """The README's command, as a user types it: the static config check reads Hydra's
+    search path, so the extension's choices and keys are known before any work."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLE), "WANDB_MODE": "disabled"}
+    base = [sys.executable, "-m", "pse_lightning", "hydra.searchpath=[file://examples/extension/conf]",
+            "attack=brightness", "analysis=mean_abs", f"paths.root={tmp_path}", "logger=none"]  # fmt: skip
+    tiny = ["dataset.num_train=256", "dataset.num_val=64", "dataset.num_test=64",
+            "dataset.eval_samples=16", "training.epochs=1"]  # fmt: skip
+    run = subprocess.run(base + tiny, cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (metrics,) = tmp_path.glob("outputs/*/*/metrics.json")
+    assert "test/mean_abs/value" in json.loads(metrics.read_text())["metrics"]
+    # A typo in the extension's own key is still caught by the same check, in one line.
+    typo = subprocess.run(base + ["attack.epss=0.1"], cwd=root, env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert typo.returncode == 1
+    assert "attack.epss" in typo.stderr and "Traceback" not in typo.stderr

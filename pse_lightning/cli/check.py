@@ -10,8 +10,9 @@ the top level) must occur in some file of their config group. Each failure is on
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -42,10 +43,18 @@ def top_level_kinds() -> dict[str, Kind]:
 
 
 class ConfigFiles:
-    """What the files of ``conf/`` declare: the choices of each group and their keys."""
+    """What the files of ``conf/`` (and of the extension folders on Hydra's search path)
+    declare: the choices of each group and their keys.
 
-    def __init__(self, conf_dir: Path) -> None:
+    Args:
+        conf_dir: the primary config folder (holds ``config.yaml``).
+        extra_dirs: more config folders, as ``hydra.searchpath`` adds them; a choice file
+            is looked up in ``conf_dir`` first, then in these, in order.
+    """
+
+    def __init__(self, conf_dir: Path, extra_dirs: Sequence[Path] = ()) -> None:
         self.conf_dir = conf_dir
+        self.dirs = (conf_dir, *extra_dirs)
 
     @functools.cached_property
     def main(self) -> dict:
@@ -63,13 +72,14 @@ class ConfigFiles:
         return {k for k in self.main if k not in ("defaults", "hydra")} | set(self.groups())
 
     def choices(self, group: str) -> list[str]:
-        return sorted(p.stem for p in (self.conf_dir / group).glob("*.yaml"))
+        return sorted({p.stem for d in self.dirs for p in (d / group).glob("*.yaml")})
 
     @functools.cache  # noqa: B019 (one instance per CLI call)
     def placed(self, group: str, choice: str) -> tuple[tuple[str, dict], ...]:
         """(package, content) of a choice file and of the same-group files it includes."""
-        path = self.conf_dir / group / f"{choice}.yaml"
-        if not path.is_file():
+        found = [d / group / f"{choice}.yaml" for d in self.dirs]
+        path = next((p for p in found if p.is_file()), None)
+        if path is None:
             return ()
         text = path.read_text(encoding="utf-8")
         header = _PACKAGE.search(text)
@@ -145,6 +155,29 @@ def value_of(node: DictConfig, key: str) -> object:
         return NO_VALUE
 
 
+def search_path_dirs(cfg: DictConfig) -> list[Path]:
+    """The config folders ``hydra.searchpath`` adds (``file://`` entries, relative to the
+    working directory as Hydra reads them; ``pkg://`` entries resolved by import)."""
+    entries = OmegaConf.select(cfg, "hydra.searchpath", default=None)
+    if entries is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            entries = HydraConfig.get().searchpath
+        except ValueError:  # not inside a Hydra run (the Python API)
+            entries = []
+    dirs = []
+    for entry in entries or []:
+        scheme, _, where = str(entry).partition("://")
+        if scheme == "file":
+            dirs.append(Path(where))
+        elif scheme == "pkg":
+            spec = importlib.util.find_spec(where.replace("/", "."))
+            if spec is not None and spec.submodule_search_locations:
+                dirs += [Path(p) for p in spec.submodule_search_locations]
+    return dirs
+
+
 def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: Path) -> None:
     """Raise :class:`InputError` for the first key of ``cfg`` the code cannot use.
 
@@ -153,7 +186,7 @@ def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: P
         choices: the chosen file of each group (``hydra.runtime.choices``).
         conf_dir: the config directory the config was composed from.
     """
-    files = ConfigFiles(conf_dir)
+    files = ConfigFiles(conf_dir, search_path_dirs(cfg))
     _check_top_level(cfg, files)
     check_required_values(cfg)
     for group in files.groups():

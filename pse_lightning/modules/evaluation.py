@@ -160,9 +160,9 @@ class EvaluationModule(pl.LightningModule):
         for name, computed in analysis_results.items():
             for key, value in computed.scalars.items():
                 scalars[f"test/{name}/{key}"] = torch.as_tensor(value)
-        # Loggers get float32; the result (metrics.json, the report) keeps each value's own
-        # precision, so a p-value of 1e-79 computed in float64 is not stored as 0.
-        self.log_dict({k: v.float() for k, v in scalars.items()}, sync_dist=False)
+        # float64 everywhere (loggers, metrics.json, the report): a p-value of 1e-79
+        # computed in float64 is not stored as 0, and the logged numbers equal the files'.
+        self.log_dict({k: v.double() for k, v in scalars.items()}, sync_dist=False)
         per_image = self.attack_metrics.per_image()  # one gather for norms and outcomes
         self.result = EvaluationResult(
             scalars={k: float(v) for k, v in scalars.items()},
