@@ -74,8 +74,9 @@ def test_the_readmes_extension_command_runs_from_the_cli(tmp_path: Path) -> None
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(EXAMPLE), "WANDB_MODE": "disabled"}
-    base = [sys.executable, "-m", "pse_lightning", "hydra.searchpath=[file://examples/extension/conf]",
-            "attack=brightness", "analysis=mean_abs", f"paths.root={tmp_path}", "logger=none"]  # fmt: skip
+    base = [sys.executable, "-m", "pse_lightning",
+            "hydra.searchpath=[file://examples/extension/conf]", "attack=brightness",
+            "analysis=mean_abs", f"paths.root={tmp_path}", "logger=none"]  # fmt: skip
     tiny = ["dataset.num_train=256", "dataset.num_val=64", "dataset.num_test=64",
             "dataset.eval_samples=16", "training.epochs=1"]  # fmt: skip
     run = subprocess.run(base + tiny, cwd=root, env=env, capture_output=True, text=True)
