@@ -382,14 +382,16 @@ def test_analyses_get_only_the_attacked_rows() -> None:
 
     n = 4
     t = torch.arange(n)
+    keep = torch.tensor([True, False, True, True])
     batch = AdversarialBatch(
         x=torch.rand(n, 1, n, 3), y=t, index=t + 10, logits_clean=torch.rand(n, 5),
         x_adv=torch.rand(n, 1, n, 3), logits_adv=torch.rand(n, 5), target=t, success=t > 1,
         targeted=False,
         extras={"const": t.float(), "group_map": torch.zeros(n, 3, dtype=torch.long)},
+        attacked=keep,
     )  # fmt: skip
-    keep = torch.tensor([True, False, True, True])
-    sub = attacked_rows(batch, keep)
+    sub = attacked_rows(batch)
+    assert sub.attacked.all()
     assert torch.equal(sub.index, torch.tensor([10, 12, 13]))
     assert torch.equal(sub.extras["const"], torch.tensor([0.0, 2, 3]))
     assert sub.extras["group_map"].shape == (n, 3)  # shared, even when H == N
