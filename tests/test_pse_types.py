@@ -349,11 +349,22 @@ def test_claim_holds_only_where_every_central_threshold_holds() -> None:
     s = result.values()
     assert s["rarest_q333_p"] < 0.05 and s["rarest_q250_p"] > 0.5
     found = judge(metric.findings(result))[0]
-    assert found.p == s["rarest_q250_p"] and found.verdict != "supported"
+    assert found.p == s["rarest_q250_p"] and found.verdict == "inconclusive"
+    assert "depends on the threshold" in found.note
     assert found.estimate == s["rarest_q250"] and found.low == s["rarest_q250_low"]
+    # The interval is the envelope of the central q's: "not supported" needs the claim to
+    # fail at every central threshold, not at the one chosen.
+    assert found.high == max(s[f"rarest_{t}_high"] for t in central) > 0.05
     holds, fails = found.effect.split("not at q ∈")
     assert "0.333" in holds.split("at q ∈")[-1] and "0.4" in holds.split("at q ∈")[-1]
     assert "0.25" in fails.split("}")[0]
+
+
+def test_a_type_rare_at_every_central_threshold_is_not_supported() -> None:
+    # no promotion pair at all: promotion-dominated images never occur, whatever q
+    metric, result = clustered_run(0, mixture_bootstrap=0, bootstrap=999)
+    found = judge(metric.findings(result))[0]
+    assert found.high < 0.05 and found.verdict == "not supported"
 
 
 def test_findings_without_cluster_scalars_are_not_measured() -> None:
