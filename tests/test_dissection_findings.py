@@ -194,6 +194,11 @@ def test_the_plain_rho_of_a_layer_of_class_detectors_is_untestable() -> None:
     assert "110 of 110" in found[""].note and "0.76" in found[""].note
     assert found["/non_class"].verdict == "untestable"  # 0 non-class units against 9
     assert found["/partial_target"].verdict == "supported"  # judged, not gated
+    # trained partial ρ 0.0 in layer_scalars: no sign caveat; a negative one gets it
+    assert "other sign" not in found["/partial_target"].note
+    scalars["features.2/partial_target_rho"] = -0.15
+    caveat = {f.key: f for f in dissection_findings(scalars)}
+    assert "other sign" in caveat["sensitivity_interpretability/features.2/partial_target"].note
     # Half or more of the interpretable units with a non-class concept: the plain row counts.
     scalars["features.2/non_class/interpretable"] = 56.0
     plain = judge(dissection_findings(scalars))[0]

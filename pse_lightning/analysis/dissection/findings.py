@@ -102,6 +102,13 @@ def _finding(
             f"{get('target_share_rho'):.2f}); the class-controlled rows test the claim"
         )
         return untestable(key, claim, effect, TEST, why)
+    note = counts
+    if delta * rho < 0:  # the difference comes from the random network alone
+        note += (
+            f"; the trained network's own ρ ({rho:.2f}) has the other sign: the difference "
+            f"comes from the random network's ρ ({random_rho:.2f}), not from a tie in the "
+            "trained one"
+        )
     return Finding(key, claim, effect, TEST, estimate=delta, low=low, high=high,
                    p=get(f"{prefix}delta_rho_p"), direction="two-sided", null=0.0,
-                   size=MIN_TIGHT_RHO, note=counts)  # fmt: skip
+                   size=MIN_TIGHT_RHO, note=note)  # fmt: skip
