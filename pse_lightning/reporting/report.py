@@ -75,9 +75,17 @@ def key_numbers_markdown(section: ReportSection) -> str:
     return "\n".join(["| number | value |", "|---|---|", *rows, "", section.meaning])
 
 
-def setup_markdown(setup: Mapping[str, str]) -> str:
-    """The run's setup as ``key=value`` lines, in a code block that copies cleanly."""
-    return "```\n" + "\n".join(f"{k}={v}" for k, v in setup.items()) + "\n```"
+def setup_markdown(setup: Mapping[str, str], reproduce: str = "", checkpoint: str = "") -> str:
+    """The run's setup: the command that reruns it, then its ``key=value`` lines (valid
+    overrides: the choices as typed, then the parameters) in a code block that copies
+    cleanly, and the checkpoint evaluated."""
+    lines = []
+    if reproduce:
+        lines += ["Reproduce:", "", "```", reproduce, "```", ""]
+    lines.append("```\n" + "\n".join(f"{k}={v}" for k, v in setup.items()) + "\n```")
+    if checkpoint:
+        lines += ["", f"Checkpoint: `{checkpoint}`"]
+    return "\n".join(lines)
 
 
 def flatten_params(prefix: str, params: Mapping[str, Any]) -> dict[str, str]:
@@ -176,13 +184,15 @@ def report_markdown(
     scalars: dict[str, float],
     sections: Sequence[ReportSection],
     findings: str,
+    reproduce: str = "",
+    checkpoint: str = "",
 ) -> str:
     """The text of ``report.md`` (see the module docstring for its order)."""
     lines = [f"# {title}", "", "## Findings", "", findings, "", "## Key numbers", ""]
     for section in sections:
         if section.key_numbers or section.meaning:
             lines += [f"### {section.title}", "", key_numbers_markdown(section), ""]
-    lines += ["## Setup", "", setup_markdown(setup), ""]
+    lines += ["## Setup", "", setup_markdown(setup, reproduce, checkpoint), ""]
     number = 0
     for section in sections:
         lines += [f"## {section.title}", ""]
@@ -216,6 +226,8 @@ def write_report(
     norms: dict[str, Tensor] | None = None,
     budget: tuple[str, float] | None = None,
     findings: Sequence[Finding] | None = None,
+    reproduce: str = "",
+    checkpoint: str = "",
 ) -> dict[str, Path]:
     """Write figures, ``report.md`` and finally ``metrics.json`` into ``run_dir``.
 
@@ -223,6 +235,8 @@ def write_report(
         sections: the analyses' parts, in order, after the attack's own.
         norms: per-image ``l2``/``linf`` norms of the successful perturbations.
         budget: (norm, ε) of a budgeted attack, marked on the norm distribution.
+        reproduce: the command line that reruns the job (empty: none known).
+        checkpoint: the checkpoint evaluated.
         findings: the judged Findings (:func:`~pse_lightning.reporting.findings.run_findings`
             of what the analyses declared); None: no analysis declared any.
 
@@ -239,7 +253,9 @@ def write_report(
         key = section.prefix or section.title
         written.update({f"{key}/{Path(f).stem}": Path(f) for f in section.figures})
     findings = run_findings([]) if findings is None else list(findings)
-    text = report_markdown(run_dir, title, setup, scalars, parts, findings_markdown(findings))
+    text = report_markdown(
+        run_dir, title, setup, scalars, parts, findings_markdown(findings), reproduce, checkpoint
+    )
     write_text_atomic(run_dir / "report.md", text)
     written["report"] = run_dir / "report.md"
     verdicts = {f.key: f.verdict for f in findings}
