@@ -1,6 +1,8 @@
 """Experiment loggers: W&B (offline by default), with clean teardown for multiruns.
 
-A W&B run is named from the run's choices (``cw-resnet50-imagenet-standard-s0``), typed by
+A W&B run is named from the run's choices and other overrides
+(``cw-resnet50-imagenet-standard-s0-attack.eps=0.01``), carries the choices as config keys
+(``choices/attack``), is typed by
 what the job does (``job_type`` ``train`` or ``evaluate``) and, in a Hydra multirun, grouped
 with the other jobs of its sweep. The run starts only when the first stage does
 (:func:`start_run`), so a job that fails its checks leaves no W&B run behind. Offline

@@ -1,8 +1,9 @@
 """The on-disk report of a run: ``metrics.json``, ``report.md`` and PNG figures.
 
 ``report.md`` reads top-down: the Findings (the paper's claims tested on this run), the key
-numbers of each part with one generated sentence on what they mean, the setup as
-``key=value`` lines, one section per part with captioned figures, the glossary of every
+numbers of each part with one generated sentence on what they mean, the setup (the
+"Reproduce" command line that reruns the job, then ``key=value`` lines that paste back as
+overrides, and the checkpoint), one section per part with captioned figures, the glossary of every
 metric and term shown, and last the raw dump of every logged metric.
 
 ``metrics.json`` is written last and atomically: its presence means the run completed, so
