@@ -22,6 +22,7 @@ from pse_lightning.analysis.pse import statistics
 from pse_lightning.modules.attack_metrics import AttackMetrics
 from pse_lightning.reporting.loggers import command_args, reproduce_command, run_config
 from pse_lightning.reporting.report import attack_meaning, write_report
+from pse_lightning.reporting.wandb_run import artifact_name
 
 TINY = ["dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32", "logger=none"]
 
@@ -174,3 +175,15 @@ def test_unmeasured_type_and_group_shares_are_nan() -> None:
     groups = statistics.group_fractions(torch.tensor([0, 0, 0, 5]))  # no defined type
     assert math.isnan(groups["group_frac_promotion"]) and groups["group_frac_active"] == 0
     assert math.isnan(statistics.group_fractions(torch.zeros(4))["group_frac_active"])
+
+
+def test_artifact_names_from_long_run_names_are_valid() -> None:
+    """A run name with overrides (``=``, ``[``) still names a valid W&B artifact."""
+    wandb = pytest.importorskip("wandb")
+    short = artifact_name("report", "pgd-small_cnn-s0-attack.eps=0.01-analysis=[pse,cam]")
+    assert short == "report-pgd-small_cnn-s0-attack.eps_0.01-analysis__pse_cam"
+    names = {artifact_name("report", f"pgd-s0-{'dataset.num_train=256-' * 9}eps={e}")
+             for e in (1, 2)}  # fmt: skip
+    assert len(names) == 2 and all(len(n) <= 128 for n in names)
+    for name in (short, *names):
+        wandb.Artifact(name, type="report")  # raises on an invalid name
