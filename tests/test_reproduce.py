@@ -88,6 +88,8 @@ def test_setup_block_pastes_back_as_overrides(tmp_path: Path, as_hydra_job: Any)
     # The choices as typed (not the class name "smallcnn"), the overrides, the parameters.
     assert setup["model"] == "small_cnn" and setup["attack"] == "cw"
     assert setup["analysis"] == "all" and setup["attack.steps"] == "7"
+    assert list(setup)[:4] == ["dataset", "model", "attack", "analysis"]  # the defaults' order
+    assert not {"True", "False", "None"} & set(setup.values())  # as Hydra writes them
     # The parameters are resolved values (attack.seed=0 for ${seed}): equal once resolved.
     again = compose_job(*(f"{key}={value}" for key, value in setup.items()))
     assert job_config(again, resolve=True) == job_config(cfg, resolve=True)

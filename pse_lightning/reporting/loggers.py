@@ -218,10 +218,11 @@ def hydra_overrides() -> list[str]:
 
 def group_choices(choices: Mapping[str, Any]) -> dict[str, str]:
     """The job's config-group choices as a user types them (``attack`` -> ``cw``): Hydra's
-    own groups (``hydra/...``) and unset groups (``experiment`` null) left out."""
+    own groups (``hydra/...``) and unset groups (``experiment`` null) left out, in the order
+    of the defaults list (Hydra records the choices last to first)."""
     return {
         str(group): str(choice)
-        for group, choice in choices.items()
+        for group, choice in reversed(list(choices.items()))
         if choice is not None and not str(group).startswith("hydra/")
     }
 

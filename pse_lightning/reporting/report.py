@@ -89,6 +89,13 @@ def setup_markdown(setup: Mapping[str, str], reproduce: str = "", checkpoint: st
     return "\n".join(lines)
 
 
+def override_value(value: Any) -> str:
+    """A value as a Hydra override writes it: ``null``, ``true``/``false``, else ``str``."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def flatten_params(prefix: str, params: Mapping[str, Any]) -> dict[str, str]:
     """``{prefix}.{key}`` -> value for a component's constructor parameters, nested mappings
     flattened and Hydra's ``_target_``/``_partial_`` left out (the choice names the class)."""
@@ -99,7 +106,7 @@ def flatten_params(prefix: str, params: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(value, Mapping):
             flat.update(flatten_params(f"{prefix}.{key}", value))
         else:
-            flat[f"{prefix}.{key}"] = "null" if value is None else str(value)
+            flat[f"{prefix}.{key}"] = override_value(value)
     return flat
 
 
