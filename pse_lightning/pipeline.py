@@ -309,14 +309,16 @@ def defend(parts: Components) -> tuple[nn.Module, dict[str, Analysis]]:
     return defense.apply(model, calibration), extra
 
 
-def report_setup(cfg: DictConfig, parts: Components) -> dict[str, str]:
+def report_setup(cfg: DictConfig, parts: Components) -> dict[str, str | None]:
     """The report's setup as ``key=value`` entries that paste back onto the command line:
     the group choices and overrides as typed (:func:`command_args`; outside Hydra, the
     components' names), then the attack's and defense's parameters and the seed, without
     Hydra's ``_target_``."""
     choices, overrides = hydra_choices(), hydra_overrides()
     if choices or overrides:
-        setup = dict(arg.split("=", 1) for arg in command_args(choices, overrides))
+        # ``~group`` (a deletion) has no value: kept as a key alone
+        setup = {k: v if eq else None for k, eq, v in
+                 (arg.partition("=") for arg in command_args(choices, overrides))}  # fmt: skip
     else:  # the Python API: no choices to quote, so name what was built
         setup = {
             "dataset": parts.datamodule.name,

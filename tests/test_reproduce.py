@@ -21,7 +21,7 @@ from pse_lightning import pipeline
 from pse_lightning.analysis.pse import statistics
 from pse_lightning.modules.attack_metrics import AttackMetrics
 from pse_lightning.reporting.loggers import command_args, reproduce_command, run_config
-from pse_lightning.reporting.report import attack_meaning, write_report
+from pse_lightning.reporting.report import attack_meaning, setup_markdown, write_report
 from pse_lightning.reporting.wandb_run import artifact_name
 
 TINY = ["dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32", "logger=none"]
@@ -62,7 +62,7 @@ def as_hydra_job() -> Iterator[Any]:
 JOBS = [
     ("attack=pgd", "attack.eps=0.01", "analysis=[pse,cam]", "seed=3"),
     ("model=small_cnn", "attack=cw", "experiment=smoke", "+attack.extra=1"),
-    ("analysis=none", "defense=none", "training.epochs=2"),
+    ("analysis=none", "~defense", "training.epochs=2"),
 ]
 
 
@@ -104,6 +104,13 @@ def test_setup_outside_hydra_names_what_was_built(tmp_path: Path) -> None:
     setup = pipeline.report_setup(cfg, parts)
     assert setup["attack"] == "pgd" and setup["analysis"] == "[pse,cam]"
     assert pipeline.reproduce(cfg) == ""
+
+
+def test_setup_keeps_a_deleted_group(tmp_path: Path, as_hydra_job: Any) -> None:
+    cfg = as_hydra_job(compose_job(f"paths.root={tmp_path}", *TINY, "~defense", "attack=pgd"))
+    setup = pipeline.report_setup(cfg, pipeline.build(cfg))
+    assert setup["~defense"] is None and "defense" not in setup
+    assert "\n~defense\n" in setup_markdown(setup)
 
 
 def test_report_carries_the_reproduce_line(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ class ReportWriter(pl.Callback):
         run_dir: str | Path,
         *,
         title: str,
-        setup: dict[str, str],
+        setup: dict[str, str | None],
         class_names: Sequence[str],
         sections: Sequence[ReportSection] = (),
         extra: dict | None = None,

@@ -76,14 +76,17 @@ def key_numbers_markdown(section: ReportSection) -> str:
     return "\n".join(["| number | value |", "|---|---|", *rows, "", section.meaning])
 
 
-def setup_markdown(setup: Mapping[str, str], reproduce: str = "", checkpoint: str = "") -> str:
+def setup_markdown(
+    setup: Mapping[str, str | None], reproduce: str = "", checkpoint: str = ""
+) -> str:
     """The run's setup: the command that reruns it, then its ``key=value`` lines (valid
     overrides: the choices as typed, then the parameters) in a code block that copies
     cleanly, and the checkpoint evaluated."""
     lines = []
     if reproduce:
         lines += ["Reproduce:", "", "```", reproduce, "```", ""]
-    lines.append("```\n" + "\n".join(f"{k}={v}" for k, v in setup.items()) + "\n```")
+    entries = (k if v is None else f"{k}={v}" for k, v in setup.items())  # None: ``~key``
+    lines.append("```\n" + "\n".join(entries) + "\n```")
     if checkpoint:
         lines += ["", f"Checkpoint: `{checkpoint}`"]
     return "\n".join(lines)
@@ -188,7 +191,7 @@ def figure_markdown(run_dir: Path, figure: Path, caption: str, number: int) -> l
 def report_markdown(
     run_dir: Path,
     title: str,
-    setup: Mapping[str, str],
+    setup: Mapping[str, str | None],
     scalars: dict[str, float],
     sections: Sequence[ReportSection],
     findings: str,
@@ -225,7 +228,7 @@ def write_report(
     run_dir: str | Path,
     *,
     title: str,
-    setup: dict[str, str],
+    setup: dict[str, str | None],
     scalars: dict[str, float],
     examples: dict[str, Any],
     class_names: Sequence[str],
