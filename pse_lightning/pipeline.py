@@ -47,9 +47,14 @@ from pse_lightning.modules.training import (
     partial_checkpoint_path,
 )
 from pse_lightning.reporting.loggers import (
+    command_args,
     finish_logger,
     hydra_choices,
+    hydra_overrides,
     log_checkpoint,
+    name_overrides,
+    reproduce_command,
+    run_config,
     run_name,
     start_run,
 )
@@ -195,7 +200,8 @@ def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl
 
 def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
     """Start the logger's run for a stage: named from the job's choices (class and config
-    names outside Hydra), typed ``train`` or ``evaluate``, with the resolved config."""
+    names outside Hydra) and its other overrides (what a sweep varies), typed ``train`` or
+    ``evaluate``, with the resolved config and the group choices (``choices/attack``)."""
     choices = hydra_choices()
     name = run_name(
         attack=choices.get("attack") or type(parts.attack).__name__.lower(),
@@ -204,9 +210,19 @@ def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
         dataset=choices.get("dataset") or parts.datamodule.name,
         training=choices.get("training") or str(cfg.training.name),
         seed=cfg.seed,
+        overrides=name_overrides(hydra_overrides(), _path_keys()),
     )
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = run_config(OmegaConf.to_container(cfg, resolve=True), choices)
     start_run(parts.logger, name=name, job_type=job_type, config=config)
+
+
+def _path_keys() -> list[str]:
+    """The keys Hydra leaves out of a job's folder name (paths): left out of run names too."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(k) for k in HydraConfig.get().job.config.override_dirname.exclude_keys]
 
 
 def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
@@ -293,26 +309,36 @@ def defend(parts: Components) -> tuple[nn.Module, dict[str, Analysis]]:
     return defense.apply(model, calibration), extra
 
 
-def report_setup(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, str]:
-    """The report's setup as ``key=value`` entries: the choices (as on the command line)
-    and the attack's and defense's parameters, without Hydra's ``_target_``."""
-    choices = hydra_choices()
-    attack = choices.get("attack") or type(parts.attack).__name__.lower()
-    setup = {
-        "dataset": parts.datamodule.name,
-        "model": model_name(cfg),
-        "training": str(cfg.training.name) if isinstance(checkpoint, Path) else "none",
-        "checkpoint": str(checkpoint),
-        "attack": attack,
-        **flatten_params("attack", OmegaConf.to_container(cfg.attack, resolve=True)),
-        "analysis": ",".join(parts.analyses) or "none",
-        "defense": choices.get("defense") or ("none" if parts.defense is None else
-                                              type(parts.defense).__name__.lower()),
-        "seed": str(cfg.seed),
-    }  # fmt: skip
+def report_setup(cfg: DictConfig, parts: Components) -> dict[str, str | None]:
+    """The report's setup as ``key=value`` entries that paste back onto the command line:
+    the group choices and overrides as typed (:func:`command_args`; outside Hydra, the
+    components' names), then the attack's and defense's parameters and the seed, without
+    Hydra's ``_target_``."""
+    choices, overrides = hydra_choices(), hydra_overrides()
+    if choices or overrides:
+        # ``~group`` (a deletion) has no value: kept as a key alone
+        setup = {k: v if eq else None for k, eq, v in
+                 (arg.partition("=") for arg in command_args(choices, overrides))}  # fmt: skip
+    else:  # the Python API: no choices to quote, so name what was built
+        setup = {
+            "dataset": parts.datamodule.name,
+            "model": model_name(cfg),
+            "training": str(cfg.training.name),
+            "attack": type(parts.attack).__name__.lower(),
+            "analysis": "[" + ",".join(parts.analyses) + "]" if parts.analyses else "none",
+            "defense": "none" if parts.defense is None else type(parts.defense).__name__.lower(),
+        }
+    setup.update(flatten_params("attack", OmegaConf.to_container(cfg.attack, resolve=True)))
     if parts.defense is not None:
         setup.update(flatten_params("defense", OmegaConf.to_container(cfg.defense, resolve=True)))
+    setup["seed"] = str(cfg.seed)
     return setup
+
+
+def reproduce(cfg: DictConfig) -> str:
+    """The command line that reruns this job (empty outside Hydra: nothing was typed)."""
+    choices, overrides = hydra_choices(), hydra_overrides()
+    return reproduce_command(choices, overrides) if choices or overrides else ""
 
 
 def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, float]:
@@ -324,7 +350,9 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict
     writer = ReportWriter(
         run_dir,
         title=f"{parts.attack.name} on {model_name(cfg)} / {parts.datamodule.name}",
-        setup=report_setup(cfg, parts, checkpoint),
+        setup=report_setup(cfg, parts),
+        reproduce=reproduce(cfg),
+        checkpoint=str(checkpoint),
         class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
         budget=None if parts.attack.norm is None else (parts.attack.norm, parts.attack.eps),
     )

@@ -101,16 +101,16 @@ class AttackMetrics(Metric):
                 f"evaluation saw {int(self.total)} samples but {index.unique().numel()} distinct "
                 "indices: a sampler padded or duplicated data; use the datamodule's loaders"
             )
-        total = self.total.clamp_min(1).float()
         ok = dim_zero_cat(self.succeeded).bool()
         l2, linf = dim_zero_cat(self.l2)[ok], dim_zero_cat(self.linf)[ok]
-        nan = torch.tensor(float("nan"), device=total.device)
+        nan = torch.tensor(float("nan"), device=self.total.device)
         return {
             "samples": self.total.float(),
-            "clean_acc": self.clean_correct / total,
-            "robust_acc": self.adv_correct / total,
+            "clean_acc": share(self.clean_correct, self.total),
+            "robust_acc": share(self.adv_correct, self.total),
             "clean_misclassified": (self.total - self.clean_correct).float(),
-            "success_rate": self.success / self.clean_correct.clamp_min(1).float(),
+            # NaN, not 0, when no sample was classified correctly: nothing was attacked
+            "success_rate": share(self.success, self.clean_correct),
             "l2_mean": l2.mean() if l2.numel() else nan,
             "l2_median": l2.median() if l2.numel() else nan,
             "linf_mean": linf.mean() if linf.numel() else nan,
@@ -128,3 +128,9 @@ class AttackMetrics(Metric):
 def _cat(state: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
     """A ``cat`` state as one tensor (empty when this process saw no batch)."""
     return dim_zero_cat(state).to(dtype) if len(state) else torch.zeros(0, dtype=dtype)
+
+
+def share(count: Tensor, total: Tensor) -> Tensor:
+    """``count / total``, NaN when ``total`` is 0: a share of nothing is unmeasured, not 0."""
+    total = total.float()
+    return torch.where(total > 0, count.float() / total.clamp_min(1), torch.nan)

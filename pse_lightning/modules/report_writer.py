@@ -27,11 +27,13 @@ class ReportWriter(pl.Callback):
         run_dir: str | Path,
         *,
         title: str,
-        setup: dict[str, str],
+        setup: dict[str, str | None],
         class_names: Sequence[str],
         sections: Sequence[ReportSection] = (),
         extra: dict | None = None,
         budget: tuple[str, float] | None = None,
+        reproduce: str = "",
+        checkpoint: str = "",
     ) -> None:
         self.run_dir = Path(run_dir)
         self.title = title
@@ -40,6 +42,8 @@ class ReportWriter(pl.Callback):
         self.sections = list(sections)
         self.extra = extra or {}
         self.budget = budget
+        self.reproduce = reproduce
+        self.checkpoint = checkpoint
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -76,6 +80,8 @@ class ReportWriter(pl.Callback):
             norms=result.norms,
             budget=self.budget,
             findings=findings,
+            reproduce=self.reproduce,
+            checkpoint=self.checkpoint,
         )
         examples = result.examples
         if examples:  # the W&B table also shows each example's PSE and CAM maps

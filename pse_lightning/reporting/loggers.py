@@ -1,6 +1,8 @@
 """Experiment loggers: W&B (offline by default), with clean teardown for multiruns.
 
-A W&B run is named from the run's choices (``cw-resnet50-imagenet-standard-s0``), typed by
+A W&B run is named from the run's choices and other overrides
+(``cw-resnet50-imagenet-standard-s0-attack.eps=0.01``), carries the choices as config keys
+(``choices/attack``), is typed by
 what the job does (``job_type`` ``train`` or ``evaluate``) and, in a Hydra multirun, grouped
 with the other jobs of its sweep. The run starts only when the first stage does
 (:func:`start_run`), so a job that fails its checks leaves no W&B run behind. Offline
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -203,10 +206,77 @@ def hydra_choices() -> dict[str, str]:
     return {str(k): str(v) for k, v in HydraConfig.get().runtime.choices.items() if v}
 
 
-def run_name(*, attack: str, model: str, dataset: str, training: str, seed: int) -> str:
-    """``<attack>-<model>-<dataset>-<training>-s<seed>``: ``cw-resnet50-imagenet-standard-s0``."""
+def hydra_overrides() -> list[str]:
+    """The job's command-line overrides as typed (``attack.eps=0.01``), empty outside Hydra;
+    in a multirun, this job's own values of the swept keys."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def group_choices(choices: Mapping[str, Any]) -> dict[str, str]:
+    """The job's config-group choices as a user types them (``attack`` -> ``cw``): Hydra's
+    own groups (``hydra/...``) and unset groups (``experiment`` null) left out, in the order
+    of the defaults list (Hydra records the choices last to first)."""
+    return {
+        str(group): str(choice)
+        for group, choice in reversed(list(choices.items()))
+        if choice is not None and not str(group).startswith("hydra/")
+    }
+
+
+def _override_key(override: str) -> str:
+    """``attack.eps`` of ``attack.eps=0.01``; ``experiment`` of ``+experiment=x``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def command_args(choices: Mapping[str, Any], overrides: Sequence[str]) -> list[str]:
+    """The arguments that rerun a job: every group choice (so a later change of a default
+    cannot change the rerun), then the job's other overrides. An override of a group choice
+    is already among the choices; a list of options (``analysis=[pse,cam]``), which Hydra
+    leaves out of the choices, comes with the overrides."""
+    chosen = group_choices(choices)
+    args = [f"{group}={choice}" for group, choice in chosen.items()]
+    return args + [o for o in overrides if _override_key(o) not in chosen]
+
+
+def reproduce_command(choices: Mapping[str, Any], overrides: Sequence[str]) -> str:
+    """``python -m pse_lightning <choices> <overrides>``, quoted for a POSIX shell."""
+    args = command_args(choices, overrides)
+    return " ".join(["python -m pse_lightning", *(shlex.quote(a) for a in args)])
+
+
+def run_config(config: Mapping[str, Any], choices: Mapping[str, Any]) -> dict[str, Any]:
+    """The W&B run config: the resolved config plus each group choice as a plain key
+    (``choices/attack: cw``), since the resolved config holds only ``_target_`` paths and
+    runs are filtered by what was chosen."""
+    chosen = group_choices(choices)
+    return {**config, **{f"choices/{group}": choice for group, choice in chosen.items()}}
+
+
+def name_overrides(overrides: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The overrides that tell jobs of a sweep apart, for the run name: all but the group
+    choices already in the name, ``seed`` and the ``exclude`` keys (paths)."""
+    named = {"attack", "model", "dataset", "training", "seed", *exclude}
+    return [o for o in overrides if _override_key(o) not in named]
+
+
+def run_name(
+    *,
+    attack: str,
+    model: str,
+    dataset: str,
+    training: str,
+    seed: int,
+    overrides: Sequence[str] = (),
+) -> str:
+    """``<attack>-<model>-<dataset>-<training>-s<seed>``: ``cw-resnet50-imagenet-standard-s0``,
+    then the job's other overrides (``-attack.eps=0.01``) so the jobs of a sweep differ."""
     parts = [attack, model, dataset, training]
-    return "-".join(safe_key(p).replace("/", "_") for p in parts) + f"-s{seed}"
+    name = "-".join(safe_key(p).replace("/", "_") for p in parts) + f"-s{seed}"
+    return "-".join([name, *(safe_key(o) for o in overrides)])
 
 
 def safe_key(key: str) -> str:

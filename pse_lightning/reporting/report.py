@@ -1,8 +1,9 @@
 """The on-disk report of a run: ``metrics.json``, ``report.md`` and PNG figures.
 
 ``report.md`` reads top-down: the Findings (the paper's claims tested on this run), the key
-numbers of each part with one generated sentence on what they mean, the setup as
-``key=value`` lines, one section per part with captioned figures, the glossary of every
+numbers of each part with one generated sentence on what they mean, the setup (the
+"Reproduce" command line that reruns the job, then ``key=value`` lines that paste back as
+overrides, and the checkpoint), one section per part with captioned figures, the glossary of every
 metric and term shown, and last the raw dump of every logged metric.
 
 ``metrics.json`` is written last and atomically: its presence means the run completed, so
@@ -75,9 +76,27 @@ def key_numbers_markdown(section: ReportSection) -> str:
     return "\n".join(["| number | value |", "|---|---|", *rows, "", section.meaning])
 
 
-def setup_markdown(setup: Mapping[str, str]) -> str:
-    """The run's setup as ``key=value`` lines, in a code block that copies cleanly."""
-    return "```\n" + "\n".join(f"{k}={v}" for k, v in setup.items()) + "\n```"
+def setup_markdown(
+    setup: Mapping[str, str | None], reproduce: str = "", checkpoint: str = ""
+) -> str:
+    """The run's setup: the command that reruns it, then its ``key=value`` lines (valid
+    overrides: the choices as typed, then the parameters) in a code block that copies
+    cleanly, and the checkpoint evaluated."""
+    lines = []
+    if reproduce:
+        lines += ["Reproduce:", "", "```", reproduce, "```", ""]
+    entries = (k if v is None else f"{k}={v}" for k, v in setup.items())  # None: ``~key``
+    lines.append("```\n" + "\n".join(entries) + "\n```")
+    if checkpoint:
+        lines += ["", f"Checkpoint: `{checkpoint}`"]
+    return "\n".join(lines)
+
+
+def override_value(value: Any) -> str:
+    """A value as a Hydra override writes it: ``null``, ``true``/``false``, else ``str``."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def flatten_params(prefix: str, params: Mapping[str, Any]) -> dict[str, str]:
@@ -90,7 +109,7 @@ def flatten_params(prefix: str, params: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(value, Mapping):
             flat.update(flatten_params(f"{prefix}.{key}", value))
         else:
-            flat[f"{prefix}.{key}"] = "null" if value is None else str(value)
+            flat[f"{prefix}.{key}"] = override_value(value)
     return flat
 
 
@@ -172,17 +191,19 @@ def figure_markdown(run_dir: Path, figure: Path, caption: str, number: int) -> l
 def report_markdown(
     run_dir: Path,
     title: str,
-    setup: Mapping[str, str],
+    setup: Mapping[str, str | None],
     scalars: dict[str, float],
     sections: Sequence[ReportSection],
     findings: str,
+    reproduce: str = "",
+    checkpoint: str = "",
 ) -> str:
     """The text of ``report.md`` (see the module docstring for its order)."""
     lines = [f"# {title}", "", "## Findings", "", findings, "", "## Key numbers", ""]
     for section in sections:
         if section.key_numbers or section.meaning:
             lines += [f"### {section.title}", "", key_numbers_markdown(section), ""]
-    lines += ["## Setup", "", setup_markdown(setup), ""]
+    lines += ["## Setup", "", setup_markdown(setup, reproduce, checkpoint), ""]
     number = 0
     for section in sections:
         lines += [f"## {section.title}", ""]
@@ -207,7 +228,7 @@ def write_report(
     run_dir: str | Path,
     *,
     title: str,
-    setup: dict[str, str],
+    setup: dict[str, str | None],
     scalars: dict[str, float],
     examples: dict[str, Any],
     class_names: Sequence[str],
@@ -216,6 +237,8 @@ def write_report(
     norms: dict[str, Tensor] | None = None,
     budget: tuple[str, float] | None = None,
     findings: Sequence[Finding] | None = None,
+    reproduce: str = "",
+    checkpoint: str = "",
 ) -> dict[str, Path]:
     """Write figures, ``report.md`` and finally ``metrics.json`` into ``run_dir``.
 
@@ -223,6 +246,8 @@ def write_report(
         sections: the analyses' parts, in order, after the attack's own.
         norms: per-image ``l2``/``linf`` norms of the successful perturbations.
         budget: (norm, ε) of a budgeted attack, marked on the norm distribution.
+        reproduce: the command line that reruns the job (empty: none known).
+        checkpoint: the checkpoint evaluated.
         findings: the judged Findings (:func:`~pse_lightning.reporting.findings.run_findings`
             of what the analyses declared); None: no analysis declared any.
 
@@ -239,7 +264,9 @@ def write_report(
         key = section.prefix or section.title
         written.update({f"{key}/{Path(f).stem}": Path(f) for f in section.figures})
     findings = run_findings([]) if findings is None else list(findings)
-    text = report_markdown(run_dir, title, setup, scalars, parts, findings_markdown(findings))
+    text = report_markdown(
+        run_dir, title, setup, scalars, parts, findings_markdown(findings), reproduce, checkpoint
+    )
     write_text_atomic(run_dir / "report.md", text)
     written["report"] = run_dir / "report.md"
     verdicts = {f.key: f.verdict for f in findings}

@@ -14,7 +14,9 @@ Everything here runs on global rank zero only (callers check), after the files a
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.figures import HEAT_CMAP, amplification, class_name, to_image
 from pse_lightning.reporting.loggers import safe_key
 
+ARTIFACT_NAME_MAX = 128
 # test/<key> -> shown as results/<key> in the run summary, in this order of importance.
 KEY_RESULTS = (
     "clean_acc",
@@ -152,12 +155,23 @@ def section_tables(sections: Sequence[ReportSection]) -> dict[str, Any]:
     }
 
 
+def artifact_name(kind: str, name: str) -> str:
+    """``<kind>-<name>`` as W&B accepts it: letters, digits, ``.``, ``_`` and ``-`` only, at
+    most 128 characters (a run name carries the job's overrides, ``attack.eps=0.01``: the
+    ``=`` becomes ``_``; a longer name is cut and ends in a digest of the whole)."""
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", f"{kind}-{safe_key(name)}")
+    if len(text) <= ARTIFACT_NAME_MAX:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{text[: ARTIFACT_NAME_MAX - 9]}-{digest}"
+
+
 def report_artifact(run: Any, written: dict[str, Path]) -> Any:
     """``report.md`` and ``metrics.json`` of this run as a ``report`` artifact."""
     import wandb
 
     artifact = wandb.Artifact(
-        f"report-{safe_key(run.name or run.id).replace('/', '_')}",
+        artifact_name("report", run.name or run.id),
         type="report",
         description="report.md and metrics.json of one evaluation",
     )

@@ -371,7 +371,7 @@ class PSE(Analysis):
         n_images = self.type_counts.double().sum()
         scalars = statistics.type_fractions(self.type_counts)
         scalars["n_images"] = n_images
-        scalars["analysed_fraction"] = n_images / self.n_seen.double().clamp_min(1)
+        scalars["analysed_fraction"] = statistics.share(n_images, self.n_seen)
         scalars["n_clean_misclassified"] = self.n_clean_misclassified.clone()
         scalars["n_incomplete"] = self.n_incomplete.clone()
         # NaN, not 0, when no complete image has P + S > 0: there is nothing to average
@@ -379,9 +379,9 @@ class PSE(Analysis):
         for i, key in enumerate(("promotion_share", "suppression_share", "counter_share")):
             scalars[key] = shares[i]
         scalars["mean_r"] = statistics.mean_ratio(self.r_sum, self.type_counts)
-        scalars["residual_mean"] = self.residual_sum / n_images.clamp_min(1)
+        scalars["residual_mean"] = statistics.share(self.residual_sum, n_images)
         scalars["residual_max"] = self.residual_max.clone()
-        scalars["steps_mean"] = self.steps_sum.double() / n_images.clamp_min(1)
+        scalars["steps_mean"] = statistics.share(self.steps_sum, n_images)
         scalars.update(statistics.group_fractions(self.group_type_counts))
         images = image_summary(self._columns(IMAGE_STATES))
         scalars.update(self._pair_effect(images.label, images.target, images.r))

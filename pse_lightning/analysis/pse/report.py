@@ -165,18 +165,22 @@ def markdown(scalars: Mapping[str, Tensor], sweep_counts: Tensor, settings: str)
     def num(key: str) -> float:
         return float(scalars[key])
 
+    def text(key: str, spec: str) -> str:  # an unmeasured (NaN) value as n/a
+        value = num(key)
+        return "n/a" if value != value else format(value, spec)
+
     lines = [
         settings + f" Skipped {int(num('n_clean_misclassified'))} images the model misclassified"
         " before the attack.",
         "",
         "| type | fraction |",
         "|---|---|",
-        *[f"| {name} | {num('frac_' + name):.3f} |" for name in PSE_TYPES],
+        *[f"| {name} | {text('frac_' + name, '.3f')} |" for name in PSE_TYPES],
         "",
         f"Over the images whose attributions are complete: mean promotion share "
-        f"{num('promotion_share'):.3f}, suppression share {num('suppression_share'):.3f}, "
-        f"counter-effects {num('counter_share'):.3f}. Completeness residual over all "
-        f"analysed images: mean {num('residual_mean'):.2e}, max {num('residual_max'):.2e}.",
+        f"{text('promotion_share', '.3f')}, suppression share {text('suppression_share', '.3f')}, "
+        f"counter-effects {text('counter_share', '.3f')}. Completeness residual over all "
+        f"analysed images: mean {text('residual_mean', '.2e')}, max {num('residual_max'):.2e}.",
         "",
         "Threshold sweep (tau_s = q, tau_p = 1 - q; fractions of images with a defined r). "
         f"The rarest type's share with its 95% interval and the p of share > {MIN_TYPE_SHARE} "

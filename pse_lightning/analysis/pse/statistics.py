@@ -161,23 +161,29 @@ def image_shares(totals: Tensor) -> Tensor:
 # -- summaries of reduced tallies ----------------------------------------------------------
 
 
+def share(count: Tensor, total: Tensor) -> Tensor:
+    """``count / total`` in float64, NaN when ``total`` is 0: a share of nothing is
+    unmeasured, not 0."""
+    total = total.double()
+    return torch.where(total > 0, count.double() / total.clamp_min(1), torch.nan)
+
+
 def type_fractions(counts: Tensor, prefix: str = "frac_") -> dict[str, Tensor]:
-    """Each type's share of ``counts`` (4,), keyed ``<prefix><type>``, summing to 1."""
+    """Each type's share of ``counts`` (4,), keyed ``<prefix><type>``, summing to 1 (NaN
+    when nothing was counted)."""
     counts = counts.double()
-    total = counts.sum().clamp_min(1)
-    return {f"{prefix}{name}": counts[i] / total for i, name in enumerate(PSE_TYPES)}
+    return {f"{prefix}{name}": share(counts[i], counts.sum()) for i, name in enumerate(PSE_TYPES)}
 
 
 def group_fractions(group_counts: Tensor) -> dict[str, Tensor]:
     """``group_frac_<type>`` over groups with a defined type and ``group_frac_active``,
-    the share of groups that have one (docs/METHODS.md §2.5)."""
+    the share of groups that have one (docs/METHODS.md §2.5); NaN over no groups."""
     groups = group_counts.double()
     defined = groups[:NONE].sum()
     out = {
-        f"group_frac_{name}": groups[i] / defined.clamp_min(1)
-        for i, name in enumerate(PSE_TYPES[:NONE])
+        f"group_frac_{name}": share(groups[i], defined) for i, name in enumerate(PSE_TYPES[:NONE])
     }
-    out["group_frac_active"] = defined / groups.sum().clamp_min(1)
+    out["group_frac_active"] = share(defined, groups.sum())
     return out
 
 
