@@ -683,11 +683,11 @@ def test_inference_mode_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"method": "saliency"}, "analysis.method"),
-        ({"steps": 0}, "analysis.steps"),
-        ({"steps": 32, "max_steps": 16}, "analysis.max_steps"),
-        ({"tau_s": 0.8, "tau_p": 0.6}, "analysis.tau_s"),
-        ({"tau_p": 1.5}, "analysis.tau_p"),
+        ({"method": "saliency"}, "analysis.pse.method"),
+        ({"steps": 0}, "analysis.pse.steps"),
+        ({"steps": 32, "max_steps": 16}, "analysis.pse.max_steps"),
+        ({"tau_s": 0.8, "tau_p": 0.6}, "analysis.pse.tau_s"),
+        ({"tau_p": 1.5}, "analysis.pse.tau_p"),
         ({"tol": 0}, "analysis.tol"),
         ({"group_size": 0}, "analysis.group_size"),
         ({"center_logits": "yes"}, "analysis.center_logits"),

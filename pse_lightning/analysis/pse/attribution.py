@@ -398,7 +398,7 @@ def pse_attributions(
 
 def _require_method_and_mode(method: str, mode: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"analysis.method must be one of {list(METHODS)}, got {method!r}")
+        raise ValueError(f"analysis.pse.method must be one of {list(METHODS)}, got {method!r}")
     if mode not in PAIR_MODES:
         raise ValueError(f"mode must be one of {list(PAIR_MODES)}, got {mode!r}")
 
