@@ -219,7 +219,8 @@ class Dissection(Analysis):
         super().__init__(**kwargs)
         if layers is not None and (isinstance(layers, str) or not len(layers)):
             raise ValueError(
-                f"analysis.dissection.layers must be a non-empty list of layer names or null, got {layers!r}"
+                "analysis.dissection.layers must be a non-empty list of layer names or null, "
+                f"got {layers!r}"
             )
         self.layers = None if layers is None else [str(name) for name in layers]
         self.probe_settings = ProbeSettings(
