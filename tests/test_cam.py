@@ -399,7 +399,7 @@ def test_analysis_config_instantiates_and_bad_values_name_the_key() -> None:
     assert isinstance(metric, CAMAnalysis) and metric.name == "cam"
     with pytest.raises(ValueError, match="analysis.cam.threshold"):
         CAMAnalysis(threshold=1.5)
-    with pytest.raises(ValueError, match="analysis.top_area"):
+    with pytest.raises(ValueError, match="analysis.cam.top_area"):
         CAMAnalysis(top_area=0)
     with pytest.raises(ValueError, match="analysis.cam.method"):
         CAMAnalysis(method="cams")

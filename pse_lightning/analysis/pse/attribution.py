@@ -285,7 +285,7 @@ def path_gradient_sums(
             if use_cl and "view size is not compatible" in str(err):
                 raise RuntimeError(
                     "the model .view()-s a channels-last activation; set "
-                    "analysis.channels_last=false (or use .reshape in the model)"
+                    "analysis.pse.channels_last=false (or use .reshape in the model)"
                 ) from err
             raise
         _add_by_sample(sum_true, grad_true, start)
