@@ -150,3 +150,78 @@ def require_labels(name: str, y: Tensor, batch: int, num_classes: int) -> None:
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         low, high = int(y.min()), int(y.max())
         raise ValueError(f"{name} must be in [0, {num_classes}), got [{low}, {high}]")
+
+
+#: What to do with a weights file the run cannot use, said once for every reader.
+RESAVE = "re-save its state dict with torch.save(model.state_dict(), path)"
+
+
+def weights_file_problem(key: str, path: object) -> str | None:
+    """Why the file ``path`` given as ``key`` (``model_checkpoint``, ``model.weights``) cannot
+    be read as a PyTorch weights file, judged from the disk alone, or None.
+
+    Missing, a directory, unreadable (permissions) and not a zip archive (truncated, or
+    another format: ``torch.save`` writes a zip archive) are told apart.
+    """
+    import os
+    import zipfile
+    from pathlib import Path
+
+    path = Path(str(path)).expanduser()
+    where = f"{key}={path}"
+    if path.is_dir():
+        return f"{where} is a directory, not a file: pass the weights file inside it"
+    if not path.exists():
+        return f"{where}: no such file; check the path (or drop {key} to use the default)"
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except PermissionError:
+        return (
+            f"{where} cannot be read: permission denied for user {_user()}; make it "
+            f"readable (chmod u+r {path}) or copy it somewhere readable"
+        )
+    except OSError as err:
+        return f"{where} cannot be read ({err.strerror or err}); check the file system"
+    if not zipfile.is_zipfile(path):
+        size = os.path.getsize(path)
+        return (
+            f"{where} is not a PyTorch weights file ({size} bytes, not the zip archive "
+            "torch.save writes: truncated by an interrupted copy, or another format); copy "
+            f"it again, or {RESAVE}"
+        )
+    return None
+
+
+def refused_load(where: str, err: Exception) -> str:
+    """The one-line message for ``torch.load(path, weights_only=True)`` failing with ``err``;
+    ``where`` names the file and its key (``model_checkpoint=<path>``).
+
+    A file holding pickled Python objects is refused for safety; the message says so, names
+    the object, and never advises loading it unsafely (torch's own message does).
+    """
+    import re
+
+    text = str(err)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (
+            f"{where} holds pickled Python objects{what}, not only tensors; it was refused for "
+            f"safety (loading it would run code from the file); {RESAVE} where it was made"
+        )
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = (lines or [""])[0][:160]
+    return (
+        f"{where} cannot be read as weights ({type(err).__name__}: {first}); the archive is "
+        f"damaged or not from torch.save: copy it again, or {RESAVE}"
+    )
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "this user"

@@ -145,9 +145,9 @@ def test_auto_method_cam_for_gap_linear_gradcam_for_vgg16() -> None:
     ).eval()
     assert type(activation_map_for(vgg)) is GradCAM
     assert type(activation_map_for(small_cnn(), "gradcam")) is GradCAM
-    with pytest.raises(ValueError, match="analysis.method"):
+    with pytest.raises(ValueError, match="analysis.cam.method"):
         activation_map_for(vgg, "cam")(vgg, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="analysis.method"):
+    with pytest.raises(ValueError, match="analysis.cam.method"):
         activation_map_for(vgg, "scorecam")
     maps = activation_map_for(vgg)(vgg, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     assert maps.shape == (2, 32, 32)
@@ -397,11 +397,11 @@ def test_analysis_config_instantiates_and_bad_values_name_the_key() -> None:
     cfg.seed = 0
     metric = instantiate(cfg)
     assert isinstance(metric, CAMAnalysis) and metric.name == "cam"
-    with pytest.raises(ValueError, match="analysis.threshold"):
+    with pytest.raises(ValueError, match="analysis.cam.threshold"):
         CAMAnalysis(threshold=1.5)
-    with pytest.raises(ValueError, match="analysis.top_area"):
+    with pytest.raises(ValueError, match="analysis.cam.top_area"):
         CAMAnalysis(top_area=0)
-    with pytest.raises(ValueError, match="analysis.method"):
+    with pytest.raises(ValueError, match="analysis.cam.method"):
         CAMAnalysis(method="cams")
 
 

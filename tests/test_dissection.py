@@ -779,13 +779,13 @@ def test_baseline_and_category_rule_in_compute() -> None:
 
 
 def test_invalid_settings_name_their_key() -> None:
-    with pytest.raises(ValueError, match="analysis.bins"):
+    with pytest.raises(ValueError, match="analysis.dissection.bins"):
         Dissection(bins=1000)
-    with pytest.raises(ValueError, match="analysis.quantile"):
+    with pytest.raises(ValueError, match="analysis.dissection.quantile"):
         Dissection(quantile=0.0)
-    with pytest.raises(ValueError, match="analysis.layers"):
+    with pytest.raises(ValueError, match="analysis.dissection.layers"):
         Dissection(layers="features.1")
-    with pytest.raises(ValueError, match="analysis.cache_features"):
+    with pytest.raises(ValueError, match="analysis.dissection.cache_features"):
         Dissection(cache_features="yes")
     data = random_probe()
     data.dataset.labels[0, 0, 0, 0] = 9

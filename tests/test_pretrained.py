@@ -224,7 +224,7 @@ def test_weights_file_for_another_architecture_names_both(tmp_path) -> None:
 
 def test_unreadable_or_code_bearing_weights_are_refused(tmp_path) -> None:
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="weights only"):
+    with pytest.raises(CheckpointError, match="not a PyTorch weights file"):
         TorchvisionClassifier(
             arch="resnet18", num_classes=4, image_size=32, weights=str(tmp_path / "bad.pt"), **DATA
         )

@@ -271,7 +271,7 @@ def test_channels_last_failure_names_the_key() -> None:
     model = ViewsActivations()
     x = images(2)
     y, t = torch.zeros(2).long(), torch.ones(2).long()
-    with pytest.raises(RuntimeError, match="analysis.channels_last=false"):
+    with pytest.raises(RuntimeError, match="analysis.pse.channels_last=false"):
         pse_attributions(model, x, x + 0.01, y, t, steps=2, max_steps=2)
     attr = pse_attributions(model, x, x + 0.01, y, t, steps=2, max_steps=2, channels_last=False)
     assert attr.residual.max() < 1e-3  # conv + linear: linear in x, exact
@@ -683,18 +683,18 @@ def test_inference_mode_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"method": "saliency"}, "analysis.method"),
-        ({"steps": 0}, "analysis.steps"),
-        ({"steps": 32, "max_steps": 16}, "analysis.max_steps"),
-        ({"tau_s": 0.8, "tau_p": 0.6}, "analysis.tau_s"),
-        ({"tau_p": 1.5}, "analysis.tau_p"),
-        ({"tol": 0}, "analysis.tol"),
-        ({"group_size": 0}, "analysis.group_size"),
-        ({"center_logits": "yes"}, "analysis.center_logits"),
-        ({"channels_last": 1}, "analysis.channels_last"),
-        ({"max_rows": -1}, "analysis.max_rows"),
-        ({"max_rows": 2**24 + 1}, "analysis.max_rows"),
-        ({"max_figures": -1}, "analysis.max_figures"),
+        ({"method": "saliency"}, "analysis.pse.method"),
+        ({"steps": 0}, "analysis.pse.steps"),
+        ({"steps": 32, "max_steps": 16}, "analysis.pse.max_steps"),
+        ({"tau_s": 0.8, "tau_p": 0.6}, "analysis.pse.tau_s"),
+        ({"tau_p": 1.5}, "analysis.pse.tau_p"),
+        ({"tol": 0}, "analysis.pse.tol"),
+        ({"group_size": 0}, "analysis.pse.group_size"),
+        ({"center_logits": "yes"}, "analysis.pse.center_logits"),
+        ({"channels_last": 1}, "analysis.pse.channels_last"),
+        ({"max_rows": -1}, "analysis.pse.max_rows"),
+        ({"max_rows": 2**24 + 1}, "analysis.pse.max_rows"),
+        ({"max_figures": -1}, "analysis.pse.max_figures"),
     ],
 )
 def test_bad_config_names_the_key(kwargs: dict, key: str) -> None:

@@ -402,7 +402,7 @@ def test_report_draws_the_mixture_on_the_histogram(tmp_path: Path) -> None:
 
 
 def test_pair_table_size_is_bounded() -> None:
-    with pytest.raises(ValueError, match="analysis.pair_classes"):
+    with pytest.raises(ValueError, match="analysis.pse.pair_classes"):
         PSE(pair_classes=1000)
 
 

@@ -32,7 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pse_lightning.cli.check import check_config, check_required_values
-from pse_lightning.cli.hints import override_hint
+from pse_lightning.cli.hints import override_hint, quoting_hint, typo_hint
 from pse_lightning.cli.preflight import check_environment
 from pse_lightning.cli.run_dirs import register_resolvers
 from pse_lightning.validation import InputError
@@ -83,6 +83,7 @@ class Preflight(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        restore_stderr()
         choices = OmegaConf.to_container(config.hydra.runtime.choices)
         try:
             check(config, choices)  # type: ignore[arg-type]
@@ -90,6 +91,7 @@ class Preflight(Callback):
             report_and_exit(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        restore_stderr()
         try:
             check_required_values(config)
         except InputError as err:
@@ -149,13 +151,46 @@ _task = hydra.main(version_base="1.3", config_path=str(config_dir()), config_nam
 )
 
 
+class _WithoutAppendAdvice:
+    """``sys.stderr`` while Hydra composes the config: Hydra's advice for a key the chosen
+    file lacks ("To append to your config use +key=value") is dropped when the key is a typo
+    of one it has (the hint says which); everything else passes through unchanged."""
+
+    _ADVICE = "\nTo append to your config use +"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if self._ADVICE in text and typo_hint(sys.argv[1:], config_dir()):
+            head, _, tail = text.partition(self._ADVICE)
+            _, newline, rest = tail.partition("\n")  # the advice ends at its line's end
+            text = head + newline + rest
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def restore_stderr() -> None:
+    """Put back the ``sys.stderr`` :func:`main` wrapped, once the config has composed."""
+    if isinstance(sys.stderr, _WithoutAppendAdvice):
+        sys.stderr = sys.stderr.stream
+
+
 def main() -> None:
-    """The console entry point; adds a hint when Hydra rejects a key of the chosen file."""
+    """The console entry point; adds a hint when Hydra rejects a key of the chosen file
+    (a "did you mean" for a typo, instead of Hydra's advice to add it) or a value its
+    lexer cannot read unquoted."""
+    sys.stderr = _WithoutAppendAdvice(sys.stderr)
     try:
         _task()
     except SystemExit as stop:
+        restore_stderr()
         if stop.code not in (0, None):
-            hint = override_hint(sys.argv[1:], config_dir())
+            hint = override_hint(sys.argv[1:], config_dir()) or quoting_hint(sys.argv[1:])
             if hint:
                 sys.stderr.write(f"Hint: {hint}\n")
         raise
+    finally:
+        restore_stderr()

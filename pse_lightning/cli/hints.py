@@ -2,11 +2,15 @@
 
 ``attack=cw attack.eps=0.1`` fails in Hydra's composition ("Key 'eps' is not in struct"),
 whose advice, ``+attack.eps``, only moves the failure to the attack's constructor. The
-useful answer is which choices of the group have the key.
+useful answer is which choices of the group have the key, or, for a typo, the key meant
+("did you mean attack.steps?"). A value Hydra's lexer rejects (non-ASCII characters,
+brackets) gets the quoting that makes it a string.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 
 from pse_lightning.cli.check import ConfigFiles, descend
@@ -32,23 +36,68 @@ def override_hint(argv: list[str], conf_dir: Path) -> str | None:
         if key in groups:
             chosen[key] = value
     for arg in overrides:
-        group, _, rest = arg.split("=", 1)[0].partition(".")
+        name, value = arg.split("=", 1)
+        group, _, rest = name.partition(".")
         choice = chosen.get(group)
         if group not in groups or not rest or not choice or "," in choice:
             continue
-        key = rest.split(".")[0]
-        placed = files.placed(group, choice)
-        if any(key in (descend(content, pkg, group) or {}) for pkg, content in placed):
+        parent, _, leaf = name.rpartition(".")
+        keys = _keys_at(files, group, choice, parent)
+        if leaf in keys or (parent != group and not keys):
             continue
-        others = files.choices_with(group, key)
+        others = files.choices_with(group, leaf) if parent == group else []
         if others:
             return (
-                f"{group}={choice} has no setting {key}; {key} is a setting of "
+                f"{group}={choice} has no setting {leaf}; {leaf} is a setting of "
                 f"{group}={', '.join(others)}: choose one of those (e.g. {group}={others[0]} "
                 f"{arg})"
             )
-        return _unlisted_key(files, group, choice, key, arg)
+        close = difflib.get_close_matches(leaf, sorted(keys), n=1)
+        if close:
+            return (
+                f"{name} is not a setting of {group}={choice}: did you mean {parent}.{close[0]}? "
+                f"({parent}.{close[0]}={value})"
+            )
+        if parent == group:
+            return _unlisted_key(files, group, choice, leaf, arg)
     return None
+
+
+def typo_hint(argv: list[str], conf_dir: Path) -> str | None:
+    """:func:`override_hint` when it is a "did you mean", else None."""
+    hint = override_hint(argv, conf_dir)
+    return hint if hint is not None and "did you mean" in hint else None
+
+
+# Characters Hydra's override lexer takes in an unquoted value (besides letters, digits).
+_UNQUOTED = re.compile(r"[A-Za-z0-9_\-+./\\:%@?$&~ *<>!#^|]*")
+
+
+def quoting_hint(argv: list[str]) -> str | None:
+    """For the first ``key=value`` whose value Hydra's lexer rejects unquoted (non-ASCII
+    letters, brackets, quotes): the same override with the value quoted for Hydra."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        if not value or value[0] in "'\"[{" or _UNQUOTED.fullmatch(value):
+            continue
+        odd = "".join(sorted({c for c in value if not _UNQUOTED.fullmatch(c)}))
+        return (
+            f"{key}={value}: Hydra reads {odd!r} only inside quotes: quote the value for Hydra "
+            f"and the whole override for the shell, e.g. \"{key}='{value}'\""
+        )
+    return None
+
+
+def _keys_at(files: ConfigFiles, group: str, choice: str, parent: str) -> set[str]:
+    """The keys the chosen file of ``group`` (and the files it includes) puts at ``parent``."""
+    keys: set[str] = set()
+    for pkg, content in files.placed(group, choice):
+        node = descend(content, pkg, parent)
+        if isinstance(node, dict):
+            keys |= set(node)
+    return keys
 
 
 def _unlisted_key(files: ConfigFiles, group: str, choice: str, key: str, arg: str) -> str:

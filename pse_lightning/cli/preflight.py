@@ -9,12 +9,16 @@ the config needs them.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pse_lightning.validation import InputError, constructor_error
+from pse_lightning.validation import (
+    InputError,
+    constructor_error,
+    refused_load,
+    weights_file_problem,
+)
 
 _GPU_ACCELERATORS = ("gpu", "cuda")
 _ZOO_MODEL = ".RobustBenchClassifier"
@@ -92,28 +96,15 @@ def check_accelerator(trainer: DictConfig, choice: str | None) -> None:
 
 def check_checkpoint(path: Path) -> None:
     """``model_checkpoint`` must be a file torch can read as weights."""
-    if not path.is_file():
-        raise InputError(
-            f"model_checkpoint={path}: no such file; pass the path of a weights file (a "
-            "training run writes outputs/checkpoints/<model>-<dataset>-<training>-*.pt), or "
-            "drop model_checkpoint to use the cached model or train one"
-        )
-    if not zipfile.is_zipfile(path):
-        raise InputError(
-            f"model_checkpoint={path} is not a PyTorch weights file (torch.save writes a zip "
-            "archive; this file is not one: truncated, or another format): pass an intact "
-            "file, or train a new one with stage=fit"
-        )
+    problem = weights_file_problem("model_checkpoint", path)
+    if problem is not None:
+        raise InputError(problem)
     import torch
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for foreign or damaged files
-        raise InputError(
-            f"model_checkpoint={path} cannot be read as weights ({_reason(err)}): pass a "
-            "state_dict saved with torch.save(model.state_dict(), path) or a file written by "
-            "stage=fit"
-        ) from err
+        raise InputError(refused_load(f"model_checkpoint={path}", err)) from err
     if not isinstance(payload, dict):
         raise InputError(
             f"model_checkpoint={path} holds a {type(payload).__name__}, not weights: pass a "
@@ -133,11 +124,3 @@ def check_zoo_weights(model: DictConfig) -> None:
     )
     if not path.is_file():
         raise InputError(missing_zoo_weights(path, str(model.name)))
-
-
-def _reason(err: Exception) -> str:
-    """The informative line of torch's load error (not its advice on ``weights_only``)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if "Unsupported" in line or "failed" in line.lower()]
-    line = (useful or lines or [""])[-1]
-    return f"{type(err).__name__}: {line[:160]}"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pse_lightning.validation import InputError
+from pse_lightning.validation import InputError, refused_load, weights_file_problem
 
 FORMAT_VERSION = 1
 
@@ -66,18 +66,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         CheckpointError: the file is not a pse_lightning checkpoint or is corrupt.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass an existing file as model_checkpoint=... "
             "or run with stage=fit (or stage=auto) to train one"
         )
+    problem = weights_file_problem("model_checkpoint", path)
+    if problem is not None:
+        raise CheckpointError(problem)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is corrupt or "
-            "not a weights-only file: delete it and train again with stage=fit"
-        ) from err
+        raise CheckpointError(refused_load(f"model_checkpoint={path}", err)) from err
     if isinstance(payload, dict) and "state_dict" in payload and "meta_json" in payload:
         return payload["state_dict"], json.loads(payload["meta_json"])
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):

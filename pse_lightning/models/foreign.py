@@ -28,6 +28,7 @@ import torchvision
 from torch import Tensor, nn
 
 from pse_lightning.models.checkpoint import CheckpointError
+from pse_lightning.validation import refused_load, weights_file_problem
 
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
 
@@ -105,16 +106,17 @@ def read_foreign_weights(path: str | Path) -> ForeignWeights:
         CheckpointError: the file cannot be read safely or holds no state dict.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"model.weights={path} does not exist; pass an existing file")
+    problem = weights_file_problem("model.weights", path)
+    if problem is not None:
+        raise (FileNotFoundError if not path.exists() else CheckpointError)(problem)
     what = f"model.weights={path}"
-    payload = load_weights_only(path, what, "torch.save(model.state_dict(), path)")
+    payload = load_weights_only(path, what)
     return to_torchvision_layout(unwrap_state(payload, what))
 
 
-def load_weights_only(path: Path, what: str, resave: str) -> object:
-    """``torch.load(path, weights_only=True)`` on the CPU; ``what`` names the file and
-    ``resave`` is the command that re-saves it as a state dict, for the error.
+def load_weights_only(path: Path, what: str) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``what`` names the file and its
+    key (``model.weights=<path>``) for the error.
 
     Raises:
         CheckpointError: corrupt, or holding pickled objects other than tensors.
@@ -122,11 +124,7 @@ def load_weights_only(path: Path, what: str, resave: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or pickled-code files
-        first = (str(err).splitlines() or [""])[0][:160]
-        raise CheckpointError(
-            f"{what} cannot be read as weights only ({type(err).__name__}: {first}); "
-            f"re-save it as a state dict: {resave}"
-        ) from err
+        raise CheckpointError(refused_load(what, err)) from err
 
 
 def state_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> str | None:

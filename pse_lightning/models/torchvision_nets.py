@@ -265,6 +265,6 @@ class TorchvisionClassifier(Classifier):
             else "see docs/MODELS.md for the accepted layouts"
         )
         raise CheckpointError(
-            f"model.weights={path} ({found.layout} layout) does not fit model.arch={arch}: "
-            f"{problem or 'head keys missing'}; {hint}"
+            f"model.weights={path} does not match model.arch={arch}: its keys or shapes are "
+            f"another architecture's ({problem or 'head keys missing'}); {hint}"
         )

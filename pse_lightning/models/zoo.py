@@ -70,8 +70,7 @@ def read_zoo_state(path: Path, net: nn.Module) -> dict[str, Tensor]:
         CheckpointError: unreadable as weights, or keys/shapes that do not fit ``net``.
     """
     what = f"model=robustbench: {path}"
-    resave = "if you trust it, torch.save(torch.load(p, weights_only=False)['state_dict'], p)"
-    payload = load_weights_only(path, what, resave)
+    payload = load_weights_only(path, what)
     own = net.state_dict()
     state = align_keys(unwrap_state(payload, what, _WRAPPERS), set(own))
     absent = {k for k in set(own) - set(state) if k.rsplit(".", 1)[-1] in _OPTIONAL}

@@ -147,22 +147,25 @@ class CAMAnalysis(Analysis):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.method = require_choice("analysis.method", method, amaps.METHODS)
+        self.method = require_choice("analysis.cam.method", method, amaps.METHODS)
         self.layer = layer
-        self.threshold = require_in_range("analysis.threshold", threshold, 0.0, 1.0)
+        self.threshold = require_in_range("analysis.cam.threshold", threshold, 0.0, 1.0)
         self.top_area = (
             None
             if top_area is None
-            else require_in_range("analysis.top_area", top_area, 0.0, 1.0, low_open=True)
+            else require_in_range("analysis.cam.top_area", top_area, 0.0, 1.0, low_open=True)
         )
-        self.shifts = None if shifts is None else require_at_least("analysis.shifts", shifts, 1)
+        self.shifts = (
+            None if shifts is None else require_at_least("analysis.cam.shifts", shifts, 1)
+        )
         self.seed = int(seed)
         if not isinstance(pse_share, bool):
-            raise ValueError(f"analysis.pse_share must be true or false, got {pse_share!r}")
+            raise ValueError(f"analysis.cam.pse_share must be true or false, got {pse_share!r}")
         self.pse_share = pse_share
-        self.examples = require_at_least("analysis.examples", examples, 0)
+        self.examples = require_at_least("analysis.cam.examples", examples, 0)
         self.areas = tuple(
-            require_in_range("analysis.areas", float(a), 0.0, 1.0, low_open=True) for a in areas
+            require_in_range("analysis.cam.areas", float(a), 0.0, 1.0, low_open=True)
+            for a in areas
         )
         self._mapper_cache: amaps.ActivationMap | None = None
         self._object_masks: Tensor | None = None

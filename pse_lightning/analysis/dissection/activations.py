@@ -45,5 +45,7 @@ def layer_activations(
                 handle.remove()
         missing = [name for name in layers if name not in captured]
         if missing:
-            raise ValueError(f"analysis.layers {missing} did not run in the model's forward pass")
+            raise ValueError(
+                f"analysis.dissection.layers {missing} did not run in the model's forward pass"
+            )
         return {name: captured[name][:n].float() for name in layers}

@@ -219,36 +219,49 @@ class Dissection(Analysis):
         super().__init__(**kwargs)
         if layers is not None and (isinstance(layers, str) or not len(layers)):
             raise ValueError(
-                f"analysis.layers must be a non-empty list of layer names or null, got {layers!r}"
+                "analysis.dissection.layers must be a non-empty list of layer names or null, "
+                f"got {layers!r}"
             )
         self.layers = None if layers is None else [str(name) for name in layers]
         self.probe_settings = ProbeSettings(
-            quantile=require_in_range("analysis.quantile", quantile, 0.0, 0.5, low_open=True),
+            quantile=require_in_range(
+                "analysis.dissection.quantile", quantile, 0.0, 0.5, low_open=True
+            ),
             bins=_require_bins(bins),
-            max_probe_images=_optional_at_least("analysis.max_probe_images", max_probe_images),
-            top_images=require_at_least("analysis.top_images", top_images, 0),
-            cache_features=_require_bool("analysis.cache_features", cache_features),
+            max_probe_images=_optional_at_least(
+                "analysis.dissection.max_probe_images", max_probe_images
+            ),
+            top_images=require_at_least("analysis.dissection.top_images", top_images, 0),
+            cache_features=_require_bool("analysis.dissection.cache_features", cache_features),
             cache_dir=None if cache_dir is None else str(cache_dir),
-            bootstrap=require_at_least("analysis.bootstrap", bootstrap, 0),
+            bootstrap=require_at_least("analysis.dissection.bootstrap", bootstrap, 0),
             seed=int(seed),
         )
         self.summary_settings = SummarySettings(
-            iou_threshold=require_in_range("analysis.iou_threshold", iou_threshold, 0.0, 1.0),
-            permutations=require_at_least("analysis.permutations", permutations, 0),
-            bootstrap=require_at_least("analysis.bootstrap", bootstrap, 0),
+            iou_threshold=require_in_range(
+                "analysis.dissection.iou_threshold", iou_threshold, 0.0, 1.0
+            ),
+            permutations=require_at_least("analysis.dissection.permutations", permutations, 0),
+            bootstrap=require_at_least("analysis.dissection.bootstrap", bootstrap, 0),
             enrichment_top=require_in_range(
-                "analysis.enrichment_top", enrichment_top, 0.0, 1.0, low_open=True
+                "analysis.dissection.enrichment_top", enrichment_top, 0.0, 1.0, low_open=True
             ),
             seed=int(seed),
             min_category_units=require_at_least(
-                "analysis.min_category_units", min_category_units, 1
+                "analysis.dissection.min_category_units", min_category_units, 1
             ),
         )
-        self.random_baseline = _require_bool("analysis.random_baseline", random_baseline)
-        self.top_units = require_at_least("analysis.top_units", top_units, 0)
-        self.sensitive_images = require_at_least("analysis.sensitive_images", sensitive_images, 0)
+        self.random_baseline = _require_bool(
+            "analysis.dissection.random_baseline", random_baseline
+        )
+        self.top_units = require_at_least("analysis.dissection.top_units", top_units, 0)
+        self.sensitive_images = require_at_least(
+            "analysis.dissection.sensitive_images", sensitive_images, 0
+        )
         self.kept = KeptActivations(0, 0, **kwargs)  # sized by prepare
-        self.successful_only = _require_bool("analysis.successful_only", successful_only)
+        self.successful_only = _require_bool(
+            "analysis.dissection.successful_only", successful_only
+        )
         self._metric_kwargs = kwargs
         self.probe: ProbeResult | None = None
         self.baseline: tuple[nn.Module, ProbeResult] | None = None
@@ -276,7 +289,7 @@ class Dissection(Analysis):
         layers = list(self.layers or getattr(model, "dissection_layers", ()) or ())
         if not layers:
             raise ValueError(
-                "analysis.layers is null and the model names no "
+                "analysis.dissection.layers is null and the model names no "
                 "dissection_layers; set analysis.layers=[<layer name>, ...]"
             )
         table = concept_table(datamodule)
@@ -495,9 +508,11 @@ def _require_bool(key: str, value: Any) -> bool:
 
 
 def _require_bins(bins: int) -> int:
-    bins = require_at_least("analysis.bins", bins, 16)
+    bins = require_at_least("analysis.dissection.bins", bins, 16)
     if bins & (bins - 1) or bins > 1 << 16:
-        raise ValueError(f"analysis.bins must be a power of two in [16, 65536], got {bins}")
+        raise ValueError(
+            f"analysis.dissection.bins must be a power of two in [16, 65536], got {bins}"
+        )
     return bins
 
 

@@ -224,7 +224,7 @@ def unit_counts(
     for name, a in acts.items():
         if a.dim() != 4:
             raise ValueError(
-                f"analysis.layers entry {name!r} outputs shape "
+                f"analysis.dissection.layers entry {name!r} outputs shape "
                 f"{tuple(a.shape)}; dissection needs conv maps (N, K, h, w)"
             )
     return {name: a.shape[1] for name, a in acts.items()}

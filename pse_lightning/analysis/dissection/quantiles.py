@@ -51,7 +51,7 @@ def radix_schedule(bins: int) -> list[tuple[int, int]]:
     """
     width = int(bins).bit_length() - 1
     if bins < 2 or 1 << width != bins:
-        raise ValueError(f"analysis.bins must be a power of two >= 2, got {bins}")
+        raise ValueError(f"analysis.dissection.bins must be a power of two >= 2, got {bins}")
     schedule, top = [], KEY_BITS
     while top > 0:
         w = min(width, top)

@@ -285,7 +285,7 @@ def path_gradient_sums(
             if use_cl and "view size is not compatible" in str(err):
                 raise RuntimeError(
                     "the model .view()-s a channels-last activation; set "
-                    "analysis.channels_last=false (or use .reshape in the model)"
+                    "analysis.pse.channels_last=false (or use .reshape in the model)"
                 ) from err
             raise
         _add_by_sample(sum_true, grad_true, start)
@@ -398,7 +398,7 @@ def pse_attributions(
 
 def _require_method_and_mode(method: str, mode: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"analysis.method must be one of {list(METHODS)}, got {method!r}")
+        raise ValueError(f"analysis.pse.method must be one of {list(METHODS)}, got {method!r}")
     if mode not in PAIR_MODES:
         raise ValueError(f"mode must be one of {list(PAIR_MODES)}, got {mode!r}")
 

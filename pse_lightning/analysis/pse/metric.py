@@ -121,34 +121,34 @@ class PSE(Analysis):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.method = require_choice("analysis.method", method, METHODS)
-        self.steps = require_at_least("analysis.steps", steps, 1)
-        self.max_steps = require_at_least("analysis.max_steps", max_steps, steps)
-        self.tol = require_in_range("analysis.tol", tol, 0.0, 1.0, low_open=True)
-        self.tau_s = require_in_range("analysis.tau_s", tau_s, 0.0, 1.0)
-        self.tau_p = require_in_range("analysis.tau_p", tau_p, 0.0, 1.0)
+        self.method = require_choice("analysis.pse.method", method, METHODS)
+        self.steps = require_at_least("analysis.pse.steps", steps, 1)
+        self.max_steps = require_at_least("analysis.pse.max_steps", max_steps, steps)
+        self.tol = require_in_range("analysis.pse.tol", tol, 0.0, 1.0, low_open=True)
+        self.tau_s = require_in_range("analysis.pse.tau_s", tau_s, 0.0, 1.0)
+        self.tau_p = require_in_range("analysis.pse.tau_p", tau_p, 0.0, 1.0)
         if self.tau_s > self.tau_p:
             raise ValueError(
-                f"analysis.tau_s must be <= analysis.tau_p, got {tau_s} > {tau_p}; "
+                f"analysis.pse.tau_s must be <= analysis.pse.tau_p, got {tau_s} > {tau_p}; "
                 "the defaults are 0.333 and 0.667"
             )
         self.center_logits = _require_flag("center_logits", center_logits)
         self.successful_only = _require_flag("successful_only", successful_only)
         self.channels_last = _require_flag("channels_last", channels_last)
-        self.group_size = require_at_least("analysis.group_size", group_size, 1)
-        self.chunk_size = require_at_least("analysis.chunk_size", chunk_size, 1)
+        self.group_size = require_at_least("analysis.pse.group_size", group_size, 1)
+        self.chunk_size = require_at_least("analysis.pse.chunk_size", chunk_size, 1)
         self.max_rows = _require_id_bound("max_rows", max_rows)
         self.max_figures = _require_id_bound("max_figures", max_figures)
-        self.pair_classes = require_at_least("analysis.pair_classes", pair_classes, 1)
+        self.pair_classes = require_at_least("analysis.pse.pair_classes", pair_classes, 1)
         if pair_classes > MAX_PAIR_CLASSES:
             raise ValueError(
-                f"analysis.pair_classes must be <= {MAX_PAIR_CLASSES} (the pair table holds "
+                f"analysis.pse.pair_classes must be <= {MAX_PAIR_CLASSES} (the pair table holds "
                 f"pair_classes^2 slots), got {pair_classes}; pairs of larger classes are hashed "
                 "into the table, so keep the default 64"
             )
-        self.bootstrap = require_at_least("analysis.bootstrap", bootstrap, 1)
+        self.bootstrap = require_at_least("analysis.pse.bootstrap", bootstrap, 1)
         self.mixture_bootstrap = require_at_least(
-            "analysis.mixture_bootstrap", mixture_bootstrap, 0
+            "analysis.pse.mixture_bootstrap", mixture_bootstrap, 0
         )
         self._add_tally_states()
         self._add_sample_states()
@@ -486,16 +486,16 @@ class PSE(Analysis):
 
 def _require_flag(key: str, flag: object) -> bool:
     if not isinstance(flag, bool):
-        raise ValueError(f"analysis.{key} must be true or false, got {flag!r}")
+        raise ValueError(f"analysis.pse.{key} must be true or false, got {flag!r}")
     return flag
 
 
 def _require_id_bound(key: str, value: int) -> int:
     """A sample bound: dataset indices below it are stored exactly in a float32 state."""
-    value = require_at_least(f"analysis.{key}", value, 0)
+    value = require_at_least(f"analysis.pse.{key}", value, 0)
     if value > EXACT_ID_LIMIT:
         raise ValueError(
-            f"analysis.{key} must be <= {EXACT_ID_LIMIT} (ids are kept in float32 states), "
+            f"analysis.pse.{key} must be <= {EXACT_ID_LIMIT} (ids are kept in float32 states), "
             f"got {value}; keep fewer samples"
         )
     return value
