@@ -163,6 +163,7 @@ def test_value_the_lexer_rejects_gets_the_quoting_hint() -> None:
     hint = quoting_hint(["logger=none", "paths.root=/data/Ünïcode dir"])
     assert hint is not None and "\"paths.root='/data/Ünïcode dir'\"" in hint
     assert quoting_hint(["paths.root=/data/plain dir", "seed=1"]) is None
+    assert quoting_hint(["-m", "attack=fgsm,pgd"]) is None  # a sweep, not a lexer error
 
 
 def test_weights_of_another_architecture_say_the_keys_do_not_match(tmp_path: Path) -> None:

@@ -70,7 +70,8 @@ def typo_hint(argv: list[str], conf_dir: Path) -> str | None:
 
 
 # Characters Hydra's override lexer takes in an unquoted value (besides letters, digits).
-_UNQUOTED = re.compile(r"[A-Za-z0-9_\-+./\\:%@?$&~ *<>!#^|]*")
+# What Hydra's lexer reads in an unquoted value; ',' separates the values of a sweep (-m).
+_UNQUOTED = re.compile(r"[A-Za-z0-9_\-+./\\:%@?$&~ *<>!#^|,]*")
 
 
 def quoting_hint(argv: list[str]) -> str | None:
