@@ -70,3 +70,13 @@ def test_the_python_api_refuses_an_empty_checkpoint_before_the_data(make_cfg, tm
     with pytest.raises(InputError, match="model_checkpoint is empty"):
         pipeline.run(cfg)
     assert not data.exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_outside_numpys_range_is_refused_before_any_work(seed: int) -> None:
+    """``seed=-1`` used to fail in numpy after 9.5 s of start-up, with numpy's message."""
+    cfg = _compose(f"seed={seed}")
+    with pytest.raises(InputError, match=rf"^seed must be in \[0, 2\*\*32 - 1\].*got {seed}"):
+        check_config(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+    ok = _compose(f"seed={2**32 - 1}")
+    check_config(ok, dict(ok.hydra.runtime.choices), CONF_DIR)

@@ -189,6 +189,7 @@ def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: P
     files = ConfigFiles(conf_dir, search_path_dirs(cfg))
     _check_top_level(cfg, files)
     check_required_values(cfg)
+    _check_seed(value_of(cfg, "seed"))
     for group in files.groups():
         node = cfg.get(group)
         if isinstance(node, DictConfig):
@@ -203,6 +204,16 @@ def check_required_values(cfg: DictConfig) -> None:
         node = cfg.get(group) if group else cfg
         if isinstance(node, DictConfig) and key in node:
             require("require_value", path, node._get_node(key)._value())
+
+
+def _check_seed(seed: object) -> None:
+    """numpy and the data generators take seeds in [0, 2**32 - 1]: say so before any work
+    (a negative seed used to fail in numpy after the data module had started)."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
+        raise InputError(
+            f"seed must be in [0, 2**32 - 1] (numpy's seed range), got {seed}; pass a "
+            "non-negative integer such as seed=0"
+        )
 
 
 def _check_top_level(cfg: DictConfig, files: ConfigFiles) -> None:
