@@ -261,9 +261,10 @@ class CAM(ActivationMap):
         scale = 1e-3 * (1.0 + expected.abs())
         if not torch.all((pooled + bias - expected).abs() <= scale):
             raise ValueError(
-                f"analysis.method=cam needs logits = head(global average of the feature layer),"
-                f" but {type(model).__name__}.head={getattr(model, 'head', None)!r} does not "
-                f"reproduce them from {self.resolve_layer(model)!r}; use analysis.method=gradcam"
+                "analysis.cam.method=cam needs logits = head(global average of the feature "
+                f"layer), but {type(model).__name__}.head={getattr(model, 'head', None)!r} "
+                f"does not reproduce them from {self.resolve_layer(model)!r}; use "
+                "analysis.cam.method=gradcam"
             )
 
 
@@ -296,20 +297,20 @@ def _linear_head(model: nn.Module) -> nn.Linear:
     name = getattr(model, "head", None)
     if not name:
         raise ValueError(
-            f"analysis.method=cam needs a GAP + linear head, but {type(model).__name__} has "
-            "head=None; use analysis.method=gradcam (or auto)"
+            f"analysis.cam.method=cam needs a GAP + linear head, but {type(model).__name__} has "
+            "head=None; use analysis.cam.method=gradcam (or auto)"
         )
     head = model.get_submodule(name)
     if not isinstance(head, nn.Linear):
         raise ValueError(
-            f"analysis.method=cam needs model.head to be nn.Linear, got {type(head).__name__} "
-            f"at {name!r}; use analysis.method=gradcam"
+            f"analysis.cam.method=cam needs model.head to be nn.Linear, got {type(head).__name__} "
+            f"at {name!r}; use analysis.cam.method=gradcam"
         )
     return head
 
 
 def activation_map_for(
-    model: nn.Module, method: str = "auto", layer: str | None = None, key: str = "analysis"
+    model: nn.Module, method: str = "auto", layer: str | None = None, key: str = "analysis.cam"
 ) -> ActivationMap:
     """CAM when the model has a GAP + linear head (``model.head``), else Grad-CAM.
 
