@@ -80,3 +80,18 @@ def test_a_seed_outside_numpys_range_is_refused_before_any_work(seed: int) -> No
         check_config(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
     ok = _compose(f"seed={2**32 - 1}")
     check_config(ok, dict(ok.hydra.runtime.choices), CONF_DIR)
+
+
+def test_a_target_override_outside_the_package_and_the_config_files_is_refused() -> None:
+    """``instantiate`` would import and call any ``_target_``: only this package's classes
+    and those a config file names (conf/ or an extension folder) are accepted."""
+    for target in ("os.system", "subprocess.Popen"):
+        cfg = _compose(f"attack._target_={target}")
+        with pytest.raises(InputError, match=rf"^attack._target_={target} is not allowed"):
+            check_config(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+    # torch.optim.SGD is named by no config file; AdamW (conf/training) is
+    cfg = _compose("training.optimizer._target_=torch.optim.SGD")
+    with pytest.raises(InputError, match="training.optimizer._target_=torch.optim.SGD"):
+        check_config(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+    ok = _compose("attack._target_=pse_lightning.attacks.PGD", "attack=pgd")
+    check_config(ok, dict(ok.hydra.runtime.choices), CONF_DIR)

@@ -25,6 +25,8 @@ from pse_lightning.cli.source import NO_VALUE, find_definition, literal
 from pse_lightning.validation import InputError
 
 #: Keys Hydra's instantiate reads itself.
+OWN_PACKAGE = "pse_lightning."
+_TARGET_LINE = re.compile(r"^\s*_target_:\s*['\"]?([\w.]+)", re.MULTILINE)
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 _PACKAGE = re.compile(r"^#\s*@package\s+(\S+)", re.MULTILINE)
 
@@ -116,6 +118,15 @@ class ConfigFiles:
         if len(seen) != 1 or seen & {"list", "dict"}:
             return None
         return Kind(frozenset({"int", "float"}) if seen == {"float"} else frozenset(seen))
+
+    @functools.cached_property
+    def targets(self) -> frozenset[str]:
+        """Every ``_target_`` a config file names (``conf/`` and the search path's folders)."""
+        found: set[str] = set()
+        for folder in self.dirs:
+            for path in folder.rglob("*.yaml"):
+                found |= set(_TARGET_LINE.findall(path.read_text(encoding="utf-8")))
+        return frozenset(found)
 
     def choices_with(self, group: str, key: str) -> list[str]:
         """The choices of ``group`` that set ``group.key``."""
@@ -264,7 +275,17 @@ def _check_node(
 def _check_target(
     node: DictConfig, path: str, files: ConfigFiles, choices: Mapping[str, str | None]
 ) -> None:
-    signature = signature_of(str(node._target_))
+    target = str(node._target_)
+    if not target.startswith(OWN_PACKAGE) and target not in files.targets:
+        # instantiate() imports and calls whatever a _target_ names: an override may only
+        # pick this package's classes, or ones a config file (conf/ or an extension folder
+        # on hydra.searchpath) names.
+        raise InputError(
+            f"{path}._target_={target} is not allowed: a _target_ override must name a class "
+            f"of {OWN_PACKAGE.rstrip('.')} or one a config file names; put an extension's "
+            "YAML in a folder on hydra.searchpath (README, Extending)"
+        )
+    signature = signature_of(target)
     if signature is None:
         return  # not plain Python source (an extension module): instantiation checks it
     values: dict[str, object] = {}
