@@ -95,3 +95,13 @@ def test_a_target_override_outside_the_package_and_the_config_files_is_refused()
         check_config(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
     ok = _compose("attack._target_=pse_lightning.attacks.PGD", "attack=pgd")
     check_config(ok, dict(ok.hydra.runtime.choices), CONF_DIR)
+
+
+@pytest.mark.parametrize("devices", [0, -2])
+def test_a_device_count_lightning_cannot_use_is_refused_before_any_work(devices: int) -> None:
+    cfg = _compose("trainer=ddp_cpu", f"trainer.devices={devices}")
+    with pytest.raises(InputError, match=rf"^trainer.devices must be .*got {devices}"):
+        check_config(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+    for ok in (1, -1):
+        good = _compose("trainer=ddp_cpu", f"trainer.devices={ok}")
+        check_config(good, dict(good.hydra.runtime.choices), CONF_DIR)

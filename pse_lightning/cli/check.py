@@ -201,6 +201,9 @@ def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: P
     _check_top_level(cfg, files)
     check_required_values(cfg)
     _check_seed(value_of(cfg, "seed"))
+    trainer = cfg.get("trainer")
+    if isinstance(trainer, DictConfig) and "devices" in trainer:
+        _check_devices(value_of(trainer, "devices"))
     for group in files.groups():
         node = cfg.get(group)
         if isinstance(node, DictConfig):
@@ -224,6 +227,21 @@ def _check_seed(seed: object) -> None:
         raise InputError(
             f"seed must be in [0, 2**32 - 1] (numpy's seed range), got {seed}; pass a "
             "non-negative integer such as seed=0"
+        )
+
+
+def _check_devices(devices: object) -> None:
+    """Lightning takes a count >= 1, -1 (all), 'auto' or a list; 0 used to fail in Lightning
+    with 15 lines after 24 s of start-up."""
+    if (
+        isinstance(devices, int)
+        and not isinstance(devices, bool)
+        and devices < 1
+        and devices != -1
+    ):
+        raise InputError(
+            f"trainer.devices must be a count >= 1, -1 (all) or auto, got {devices}; "
+            "pass trainer.devices=1 (or 2 for trainer=ddp_cpu)"
         )
 
 
