@@ -49,8 +49,8 @@ class Finding:
         p: the test's p-value (one-sided when ``direction`` is one-sided).
         direction: the claimed direction of the effect relative to ``null``.
         null: the value of "no effect" (0 for a difference, 0.05 for a share that "occurs").
-        size: the smallest effect beyond ``null`` that counts as the claim; an interval
-            that excludes every such effect makes the claim *not supported*.
+        size: the smallest effect beyond ``null`` that counts as the claim (>= 0); an
+            interval that excludes every such effect makes the claim *not supported*.
         status: "" when testable, else ``not measured`` or ``untestable``.
         note: why it is untestable or not measured, or a caveat the reader needs.
         p_holm: p after Holm over the family it was judged in (set by :func:`judge`).
@@ -101,25 +101,27 @@ def judge(found: Sequence[Finding]) -> list[Finding]:
 
 
 def verdict(f: Finding, p_holm: float) -> str:
-    """The rule of the module docstring for one testable finding."""
+    """The rule of the module docstring for one testable finding.
+
+    A "less" claim is a "greater" claim on the negated scale. With ``size`` >= 0, an interval
+    below ``null`` (the test rejecting the other way) is below ``null + size`` too, so one
+    comparison covers both ways of "not supported".
+    """
     if any(math.isnan(v) for v in (f.low, f.high)) or math.isnan(p_holm):
         return INCONCLUSIVE
     rejects = p_holm < ALPHA
-    if f.direction == "greater":
-        if rejects and f.low > f.null:
-            return SUPPORTED
-        if f.high < f.null + f.size or (rejects and f.high < f.null):
-            return NOT_SUPPORTED
-    elif f.direction == "less":
-        if rejects and f.high < f.null:
-            return SUPPORTED
-        if f.low > f.null - f.size or (rejects and f.low > f.null):
-            return NOT_SUPPORTED
-    else:
+    if f.direction == "two-sided":
         if rejects and (f.low > f.null or f.high < f.null):
             return SUPPORTED
         if f.size > 0 and f.null - f.size < f.low and f.high < f.null + f.size:
             return NOT_SUPPORTED
+        return INCONCLUSIVE
+    sign = 1.0 if f.direction == "greater" else -1.0
+    low, high = sorted((sign * f.low, sign * f.high))
+    if rejects and low > sign * f.null:
+        return SUPPORTED
+    if high < sign * f.null + f.size:
+        return NOT_SUPPORTED
     return INCONCLUSIVE
 
 

@@ -9,8 +9,9 @@ Two findings, each a Wilcoxon signed-rank test over images with its Hodges–Leh
   class's maps sit differently from other classes'; the other-class null and the lift over
   a random mask do not, so they appear only as context in the note.
 - ``cam_vs_object`` (where the dataset has ground-truth object masks): the true class's CAM
-  region against the object mask of the same area, two-sided, so that a perturbation that
-  is merely on the object is told apart from one specific to the CAM.
+  region against the object mask of the same area, directional ("greater": specific to the
+  CAM beyond the object), so that a perturbation that is merely on the object makes the
+  claim *not supported*; the note says which side the interval is on.
 """
 
 from __future__ import annotations
