@@ -451,6 +451,19 @@ def centre_blobs(n: int, size: int, gen: torch.Generator, width: float) -> Tenso
     return torch.exp(-r2 / (2 * width**2)) * (0.25 + noise)
 
 
+def planted_draw(
+    total: int, gen: torch.Generator, own_width: float, other_width: float, planted: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chunk of the CAM nulls: centre-biased energy and top-20 % masks of the true and
+    of another class, with the energy inside the true-class mask scaled by 1 + planted.
+    Returns (delta (total, 1, 16, 16), own mask, other mask, IS² of delta in own)."""
+    energy = centre_blobs(total, 16, gen, width=4.0)
+    own = amaps.top_area_mask(centre_blobs(total, 16, gen, width=own_width), 0.2)
+    other = amaps.top_area_mask(centre_blobs(total, 16, gen, width=other_width), 0.2)
+    delta = (energy * (1 + planted * own)).sqrt()[:, None]
+    return delta, own, other, fcam.interpretability_score(delta, own) ** 2
+
+
 FULL_NULLS, POWER_SETS = 2000, 500  # sets per null / per planted direction (slow tests)
 
 
@@ -474,12 +487,7 @@ def other_class_tests(
     gen = torch.Generator().manual_seed(7)
     tests: dict[str, list[Tensor]] = {name: [] for name in names}
     for chunk in torch.arange(reps).split(250):  # images drawn in chunks: bounded memory
-        total = len(chunk) * n
-        energy = centre_blobs(total, 16, gen, width=4.0)
-        own = amaps.top_area_mask(centre_blobs(total, 16, gen, width=3.0), 0.2)
-        other = amaps.top_area_mask(centre_blobs(total, 16, gen, width=3.0), 0.2)
-        delta = (energy * (1 + planted * own)).sqrt()[:, None]
-        own_sq = fcam.interpretability_score(delta, own) ** 2
+        delta, own, other, own_sq = planted_draw(len(chunk) * n, gen, 3.0, 3.0, planted)
         every = {
             "specific": own_sq - fcam.interpretability_score(delta, other) ** 2,
             "excess": own_sq - amaps.mask_area(own),
@@ -553,12 +561,7 @@ def same_class_tests(planted: float, reps: int, n: int = 40) -> dict[str, Tensor
     shifts = fcam.choose_shifts(16, 16, 100, 0)
     tests: dict[str, list[Tensor]] = {"same_class": [], "other_class": [], "cyclic_shift": []}
     for chunk in torch.arange(reps).split(200):  # images drawn in chunks: bounded memory
-        total = len(chunk) * n
-        energy = centre_blobs(total, 16, gen, width=4.0)
-        own = amaps.top_area_mask(centre_blobs(total, 16, gen, width=1.5), 0.2)
-        other = amaps.top_area_mask(centre_blobs(total, 16, gen, width=6.0), 0.2)
-        delta = (energy * (1 + planted * own)).sqrt()[:, None]
-        own_sq = fcam.interpretability_score(delta, own) ** 2
+        delta, own, other, own_sq = planted_draw(len(chunk) * n, gen, 1.5, 6.0, planted)
         partner = own.view(len(chunk), n, 16, 16)[:, partners].flatten(0, 1)
         tests["same_class"].append(own_sq - fcam.interpretability_score(delta, partner) ** 2)
         tests["other_class"].append(own_sq - fcam.interpretability_score(delta, other) ** 2)

@@ -75,15 +75,20 @@ CASES = {
 }
 
 
+def assert_told_apart(message: str, key: str, path: Path, case: str) -> None:
+    """One line naming ``key=path`` that says what ``CASES[case]`` says and nothing the
+    other cases say."""
+    said, unsaid = CASES[case]
+    assert message.startswith(f"{key}={path}") and "\n" not in message
+    assert said in message and not any(word in message for word in unsaid), message
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_model_checkpoint_problems_are_told_apart(tmp_path: Path, monkeypatch, case) -> None:
     path = _problem(tmp_path, case, monkeypatch)
     with pytest.raises(InputError) as err:
         check_checkpoint(path)
-    message = str(err.value)
-    said, unsaid = CASES[case]
-    assert message.startswith(f"model_checkpoint={path}") and "\n" not in message
-    assert said in message and not any(word in message for word in unsaid), message
+    assert_told_apart(str(err.value), "model_checkpoint", path, case)
 
 
 @pytest.mark.parametrize("case", ["directory", "permission", "truncated", "pickled"])
@@ -91,10 +96,7 @@ def test_model_weights_problems_are_told_apart(tmp_path: Path, monkeypatch, case
     path = _problem(tmp_path, case, monkeypatch)
     with pytest.raises(CheckpointError) as err:
         read_foreign_weights(path)
-    message = str(err.value)
-    said, unsaid = CASES[case]
-    assert message.startswith(f"model.weights={path}") and "\n" not in message
-    assert said in message and not any(word in message for word in unsaid), message
+    assert_told_apart(str(err.value), "model.weights", path, case)
 
 
 def test_cached_checkpoint_reader_tells_the_same_truth(tmp_path: Path, monkeypatch) -> None:
