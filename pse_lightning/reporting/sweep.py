@@ -19,6 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pse_lightning.core.findings import Finding, rule_text
 from pse_lightning.core.pse_types import DOMINANCE_TYPES as PSE_TYPES
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 from pse_lightning.reporting.findings import findings_markdown
@@ -37,7 +38,15 @@ from pse_lightning.reporting.sweep_jobs import (
     variant_order,
     variant_title,
 )
-from pse_lightning.reporting.sweep_stats import RULE, comparison_findings, comparison_plan
+from pse_lightning.reporting.sweep_stats import (
+    CLEAN,
+    MODELS,
+    PROCEDURES,
+    ROBUST,
+    RULE,
+    comparison_findings,
+    comparison_plan,
+)
 from pse_lightning.reporting.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -97,6 +106,26 @@ def comparison_tables(summary: dict[str, dict[str, Any]], title: str, attacks: l
     return "\n".join(parts)
 
 
+# Each Holm family's heading in comparison.md.
+FAMILY_HEADINGS = {
+    PROCEDURES: "## Findings: training procedures (seeds as replicates)",
+    ROBUST: "## Findings",
+    CLEAN: "## Findings: clean accuracy",
+    MODELS: "## Findings: two trained models, seed by seed",
+}
+
+
+def findings_sections(findings: list[Finding], records: list[dict]) -> dict[str, str]:
+    """family -> its heading, Findings table and rule (one Holm family per table)."""
+    sections = {}
+    for family, heading in FAMILY_HEADINGS.items():
+        mine = [f for f, r in zip(findings, records, strict=True) if r["family"] == family]
+        if mine:
+            table = findings_markdown(mine, rule_text("table"))
+            sections[family] = "\n".join([heading, "", table, ""])
+    return sections
+
+
 def _claims_section(table: str, attacks_only: bool) -> list[str]:
     """The claims of every job side by side, first in the report."""
     what = "attack" if attacks_only else "job"
@@ -130,24 +159,25 @@ def write_comparison(sweep_dir: Path) -> Path | None:
     ]
     means = (
         f" With {len(replicates)} seeds (replicates: each variant trained once per seed), "
-        "the tables show means over the seeds and the Findings pair the variants within "
-        "each seed."
+        "the tables show means over the seeds; the procedures are compared over the seeds, "
+        "and each seed's two trained models image by image."
         if len(replicates) > 1
         else ""
     )
     row = "variant" if title == "variant" else f"{title} variant"
+    sections = findings_sections(findings, records)
+    rest = [sections[f] for f in (ROBUST, CLEAN, MODELS) if f in sections]
     text = "\n".join([
         f"# Comparison of {len(jobs)} jobs",
         "",
+        *([sections[PROCEDURES]] if PROCEDURES in sections else []),
         *(_claims_section(claims[0], len(variants) == len(replicates) == 1) if claims else []),
         f"Each row is one {row}, evaluated with the same attacks (columns) on the "
         "same test images. Robust accuracy is the share of all evaluated images classified "
         f"correctly both clean and under attack.{means}",
         "",
-        "## Findings",
-        "",
-        findings_markdown(findings, RULE) if findings else "Only one variant: nothing to compare.",
-        "",
+        *(rest or ["## Findings", "", "Only one variant: nothing to compare.", ""]),
+        *([RULE, ""] if findings else []),
         comparison_tables(summary, title, attacks),
         "",
         *[f"![{f.stem}]({f.name})" for f in figures if f is not None],
