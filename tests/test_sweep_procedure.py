@@ -41,8 +41,9 @@ DISCORDANT = 0.077
 
 
 def _probit(acc: float, tau: float = TAU) -> tuple[float, float]:
-    """(intercept, slope): the latent intercept of a procedure of accuracy ``acc`` and the
-    derivative of accuracy with respect to a latent shift there."""
+    """(intercept, slope) of a procedure of accuracy ``acc`` (no seed or procedure-by-image
+    effects): its latent intercept and the derivative of accuracy with respect to a latent
+    shift there (turns sigma_seed on the accuracy scale into a latent SD)."""
     scale = math.sqrt(tau**2 + 1)
     return float(norm.ppf(acc)) * scale, float(norm.pdf(norm.ppf(acc))) / scale
 
@@ -66,18 +67,18 @@ def simulate(
     models are); a_Vs: the seed's model lands at its own accuracy, SD ``sigma_seed`` on the
     accuracy scale, independent between A and B; e ~ N(0, 1): which images a trained model
     happens to get right; w_i ~ N(0, ``omega``²): images one procedure protects better than
-    the other (0 on average). Every seed is evaluated on the same test images. A's
-    intercept sits ``delta`` (accuracy scale, to first order) above B's.
+    the other (0 on average). Every seed is evaluated on the same test images. Over images
+    and seeds, A's accuracy is ACC + ``delta`` and B's ACC.
     """
-    c, slope = _probit(ACC)
-    sigma_a = sigma_seed / slope
+    sigma_a = sigma_seed / _probit(ACC)[1]
+    scale = math.sqrt(TAU**2 + 1 + sigma_a**2 + omega**2 / 4)
     z = TAU * torch.randn(sets, 1, images, generator=gen, dtype=torch.float64)
     w = omega * torch.randn(sets, 1, images, generator=gen, dtype=torch.float64)
     out, truth = [], []
-    for shift, sign in ((delta / slope, 1.0), (0.0, -1.0)):
+    for acc, sign in ((ACC + delta, 1.0), (ACC, -1.0)):
         a = sigma_a * torch.randn(sets, seeds, 1, generator=gen, dtype=torch.float64)
         e = torch.randn(sets, seeds, images, generator=gen, dtype=torch.float64)
-        latent = c + shift + z + sign * w / 2
+        latent = float(norm.ppf(acc)) * scale + z + sign * w / 2
         out.append(latent + a + e > 0)
         # P(correct) of image i over the training seeds: Φ(latent / sqrt(1 + σ_a²)).
         truth.append(torch.special.ndtr(latent / math.sqrt(1 + sigma_a**2)).mean((-2, -1)))
@@ -150,6 +151,8 @@ def test_the_simulated_models_look_like_the_study() -> None:
 # Calibration and power -----------------------------------------------------------------
 
 SIGMAS = (0.005, 0.01, 0.02)
+# (seeds, sigma_seed) -> the difference planted for the power checks.
+PLANTED = {(3, 0.005): 0.08, (3, 0.01): 0.08, (3, 0.02): 0.12, (5, 0.01): 0.05}
 
 
 def _null_and_planted(sets: int, seeds: int, sigma: float, delta: float, seed: int):
@@ -173,10 +176,10 @@ def test_procedure_test_holds_its_level_under_a_seed_null(seeds: int, sigma: flo
     """2000 null sets (each procedure's seeds land at their own accuracy, SD sigma; images
     correlated between the variants): FPR within tests/calibration.py's bound, and the
     same test rejecting at p <= 0.075 outside it; power >= 0.8 on a planted difference in
-    each direction (0.08 with 3 seeds, 0.05 with 5; power of a two-point difference is the
-    table of test_seeds_for_a_two_point_difference). The 95 % interval covers each set's
-    true difference (on its test images) in a share coverage_region accepts."""
-    delta = 0.08 if seeds == 3 else 0.05
+    each direction (PLANTED: large enough for power well above 0.8; the power of a 2-point
+    difference is test_the_seed_table_holds_in_simulation's). The 95 % interval covers
+    each set's true difference (on its test images) in a share coverage_region accepts."""
+    delta = PLANTED[seeds, sigma]
     null, up, down = _null_and_planted(2000, seeds, sigma, delta, seed=2)
     rates = check_two_sided("procedure t", null[0], up[:2], down[:2])
     gen = torch.Generator().manual_seed(3)
@@ -185,6 +188,24 @@ def test_procedure_test_holds_its_level_under_a_seed_null(seeds: int, sigma: flo
     covered = int(((low <= truth) & (truth <= high)).sum())
     coverage_region(1200).check(covered, "procedure t interval coverage")
     print(f"S={seeds} sigma={sigma}: {rates}, coverage {covered / 1200:.4f}")
+
+
+@pytest.mark.slow
+def test_the_test_is_about_the_test_set_when_procedures_favour_different_images() -> None:
+    """Procedures equal on average over images, but each protecting its own images better
+    (omega = 2: w_i ~ N(0, 4) on the probit scale), every seed on the same test images: the
+    interval covers the test set's true difference (what it claims) in a share
+    coverage_region accepts, while "the procedures differ over the image population" is
+    rejected in more than a level-0.05 test may show (the rate is in docs/METHODS.md
+    §7.12: the cost of holding the test images fixed)."""
+    gen = torch.Generator().manual_seed(9)
+    a, b, truth = simulate(gen, 2000, 3, sigma_seed=0.01, omega=2.0)
+    p, _, low, high = procedure_p(a, b)
+    covered = int(((low <= truth) & (truth <= high)).sum())
+    coverage_region(2000).check(covered, "coverage of the test set's difference")
+    population = rejections(p)
+    assert not fpr_region(2000).accepts(population), population
+    print(f"omega=2: coverage {covered / 2000:.4f}, population FPR {population / 2000:.4f}")
 
 
 def _bootstrap_over_seeds(differences: Tensor, gen: torch.Generator, reps: int = 1000) -> Tensor:
@@ -223,7 +244,7 @@ def _mcnemar_as_procedure_test(a: Tensor, b: Tensor) -> Tensor:
 
 def test_the_per_seed_mcnemar_is_no_procedure_test() -> None:
     """Under a seed null (sigma_seed 0.01: the procedures are equal, their trained models
-    are not), McNemar on one seed's two models rejects in about 20 % of the sets: it tests
+    are not), McNemar on one seed's two models rejects in about 14 % of the sets: it tests
     the two models, and the training noise between them is a real difference between those
     models. The procedure test on the same sets holds its level."""
     gen = torch.Generator().manual_seed(5)
@@ -238,13 +259,16 @@ def test_the_per_seed_mcnemar_is_no_procedure_test() -> None:
 @pytest.mark.slow
 def test_the_per_seed_mcnemar_rejects_the_seed_null_at_every_spread() -> None:
     """2000 null sets per sigma_seed: the per-seed McNemar's rate of "the procedures
-    differ" (numbers in docs/METHODS.md §7.12)."""
+    differ" (numbers in docs/METHODS.md §7.12): beyond the bound of a level-0.05 test from
+    sigma_seed 0.01 on (at 0.005 the training noise is small beside the image noise, and
+    the exact test, conservative on its own null, lands near 0.05)."""
     for sigma in SIGMAS:
         gen = torch.Generator().manual_seed(6)
         with one_thread():
             a, b, _ = simulate(gen, 2000, 1, sigma_seed=sigma)
             rate = rejections(_mcnemar_as_procedure_test(a, b))
-        assert not fpr_region(2000).accepts(rate), (sigma, rate)
+        if sigma >= 0.01:
+            assert not fpr_region(2000).accepts(rate), (sigma, rate)
         print(f"McNemar as a procedure test, sigma={sigma}: {rate / 2000:.4f}")
 
 
