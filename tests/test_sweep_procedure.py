@@ -5,7 +5,9 @@ McNemar test shown to be no procedure test."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +21,12 @@ from calibration import (
     rejections,
 )
 from scipy.stats import nct, norm, t, ttest_1samp
+from test_sweep import _first, _job
 from torch import Tensor
 
 from pse_lightning.core.proportions import mcnemar_exact
 from pse_lightning.core.replicates import procedure_difference, seed_t_test
+from pse_lightning.reporting.sweep import write_comparison
 from pse_lightning.reporting.sweep_jobs import Job
 from pse_lightning.reporting.sweep_stats import (
     PROCEDURE_GAIN,
@@ -349,3 +353,64 @@ def test_the_seed_table_holds_in_simulation(sigma: float) -> None:
     power3 = rejections(p3, estimate3, sign=1) / 1000
     print(f"sigma={sigma}: {seeds} seeds power {power:.3f}; 3 seeds {power3:.3f}")
     assert power >= 0.77 and power3 < 0.6
+
+
+# A seeded sweep on disk ----------------------------------------------------------------
+
+# seed -> training -> the first k of 400 images survive PGD; pse_at − pgd_at = 0.10, 0.12,
+# 0.11 (mean 0.11, seed-to-seed SD 0.01).
+THREE_SEEDS = {
+    "0": {"standard": 8, "pgd_at": 200, "pse_at": 240},
+    "1": {"standard": 12, "pgd_at": 210, "pse_at": 258},
+    "2": {"standard": 10, "pgd_at": 190, "pse_at": 234},
+}
+
+
+@pytest.fixture
+def three_seeds(tmp_path: Path) -> Path:
+    num = 0
+    for seed, robust in THREE_SEEDS.items():
+        for training, k in robust.items():
+            overrides = {"training": training, "seed": seed, "attack": "pgd"}
+            clean = _first(396 if training == "standard" else 380)
+            _job(tmp_path, num, overrides, clean, _first(k))
+            num += 1
+    return tmp_path
+
+
+def test_a_three_seed_sweep_opens_with_the_procedure_finding(three_seeds: Path) -> None:
+    """Old main: the row over seeds was untestable and the report opened with the per-seed
+    McNemar tests, all in one Holm family with the clean comparisons."""
+    text = write_comparison(three_seeds).read_text()
+    result = json.loads((three_seeds / "comparison.json").read_text())
+    rows = {r["key"]: r for r in result["comparisons"]}
+    row = rows["robust/pse_at_vs_pgd_at/pgd"]
+    ref = ttest_1samp([0.10, 0.12, 0.11], 0.0)
+    assert row["p"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(ref.confidence_interval(0.95))
+    assert row["sd_difference"] == pytest.approx(0.01)
+    assert row["acc_variant"] == pytest.approx([0.6, 0.645, 0.585])
+    assert row["acc_baseline"] == pytest.approx([0.5, 0.525, 0.475])
+    # Holm over the 3 procedure claims only: this one has the largest p (rank 3, x1).
+    assert row["p_holm"] == pytest.approx(row["p"])
+    assert result["verdicts"]["robust/pse_at_vs_pgd_at/pgd"] == "supported"
+    assert row["size"] == PROCEDURE_GAIN
+    first = text.index("\n## ")
+    assert text[first:].startswith("\n## Findings: training procedures (seeds as replicates)")
+    assert (
+        "| pse_at is more robust than pgd_at under pgd | +0.110 [+0.085, +0.135], "
+        "seed-to-seed SD 0.010 over 3 seeds: 0.600 − 0.500 (seed 0), 0.645 − 0.525 (seed 1), "
+        "0.585 − 0.475 (seed 2) | t-test over training seeds" in text
+    )
+
+
+def test_a_seed_without_outcomes_is_left_out_of_the_procedure_test(three_seeds: Path) -> None:
+    for job in ("6", "7", "8"):  # seed 2's outcomes missing
+        (three_seeds / job / "outcomes.json").unlink()
+    write_comparison(three_seeds)
+    result = json.loads((three_seeds / "comparison.json").read_text())
+    row = next(r for r in result["comparisons"] if r["key"] == "robust/pse_at_vs_pgd_at/pgd")
+    assert row["n_seeds"] == 2 and row["differences"] == pytest.approx([0.10, 0.12])
+    assert result["verdicts"]["robust/pse_at_vs_pgd_at/pgd/seed=2"] == "not measured"
+    text = (three_seeds / "comparison.md").read_text()
+    assert "seed(s) 2 without per-image outcomes left out" in text

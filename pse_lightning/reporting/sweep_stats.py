@@ -249,10 +249,12 @@ def _over_seeds(c: Comparison, jobs: list[Job], planned: list[Comparison]) -> tu
         f"{stats['difference']:+.3f} [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}], "
         f"seed-to-seed SD {stats['sd_difference']:.3f} over {stats['seeds']} seeds: {each}"
     )
+    missing = [p.seed for p in planned if p.seed not in names]
+    note = f"seed(s) {', '.join(missing)} without per-image outcomes left out" if missing else ""
     finding = Finding(
         pooled.key, pooled.claim, effect, PROCEDURE_TEST,
         estimate=stats["difference"], low=stats["ci_low"], high=stats["ci_high"], p=stats["p"],
-        direction=direction, size=PROCEDURE_GAIN,
+        direction=direction, size=PROCEDURE_GAIN, note=note,
     )  # fmt: skip
     seeds = [[s, d] for s, d in zip(names, stats["differences"], strict=True)]
     extra = {"seeds": seeds, "n_seeds": stats["seeds"], "mean_difference": stats["difference"]}
@@ -281,7 +283,7 @@ def comparison_findings(
             continue
         judged += judge([f for f, _ in members])
         records += [
-            r | {"p_holm": f.p_holm, "verdict": f.verdict}
+            r | {"p_holm": f.p_holm, "verdict": f.verdict, "size": f.size, "note": f.note}
             for f, (_, r) in zip(judged[-len(members) :], members, strict=True)
         ]
     return judged, records
