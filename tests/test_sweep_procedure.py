@@ -159,7 +159,9 @@ SIGMAS = (0.005, 0.01, 0.02)
 PLANTED = {(3, 0.005): 0.08, (3, 0.01): 0.08, (3, 0.02): 0.12, (5, 0.01): 0.05}
 
 
-def _null_and_planted(sets: int, seeds: int, sigma: float, delta: float, seed: int):
+def _null_and_planted(
+    sets: int, seeds: int, sigma: float, delta: float, seed: int
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
     gen = torch.Generator().manual_seed(seed)
     null = procedure_p(*simulate(gen, sets, seeds, sigma_seed=sigma)[:2])
     up = procedure_p(*simulate(gen, sets // 4, seeds, sigma_seed=sigma, delta=delta)[:2])
@@ -182,7 +184,9 @@ def test_procedure_test_holds_its_level_under_a_seed_null(seeds: int, sigma: flo
     same test rejecting at p <= 0.075 outside it; power >= 0.8 on a planted difference in
     each direction (PLANTED: large enough for power well above 0.8; the power of a 2-point
     difference is test_the_seed_table_holds_in_simulation's). The 95 % interval covers
-    each set's true difference (on its test images) in a share coverage_region accepts."""
+    each set's true difference (on its test images) in a share coverage_region accepts
+    (calibration.check_interval's width ratio does not apply: on 2 df the t interval is by
+    design about twice the width of a normal interval from the true SD)."""
     delta = PLANTED[seeds, sigma]
     null, up, down = _null_and_planted(2000, seeds, sigma, delta, seed=2)
     rates = check_two_sided("procedure t", null[0], up[:2], down[:2])

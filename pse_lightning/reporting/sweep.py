@@ -4,9 +4,11 @@ A Hydra callback (``hydra.callbacks``) runs after the last job of a sweep and re
 job's ``metrics.json``, ``outcomes.json`` and Hydra files from disk, so it works for every
 launcher (basic, joblib, SLURM) without talking to the jobs. The variants (whatever the jobs'
 overrides set differently, the attack and the seed aside) are compared image by image on the
-shared test images (docs/METHODS.md §7.6), with verdicts like the per-run Findings, within
-each seed when the sweep replicates over seeds. When the jobs wrote ``findings.json``, the
-report opens with their claims side by side, one column per attack (``experiment=pse_types``).
+shared test images (docs/METHODS.md §7.6), with verdicts like the per-run Findings. Training
+variants are procedures: the report opens with their comparison over the training seeds,
+then shows each seed's two trained models image by image. When the jobs wrote
+``findings.json``, their claims follow side by side, one column per attack
+(``experiment=pse_types``).
 """
 
 from __future__ import annotations
