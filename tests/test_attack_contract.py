@@ -34,6 +34,7 @@ QUICK_CAPS = {
     "refine_steps": 5,
     "refine_search_steps": 1,
     "n_queries": 20,
+    "square_queries": 20,
 }
 
 

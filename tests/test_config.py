@@ -200,7 +200,7 @@ def test_every_choice_passes_the_config_check(group: str, choice: str) -> None:
         (
             ["attack=cw", "+attack.eps=-1"],
             r"^attack\.eps is not a setting of attack=cw \(pse_lightning\.attacks\.CWL2; its "
-            r"keys: abort_early, .*\); eps is a setting of attack=apgd, autoattack, fgsm, pgd, "
+            r"keys: abort_early, .*\); eps is a setting of attack=apgd, autoattack, fab, fgsm, pgd, "
             r"pgd_l2, square, strattack",
         ),
         (["attack=pgd", "+attack.epss=0.1"], r"^attack\.epss is not a setting of attack=pgd"),

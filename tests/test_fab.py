@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from known_answers import LinearNet, boxed_problem, exact_optimum
 from omegaconf import OmegaConf
 from scipy.optimize import linprog
+from test_attack_known_answers import _one_thread  # noqa: F401 (tiny models: one thread)
 from torch import nn
 
 from pse_lightning.attacks import FAB, PGD, AutoAttack
@@ -110,17 +111,17 @@ def test_projection_reaches_for_the_nearest_corner_when_the_box_cannot_cross() -
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_first_step_lands_at_the_exact_minimal_perturbation(norm: str) -> None:
     """Two classes, one step from x: both projections are the optimum d*, so FAB's step is
-    x + eta d* (clipped): adversarial at eta ||d*||, here with eta 1.001."""
+    x + eta d* (clipped): adversarial at eta ||d*||, here with eta 1.01."""
     model, x, y, pairs = pair_problem(k=2, n=10)
     if norm == "l2":
         minimal = exact_optimum(model, x, y, 0.0)[1].sqrt()
     else:
         minimal = linf_minimal(x, y, pairs)
-    result = FAB(norm=norm, eps=100.0 if norm == "l2" else 1.0, steps=1, eta=1.001,
+    result = FAB(norm=norm, eps=100.0 if norm == "l2" else 1.0, steps=1, eta=1.01,
                  early_stop=False)(model, x, y)  # fmt: skip
     assert result.success.all()
     found = result.extras["norm"].double()
-    assert (found >= minimal * (1 - 1e-5)).all() and (found <= minimal * 1.0011 + 1e-6).all()
+    assert (found >= minimal * (1 - 1e-5)).all() and (found <= minimal * 1.0101).all()
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
@@ -180,9 +181,9 @@ def small_cnn_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_early_stop_breaks_the_same_samples(norm: str) -> None:
     model, x, y = small_cnn_batch()
-    eps = 0.01 if norm == "linf" else 0.15
-    fast = FAB(norm=norm, eps=eps, steps=20, target_classes=3)(model, x, y)
-    full = FAB(norm=norm, eps=eps, steps=20, target_classes=3, early_stop=False)(model, x, y)
+    eps = 0.7 if norm == "linf" else 7.0
+    fast = FAB(norm=norm, eps=eps, steps=10, target_classes=2)(model, x, y)
+    full = FAB(norm=norm, eps=eps, steps=10, target_classes=2, early_stop=False)(model, x, y)
     assert torch.equal(fast.success, full.success)
     assert 0 < int(fast.success.sum()) < len(x)
 

@@ -93,7 +93,7 @@ def project_onto_hyperplane(t: Tensor, w: Tensor, b: Tensor, norm: str) -> Tenso
     scale = w64.abs() if norm == "l2" else (w64 != 0).to(w64.dtype)
     limit = torch.where(scale > 0, room / scale.clamp_min(_TINY), 0.0)
     lam = _level(w64.abs() * scale, limit, gap.abs())
-    d = w64.sign() * scale * torch.minimum(lam[:, None], limit)
+    d = w64.sign() * torch.minimum(lam[:, None] * scale, room)  # t + d lands on 0 or 1 exactly
     return d.to(t.dtype)
 
 
@@ -167,8 +167,9 @@ def fab_run(
 
     Success is judged against ``batch`` (its target if it has one, else y); ``aim`` (N,)
     picks the boundary of FAB-T. A sample is broken when an adversarial iterate lies
-    within the ball (the ball's projection leaves it unchanged); with ``early_stop`` it
-    stops iterating there, otherwise it goes on shrinking the perturbation.
+    within the ball (its norm is at most eps, as the authors count it); with
+    ``early_stop`` it stops iterating there, otherwise it goes on shrinking the
+    perturbation.
 
     Returns:
         The outcome (the smallest adversarial iterate and its logits where one was found
@@ -213,8 +214,7 @@ def fab_run(
             keep = rows[better]
             best[keep] = size[better]
             x_best[keep], logits_best[keep] = x_new[better], logits[better]
-            within = (ball.project(sub.x, x_new) == x_new).flatten(1).all(dim=1)
-            found[rows[adv & within]] = True
+            found[rows[adv & (size <= ball.eps)]] = True
             back = sub.x + beta * (x_new - sub.x)
             x_cur[rows] = torch.where(per_sample(adv, x_new), back, x_new)
     if logits_best is None:
