@@ -75,7 +75,8 @@ def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (
             ["attack=cw", "+attack.eps=-1"],
-            "eps is a setting of attack=apgd, autoattack, fab, fgsm, pgd, pgd_l2, square, strattack",
+            "eps is a setting of attack=apgd, autoattack, fab, fgsm, pgd, pgd_l2, square, "
+            "strattack",
         ),
         (
             ["analysis=pse", "analysis.pse.steps=0"],
