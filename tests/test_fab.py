@@ -225,6 +225,9 @@ def test_the_autoattack_config_is_the_standard_version() -> None:
     attack = instantiate(cfg)
     assert attack.version == "standard" and attack.stages == STAGES[1:]
     assert (attack.steps, attack.target_classes, attack.square_queries) == (100, 9, 5000)
+    fast = OmegaConf.load(CONF_DIR / "attack" / "autoattack_fast.yaml")
+    assert fast.keys() == cfg.keys() and fast.version == "fast"
+    assert all(fast[k] == cfg[k] for k in cfg if k not in ("version", "seed"))
     fab = OmegaConf.load(CONF_DIR / "attack" / "fab.yaml")
     fab.seed = 0
     fab = instantiate(fab)
