@@ -127,24 +127,18 @@ def linearise(
     if aim is not None:
         grad, _, gap = gradients(model, pair_gap, x_adv, aim, batch.y)
         return gap, batch.confine(grad).flatten(1)
-    best_gap, best_grad, nearest = None, None, None
-    j = torch.zeros_like(batch.y)
-    num_classes = None
-    k = 0
-    while num_classes is None or k < num_classes:
-        grad, logits, gap = gradients(model, pair_gap, x_adv, j + k, batch.y)
-        num_classes = logits.shape[1]
+    k = torch.zeros_like(batch.y)
+    grad, logits, gap = gradients(model, pair_gap, x_adv, k, batch.y)
+    best_gap, best_grad, nearest = gap, grad, torch.full_like(gap, math.inf)
+    for j in range(logits.shape[1]):
+        if j > 0:
+            grad, _, gap = gradients(model, pair_gap, x_adv, k + j, batch.y)
         grad = batch.confine(grad).flatten(1)
         distance = gap.abs() / (flat_norm(grad, DUAL_NORM[norm]) + _TINY)
-        distance = distance.masked_fill(batch.y == k, math.inf)
-        if nearest is None:
-            best_gap, best_grad, nearest = gap, grad, distance
-        else:
-            closer = distance < nearest
-            best_gap = torch.where(closer, gap, best_gap)
-            best_grad = torch.where(closer[:, None], grad, best_grad)
-            nearest = torch.where(closer, distance, nearest)
-        k += 1
+        closer = (distance < nearest) & (batch.y != j)
+        best_gap = torch.where(closer, gap, best_gap)
+        best_grad = torch.where(closer[:, None], grad, best_grad.flatten(1))
+        nearest = torch.where(closer, distance, nearest)
     return best_gap, best_grad
 
 
