@@ -67,6 +67,12 @@ def linf_minimal(x: torch.Tensor, y: torch.Tensor, pairs: list) -> torch.Tensor:
     return best
 
 
+def minimal_norm(model: LinearNet, x: torch.Tensor, y: torch.Tensor, pairs: list,
+                 norm: str) -> torch.Tensor:  # fmt: skip
+    """(N,) the exact minimal untargeted perturbation norm of a linear model in the box."""
+    return exact_optimum(model, x, y, 0.0)[1].sqrt() if norm == "l2" else linf_minimal(x, y, pairs)
+
+
 # -- the projection --------------------------------------------------------------------------
 
 
@@ -113,10 +119,7 @@ def test_first_step_lands_at_the_exact_minimal_perturbation(norm: str) -> None:
     """Two classes, one step from x: both projections are the optimum d*, so FAB's step is
     x + eta d* (clipped): adversarial at eta ||d*||, here with eta 1.01."""
     model, x, y, pairs = pair_problem(k=2, n=10)
-    if norm == "l2":
-        minimal = exact_optimum(model, x, y, 0.0)[1].sqrt()
-    else:
-        minimal = linf_minimal(x, y, pairs)
+    minimal = minimal_norm(model, x, y, pairs, norm)
     result = FAB(norm=norm, eps=100.0 if norm == "l2" else 1.0, steps=1, eta=1.01,
                  early_stop=False)(model, x, y)  # fmt: skip
     assert result.success.all()
@@ -129,10 +132,7 @@ def test_untargeted_fab_finds_the_minimal_norm_of_a_multiclass_linear_model(norm
     """Five classes, the box binding: after 100 iterations FAB's smallest adversarial norm
     is within 2% of the exact optimum over all classes (measured: within 0.7%)."""
     model, x, y, pairs = pair_problem(k=5, n=12)
-    if norm == "l2":
-        minimal = exact_optimum(model, x, y, 0.0)[1].sqrt()
-    else:
-        minimal = linf_minimal(x, y, pairs)
+    minimal = minimal_norm(model, x, y, pairs, norm)
     attack = FAB(norm=norm, eps=100.0 if norm == "l2" else 1.0, target_classes=0, steps=100,
                  early_stop=False)  # fmt: skip
     found = attack(model, x, y).extras["norm"].double()
@@ -144,8 +144,7 @@ def test_a_point_counts_only_within_eps(norm: str) -> None:
     """With eps at the median minimal norm about half the samples break; a sample is broken
     exactly when FAB's smallest norm is within eps (early stop off), and the budget holds."""
     model, x, y, pairs = pair_problem(k=5, n=12)
-    minimal = exact_optimum(model, x, y, 0.0)[1].sqrt() if norm == "l2" else linf_minimal(
-        x, y, pairs)  # fmt: skip
+    minimal = minimal_norm(model, x, y, pairs, norm)
     eps = float(minimal.median())
     result = FAB(norm=norm, eps=eps, target_classes=0, early_stop=False)(model, x, y)
     assert torch.equal(result.success, result.extras["norm"] <= eps)
