@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_autoattack_robust_accuracy_matches_the_authors(digits, norm, eps) -> No
     from pyautoattack import AutoAttack as AuthorsAutoAttack
 
     model, x, y = digits
-    ours = AutoAttack(norm=norm, eps=eps)(model, x, y)
+    ours = AutoAttack(norm=norm, eps=eps, version="fast")(model, x, y)
     ref = AuthorsAutoAttack(model, eps=eps, norm="Linf" if norm == "linf" else "L2",
                             version="custom", attacks=["apgd-ce", "apgd-t"], seed=0)  # fmt: skip
     ref.apgd.n_restarts = 1  # what version='standard' sets; 'custom' keeps 5
@@ -136,7 +137,7 @@ def test_autoattack_robust_accuracy_matches_torchattacks(digits) -> None:
 
     model, x, y = digits
     eps = 0.1
-    ours = AutoAttack(eps=eps)(model, x, y)
+    ours = AutoAttack(eps=eps, version="fast")(model, x, y)
     ce = torchattacks.APGD(model, eps=eps, steps=100, loss="ce", seed=0)(x, y)
     t = torchattacks.APGDT(model, eps=eps, steps=100, n_classes=10, seed=0)(x, y)
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_apgd_is_at_least_as_strong_as_pgd(digits) -> None:
     slack = len(x) / 64
     for eps in (0.05, 0.1, 0.15):
         apgd = int((~APGD(eps=eps)(model, x, y).success).sum())
-        aa = int((~AutoAttack(eps=eps)(model, x, y).success).sum())
+        aa = int((~AutoAttack(eps=eps, version="fast")(model, x, y).success).sum())
         assert aa <= apgd
         for steps in (10, 100):
             pgd = int((~PGD(eps=eps, step_size=eps / 4, steps=steps)(model, x, y).success).sum())
@@ -186,10 +187,10 @@ def test_autoattack_sees_through_logit_scaling(digits) -> None:
     not (it is invariant to the scale)."""
     model, x, y = digits
     eps = 0.1
-    plain = int((~AutoAttack(eps=eps)(model, x, y).success).sum())
+    plain = int((~AutoAttack(eps=eps, version="fast")(model, x, y).success).sum())
     scaled = Scaled(model)
     masked_pgd = int((~PGD(eps=eps, step_size=eps / 4, steps=100)(scaled, x, y).success).sum())
-    result = AutoAttack(eps=eps)(scaled, x, y)
+    result = AutoAttack(eps=eps, version="fast")(scaled, x, y)
     assert masked_pgd > plain + len(x) / 16  # the masking is real
     assert abs(int((~result.success).sum()) - plain) <= len(x) / 64
 
@@ -208,7 +209,9 @@ def test_autoattack_runs_each_stage_on_the_survivors_only(digits) -> None:
     model, x, y = digits
     counter = Counting(model)
     steps = 20
-    result = AutoAttack(eps=0.1, steps=steps, target_classes=1, early_stop=False)(counter, x, y)
+    result = AutoAttack(eps=0.1, version="fast", steps=steps, target_classes=1, early_stop=False)(
+        counter, x, y
+    )
     stage = result.extras["stage"]
     after_ce = int((stage != 1).sum())  # survivors of APGD-CE (none is clean-misclassified)
     assert (stage != 0).all() and 0 < after_ce < len(x)
@@ -219,7 +222,7 @@ def test_autoattack_runs_each_stage_on_the_survivors_only(digits) -> None:
         torch.testing.assert_close(result.logits_adv, model(result.x_adv))
 
 
-@pytest.mark.parametrize("cls", [APGD, AutoAttack])
+@pytest.mark.parametrize("cls", [APGD, partial(AutoAttack, version="fast")], ids=["apgd", "aa"])
 def test_early_stop_breaks_the_same_samples_for_less(digits, cls: type) -> None:
     """Each sample's schedule is its own, so stopping a broken sample changes nobody
     else's trajectory: the same samples break, the survivors return the very same points,

@@ -24,6 +24,7 @@ from pse_lightning.attacks import (
     CWL2,
     DDN,
     EAD,
+    FAB,
     FGSM,
     FMN,
     PGD,
@@ -250,14 +251,25 @@ def test_a_strided_label_column_and_its_padded_copy_share_one_trace(
     [
         partial(FGSM, eps=0.03),
         partial(APGD, eps=0.03, steps=4, restarts=2),
-        partial(AutoAttack, eps=0.03, steps=3, target_classes=2),
+        partial(AutoAttack, eps=0.03, steps=3, target_classes=2, square_queries=20),
+        partial(FAB, eps=0.03, steps=4, target_classes=0),
         partial(EAD, steps=5, binary_search_steps=2, abort_early=True),
         partial(EAD, steps=5, binary_search_steps=1, fista=False),
         partial(StrAttack, eps=0.1, steps=4, binary_search_steps=1, group_size=2),
         partial(FMN, steps=6),
         partial(DDN, steps=6, targeted=True),
     ],
-    ids=["fgsm", "apgd", "autoattack", "ead", "ead_ista", "strattack", "fmn", "ddn_targeted"],
+    ids=[
+        "fgsm",
+        "apgd",
+        "autoattack",
+        "fab",
+        "ead",
+        "ead_ista",
+        "strattack",
+        "fmn",
+        "ddn_targeted",
+    ],
 )
 def test_every_attack_runs_compiled_and_equals_eager(counter: CompileCounter, make) -> None:
     model, (x, y) = tiny_model(), tiny_batch()

@@ -59,8 +59,8 @@ def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None
     for group in ("attack:", "dataset:", "model:", "analysis:", "trainer:", "logger:"):
         assert group in out
     assert (
-        "attack: apgd, autoattack, cam_cw, cam_pgd, cw, ddn, ead, fgsm, fmn, pgd, pgd_l2, "
-        "square, strattack" in out
+        "attack: apgd, autoattack, autoattack_fast, cam_cw, cam_pgd, cw, ddn, ead, fab, fgsm, "
+        "fmn, pgd, pgd_l2, square, strattack" in out
     )
     assert "== Examples ==" in out and "hydra/launcher=joblib" in out
     loaded = _imported_modules(result.stderr)
@@ -75,7 +75,8 @@ def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (
             ["attack=cw", "+attack.eps=-1"],
-            "eps is a setting of attack=apgd, autoattack, fgsm, pgd, pgd_l2, square, strattack",
+            "eps is a setting of attack=apgd, autoattack, autoattack_fast, fab, fgsm, pgd, "
+            "pgd_l2, square, strattack",
         ),
         (
             ["analysis=pse", "analysis.pse.steps=0"],
@@ -102,8 +103,8 @@ def test_key_missing_from_the_chosen_file_names_the_choices_that_have_it(tmp_pat
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
         "Hint: attack=cw has no setting eps; eps is a setting of attack=apgd, autoattack, "
-        "fgsm, pgd, pgd_l2, square, strattack: choose one of those (e.g. attack=apgd "
-        "attack.eps=-1)"
+        "autoattack_fast, fab, fgsm, pgd, pgd_l2, square, strattack: choose one of those "
+        "(e.g. attack=apgd attack.eps=-1)"
     )
 
 

@@ -200,8 +200,8 @@ def test_every_choice_passes_the_config_check(group: str, choice: str) -> None:
         (
             ["attack=cw", "+attack.eps=-1"],
             r"^attack\.eps is not a setting of attack=cw \(pse_lightning\.attacks\.CWL2; its "
-            r"keys: abort_early, .*\); eps is a setting of attack=apgd, autoattack, fgsm, pgd, "
-            r"pgd_l2, square, strattack",
+            r"keys: abort_early, .*\); eps is a setting of attack=apgd, autoattack, "
+            r"autoattack_fast, fab, fgsm, pgd, pgd_l2, square, strattack",
         ),
         (["attack=pgd", "+attack.epss=0.1"], r"^attack\.epss is not a setting of attack=pgd"),
         (["analysis=pse", "analysis.pse.steps=0"], r"^analysis\.pse\.steps must be >= 1, got 0$"),

@@ -17,6 +17,7 @@ from torch import nn
 import pse_lightning.attacks.square as square_module
 import pse_lightning.attacks.square_l2 as square_l2_module
 from pse_lightning.attacks import AutoAttack, Square
+from pse_lightning.attacks.autoattack import STAGES
 from pse_lightning.attacks.square import square_fraction, square_side
 from pse_lightning.attacks.square_l2 import eta, l2_side, rectangles
 
@@ -262,20 +263,20 @@ def test_autoattack_with_square_breaks_at_least_what_it_breaks_without(
     digits, norm: str, eps: float
 ) -> None:
     """Square runs last on the survivors only: every earlier break and its image stays,
-    and what it adds is stage 3 (measured on the masked model, of 64: L-inf 3 broken
+    and what it adds is the Square stage (measured on the masked model, of 64: L-inf 3 broken
     without Square, 28 with it; L2 2 and 29)."""
     digits_net, x, y = digits
     model = Quantised(digits_net)
     with torch.no_grad():
         assert (model(x).argmax(1) == y).all()
-    kwargs = {"norm": norm, "eps": eps, "steps": 3, "target_classes": 1}
+    kwargs = {"norm": norm, "eps": eps, "steps": 3, "target_classes": 1, "version": "fast"}
     without = AutoAttack(**kwargs)(model, x, y)
     with_square = AutoAttack(**kwargs, square=True, square_queries=300)(model, x, y)
     assert (with_square.success >= without.success).all()
     assert torch.equal(with_square.x_adv[without.success], without.x_adv[without.success])
     added = with_square.success & ~without.success
     assert int(added.sum()) >= 10
-    assert torch.equal(with_square.extras["stage"] == 3, added)
+    assert torch.equal(with_square.extras["stage"] == STAGES.index("square"), added)
 
 
 def test_yaml_instantiates_the_class() -> None:
@@ -287,7 +288,7 @@ def test_yaml_instantiates_the_class() -> None:
     pgd = OmegaConf.load(CONF_DIR / "attack" / "pgd.yaml")
     assert attack.eps == pgd.eps and attack.norm == pgd.norm  # comparable with attack=pgd
     auto = OmegaConf.load(CONF_DIR / "attack" / "autoattack.yaml")
-    assert auto.square is False  # the default AutoAttack is unchanged
+    assert auto.version == "standard" and auto.square is None  # Square runs by default
 
 
 @pytest.mark.parametrize(

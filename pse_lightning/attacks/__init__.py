@@ -7,6 +7,7 @@ from pse_lightning.attacks.cam_guided import CAMGuided
 from pse_lightning.attacks.cw import CWL2
 from pse_lightning.attacks.ddn import DDN
 from pse_lightning.attacks.ead import EAD
+from pse_lightning.attacks.fab import FAB
 from pse_lightning.attacks.fgsm import FGSM
 from pse_lightning.attacks.fmn import FMN
 from pse_lightning.attacks.losses import other_max_index
@@ -17,7 +18,7 @@ from pse_lightning.attacks.strattack import StrAttack
 
 __all__ = [
     "Attack", "AttackBatch", "AttackResult", "Perturbation",
-    "APGD", "AutoAttack", "CAMGuided", "CWL2", "DDN", "EAD", "FGSM", "FMN", "PGD", "Square",
+    "APGD", "AutoAttack", "CAMGuided", "CWL2", "DDN", "EAD", "FAB", "FGSM", "FMN", "PGD", "Square",
     "StrAttack",
     # helpers other layers need: per-sample norms and the adversarial runner-up class
     "flat_norm", "other_max_index",

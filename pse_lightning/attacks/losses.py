@@ -57,3 +57,11 @@ def is_success(logits: Tensor, y: Tensor, target: Tensor | None, targeted: bool)
     """Per-sample success from logits: prediction equals the target, or differs from y."""
     pred = logits.argmax(dim=1)
     return pred == target if targeted else pred != y
+
+
+def runner_up_aims(logits: Tensor, count: int) -> list[tuple[Tensor, int]]:
+    """(aim, rank) for the classes ranked 2, ..., 1 + ``count`` by logit (capped at K - 1
+    classes): the targets of AutoAttack's APGD-T and FAB-T, in their order."""
+    ranked = logits.argsort(dim=1, descending=True)
+    last = min(count, logits.shape[1] - 1)
+    return [(ranked[:, r], r) for r in range(1, last + 1)]
