@@ -88,6 +88,24 @@ def test_seed_replicates_see_the_same_images_in_another_order(make_cfg) -> None:
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
 
 
+def _trained(job: DictConfig) -> str:
+    """What a checkpoint depends on besides the seed: training, network, data (not which
+    images are evaluated)."""
+    dataset = {k: v for k, v in job.dataset.items() if k != "eval_samples"}
+    return OmegaConf.to_yaml({"t": job.training, "m": job.model, "d": dataset})
+
+
+def test_quick_preset_is_labelled_and_reuses_the_full_studys_models() -> None:
+    text = (CONF_DIR / "experiment" / "robust_vs_standard_quick.yaml").read_text()
+    assert "TOO SMALL FOR A VERDICT" in text
+    quick, full = _seeds("robust_vs_standard_quick"), _seeds("robust_vs_standard")
+    assert set(quick) < set(full)
+    for training in ("standard", "pgd_at", "trades", "pse_at"):
+        jobs = [_compose(f"experiment={e}", f"training={training}")
+                for e in ("robust_vs_standard_quick", "robust_vs_standard")]  # fmt: skip
+        assert _trained(jobs[0]) == _trained(jobs[1])
+
+
 # The ablation grid --------------------------------------------------------------------------
 
 
@@ -132,6 +150,10 @@ def test_ablation_settings_differ_only_in_the_objective() -> None:
         assert list(job.model.widths) == list(study.model.widths)
         assert job.training.epochs == study.training.epochs
         assert dict(job.training.adversary) == dict(study.training.adversary)
+    # Its pgd_at and pse_at are robust_vs_standard's models (shared checkpoints).
+    for name in ("pgd_at", "pse_at"):
+        same = _compose("experiment=robust_vs_standard", f"training={name}")
+        assert _trained(jobs[name]) == _trained(same)
 
 
 def test_confirmation_seeds_are_disjoint_from_the_ablations() -> None:
