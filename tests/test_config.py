@@ -136,7 +136,7 @@ def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
     assert cfg.logger.group == "robust_vs_standard"
     assert "comparison" in cfg.hydra.callbacks
     # Every variant is also evaluated with AutoAttack at PGD's budget.
-    assert set(params.attack.split(",")) == {"fgsm", "pgd", "autoattack"}
+    assert set(params.attack.split(",")) == {"pgd", "autoattack"}
 
 
 def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
