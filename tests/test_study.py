@@ -219,7 +219,9 @@ def test_control_penalty_has_the_value_of_pse_ats_penalty_on_the_same_batch() ->
     torch.testing.assert_close(control["ce_adv"], pse["ce_adv"])
     # Its loss is pgd_at's loss plus that penalty.
     pgd_loss, _ = AdversarialObjective(attack)(model, x, y, index)
-    assert float(control["loss"]) == pytest.approx(float(pgd_loss) + float(expected), rel=1e-5)
+    assert float(control["loss"]) == pytest.approx(
+        float(pgd_loss.detach()) + float(expected), rel=1e-5
+    )
 
 
 def test_control_gradient_is_the_unweighted_drift_scaled_to_the_match() -> None:
