@@ -111,6 +111,8 @@ def build(cfg: DictConfig) -> Components:
     for key in ("model_checkpoint", "paths.root"):
         require_value(key, OmegaConf.select(cfg, key))
     datamodule = instantiate(cfg.dataset)
+    # The data come from data_seed (dataset.seed); the batch order is training randomness.
+    datamodule.shuffle_seed = int(cfg.seed)
     attack = instantiate(cfg.attack)
     analyses = {name: instantiate(sub) for name, sub in _analysis_configs(cfg).items()}
     defense = instantiate(cfg.defense) if cfg.get("defense") else None

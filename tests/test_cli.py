@@ -71,7 +71,7 @@ def test_help_describes_the_tool_without_importing_torch(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["+unknown_key=1"], "unknown_key is not a setting (top-level keys: analysis"),
+        (["+unknown_key=1"], "unknown_key is not a setting (top-level keys: ablation, analysis"),
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (
             ["attack=cw", "+attack.eps=-1"],

@@ -21,6 +21,7 @@ GROUPS = [
     "logger",
     "paths",
     "defense",
+    "ablation",
     "experiment",
 ]
 
@@ -116,8 +117,9 @@ def test_grid_launchers_compose(launcher: str) -> None:
 
 
 def trained_variants() -> list[str]:
-    """Training choices that train (training=none evaluates a ready model as it is)."""
-    return [choice for choice in group_choices("training") if choice != "none"]
+    """Training choices that train (training=none evaluates a ready model as it is), the
+    ablation's control aside (drift_at: experiment=pse_at_ablation, tests/test_study.py)."""
+    return [c for c in group_choices("training") if c not in ("none", "drift_at")]
 
 
 def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
@@ -134,7 +136,7 @@ def test_robust_vs_standard_is_one_grid_over_every_variant(make_cfg) -> None:
     assert cfg.logger.group == "robust_vs_standard"
     assert "comparison" in cfg.hydra.callbacks
     # Every variant is also evaluated with AutoAttack at PGD's budget.
-    assert set(params.attack.split(",")) == {"fgsm", "pgd", "autoattack"}
+    assert set(params.attack.split(",")) == {"pgd", "autoattack"}
 
 
 def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:

@@ -38,6 +38,7 @@ def top_level_kinds() -> dict[str, Kind]:
     return {
         "stage": Kind(frozenset({"str"}), None if stages is NO_VALUE else tuple(stages)),
         "seed": Kind(frozenset({"int"})),
+        "data_seed": Kind(frozenset({"int"})),
         "model_checkpoint": Kind(frozenset({"str", "none"})),
         "resume": Kind(frozenset({"bool"})),
         "log_examples": Kind(frozenset({"int"})),
@@ -201,6 +202,7 @@ def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: P
     _check_top_level(cfg, files)
     check_required_values(cfg)
     _check_seed(value_of(cfg, "seed"))
+    _check_seed(value_of(cfg, "data_seed"), "data_seed")
     trainer = cfg.get("trainer")
     if isinstance(trainer, DictConfig) and "devices" in trainer:
         _check_devices(value_of(trainer, "devices"))
@@ -220,13 +222,13 @@ def check_required_values(cfg: DictConfig) -> None:
             require("require_value", path, node._get_node(key)._value())
 
 
-def _check_seed(seed: object) -> None:
+def _check_seed(seed: object, key: str = "seed") -> None:
     """numpy and the data generators take seeds in [0, 2**32 - 1]: say so before any work
     (a negative seed used to fail in numpy after the data module had started)."""
     if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
         raise InputError(
-            f"seed must be in [0, 2**32 - 1] (numpy's seed range), got {seed}; pass a "
-            "non-negative integer such as seed=0"
+            f"{key} must be in [0, 2**32 - 1] (numpy's seed range), got {seed}; pass a "
+            f"non-negative integer such as {key}=0"
         )
 
 

@@ -75,7 +75,13 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         eval_samples: evaluate attacks on the first ``eval_samples`` test images only
             (null for the whole test split).
-        seed: seed for splits, generation and training shuffles.
+        seed: seed for splits, generation and (unless ``shuffle_seed`` is set) training
+            shuffles.
+
+    Attributes:
+        shuffle_seed: seed of the training shuffle when it is not ``seed``: the pipeline sets
+            it to the run's ``seed`` (the training randomness), while ``seed`` is the config's
+            ``data_seed``, so training replicates share their data and test images.
     """
 
     name: str = "base"
@@ -105,9 +111,15 @@ class ImageDataModule(pl.LightningDataModule):
             require_at_least("dataset.eval_samples", eval_samples, 1)
         self.eval_samples = eval_samples
         self.seed = int(seed)
+        self.shuffle_seed: int | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of the training shuffle: ``shuffle_seed``, else ``seed``."""
+        return self.seed if self.shuffle_seed is None else int(self.shuffle_seed)
 
     # Loaders -------------------------------------------------------------------------------
 
@@ -120,7 +132,7 @@ class ImageDataModule(pl.LightningDataModule):
             # calls set_epoch, so each epoch's order is a function of (seed, epoch) only and a
             # resumed training sees the orders of an uninterrupted one.
             sampler = torch.utils.data.DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.training_seed
             )
             return DataLoader(
                 dataset, self.batch_size, sampler=sampler, num_workers=self.num_workers

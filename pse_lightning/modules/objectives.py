@@ -197,3 +197,67 @@ class PSEObjective(AdversarialObjective):
             "unit_drift": drift.detach(),
             "adv_acc": _accuracy(logits_adv, y).detach(),
         }
+
+
+def logit_drift(logits: Tensor, logits_adv: Tensor) -> Tensor:
+    """Mean absolute clean-vs-adversarial logit change, ``mean_i mean_k |Z_k(x'_i) - Z_k(x_i)|``:
+    every class alike, no true class, no runner-up, no unit (no PSE information)."""
+    return (logits_adv - logits).abs().mean()
+
+
+class MatchedDriftObjective(PSEObjective):
+    """The matched-strength control of pse_at (docs/METHODS.md §6.4): PGD-AT plus an
+    unweighted logit-drift penalty as strong as pse_at's penalty, carrying no PSE information.
+
+    ``L = CE(f(x'), y) + c * D(x, x')``, ``D`` = :func:`logit_drift`,
+    ``c = stopgrad(P / D)`` with ``P = lambda_s S + lambda_p P_t + lambda_u U`` the penalty
+    :class:`PSEObjective` with the same lambdas takes on the same batch (0 when ``D`` = 0).
+
+    "Matched" means: on every training batch the control's penalty has exactly the value of
+    pse_at's penalty (``c * D = P``), so the two add the same amount to the loss; its gradient
+    is that of an unweighted drift, ``c / (B K) * sign(Z(x') - Z(x))`` on each adversarial logit
+    (B images, K classes), so what differs from pse_at is where the penalty pushes (every
+    logit alike against the true logit, the runner-up and the sensitive units), not how much.
+    The scale ``c`` is one detached number per batch, the only thing taken from the PSE terms.
+
+    Args: as :class:`PSEObjective` (the lambdas set the strength to match).
+    """
+
+    def forward(
+        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Logs]:
+        x_adv = self.craft(model, x, y, index)
+        layer = self.layer or model.feature_layer
+        with capture_activations(model, [layer]) as acts:
+            with torch.no_grad():
+                logits = forward_without_buffer_updates(model, x)
+                units = acts[layer].mean(dim=(2, 3))
+            logits_adv = model(x_adv)
+            units_adv = acts[layer].mean(dim=(2, 3))
+        ce = F.cross_entropy(logits_adv, y)
+        drift = logit_drift(logits, logits_adv)
+        with torch.no_grad():
+            suppression, promotion = self.pse_terms(logits, logits_adv, y)
+            units_drift = self.unit_drift(units, units_adv)
+            matched = (
+                self.lambda_s * suppression + self.lambda_p * promotion
+                + self.lambda_u * units_drift
+            )  # fmt: skip
+            scale = self.matched_scale(matched, drift)
+        penalty = scale * drift
+        loss = ce + penalty
+        return loss, {
+            "loss": loss.detach(),
+            "ce_adv": ce.detach(),
+            "logit_drift": drift.detach(),
+            "penalty": penalty.detach(),
+            "pse_penalty": matched,
+            "adv_acc": _accuracy(logits_adv, y).detach(),
+        }
+
+    @staticmethod
+    def matched_scale(target: Tensor, drift: Tensor) -> Tensor:
+        """``target / drift`` detached, 0 where the drift is 0 (then both penalties are 0
+        up to the unit term, and nothing can be matched by scaling a zero)."""
+        drift = drift.detach()
+        return torch.where(drift > 0, target.detach() / drift.clamp_min(1e-12), 0.0)

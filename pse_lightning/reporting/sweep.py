@@ -29,6 +29,7 @@ from pse_lightning.reporting.sweep_claims import claims_by_job
 from pse_lightning.reporting.sweep_figures import (
     accuracy_eps_figure,
     accuracy_figure,
+    lambda_figure,
     pse_types_figure,
 )
 from pse_lightning.reporting.sweep_jobs import (
@@ -40,6 +41,7 @@ from pse_lightning.reporting.sweep_jobs import (
     variant_order,
     variant_title,
 )
+from pse_lightning.reporting.sweep_selection import Selection, mark_findings, selection_section
 from pse_lightning.reporting.sweep_stats import (
     CLEAN,
     MODELS,
@@ -143,8 +145,9 @@ def _claims_section(table: str, attacks_only: bool) -> list[str]:
     ]
 
 
-def write_comparison(sweep_dir: Path) -> Path | None:
-    """Write ``comparison.md``, ``comparison.json`` and the figures into ``sweep_dir``."""
+def write_comparison(sweep_dir: Path, selection: Selection | None = None) -> Path | None:
+    """Write ``comparison.md``, ``comparison.json`` and the figures into ``sweep_dir``;
+    ``selection`` marks an ablation's winners (:mod:`.sweep_selection`)."""
     jobs = collect_jobs(sweep_dir)
     if not jobs:
         log.warning("no completed job with metrics.json under %s: no comparison", sweep_dir)
@@ -153,11 +156,15 @@ def write_comparison(sweep_dir: Path) -> Path | None:
     replicates = seeds(jobs)
     summary = variant_summary(jobs, variants, attacks)
     findings, records = comparison_findings(jobs, comparison_plan(variants, attacks, replicates))
+    selected = None if selection is None else selection_section(jobs, selection)
+    if selected is not None:
+        findings, records = mark_findings(findings, records, selected[1]["status"], selection)
     claims = claims_by_job(jobs)
     figures = [
         accuracy_figure(summary, variants, sweep_dir / "comparison.png"),
         pse_types_figure(jobs, variants, attacks, sweep_dir / "comparison_pse_types.png"),
         accuracy_eps_figure(jobs, variants, sweep_dir / "comparison_accuracy_eps.png"),
+        lambda_figure(jobs, sweep_dir, sweep_dir / "comparison_lambda.png"),
     ]
     means = (
         f" With {len(replicates)} seeds (replicates: each variant trained once per seed), "
@@ -178,6 +185,7 @@ def write_comparison(sweep_dir: Path) -> Path | None:
         "same test images. Robust accuracy is the share of all evaluated images classified "
         f"correctly both clean and under attack.{means}",
         "",
+        *([selected[0]] if selected else []),
         *(rest or ["## Findings", "", "Only one variant: nothing to compare.", ""]),
         *([RULE, ""] if findings else []),
         comparison_tables(summary, title, attacks),
@@ -199,6 +207,7 @@ def write_comparison(sweep_dir: Path) -> Path | None:
             "claims": claims[1] if claims else None,
             "comparisons": records,
             "verdicts": {f.key: f.verdict for f in findings},
+            "selection": selected[1] if selected else None,
             "jobs": [j.dir for j in jobs],
         },
     )
@@ -208,7 +217,16 @@ def write_comparison(sweep_dir: Path) -> Path | None:
 
 
 class SweepComparison(Callback):
-    """Hydra callback: after a multirun, compare its jobs in ``<sweep dir>/comparison.md``."""
+    """Hydra callback: after a multirun, compare its jobs in ``<sweep dir>/comparison.md``.
+
+    Args:
+        selection: the sweep's stage in a select-then-confirm study (``stage``: select or
+            confirm, ``reference``, ``selection_seeds``, ``confirm_with``), as the
+            ``pse_at_ablation`` and ``pse_at_confirm`` presets set it; None for any other.
+    """
+
+    def __init__(self, selection: Any = None) -> None:
+        self.selection = Selection.from_config(selection)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_comparison(Path(config.hydra.sweep.dir))
+        write_comparison(Path(config.hydra.sweep.dir), self.selection)

@@ -76,7 +76,8 @@ def read_overrides(job_dir: Path, hydra_cfg: dict[str, Any]) -> dict[str, str]:
     return overrides
 
 
-def _job_config(job_dir: Path) -> dict[str, Any]:
+def job_config(job_dir: Path) -> dict[str, Any]:
+    """A job's resolved config (``.hydra/config.yaml``); {} for a job written without it."""
     path = job_dir / ".hydra" / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
@@ -108,7 +109,7 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
         job_dir = metrics_file.parent
         hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
         choices = hydra_cfg["hydra"]["runtime"]["choices"]
-        overrides, config = read_overrides(job_dir, hydra_cfg), _job_config(job_dir)
+        overrides, config = read_overrides(job_dir, hydra_cfg), job_config(job_dir)
         jobs.append(
             Job(
                 dir=job_dir.name,

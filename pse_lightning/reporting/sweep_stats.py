@@ -122,13 +122,16 @@ class Comparison:
 def variant_pairs(variants: list[str]) -> list[tuple[str, str, bool]]:
     """(variant, baseline, directional) to compare. Training variants have a known
     question: each against standard training and pse_at against pgd_at, one-directional
-    claims (the variant is more robust); other variants (models of a zoo) are compared in
-    every pair, two-sided."""
+    claims (the variant is more robust); without standard, every variant against pgd_at
+    (the PSE-AT ablation: each setting against its reference); other variants (models of a
+    zoo) are compared in every pair, two-sided."""
     if "standard" in variants:
         pairs = [(v, "standard", True) for v in variants if v != "standard"]
         if "pse_at" in variants and "pgd_at" in variants:
             pairs.append(("pse_at", "pgd_at", True))
         return pairs
+    if "pgd_at" in variants:
+        return [(v, "pgd_at", True) for v in variants if v != "pgd_at"]
     return [(a, b, False) for a, b in combinations(variants, 2)]
 
 
