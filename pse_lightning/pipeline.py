@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Checkpoint, ProgressBar
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
@@ -188,12 +189,28 @@ def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[st
     }
 
 
+def configured_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The callbacks of the ``callbacks`` group (name -> callback config), in file order;
+    a null entry (``~callbacks.lr_monitor`` or ``callbacks.lr_monitor=null``) is skipped."""
+    node = cfg.get("callbacks")
+    if not node:
+        return []
+    return [instantiate(sub) for sub in node.values() if sub is not None]
+
+
 def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl.Trainer:
-    """The configured Trainer; off a terminal, progress is a line with an ETA every 30 s."""
-    callbacks = [
-        *overrides.pop("callbacks", []),
-        *progress_callbacks(bool(cfg.trainer.get("enable_progress_bar", True))),
-    ]
+    """The configured Trainer with the pipeline's own callbacks (``callbacks=`` here) and
+    those of the ``callbacks`` config group; off a terminal, progress is a line with an ETA
+    every 30 s unless a configured callback draws progress itself (``callbacks=rich_progress``).
+    A configured checkpoint callback turns on ``enable_checkpointing``, which Lightning
+    requires of it."""
+    configured = configured_callbacks(cfg)
+    progress = bool(cfg.trainer.get("enable_progress_bar", True))
+    if any(isinstance(c, ProgressBar) for c in configured):
+        progress = False  # the configured bar draws it; Lightning allows one
+    callbacks = [*overrides.pop("callbacks", []), *configured, *progress_callbacks(progress)]
+    if any(isinstance(c, Checkpoint) for c in configured):
+        overrides.setdefault("enable_checkpointing", True)
     logger = logger if logger is not None else False
     return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **overrides)
 
