@@ -364,8 +364,10 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict
     model, defense_analyses = parts.model, {}
     if parts.defense is not None:
         model, defense_analyses = defend(parts)
+    analyses = {**defense_analyses, **parts.analyses}
     writer = ReportWriter(
         run_dir,
+        analyses=analyses,
         title=f"{parts.attack.name} on {model_name(cfg)} / {parts.datamodule.name}",
         setup=report_setup(cfg, parts),
         reproduce=reproduce(cfg),
@@ -373,8 +375,9 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict
         class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
         budget=None if parts.attack.norm is None else (parts.attack.norm, parts.attack.eps),
     )
-    analyses = {**defense_analyses, **parts.analyses}
-    module = EvaluationModule(model, parts.attack, analyses, log_examples=cfg.log_examples)
+    module = EvaluationModule(
+        model, parts.attack, analyses, log_examples=cfg.log_examples, on_result=writer.receive
+    )
     start_stage(cfg, parts, "evaluate")
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
     # trainer.test returns rank zero's logged metrics on every strategy, ddp_spawn included
