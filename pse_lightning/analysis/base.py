@@ -10,16 +10,14 @@ directory and W&B. No analysis reads another's state.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
-from torchmetrics import Metric
 
+from pse_lightning.core.adapters.torchmetrics import UnsqueezedCompute
 from pse_lightning.core.contract import ReportContract, SweepTable, Term
 from pse_lightning.core.findings import Finding
 from pse_lightning.core.report import ExamplePanel, ReportSection
@@ -82,14 +80,7 @@ class AnalysisResult:
         return {k: float(v) for k, v in self.scalars.items()}
 
 
-class _Boxed:
-    """Carries a computed result past torchmetrics' squeeze (it does not look inside)."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-class Analysis(Metric):
+class Analysis(UnsqueezedCompute):
     """Base class of every analysis run inside the evaluation loop.
 
     Subclasses set ``name`` (the log prefix: ``test/<name>/<key>``) and implement
@@ -130,22 +121,6 @@ class Analysis(Metric):
 
     def compute(self) -> AnalysisResult:  # noqa: D102
         raise NotImplementedError
-
-    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
-        """torchmetrics' compute wrapper (sync, cache), minus its squeeze of one-element
-        tensors: ``details`` keep their sample axis when one sample was kept, and
-        ``scalars`` are 0-d already. Tensors are cloned, as torchmetrics does."""
-
-        def boxed(*args: Any, **kwargs: Any) -> _Boxed:
-            return _Boxed(apply_to_collection(compute(*args, **kwargs), Tensor, Tensor.clone))
-
-        wrapped = super()._wrap_compute(boxed)
-
-        @functools.wraps(compute)
-        def unboxed(*args: Any, **kwargs: Any) -> Any:
-            return wrapped(*args, **kwargs).value
-
-        return unboxed
 
     @classmethod
     def glossary(cls) -> tuple[Term, ...]:
