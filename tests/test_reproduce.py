@@ -47,17 +47,23 @@ def job_config(cfg: DictConfig, resolve: bool = False) -> dict[str, Any]:
 def as_hydra_job() -> Iterator[Any]:
     """Split a composed config as the CLI does: the config the job gets (without the
     ``hydra`` node) and the :class:`~pse_lightning.pipeline.JobContext` (choices, overrides)
-    the entry point passes. Hydra's global state stays unset: the pipeline must not need it."""
+    the entry point passes. Hydra's state is set as in a job (``${hydra:...}`` paths resolve
+    through it), but with no choices or overrides: the pipeline gets those from ``job``."""
 
     def _split(cfg: DictConfig) -> tuple[DictConfig, pipeline.JobContext]:
         job = pipeline.JobContext.from_hydra(cfg.hydra)
+        blank = cfg.copy()
+        with open_dict(blank):
+            blank.hydra.runtime.choices = {}
+            blank.hydra.overrides.task = []
+        HydraConfig.instance().set_config(blank)
         cfg = cfg.copy()
         with open_dict(cfg):
             del cfg["hydra"]
         return cfg, job
 
     yield _split
-    assert not HydraConfig.initialized()
+    HydraConfig.instance().cfg = None
 
 
 JOBS = [
