@@ -106,28 +106,41 @@ def test_comparison_pairs_the_variants_and_writes_verdicts(sweep: Path) -> None:
     result = json.loads((sweep / "comparison.json").read_text())
     verdicts = result["verdicts"]
     assert result["variant_key"] == "training"
+    # One seed per variant: the training procedures cannot be compared, the models can.
+    assert verdicts["robust/pgd_at_vs_standard/pgd"] == "untestable"
+    assert verdicts["clean/pgd_at_vs_standard"] == "untestable"
     # 232 images only pgd_at gets right, 0 only standard: far beyond chance.
-    assert verdicts["robust/pgd_at_vs_standard/pgd"] == "supported"
-    assert verdicts["robust/pse_at_vs_standard/fgsm"] == "supported"
+    assert verdicts["robust/pgd_at_vs_standard/pgd/model"] == "supported"
+    assert verdicts["robust/pse_at_vs_standard/fgsm/model"] == "supported"
     # Identical outcomes: the paired interval is about ±0.003, so a gain of 0.01 is excluded.
-    assert verdicts["robust/pse_at_vs_pgd_at/pgd"] == "not supported"
+    assert verdicts["robust/pse_at_vs_pgd_at/pgd/model"] == "not supported"
     # Clean 0.95 vs 0.99: 16 images only standard gets right, none the other way.
-    assert verdicts["clean/pgd_at_vs_standard"] == "supported"
-    assert verdicts["clean/pse_at_vs_pgd_at"] == "not supported"  # identical: no difference
-    row = next(r for r in result["comparisons"] if r["key"] == "robust/pgd_at_vs_standard/pgd")
+    assert verdicts["clean/pgd_at_vs_standard/model"] == "supported"
+    assert verdicts["clean/pse_at_vs_pgd_at/model"] == "not supported"  # identical
+    rows = {r["key"]: r for r in result["comparisons"]}
+    row = rows["robust/pgd_at_vs_standard/pgd/model"]
     assert (row["only_variant"], row["only_baseline"], row["n"]) == (232, 0, N)
     assert row["difference"] == pytest.approx(0.58)
     assert row["ci_low"] < 0.58 < row["ci_high"]
-    # Holm over the 9 comparisons shown (3 pairs x (clean + 2 attacks)): the two clean
-    # tests against standard (16 vs 0 discordant, p = 2 / 2**16) rank 5th and 6th of 9,
-    # so both are multiplied by 9 - 5 + 1 = 5.
-    assert len(result["comparisons"]) == 9
-    clean = next(r for r in result["comparisons"] if r["key"] == "clean/pse_at_vs_standard")
+    assert row["family"] == "trained models"
+    # Holm over the 9 comparisons of trained models (3 pairs x (clean + 2 attacks)): the
+    # two clean tests against standard (16 vs 0 discordant, p = 2 / 2**16) rank 5th and 6th
+    # of 9, so both are multiplied by 9 - 5 + 1 = 5. The 9 procedure rows are untestable.
+    assert len(result["comparisons"]) == 18
+    clean = rows["clean/pse_at_vs_standard/model"]
     assert clean["p"] == pytest.approx(2 / 2**16, rel=1e-9)
     assert clean["p_holm"] == pytest.approx(5 * 2 / 2**16, rel=1e-9)
+    assert rows["robust/pse_at_vs_pgd_at/pgd"]["p_holm"] is None
+    # The report opens with the procedure rows, each saying why it is untestable.
+    assert text.index("## Findings: training procedures") < text.index("Each row is one")
+    assert "one training seed per variant" in text
     # The Findings table of the run reports, with the same vocabulary.
     assert "| measured effect (95% CI) | test and resampling scheme | p | p (Holm) " in text
-    assert "| pgd_at is more robust than standard under pgd | 0.600 − 0.020 = +0.580" in text
+    assert (
+        "| pgd_at is more robust than standard under pgd (one model each) | 0.600 − 0.020 = "
+        "+0.580" in text
+    )
+    assert "a comparison of two trained models |" in text
     assert "**not supported** |" in text
     assert "| pgd_at | 0.950 | 0.700 | 0.600 |" in text
     assert "trades" not in text
@@ -170,7 +183,8 @@ def test_jobs_without_per_image_outcomes_are_not_measured(tmp_path: Path) -> Non
              _first(100 * num), outcomes=False)  # fmt: skip
     write_comparison(tmp_path)
     verdicts = json.loads((tmp_path / "comparison.json").read_text())["verdicts"]
-    assert set(verdicts.values()) == {"not measured"}
+    assert {v for k, v in verdicts.items() if k.endswith("/model")} == {"not measured"}
+    assert {v for k, v in verdicts.items() if not k.endswith("/model")} == {"untestable"}
 
 
 def test_comparison_of_an_empty_sweep_writes_nothing(tmp_path: Path) -> None:

@@ -174,19 +174,34 @@ def test_a_seeded_sweep_pairs_each_variant_within_its_seed(seeded: Path) -> None
     assert pooled["mean_difference"] == pytest.approx(statistics.fmean(diffs))
     assert pooled["sd_difference"] == pytest.approx(statistics.stdev(diffs))
     assert pooled["seeds"] == [["0", pytest.approx(0.0)], ["1", pytest.approx(0.15)]]
-    assert verdicts["robust/pse_at_vs_pgd_at/pgd"] == "untestable"
-    assert pooled["p_holm"] is None  # outside the Holm family
+    # Across seeds: the procedures compared by a t-test on the 2 per-seed differences
+    # (df = 1, a Cauchy: t = 0.075 / (0.106 / √2) = 1 gives p = 0.5 exactly).
+    assert pooled["p"] == pytest.approx(0.5)
+    assert pooled["ci_low"] == pytest.approx(0.075 - 12.7062 * 0.075, abs=1e-4)
+    assert pooled["family"] == "training procedures"
+    assert pooled["acc_variant"] == [pytest.approx(0.6), pytest.approx(0.65)]
+    assert verdicts["robust/pse_at_vs_pgd_at/pgd"] == "inconclusive"
     assert (
-        "| pse_at is more robust than pgd_at under pgd | mean +0.075, seed-to-seed SD 0.106 "
-        "over 2 seeds: +0.000 (seed 0), +0.150 (seed 1) |" in text
+        "| pse_at is more robust than pgd_at under pgd | +0.075 [-0.878, +1.028], seed-to-seed "
+        "SD 0.106 over 2 seeds: 0.600 − 0.600 (seed 0), 0.650 − 0.500 (seed 1) |" in text
     )
     assert (
         "| exact McNemar, paired on the same images: a comparison of two trained models "
         "(seed 1) |" in text
     )
-    # Holm over the per-seed tests only: 3 pairs x (clean + pgd) x 2 seeds.
-    tested = [r for r in result["comparisons"] if r["verdict"] != "untestable"]
-    assert len(tested) == 12 and all(r["seed"] in ("0", "1") for r in tested)
+    # Holm families: the 3 procedure claims on robust accuracy; the 3 clean comparisons of
+    # procedures; the 12 per-seed comparisons of models (3 pairs x (clean + pgd) x 2 seeds).
+    families = {}
+    for r in result["comparisons"]:
+        families.setdefault(r["family"], []).append(r["key"])
+    assert families["training procedures"] == [
+        "robust/pgd_at_vs_standard/pgd", "robust/pse_at_vs_standard/pgd",
+        "robust/pse_at_vs_pgd_at/pgd"]  # fmt: skip
+    assert len(families["clean accuracy"]) == 3 and len(families["trained models"]) == 12
+    # The per-seed McNemar p of pgd_at vs standard, seed 0: 232 vs 0 discordant, Holm x 12.
+    seed0 = rows["robust/pgd_at_vs_standard/pgd/seed=0"]
+    assert seed0["p_holm"] == pytest.approx(min(1, 12 * seed0["p"]), rel=1e-9)
+    assert text.index("## Findings: training procedures") < text.index("## Findings: clean")
     # Tables are means over the seeds.
     assert result["variants"]["pse_at"]["robust_acc/pgd"] == pytest.approx((240 + 260) / 2 / N)
     assert "With 2 seeds" in text
@@ -209,7 +224,11 @@ def test_one_seed_for_every_job_is_not_a_replicate(tmp_path: Path) -> None:
              _first(100 + 100 * num))  # fmt: skip
     write_comparison(tmp_path)
     result = json.loads((tmp_path / "comparison.json").read_text())
-    assert set(result["verdicts"]) == {"clean/pgd_at_vs_standard", "robust/pgd_at_vs_standard/pgd"}
+    assert set(result["verdicts"]) == {
+        "clean/pgd_at_vs_standard", "robust/pgd_at_vs_standard/pgd",
+        "clean/pgd_at_vs_standard/seed=3", "robust/pgd_at_vs_standard/pgd/seed=3"}  # fmt: skip
+    assert result["verdicts"]["robust/pgd_at_vs_standard/pgd"] == "untestable"
+    assert result["verdicts"]["robust/pgd_at_vs_standard/pgd/seed=3"] == "supported"
     assert result["seeds"] == []
 
 

@@ -4,9 +4,11 @@ A Hydra callback (``hydra.callbacks``) runs after the last job of a sweep and re
 job's ``metrics.json``, ``outcomes.json`` and Hydra files from disk, so it works for every
 launcher (basic, joblib, SLURM) without talking to the jobs. The variants (whatever the jobs'
 overrides set differently, the attack and the seed aside) are compared image by image on the
-shared test images (docs/METHODS.md §7.6), with verdicts like the per-run Findings, within
-each seed when the sweep replicates over seeds. When the jobs wrote ``findings.json``, the
-report opens with their claims side by side, one column per attack (``experiment=pse_types``).
+shared test images (docs/METHODS.md §7.6), with verdicts like the per-run Findings. Training
+variants are procedures: the report opens with their comparison over the training seeds,
+then shows each seed's two trained models image by image. When the jobs wrote
+``findings.json``, their claims follow side by side, one column per attack
+(``experiment=pse_types``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pse_lightning.core.contract import SweepTable
+from pse_lightning.core.findings import Finding, rule_text
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 from pse_lightning.reporting.findings import findings_markdown
 from pse_lightning.reporting.sweep_claims import claims_by_job
@@ -38,7 +41,15 @@ from pse_lightning.reporting.sweep_jobs import (
     variant_order,
     variant_title,
 )
-from pse_lightning.reporting.sweep_stats import RULE, comparison_findings, comparison_plan
+from pse_lightning.reporting.sweep_stats import (
+    CLEAN,
+    MODELS,
+    PROCEDURES,
+    ROBUST,
+    RULE,
+    comparison_findings,
+    comparison_plan,
+)
 from pse_lightning.reporting.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -142,6 +153,26 @@ def comparison_tables(
     return "\n".join(parts)
 
 
+# Each Holm family's heading in comparison.md.
+FAMILY_HEADINGS = {
+    PROCEDURES: "## Findings: training procedures (seeds as replicates)",
+    ROBUST: "## Findings",
+    CLEAN: "## Findings: clean accuracy",
+    MODELS: "## Findings: two trained models, seed by seed",
+}
+
+
+def findings_sections(findings: list[Finding], records: list[dict]) -> dict[str, str]:
+    """family -> its heading, Findings table and rule (one Holm family per table)."""
+    sections = {}
+    for family, heading in FAMILY_HEADINGS.items():
+        mine = [f for f, r in zip(findings, records, strict=True) if r["family"] == family]
+        if mine:
+            table = findings_markdown(mine, rule_text("table"))
+            sections[family] = "\n".join([heading, "", table, ""])
+    return sections
+
+
 def _claims_section(table: str, attacks_only: bool) -> list[str]:
     """The claims of every job side by side, first in the report."""
     what = "attack" if attacks_only else "job"
@@ -187,24 +218,25 @@ def write_comparison(sweep_dir: Path) -> Path | None:
     ]
     means = (
         f" With {len(replicates)} seeds (replicates: each variant trained once per seed), "
-        "the tables show means over the seeds and the Findings pair the variants within "
-        "each seed."
+        "the tables show means over the seeds; the procedures are compared over the seeds, "
+        "and each seed's two trained models image by image."
         if len(replicates) > 1
         else ""
     )
     row = "variant" if title == "variant" else f"{title} variant"
+    sections = findings_sections(findings, records)
+    rest = [sections[f] for f in (ROBUST, CLEAN, MODELS) if f in sections]
     text = "\n".join([
         f"# Comparison of {len(jobs)} jobs",
         "",
+        *([sections[PROCEDURES]] if PROCEDURES in sections else []),
         *(_claims_section(claims[0], len(variants) == len(replicates) == 1) if claims else []),
         f"Each row is one {row}, evaluated with the same attacks (columns) on the "
         "same test images. Robust accuracy is the share of all evaluated images classified "
         f"correctly both clean and under attack.{means}",
         "",
-        "## Findings",
-        "",
-        findings_markdown(findings, RULE) if findings else "Only one variant: nothing to compare.",
-        "",
+        *(rest or ["## Findings", "", "Only one variant: nothing to compare.", ""]),
+        *([RULE, ""] if findings else []),
         comparison_tables(summary, title, attacks, tables),
         "",
         *[f"![{f.stem}]({f.name})" for f in figures if f is not None],

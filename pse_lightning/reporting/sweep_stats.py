@@ -1,57 +1,83 @@
 """Paired comparisons of a sweep's variants, judged like the per-run Findings.
 
-Every variant of a sweep is evaluated on the same test images, so two variants are compared
-image by image: the exact McNemar test on the images only one of them gets right, and
-Newcombe's paired interval for the difference of accuracies (docs/METHODS.md §7.6). The
-p-values of every comparison shown form one Holm family, and the verdicts come from the same
-rule as the run's Findings (:func:`~pse_lightning.reporting.findings.judge`).
+Every variant of a sweep is evaluated on the same test images, so two trained models are
+compared image by image: the exact McNemar test on the images only one of them gets right,
+and Newcombe's paired interval for the difference of accuracies (docs/METHODS.md §7.6).
 
-A sweep over seeds (``seed=0,1,2``) has replicates: each variant is paired with its baseline
-within each seed, and that McNemar test compares two trained models (its images are
-resampled, the training is not). Across seeds the report gives the mean difference and its
-seed-to-seed spread only; a claim about the training procedures is left untestable.
+Training variants are procedures. With seed replicates (``seed=0,1,2``) each comparison of
+two procedures is judged over seeds: seed s of a variant is paired with seed s of its
+baseline, and a t-test on the S per-seed differences (S − 1 degrees of freedom) gives the
+mean difference, its interval and p, beside the seed-to-seed SD and the per-seed accuracies
+(:mod:`pse_lightning.core.replicates`). With one seed that claim is untestable. The per-seed
+McNemar rows stay, each a comparison of two trained models.
+
+Holm families: the procedure claims on robust accuracy (the question the study exists for);
+clean-accuracy comparisons; the per-seed comparisons of trained models. A sweep of fixed
+models (a model zoo) has no procedures: its robust and its clean comparisons are the two
+families. Verdicts come from the rule of the run's Findings
+(:func:`~pse_lightning.core.findings.judge`), Holm within each family.
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, replace
 from itertools import combinations
 
 from torch import Tensor
 
-from pse_lightning.core.findings import Finding, judge, not_measured, rule_text, untestable
+from pse_lightning.core.findings import Finding, judge, not_measured, untestable
 from pse_lightning.core.proportions import (
     discordant_pairs,
     mcnemar_exact,
     paired_difference_interval,
 )
+from pse_lightning.core.replicates import procedure_difference
 from pse_lightning.reporting.outcomes import aligned
 from pse_lightning.reporting.sweep_jobs import Job
 
-# The smallest accuracy difference worth claiming (one point): an interval inside
-# (−MIN_GAIN, MIN_GAIN) says two variants do not differ, one below +MIN_GAIN says a variant
-# is not more robust.
+# The smallest accuracy difference worth claiming between two trained models (one point):
+# an interval inside (−MIN_GAIN, MIN_GAIN) says two models do not differ, one below
+# +MIN_GAIN says a model is not more robust.
 MIN_GAIN = 0.01
+# The smallest difference worth claiming between two training procedures (two points, the
+# size docs/METHODS.md §7.6 sizes the number of seeds for).
+PROCEDURE_GAIN = 0.02
 TEST = "exact McNemar, paired on the same images"
-RULE = rule_text("comparison") + (
-    f' The claimed size is {MIN_GAIN} (one point of accuracy): for "more robust" a gain, for '
-    f'"differ" a difference either way. p: exact McNemar; interval: Newcombe\'s hybrid '
-    "score interval for paired proportions; both resample the test images (binomial model "
-    "of the discordant pairs). With seed replicates, each seed's test compares two trained "
-    "models; the row across seeds gives the mean difference and its seed-to-seed SD, and is "
-    "untestable until a test resamples the seeds. Method: docs/METHODS.md §7.6."
+MODELS_TEST = f"{TEST}: a comparison of two trained models"
+PROCEDURE_TEST = (
+    "t-test over training seeds on the per-seed paired differences (df = seeds − 1; p and "
+    "t interval resample the seeds, each seed's difference averages its test images)"
 )
-ACROSS_SEEDS = (
-    "none across seeds: the per-seed tests resample images, not training; mean and "
-    "seed-to-seed SD of the per-seed differences"
+
+# The Holm families, in the order the report shows them.
+PROCEDURES = "training procedures"
+ROBUST = "robust accuracy"
+CLEAN = "clean accuracy"
+MODELS = "trained models"
+FAMILIES = (PROCEDURES, ROBUST, CLEAN, MODELS)
+
+RULE = (
+    f"Claimed sizes: {PROCEDURE_GAIN} (two points of accuracy) between training procedures, "
+    f'{MIN_GAIN} between two trained models; for "more robust" a gain, for "differ" a '
+    "difference either way. Procedures (seeds as replicates): p and interval from one t "
+    "distribution over the per-seed differences, seed s of a variant paired with seed s of "
+    "its baseline. Trained models: p exact McNemar, interval Newcombe's hybrid score "
+    "interval for paired proportions; both resample the test images, not the training. "
+    "Holm families: procedure claims on robust accuracy; clean accuracy; the per-seed "
+    "comparisons of trained models. Method: docs/METHODS.md §7.6."
 )
 
 
 @dataclass(frozen=True)
 class Comparison:
     """One comparison the report shows: ``variant`` against ``baseline`` on one measure
-    (``clean`` accuracy, or ``robust`` accuracy under ``attack``)."""
+    (``clean`` accuracy, or ``robust`` accuracy under ``attack``).
+
+    ``procedures``: the variants are training procedures (a training sweep, or any sweep
+    with seed replicates); each such comparison is judged over seeds (``over_seeds``, the
+    row of the procedures) and, per seed, as a comparison of two trained models (``seed``,
+    "" when the jobs do not name it).
+    """
 
     variant: str
     baseline: str
@@ -59,12 +85,23 @@ class Comparison:
     attack: str = ""
     directional: bool = False
     seed: str = ""
+    procedures: bool = False
+    over_seeds: bool = False
 
     @property
     def key(self) -> str:
         where = f"/{self.attack}" if self.attack else ""
         replicate = f"/seed={self.seed}" if self.seed else ""
+        if self.procedures and not self.over_seeds and not self.seed:
+            replicate = "/model"
         return f"{self.measure}/{self.variant}_vs_{self.baseline}{where}{replicate}"
+
+    @property
+    def family(self) -> str:
+        """The Holm family the comparison is judged in."""
+        if self.procedures and not self.over_seeds:
+            return MODELS
+        return CLEAN if self.measure == "clean" else PROCEDURES if self.procedures else ROBUST
 
     @property
     def claim(self) -> str:
@@ -76,7 +113,10 @@ class Comparison:
             claim = (
                 f"{self.variant} and {self.baseline} differ in robust accuracy under {self.attack}"
             )
-        return f"{claim} (the models trained with seed {self.seed})" if self.seed else claim
+        if self.over_seeds or not (self.seed or self.procedures):
+            return claim
+        models = f"the models trained with seed {self.seed}" if self.seed else "one model each"
+        return f"{claim} ({models})"
 
 
 def variant_pairs(variants: list[str]) -> list[tuple[str, str, bool]]:
@@ -95,14 +135,20 @@ def variant_pairs(variants: list[str]) -> list[tuple[str, str, bool]]:
 def comparison_plan(
     variants: list[str], attacks: list[str], seeds: list[str] | None = None
 ) -> list[Comparison]:
-    """Every comparison of the report: per pair, clean accuracy, then robust per attack;
-    each once per seed when ``seeds`` holds two or more replicates, else once (any seed)."""
-    replicates = seeds if seeds is not None and len(seeds) > 1 else [""]
+    """Every comparison of trained models in the report: per pair, clean accuracy, then
+    robust per attack, once per seed. Training variants (a directional pair) or two or more
+    seeds make the variants procedures: every seed gets its row (the seed named even when
+    there is only one), and :func:`comparison_findings` adds the row over seeds. A sweep of
+    fixed models with one seed compares each pair once."""
+    pairs = variant_pairs(variants)
+    seeds = [s for s in seeds or [] if s]
+    procedures = len(seeds) > 1 or any(directional for _, _, directional in pairs)
+    replicates = seeds if procedures and seeds else [""]
     plan = []
-    for variant, baseline, directional in variant_pairs(variants):
+    for variant, baseline, directional in pairs:
         measures = [("clean", "", False), *(("robust", a, directional) for a in attacks)]
         for measure, attack, direction in measures:
-            plan += [Comparison(variant, baseline, measure, attack, direction, s)
+            plan += [Comparison(variant, baseline, measure, attack, direction, s, procedures)
                      for s in replicates]  # fmt: skip
     return plan
 
@@ -137,23 +183,33 @@ def _outcomes(
     return None
 
 
-def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
+def _pair(c: Comparison, jobs: list[Job]) -> tuple[Tensor, Tensor] | None:
+    """The two variants' per-image outcomes of comparison ``c``, aligned by image."""
     a, b = (
         _outcomes(jobs, v, "" if c.measure == "clean" else c.attack, c.seed)
         for v in (c.variant, c.baseline)
     )
-    record = asdict(c) | {"key": c.key, "claim": c.claim}
     if a is None or b is None:
+        return None
+    return aligned(a, b, "clean_correct" if c.measure == "clean" else "adv_correct")
+
+
+def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
+    """Two trained models compared image by image (McNemar, Newcombe)."""
+    pair = _pair(c, jobs)
+    record = asdict(c) | {"key": c.key, "claim": c.claim, "family": c.family}
+    if pair is None:
         text = "per-image outcomes missing (a job written before outcomes.json): not paired"
         return not_measured(c.key, c.claim, text), record
-    column = "clean_correct" if c.measure == "clean" else "adv_correct"
-    stats = paired_test(*aligned(a, b, column))
+    stats = paired_test(*pair)
     text = (
         f"{stats['acc_variant']:.3f} − {stats['acc_baseline']:.3f} = {stats['difference']:+.3f} "
         f"[{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]; n = {stats['n']}, only one right: "
         f"{stats['only_variant']} / {stats['only_baseline']}"
     )
-    test = f"{TEST}: a comparison of two trained models (seed {c.seed})" if c.seed else TEST
+    test = TEST
+    if c.procedures:
+        test = f"{MODELS_TEST} (seed {c.seed})" if c.seed else MODELS_TEST
     finding = Finding(
         c.key, c.claim, text, test,
         estimate=stats["difference"], low=stats["ci_low"], high=stats["ci_high"], p=stats["p"],
@@ -162,48 +218,72 @@ def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
     return finding, record | stats
 
 
-def _across_seeds(c: Comparison, per_seed: list[tuple[Finding, dict]]) -> tuple[Finding, dict]:
-    """The seed replicates of one comparison summarised: the per-seed differences, their mean
-    and seed-to-seed SD, untestable (no test resamples the training)."""
-    pooled = replace(c, seed="")
-    measured = [(r["seed"], f.estimate) for f, r in per_seed if not f.status]
-    diffs = [d for _, d in measured]
-    record = asdict(pooled) | {"key": pooled.key, "claim": pooled.claim, "seeds": measured}
-    if len(diffs) < 2:
-        why = f"{len(diffs)} seed(s) with per-image outcomes: no spread across seeds"
+def _over_seeds(c: Comparison, jobs: list[Job], planned: list[Comparison]) -> tuple[Finding, dict]:
+    """Two training procedures compared over the seeds of ``planned``: the t-test on the
+    per-seed differences (:func:`~pse_lightning.core.replicates.procedure_difference`);
+    untestable with one seed, not measured when fewer than two seeds have outcomes."""
+    pooled = replace(c, seed="", over_seeds=True)
+    record = asdict(pooled) | {"key": pooled.key, "claim": pooled.claim, "family": pooled.family}
+    direction = "greater" if c.directional else "two-sided"
+    pairs = [(p.seed, pair) for p in planned if (pair := _pair(p, jobs)) is not None]
+    if len(planned) < 2:
+        why = (
+            "one training seed per variant: how far a procedure's accuracy moves from one "
+            "training seed to the next is not measured, so two procedures cannot be told "
+            "apart (the model row compares two trained models); sweep seed=0,1,2 or more "
+            "(docs/METHODS.md §7.6)"
+        )
+        effect = "one seed: see the trained-model row"
+        finding = untestable(pooled.key, pooled.claim, effect, PROCEDURE_TEST, why)
+        return replace(finding, direction=direction, size=PROCEDURE_GAIN), record
+    if len(pairs) < 2:
+        why = f"{len(pairs)} seed(s) with per-image outcomes: no spread across seeds"
         return not_measured(pooled.key, pooled.claim, why), record
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    each = ", ".join(f"{d:+.3f} (seed {s})" for s, d in measured)
-    effect = f"mean {mean:+.3f}, seed-to-seed SD {sd:.3f} over {len(diffs)} seeds: {each}"
-    why = (
-        "a claim about the training procedures needs a test that resamples seeds; the "
-        "per-seed rows each compare two trained models"
+    stats = procedure_difference([pair for _, pair in pairs])
+    names = [seed for seed, _ in pairs]
+    each = ", ".join(
+        f"{a:.3f} − {b:.3f} (seed {s})"
+        for s, a, b in zip(names, stats["acc_variant"], stats["acc_baseline"], strict=True)
     )
-    finding = replace(
-        untestable(pooled.key, pooled.claim, effect, ACROSS_SEEDS, why),
-        estimate=mean,
-        direction="greater" if c.directional else "two-sided",
-        size=MIN_GAIN,
+    effect = (
+        f"{stats['difference']:+.3f} [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}], "
+        f"seed-to-seed SD {stats['sd_difference']:.3f} over {stats['seeds']} seeds: {each}"
     )
-    return finding, record | {"mean_difference": mean, "sd_difference": sd}
+    missing = [p.seed for p in planned if p.seed not in names]
+    note = f"seed(s) {', '.join(missing)} without per-image outcomes left out" if missing else ""
+    finding = Finding(
+        pooled.key, pooled.claim, effect, PROCEDURE_TEST,
+        estimate=stats["difference"], low=stats["ci_low"], high=stats["ci_high"], p=stats["p"],
+        direction=direction, size=PROCEDURE_GAIN, note=note,
+    )  # fmt: skip
+    seeds = [[s, d] for s, d in zip(names, stats["differences"], strict=True)]
+    extra = {"seeds": seeds, "n_seeds": stats["seeds"], "mean_difference": stats["difference"]}
+    return finding, record | stats | extra
 
 
 def comparison_findings(
     jobs: list[Job], plan: list[Comparison]
 ) -> tuple[list[Finding], list[dict]]:
-    """The judged Findings of ``plan`` (one Holm family over the per-seed tests) and the same
-    as JSON records; with seed replicates, each comparison's row across seeds comes first."""
-    built: list[tuple[Finding, dict]] = []
-    groups: dict[Comparison, list[tuple[Finding, dict]]] = {}
+    """The judged Findings of ``plan`` and the same as JSON records, family by family
+    (:data:`FAMILIES`, Holm within each): for training procedures the rows over seeds
+    first, then the per-seed comparisons of trained models."""
+    groups: dict[Comparison, list[Comparison]] = {}
     for c in plan:
-        groups.setdefault(replace(c, seed=""), []).append(_finding(c, jobs))
-    for pooled, per_seed in groups.items():
-        if any(r["seed"] for _, r in per_seed):
-            built.append(_across_seeds(pooled, per_seed))
-        built += per_seed
-    judged = judge([f for f, _ in built])
-    records = [
-        r | {"p_holm": f.p_holm, "verdict": f.verdict}
-        for f, (_, r) in zip(judged, built, strict=True)
-    ]
+        groups.setdefault(replace(c, seed=""), []).append(c)
+    built: list[tuple[Finding, dict]] = []
+    for pooled, planned in groups.items():
+        if pooled.procedures:
+            built.append(_over_seeds(pooled, jobs, planned))
+        built += [_finding(c, jobs) for c in planned]
+    judged: list[Finding] = []
+    records: list[dict] = []
+    for family in FAMILIES:
+        members = [(f, r) for f, r in built if r["family"] == family]
+        if not members:
+            continue
+        judged += judge([f for f, _ in members])
+        records += [
+            r | {"p_holm": f.p_holm, "verdict": f.verdict, "size": f.size, "note": f.note}
+            for f, (_, r) in zip(judged[-len(members) :], members, strict=True)
+        ]
     return judged, records

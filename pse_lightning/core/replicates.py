@@ -1,0 +1,98 @@
+"""Two training procedures compared over training seeds: a t-test on per-seed differences.
+
+A claim such as "PSE-informed adversarial training is more robust than PGD-AT" is about two
+training *procedures*. Each procedure is trained once per seed; seed s of procedure A is
+paired with seed s of procedure B (the same data, the same test images), and the unit that is
+resampled is the seed. Per seed, the paired difference of accuracies on the test images
+
+    d_s = acc(A, seed s) − acc(B, seed s)
+
+already averages the images, so the spread of d_1, …, d_S over seeds holds both the
+training noise (each seed's model lands at its own accuracy) and the within-seed image noise
+(which images the two models happen to get right). The procedure difference is the mean of
+the d_s, with the one-sample t interval and t-test on S − 1 degrees of freedom
+(docs/METHODS.md §7.6): p and interval come from the same t distribution, so p < 0.05
+exactly when the 95 % interval excludes 0. It holds its level for S = 3 (tested under a
+planted seed-level null, tests/test_sweep_procedure.py). A bootstrap over 3 to 5 seeds would
+not: 3 seeds have 10 distinct resamples (5 seeds 126), and a percentile interval from them
+is too narrow (its spread is the plug-in SD, biased low by √((S − 1)/S), with normal
+rather than t quantiles).
+
+The test images are held fixed when every seed evaluates the same images: the claim then
+generalises over training seeds on this test set. With a different test set per seed
+(dataset seeded by the run's seed) the image sampling is inside the d_s as well.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from scipy.special import stdtr, stdtrit
+from torch import Tensor
+
+
+def seed_t_test(
+    differences: Tensor, confidence: float = 0.95
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One-sample t-test and interval of the mean of per-seed differences, batched.
+
+    Args:
+        differences: (..., S) per-seed differences d_s, S >= 2 seeds in the last dimension.
+        confidence: two-sided coverage of the interval.
+
+    Returns:
+        (mean, sd, low, high, p), each (...) float64: the mean difference, the seed-to-seed
+        SD (n − 1), the t interval mean ± t_{S−1} · sd / √S and the two-sided t-test p of
+        mean = 0. With sd = 0 the interval is the mean and p is 1 for a mean of 0, else 0.
+
+    Raises:
+        ValueError: fewer than 2 seeds.
+    """
+    seeds = differences.shape[-1]
+    if seeds < 2:
+        raise ValueError(f"a t-test over seeds needs at least 2 seeds, got {seeds}")
+    d = differences.double()
+    mean, sd = d.mean(-1), d.std(-1)
+    se = sd / math.sqrt(seeds)
+    df = seeds - 1
+    half = float(stdtrit(df, 0.5 + confidence / 2)) * se
+    t = mean.abs() / se
+    p = torch.as_tensor(2 * stdtr(df, -t.numpy()), dtype=mean.dtype)
+    p = torch.where(se > 0, p, (mean == 0).double())
+    return mean, sd, mean - half, mean + half, p
+
+
+def procedure_difference(pairs: Sequence[tuple[Tensor, Tensor]]) -> dict[str, object]:
+    """Two procedures compared over seeds, from each seed's paired per-image outcomes.
+
+    Args:
+        pairs: one (correct_a, correct_b) per seed, (N_s,) bool each, aligned image by image
+            (procedure A's and B's models of that seed on the same test images).
+
+    Returns:
+        ``acc_variant`` and ``acc_baseline`` (per-seed accuracies), ``differences`` (d_s),
+        ``difference`` (their mean), ``sd_difference`` (seed-to-seed SD), ``ci_low``,
+        ``ci_high``, ``p`` (two-sided, t on S − 1 df), ``seeds`` (S) and ``n`` (images per
+        seed, the smallest).
+
+    Raises:
+        ValueError: fewer than 2 seeds.
+    """
+    acc_a = [float(a.double().mean()) for a, _ in pairs]
+    acc_b = [float(b.double().mean()) for _, b in pairs]
+    diffs = [x - y for x, y in zip(acc_a, acc_b, strict=True)]
+    mean, sd, low, high, p = seed_t_test(torch.tensor(diffs, dtype=torch.float64))
+    return {
+        "acc_variant": acc_a,
+        "acc_baseline": acc_b,
+        "differences": diffs,
+        "difference": float(mean),
+        "sd_difference": float(sd),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "p": float(p),
+        "seeds": len(pairs),
+        "n": min(int(a.numel()) for a, _ in pairs),
+    }
