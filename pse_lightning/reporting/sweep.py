@@ -72,11 +72,12 @@ def declared_tables(jobs: list[Job]) -> list[tuple[str, SweepTable]]:
 
 
 def table_columns(prefix: str, table: SweepTable, keys: Iterable[str]) -> list[str]:
-    """The table's columns (un-prefixed keys) among the logged ``keys`` (``test/...``): its
-    ``keys`` in their order, or the keys its ``pattern`` selects, sorted."""
+    """The table's columns (un-prefixed keys) given the logged ``keys`` (``test/...``): all
+    its ``keys``, in their order, when one was logged (a missing one shows as n/a), or the
+    keys its ``pattern`` selects, sorted."""
     mine = {k.removeprefix(f"test/{prefix}/") for k in keys if k.startswith(f"test/{prefix}/")}
     if table.keys:
-        return [k for k in table.keys if k in mine]
+        return list(table.keys) if mine & set(table.keys) else []
     return sorted(k for k in mine if table.selects(k))
 
 
@@ -102,7 +103,8 @@ def variant_summary(
             for prefix, table in tables:
                 if table.per_attack:
                     for key in table_columns(prefix, table, cell):
-                        entry[f"{prefix}/{key}/{attack}"] = cell[f"test/{prefix}/{key}"]
+                        if f"test/{prefix}/{key}" in cell:
+                            entry[f"{prefix}/{key}/{attack}"] = cell[f"test/{prefix}/{key}"]
         for prefix, table in tables:
             if not table.per_attack:
                 for key in table_columns(prefix, table, first):
