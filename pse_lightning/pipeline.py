@@ -13,8 +13,9 @@ job of a multirun.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Checkpoint, ProgressBar
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
@@ -49,8 +51,6 @@ from pse_lightning.modules.training import (
 from pse_lightning.reporting.loggers import (
     command_args,
     finish_logger,
-    hydra_choices,
-    hydra_overrides,
     log_checkpoint,
     name_overrides,
     reproduce_command,
@@ -71,6 +71,35 @@ log = logging.getLogger(__name__)
 STAGES = ("auto", "fit", "evaluate")
 # Dataset keys that change how data is served, not what the model learns from.
 _SERVING_KEYS = ("batch_size", "num_workers", "eval_samples", "root", "download", "probe")
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What the entry point knows of the job beyond its config, handed to :func:`run`.
+
+    Attributes:
+        choices: the group choices (``attack`` -> ``cw``), as Hydra records them; empty for
+            the Python API (the report then names what was built).
+        overrides: the job's command-line overrides as typed (``attack.eps=0.01``).
+        path_keys: the keys Hydra leaves out of a job's folder name (paths), left out of
+            run names too.
+    """
+
+    choices: Mapping[str, str] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+    path_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hydra(cls, hydra_cfg: Any) -> JobContext:
+        """The context of a job from its ``hydra`` config node (``HydraConfig.get()`` in the
+        entry point, or a composed config's ``hydra`` node)."""
+        choices = {str(k): str(v) for k, v in hydra_cfg.runtime.choices.items() if v}
+        exclude = hydra_cfg.job.config.override_dirname.exclude_keys
+        return cls(
+            choices=choices,
+            overrides=tuple(str(o) for o in hydra_cfg.overrides.task),
+            path_keys=tuple(str(k) for k in exclude),
+        )
 
 
 @dataclass
@@ -190,21 +219,40 @@ def checkpoint_identity(cfg: DictConfig, datamodule: ImageDataModule) -> dict[st
     }
 
 
+def configured_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The callbacks of the ``callbacks`` group (name -> callback config), in file order;
+    a null entry (``~callbacks.lr_monitor`` or ``callbacks.lr_monitor=null``) is skipped."""
+    node = cfg.get("callbacks")
+    if not node:
+        return []
+    return [instantiate(sub) for sub in node.values() if sub is not None]
+
+
 def make_trainer(cfg: DictConfig, logger: Logger | None, **overrides: Any) -> pl.Trainer:
-    """The configured Trainer; off a terminal, progress is a line with an ETA every 30 s."""
-    callbacks = [
-        *overrides.pop("callbacks", []),
-        *progress_callbacks(bool(cfg.trainer.get("enable_progress_bar", True))),
-    ]
+    """The configured Trainer with the pipeline's own callbacks (``callbacks=`` here) and
+    those of the ``callbacks`` config group; off a terminal, progress is a line with an ETA
+    every 30 s unless a configured callback draws progress itself (``callbacks=rich_progress``).
+    A configured checkpoint callback turns on ``enable_checkpointing``, which Lightning
+    requires of it."""
+    configured = configured_callbacks(cfg)
+    progress = bool(cfg.trainer.get("enable_progress_bar", True))
+    if any(isinstance(c, ProgressBar) for c in configured):
+        progress = False  # the configured bar draws it; Lightning allows one
+    callbacks = [*overrides.pop("callbacks", []), *configured, *progress_callbacks(progress)]
+    if any(isinstance(c, Checkpoint) for c in configured):
+        overrides.setdefault("enable_checkpointing", True)
     logger = logger if logger is not None else False
     return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **overrides)
 
 
-def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
+def start_stage(
+    cfg: DictConfig, parts: Components, job_type: str, job: JobContext | None = None
+) -> None:
     """Start the logger's run for a stage: named from the job's choices (class and config
     names outside Hydra) and its other overrides (what a sweep varies), typed ``train`` or
     ``evaluate``, with the resolved config and the group choices (``choices/attack``)."""
-    choices = hydra_choices()
+    job = job or JobContext()
+    choices = dict(job.choices)
     name = run_name(
         attack=choices.get("attack") or type(parts.attack).__name__.lower(),
         # A zoo model is named by its zoo name: the jobs of a comparison share model=robustbench.
@@ -212,19 +260,10 @@ def start_stage(cfg: DictConfig, parts: Components, job_type: str) -> None:
         dataset=choices.get("dataset") or parts.datamodule.name,
         training=choices.get("training") or str(cfg.training.name),
         seed=cfg.seed,
-        overrides=name_overrides(hydra_overrides(), _path_keys()),
+        overrides=name_overrides(list(job.overrides), list(job.path_keys)),
     )
     config = run_config(OmegaConf.to_container(cfg, resolve=True), choices)
     start_run(parts.logger, name=name, job_type=job_type, config=config)
-
-
-def _path_keys() -> list[str]:
-    """The keys Hydra leaves out of a job's folder name (paths): left out of run names too."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [str(k) for k in HydraConfig.get().job.config.override_dirname.exclude_keys]
 
 
 def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +279,13 @@ def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]) -> None:
+def fit(
+    cfg: DictConfig,
+    parts: Components,
+    path: Path,
+    identity: dict[str, Any],
+    job: JobContext | None = None,
+) -> None:
     """Train the model with the configured objective and cache its weights at ``path``.
 
     A full trainer checkpoint is kept beside ``path`` while training (see
@@ -273,7 +318,7 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         log.info(
             "an interrupted training left %s; starting over (resume=true continues it)", partial
         )
-    start_stage(cfg, parts, "train")
+    start_stage(cfg, parts, "train", job)
     trainer = make_trainer(
         cfg,
         parts.logger,
@@ -311,12 +356,15 @@ def defend(parts: Components) -> tuple[nn.Module, dict[str, Analysis]]:
     return defense.apply(model, calibration), extra
 
 
-def report_setup(cfg: DictConfig, parts: Components) -> dict[str, str | None]:
+def report_setup(
+    cfg: DictConfig, parts: Components, job: JobContext | None = None
+) -> dict[str, str | None]:
     """The report's setup as ``key=value`` entries that paste back onto the command line:
     the group choices and overrides as typed (:func:`command_args`; outside Hydra, the
     components' names), then the attack's and defense's parameters and the seed, without
     Hydra's ``_target_``."""
-    choices, overrides = hydra_choices(), hydra_overrides()
+    job = job or JobContext()
+    choices, overrides = dict(job.choices), list(job.overrides)
     if choices or overrides:
         # ``~group`` (a deletion) has no value: kept as a key alone
         setup = {k: v if eq else None for k, eq, v in
@@ -337,30 +385,37 @@ def report_setup(cfg: DictConfig, parts: Components) -> dict[str, str | None]:
     return setup
 
 
-def reproduce(cfg: DictConfig) -> str:
+def reproduce(job: JobContext | None = None) -> str:
     """The command line that reruns this job (empty outside Hydra: nothing was typed)."""
-    choices, overrides = hydra_choices(), hydra_overrides()
-    return reproduce_command(choices, overrides) if choices or overrides else ""
+    job = job or JobContext()
+    if not (job.choices or job.overrides):
+        return ""
+    return reproduce_command(dict(job.choices), list(job.overrides))
 
 
-def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, float]:
+def evaluate(
+    cfg: DictConfig, parts: Components, checkpoint: Path | str, job: JobContext | None = None
+) -> dict[str, float]:
     """Attack the test split, run the analyses and write the report; returns the scalars."""
     run_dir = Path(cfg.paths.run_dir)
     model, defense_analyses = parts.model, {}
     if parts.defense is not None:
         model, defense_analyses = defend(parts)
+    analyses = {**defense_analyses, **parts.analyses}
     writer = ReportWriter(
         run_dir,
+        analyses=analyses,
         title=f"{parts.attack.name} on {model_name(cfg)} / {parts.datamodule.name}",
-        setup=report_setup(cfg, parts),
-        reproduce=reproduce(cfg),
+        setup=report_setup(cfg, parts, job),
+        reproduce=reproduce(job),
         checkpoint=str(checkpoint),
         class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
         budget=None if parts.attack.norm is None else (parts.attack.norm, parts.attack.eps),
     )
-    analyses = {**defense_analyses, **parts.analyses}
-    module = EvaluationModule(model, parts.attack, analyses, log_examples=cfg.log_examples)
-    start_stage(cfg, parts, "evaluate")
+    module = EvaluationModule(
+        model, parts.attack, analyses, log_examples=cfg.log_examples, on_result=writer.receive
+    )
+    start_stage(cfg, parts, "evaluate", job)
     trainer = make_trainer(cfg, parts.logger, callbacks=[writer])
     # trainer.test returns rank zero's logged metrics on every strategy, ddp_spawn included
     # (whose workers' module objects never come back to this process).
@@ -384,7 +439,7 @@ def not_ready_error(cfg: DictConfig, model: Classifier, dataset: ImageDataModule
     )
 
 
-def trained_model(cfg: DictConfig, parts: Components) -> Path | str:
+def trained_model(cfg: DictConfig, parts: Components, job: JobContext | None = None) -> Path | str:
     """Load, keep or train the model's weights; returns where they came from.
 
     A given ``model_checkpoint`` is loaded; a ready model is kept as it is (never
@@ -426,7 +481,7 @@ def trained_model(cfg: DictConfig, parts: Components) -> Path | str:
                         checkpoint,
                     )
                 parts.datamodule.setup("fit")
-                fit(cfg, parts, checkpoint, identity)
+                fit(cfg, parts, checkpoint, identity, job)
                 return checkpoint
             log.info("another job has trained this model meanwhile")
     load_weights(
@@ -446,8 +501,10 @@ def training_lock(checkpoint: Path) -> AbstractContextManager[None]:
     return cache_lock(checkpoint, "to finish training this model")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Run the configured stages; see the module docstring."""
+def run(cfg: DictConfig, job: JobContext | None = None) -> dict[str, float]:
+    """Run the configured stages; see the module docstring. ``job``: what the entry point
+    knows of the job (its choices and overrides as typed, for the report's setup, the
+    Reproduce line and the run name); None for the Python API."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         parts = build(cfg)
@@ -458,12 +515,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise InputError(str(err)) from err
     failed = True
     try:
-        checkpoint = trained_model(cfg, parts)
+        checkpoint = trained_model(cfg, parts, job)
         results: dict[str, float] = {}
         if cfg.stage in ("auto", "evaluate"):
             if parts.defense is not None:
                 parts.datamodule.setup("fit")  # the defense calibrates on the val split
-            results = evaluate(cfg, parts, checkpoint)
+            results = evaluate(cfg, parts, checkpoint, job)
         failed = False
         return results
     finally:

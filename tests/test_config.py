@@ -18,6 +18,7 @@ GROUPS = [
     "analysis",
     "training",
     "trainer",
+    "callbacks",
     "logger",
     "paths",
     "defense",

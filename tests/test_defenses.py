@@ -22,7 +22,7 @@ from pse_lightning.defenses.curve_stats import (
     random_spread,
 )
 from pse_lightning.defenses.figures import accuracy_vs_k_figure
-from pse_lightning.reporting.glossary import unexplained
+from pse_lightning.glossary import unexplained
 from pse_lightning.reporting.tables import markdown_table
 
 

@@ -18,13 +18,29 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "extension"
 def test_a_registered_attack_and_analysis_run_through_the_pipeline(
     make_cfg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from pse_lightning.modules import report_writer
+    from pse_lightning.reporting.wandb_run import key_results
+
     monkeypatch.syspath_prepend(str(EXAMPLE))
+    logged: dict = {}
+    monkeypatch.setattr(report_writer, "log_report_to_wandb", lambda *a, **kw: logged.update(kw))
     cfg = make_cfg(
         f"hydra.searchpath=[file://{EXAMPLE / 'conf'}]", "attack=brightness", "analysis=mean_abs"
     )
     results = pipeline.run(cfg)
-    metrics = json.loads((Path(cfg.paths.run_dir) / "metrics.json").read_text())["metrics"]
+    run_dir = Path(cfg.paths.run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     assert metrics == results
+
+    # What the analysis declares reaches the report, the W&B summary and the sweep with no
+    # edit in reporting/: its glossary entry, its key result, its contract.json entry.
+    glossary = (run_dir / "report.md").read_text().split("## Glossary")[1]
+    assert "| `mean_abs/value` | Mean |x_adv − x|" in glossary.replace("\\|", "|")
+    assert "Not in the glossary" not in glossary
+    summary = key_results(logged["scalars"], logged["key_results"])
+    assert summary["results/mean_abs_value"] == results["test/mean_abs/value"]
+    contract = json.loads((run_dir / "contract.json").read_text())["analyses"]
+    assert contract == [{"prefix": "mean_abs", "key_results": ["value"], "sweep_tables": []}]
 
     # Known answer: brightening by eps inside the box moves a pixel by min(eps, 1 - x); the
     # analysis sees the attacked rows, those the trained model classifies correctly.

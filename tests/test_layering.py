@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
                  "modules", "reporting"},
     "cli": {"core", "validation", "pipeline"},
     "__main__": {"core", "validation", "pipeline", "cli"},
+    "glossary": {"core", "validation", "analysis", "reporting"},
     "gpu_check": {"core", "validation", "attacks", "models", "bench", "pipeline"},
     "bench": {"core", "validation", "attacks", "analysis", "data", "defenses", "models",
               "modules", "reporting", "pipeline"},

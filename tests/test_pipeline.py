@@ -15,8 +15,8 @@ import pytest
 from test_report import check_figures_captioned, check_report_layout
 
 from pse_lightning import pipeline
+from pse_lightning.glossary import unexplained
 from pse_lightning.models import CheckpointError
-from pse_lightning.reporting.glossary import unexplained
 
 
 def _report_figures(run_dir: Path) -> list[Path]:

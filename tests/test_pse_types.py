@@ -43,7 +43,7 @@ from pse_lightning.analysis.pse.statistics import (
     ratio_histogram_by_type,
 )
 from pse_lightning.core.findings import judge
-from pse_lightning.reporting.glossary import unexplained
+from pse_lightning.glossary import unexplained
 
 CLASSES = 6
 

@@ -12,16 +12,21 @@ import torch
 from helpers import ROOT
 
 from pse_lightning.analysis.base import AnalysisResult
+from pse_lightning.analysis.cam import CAMAnalysis
+from pse_lightning.analysis.cam.figures import example_panel as cam_panel
 from pse_lightning.analysis.cam.result import CAMExamples
 from pse_lightning.analysis.dissection.figures import sensitive_units_figure
 from pse_lightning.analysis.dissection.sensitive import KeptActivations, sensitive_units
+from pse_lightning.analysis.pse import PSE
+from pse_lightning.analysis.pse.figures import example_panel as pse_panel
 from pse_lightning.analysis.pse.report import meaning as pse_meaning
 from pse_lightning.analysis.pse.samples import ExampleMaps
 from pse_lightning.core.report import ReportSection
+from pse_lightning.glossary import all_terms, document, explain, unexplained
 from pse_lightning.modules.attack_metrics import AttackMetrics
 from pse_lightning.modules.example_panels import draw_panels, example_panels_section
 from pse_lightning.reporting.figures import draw_norm_distribution
-from pse_lightning.reporting.glossary import document, explain, terms_for, unexplained
+from pse_lightning.reporting.glossary import terms_for
 from pse_lightning.reporting.report import (
     MISSING_CAPTION,
     attack_meaning,
@@ -101,7 +106,7 @@ def test_report_sections_key_numbers_setup_and_captions(tmp_path: Path) -> None:
     write_report(tmp_path, title="t", setup={"attack": "cw", "attack.steps": "30"},
                  scalars=SCALARS, examples=examples, class_names=["cat", "dog"],
                  sections=[section("Promotion-suppression effect (PSE)", extra_png, "Extra.")],
-                 norms=norms)  # fmt: skip
+                 norms=norms, glossary=[t.under("pse") for t in PSE.glossary()])  # fmt: skip
     check_report_layout(tmp_path, ["Attack", "Promotion-suppression effect (PSE)"])
     report = (tmp_path / "report.md").read_text()
     assert headings(report, "### ") == ["Attack", "Promotion-suppression effect (PSE)"]
@@ -119,12 +124,14 @@ def test_report_sections_key_numbers_setup_and_captions(tmp_path: Path) -> None:
     assert "Not in the glossary" not in glossary  # every key of SCALARS has an entry
 
 
-def test_keys_of_a_users_own_analysis_are_listed_apart(tmp_path: Path) -> None:
+def test_keys_no_analysis_explains_are_listed_apart(tmp_path: Path) -> None:
+    """The report's glossary holds what the run's analyses declare: keys of an analysis
+    that declared nothing (here, every analysis key: none declared) are listed apart."""
     scalars = {**SCALARS, "test/mean_abs/value": 0.5}
     write_report(tmp_path, title="t", setup={}, scalars=scalars, examples={}, class_names=[])
     report = (tmp_path / "report.md").read_text()
     assert "Not in the glossary (defined by the analysis that logs them): " in report
-    assert "`test/mean_abs/value`." in report
+    assert "`test/mean_abs/value`, `test/pse/frac_none`, `test/pse/n_images`." in report
 
 
 def test_a_figure_without_caption_is_marked(tmp_path: Path) -> None:
@@ -167,7 +174,7 @@ def test_significant_digits_and_setup_lines() -> None:
 def test_docs_glossary_is_generated_from_the_one_source() -> None:
     path = ROOT / "docs" / "GLOSSARY.md"
     assert path.read_text() == document(), (
-        "docs/GLOSSARY.md is stale: python -m pse_lightning.reporting.glossary docs/GLOSSARY.md"
+        "docs/GLOSSARY.md is stale: python -m pse_lightning.glossary docs/GLOSSARY.md"
     )
 
 
@@ -178,7 +185,7 @@ def test_glossary_patterns_explain_families_and_nothing_else() -> None:
     assert unexplained(["test/clean_acc", "test/pse/new_metric", "test/cam/is_nowhere"]) == [
         "test/cam/is_nowhere", "test/pse/new_metric"
     ]  # fmt: skip
-    names = [t.name for t in terms_for(["test/pse/frac_none"])]
+    names = [t.name for t in terms_for(["test/pse/frac_none"], all_terms())]
     assert "none (PSE type)" in names and "`pse/frac_<type>`" in names
 
 
@@ -236,8 +243,8 @@ def _cam_examples(index: list[int]) -> CAMExamples:
 
 
 def test_example_panel_has_every_column_and_joins_by_index(tmp_path: Path) -> None:
-    pse, cam = _pse_examples([3, 5]), _cam_examples([5])
-    fig = draw_panels(pse, cam, {5: 0}, [1, 0], ["cat", "dog"], "CAM not kept")
+    pse, cam = pse_panel(_pse_examples([3, 5])), cam_panel(_cam_examples([5]), 6)
+    fig = draw_panels(pse, [cam], [1, 0], ["cat", "dog"])
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     row_with_cam, row_without = titles[:7], titles[7:]
     assert row_with_cam[0] == "#5: cat → dog" and row_with_cam[1].startswith("x' (suppression")
@@ -248,13 +255,16 @@ def test_example_panel_has_every_column_and_joins_by_index(tmp_path: Path) -> No
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert texts == ["CAM not kept", "CAM not kept"]
     results = {
-        "pse": AnalysisResult({}, {"examples": pse}),
-        "cam": AnalysisResult({"lift_true": torch.tensor(1.0)}, {"examples": cam}),
+        "pse": AnalysisResult({}, {"examples": _pse_examples([3, 5])}),
+        "cam": AnalysisResult({"lift_true": torch.tensor(1.0)}, {"examples": _cam_examples([5])}),
     }
-    made = example_panels_section(results, tmp_path, ["cat", "dog"])
+    analyses = {"pse": PSE(), "cam": CAMAnalysis()}
+    panels = {n: analyses[n].example_panel(r) for n, r in results.items()}
+    made = example_panels_section(panels, tmp_path, ["cat", "dog"])
     assert made is not None and made.figures[0].is_file()
-    assert made.captions[made.figures[0].stem].startswith("One row per kept")
-    assert example_panels_section({"cam": results["cam"]}, tmp_path, []) is None
+    caption = made.captions[made.figures[0].stem]
+    assert caption.startswith("One row per kept") and "CAM panels read 'not kept'" in caption
+    assert example_panels_section({"cam": panels["cam"]}, tmp_path, []) is None
 
 
 def test_sensitive_units_pick_the_largest_s_and_threshold_each_image(tmp_path: Path) -> None:

@@ -45,17 +45,24 @@ def job_config(cfg: DictConfig, resolve: bool = False) -> dict[str, Any]:
 
 @pytest.fixture
 def as_hydra_job() -> Iterator[Any]:
-    """Make a composed config the current Hydra job's (choices, overrides), as the CLI does;
-    returns the config the job gets (without the ``hydra`` node)."""
+    """Split a composed config as the CLI does: the config the job gets (without the
+    ``hydra`` node) and the :class:`~pse_lightning.pipeline.JobContext` (choices, overrides)
+    the entry point passes. Hydra's state is set as in a job (``${hydra:...}`` paths resolve
+    through it), but with no choices or overrides: the pipeline gets those from ``job``."""
 
-    def _set(cfg: DictConfig) -> DictConfig:
-        HydraConfig.instance().set_config(cfg)
+    def _split(cfg: DictConfig) -> tuple[DictConfig, pipeline.JobContext]:
+        job = pipeline.JobContext.from_hydra(cfg.hydra)
+        blank = cfg.copy()
+        with open_dict(blank):
+            blank.hydra.runtime.choices = {}
+            blank.hydra.overrides.task = []
+        HydraConfig.instance().set_config(blank)
         cfg = cfg.copy()
         with open_dict(cfg):
             del cfg["hydra"]
-        return cfg
+        return cfg, job
 
-    yield _set
+    yield _split
     HydraConfig.instance().cfg = None
 
 
@@ -82,9 +89,9 @@ def test_reproduce_line_composes_the_same_config(tmp_path: Path, overrides: tupl
 
 def test_setup_block_pastes_back_as_overrides(tmp_path: Path, as_hydra_job: Any) -> None:
     cfg = compose_job(f"paths.root={tmp_path}", *TINY, "attack=cw", "attack.steps=7")
-    as_hydra_job(cfg)
+    _, job = as_hydra_job(cfg)
     parts = pipeline.build(cfg)
-    setup = pipeline.report_setup(cfg, parts)
+    setup = pipeline.report_setup(cfg, parts, job)
     # The choices as typed (not the class name "smallcnn"), the overrides, the parameters.
     assert setup["model"] == "small_cnn" and setup["attack"] == "cw"
     assert setup["analysis"] == "all" and setup["attack.steps"] == "7"
@@ -93,7 +100,7 @@ def test_setup_block_pastes_back_as_overrides(tmp_path: Path, as_hydra_job: Any)
     # The parameters are resolved values (attack.seed=0 for ${seed}): equal once resolved.
     again = compose_job(*(f"{key}={value}" for key, value in setup.items()))
     assert job_config(again, resolve=True) == job_config(cfg, resolve=True)
-    line = pipeline.reproduce(cfg)
+    line = pipeline.reproduce(job)
     assert job_config(compose_job(*shlex.split(line)[3:])) == job_config(cfg)
 
 
@@ -103,12 +110,12 @@ def test_setup_outside_hydra_names_what_was_built(tmp_path: Path) -> None:
     parts = pipeline.build(cfg)
     setup = pipeline.report_setup(cfg, parts)
     assert setup["attack"] == "pgd" and setup["analysis"] == "[pse,cam]"
-    assert pipeline.reproduce(cfg) == ""
+    assert pipeline.reproduce() == ""
 
 
 def test_setup_keeps_a_deleted_group(tmp_path: Path, as_hydra_job: Any) -> None:
-    cfg = as_hydra_job(compose_job(f"paths.root={tmp_path}", *TINY, "~defense", "attack=pgd"))
-    setup = pipeline.report_setup(cfg, pipeline.build(cfg))
+    cfg, job = as_hydra_job(compose_job(f"paths.root={tmp_path}", *TINY, "~defense", "attack=pgd"))
+    setup = pipeline.report_setup(cfg, pipeline.build(cfg), job)
     assert setup["~defense"] is None and "defense" not in setup
     assert "\n~defense\n" in setup_markdown(setup)
 
@@ -123,11 +130,14 @@ def test_report_carries_the_reproduce_line(tmp_path: Path) -> None:
     assert "attack=cw" in setup and "`/c/w.pt`" in setup
 
 
-def stage_start(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def stage_start(
+    split: tuple[DictConfig, pipeline.JobContext], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
     """What :func:`pipeline.start_stage` hands the logger: the run's name and config."""
+    cfg, job = split
     seen: dict[str, Any] = {}
     monkeypatch.setattr(pipeline, "start_run", lambda logger, **kw: seen.update(kw))
-    pipeline.start_stage(cfg, pipeline.build(cfg), "evaluate")
+    pipeline.start_stage(cfg, pipeline.build(cfg), "evaluate", job)
     return seen
 
 

@@ -21,6 +21,7 @@ from calibration import (
 from scipy.stats import fisher_exact
 from torch import Tensor
 
+from pse_lightning.analysis.pse import PSE
 from pse_lightning.core.proportions import mcnemar_exact, paired_difference_interval
 from pse_lightning.reporting.outcomes import write_outcomes
 from pse_lightning.reporting.sweep import write_comparison
@@ -62,6 +63,9 @@ def _job(
     if pse is not None:
         metrics |= {f"test/pse/frac_{k}": v for k, v in
                     zip(("suppression", "balanced", "promotion"), pse, strict=True)}  # fmt: skip
+        # What the PSE analysis declares for the sweep, as the report writer records it.
+        contract = {"analyses": [PSE().contract("pse").to_json()]}
+        (job / "contract.json").write_text(json.dumps(contract))
     if outcomes:
         index = torch.arange(len(clean)).flip(0)  # any order on disk: matched by index
         write_outcomes(job, {"index": index, "clean_correct": clean.flip(0),

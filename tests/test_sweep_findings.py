@@ -15,6 +15,7 @@ from helpers import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 from test_sweep import _first, _job
 
+from pse_lightning.analysis.pse import PSE
 from pse_lightning.reporting.sweep import write_comparison
 from pse_lightning.reporting.sweep_jobs import (
     Job,
@@ -95,6 +96,9 @@ def test_metrics_written_as_null_read_as_missing(attack_sweep: Path) -> None:
     path = attack_sweep / "0" / "metrics.json"
     metrics = json.loads(path.read_text())["metrics"] | {"test/pse/frac_balanced": None}
     path.write_text(json.dumps({"metrics": metrics}))
+    # The PSE analysis's declaration, as the report writer records it beside metrics.json.
+    contract = {"analyses": [PSE().contract("pse").to_json()]}
+    (path.parent / "contract.json").write_text(json.dumps(contract))
     text = write_comparison(attack_sweep).read_text()
     assert "| run | cw targeted=False | n/a | n/a | n/a |" in text
 

@@ -73,7 +73,11 @@ def test_key_results_are_few_named_and_finite() -> None:
         "test/l2_median": float("nan"),
         "test/pse/frac_promotion": 0.2,
     }
-    assert key_results(scalars) == {"results/clean_acc": 0.9, "results/pse_frac_promotion": 0.2}
+    assert key_results(scalars) == {"results/clean_acc": 0.9}  # the attack's own
+    # An analysis's key results are those it declares (Analysis.key_results).
+    assert key_results(scalars, ["pse/frac_promotion", "cam/lift_true"]) == {
+        "results/clean_acc": 0.9, "results/pse_frac_promotion": 0.2
+    }  # fmt: skip
 
 
 def test_set_identity_fixes_name_and_job_type_only_before_the_run_starts(tmp_path: Path) -> None:
@@ -199,11 +203,15 @@ def test_examples_table_joins_the_analyses_maps_by_dataset_index(tmp_path: Path)
     import matplotlib
 
     from pse_lightning.analysis.base import AnalysisResult
+    from pse_lightning.analysis.cam import CAMAnalysis
     from pse_lightning.analysis.cam.result import CAMExamples
+    from pse_lightning.analysis.pse import PSE
     from pse_lightning.analysis.pse.samples import ExampleMaps
     from pse_lightning.modules.example_panels import example_map_columns
     from pse_lightning.reporting.figures import HEAT_CMAP
-    from pse_lightning.reporting.wandb_run import MAP_COLUMNS, examples_table
+    from pse_lightning.reporting.wandb_run import examples_table
+
+    map_columns = ["promotion", "suppression", "cam_clean", "cam_adv"]
 
     hot = torch.zeros(2, 4, 4)
     hot[0, 1, 2] = 3.0  # example 2's promotion map: one hot pixel
@@ -215,14 +223,16 @@ def test_examples_table_joins_the_analyses_maps_by_dataset_index(tmp_path: Path)
         "cam": AnalysisResult({}, {"examples": cam}),
     }
     index = torch.tensor([2, 5, 7])
-    columns = example_map_columns(results, index)
-    assert set(columns) == set(MAP_COLUMNS)
+    analyses = {"pse": PSE(), "cam": CAMAnalysis()}
+    panels = {n: analyses[n].example_panel(r) for n, r in results.items()}
+    columns = example_map_columns(panels, index)
+    assert list(columns) == map_columns
     assert torch.equal(columns["promotion"][0], pse.promotion[0])
     assert torch.equal(columns["promotion"][1], pse.promotion[1])
     assert columns["promotion"][2] is None
     assert columns["cam_clean"][0] is None
     assert torch.equal(columns["cam_clean"][2], cam.map_clean[1])
-    assert set(example_map_columns({"pse": results["pse"]}, index)) == set(MAP_COLUMNS[:2])
+    assert list(example_map_columns({"pse": panels["pse"]}, index)) == map_columns[:2]
 
     n = 3
     examples = {
@@ -231,7 +241,7 @@ def test_examples_table_joins_the_analyses_maps_by_dataset_index(tmp_path: Path)
         "pred_adv": torch.ones(n, dtype=torch.long), **columns,
     }  # fmt: skip
     table = examples_table(examples, ["a", "b"])
-    assert table.columns[-4:] == list(MAP_COLUMNS)
+    assert table.columns[-4:] == map_columns
     cell = table.data[0][table.columns.index("promotion")]
     pixels = np.asarray(cell.image).astype(float)
     top = np.array(matplotlib.colormaps[HEAT_CMAP](1.0)[:3]) * 255

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
 from pse_lightning.attacks import Attack, AttackBatch
+from pse_lightning.core.contract import Term, metric
 
 
 class BrightnessShift(Attack):
@@ -31,10 +32,17 @@ class MeanAbsPerturbation(Analysis):
     """Mean |x_adv - x| over every pixel of every evaluated image.
 
     Fixed-size ``sum`` states reduce exactly across processes, so DDP gives the numbers of
-    one process.
+    one process. What the report, W&B and a sweep say about its keys is declared here, with
+    the keys as ``compute`` returns them (logged as ``test/mean_abs/<key>``).
     """
 
     name = "mean_abs"
+    key_results = ("value",)  # W&B run summary: results/mean_abs_value
+
+    @classmethod
+    def glossary(cls) -> tuple[Term, ...]:
+        return (metric("value", r"value", "Mean |x_adv − x| over every pixel of every "
+                       "evaluated image, pixels in [0, 1].", ""),)  # fmt: skip
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -10,18 +10,17 @@ directory and W&B. No analysis reads another's state.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
-from torchmetrics import Metric
 
+from pse_lightning.core.adapters.torchmetrics import UnsqueezedCompute
+from pse_lightning.core.contract import ReportContract, SweepTable, Term
 from pse_lightning.core.findings import Finding
-from pse_lightning.core.report import ReportSection
+from pse_lightning.core.report import ExamplePanel, ReportSection
 from pse_lightning.core.rows import clean_correct
 
 
@@ -81,14 +80,7 @@ class AnalysisResult:
         return {k: float(v) for k, v in self.scalars.items()}
 
 
-class _Boxed:
-    """Carries a computed result past torchmetrics' squeeze (it does not look inside)."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-class Analysis(Metric):
+class Analysis(UnsqueezedCompute):
     """Base class of every analysis run inside the evaluation loop.
 
     Subclasses set ``name`` (the log prefix: ``test/<name>/<key>``) and implement
@@ -99,12 +91,24 @@ class Analysis(Metric):
 
     ``prepare(model, datamodule)`` runs once on every rank before the first batch, for
     analyses that need their own pass over other data (dissection's probe set).
+
+    What the report, the W&B run and a sweep say about the analysis's metrics is declared
+    here too, with the keys as ``compute`` returns them (no ``test/<name>/``), so nothing
+    outside the analysis names them (:mod:`pse_lightning.core.contract`): ``glossary()``
+    explains every scalar key (a test fails on one unexplained), ``key_results`` are the
+    headline numbers (the W&B run summary) and ``sweep_tables`` the comparison tables of a
+    multirun. ``example_maps`` and ``example_panel`` add the analysis's per-example maps to
+    the W&B examples table and the report's per-example panel.
     """
 
     name: str = "analysis"
     #: See only the attacked rows (clean prediction correct): interpretations of an attack
     #: are about images it had to move. A defense's accuracy curve needs every row.
     attacked_rows_only: bool = True
+    #: Headline keys (un-prefixed), shown as ``results/<name>_<key>`` in the W&B summary.
+    key_results: ClassVar[tuple[str, ...]] = ()
+    #: Tables (and stacked-share figures) of a sweep's comparison.
+    sweep_tables: ClassVar[tuple[SweepTable, ...]] = ()
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
@@ -118,21 +122,21 @@ class Analysis(Metric):
     def compute(self) -> AnalysisResult:  # noqa: D102
         raise NotImplementedError
 
-    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
-        """torchmetrics' compute wrapper (sync, cache), minus its squeeze of one-element
-        tensors: ``details`` keep their sample axis when one sample was kept, and
-        ``scalars`` are 0-d already. Tensors are cloned, as torchmetrics does."""
+    @classmethod
+    def glossary(cls) -> tuple[Term, ...]:
+        """The entries that explain this analysis's scalar keys (patterns without
+        ``test/<name>/``) and the words of its report section; default: none."""
+        return ()
 
-        def boxed(*args: Any, **kwargs: Any) -> _Boxed:
-            return _Boxed(apply_to_collection(compute(*args, **kwargs), Tensor, Tensor.clone))
+    def contract(self, prefix: str) -> ReportContract:
+        """What the run records of this analysis, logged under ``test/<prefix>/``, for a
+        sweep to read back (``contract.json``)."""
+        return ReportContract(prefix, tuple(self.key_results), tuple(self.sweep_tables))
 
-        wrapped = super()._wrap_compute(boxed)
-
-        @functools.wraps(compute)
-        def unboxed(*args: Any, **kwargs: Any) -> Any:
-            return wrapped(*args, **kwargs).value
-
-        return unboxed
+    def example_panel(self, result: AnalysisResult) -> ExamplePanel | None:
+        """This analysis's columns of the report's per-example panel and of the W&B
+        examples table, from the examples ``result`` kept (rank zero); default: none."""
+        return None
 
     def findings(self, result: AnalysisResult) -> list[Finding]:
         """The paper's claims this analysis tests on ``result``, for the report's Findings

@@ -132,7 +132,7 @@ def run_job(cfg: DictConfig) -> float | None:
         quiet_third_party_noise()
         from pse_lightning import pipeline
 
-        results = pipeline.run(cfg)
+        results = pipeline.run(cfg, pipeline.JobContext.from_hydra(HydraConfig.get()))
     except InputError as err:
         log_to_files(str(err), sys.exc_info())
         if HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -6,6 +6,7 @@ all produce or consume it, and none of them may import the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,3 +38,32 @@ class ReportSection:
     key_numbers: dict[str, float] = field(default_factory=dict)
     meaning: str = ""
     prefix: str = ""
+
+
+@dataclass
+class ExamplePanel:
+    """One analysis's columns of the report's per-example panel and of the W&B examples
+    table, for the examples it kept (rows joined across analyses by dataset index).
+
+    Attributes:
+        label: the analysis as the panel names it ("CAM not kept").
+        index: (E,) dataset indices of the kept examples, in row order.
+        columns: axes the analysis draws per row.
+        draw: ``draw(axes, j, class_name)`` draws kept example ``j`` into ``columns`` axes;
+            ``class_name(label) -> str`` names a class.
+        caption: the analysis's clause of the panel's caption.
+        leads: its rows make the panel (it draws the images, x, x' and δ): the panel shows
+            the examples the first leading analysis kept, the others join them by index.
+        maps: W&B examples-table column name -> (E, H, W) maps aligned with ``index``.
+    """
+
+    label: str
+    index: Any
+    columns: int
+    draw: Callable[[Sequence[Any], int, Callable[[int], str]], None]
+    caption: str = ""
+    leads: bool = False
+    maps: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.index)

@@ -20,6 +20,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
 from pse_lightning.attacks import Attack
+from pse_lightning.core.contract import Term
 from pse_lightning.core.model_state import frozen_eval
 from pse_lightning.core.report import ReportSection
 from pse_lightning.defenses.curve_report import (
@@ -39,6 +40,7 @@ from pse_lightning.defenses.curve_stats import (
     random_spread,
 )
 from pse_lightning.defenses.figures import accuracy_vs_k_figure
+from pse_lightning.defenses.glossary import TERMS
 
 
 class MaskCurve(Analysis):
@@ -58,6 +60,10 @@ class MaskCurve(Analysis):
 
     name = "neuron_mask"
     attacked_rows_only = False  # accuracies are over every test image
+
+    @classmethod
+    def glossary(cls) -> tuple[Term, ...]:  # noqa: D102
+        return TERMS
 
     def __init__(
         self,

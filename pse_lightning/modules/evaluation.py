@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
@@ -60,14 +60,17 @@ class EvaluationModule(pl.LightningModule):
 
     Only orchestration lives here: attacks and analyses are plain objects usable without
     Lightning. All metrics are torchmetrics states reduced at epoch end on every rank; the
-    computed results are kept in ``self.result`` (an :class:`EvaluationResult`) for the
-    report writer on rank zero.
+    computed results (an :class:`EvaluationResult`) are handed to ``on_result`` on every
+    rank (the pipeline passes :meth:`.ReportWriter.receive`) and kept in
+    ``self.result`` for callers of the Python API.
 
     Args:
         model: a :class:`~pse_lightning.models.Classifier` (kept in eval mode).
         attack: the attack to run.
         analyses: name -> analysis.
         log_examples: keep images of the samples with dataset index < this for the report.
+        on_result: called with the reduced :class:`EvaluationResult` at the end of each test
+            epoch, on every rank.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class EvaluationModule(pl.LightningModule):
         attack: Attack,
         analyses: Mapping[str, Analysis] | None = None,
         log_examples: int = 8,
+        on_result: Callable[[EvaluationResult], None] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -85,6 +89,7 @@ class EvaluationModule(pl.LightningModule):
         self.log_examples = int(log_examples)
         self.examples: dict[str, list[Tensor]] = {}
         self.result: EvaluationResult | None = None
+        self.on_result = on_result
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -174,6 +179,8 @@ class EvaluationModule(pl.LightningModule):
         self.attack_metrics.reset()
         for analysis in self.analyses.values():
             analysis.reset()
+        if self.on_result is not None:
+            self.on_result(self.result)
 
     def _gather_examples(self) -> dict[str, Tensor]:
         """All ranks' kept examples, sorted by dataset index (the same under any sharding)."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from pse_lightning.reporting.adapters.wandb_logger import init_kwargs, run_started, set_run_name
 from pse_lightning.validation import require_choice
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,16 @@ class RunLogger(WandbLogger):
     @property
     def started(self) -> bool:
         """Whether the W&B run exists (its name and job type are then fixed)."""
-        return self._experiment is not None
+        return run_started(self)
 
     def set_identity(self, *, name: str | None, job_type: str) -> None:
         """Name and type the run before it starts; a started run keeps its own."""
         require_choice("job_type", job_type, JOB_TYPES)
         if self.started:
             return
-        if name and not self._wandb_init.get("name"):
-            self._wandb_init["name"] = name
-            self._name = name
-        self._wandb_init["job_type"] = job_type
+        if name and not init_kwargs(self).get("name"):
+            set_run_name(self, name)
+        init_kwargs(self)["job_type"] = job_type
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         results = {k: v for k, v in metrics.items() if k not in TRAINING_COUNTERS}
@@ -115,8 +115,8 @@ def wandb_logger(
     )
     # Lightning always passes anonymous=None to wandb.init, which wandb >= 0.19 answers with
     # a deprecation warning on every run; an absent key means the same.
-    if logger._wandb_init.get("anonymous", False) is None:
-        del logger._wandb_init["anonymous"]
+    if init_kwargs(logger).get("anonymous", False) is None:
+        del init_kwargs(logger)["anonymous"]
     return logger
 
 
@@ -195,25 +195,6 @@ def sweep_group(hydra_cfg: Any = None) -> str | None:
         return None
     parts = Path(str(hydra_cfg.sweep.dir)).parts[-2:]
     return "sweep-" + "-".join(safe_key(p) for p in parts)
-
-
-def hydra_choices() -> dict[str, str]:
-    """The group choices of this Hydra job (``attack`` -> ``cw``), empty outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    return {str(k): str(v) for k, v in HydraConfig.get().runtime.choices.items() if v}
-
-
-def hydra_overrides() -> list[str]:
-    """The job's command-line overrides as typed (``attack.eps=0.01``), empty outside Hydra;
-    in a multirun, this job's own values of the swept keys."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [str(o) for o in HydraConfig.get().overrides.task]
 
 
 def group_choices(choices: Mapping[str, Any]) -> dict[str, str]:

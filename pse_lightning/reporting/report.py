@@ -22,6 +22,7 @@ from typing import Any
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import Tensor
 
+from pse_lightning.core.contract import ReportContract, Term
 from pse_lightning.core.findings import Finding
 from pse_lightning.core.report import ReportSection
 from pse_lightning.reporting.figures import (
@@ -31,11 +32,13 @@ from pse_lightning.reporting.figures import (
 )
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 from pse_lightning.reporting.findings import findings_markdown, run_findings
-from pse_lightning.reporting.glossary import glossary_markdown, terms_for, unexplained
+from pse_lightning.reporting.glossary import TERMS, glossary_markdown, terms_for, unexplained
 
 log = logging.getLogger(__name__)
 HEADINGS = ("Findings", "Key numbers", "Setup", "Glossary", "All metrics")
 MISSING_CAPTION = "(no caption given)"
+# What the run's analyses declare for a sweep (pse_lightning.core.contract), beside metrics.json.
+CONTRACT_FILE = "contract.json"
 
 
 def significant(value: Any, digits: int = 3) -> str:
@@ -197,8 +200,10 @@ def report_markdown(
     findings: str,
     reproduce: str = "",
     checkpoint: str = "",
+    glossary: Sequence[Term] = TERMS,
 ) -> str:
-    """The text of ``report.md`` (see the module docstring for its order)."""
+    """The text of ``report.md`` (see the module docstring for its order); ``glossary``
+    holds every entry the run's parts declare."""
     lines = [f"# {title}", "", "## Findings", "", findings, "", "## Key numbers", ""]
     for section in sections:
         if section.key_numbers or section.meaning:
@@ -215,8 +220,8 @@ def report_markdown(
             if caption is None:
                 log.warning("report: %s has no caption in section %r", figure, section.title)
             lines += figure_markdown(run_dir, Path(figure), caption or MISSING_CAPTION, number)
-    lines += ["## Glossary", "", glossary_markdown(terms_for(scalars)), ""]
-    others = unexplained(scalars)
+    lines += ["## Glossary", "", glossary_markdown(terms_for(scalars, glossary)), ""]
+    others = unexplained(scalars, glossary)
     if others:  # a user's own analysis: its keys are defined where it is written
         listed = ", ".join(f"`{key}`" for key in others)
         lines += [f"Not in the glossary (defined by the analysis that logs them): {listed}.", ""]
@@ -239,6 +244,8 @@ def write_report(
     findings: Sequence[Finding] | None = None,
     reproduce: str = "",
     checkpoint: str = "",
+    glossary: Sequence[Term] = (),
+    contracts: Sequence[ReportContract] = (),
 ) -> dict[str, Path]:
     """Write figures, ``report.md`` and finally ``metrics.json`` into ``run_dir``.
 
@@ -248,6 +255,10 @@ def write_report(
         budget: (norm, ε) of a budgeted attack, marked on the norm distribution.
         reproduce: the command line that reruns the job (empty: none known).
         checkpoint: the checkpoint evaluated.
+        glossary: the entries the analyses that ran declare, prefixed with their names
+            (:meth:`~pse_lightning.core.contract.Term.under`); the attack's are added here.
+        contracts: what each analysis that ran declares for a sweep, written to
+            ``contract.json`` (before ``metrics.json``, which marks the run complete).
         findings: the judged Findings (:func:`~pse_lightning.reporting.findings.run_findings`
             of what the analyses declared); None: no analysis declared any.
 
@@ -265,14 +276,18 @@ def write_report(
         written.update({f"{key}/{Path(f).stem}": Path(f) for f in section.figures})
     findings = run_findings([]) if findings is None else list(findings)
     text = report_markdown(
-        run_dir, title, setup, scalars, parts, findings_markdown(findings), reproduce, checkpoint
-    )
+        run_dir, title, setup, scalars, parts, findings_markdown(findings), reproduce,
+        checkpoint, (*TERMS, *glossary),
+    )  # fmt: skip
     write_text_atomic(run_dir / "report.md", text)
     written["report"] = run_dir / "report.md"
     verdicts = {f.key: f.verdict for f in findings}
     findings_out = run_dir / "findings.json"
     write_json_atomic(findings_out, [asdict(f) for f in findings])
     written["findings"] = findings_out
+    written["contract"] = write_json_atomic(
+        run_dir / CONTRACT_FILE, {"analyses": [c.to_json() for c in contracts]}
+    )
     payload = {"metrics": scalars, "findings": verdicts, **(extra or {})}
     written["metrics"] = write_json_atomic(run_dir / "metrics.json", payload)
     log.info("report written to %s", run_dir / "report.md")
@@ -293,9 +308,11 @@ def log_report_to_wandb(
     examples: dict[str, Any] | None = None,
     class_names: Sequence[str] = (),
     verdicts: dict[str, str] | None = None,
+    key_results: Sequence[str] = (),
 ) -> None:
-    """The evaluation's figures, tables, per-example table, key results and report
-    artifact in the W&B run (see :mod:`~pse_lightning.reporting.wandb_run`); rank zero only.
+    """The evaluation's figures, tables, per-example table, key results (the attack's and
+    the analyses' ``key_results``, ``<name>/<key>``) and report artifact in the W&B run (see
+    :mod:`~pse_lightning.reporting.wandb_run`); rank zero only.
     """
     if not isinstance(logger, WandbLogger):
         return
@@ -309,4 +326,5 @@ def log_report_to_wandb(
         examples=examples or {},
         class_names=class_names,
         verdicts=verdicts or {},
+        declared=key_results,
     )

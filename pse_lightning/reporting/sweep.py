@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pse_lightning.core.contract import SweepTable
 from pse_lightning.core.findings import Finding, rule_text
-from pse_lightning.core.pse_types import DOMINANCE_TYPES as PSE_TYPES
 from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
 from pse_lightning.reporting.findings import findings_markdown
 from pse_lightning.reporting.sweep_claims import claims_by_job
@@ -30,7 +31,7 @@ from pse_lightning.reporting.sweep_figures import (
     accuracy_eps_figure,
     accuracy_figure,
     lambda_figure,
-    pse_types_figure,
+    stacked_share_figure,
 )
 from pse_lightning.reporting.sweep_jobs import (
     Job,
@@ -61,11 +62,36 @@ def _num(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
+def declared_tables(jobs: list[Job]) -> list[tuple[str, SweepTable]]:
+    """(prefix, table) of every sweep table the jobs' analyses declared (``contract.json``),
+    once each, in job order."""
+    found: dict[tuple[str, str], tuple[str, SweepTable]] = {}
+    for job in jobs:
+        for contract in job.contracts:
+            for table in contract.sweep_tables:
+                found.setdefault((contract.prefix, table.title), (contract.prefix, table))
+    return list(found.values())
+
+
+def table_columns(prefix: str, table: SweepTable, keys: Iterable[str]) -> list[str]:
+    """The table's columns (un-prefixed keys) given the logged ``keys`` (``test/...``): all
+    its ``keys``, in their order, when one was logged (a missing one shows as n/a), or the
+    keys its ``pattern`` selects, sorted."""
+    mine = {k.removeprefix(f"test/{prefix}/") for k in keys if k.startswith(f"test/{prefix}/")}
+    if table.keys:
+        return list(table.keys) if mine & set(table.keys) else []
+    return sorted(k for k in mine if table.selects(k))
+
+
 def variant_summary(
-    jobs: list[Job], variants: list[str], attacks: list[str]
+    jobs: list[Job],
+    variants: list[str],
+    attacks: list[str],
+    tables: Sequence[tuple[str, SweepTable]] = (),
 ) -> dict[str, dict[str, Any]]:
-    """variant -> clean accuracy, samples, ``robust_acc/<attack>``, ``pse/frac_<type>/<attack>``
-    and the dissection's interpretable-unit counts; each the mean over the seed replicates."""
+    """variant -> clean accuracy, samples, ``robust_acc/<attack>`` and the columns of the
+    declared ``tables``: ``<prefix>/<key>/<attack>`` for a table per attack, else
+    ``<prefix>/<key>``; each the mean over the seed replicates."""
     summary: dict[str, dict[str, Any]] = {}
     for v in variants:
         mine = [j for j in jobs if j.variant == v]
@@ -76,37 +102,58 @@ def variant_summary(
             if not cell:
                 continue
             entry[f"robust_acc/{attack}"] = cell.get("test/robust_acc")
-            for t in PSE_TYPES:
-                if f"test/pse/frac_{t}" in cell:
-                    entry[f"pse/frac_{t}/{attack}"] = cell[f"test/pse/frac_{t}"]
-        entry |= {
-            k.removeprefix("test/"): val
-            for k, val in first.items()
-            if k.startswith("test/dissection/") and "interpretable" in k
-        }
+            for prefix, table in tables:
+                if table.per_attack:
+                    for key in table_columns(prefix, table, cell):
+                        if f"test/{prefix}/{key}" in cell:
+                            entry[f"{prefix}/{key}/{attack}"] = cell[f"test/{prefix}/{key}"]
+        for prefix, table in tables:
+            if not table.per_attack:
+                for key in table_columns(prefix, table, first):
+                    entry[f"{prefix}/{key}"] = first[f"test/{prefix}/{key}"]
         summary[v] = entry
     return summary
 
 
-def comparison_tables(summary: dict[str, dict[str, Any]], title: str, attacks: list[str]) -> str:
-    """Accuracy, PSE-type and interpretable-unit tables (variants as rows)."""
+def comparison_tables(
+    summary: dict[str, dict[str, Any]],
+    title: str,
+    attacks: list[str],
+    tables: Sequence[tuple[str, SweepTable]] = (),
+) -> str:
+    """The accuracy table, then each declared table that has numbers (variants as rows)."""
     accuracy = markdown_table(
         [title, "clean acc", *(f"robust acc ({a})" for a in attacks)],
         [[v, _num(s["clean_acc"]), *(_num(s.get(f"robust_acc/{a}")) for a in attacks)]
          for v, s in summary.items()],
     )  # fmt: skip
     parts = ["### Accuracy", "", accuracy]
-    pse = [(v, a) for v in summary for a in attacks if f"pse/frac_balanced/{a}" in summary[v]]
-    if pse:
-        rows = [[v, a, *(_num(summary[v].get(f"pse/frac_{t}/{a}")) for t in PSE_TYPES)]
-                for v, a in pse]  # fmt: skip
-        table = markdown_table([title, "attack", *(f"frac_{t}" for t in PSE_TYPES)], rows)
-        parts += ["", "### PSE types of the successful perturbations", "", table]
-    units = sorted({k for s in summary.values() for k in s if k.startswith("dissection/")})
-    if units:
-        rows = [[v, *(_num(s.get(k)) for k in units)] for v, s in summary.items()]
-        table = markdown_table([title, *(k.removeprefix("dissection/") for k in units)], rows)
-        parts += ["", "### Interpretable units", "", table]
+    for prefix, table in tables:
+        if table.per_attack:
+            found = {
+                f"test/{k.removesuffix(f'/{a}')}"
+                for s in summary.values()
+                for k in s
+                for a in attacks
+                if k.startswith(f"{prefix}/") and k.endswith(f"/{a}")
+            }
+            columns = table_columns(prefix, table, found)
+            shown = [(v, a) for v in summary for a in attacks
+                     if any(f"{prefix}/{k}/{a}" in summary[v] for k in columns)]  # fmt: skip
+            if not shown:
+                continue
+            rows = [[v, a, *(_num(summary[v].get(f"{prefix}/{k}/{a}")) for k in columns)]
+                    for v, a in shown]  # fmt: skip
+            text = markdown_table([title, "attack", *columns], rows)
+        else:
+            logged = {f"test/{k}" for s in summary.values() for k in s}
+            columns = table_columns(prefix, table, logged)
+            if not columns:
+                continue
+            rows = [[v, *(_num(s.get(f"{prefix}/{k}")) for k in columns)]
+                    for v, s in summary.items()]  # fmt: skip
+            text = markdown_table([title, *columns], rows)
+        parts += ["", f"### {table.title}", "", text]
     return "\n".join(parts)
 
 
@@ -154,7 +201,8 @@ def write_comparison(sweep_dir: Path, selection: Selection | None = None) -> Pat
         return None
     title, variants, attacks = variant_title(jobs), variant_order(jobs), attack_order(jobs)
     replicates = seeds(jobs)
-    summary = variant_summary(jobs, variants, attacks)
+    tables = declared_tables(jobs)
+    summary = variant_summary(jobs, variants, attacks, tables)
     findings, records = comparison_findings(jobs, comparison_plan(variants, attacks, replicates))
     selected = None if selection is None else selection_section(jobs, selection)
     if selected is not None:
@@ -162,7 +210,18 @@ def write_comparison(sweep_dir: Path, selection: Selection | None = None) -> Pat
     claims = claims_by_job(jobs)
     figures = [
         accuracy_figure(summary, variants, sweep_dir / "comparison.png"),
-        pse_types_figure(jobs, variants, attacks, sweep_dir / "comparison_pse_types.png"),
+        *(
+            stacked_share_figure(
+                jobs,
+                variants,
+                attacks,
+                prefix,
+                table,
+                sweep_dir / f"comparison_{table.figure}.png",
+            )
+            for prefix, table in tables
+            if table.figure
+        ),
         accuracy_eps_figure(jobs, variants, sweep_dir / "comparison_accuracy_eps.png"),
         lambda_figure(jobs, sweep_dir, sweep_dir / "comparison_lambda.png"),
     ]
@@ -188,7 +247,7 @@ def write_comparison(sweep_dir: Path, selection: Selection | None = None) -> Pat
         *([selected[0]] if selected else []),
         *(rest or ["## Findings", "", "Only one variant: nothing to compare.", ""]),
         *([RULE, ""] if findings else []),
-        comparison_tables(summary, title, attacks),
+        comparison_tables(summary, title, attacks, tables),
         "",
         *[f"![{f.stem}]({f.name})" for f in figures if f is not None],
         "",

@@ -1,7 +1,8 @@
 """The figures of a sweep's comparison, in the shared style (:mod:`.figures`): accuracy per
-variant and attack, PSE-type shares per variant and attack, accuracy against the budget
-ε when the sweep varies ``attack.eps``, and robust accuracy against the PSE-AT weights λ
-(read from each job's resolved config) when the sweep varies them."""
+variant and attack, shares an analysis declares (``SweepTable.figure``) per variant and
+attack, accuracy against the budget ε when the sweep varies ``attack.eps``, and robust
+accuracy against the PSE-AT weights λ (read from each job's resolved config) when the sweep
+varies them. Nothing here names a metric of any analysis."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pse_lightning.core.contract import SweepTable
 from pse_lightning.core.proportions import wilson_interval
-from pse_lightning.core.pse_types import DOMINANCE_TYPES as PSE_TYPES
 from pse_lightning.reporting.figures import (
     FONT_SIZE,
     PALETTE,
@@ -37,27 +38,29 @@ def accuracy_figure(summary: dict[str, dict], variants: list[str], path: Path) -
     )
 
 
-def pse_types_figure(
-    jobs: list[Job], variants: list[str], attacks: list[str], path: Path
+def stacked_share_figure(
+    jobs: list[Job],
+    variants: list[str],
+    attacks: list[str],
+    prefix: str,
+    table: SweepTable,
+    path: Path,
 ) -> Path | None:
-    """Suppression / balanced / promotion shares, one stacked bar per (variant, attack), means
-    over the seed replicates; None when no job ran the PSE analysis."""
+    """The shares ``table.keys`` of analysis ``prefix``, one stacked bar per (variant,
+    attack), means over the seed replicates; None when no job logged them."""
     cells = {
         (v, a): mean_metrics([j for j in jobs if (j.variant, j.attack) == (v, a)])
         for v in variants
         for a in attacks
     }
-    bars = [
-        (v, a)
-        for v in variants
-        for a in attacks
-        if any(f"test/pse/frac_{t}" in cells.get((v, a), {}) for t in PSE_TYPES)
-    ]
+    keys = [f"test/{prefix}/{k}" for k in table.keys]
+    bars = [(v, a) for v in variants for a in attacks if any(k in cells[(v, a)] for k in keys)]
     if not bars:
         return None
-    parts = {t: [cells[b].get(f"test/pse/frac_{t}") for b in bars] for t in PSE_TYPES}
+    names = table.legend or table.keys
+    parts = {n: [cells[b].get(k) for b in bars] for n, k in zip(names, keys, strict=True)}
     return stacked_fraction_figure(
-        [f"{v} / {a}" for v, a in bars], parts, path, ylabel="fraction of successful perturbations"
+        [f"{v} / {a}" for v, a in bars], parts, path, ylabel=table.ylabel
     )
 
 

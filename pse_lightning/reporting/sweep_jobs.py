@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from torch import Tensor
 
+from pse_lightning.core.contract import ReportContract
 from pse_lightning.reporting.outcomes import read_outcomes
 
 
@@ -36,6 +37,7 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     outcomes: dict[str, Tensor] | None = None
     findings: list[dict[str, Any]] | None = None
+    contracts: list[ReportContract] = field(default_factory=list)
 
 
 # The order in which training variants are listed: the baseline first, the paper's last.
@@ -100,6 +102,15 @@ def read_findings(job_dir: Path) -> list[dict[str, Any]] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def read_contracts(job_dir: Path) -> list[ReportContract]:
+    """What the run's analyses declared (``contract.json``); none for a job written
+    without it."""
+    path = job_dir / "contract.json"
+    if not path.exists():
+        return []
+    return [ReportContract.from_json(c) for c in json.loads(path.read_text())["analyses"]]
+
+
 def collect_jobs(sweep_dir: Path) -> list[Job]:
     """Every completed job under ``sweep_dir`` (those with ``metrics.json``), in job order,
     with its variant and attack labels set."""
@@ -120,6 +131,7 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
                 metrics=json.loads(metrics_file.read_text())["metrics"],
                 outcomes=read_outcomes(job_dir),
                 findings=read_findings(job_dir),
+                contracts=read_contracts(job_dir),
             )
         )
     label_jobs(jobs)

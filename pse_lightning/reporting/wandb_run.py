@@ -29,18 +29,9 @@ from pse_lightning.reporting.figures import HEAT_CMAP, amplification, class_name
 from pse_lightning.reporting.loggers import safe_key
 
 ARTIFACT_NAME_MAX = 128
-# test/<key> -> shown as results/<key> in the run summary, in this order of importance.
-KEY_RESULTS = (
-    "clean_acc",
-    "robust_acc",
-    "success_rate",
-    "l2_median",
-    "linf_median",
-    "pse/frac_suppression",
-    "pse/frac_promotion",
-    "pse/frac_balanced",
-    "cam/lift_true",
-)
+# The attack's test/<key> -> shown as results/<key> in the run summary, in this order of
+# importance; the analyses' follow, as each declares them (Analysis.key_results).
+KEY_RESULTS = ("clean_acc", "robust_acc", "success_rate", "l2_median", "linf_median")
 EXAMPLE_COLUMNS = [
     "index",
     "label",
@@ -53,16 +44,16 @@ EXAMPLE_COLUMNS = [
     "amplification",
     "linf",
 ]
-# Optional (H, W) map columns of the examples table, filled from the analyses' kept examples
-# (None where an analysis kept no map for that example): PSE's promotion Σ[a^t]₊ and
-# suppression Σ[−a^t0]₊, the CAM of the predicted class on x and on x'.
-MAP_COLUMNS = ("promotion", "suppression", "cam_clean", "cam_adv")
+# What the evaluation keeps of each example; any other entry of ``examples`` is a map column
+# an analysis declared (its kept (H, W) maps, None where it kept none for that example).
+KEPT = ("index", "x", "x_adv", "y", "pred_clean", "pred_adv")
 
 
-def key_results(scalars: dict[str, float]) -> dict[str, float]:
-    """The headline numbers, ``results/<key>`` -> value (absent or NaN ones left out)."""
+def key_results(scalars: dict[str, float], declared: Sequence[str] = ()) -> dict[str, float]:
+    """The headline numbers, ``results/<key>`` -> value (absent or NaN ones left out): the
+    attack's, then ``declared`` (the analyses' key results, ``<name>/<key>``)."""
     out = {}
-    for key in KEY_RESULTS:
+    for key in (*KEY_RESULTS, *declared):
         value = scalars.get(f"test/{key}")
         if value is not None and math.isfinite(value):
             out[f"results/{key.replace('/', '_')}"] = float(value)
@@ -95,17 +86,17 @@ def _heat(values: Tensor | None) -> Any:
 
 def examples_table(examples: dict[str, Any], class_names: Sequence[str]) -> Any:
     """One row per kept example: labels by name, the three images, δ's amplification, and
-    the map columns of :data:`MAP_COLUMNS` that ``examples`` carries.
+    the map columns the analyses declared (``ExamplePanel.maps``), in their order.
 
     Args:
         examples: ``index``, ``x``, ``x_adv`` (N, C, H, W) in [0, 1], ``y``, ``pred_clean``,
-            ``pred_adv`` (N,), as kept by the evaluation; optionally any of
-            :data:`MAP_COLUMNS`, each a list of N (H, W) maps or None.
+            ``pred_adv`` (N,), as kept by the evaluation (:data:`KEPT`); any other entry
+            is a map column, a list of N (H, W) maps or None.
         class_names: names of the classes, indexed by label.
     """
     import wandb
 
-    maps = [c for c in MAP_COLUMNS if c in examples]
+    maps = [c for c in examples if c not in KEPT]
     rows = []
     for i in range(len(examples["index"])):
         x, x_adv = examples["x"][i].float(), examples["x_adv"][i].float()
@@ -211,9 +202,11 @@ def log_evaluation(
     examples: dict[str, Tensor],
     class_names: Sequence[str],
     verdicts: dict[str, str],
+    declared: Sequence[str] = (),
 ) -> None:
-    """Log an evaluation's figures, tables, examples, key results, the Findings' verdicts
-    (claim key -> verdict) and the report artifact."""
+    """Log an evaluation's figures, tables, examples, key results (the attack's and the
+    analyses' ``declared`` ones), the Findings' verdicts (claim key -> verdict) and the
+    report artifact."""
     import wandb
 
     payload: dict[str, Any] = {
@@ -225,7 +218,7 @@ def log_evaluation(
     if examples and len(examples.get("index", ())):
         payload["examples/adversarial"] = examples_table(examples, class_names)
     run.log(payload)
-    run.summary.update(key_results(scalars))
+    run.summary.update(key_results(scalars, declared))
     # The report's Findings, claim by claim (docs/METHODS.md §7.13), as filterable strings.
     run.summary.update({f"findings/{safe_key(k)}": v for k, v in verdicts.items()})
     run.log_artifact(report_artifact(run, written))

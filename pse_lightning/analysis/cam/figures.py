@@ -9,7 +9,7 @@ and that mask's score written on the panel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -17,6 +17,7 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 
 from pse_lightning.analysis.cam.result import FINDING_AREA, CAMExamples
+from pse_lightning.core.report import ExamplePanel
 from pse_lightning.reporting.figures import (
     FONT_SIZE,
     PALETTE,
@@ -66,3 +67,31 @@ def _outline(ax: Axes, mask: Tensor, label: str) -> None:
     handle = Line2D([], [], color=_OUTLINE, linewidth=0.9, label=f"{label}{state}")
     ax.legend(handles=[handle], fontsize=FONT_SIZE - 2, loc="lower center",
               bbox_to_anchor=(0.5, -0.22), frameon=False)  # fmt: skip
+
+
+def example_panel(examples: CAMExamples, limit: int) -> ExamplePanel:
+    """The CAM's columns of the report's per-example panel: the map of the class predicted
+    on x and on x' over the image; also the W&B examples table's ``cam_clean`` and
+    ``cam_adv`` columns. ``limit``: the analysis keeps dataset indices below it."""
+
+    def draw(row: Sequence[Axes], k: int, name: Callable[[int], str]) -> None:
+        panels = (
+            (examples.map_clean[k], examples.x[k], examples.pred_clean[k], "x"),
+            (examples.map_adv[k], examples.x_adv[k], examples.pred_adv[k], "x'"),
+        )
+        for ax, (values, image, pred, on) in zip(row, panels, strict=True):
+            show_map(ax, values, unit=MAP_UNIT, background=image,
+                     title=f"CAM {name(int(pred))} on {on}")  # fmt: skip
+
+    return ExamplePanel(
+        label="CAM",
+        index=examples.index,
+        columns=2,
+        draw=draw,
+        caption=(
+            "the CAM of the class predicted on x (the true class) and on x' (the adversarial "
+            "class) over the grey image, min-max normalised per image. CAM panels read 'not "
+            f"kept' for dataset indices at or above analysis.cam.examples ({limit})"
+        ),
+        maps={"cam_clean": examples.map_clean, "cam_adv": examples.map_adv},
+    )

@@ -19,16 +19,20 @@ from torch import Tensor, nn
 from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
+from pse_lightning.analysis.cam import figures
 from pse_lightning.analysis.cam import statistics as stats
 from pse_lightning.analysis.cam.findings import cam_findings
+from pse_lightning.analysis.cam.glossary import TERMS
 from pse_lightning.analysis.cam.partners import SameClassPartners, evaluation_labels
 from pse_lightning.analysis.cam.report import cam_section
 from pse_lightning.analysis.cam.result import FINDING_AREA, MASK_KINDS, CAMExamples
 from pse_lightning.analysis.pse.attribution import grad_times_delta
 from pse_lightning.core import activation_maps as amaps
+from pse_lightning.core.contract import Term
 from pse_lightning.core.findings import Finding
 from pse_lightning.core.model_state import frozen_eval, model_num_classes
 from pse_lightning.core.randomness import uniform
+from pse_lightning.core.report import ExamplePanel
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
 SIGNIFICANCE = 0.05
@@ -129,8 +133,13 @@ class CAMAnalysis(Analysis):
     """
 
     name = "cam"
+    key_results = ("lift_true",)
     evaluated: Tensor
     scored: Tensor
+
+    @classmethod
+    def glossary(cls) -> tuple[Term, ...]:  # noqa: D102
+        return TERMS
 
     def __init__(
         self,
@@ -467,6 +476,10 @@ class CAMAnalysis(Analysis):
         if values["index"].numel() == 0:
             return None
         return CAMExamples(**values).sorted_cpu()
+
+    def example_panel(self, result: AnalysisResult) -> ExamplePanel | None:  # noqa: D102
+        kept = result.details.get("examples")
+        return None if kept is None else figures.example_panel(kept, self.examples)
 
     def findings(self, result: AnalysisResult) -> list[Finding]:  # noqa: D102
         return cam_findings(result.values())

@@ -30,6 +30,7 @@ from torchmetrics import Metric
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
 from pse_lightning.analysis.dissection.activations import layer_activations
 from pse_lightning.analysis.dissection.findings import dissection_findings
+from pse_lightning.analysis.dissection.glossary import TERMS
 from pse_lightning.analysis.dissection.probe import (
     ProbePasses,
     ProbeResult,
@@ -59,6 +60,7 @@ from pse_lightning.analysis.dissection.summary import (
     holm_families,
     summarise_layer,
 )
+from pse_lightning.core.contract import SweepTable, Term
 from pse_lightning.core.distributed import rank_world
 from pse_lightning.core.findings import Finding
 from pse_lightning.core.model_state import frozen_eval, model_device
@@ -192,7 +194,14 @@ class Dissection(Analysis):
     """
 
     name = "dissection"
+    sweep_tables = (
+        SweepTable("Interpretable units", pattern=r".*interpretable.*", per_attack=False),
+    )
     count: Tensor
+
+    @classmethod
+    def glossary(cls) -> tuple[Term, ...]:  # noqa: D102
+        return TERMS
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ and a legend entry for everything drawn.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 from pse_lightning.analysis.pse.mixture import Modes
 from pse_lightning.analysis.pse.samples import ExampleMaps, ImageRows
 from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP, sweep_fractions
+from pse_lightning.core.report import ExamplePanel
 from pse_lightning.reporting.figures import (
     FONT_SIZE,
     PALETTE,
@@ -170,3 +171,38 @@ def sweep_figure(sweep_counts: Tensor, tau_s: float, tau_p: float, path: Path) -
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=FONT_SIZE - 1)
     return save(fig, path)
+
+
+PANEL_CAPTION = (
+    "the clean and adversarial images; δ = x' − x shown as grey + a·δ with the amplification "
+    "a written on the panel; the promotion map Σ[a^t]₊ and suppression map Σ[−a^t0]₊ on one "
+    "colour scale per row (logit change per pixel)"
+)
+
+
+def example_panel(examples: ExampleMaps) -> ExamplePanel:
+    """The PSE's columns of the report's per-example panel: x, x', δ, promotion, suppression
+    (it leads: its kept examples are the panel's rows); promotion and suppression are also
+    the W&B examples table's map columns."""
+
+    def draw(row: Sequence[Axes], j: int, name: Callable[[int], str]) -> None:
+        x, delta = examples.x[j], examples.delta[j]
+        index, label = int(examples.index[j]), int(examples.label[j])
+        show_image(row[0], x, f"#{index}: {name(label)} → {name(int(examples.target[j]))}")
+        show_image(row[1], (x + delta).clamp(0, 1), f"x' ({PSE_TYPES[int(examples.type[j])]})")
+        show_perturbation(row[2], delta, "δ")
+        show_map(row[3], examples.promotion[j], unit=ATTRIBUTION_UNIT, title="promotion Σ[a^t]₊")
+        show_map(row[4], examples.suppression[j], unit=ATTRIBUTION_UNIT,
+                 title="suppression Σ[−a^t0]₊")  # fmt: skip
+        top = max(float(examples.promotion[j].max()), float(examples.suppression[j].max()))
+        share_scale(row[3:5], max(top, 1e-12))
+
+    return ExamplePanel(
+        label="PSE",
+        index=examples.index,
+        columns=5,
+        draw=draw,
+        caption=PANEL_CAPTION,
+        leads=True,
+        maps={"promotion": examples.promotion, "suppression": examples.suppression},
+    )

@@ -35,9 +35,10 @@ from torch import Tensor, nn
 from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult, ReportSection
-from pse_lightning.analysis.pse import clusters, mixture, statistics
+from pse_lightning.analysis.pse import clusters, figures, mixture, statistics
 from pse_lightning.analysis.pse.attribution import METHODS, PSEAttribution, pse_attributions
 from pse_lightning.analysis.pse.findings import pse_findings
+from pse_lightning.analysis.pse.glossary import TERMS
 from pse_lightning.analysis.pse.mixture import MAX_COMPONENTS, MIX_BINS
 from pse_lightning.analysis.pse.report import pse_section
 from pse_lightning.analysis.pse.samples import (
@@ -50,7 +51,10 @@ from pse_lightning.analysis.pse.samples import (
     image_summary,
 )
 from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP
+from pse_lightning.core.contract import SweepTable, Term
 from pse_lightning.core.findings import Finding
+from pse_lightning.core.pse_types import DOMINANCE_TYPES
+from pse_lightning.core.report import ExamplePanel
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
 log = logging.getLogger(__name__)
@@ -95,9 +99,23 @@ class PSE(Analysis):
     """
 
     name = "pse"
+    key_results = ("frac_suppression", "frac_promotion", "frac_balanced")
+    sweep_tables = (
+        SweepTable(
+            "PSE types of the successful perturbations",
+            keys=tuple(f"frac_{t}" for t in DOMINANCE_TYPES),
+            figure="pse_types",
+            legend=DOMINANCE_TYPES,
+            ylabel="fraction of successful perturbations",
+        ),
+    )
     # Sees every row: the clean-misclassified ones are counted (``n_clean_misclassified``,
     # the report's "skipped" line), then left out by the same ``batch.attacked`` mask.
     attacked_rows_only = False
+
+    @classmethod
+    def glossary(cls) -> tuple[Term, ...]:  # noqa: D102
+        return TERMS
 
     def __init__(
         self,
@@ -449,6 +467,10 @@ class PSE(Analysis):
         return out
 
     # -- report ---------------------------------------------------------------------------
+
+    def example_panel(self, result: AnalysisResult) -> ExamplePanel | None:  # noqa: D102
+        kept = result.details.get("examples")
+        return None if kept is None else figures.example_panel(kept)
 
     def findings(self, result: AnalysisResult) -> list[Finding]:  # noqa: D102
         return pse_findings(result.values())
