@@ -7,7 +7,9 @@ it under attack with the analyses, and write the report. A ready model (pretrain
 weights or ``model.weights`` whose head has the dataset's classes) is never retrained by
 ``stage=auto`` or ``stage=evaluate``; ``training=none`` evaluates only such a model.
 The logger is finished in ``finally`` so a failed job cannot stall or merge into the next
-job of a multirun.
+job of a multirun. From the start of its work to its end the run directory carries the
+``INCOMPLETE`` marker (:mod:`~pse_lightning.core.run_status`), naming the stage; a run that
+stops early (a signal, a full disk, an error) keeps it and closes its W&B run as failed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 from pse_lightning.analysis.base import Analysis
 from pse_lightning.attacks import Attack
 from pse_lightning.core.locks import cache_lock, single_process_world
+from pse_lightning.core.run_status import TRAINING, Interrupted, RunMarker, describe
 from pse_lightning.data.base import ImageDataModule
 from pse_lightning.defenses.base import Defense
 from pse_lightning.models.checkpoint import (
@@ -83,6 +86,8 @@ class Components:
     analyses: dict[str, Analysis]
     logger: Logger | None
     defense: Defense | None
+    # The run directory's INCOMPLETE marker, once the run's work has begun (None before).
+    marker: RunMarker | None = None
 
 
 def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -271,6 +276,8 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         log.info(
             "an interrupted training left %s; starting over (resume=true continues it)", partial
         )
+    if parts.marker is not None:
+        parts.marker.enter(TRAINING)
     start_stage(cfg, parts, "train")
     trainer = make_trainer(
         cfg,
@@ -344,6 +351,8 @@ def reproduce(cfg: DictConfig) -> str:
 def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict[str, float]:
     """Attack the test split, run the analyses and write the report; returns the scalars."""
     run_dir = Path(cfg.paths.run_dir)
+    if parts.marker is not None:
+        parts.marker.enter("evaluation")
     model, defense_analyses = parts.model, {}
     if parts.defense is not None:
         model, defense_analyses = defend(parts)
@@ -355,6 +364,7 @@ def evaluate(cfg: DictConfig, parts: Components, checkpoint: Path | str) -> dict
         checkpoint=str(checkpoint),
         class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
         budget=None if parts.attack.norm is None else (parts.attack.norm, parts.attack.eps),
+        marker=parts.marker,
     )
     analyses = {**defense_analyses, **parts.analyses}
     module = EvaluationModule(model, parts.attack, analyses, log_examples=cfg.log_examples)
@@ -454,15 +464,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
     except (ValueError, TypeError, FileNotFoundError) as err:
         # Bad values the config check cannot see and missing data: the user's to fix.
         raise InputError(str(err)) from err
-    failed = True
+    parts.marker = marker = RunMarker(cfg.paths.run_dir, rerun=reproduce(cfg))
     try:
+        marker.enter("loading the model")
         checkpoint = trained_model(cfg, parts)
         results: dict[str, float] = {}
         if cfg.stage in ("auto", "evaluate"):
             if parts.defense is not None:
                 parts.datamodule.setup("fit")  # the defense calibrates on the val split
             results = evaluate(cfg, parts, checkpoint)
-        failed = False
-        return results
-    finally:
-        finish_logger(parts.logger, failed=failed)
+        marker.enter("closing the run")
+    except BaseException as err:
+        marker.fail(err)
+        exit_code = err.exit_code if isinstance(err, Interrupted) else 1
+        finish_logger(parts.logger, failed=True, exit_code=exit_code, reason=describe(err))
+        raise
+    try:
+        finish_logger(parts.logger)
+    except BaseException as err:
+        marker.fail(err)
+        raise
+    marker.complete()
+    return results

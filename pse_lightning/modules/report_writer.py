@@ -12,6 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from pse_lightning.core.report import ReportSection
+from pse_lightning.core.run_status import RunMarker
 from pse_lightning.modules.example_panels import example_map_columns, example_panels_section
 from pse_lightning.reporting.findings import run_findings
 from pse_lightning.reporting.outcomes import write_outcomes
@@ -34,6 +35,7 @@ class ReportWriter(pl.Callback):
         budget: tuple[str, float] | None = None,
         reproduce: str = "",
         checkpoint: str = "",
+        marker: RunMarker | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.title = title
@@ -44,10 +46,13 @@ class ReportWriter(pl.Callback):
         self.budget = budget
         self.reproduce = reproduce
         self.checkpoint = checkpoint
+        self.marker = marker
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        if self.marker is not None:
+            self.marker.enter("report")
         result = pl_module.result
         fig_dir = self.run_dir / "figures"
         panels = example_panels_section(result.analyses, fig_dir, self.class_names)

@@ -29,7 +29,7 @@ from pse_lightning.reporting.figures import (
     norm_distribution_figure,
     summary_bar_figure,
 )
-from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
+from pse_lightning.reporting.files import json_text, write_files_atomic
 from pse_lightning.reporting.findings import findings_markdown, run_findings
 from pse_lightning.reporting.glossary import glossary_markdown, terms_for, unexplained
 
@@ -267,15 +267,18 @@ def write_report(
     text = report_markdown(
         run_dir, title, setup, scalars, parts, findings_markdown(findings), reproduce, checkpoint
     )
-    write_text_atomic(run_dir / "report.md", text)
-    written["report"] = run_dir / "report.md"
     verdicts = {f.key: f.verdict for f in findings}
-    findings_out = run_dir / "findings.json"
-    write_json_atomic(findings_out, [asdict(f) for f in findings])
-    written["findings"] = findings_out
     payload = {"metrics": scalars, "findings": verdicts, **(extra or {})}
-    written["metrics"] = write_json_atomic(run_dir / "metrics.json", payload)
-    log.info("report written to %s", run_dir / "report.md")
+    # All three or none (a full disk): renamed into place only once all are written.
+    files = {
+        "report": (run_dir / "report.md", text),
+        "findings": (run_dir / "findings.json", json_text([asdict(f) for f in findings])),
+        "metrics": (run_dir / "metrics.json", json_text(payload)),
+    }
+    write_files_atomic(dict(files.values()))
+    written.update({key: path for key, (path, _) in files.items()})
+    # The command line names the report last; the Python API returns its path.
+    log.debug("report written to %s", run_dir / "report.md")
     return written
 
 
