@@ -243,6 +243,31 @@ def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def log_interval(cfg: DictConfig, batches: int) -> dict[str, int]:
+    """``log_every_n_steps`` lowered to an epoch's training batches when it is longer (so
+    every epoch logs its training metrics, and Lightning does not warn), with a notice;
+    otherwise no override."""
+    every = cfg.trainer.get("log_every_n_steps")
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    devices = cfg.trainer.get("devices")
+    if isinstance(devices, int) and devices > 1:  # each process trains on its share
+        batches = -(-batches // devices)
+    if every is None or batches < 1 or int(every) <= batches:
+        return {}
+    log.info(
+        "training metrics logged every %d steps, once per epoch (trainer.log_every_n_steps=%d "
+        "is more than the %d batches of an epoch)",
+        batches,
+        every,
+        batches,
+    )
+    return {"log_every_n_steps": batches}
+
+
 def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]) -> None:
     """Train the model with the configured objective and cache its weights at ``path``.
 
@@ -284,6 +309,7 @@ def fit(cfg: DictConfig, parts: Components, path: Path, identity: dict[str, Any]
         parts.logger,
         max_epochs=cfg.training.epochs,
         callbacks=[ResumeCheckpoint(partial, key)],
+        **log_interval(cfg, len(parts.datamodule.train_dataloader())),
     )
     # weights_only: the partial checkpoint is data (tensors, numbers, strings), never code.
     trainer.fit(module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)

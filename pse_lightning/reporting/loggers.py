@@ -106,9 +106,9 @@ def wandb_logger(
     if wandb.run is not None:
         wandb.finish()
     logger = RunLogger(
-        # W&B's own banner and end-of-run summary (30 lines) would bury the report's path;
+        # W&B's banner and end-of-run summary (30 lines) would bury the report's path;
         # finish_logger names where the run is kept instead.
-        settings=wandb.Settings(quiet=True),
+        settings=wandb.Settings(silent=True),
         project=project,
         entity=entity,
         mode=mode,
@@ -314,7 +314,7 @@ def finish_logger(
     A failed run's W&B run ends with ``exit_code`` (state ``failed``; 130 or 143 after
     ``SIGINT`` or ``SIGTERM``), the tag ``incomplete`` and ``reason`` (what stopped it) as its
     notes, so it can be filtered out of comparisons. Then its location is logged: W&B itself
-    is quiet (``quiet``), so its end-of-run summary does not bury the report's path.
+    is silent (``silent``), so its banner and summary do not bury the report's path.
     """
     if isinstance(logger, WandbLogger):
         import wandb
