@@ -116,21 +116,31 @@ class Preflight(Callback):
             report_and_exit(err)
 
 
-class _DropAdvertisements(logging.Filter):
-    """Lightning prints a cloud-logger advertisement on every Trainer; it is not a message."""
+class _DropMessages(logging.Filter):
+    """Drops a logger's messages that contain one of ``parts``."""
+
+    def __init__(self, *parts: str) -> None:
+        super().__init__()
+        self.parts = parts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        return not any(part in str(record.msg) for part in self.parts)
 
 
-# One instance: addFilter ignores a filter already present, so every job of a multirun
-# calling quiet_third_party_noise() leaves one filter, not one per job.
-_DROP_ADVERTISEMENTS = _DropAdvertisements()
+# One instance per logger: addFilter ignores a filter already present, so every job of a
+# multirun calling quiet_third_party_noise() leaves one filter, not one per job.
+_DROPPED = {
+    # Lightning's cloud-logger advertisement on every Trainer is not a message.
+    "pytorch_lightning.utilities.rank_zero": _DropMessages("💡 Tip:"),
+    # The interruption's own line names the signal (see stop_signals_raise).
+    "pytorch_lightning.trainer.connectors.signal_connector": _DropMessages("Received SIGTERM"),
+}
 
 
 def quiet_third_party_noise() -> None:
     """Silence messages users cannot act on (kept out of the library: only the CLI does it)."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DROP_ADVERTISEMENTS)
+    for name, dropped in _DROPPED.items():
+        logging.getLogger(name).addFilter(dropped)
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; fixed upstream.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
