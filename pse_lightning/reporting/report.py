@@ -6,8 +6,10 @@ numbers of each part with one generated sentence on what they mean, the setup (t
 overrides, and the checkpoint), one section per part with captioned figures, the glossary of every
 metric and term shown, and last the raw dump of every logged metric.
 
-``metrics.json`` is written last and atomically: its presence means the run completed, so
-an interrupted evaluation never leaves a report that looks complete.
+``report.md``, ``findings.json`` and ``metrics.json`` are written to temporary files and
+renamed into place together (all or none, metrics last), and a run that did not complete
+keeps its ``INCOMPLETE`` marker (:mod:`~pse_lightning.core.run_status`), so an interrupted
+evaluation or a full disk never leaves a report that looks complete.
 """
 
 from __future__ import annotations
