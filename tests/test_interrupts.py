@@ -184,6 +184,16 @@ def _cli(tmp_path: Path, *args: str, umask: int | None = None) -> subprocess.Pop
     )
 
 
+def _finish(child: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
+    """(stdout, stderr) of ``child`` once it ends; killed if it outlives ``timeout``."""
+    try:
+        return child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
 def _run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in (root / "outputs").glob("*/*/.hydra"))
 
@@ -203,8 +213,15 @@ def _wait_for_first_epoch(root: Path, child: subprocess.Popen) -> Path:
     raise AssertionError(f"never finished an epoch: {child.communicate()}")
 
 
-# Several epochs so that a signal sent in the first one finds the run still training.
-TRAIN = [*TINY, "training.epochs=6", "attack=fgsm", "analysis=none", "logger=wandb"]
+# Epochs of 8 batches: a signal sent once the first has ended finds the run still training.
+TRAIN = [
+    *TINY,
+    "dataset.num_train=256",
+    "training.epochs=5",
+    "attack=fgsm",
+    "analysis=none",
+    "logger=wandb",
+]
 
 
 @pytest.mark.slow
@@ -215,7 +232,7 @@ def test_a_signal_during_training_ends_in_one_line_and_resumes(
     child = _cli(tmp_path, f"paths.root={tmp_path}", *TRAIN)
     run_dir = _wait_for_first_epoch(tmp_path, child)
     child.send_signal(signum)
-    out, err = child.communicate(timeout=300)
+    out, err = _finish(child)
     assert child.returncode == 128 + signum, (out, err)
     (line,) = err.strip().splitlines()  # one line, no traceback, no W&B banner
     assert line.startswith(f"Interrupted ({signum.name}) during training: the run directory ")
@@ -232,7 +249,7 @@ def test_a_signal_during_training_ends_in_one_line_and_resumes(
     command = line.split("resume with: ", 1)[1].split()
     assert command[:3] == ["python", "-m", "pse_lightning"]
     resumed = _cli(tmp_path, *command[3:])
-    out, err = resumed.communicate(timeout=600)
+    out, err = _finish(resumed)
     assert resumed.returncode == 0, (out, err)
     (new_dir,) = set(_run_dirs(tmp_path)) - {run_dir}
     assert "resuming training from" in out
@@ -248,7 +265,7 @@ def test_a_default_run_is_quiet_ends_with_the_report_and_follows_the_umask(
     last line names the report, every file written follows the umask (here 027)."""
     args = [f"paths.root={tmp_path}", *TINY, "trainer.enable_progress_bar=true"]
     child = _cli(tmp_path, *args, "logger=wandb", "dataset.eval_samples=1000", umask=0o027)
-    out, err = child.communicate(timeout=900)
+    out, err = _finish(child)
     assert child.returncode == 0, (out, err)
     lines = (out + err).strip().splitlines()
     noise = [
