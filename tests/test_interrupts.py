@@ -77,6 +77,16 @@ def test_a_marker_names_stage_status_and_the_resume_command(tmp_path: Path) -> N
     assert not (tmp_path / MARKER).exists()
 
 
+def test_only_the_first_process_of_a_run_writes_its_marker(tmp_path: Path, monkeypatch) -> None:
+    """A DDP child (LOCAL_RANK=1) shares the run directory: it must not mark or unmark it."""
+    RunMarker(tmp_path).enter("training")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    child = RunMarker(tmp_path)
+    child.enter("evaluation")
+    child.complete()
+    assert read_marker(tmp_path)["stage"] == "training"
+
+
 def test_files_written_together_appear_all_or_none(tmp_path: Path, monkeypatch) -> None:
     files = {tmp_path / name: f"{name}\n" for name in REPORT_FILES}
     _fill_disk_at(monkeypatch, "findings.json")

@@ -22,11 +22,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
 
 from pse_lightning.core.atomic import write_text_atomic
+from pse_lightning.core.locks import _RANK_VARIABLES
 
 log = logging.getLogger(__name__)
 MARKER = "INCOMPLETE"
@@ -75,8 +77,17 @@ def is_interruption(err: BaseException) -> bool:
     return isinstance(err, (Interrupted, KeyboardInterrupt))
 
 
+def global_rank_zero() -> bool:
+    """Whether this process is the first (or only) of its run: no rank variable of a
+    launcher (torchrun, SLURM, Lightning's DDP children) other than 0."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in _RANK_VARIABLES)
+
+
 class RunMarker:
     """The ``INCOMPLETE`` marker of one run directory (see the module docstring).
+
+    Only the run's first process writes it (the other ranks of a DDP run share the
+    directory); in the others every method does nothing.
 
     Args:
         run_dir: the run directory.
@@ -87,16 +98,20 @@ class RunMarker:
         self.path = Path(run_dir) / MARKER
         self.rerun = rerun
         self.stage = ""
+        self.writes = global_rank_zero()
 
     def enter(self, stage: str) -> None:
         """The run starts ``stage``: the marker says so (and exists from now on)."""
         self.stage = stage
-        self._write("running", "")
+        if self.writes:
+            self._write("running", "")
 
     def fail(self, err: BaseException) -> None:
         """The run stopped in its current stage because of ``err``. A marker that cannot be
         rewritten (a full disk) keeps its last content, which still marks the run."""
         status = "interrupted" if is_interruption(err) else "failed"
+        if not self.writes:
+            return
         try:
             self._write(status, describe(err))
         except OSError as write_error:
@@ -104,7 +119,8 @@ class RunMarker:
 
     def complete(self) -> None:
         """The run completed: remove the marker."""
-        self.path.unlink(missing_ok=True)
+        if self.writes:
+            self.path.unlink(missing_ok=True)
 
     def _write(self, status: str, reason: str) -> None:
         rerun = self.rerun
