@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import signal
@@ -113,6 +114,25 @@ def test_files_get_the_users_umask(tmp_path: Path, umask: int) -> None:
         os.umask(old)
     for path in (text, weights):
         assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_eval_samples_above_the_test_split_is_said_once(make_cfg, caplog) -> None:
+    cfg = make_cfg("dataset.num_test=16", "dataset.eval_samples=20")
+    datamodule = pipeline.instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    with caplog.at_level(logging.INFO, logger="pse_lightning"):
+        sizes = [len(datamodule.test_dataloader().dataset) for _ in range(2)]
+    assert sizes == [16, 16]
+    (notice,) = [r.getMessage() for r in caplog.records if "eval_samples" in r.getMessage()]
+    assert notice == (
+        "dataset.eval_samples=20 is more than the 16 test images of dataset=shapes: "
+        "evaluating all 16"
+    )
+    assert pipeline.log_interval(cfg, 24) == {}  # trainer.log_every_n_steps=10 fits an epoch
+    with caplog.at_level(logging.INFO, logger="pse_lightning"):
+        assert pipeline.log_interval(cfg, 6) == {"log_every_n_steps": 6}
+    assert "trainer.log_every_n_steps=10 is more than the 6 batches" in caplog.text
 
 
 def test_disk_full_mid_report_leaves_nothing_that_looks_complete(
