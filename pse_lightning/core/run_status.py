@@ -65,7 +65,7 @@ def describe(err: BaseException) -> str:
     (<file>)``, or the error's type and message."""
     if isinstance(err, Interrupted):
         return err.signal_name
-    if isinstance(err, KeyboardInterrupt):
+    if is_interruption(err):  # Ctrl+C outside the command line
         return "SIGINT"
     if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
         where = f" ({err.filename})" if err.filename else ""
@@ -74,6 +74,10 @@ def describe(err: BaseException) -> str:
 
 
 def is_interruption(err: BaseException) -> bool:
+    """A stop signal, also a ``KeyboardInterrupt`` that Lightning turned into ``sys.exit(1)``
+    (outside the command line, whose handler raises :class:`Interrupted` instead)."""
+    if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+        return True
     return isinstance(err, (Interrupted, KeyboardInterrupt))
 
 
