@@ -7,7 +7,9 @@ it under attack with the analyses, and write the report. A ready model (pretrain
 weights or ``model.weights`` whose head has the dataset's classes) is never retrained by
 ``stage=auto`` or ``stage=evaluate``; ``training=none`` evaluates only such a model.
 The logger is finished in ``finally`` so a failed job cannot stall or merge into the next
-job of a multirun.
+job of a multirun. From the start of its work to its end the run directory carries the
+``INCOMPLETE`` marker (:mod:`~pse_lightning.core.run_status`), naming the stage; a run that
+stops early (a signal, a full disk, an error) keeps it and closes its W&B run as failed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from pse_lightning.analysis.base import Analysis
 from pse_lightning.attacks import Attack
 from pse_lightning.core.locks import cache_lock, single_process_world
+from pse_lightning.core.run_status import TRAINING, Interrupted, RunMarker, describe
 from pse_lightning.data.base import ImageDataModule
 from pse_lightning.defenses.base import Defense
 from pse_lightning.models.checkpoint import (
@@ -112,6 +115,8 @@ class Components:
     analyses: dict[str, Analysis]
     logger: Logger | None
     defense: Defense | None
+    # The run directory's INCOMPLETE marker, once the run's work has begun (None before).
+    marker: RunMarker | None = None
 
 
 def _analysis_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -279,6 +284,31 @@ def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def log_interval(cfg: DictConfig, batches: int) -> dict[str, int]:
+    """``log_every_n_steps`` lowered to an epoch's training batches when it is longer (so
+    every epoch logs its training metrics, and Lightning does not warn), with a notice;
+    otherwise no override."""
+    every = cfg.trainer.get("log_every_n_steps")
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    devices = cfg.trainer.get("devices")
+    if isinstance(devices, int) and devices > 1:  # each process trains on its share
+        batches = -(-batches // devices)
+    if every is None or batches < 1 or int(every) <= batches:
+        return {}
+    log.info(
+        "training metrics logged every %d steps, once per epoch (trainer.log_every_n_steps=%d "
+        "is more than the %d batches of an epoch)",
+        batches,
+        every,
+        batches,
+    )
+    return {"log_every_n_steps": batches}
+
+
 def fit(
     cfg: DictConfig,
     parts: Components,
@@ -318,12 +348,15 @@ def fit(
         log.info(
             "an interrupted training left %s; starting over (resume=true continues it)", partial
         )
+    if parts.marker is not None:
+        parts.marker.enter(TRAINING)
     start_stage(cfg, parts, "train", job)
     trainer = make_trainer(
         cfg,
         parts.logger,
         max_epochs=cfg.training.epochs,
         callbacks=[ResumeCheckpoint(partial, key)],
+        **log_interval(cfg, len(parts.datamodule.train_dataloader())),
     )
     # weights_only: the partial checkpoint is data (tensors, numbers, strings), never code.
     trainer.fit(module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -398,6 +431,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Attack the test split, run the analyses and write the report; returns the scalars."""
     run_dir = Path(cfg.paths.run_dir)
+    if parts.marker is not None:
+        parts.marker.enter("evaluation")
     model, defense_analyses = parts.model, {}
     if parts.defense is not None:
         model, defense_analyses = defend(parts)
@@ -411,6 +446,7 @@ def evaluate(
         checkpoint=str(checkpoint),
         class_names=getattr(parts.model, "class_names", None) or parts.datamodule.class_names,
         budget=None if parts.attack.norm is None else (parts.attack.norm, parts.attack.eps),
+        marker=parts.marker,
     )
     module = EvaluationModule(
         model, parts.attack, analyses, log_examples=cfg.log_examples, on_result=writer.receive
@@ -513,15 +549,25 @@ def run(cfg: DictConfig, job: JobContext | None = None) -> dict[str, float]:
     except (ValueError, TypeError, FileNotFoundError) as err:
         # Bad values the config check cannot see and missing data: the user's to fix.
         raise InputError(str(err)) from err
-    failed = True
+    parts.marker = marker = RunMarker(cfg.paths.run_dir, rerun=reproduce(job))
     try:
+        marker.enter("loading the model")
         checkpoint = trained_model(cfg, parts, job)
         results: dict[str, float] = {}
         if cfg.stage in ("auto", "evaluate"):
             if parts.defense is not None:
                 parts.datamodule.setup("fit")  # the defense calibrates on the val split
             results = evaluate(cfg, parts, checkpoint, job)
-        failed = False
-        return results
-    finally:
-        finish_logger(parts.logger, failed=failed)
+        marker.enter("closing the run")
+    except BaseException as err:
+        marker.fail(err)
+        exit_code = err.exit_code if isinstance(err, Interrupted) else 1
+        finish_logger(parts.logger, failed=True, exit_code=exit_code, reason=describe(err))
+        raise
+    try:
+        finish_logger(parts.logger)
+    except BaseException as err:
+        marker.fail(err)
+        raise
+    marker.complete()
+    return results

@@ -12,15 +12,25 @@ Order of work, so that a mistake costs a second and leaves nothing behind:
 A user error (:class:`~pse_lightning.validation.InputError`) prints one line and no
 traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback. Every error of a run is also
 written, with its traceback, to the run's log file.
+
+``SIGINT`` (Ctrl+C) and ``SIGTERM`` (a scheduler's stop) end a run like an error: the
+pipeline keeps the run directory's ``INCOMPLETE`` marker and closes the W&B run as failed;
+the console gets one line naming the signal, the stage, the run directory and the command
+that reruns (or resumes) it, and the process exits with 128 + the signal's number (130,
+143), as a shell reports a process the signal ended. A full disk or quota (or a read-only
+or failing one) is one line too. A completed run's last line names its report.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,10 +45,18 @@ from pse_lightning.cli.check import check_config, check_required_values
 from pse_lightning.cli.hints import override_hint, quoting_hint, typo_hint
 from pse_lightning.cli.preflight import check_environment
 from pse_lightning.cli.run_dirs import register_resolvers
+from pse_lightning.core.run_status import (
+    DISK_ERRNOS,
+    MARKER,
+    Interrupted,
+    describe,
+    read_marker,
+)
 from pse_lightning.validation import InputError
 
 log = logging.getLogger("pse_lightning")
 _FULL_ERROR = "HYDRA_FULL_ERROR"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # conf/config.yaml names run and sweep directories with ${unique:...}: registered before
 # Hydra composes the config, here and in every process that imports the task.
 register_resolvers()
@@ -98,49 +116,123 @@ class Preflight(Callback):
             report_and_exit(err)
 
 
-class _DropAdvertisements(logging.Filter):
-    """Lightning prints a cloud-logger advertisement on every Trainer; it is not a message."""
+class _DropMessages(logging.Filter):
+    """Drops a logger's messages that contain one of ``parts``."""
+
+    def __init__(self, *parts: str) -> None:
+        super().__init__()
+        self.parts = parts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        return not any(part in str(record.msg) for part in self.parts)
 
 
-# One instance: addFilter ignores a filter already present, so every job of a multirun
-# calling quiet_third_party_noise() leaves one filter, not one per job.
-_DROP_ADVERTISEMENTS = _DropAdvertisements()
+# One instance per logger: addFilter ignores a filter already present, so every job of a
+# multirun calling quiet_third_party_noise() leaves one filter, not one per job.
+_DROPPED = {
+    # Lightning's cloud-logger advertisement on every Trainer is not a message.
+    "pytorch_lightning.utilities.rank_zero": _DropMessages("💡 Tip:"),
+    # The interruption's own line names the signal (see stop_signals_raise).
+    "pytorch_lightning.trainer.connectors.signal_connector": _DropMessages("Received SIGTERM"),
+}
 
 
 def quiet_third_party_noise() -> None:
     """Silence messages users cannot act on (kept out of the library: only the CLI does it)."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DROP_ADVERTISEMENTS)
+    for name, dropped in _DROPPED.items():
+        logging.getLogger(name).addFilter(dropped)
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; fixed upstream.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def log_to_files(message: str, exc_info: Any = None) -> None:
-    """Write an error to the run's log file only (the console gets Hydra's one line)."""
+    """Write an error to the run's log file only (the console gets Hydra's one line); a log
+    file that cannot be written (a full disk) is skipped without a word on the console."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), exc_info)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    finally:
+        logging.raiseExceptions = raise_exceptions
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Within the block, ``SIGINT`` and ``SIGTERM`` raise :class:`Interrupted` in this
+    process, so the run cleans up as after an error (``SIGTERM`` would otherwise end it at
+    once). A second signal during that clean-up acts as without this handler. Processes
+    forked from this one (data loader workers) keep the default behaviour."""
+    owner = os.getpid()
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+    def _raise(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker: ends as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for other, handler in defaults.items():
+            signal.signal(other, handler)
+        raise Interrupted(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stopped_early(cfg: DictConfig, what: str) -> str:
+    """One line on a run that stopped early: ``what`` happened, in which stage, where the
+    run directory is (marked incomplete) and the command that reruns or resumes it."""
+    run_dir = Path(str(cfg.paths.run_dir))
+    marker = read_marker(run_dir)
+    if marker is None:
+        return f"{what} before the run began its work; nothing was written to resume"
+    stage = f" during {marker['stage']}" if marker.get("stage") else ""
+    line = f"{what}{stage}: the run directory {run_dir} is marked incomplete ({MARKER})"
+    if marker.get("rerun"):
+        verb = "resume" if "resume=true" in str(marker["rerun"]).split() else "rerun"
+        line += f"; {verb} with: {marker['rerun']}"
+    return line
 
 
 def run_job(cfg: DictConfig) -> float | None:
     """One job: check (again, for multirun jobs), import the pipeline, run it."""
     try:
-        check(cfg, dict(HydraConfig.get().runtime.choices))
-        quiet_third_party_noise()
-        from pse_lightning import pipeline
+        with stop_signals_raise():
+            check(cfg, dict(HydraConfig.get().runtime.choices))
+            quiet_third_party_noise()
+            from pse_lightning import pipeline
 
-        results = pipeline.run(cfg, pipeline.JobContext.from_hydra(HydraConfig.get()))
+            results = pipeline.run(cfg, pipeline.JobContext.from_hydra(HydraConfig.get()))
+    except Interrupted as stop:
+        line = stopped_early(cfg, f"Interrupted ({stop.signal_name})")
+        log_to_files(line)
+        sys.stderr.write(line + "\n")
+        raise SystemExit(stop.exit_code) from None
     except InputError as err:
         log_to_files(str(err), sys.exc_info())
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise UserError(str(err)) from err  # Hydra names the job's overrides first
         report_and_exit(err)
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            log_to_files(f"{type(err).__name__}: {err}", sys.exc_info())
+            raise
+        log_to_files(describe(err), sys.exc_info())
+        report_and_exit(InputError(stopped_early(cfg, describe(err).capitalize())))
     except Exception as err:
         log_to_files(f"{type(err).__name__}: {err}", sys.exc_info())
         raise
+    report = Path(str(cfg.paths.run_dir)) / "report.md"
+    if report.is_file():
+        log.info("report: %s", report)  # the last line: where to look
     # Returned to Hydra so sweepers that optimise an objective can read it.
     value = results.get("test/robust_acc")
     return None if value is None else float(value)

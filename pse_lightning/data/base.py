@@ -10,6 +10,7 @@ concept id (0 means "no concept of this category here").
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pse_lightning.core.distributed import rank_world
 from pse_lightning.validation import require_at_least
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class ImageDataModule(pl.LightningDataModule):
         if eval_samples is not None:
             require_at_least("dataset.eval_samples", eval_samples, 1)
         self.eval_samples = eval_samples
+        self._told_cap = False
         self.seed = int(seed)
         self.shuffle_seed: int | None = None
         self.train_set: Dataset | None = None
@@ -150,6 +154,16 @@ class ImageDataModule(pl.LightningDataModule):
         """The evaluation split, limited to ``eval_samples``, sharded without padding."""
         dataset = self.test_set
         if self.eval_samples is not None and dataset is not None:
+            if self.eval_samples > len(dataset) and not self._told_cap and rank_world()[0] == 0:
+                self._told_cap = True  # once, however often the loader is made
+                log.warning(
+                    "dataset.eval_samples=%d is more than the %d test images of dataset=%s: "
+                    "evaluating all %d",
+                    self.eval_samples,
+                    len(dataset),
+                    self.name,
+                    len(dataset),
+                )
             dataset = torch.utils.data.Subset(dataset, range(min(self.eval_samples, len(dataset))))
         return self._loader(dataset, shuffle=False)
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pse_lightning.core.atomic import file_mode
 from pse_lightning.core.locks import cache_lock
 from pse_lightning.data.base import Concept, ImageDataModule, IndexedTensorDataset
 from pse_lightning.validation import require_at_least
@@ -338,7 +339,7 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], params: dict[str, in
     meta = {"params": params, "hash": params_hash(params), "checksum": _checksum(arrays)}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like any data file
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; the cache is a file like any other
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
         os.replace(tmp, path)

@@ -71,6 +71,8 @@ class LineProgress(ProgressBar):
         now = self.clock()
         if not self.enabled or (not final and now - self._last < self.interval):
             return
+        if not final and math.isfinite(total) and done >= total:
+            return  # the loop's end prints this count once, as "done"
         self._last = now
         elapsed = now - self._start
         if math.isfinite(total) and total > 0:

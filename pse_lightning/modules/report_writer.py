@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import Logger
 
 from pse_lightning.analysis.base import Analysis
 from pse_lightning.core.report import ReportSection
+from pse_lightning.core.run_status import RunMarker
 from pse_lightning.modules.evaluation import EvaluationResult
 from pse_lightning.modules.example_panels import example_map_columns, example_panels_section
 from pse_lightning.reporting.findings import run_findings
@@ -47,6 +48,7 @@ class ReportWriter(pl.Callback):
         budget: tuple[str, float] | None = None,
         reproduce: str = "",
         checkpoint: str = "",
+        marker: RunMarker | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.title = title
@@ -58,6 +60,7 @@ class ReportWriter(pl.Callback):
         self.budget = budget
         self.reproduce = reproduce
         self.checkpoint = checkpoint
+        self.marker = marker
         self.result: EvaluationResult | None = None
 
     def receive(self, result: EvaluationResult) -> None:
@@ -72,6 +75,8 @@ class ReportWriter(pl.Callback):
                 "the report writer received no result: pass its receive method to the "
                 "EvaluationModule as on_result"
             )
+        if self.marker is not None:
+            self.marker.enter("report")
         self.write(self.result, trainer.logger)
 
     def write(self, result: EvaluationResult, logger: Logger | None = None) -> None:

@@ -18,6 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from pse_lightning.reporting.files import write_atomic
+
 SIGNED_CMAP = "berlin"  # diverging, perceptually uniform, zero at the centre
 HEAT_CMAP = "magma"  # sequential, perceptually uniform: CAMs, energies, |δ|
 DPI = 120
@@ -38,11 +40,8 @@ def new_figure(
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG (creating the folder) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    """Write ``fig`` as PNG (creating the folder, atomically) and return the path."""
+    return write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=DPI))
 
 
 def class_name(names: Sequence[str], c: int) -> str:

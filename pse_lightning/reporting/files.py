@@ -1,32 +1,27 @@
-"""Atomic file writes: a reader never sees a half-written report or metrics file."""
+"""Atomic file writes of the report (see :mod:`pse_lightning.core.atomic`) and JSON."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from pse_lightning.core.atomic import (  # noqa: F401 (the report's writers, in one place)
+    file_mode,
+    write_atomic,
+    write_files_atomic,
+    write_text_atomic,
+)
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+def json_text(data: Any) -> str:
+    """JSON with sorted keys; NaN is written as null so any JSON reader accepts it."""
+    return json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n"
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """JSON with sorted keys; NaN is written as null so any JSON reader accepts it."""
-    return write_text_atomic(path, json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n")
+    """:func:`json_text` of ``data``, written atomically."""
+    return write_text_atomic(path, json_text(data))
 
 
 def _json_safe(value: Any) -> Any:

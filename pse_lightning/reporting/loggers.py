@@ -38,6 +38,8 @@ WANDB_FOLDERS = {
 }
 # The W&B variables this process set itself (a user's are never changed).
 _OWN_ENVIRONMENT: dict[str, str] = {}
+# The tag of a W&B run that did not complete (interrupted or failed).
+INCOMPLETE_TAG = "incomplete"
 # Lightning adds these to every log call; an evaluation has no epochs or optimiser steps.
 TRAINING_COUNTERS = ("epoch", "trainer/global_step")
 
@@ -104,6 +106,9 @@ def wandb_logger(
     if wandb.run is not None:
         wandb.finish()
     logger = RunLogger(
+        # W&B's banner and end-of-run summary (30 lines) would bury the report's path;
+        # finish_logger names where the run is kept instead.
+        settings=wandb.Settings(silent=True),
         project=project,
         entity=entity,
         mode=mode,
@@ -282,17 +287,43 @@ def start_run(logger: Logger | None, *, name: str, job_type: str, config: dict[s
     logger.log_hyperparams(config)
 
 
-def finish_logger(logger: Logger | None, *, failed: bool = False) -> None:
-    """Close the logger's run, so the next job of a multirun starts a fresh one."""
+def finish_logger(
+    logger: Logger | None, *, failed: bool = False, exit_code: int = 1, reason: str = ""
+) -> None:
+    """Close the logger's run, so the next job of a multirun starts a fresh one.
+
+    A failed run's W&B run ends with ``exit_code`` (state ``failed``; 130 or 143 after
+    ``SIGINT`` or ``SIGTERM``), the tag ``incomplete`` and ``reason`` (what stopped it) as its
+    notes, so it can be filtered out of comparisons. Then its location is logged: W&B itself
+    is silent (``silent``), so its banner and summary do not bury the report's path.
+    """
     if isinstance(logger, WandbLogger):
         import wandb
 
-        if wandb.run is not None:
-            if wandb.run.job_type == "evaluate":
-                _drop_training_counters(wandb.run.summary)
-            wandb.finish(exit_code=1 if failed else 0)
+        run = wandb.run
+        if run is not None:
+            if run.job_type == "evaluate":
+                _drop_training_counters(run.summary)
+            if failed:
+                run.tags = (*run.tags, INCOMPLETE_TAG)
+                if reason:
+                    run.notes = f"incomplete: {reason}"
+            where = _run_location(run)
+            wandb.finish(exit_code=exit_code if failed else 0)
+            if where:
+                log.info("%s", where)
     elif logger is not None:
         logger.finalize("failed" if failed else "success")
+
+
+def _run_location(run: Any) -> str:
+    """Where a W&B run is kept, and how to upload it if offline ("" when disabled)."""
+    if run.disabled:
+        return ""
+    if run.offline:
+        files = Path(run.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>
+        return f"W&B run saved offline in {files} (upload: wandb sync {files})"
+    return f"W&B run: {run.url}"
 
 
 def _drop_training_counters(summary: Any) -> None:

@@ -6,8 +6,10 @@ numbers of each part with one generated sentence on what they mean, the setup (t
 overrides, and the checkpoint), one section per part with captioned figures, the glossary of every
 metric and term shown, and last the raw dump of every logged metric.
 
-``metrics.json`` is written last and atomically: its presence means the run completed, so
-an interrupted evaluation never leaves a report that looks complete.
+``report.md``, ``findings.json`` and ``metrics.json`` are written to temporary files and
+renamed into place together (all or none, metrics last), and a run that did not complete
+keeps its ``INCOMPLETE`` marker (:mod:`~pse_lightning.core.run_status`), so an interrupted
+evaluation or a full disk never leaves a report that looks complete.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pse_lightning.reporting.figures import (
     norm_distribution_figure,
     summary_bar_figure,
 )
-from pse_lightning.reporting.files import write_json_atomic, write_text_atomic
+from pse_lightning.reporting.files import json_text, write_files_atomic
 from pse_lightning.reporting.findings import findings_markdown, run_findings
 from pse_lightning.reporting.glossary import TERMS, glossary_markdown, terms_for, unexplained
 
@@ -279,18 +281,22 @@ def write_report(
         run_dir, title, setup, scalars, parts, findings_markdown(findings), reproduce,
         checkpoint, (*TERMS, *glossary),
     )  # fmt: skip
-    write_text_atomic(run_dir / "report.md", text)
-    written["report"] = run_dir / "report.md"
     verdicts = {f.key: f.verdict for f in findings}
-    findings_out = run_dir / "findings.json"
-    write_json_atomic(findings_out, [asdict(f) for f in findings])
-    written["findings"] = findings_out
-    written["contract"] = write_json_atomic(
-        run_dir / CONTRACT_FILE, {"analyses": [c.to_json() for c in contracts]}
-    )
     payload = {"metrics": scalars, "findings": verdicts, **(extra or {})}
-    written["metrics"] = write_json_atomic(run_dir / "metrics.json", payload)
-    log.info("report written to %s", run_dir / "report.md")
+    # All three or none (a full disk): renamed into place only once all are written.
+    files = {
+        "report": (run_dir / "report.md", text),
+        "findings": (run_dir / "findings.json", json_text([asdict(f) for f in findings])),
+        "contract": (
+            run_dir / CONTRACT_FILE,
+            json_text({"analyses": [c.to_json() for c in contracts]}),
+        ),
+        "metrics": (run_dir / "metrics.json", json_text(payload)),
+    }
+    write_files_atomic(dict(files.values()))
+    written.update({key: path for key, (path, _) in files.items()})
+    # The command line names the report last; the Python API returns its path.
+    log.debug("report written to %s", run_dir / "report.md")
     return written
 
 

@@ -11,6 +11,7 @@ comparison pairs each variant with its baseline within each seed.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,10 @@ import yaml
 from torch import Tensor
 
 from pse_lightning.core.contract import ReportContract
+from pse_lightning.core.run_status import MARKER, is_incomplete
 from pse_lightning.reporting.outcomes import read_outcomes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,12 +116,16 @@ def read_contracts(job_dir: Path) -> list[ReportContract]:
 
 
 def collect_jobs(sweep_dir: Path) -> list[Job]:
-    """Every completed job under ``sweep_dir`` (those with ``metrics.json``), in job order,
-    with its variant and attack labels set."""
+    """Every completed job under ``sweep_dir`` (those with ``metrics.json`` and without the
+    ``INCOMPLETE`` marker of a run stopped early), in job order, with its variant and attack
+    labels set."""
     jobs = []
     files = sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_number(p.parent))
     for metrics_file in files:
         job_dir = metrics_file.parent
+        if is_incomplete(job_dir):
+            log.warning("%s did not complete (%s): left out of the comparison", job_dir, MARKER)
+            continue
         hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
         choices = hydra_cfg["hydra"]["runtime"]["choices"]
         overrides, config = read_overrides(job_dir, hydra_cfg), job_config(job_dir)

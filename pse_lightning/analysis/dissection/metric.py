@@ -307,12 +307,15 @@ class Dissection(Analysis):
         replicates = 1 + self.summary_settings.bootstrap
         self.class_counts = ClassCounts(self.classes, replicates, **self._metric_kwargs)
         self.class_counts = self.class_counts.to(model_device(model))
-        self.probe = self._dissect(model, loader, layers, table, datamodule)
+        self.probe = self._dissect(model, loader, layers, table, datamodule, "trained model")
         self.unit_sums = self._new_sums(model)
         self.baseline, self.baseline_sums = None, nn.ModuleList()
         if self.random_baseline:
             random = random_weights(model, self.summary_settings.seed)
-            self.baseline = (random, self._dissect(random, loader, layers, table, datamodule))
+            baseline = self._dissect(
+                random, loader, layers, table, datamodule, "random-weights baseline"
+            )
+            self.baseline = (random, baseline)
             self.baseline_sums = self._new_sums(model)
         self.count = self.count.to(model_device(model))
         limit = self.sensitive_images if self.top_units else 0
@@ -324,15 +327,27 @@ class Dissection(Analysis):
                 self.showcase = build_showcase(model, loader, self.probe, self.top_units)
 
     def _dissect(
-        self, model: nn.Module, loader: Any, layers: list[str], table: Any, datamodule: Any
+        self,
+        model: nn.Module,
+        loader: Any,
+        layers: list[str],
+        table: Any,
+        datamodule: Any,
+        network: str,
     ) -> ProbeResult:
+        """Dissect ``model``'s layers; ``network`` names it in the log line (the trained
+        model, or the random-weights baseline)."""
         passes = ProbePasses(model, loader, layers, table, self.probe_settings)
         results, probe_images = passes.run()
+        counts = ", ".join(
+            f"{n} {int((r.best_iou > self.iou_threshold).sum())} of {r.units}"
+            for n, r in results.items()
+        )
         log.info(
-            "dissection: %s interpretable units of %s (IoU > %g)",
-            {n: int((r.best_iou > self.iou_threshold).sum()) for n, r in results.items()},
-            {n: r.units for n, r in results.items()},
+            "dissection of the %s: interpretable units (IoU > %g): %s",
+            network,
             self.iou_threshold,
+            counts,
         )
         return ProbeResult(
             layers=results,
