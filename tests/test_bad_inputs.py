@@ -32,9 +32,13 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Bad files and trees the inputs point at (``{files}`` in a case's arguments)."""
+    return make_bad_files(tmp_path_factory.mktemp("bad_files"))
+
+
+def make_bad_files(root: Path) -> Path:
+    """Write the bad files and trees under ``root``; returns ``root``."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("bad_files")
     (root / "a_file").write_text("not a folder")
     (root / "empty").mkdir()
     (root / "garbage.pt").write_bytes(b"\x00not a torch file" * 8)

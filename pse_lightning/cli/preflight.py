@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,37 @@ def check_environment(cfg: DictConfig, trainer_choice: str | None) -> None:
     model = cfg.get("model")
     if isinstance(model, DictConfig) and str(model.get("_target_", "")).endswith(_ZOO_MODEL):
         check_zoo_weights(model)
+    check_components(cfg)
     dataset = cfg.get("dataset")
     datamodule = check_data_root(dataset) if isinstance(dataset, DictConfig) else None
     if datamodule is not None and isinstance(model, DictConfig) and "_target_" in model:
         check_model(cfg, datamodule)
+
+
+#: The components built from the config alone (no data, no model): their constructors'
+#: own checks run here, as the pipeline would run them after the run directory exists.
+COMPONENT_KEYS = ("attack", "defense", "training.objective")
+
+
+def check_components(cfg: DictConfig) -> None:
+    """Instantiate the attack, each analysis, the defense and the training objective, so
+    every constructor check (also those the static config check cannot read) runs now."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    nodes = [(key, OmegaConf.select(cfg, key, default=None)) for key in COMPONENT_KEYS]
+    analysis = cfg.get("analysis")
+    if isinstance(analysis, DictConfig) and "_target_" not in analysis:
+        nodes += [(f"analysis.{name}", node) for name, node in analysis.items()]
+    for _key, node in nodes:
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            instantiate(node)
+        except InstantiationException as err:
+            raise constructor_error(err) from err
+        except (ValueError, TypeError) as err:
+            raise InputError(str(err)) from err
 
 
 def _resolved(cfg: DictConfig, key: str) -> object:
@@ -173,7 +201,9 @@ def check_model(cfg: DictConfig, datamodule: Any) -> None:
     from pse_lightning.models.checkpoint import CheckpointError
 
     try:
-        model = instantiate(cfg.model, **dataset_facts(datamodule))
+        with warnings.catch_warnings():  # the pipeline builds it again, and warns then
+            warnings.simplefilter("ignore")
+            model = instantiate(cfg.model, **dataset_facts(datamodule))
     except InstantiationException as err:
         raise constructor_error(err) from err
     except (ValueError, TypeError, FileNotFoundError) as err:
