@@ -234,3 +234,38 @@ def test_a_writable_root_with_space_passes(tmp_path: Path) -> None:
     cfg = OmegaConf.create({"paths": {"root": str(root), "data_dir": "${paths.root}/data"}})
     preflight.check_output_dirs(cfg)
     assert not (tmp_path / "not").exists()  # checking creates nothing
+
+
+# A damaged image met after the sample check (it is not in the sample) still ends the run
+# with one line naming the file, also when a DataLoader worker raised it.
+
+
+def _corrupt_samples(tmp_path: Path):
+    from pse_lightning.data.imagenet import FolderSamples, eval_transform
+
+    bad = tmp_path / "dog" / "7.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return FolderSamples([(str(bad), 0)], eval_transform(8)), bad
+
+
+def test_a_damaged_image_met_later_names_the_file(tmp_path: Path) -> None:
+    from pse_lightning.data.imagenet import UnreadableImage
+
+    data, bad = _corrupt_samples(tmp_path)
+    with pytest.raises(UnreadableImage, match=rf"^dataset.root: the image {bad} cannot be read"):
+        data[0]
+
+
+def test_a_worker_error_is_reported_as_its_own_line(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from pse_lightning.cli.app import one_line
+    from pse_lightning.data.imagenet import UnreadableImage
+
+    data, bad = _corrupt_samples(tmp_path)
+    with pytest.raises(UnreadableImage) as caught:
+        next(iter(DataLoader(data, num_workers=1)))
+    assert "Original Traceback" in str(caught.value)  # torch puts the worker's traceback in
+    line = one_line(caught.value)
+    assert line.startswith(f"dataset.root: the image {bad} cannot be read") and "\n" not in line
