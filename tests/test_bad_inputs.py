@@ -173,7 +173,7 @@ def run_bad(args: list[str], work: Path) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
 
 
