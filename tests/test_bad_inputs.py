@@ -269,3 +269,42 @@ def test_a_worker_error_is_reported_as_its_own_line(tmp_path: Path) -> None:
     assert "Original Traceback" in str(caught.value)  # torch puts the worker's traceback in
     line = one_line(caught.value)
     assert line.startswith(f"dataset.root: the image {bad} cannot be read") and "\n" not in line
+
+
+# The multirun pre-pass, in process: which jobs it expands, and a sweep whose later job
+# evaluates the model an earlier job trains passes it.
+
+
+def _check_sweep(tmp_path: Path, *overrides: str) -> list[list[str]] | None:
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from pse_lightning.cli.app import check_sweep, sweep_jobs
+
+    args = [f"paths.root={tmp_path}/root", "analysis=none", *overrides]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        hydra = GlobalHydra.instance().hydra
+        cfg = hydra.compose_config("config", args, run_mode=RunMode.MULTIRUN)
+        jobs = sweep_jobs(cfg)
+        check_sweep(cfg)
+    return jobs
+
+
+def test_the_sweep_pre_pass_expands_every_job(tmp_path: Path) -> None:
+    jobs = _check_sweep(tmp_path, "attack=fgsm,pgd", "seed=0,1")
+    assert [[a for a in job if a.startswith(("attack=", "seed="))] for job in jobs] == [
+        ["attack=fgsm", "seed=0"],
+        ["attack=fgsm", "seed=1"],
+        ["attack=pgd", "seed=0"],
+        ["attack=pgd", "seed=1"],
+    ]
+    assert not (tmp_path / "root").exists()
+
+
+def test_a_sweep_may_evaluate_what_an_earlier_job_trains(tmp_path: Path) -> None:
+    _check_sweep(tmp_path, "stage=fit,evaluate")
+    with pytest.raises(InputError, match=r"^job 0 of 2 \(seed=0\): stage=evaluate evaluates"):
+        _check_sweep(tmp_path, "stage=evaluate", "seed=0,1")
+    with pytest.raises(InputError, match=r"^job 1 of 2 \(attack.eps=-1\): attack.eps must be"):
+        _check_sweep(tmp_path, "attack=pgd", "attack.eps=0.01,-1")
