@@ -132,7 +132,8 @@ def check_sweep(config: DictConfig) -> None:
 
     for number, job in enumerate(configs):
         try:
-            check_config(job, OmegaConf.to_container(job.hydra.runtime.choices), config_dir())  # type: ignore[arg-type]
+            choices = OmegaConf.to_container(job.hydra.runtime.choices)
+            check_config(job, choices, config_dir())  # type: ignore[arg-type]
         except InputError as err:
             raise InputError(f"{where(number)}: {err}") from err
     trains = False
