@@ -157,20 +157,45 @@ def test_data_root_without_the_data_fails_in_the_preflight_and_leaves_nothing(
 
 @pytest.mark.slow
 def test_error_during_the_run_is_one_line_and_in_the_log_file(tmp_path: Path) -> None:
-    """An error found only when data set-up starts (an ImageNet val/ without class folders):
-    no traceback on the console, the message (and the traceback) in the run's log file, no
-    W&B run started."""
+    """An error found only while the run reads its data (a damaged image outside the sample
+    the preflight decodes, raised in a DataLoader worker): no traceback on the console, one
+    line naming the file, the message (and the traceback) in the run's log file."""
+    import torch
+    from PIL import Image
+
+    from pse_lightning.models import SmallCNN
+
     root = tmp_path / "imagenet"
-    (root / "val").mkdir(parents=True)
-    args = ["dataset=imagenet", f"dataset.root={root}", f"paths.root={tmp_path}"]
-    result = run_cli([*args, "logger=wandb"], tmp_path, check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for name in ("cat", "dog"):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / "val" / name / f"{i}.png")
+    bad = root / "val" / "dog" / "2.png"  # the preflight decodes 0.png and 1.png only
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    checkpoint = tmp_path / "small.pt"
+    torch.save(SmallCNN(num_classes=2, in_channels=3, **stats).state_dict(), checkpoint)
+    args = [
+        "dataset=imagenet",
+        f"dataset.root={root}",
+        "dataset.image_size=16",
+        "dataset.num_workers=1",
+        "dataset.batch_size=6",
+        "stage=evaluate",
+        f"model_checkpoint={checkpoint}",
+        "attack=fgsm",
+        "analysis=none",
+        "logger=none",
+        f"paths.root={tmp_path}",
+    ]
+    result = run_cli(args, tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.splitlines()
-    assert line.startswith("Error: dataset=imagenet: dataset.root/val") and str(root) in line
+    assert line.startswith(f"Error: dataset.root: the image {bad} cannot be read"), line
     (log_file,) = (tmp_path / "outputs").glob("*/*/pse_lightning.log")
     assert line.removeprefix("Error: ") in log_file.read_text()
     assert "Traceback" in log_file.read_text()
-    assert not list((tmp_path / "outputs").glob("*/*/wandb"))
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ Order of work, so that a mistake costs a second and leaves nothing behind:
 1. Hydra composes the config (``--help``, ``--cfg job`` and tab completion stop here; this
    module imports nothing heavy).
 2. :class:`Preflight` (a Hydra callback, before the run directory exists) checks the config
-   against the code (:mod:`~pse_lightning.cli.check`) and the accelerator and checkpoint
-   (:mod:`~pse_lightning.cli.preflight`). In a multirun each job repeats the checks.
+   against the code (:mod:`~pse_lightning.cli.check`) and what it points at: the accelerator,
+   the output folders, the checkpoint, a sample of the data files and the model built
+   without data (:mod:`~pse_lightning.cli.preflight`). A multirun checks every job's config
+   this way before its first job starts (and each job again when it starts).
 3. Only then is the pipeline (torch, Lightning, W&B, matplotlib) imported and run.
 
 A user error (:class:`~pse_lightning.validation.InputError`) prints one line and no
@@ -79,6 +81,17 @@ def check(cfg: DictConfig, choices: dict[str, Any]) -> None:
     check_environment(cfg, choices.get("trainer"))
 
 
+def one_line(err: BaseException) -> str:
+    """The message of a user error as one line: an error raised in a DataLoader worker
+    comes back with the worker's traceback in its message; its last line is the error."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def report_and_exit(err: InputError) -> NoReturn:
     """Print a user error as one line (and its traceback with ``HYDRA_FULL_ERROR=1``), exit 1.
 
@@ -87,33 +100,105 @@ def report_and_exit(err: InputError) -> NoReturn:
     """
     if os.environ.get(_FULL_ERROR) == "1":
         traceback.print_exception(err)
-    sys.stderr.write(f"Error: {err}\n")
+    sys.stderr.write(f"Error: {one_line(err)}\n")
     raise SystemExit(1) from err
 
 
+_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The overrides of every job of a multirun, as Hydra's basic sweeper will expand them
+    (its ``hydra.sweeper.params`` first, then the command line's); None for another sweeper
+    (an optimiser chooses its jobs as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if OmegaConf.select(config, "hydra.sweeper._target_") != _BASIC_SWEEPER:
+        return None
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def check_sweep(config: DictConfig) -> None:
+    """Compose and check every job of a multirun before the first one starts, so a bad
+    value in job 5 fails in seconds, not after jobs 0 to 4 have run: first the configs of
+    all jobs (fast), then what each points at (folders, data, the model).
+
+    A job that evaluates a cached model which an earlier job of the sweep trains
+    (``-m stage=fit,evaluate``) passes here; it is checked again when it starts.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pse_lightning.cli.preflight import NothingToEvaluate
+
+    jobs = sweep_jobs(config)
+    if not jobs:
+        return
+    loader = GlobalHydra.instance().config_loader()
+    configs = [loader.load_sweep_config(config, overrides) for overrides in jobs]
+    varied = {arg for overrides in jobs for arg in overrides if any(arg not in o for o in jobs)}
+
+    def where(number: int) -> str:
+        shown = [arg for arg in jobs[number] if arg in varied]
+        return f"job {number} of {len(jobs)} ({' '.join(shown) or 'no overrides'})"
+
+    for number, job in enumerate(configs):
+        try:
+            choices = OmegaConf.to_container(job.hydra.runtime.choices)
+            check_config(job, choices, config_dir())  # type: ignore[arg-type]
+        except InputError as err:
+            raise InputError(f"{where(number)}: {err}") from err
+    trains = False
+    for number, job in enumerate(configs):
+        try:
+            check_environment(job, job.hydra.runtime.choices.get("trainer"))
+        except NothingToEvaluate as err:
+            if not trains:
+                raise InputError(f"{where(number)}: {err}") from err
+        except InputError as err:
+            raise InputError(f"{where(number)}: {err}") from err
+        trains = trains or (
+            str(job.get("stage")) != "evaluate"
+            and not job.get("model_checkpoint")
+            and str(OmegaConf.select(job, "training.name")) != "none"
+        )
+
+
 class Preflight(Callback):
-    """Runs :func:`check` before Hydra creates the run directory (single runs).
+    """Runs :func:`check` before Hydra creates the run directory (single runs), or on every
+    job of a multirun before Hydra creates the sweep directory (:func:`check_sweep`).
 
     Hydra turns a callback's exception into a warning, so a failed check prints its
-    message and exits here; nothing has been written yet. A multirun is checked job by
-    job (the sweep's values are not in its config yet), except for the empty settings
-    that would misplace the sweep directory itself (``paths.root=``).
+    message and exits here; nothing has been written yet.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _CHECKED
         restore_stderr()
         choices = OmegaConf.to_container(config.hydra.runtime.choices)
         try:
             check(config, choices)  # type: ignore[arg-type]
         except InputError as err:
             report_and_exit(err)
+        _CHECKED = True
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         restore_stderr()
         try:
             check_required_values(config)
+            check_sweep(config)
         except InputError as err:
             report_and_exit(err)
+
+
+#: Whether :class:`Preflight` has checked this process's single run (not checked twice).
+_CHECKED = False
 
 
 class _DropMessages(logging.Filter):
@@ -203,10 +288,12 @@ def stopped_early(cfg: DictConfig, what: str) -> str:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """One job: check (again, for multirun jobs), import the pipeline, run it."""
+    """One job: check (again, for multirun jobs: an earlier job may have changed what it
+    finds), import the pipeline, run it."""
     try:
         with stop_signals_raise():
-            check(cfg, dict(HydraConfig.get().runtime.choices))
+            if not (_CHECKED and HydraConfig.get().mode == RunMode.RUN):
+                check(cfg, dict(HydraConfig.get().runtime.choices))
             quiet_third_party_noise()
             from pse_lightning import pipeline
 
@@ -219,7 +306,7 @@ def run_job(cfg: DictConfig) -> float | None:
     except InputError as err:
         log_to_files(str(err), sys.exc_info())
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise UserError(str(err)) from err  # Hydra names the job's overrides first
+            raise UserError(one_line(err)) from err  # Hydra names the job's overrides first
         report_and_exit(err)
     except OSError as err:
         if err.errno not in DISK_ERRNOS:

@@ -14,7 +14,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pse_lightning.data.base import ImageDataModule, IndexedTensorDataset
-from pse_lightning.data.real import AugmentedTensorDataset, TorchvisionDataModule, uint8_images
+from pse_lightning.data.real import (
+    AugmentedTensorDataset,
+    CorruptedData,
+    TorchvisionDataModule,
+    uint8_images,
+)
 
 FOLDER = "cifar-10-batches-py"
 CLASSES = (
@@ -91,6 +96,24 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     def fetch(self) -> None:
         torchvision.datasets.CIFAR10(str(self.root), train=True, download=True)
+
+    def check_readable(self) -> None:
+        """Compare each file's MD5 checksum with torchvision's, so a truncated, damaged or
+        fake file fails before any work, naming the file (torchvision itself would only say
+        "not found or corrupted" once the data is set up)."""
+        from torchvision.datasets.utils import check_integrity
+
+        data = torchvision.datasets.CIFAR10
+        expected = [*data.train_list, *data.test_list, [data.meta["filename"], data.meta["md5"]]]
+        for name, md5 in expected:
+            path = self.root / FOLDER / name
+            if not check_integrity(str(path), md5):
+                raise CorruptedData(
+                    f"dataset={self.name}: {path} is not torchvision's {FOLDER}/{name} (its "
+                    "MD5 checksum differs: truncated, damaged or another file) under "
+                    f"dataset.root={self.root}; delete it and run with dataset.download=true "
+                    "on a machine that is online, or copy a good copy there"
+                )
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         try:

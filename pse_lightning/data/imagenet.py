@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,9 +32,11 @@ from torchvision import transforms
 from pse_lightning.data.base import ImageDataModule
 from pse_lightning.data.digits import stratified_order
 from pse_lightning.data.real import ProbedDataModule, missing_data_error, split_train_val
-from pse_lightning.validation import require_at_least
+from pse_lightning.validation import InputError, require_at_least
 
 log = logging.getLogger(__name__)
+#: The file types ImageFolder reads (torchvision's list).
+IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
 
 #: The resize-to-crop ratio of the standard ImageNet evaluation (resize 256, crop 224).
 RESIZE_RATIO = 256 / 224
@@ -67,7 +70,27 @@ class FolderSamples(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
         path, label = self.samples[i]
-        return self.transform(self.loader(path)), torch.tensor(label, dtype=torch.long), i
+        return (
+            self.transform(read_image(path, self.loader)),
+            torch.tensor(label, dtype=torch.long),
+            i,
+        )
+
+
+class UnreadableImage(InputError):
+    """An image file of the tree that cannot be decoded (one line, naming the file)."""
+
+
+def read_image(path: str, loader: Callable[[str], object]) -> object:
+    """``loader(path)``; a file PIL cannot read becomes :class:`UnreadableImage` naming it."""
+    try:
+        return loader(path)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for damaged files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnreadableImage(
+            f"dataset.root: the image {path} cannot be read ({reason}); delete or replace it "
+            "(an ImageFolder tree must hold readable images only)"
+        ) from err
 
 
 def eval_transform(
@@ -175,6 +198,40 @@ class ImageNetDataModule(ProbedDataModule):
         if "val/" in missing or (fit and missing):
             layout = LAYOUT if "val/" in missing else f"Training needs it. {LAYOUT}"
             raise FileNotFoundError(missing_data_error(self.name, self.root, missing, layout))
+
+    def scan_classes(self) -> list[str]:
+        """The class folders of ``val/`` in ImageFolder's order, without listing images."""
+        self.check_layout()
+        try:
+            classes, _ = torchvision.datasets.folder.find_classes(str(self.root / "val"))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"dataset={self.name}: dataset.root/val ({self.root / 'val'}) has no class "
+                f"folders. {LAYOUT}"
+            ) from err
+        return classes
+
+    def check_readable(self, per_class: int = 2, limit: int = 256) -> None:
+        """Decode a sample of the tree's images (``per_class`` of each class folder of
+        ``val/`` and ``train/``, at most ``limit`` in all), so that a damaged file is found
+        before any training; raise :class:`UnreadableImage` naming the first bad one."""
+        splits = [s for s in ("val", "train") if (self.root / s).is_dir()]
+        folders = [
+            entry
+            for split in splits
+            for entry in sorted(os.scandir(self.root / split), key=lambda e: e.name)
+            if entry.is_dir()
+        ]
+        take = max(1, min(per_class, limit // max(1, len(folders))))
+        checked = 0
+        for folder in folders:
+            found = 0
+            for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
+                if found == take or checked == limit:
+                    break
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    read_image(entry.path, torchvision.datasets.folder.default_loader)
+                    found, checked = found + 1, checked + 1
 
     def use_preprocessing(self, crop_size: int, resize_size: int, interpolation: str) -> None:
         """Serve images as the model's pretrained weights expect (their own transform).

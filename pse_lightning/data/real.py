@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from pse_lightning.core.locks import cache_lock
 from pse_lightning.data.base import Concept, ImageDataModule, IndexedTensorDataset
 from pse_lightning.data.digits import stratified_order
-from pse_lightning.validation import require_at_least
+from pse_lightning.validation import InputError, require_at_least
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,11 @@ def uint8_images(array: np.ndarray | Tensor, channels_last: bool) -> Tensor:
     return x.contiguous()
 
 
+class CorruptedData(InputError, RuntimeError):
+    """Data files that exist but cannot be read or verified: the user's to replace (one
+    line, no traceback, on the command line)."""
+
+
 class TorchvisionDataModule(ProbedDataModule):
     """A small torchvision dataset held in memory: train/val split of the training set.
 
@@ -314,7 +319,7 @@ class TorchvisionDataModule(ProbedDataModule):
 
     def corrupted(self, err: Exception) -> RuntimeError:
         """The error for files that exist but torchvision cannot read or verify."""
-        return RuntimeError(
+        return CorruptedData(
             f"dataset={self.name}: torchvision could not load the files under "
             f"dataset.root={self.root} ({err}); they are incomplete or corrupted. Delete "
             "them and run with dataset.download=true on a machine that is online, or copy a "
