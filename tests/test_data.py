@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pse_lightning.data.shapes import (
     BACKGROUNDS,
     CATEGORIES,
     CONCEPTS,
+    EDGE_ANGLES,
     PALETTE,
     PARTS,
     SHAPES,
@@ -210,8 +212,9 @@ def test_concept_list_and_categories() -> None:
     # Object concepts are the classes, in class order: id = class + 1.
     assert [c.name for c in CONCEPTS[: len(SHAPES)]] == list(SHAPES)
     # The parts come last (the other ids are unchanged) and no class category holds them.
+    edges = ["edge_0", "edge_45", "edge_90", "edge_135"]
     assert (
-        [c.name for c in CONCEPTS[-len(PARTS) :]] == list(PARTS) == ["corner", "edge", "interior"]
+        [c.name for c in CONCEPTS[-len(PARTS) :]] == list(PARTS) == ["corner", *edges, "interior"]
     )
     assert all(c.category == "part" for c in CONCEPTS[-len(PARTS) :])
     assert dm.class_categories == ("object",)
@@ -247,7 +250,7 @@ def test_probe_concept_masks_partition_object_and_background() -> None:
     # Parts: every object pixel has one; the others only in the edge band or at a corner.
     assert bool((labels[:, 4] > 0)[mask].all())
     names = {CONCEPTS[i - 1].name for i in labels[:, 4][~mask].unique().tolist() if i}
-    assert names == {"edge", "corner"}
+    assert names == {"corner"} | {f"edge_{a}" for a in EDGE_ANGLES}
 
 
 def test_object_pixels_have_the_object_colour() -> None:
@@ -274,7 +277,7 @@ def test_every_object_has_pixels_and_stays_inside_the_image() -> None:
 def test_concept_label_maps_known_answer() -> None:
     mask = torch.tensor([[[True, False], [False, False]]])
     factors = torch.tensor([[2, 1, 3, 0]])
-    part_map = torch.tensor([[[3, 2], [1, 0]]], dtype=torch.uint8)  # interior, edge, corner
+    part_map = torch.tensor([[[6, 2], [1, 0]]], dtype=torch.uint8)  # interior, edge_0, corner
     maps = concept_label_maps(mask, factors, part_map)
     c = 1 + len(SHAPES)  # first colour id; ids follow CONCEPTS order
     t = c + len(PALETTE)
@@ -287,13 +290,16 @@ def test_concept_label_maps_known_answer() -> None:
                 [[c + 1, 0], [0, 0]],
                 [[t + 3, 0], [0, 0]],
                 [[0, b], [b, b]],
-                [[p + 2, p + 1], [p, 0]],
+                [[p + 5, p + 1], [p, 0]],
             ]
         ]
     )
     assert torch.equal(maps, expected)
     assert CONCEPTS[3 - 1].name == SHAPES[2] and CONCEPTS[b - 1].name == BACKGROUNDS[0]
-    assert [CONCEPTS[i - 1].name for i in (p, p + 1, p + 2)] == ["corner", "edge", "interior"]
+    assert [CONCEPTS[i - 1].name for i in (p, p + 1, p + 5)] == ["corner", "edge_0", "interior"]
+
+
+EDGE_CODES = [1 + PARTS.index(f"edge_{a}") for a in EDGE_ANGLES]
 
 
 def _render(label: int, size: int, centre: float, radius: float, theta: float) -> np.ndarray:
@@ -337,9 +343,27 @@ def test_square_corners_sit_at_its_four_vertices() -> None:
     edge_or_corner = np.zeros((32, 32), dtype=bool)
     edge_or_corner[7:25, 7:25] = True
     edge_or_corner[9:23, 9:23] = False
-    assert np.array_equal((pm == 1 + PARTS.index("edge")) | corner, edge_or_corner | corner)
+    edge = np.isin(pm, EDGE_CODES)
+    assert np.array_equal(edge | corner, edge_or_corner | corner)
+    # Orientation: the top and bottom sides run at 0°, the left and right sides at 90°.
+    rows, cols = np.nonzero(edge)
+    horizontal = (rows <= 8) | (rows >= 23)
+    assert np.all(pm[rows[horizontal], cols[horizontal]] == 1 + PARTS.index("edge_0"))
+    assert np.all(pm[rows[~horizontal], cols[~horizontal]] == 1 + PARTS.index("edge_90"))
     assert np.array_equal(pm == 1 + PARTS.index("interior"), mask & ~edge_or_corner & ~corner)
     assert not ((pm > 0) & ~edge_or_corner & ~mask & ~corner).any()
+
+
+def test_diagonal_edges_of_a_diamond() -> None:
+    # A square turned by 45° in image coordinates (y down): its upper-right and lower-left
+    # sides run from top-left to bottom-right on screen (135°, y up), the other two at 45°.
+    mask, pm = _parts(SHAPES.index("square"), 32, 16.0, 10.0, math.pi / 4)
+    rows, cols = np.nonzero(np.isin(pm, EDGE_CODES))
+    y, x = rows + 0.5 - 16, cols + 0.5 - 16
+    falling = (x > 0) == (y < 0)  # upper right or lower left on screen
+    assert np.all(pm[rows[falling], cols[falling]] == 1 + PARTS.index("edge_135"))
+    assert np.all(pm[rows[~falling], cols[~falling]] == 1 + PARTS.index("edge_45"))
+    assert falling.sum() > 20 and (~falling).sum() > 20
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -352,7 +376,7 @@ def test_edge_band_is_the_boundary_of_the_object_mask(name: str) -> None:
     views = [padded[i : i + 32, j : j + 32] for i in range(3) for j in range(3)]
     band = np.any(views, axis=0) & ~np.all(views, axis=0)
     corner = pm == 1 + PARTS.index("corner")
-    assert np.array_equal(pm == 1 + PARTS.index("edge"), band & ~corner)
+    assert np.array_equal(np.isin(pm, EDGE_CODES), band & ~corner)
     assert np.array_equal(pm == 1 + PARTS.index("interior"), mask & ~band & ~corner)
     assert corner.any() == bool(len(VERTICES[name]))  # circles and rings have no corners
 
@@ -389,7 +413,7 @@ def test_part_maps_of_generated_images() -> None:
     corners = (pm == 1 + PARTS.index("corner")).any((1, 2))
     round_shape = np.isin(label, [SHAPES.index("circle"), SHAPES.index("ring")])
     assert np.array_equal(corners, ~round_shape)
-    assert (pm == 1 + PARTS.index("edge")).any((1, 2)).all()
+    assert np.isin(pm, EDGE_CODES).any((1, 2)).all()
     assert (pm[mask] > 0).all() and not (pm[~mask] == 1 + PARTS.index("interior")).any()
 
 

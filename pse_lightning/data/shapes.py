@@ -11,9 +11,11 @@ parts of its object, in the category order of :data:`CATEGORIES`:
 - background: the background pattern (``flat``, ``gradient``, ...), at the other pixels;
 - part (like Broden's parts, shared across classes, none of them a class label):
   ``corner``, discs around the vertices of the polygonal shapes (square, triangle, cross,
-  star; circles and rings have none); ``edge``, the band of pixels on either side of the
-  object's boundary; ``interior``, the object's other pixels. One part per pixel, in that
-  order of precedence.
+  star; circles and rings have none); ``edge_0``, ``edge_45``, ``edge_90``, ``edge_135``,
+  the band of pixels on either side of the object's boundary, by the boundary's local
+  orientation (degrees counter-clockwise from horizontal, y up; the object's rotation is
+  uniform, so every class has edges of every orientation across images); ``interior``,
+  the object's other pixels. One part per pixel, in that order of precedence.
 
 So, like Broden, the dataset has real pixel masks, and dissection runs for real on a
 machine with no data. Generation is vectorised over images (loops run over classes and
@@ -48,9 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Bump when the rendering changes: it is part of the cache hash, so old caches are rebuilt.
 GENERATOR_VERSION = 1
-#: Bump when the cached arrays change while the images do not (2: part maps added). It is
-#: part of the cache hash, not of the random streams, so the images stay the same.
-LAYOUT_VERSION = 2
+#: Bump when the cached arrays change while the images do not (2: part maps added; 3: edges
+#: by orientation). It is part of the cache hash, not of the random streams, so the images
+#: stay the same.
+LAYOUT_VERSION = 3
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 #: Saturated object colours (RGB in [0, 1]); backgrounds are desaturated, so an object
@@ -65,7 +68,9 @@ PALETTE = {
 }
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = ("flat", "gradient", "grid", "speckled")
-PARTS = ("corner", "edge", "interior")
+#: Edge orientations of the part category, degrees (the boundary's direction, y up).
+EDGE_ANGLES = (0, 45, 90, 135)
+PARTS = ("corner", *(f"edge_{angle}" for angle in EDGE_ANGLES), "interior")
 CATEGORIES = ("object", "colour", "texture", "background", "part")
 SPLITS = ("train", "val", "test", "probe")
 _ARRAY_KEYS = ("images", "labels", "object_mask", "factors", "part_map")  # per split, cached
@@ -95,6 +100,7 @@ _NOISE_STD = 0.03
 _TEXTURE_DARKEN = 0.5  # pattern pixels of a textured object keep this fraction of the colour
 _CORNER_RADIUS = 2.0  # px at 32 px (scaled with the image): the disc around each vertex
 _EDGE_HALF_WIDTH = 1  # px at 32 px (scaled, at least 1): the edge band on each side
+_EDGE_SIGMA = 1.0  # px at 32 px (scaled): the blur whose gradient gives the edge's normal
 
 
 # Rendering --------------------------------------------------------------------------------
@@ -187,6 +193,18 @@ def vertex_positions(label: int, cx: float, cy: float, radius: float, theta: flo
     return np.stack([cx + radius * (u * cos - v * sin), cy + radius * (u * sin + v * cos)], 1)
 
 
+def _blurred_gradient(mask: Tensor, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(d/dy, d/dx) of (n, 1, H, W) masks blurred by a Gaussian of ``sigma`` px, each (n, H, W)."""
+    half = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    blurred = F.conv2d(mask, kernel.view(1, 1, 1, -1), padding=(0, half))
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1), padding=(half, 0))[:, 0].numpy()
+    gy, gx = np.gradient(blurred, axis=(1, 2))
+    return gy, gx
+
+
 def part_maps(
     label: np.ndarray,
     mask: np.ndarray,
@@ -199,9 +217,12 @@ def part_maps(
     """(n, H, W) uint8 part of each pixel: 1 + its index in :data:`PARTS`, 0 for none.
 
     ``corner``: within ``_CORNER_RADIUS * scale`` px of a vertex (pixel centres);
-    ``edge``: otherwise within ``_EDGE_HALF_WIDTH`` px (scaled, Chebyshev distance) of a
-    pixel on the other side of the object mask's boundary, on either side; ``interior``:
-    the remaining object pixels. Loops run over classes and vertices, never over images.
+    ``edge_<angle>``: otherwise within ``_EDGE_HALF_WIDTH`` px (scaled, Chebyshev
+    distance) of a pixel on the other side of the object mask's boundary, on either side,
+    binned by the boundary's orientation: the normal is the gradient of the mask blurred
+    by a Gaussian of ``_EDGE_SIGMA`` px (scaled), the boundary runs at 90° to it, and the
+    nearest of :data:`EDGE_ANGLES` (mod 180°) names the part; ``interior``: the remaining
+    object pixels. Loops run over classes and vertices, never over images.
 
     Args:
         label: (n,) class indices; mask: (n, H, W) bool object masks; cx, cy, radius,
@@ -229,9 +250,14 @@ def part_maps(
     dilated = pool(m)[:, 0].bool().numpy()
     eroded = ~pool(1 - m)[:, 0].bool().numpy()
     band = dilated & ~eroded
+    gy, gx = _blurred_gradient(m, _EDGE_SIGMA * scale)
+    # Boundary direction, y up: the normal (gx, -gy) turned by 90°, in [0°, 180°).
+    angle = np.degrees(np.arctan2(-gy, gx)) + 90.0
+    step = 180.0 / len(EDGE_ANGLES)
+    orientation = np.round(np.mod(angle, 180.0) / step).astype(np.int64) % len(EDGE_ANGLES)
     out = np.zeros(mask.shape, dtype=np.uint8)
     out[mask] = 1 + PARTS.index("interior")
-    out[band] = 1 + PARTS.index("edge")
+    out[band] = (1 + PARTS.index("edge_0") + orientation[band]).astype(np.uint8)
     out[corner] = 1 + PARTS.index("corner")
     return out
 
