@@ -286,13 +286,13 @@ def test_the_summary_sentence_follows_the_sections_corrected_tests() -> None:
 
 def test_shapes_part_concepts_count_as_non_class() -> None:
     """On shapes only the object category is the class labels: a unit whose best non-object
-    concept is a part (corner, edge) has that part's IoU as its non-class IoU."""
+    concept is a part (corner, an edge) has that part's IoU as its non-class IoU."""
     table = concept_table(ShapesDataModule())
     assert table.categories[-1] == "part" and table.class_categories == ["object"]
     ids = {(table.category_of(i), table.names[i - 1]): i for i in range(1, 1 + len(table.names))}
     iou = torch.zeros(3, len(table.names) + 1, dtype=torch.float64)
     iou[0, ids["object", "star"]], iou[0, ids["part", "corner"]] = 0.5, 0.1
-    iou[1, ids["part", "edge"]], iou[1, ids["colour", "red"]] = 0.2, 0.05
+    iou[1, ids["part", "edge_90"]], iou[1, ids["colour", "red"]] = 0.2, 0.05
     iou[2, ids["object", "circle"]] = 0.3
     best, concept = iou.max(dim=1)
     zeros = torch.zeros(3)
