@@ -12,7 +12,7 @@ from test_dissection import ToyNet, coloured_squares, fake_adversarial_batches
 
 from pse_lightning.analysis.dissection import Dissection
 from pse_lightning.analysis.dissection.findings import MIN_TIGHT_RHO, dissection_findings
-from pse_lightning.analysis.dissection.probe import ConceptTable
+from pse_lightning.analysis.dissection.probe import ConceptTable, LayerDissection, concept_table
 from pse_lightning.analysis.dissection.report import meaning
 from pse_lightning.analysis.dissection.sensitivity import class_target_share
 from pse_lightning.analysis.dissection.statistics import (
@@ -26,8 +26,10 @@ from pse_lightning.analysis.dissection.summary import (
     LayerUnits,
     category_scalars,
     holm_families,
+    non_class_iou,
 )
 from pse_lightning.core.findings import judge
+from pse_lightning.data.shapes import ShapesDataModule
 
 # -- the difference test --------------------------------------------------------------------
 
@@ -280,6 +282,22 @@ def test_the_summary_sentence_follows_the_sections_corrected_tests() -> None:
     assert "no tie" not in text
     assert "Mann–Whitney" in text and "partial ρ given the mean" in text
     assert "untestable" in text.split("; in f2")[0]  # f1: 8 against 10
+
+
+def test_shapes_part_concepts_count_as_non_class() -> None:
+    """On shapes only the object category is the class labels: a unit whose best non-object
+    concept is a part (corner, an edge) has that part's IoU as its non-class IoU."""
+    table = concept_table(ShapesDataModule())
+    assert table.categories[-1] == "part" and table.class_categories == ["object"]
+    ids = {(table.category_of(i), table.names[i - 1]): i for i in range(1, 1 + len(table.names))}
+    iou = torch.zeros(3, len(table.names) + 1, dtype=torch.float64)
+    iou[0, ids["object", "star"]], iou[0, ids["part", "corner"]] = 0.5, 0.1
+    iou[1, ids["part", "edge_90"]], iou[1, ids["colour", "red"]] = 0.2, 0.05
+    iou[2, ids["object", "circle"]] = 0.3
+    best, concept = iou.max(dim=1)
+    zeros = torch.zeros(3)
+    layer = LayerDissection("L", zeros, zeros, None, iou, best, concept, zeros, zeros)
+    assert non_class_iou(layer, table)[0].tolist() == [0.1, 0.2, 0.0]
 
 
 # -- the whole metric ------------------------------------------------------------------------

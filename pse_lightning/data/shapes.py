@@ -2,13 +2,20 @@
 
 Each image holds one coloured geometric object (its class is the label) with a texture, on
 a textured background, plus mild Gaussian noise. Every image carries four independent
-factors, which are also its concepts for network dissection (Bau et al., 2017), in the
-category order of :data:`CATEGORIES`:
+factors, which are also its concepts for network dissection (Bau et al., 2017), and the
+parts of its object, in the category order of :data:`CATEGORIES`:
 
 - object: the shape (``circle``, ``square``, ...), at object pixels;
 - colour: the object's palette colour, at object pixels;
 - texture: the object's texture (``plain``, ``striped``, ...), at object pixels;
-- background: the background pattern (``flat``, ``gradient``, ...), at the other pixels.
+- background: the background pattern (``flat``, ``gradient``, ...), at the other pixels;
+- part (like Broden's parts, shared across classes, none of them a class label):
+  ``corner``, discs around the vertices of the polygonal shapes (square, triangle, cross,
+  star; circles and rings have none); ``edge_0``, ``edge_45``, ``edge_90``, ``edge_135``,
+  the band of pixels on either side of the object's boundary, by the boundary's local
+  orientation (degrees counter-clockwise from horizontal, y up; the object's rotation is
+  uniform, so every class has edges of every orientation across images); ``interior``,
+  the object's other pixels. One part per pixel, in that order of precedence.
 
 So, like Broden, the dataset has real pixel masks, and dissection runs for real on a
 machine with no data. Generation is vectorised over images (loops run over classes and
@@ -44,6 +51,10 @@ log = logging.getLogger(__name__)
 
 #: Bump when the rendering changes: it is part of the cache hash, so old caches are rebuilt.
 GENERATOR_VERSION = 1
+#: Bump when the cached arrays change while the images do not (2: part maps added; 3: edges
+#: by orientation). It is part of the cache hash, not of the random streams, so the images
+#: stay the same.
+LAYOUT_VERSION = 3
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 #: Saturated object colours (RGB in [0, 1]); backgrounds are desaturated, so an object
@@ -58,9 +69,12 @@ PALETTE = {
 }
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = ("flat", "gradient", "grid", "speckled")
-CATEGORIES = ("object", "colour", "texture", "background")
+#: Edge orientations of the part category, degrees (the boundary's direction, y up).
+EDGE_ANGLES = (0, 45, 90, 135)
+PARTS = ("corner", *(f"edge_{angle}" for angle in EDGE_ANGLES), "interior")
+CATEGORIES = ("object", "colour", "texture", "background", "part")
 SPLITS = ("train", "val", "test", "probe")
-_ARRAY_KEYS = ("images", "labels", "object_mask", "factors")  # per split, in the cache
+_ARRAY_KEYS = ("images", "labels", "object_mask", "factors", "part_map")  # per split, cached
 
 #: Global concept list: concept id = position + 1 (0 means "no concept of this category").
 CONCEPTS: tuple[Concept, ...] = (
@@ -68,6 +82,7 @@ CONCEPTS: tuple[Concept, ...] = (
     *(Concept(name, "colour") for name in PALETTE),
     *(Concept(name, "texture") for name in TEXTURES),
     *(Concept(name, "background") for name in BACKGROUNDS),
+    *(Concept(name, "part") for name in PARTS),
 )
 #: First global concept id of each category, in CATEGORIES order.
 _FIRST_ID = np.array(
@@ -76,6 +91,7 @@ _FIRST_ID = np.array(
         1 + len(SHAPES),
         1 + len(SHAPES) + len(PALETTE),
         1 + len(SHAPES) + len(PALETTE) + len(TEXTURES),
+        1 + len(SHAPES) + len(PALETTE) + len(TEXTURES) + len(BACKGROUNDS),
     ]
 )
 
@@ -83,6 +99,9 @@ _MIN_IMAGE_SIZE = 16  # below this, textures (period >= 3 px) and stars stop bei
 _CHUNK = 1024  # images rendered at once: bounds memory for large image sizes
 _NOISE_STD = 0.03
 _TEXTURE_DARKEN = 0.5  # pattern pixels of a textured object keep this fraction of the colour
+_CORNER_RADIUS = 2.0  # px at 32 px (scaled with the image): the disc around each vertex
+_EDGE_HALF_WIDTH = 1  # px at 32 px (scaled, at least 1): the edge band on each side
+_EDGE_SIGMA = 1.0  # px at 32 px (scaled): the blur whose gradient gives the edge's normal
 
 
 # Rendering --------------------------------------------------------------------------------
@@ -137,6 +156,111 @@ def _shape_masks(label: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
             inside = cross_p >= 0  # the origin's side: at p = 0 the product is by * ax > 0
         mask[sel] = inside
     return mask
+
+
+def _star_vertices() -> np.ndarray:
+    sector = 2 * np.pi / 5
+    outer = 1.1 * np.stack([np.cos(sector * np.arange(5)), np.sin(sector * np.arange(5))], 1)
+    phi = sector / 2 + sector * np.arange(5)
+    inner = 0.45 * np.stack([np.cos(phi), np.sin(phi)], 1)
+    return np.concatenate([outer, inner])
+
+
+def _triangle_vertices() -> np.ndarray:
+    # Opposite each edge normal of _shape_masks, at the circumradius 1.15.
+    angles = np.pi / 2 + 2 * np.pi * np.arange(3) / 3
+    return 1.15 * np.stack([np.cos(angles), np.sin(angles)], 1)
+
+
+_SIGNS = np.array([(1, 1), (1, -1), (-1, 1), (-1, -1)], dtype=np.float64)
+#: Vertices (V, 2) of each shape in the object frame (u, v), in units of the radius, exactly
+#: where the outlines of :func:`_shape_masks` meet: convex and concave ones alike.
+VERTICES: dict[str, np.ndarray] = {
+    "circle": np.zeros((0, 2)),
+    "square": 0.78 * _SIGNS,
+    "triangle": _triangle_vertices(),
+    "cross": np.concatenate([_SIGNS * (1.0, 0.34), _SIGNS * (0.34, 1.0), _SIGNS * 0.34]),
+    "ring": np.zeros((0, 2)),
+    "star": _star_vertices(),
+}
+
+
+def vertex_positions(label: int, cx: float, cy: float, radius: float, theta: float) -> np.ndarray:
+    """(V, 2) pixel coordinates (x, y) of one object's vertices (the inverse of the object
+    frame of :func:`generate_shapes`: u = (dx cos θ + dy sin θ) / r, v = (−dx sin θ +
+    dy cos θ) / r)."""
+    u, v = VERTICES[SHAPES[label]].T
+    cos, sin = math.cos(theta), math.sin(theta)
+    return np.stack([cx + radius * (u * cos - v * sin), cy + radius * (u * sin + v * cos)], 1)
+
+
+def _blurred_gradient(mask: Tensor, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(d/dy, d/dx) of (n, 1, H, W) masks blurred by a Gaussian of ``sigma`` px, each (n, H, W)."""
+    half = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    blurred = F.conv2d(mask, kernel.view(1, 1, 1, -1), padding=(0, half))
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1), padding=(half, 0))[:, 0].numpy()
+    gy, gx = np.gradient(blurred, axis=(1, 2))
+    return gy, gx
+
+
+def part_maps(
+    label: np.ndarray,
+    mask: np.ndarray,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    radius: np.ndarray,
+    theta: np.ndarray,
+    scale: float,
+) -> np.ndarray:
+    """(n, H, W) uint8 part of each pixel: 1 + its index in :data:`PARTS`, 0 for none.
+
+    ``corner``: within ``_CORNER_RADIUS * scale`` px of a vertex (pixel centres);
+    ``edge_<angle>``: otherwise within ``_EDGE_HALF_WIDTH`` px (scaled, Chebyshev
+    distance) of a pixel on the other side of the object mask's boundary, on either side,
+    binned by the boundary's orientation: the normal is the gradient of the mask blurred
+    by a Gaussian of ``_EDGE_SIGMA`` px (scaled), the boundary runs at 90° to it, and the
+    nearest of :data:`EDGE_ANGLES` (mod 180°) names the part; ``interior``: the remaining
+    object pixels. Loops run over classes and vertices, never over images.
+
+    Args:
+        label: (n,) class indices; mask: (n, H, W) bool object masks; cx, cy, radius,
+        theta: (n,) each object's centre, radius (px) and rotation, as rendered.
+    """
+    size = mask.shape[-1]
+    coords = np.arange(size, dtype=np.float64) + 0.5
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    corner = np.zeros(mask.shape, dtype=bool)
+    for k, name in enumerate(SHAPES):
+        sel = np.flatnonzero(label == k)
+        if not len(sel) or not len(VERTICES[name]):
+            continue
+        cos, sin, r = np.cos(theta[sel]), np.sin(theta[sel]), radius[sel]
+        hit = np.zeros((len(sel), size, size), dtype=bool)
+        for u, v in VERTICES[name]:
+            vx = cx[sel] + r * (u * cos - v * sin)
+            vy = cy[sel] + r * (u * sin + v * cos)
+            d2 = (xx - vx[:, None, None]) ** 2 + (yy - vy[:, None, None]) ** 2
+            hit |= d2 <= (_CORNER_RADIUS * scale) ** 2
+        corner[sel] = hit
+    width = max(1, round(_EDGE_HALF_WIDTH * scale))
+    m = torch.from_numpy(mask)[:, None].float()
+    pool = lambda t: F.max_pool2d(t, 2 * width + 1, stride=1, padding=width)  # noqa: E731
+    dilated = pool(m)[:, 0].bool().numpy()
+    eroded = ~pool(1 - m)[:, 0].bool().numpy()
+    band = dilated & ~eroded
+    gy, gx = _blurred_gradient(m, _EDGE_SIGMA * scale)
+    # Boundary direction, y up: the normal (gx, -gy) turned by 90°, in [0°, 180°).
+    angle = np.degrees(np.arctan2(-gy, gx)) + 90.0
+    step = 180.0 / len(EDGE_ANGLES)
+    orientation = np.round(np.mod(angle, 180.0) / step).astype(np.int64) % len(EDGE_ANGLES)
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    out[mask] = 1 + PARTS.index("interior")
+    out[band] = (1 + PARTS.index("edge_0") + orientation[band]).astype(np.uint8)
+    out[corner] = 1 + PARTS.index("corner")
+    return out
 
 
 def _texture_patterns(
@@ -224,8 +348,10 @@ def generate_shapes(num: int, image_size: int, seed: int, split: str) -> dict[st
 
     Returns:
         ``images`` (num, 3, H, W) uint8, ``labels`` (num,) int64, ``object_mask``
-        (num, H, W) bool and ``factors`` (num, 4) int64: per image the index of its
-        shape, colour, texture and background within its category.
+        (num, H, W) bool, ``factors`` (num, 4) int64: per image the index of its
+        shape, colour, texture and background within its category, and ``part_map``
+        (num, H, W) uint8 of :func:`part_maps`. The part maps draw no random numbers: the
+        images are the same with or without them.
     """
     stream = np.random.SeedSequence([seed % 2**64, SPLITS.index(split), GENERATOR_VERSION])
     rng = np.random.default_rng(stream)
@@ -244,6 +370,7 @@ def generate_shapes(num: int, image_size: int, seed: int, split: str) -> dict[st
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     images = np.empty((num, 3, image_size, image_size), dtype=np.uint8)
     masks = np.empty((num, image_size, image_size), dtype=bool)
+    parts = np.empty((num, image_size, image_size), dtype=np.uint8)
     for start in range(0, num, _CHUNK):
         s = slice(start, min(start + _CHUNK, num))
         dx = xx - cx[s, None, None]
@@ -260,29 +387,38 @@ def generate_shapes(num: int, image_size: int, seed: int, split: str) -> dict[st
         img += rng.normal(0, _NOISE_STD, img.shape).astype(np.float32)
         images[s] = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
         masks[s] = mask
+        parts[s] = part_maps(factors[s, 0], mask, cx[s], cy[s], radius[s], theta[s], scale)
     return {
         "images": images,
         "labels": factors[:, 0].astype(np.int64),
         "object_mask": masks,
         "factors": factors.astype(np.int64),
+        "part_map": parts,
     }
 
 
-def concept_label_maps(object_mask: Tensor, factors: Tensor) -> Tensor:
-    """Per-pixel global concept ids (N, 4, H, W) long from object masks and factors.
+def concept_label_maps(object_mask: Tensor, factors: Tensor, part_map: Tensor) -> Tensor:
+    """Per-pixel global concept ids (N, 5, H, W) long, in :data:`CATEGORIES` order.
 
     Object, colour and texture concepts label the object's pixels, background concepts
     the rest, 0 elsewhere: each pixel has exactly one of {object, background} labelled.
+    The part category labels the pixels of ``part_map`` > 0 (corners and the edge band
+    reach just outside the object).
 
     Args:
         object_mask: (N, H, W) bool.
         factors: (N, 4) long, per image the factor index within each category.
+        part_map: (N, H, W) integer, 1 + the index in :data:`PARTS`, 0 for no part.
     """
-    ids = factors.long() + torch.as_tensor(_FIRST_ID, device=factors.device)
+    first = torch.as_tensor(_FIRST_ID, device=factors.device)
+    ids = factors.long() + first[:4]
     inside = object_mask.bool()[:, None]  # (N, 1, H, W)
     on_object = torch.tensor([True, True, True, False], device=factors.device)[None, :, None, None]
     labelled = torch.where(on_object, inside, ~inside)
-    return torch.where(labelled, ids[:, :, None, None], torch.zeros_like(ids)[:, :, None, None])
+    maps = torch.where(labelled, ids[:, :, None, None], torch.zeros_like(ids)[:, :, None, None])
+    part = part_map.long()
+    part = torch.where(part > 0, part - 1 + first[4], torch.zeros_like(part))
+    return torch.cat([maps, part[:, None]], dim=1)
 
 
 # Cache ------------------------------------------------------------------------------------
@@ -352,16 +488,22 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], params: dict[str, in
 
 
 class ConceptProbeDataset(Dataset):
-    """Yields (x in [0, 1] (3, H, W), concept labels (4, H, W) long, index)."""
+    """Yields (x in [0, 1] (3, H, W), concept labels (5, H, W) long, index)."""
 
-    def __init__(self, images: Tensor, object_mask: Tensor, factors: Tensor) -> None:
+    def __init__(
+        self, images: Tensor, object_mask: Tensor, factors: Tensor, part_map: Tensor
+    ) -> None:
         self.images, self.object_mask, self.factors = images, object_mask, factors
+        self.part_map = part_map
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
-        labels = concept_label_maps(self.object_mask[i : i + 1], self.factors[i : i + 1])[0]
+        one = slice(i, i + 1)
+        labels = concept_label_maps(self.object_mask[one], self.factors[one], self.part_map[one])[
+            0
+        ]
         return self.images[i].float() / 255.0, labels, i
 
 
@@ -428,6 +570,7 @@ class ShapesDataModule(ImageDataModule):
         """Every parameter the generated data depend on (hashed into the cache name)."""
         return {
             "version": GENERATOR_VERSION,
+            "layout": LAYOUT_VERSION,
             "image_size": self.image_size,
             "seed": self.seed,
             **{f"num_{split}": n for split, n in self.sizes.items()},
@@ -482,11 +625,11 @@ class ShapesDataModule(ImageDataModule):
         self.val_set = IndexedTensorDataset(a["val_images"], a["val_labels"])
         self.test_set = IndexedTensorDataset(a["test_images"], a["test_labels"])
         self.probe_set = ConceptProbeDataset(
-            a["probe_images"], a["probe_object_mask"], a["probe_factors"]
+            a["probe_images"], a["probe_object_mask"], a["probe_factors"], a["probe_part_map"]
         )
 
     def concept_labels(self, split: str) -> Tensor:
-        """Per-pixel concept ids (N, 4, H, W) long of a whole split (after ``setup``)."""
+        """Per-pixel concept ids (N, 5, H, W) long of a whole split (after ``setup``)."""
         if self._arrays is None:
             raise RuntimeError("ShapesDataModule.setup() must run before concept_labels()")
         if split not in SPLITS:
@@ -494,8 +637,9 @@ class ShapesDataModule(ImageDataModule):
         return concept_label_maps(
             torch.from_numpy(self._arrays[f"{split}_object_mask"]),
             torch.from_numpy(self._arrays[f"{split}_factors"]),
+            torch.from_numpy(self._arrays[f"{split}_part_map"]),
         )
 
     def probe_dataloader(self) -> DataLoader:
-        """Probe split images with concept labels (4 categories), sharded without padding."""
+        """Probe split images with concept labels (5 categories), sharded without padding."""
         return self._loader(self.probe_set, shuffle=False)

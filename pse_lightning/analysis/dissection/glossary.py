@@ -25,15 +25,15 @@ TERMS: tuple[Term, ...] = (
          "activate it most: how often a class-selective unit's class is attacked into.",
          ref="§4.6"),
     word("non-class concept", "A concept of a category that is not the class labels (on "
-         "shapes: colour, texture, background, not object); a unit interpretable only for an "
-         "object concept is class-selective.", ref="§4.6"),
+         "shapes: colour, texture, background and part, not object); a unit interpretable "
+         "only for an object concept is class-selective.", ref="§4.6"),
     word("Δρ (trained − random)", "Claim 3's effect: the trained network's ρ(s, IoU) minus "
          "the random-weights baseline's, with a two-way bootstrap interval and sign p.",
          ref="§7.13"),
     metric("<layer>/[random/]non_class/<interpretable|spearman_rho|spearman_p>",
             rf"{_LAYER}/(random/)?non_class/(interpretable|spearman_rho|spearman_p)",
             "Units interpretable for a non-class concept (best IoU over colour, texture, "
-            "background…), and Spearman ρ of s against that IoU with its permutation p.",
+            "background, part…), and Spearman ρ of s against that IoU with its permutation p.",
             "§4.6"),
     metric("<layer>/[random/]partial_target_<rho|p>, …/target_share_rho",
             rf"{_LAYER}/(random/)?(partial_target_(rho|p)|target_share_rho)",
