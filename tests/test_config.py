@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from helpers import group_choices
+from helpers import choices_setting, group_choices
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from pse_lightning import pipeline
-from pse_lightning.attacks.base import Attack
+from pse_lightning.attacks.base import COMMON_KEYS, Attack
 
 GROUPS = [
     "dataset",
@@ -200,8 +202,8 @@ def test_every_choice_passes_the_config_check(group: str, choice: str) -> None:
         (
             ["attack=cw", "+attack.eps=-1"],
             r"^attack\.eps is not a setting of attack=cw \(pse_lightning\.attacks\.CWL2; its "
-            r"keys: abort_early, .*\); eps is a setting of attack=apgd, autoattack, fgsm, pgd, "
-            r"pgd_l2, square, strattack",
+            r"keys: abort_early, .*\); eps is a setting of attack="
+            + re.escape(", ".join(choices_setting("attack", "eps"))),
         ),
         (["attack=pgd", "+attack.epss=0.1"], r"^attack\.epss is not a setting of attack=pgd"),
         (["analysis=pse", "analysis.pse.steps=0"], r"^analysis\.pse\.steps must be >= 1, got 0$"),
@@ -277,11 +279,12 @@ def test_source_signature_matches_the_imported_one(target: str) -> None:
 
     from pse_lightning.cli.signature import signature_of
 
-    named = {
-        name
-        for name, p in inspect.signature(get_object(target)).parameters.items()
-        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    }
+    obj = get_object(target)
+    parameters = inspect.signature(obj).parameters.values()
+    named = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if isinstance(obj, type) and issubclass(obj, Attack):  # **common: Unpack[AttackOptions]
+        assert [p.name for p in parameters if p.kind == p.VAR_KEYWORD] == ["common"]
+        named |= set(COMMON_KEYS)
     signature = signature_of(target)
     assert signature is not None and not signature.open
     assert set(signature.params) == named

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.apgd import Tally, restart_stream, subset
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions, Perturbation
 from pse_lightning.attacks.norms import Norm
 from pse_lightning.attacks.square import square_run
 from pse_lightning.validation import require_at_least
@@ -58,7 +59,7 @@ class AutoAttack(Attack):
             the authors' unscaled p schedule) on the survivors as the last stage: the
             standard version minus FAB-T.
         square_queries: its queries per sample (the standard version: 5000).
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
 
     ``AttackResult.extras``: ``{"stage": (N,) index into ``STAGES`` of the stage that
     broke the sample (0: misclassified already), -1 where it survived}``.
@@ -74,19 +75,9 @@ class AutoAttack(Attack):
         early_stop: bool = True,
         square: bool = False,
         square_queries: int = 5000,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=norm,
-            eps=eps,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=norm, eps=eps, **common)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.target_classes = require_at_least("attack.target_classes", target_classes, 1)
         self.early_stop = bool(early_stop)
