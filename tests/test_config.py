@@ -33,21 +33,21 @@ def test_every_group_has_choices() -> None:
 
 
 @pytest.mark.parametrize(("group", "choice"), [(g, c) for g in GROUPS for c in group_choices(g)])
-def test_choice_composes(make_cfg, group: str, choice: str) -> None:
-    key = f"+experiment={choice}" if group == "experiment" else f"{group}={choice}"
-    cfg = make_cfg(key.lstrip("+"), tiny=False)
+def test_choice_composes(composed, group: str, choice: str) -> None:
+    cfg = composed(f"{group}={choice}")  # shared with the config check's test below
     assert cfg.stage in pipeline.STAGES
+    assert cfg.hydra.runtime.choices[group] == choice
 
 
 @pytest.mark.parametrize("choice", group_choices("attack"))
-def test_attack_choice_instantiates(make_cfg, choice: str) -> None:
-    cfg = make_cfg(f"attack={choice}")
+def test_attack_choice_instantiates(composed, choice: str) -> None:
+    cfg = composed(f"attack={choice}")
     assert isinstance(instantiate(cfg.attack), Attack)
 
 
 @pytest.mark.parametrize("choice", group_choices("analysis"))
-def test_analysis_choice_instantiates(make_cfg, choice: str) -> None:
-    cfg = make_cfg(f"analysis={choice}")
+def test_analysis_choice_instantiates(composed, choice: str) -> None:
+    cfg = composed(f"analysis={choice}")
     for name, sub in pipeline._analysis_configs(cfg).items():
         assert instantiate(sub).name == name
 
@@ -64,8 +64,8 @@ def test_analysis_choice_instantiates(make_cfg, choice: str) -> None:
         for c in group_choices("model")
     ],
 )
-def test_model_choice_instantiates(make_cfg, choice: str) -> None:
-    cfg = make_cfg(f"model={choice}")
+def test_model_choice_instantiates(composed, choice: str) -> None:
+    cfg = composed(f"model={choice}")
     model = instantiate(
         cfg.model, num_classes=3, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, image_size=32
     )
@@ -73,8 +73,8 @@ def test_model_choice_instantiates(make_cfg, choice: str) -> None:
 
 
 @pytest.mark.parametrize("choice", group_choices("dataset"))
-def test_dataset_choice_instantiates(make_cfg, choice: str) -> None:
-    cfg = make_cfg(f"dataset={choice}", tiny=False)
+def test_dataset_choice_instantiates(composed, choice: str) -> None:
+    cfg = composed(f"dataset={choice}")
     datamodule = instantiate(cfg.dataset)
     assert datamodule.batch_size >= 1
 
@@ -177,20 +177,26 @@ def _checked(*overrides: str) -> None:
     """Compose as the CLI does (with the hydra node: its choices) and run the config check."""
     from helpers import CONF_DIR
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from pse_lightning.cli.check import check_config
 
     base = ["attack=pgd", "analysis=none", "logger=none"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
+    _check(cfg)
+
+
+def _check(cfg) -> None:
+    from helpers import CONF_DIR
+    from omegaconf import OmegaConf
+
+    from pse_lightning.cli.check import check_config
+
     check_config(cfg, OmegaConf.to_container(cfg.hydra.runtime.choices), CONF_DIR)
 
 
 @pytest.mark.parametrize(("group", "choice"), [(g, c) for g in GROUPS for c in group_choices(g)])
-def test_every_choice_passes_the_config_check(group: str, choice: str) -> None:
+def test_every_choice_passes_the_config_check(composed, group: str, choice: str) -> None:
     """No false alarms: each shipped file is a valid config."""
-    _checked(f"{group}={choice}")
+    _check(composed(f"{group}={choice}"))
 
 
 @pytest.mark.parametrize(

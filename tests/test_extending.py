@@ -20,7 +20,10 @@ def test_a_registered_attack_and_analysis_run_through_the_pipeline(
 ) -> None:
     monkeypatch.syspath_prepend(str(EXAMPLE))
     cfg = make_cfg(
-        f"hydra.searchpath=[file://{EXAMPLE / 'conf'}]", "attack=brightness", "analysis=mean_abs"
+        f"hydra.searchpath=[file://{EXAMPLE / 'conf'}]",
+        "attack=brightness",
+        "analysis=mean_abs",
+        shared=True,
     )
     results = pipeline.run(cfg)
     metrics = json.loads((Path(cfg.paths.run_dir) / "metrics.json").read_text())["metrics"]
