@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,50 @@ TINY = [
     "training.epochs=1",
     "trainer.enable_progress_bar=false",
 ]
+
+
+# What each test exercises (README "Tests"): `make test-unit` runs the `unit` ones. A test
+# is marked by what its own body calls: `cli` starts a process (`python -m pse_lightning`,
+# pip, spawned ranks), `pipeline` runs Lightning or the pipeline's stages (training, the
+# test loop) or uses the session's trained checkpoint, `unit` is everything else. A mark set
+# by hand (`pytestmark = pytest.mark.pipeline`, or on the test) takes precedence; `slow` is
+# always set by hand.
+KINDS = ("unit", "pipeline", "cli")
+CLI_CALLS = ("run_cli(", "subprocess.", ".spawn(", 'get_context("spawn")')
+PIPELINE_CALLS = (
+    "pipeline.run(", "pipeline.trained_model(", "pipeline.evaluate(", "pipeline.fit(",
+    "Trainer(", ".fit(", "trainer.test(", "shared=True",
+)  # fmt: skip
+PIPELINE_FIXTURES = frozenset({"trained_checkpoint"})
+
+
+def test_kind(item: pytest.Item) -> str:
+    """``unit``, ``pipeline`` or ``cli``: the kind set by hand, else what the test calls."""
+    marked = [kind for kind in KINDS if item.get_closest_marker(kind) is not None]
+    if marked:
+        return marked[0]
+    function = getattr(item, "function", None)
+    try:
+        body = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        body = ""
+    if any(call in body for call in CLI_CALLS):
+        return "cli"
+    if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
+        call in body for call in PIPELINE_CALLS
+    ):
+        return "pipeline"
+    return "unit"
+
+
+test_kind.__test__ = False  # a helper, not a test
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = test_kind(item)
+        if item.get_closest_marker(kind) is None:
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture(autouse=True, scope="session")

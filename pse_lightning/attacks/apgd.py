@@ -325,7 +325,7 @@ class APGD(Attack):
         rho: share of rising steps below which a checkpoint halves the step (0.75).
         early_stop: a sample leaves a run at its first adversarial iterate (the same samples
             break; false: it iterates on and keeps its last one, as the authors' code).
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"restart": (N,) the run that broke the sample, -1 where
     none did}``.

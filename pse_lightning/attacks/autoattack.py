@@ -59,7 +59,7 @@ class AutoAttack(Attack):
             the authors' unscaled p schedule) on the survivors as the last stage: the
             standard version minus FAB-T.
         square_queries: its queries per sample (the standard version: 5000).
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"stage": (N,) index into ``STAGES`` of the stage that
     broke the sample (0: misclassified already), -1 where it survived}``.

@@ -43,7 +43,7 @@ class CAMGuided(Attack):
         dilate: grow B by this many feature-map cells (docs/METHODS.md §3.7: one), so the
             edge of the discriminative region stays attackable.
         method: 'auto' (CAM for GAP + linear heads, Grad-CAM otherwise), 'cam', 'gradcam'.
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: the wrapped attack's extras plus ``cam_area`` (N,), the share of
     pixels the perturbation was allowed to touch.

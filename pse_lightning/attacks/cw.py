@@ -266,7 +266,7 @@ class CWL2(SearchSettings, Attack):
             'absolute' (Carlini's: the same c0 for every sample).
         lr_schedule: 'cosine' (lr to 0 along half a cosine, restarting with each constant)
             or 'constant' (Carlini's).
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.

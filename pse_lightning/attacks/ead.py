@@ -98,7 +98,7 @@ class EAD(SearchSettings, Attack):
         fista: FISTA momentum (True) or plain ISTA (False).
         shrinkage: 'prox' (threshold a_k * beta) or 'paper' (threshold beta).
         abort_early: stop a sample whose loss fell less than 0.01% over steps / 10 steps.
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.

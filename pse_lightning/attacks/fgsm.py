@@ -15,7 +15,7 @@ class FGSM(Attack):
     Args:
         eps: L-inf budget in [0, 1] pixel units.
         loss: 'ce' (the original) or 'margin'.
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
     """
 
     def __init__(

@@ -64,7 +64,7 @@ class PGD(Attack):
             the first always start at random: from x they would repeat the first).
         restarts: independent runs per sample.
         loss: 'ce', 'margin', or 'kl' (maximise KL(f(x) || f(x')): the TRADES inner problem).
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
     """
 
     def __init__(

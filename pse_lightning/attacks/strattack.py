@@ -150,7 +150,7 @@ class StrAttack(SearchSettings, Attack):
         refine_steps, refine_search_steps, refine_lr: the refinement's CW optimiser.
         refine_quantile: magnitude quantile below which coordinates leave the support.
         refine_rounds: prune-and-re-optimise rounds; each prunes the current best again.
-        **common: targeted, target_rule, seed, compile (:class:`~pse_lightning.attacks.base.Attack`).
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras`` (keys exactly):
         ``groups``: (N, n_groups) float, L2 norm of the returned perturbation
