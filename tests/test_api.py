@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import pkgutil
 import re
 import subprocess
 import sys
@@ -43,22 +44,20 @@ def test_every_public_name_resolves_and_is_documented(name: str) -> None:
     assert f"`{name}" in API_DOC.read_text(), f"{name} is exported but not in docs/API.md"
 
 
-#: The packages whose ``__all__`` is public API (docs/API.md names each of their exports).
-PUBLIC_PACKAGES = (
-    "pse_lightning",
-    "pse_lightning.attacks",
-    "pse_lightning.analysis.pse",
-    "pse_lightning.analysis.cam",
-    "pse_lightning.analysis.dissection",
-    "pse_lightning.models",
-    "pse_lightning.data",
-)
+#: The packages whose ``__all__`` is public API (docs/API.md names each of their exports),
+#: and every analysis package (``pse_lightning.analysis.<name>``).
+PUBLIC_PACKAGES = ("pse_lightning", "pse_lightning.attacks", "pse_lightning.models",
+                   "pse_lightning.data")  # fmt: skip
 
 
 def exported_names() -> set[str]:
+    import pse_lightning.analysis
+
+    analyses = pkgutil.iter_modules(pse_lightning.analysis.__path__, "pse_lightning.analysis.")
+    packages = [*PUBLIC_PACKAGES, *(m.name for m in analyses if m.ispkg)]
     names = set()
-    for package in PUBLIC_PACKAGES:
-        names |= set(importlib.import_module(package).__all__)
+    for package in packages:
+        names |= set(getattr(importlib.import_module(package), "__all__", ()))
     return names - {"__version__"}
 
 

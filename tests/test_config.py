@@ -6,12 +6,12 @@ import re
 
 import pytest
 import torch
-from helpers import choices_setting, group_choices
+from helpers import choices_setting, constructor_keys, group_choices
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from pse_lightning import pipeline
-from pse_lightning.attacks.base import COMMON_KEYS, Attack
+from pse_lightning.attacks.base import Attack
 
 GROUPS = [
     "dataset",
@@ -279,18 +279,12 @@ def test_static_range_checks_say_what_the_constructor_says(make_cfg, overrides) 
 )
 def test_source_signature_matches_the_imported_one(target: str) -> None:
     """The keys read from source without importing are those Python reports on import."""
-    import inspect
 
     from hydra.utils import get_object
 
     from pse_lightning.cli.signature import signature_of
 
-    obj = get_object(target)
-    parameters = inspect.signature(obj).parameters.values()
-    named = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    if isinstance(obj, type) and issubclass(obj, Attack):  # **common: Unpack[AttackOptions]
-        assert [p.name for p in parameters if p.kind == p.VAR_KEYWORD] == ["common"]
-        named |= set(COMMON_KEYS)
+    named = constructor_keys(get_object(target))  # **common: its typed dict's keys
     signature = signature_of(target)
     assert signature is not None and not signature.open
     assert set(signature.params) == named
