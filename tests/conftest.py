@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -41,16 +42,21 @@ PIPELINE_CALLS = (
 PIPELINE_FIXTURES = frozenset({"trained_checkpoint"})
 
 
-def test_kind(item: pytest.Item) -> str:
+@functools.cache
+def _source(function: Callable) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def exercised_kind(item: pytest.Item) -> str:
     """``unit``, ``pipeline`` or ``cli``: the kind set by hand, else what the test calls."""
     marked = [kind for kind in KINDS if item.get_closest_marker(kind) is not None]
     if marked:
         return marked[0]
     function = getattr(item, "function", None)
-    try:
-        body = inspect.getsource(function) if function is not None else ""
-    except (OSError, TypeError):
-        body = ""
+    body = _source(function) if function is not None else ""
     if any(call in body for call in CLI_CALLS):
         return "cli"
     if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
@@ -60,12 +66,9 @@ def test_kind(item: pytest.Item) -> str:
     return "unit"
 
 
-test_kind.__test__ = False  # a helper, not a test
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        kind = test_kind(item)
+        kind = exercised_kind(item)
         if item.get_closest_marker(kind) is None:
             item.add_marker(getattr(pytest.mark, kind))
 
