@@ -26,7 +26,7 @@ run: $(STAMP)  ## the main job on the embedded default (pass ARGS="key=value ...
 test: $(STAMP)  ## the fast test suite
 	$(PY) -m pytest -n 2 $(ARGS)
 
-# Tests marked unit (tests/conftest.py says how a test is marked): a minute on two cores.
+# Tests marked unit (tests/conftest.py says how a test is marked): no training, no subprocess.
 test-unit: $(STAMP)  ## the unit tests only: no training, no test loop, no subprocess
 	$(PY) -m pytest -n 2 -m "unit and not slow" $(ARGS)
 
