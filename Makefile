@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= test,peers,launchers,robust
 
-.PHONY: install run test test-all bench gpu-check lint format clean
+.PHONY: install run test test-unit test-all bench gpu-check lint format clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ run: $(STAMP)  ## the main job on the embedded default (pass ARGS="key=value ...
 # Two workers (pytest-xdist), one per core; each test's torch uses one thread there.
 test: $(STAMP)  ## the fast test suite
 	$(PY) -m pytest -n 2 $(ARGS)
+
+# Tests marked unit (tests/conftest.py says how a test is marked): no training, no subprocess.
+test-unit: $(STAMP)  ## the unit tests only: no training, no test loop, no subprocess
+	$(PY) -m pytest -n 2 -m "unit and not slow" $(ARGS)
 
 test-all: $(STAMP)  ## every test, the slow ones (DDP, multirun, cross-checks) included
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)

@@ -15,7 +15,21 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     **dict.fromkeys(
-        ("Attack", "AttackResult", "FGSM", "PGD", "CWL2", "EAD", "StrAttack", "CAMGuided"),
+        (
+            "Attack",
+            "AttackResult",
+            "FGSM",
+            "PGD",
+            "APGD",
+            "CWL2",
+            "EAD",
+            "DDN",
+            "FMN",
+            "StrAttack",
+            "Square",
+            "AutoAttack",
+            "CAMGuided",
+        ),
         "pse_lightning.attacks",
     ),
     **dict.fromkeys(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,52 @@ TINY = [
 ]
 
 
+# What each test exercises (README "Tests"): `make test-unit` runs the `unit` ones. A test
+# is marked by what its own body calls: `cli` starts a process (`python -m pse_lightning`,
+# pip, spawned ranks), `pipeline` runs Lightning or the pipeline's stages (training, the
+# test loop) or uses the session's trained checkpoint, `unit` is everything else. A mark set
+# by hand (`pytestmark = pytest.mark.pipeline`, or on the test) takes precedence; `slow` is
+# always set by hand.
+KINDS = ("unit", "pipeline", "cli")
+CLI_CALLS = ("run_cli(", "subprocess.", ".spawn(", 'get_context("spawn")')
+PIPELINE_CALLS = (
+    "pipeline.run(", "pipeline.trained_model(", "pipeline.evaluate(", "pipeline.fit(",
+    "Trainer(", ".fit(", "trainer.test(", "shared=True",
+)  # fmt: skip
+PIPELINE_FIXTURES = frozenset({"trained_checkpoint"})
+
+
+@functools.cache
+def _source(function: Callable) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def exercised_kind(item: pytest.Item) -> str:
+    """``unit``, ``pipeline`` or ``cli``: the kind set by hand, else what the test calls."""
+    marked = [kind for kind in KINDS if item.get_closest_marker(kind) is not None]
+    if marked:
+        return marked[0]
+    function = getattr(item, "function", None)
+    body = _source(function) if function is not None else ""
+    if any(call in body for call in CLI_CALLS):
+        return "cli"
+    if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
+        call in body for call in PIPELINE_CALLS
+    ):
+        return "pipeline"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = exercised_kind(item)
+        if item.get_closest_marker(kind) is None:
+            item.add_marker(getattr(pytest.mark, kind))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_wandb(tmp_path_factory: pytest.TempPathFactory) -> None:
     home = tmp_path_factory.mktemp("wandb_home")
@@ -44,11 +92,40 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-@pytest.fixture
-def make_cfg(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
-    """Compose ``conf/`` as the CLI would, with a run directory under ``tmp_path``."""
+@pytest.fixture(scope="session")
+def shared_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One checkpoint cache for the session's pipeline tests (``make_cfg(shared=True)``).
 
-    def _make(*overrides: str, tiny: bool = True) -> DictConfig:
+    The cache is keyed by what the model learned from (``pipeline.checkpoint_identity``),
+    so tests that train the same tiny model load the first one's weights. Under
+    pytest-xdist every worker gets the same folder (the parent of its own base temp), and
+    the pipeline's own cache lock (:mod:`pse_lightning.core.locks`) lets the first worker
+    train an entry while the others wait and then load it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def compose_conf(*overrides: str, hydra: bool = False) -> DictConfig:
+    """``conf/config.yaml`` composed with ``overrides`` (and the ``hydra`` node, ``hydra``)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture
+def make_cfg(
+    tmp_path: Path, data_dir: Path, shared_checkpoints: Path
+) -> Callable[..., DictConfig]:
+    """Compose ``conf/`` as the CLI would, with a run directory under ``tmp_path``.
+
+    ``shared=True``: trained checkpoints go to the session's cache (:func:`shared_checkpoints`)
+    instead of ``tmp_path``; for tests that need a trained model but do not look at how
+    (or whether) it was trained in this test.
+    """
+
+    def _make(*overrides: str, tiny: bool = True, shared: bool = False) -> DictConfig:
         base = [
             f"paths.root={tmp_path}",
             f"paths.run_dir={tmp_path}/run",
@@ -58,7 +135,50 @@ def make_cfg(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
             "attack=pgd",
             "analysis=none",
         ]
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            return compose("config", overrides=base + (TINY if tiny else []) + list(overrides))
+        if shared:
+            base.append(f"paths.checkpoint_dir={shared_checkpoints}")
+        return compose_conf(*base, *(TINY if tiny else []), *overrides)
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def composed(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., DictConfig]:
+    """``conf/`` composed as the CLI does (with the ``hydra`` node), once per distinct list
+    of overrides in the session: tests that only read a choice's config share it. Do not
+    modify the returned config (copy it first)."""
+    root = tmp_path_factory.mktemp("composed")
+    base = (
+        f"paths.root={root}",
+        f"paths.run_dir={root}/run",
+        "logger=none",
+        "attack=pgd",
+        "analysis=none",
+    )
+    cache: dict[tuple[str, ...], DictConfig] = {}
+
+    def _composed(*overrides: str) -> DictConfig:
+        if overrides not in cache:
+            cache[overrides] = compose_conf(*base, *overrides, hydra=True)
+        return cache[overrides]
+
+    return _composed
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_dir: Path,
+                       shared_checkpoints: Path) -> Path:  # fmt: skip
+    """The weights file of the tiny default model (``make_cfg(shared=True)`` trains the same
+    one), trained once per session (once across xdist workers: the cache lock)."""
+    import pytorch_lightning as pl
+
+    from pse_lightning import pipeline
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = compose_conf(
+        f"paths.root={root}", f"paths.run_dir={root}/run", f"paths.data_dir={data_dir}",
+        f"paths.checkpoint_dir={shared_checkpoints}", "logger=none", "attack=pgd",
+        "analysis=none", *TINY,
+    )  # fmt: skip
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as pipeline.run does
+    return Path(pipeline.trained_model(cfg, pipeline.build(cfg)))

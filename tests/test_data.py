@@ -530,12 +530,10 @@ def test_digits_bad_arguments_name_the_key(kwargs: dict, key: str) -> None:
     ("name", "cls"), [("shapes", ShapesDataModule), ("digits", DigitsDataModule)]
 )
 def test_yaml_keys_are_the_constructor_kwargs(name: str, cls: type) -> None:
-    import inspect
-
+    from helpers import constructor_keys
     from omegaconf import OmegaConf
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "dataset" / f"{name}.yaml"
     cfg = OmegaConf.load(conf)
     assert cfg._target_ == f"pse_lightning.data.{cls.__name__}"
-    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    assert set(cfg.keys()) - {"_target_"} == params
+    assert set(cfg.keys()) - {"_target_"} == constructor_keys(cls)

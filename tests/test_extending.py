@@ -25,7 +25,10 @@ def test_a_registered_attack_and_analysis_run_through_the_pipeline(
     logged: dict = {}
     monkeypatch.setattr(report_writer, "log_report_to_wandb", lambda *a, **kw: logged.update(kw))
     cfg = make_cfg(
-        f"hydra.searchpath=[file://{EXAMPLE / 'conf'}]", "attack=brightness", "analysis=mean_abs"
+        f"hydra.searchpath=[file://{EXAMPLE / 'conf'}]",
+        "attack=brightness",
+        "analysis=mean_abs",
+        shared=True,
     )
     results = pipeline.run(cfg)
     run_dir = Path(cfg.paths.run_dir)

@@ -62,7 +62,7 @@ def test_full_run_with_csv_logger_then_cached_evaluation(make_cfg, tmp_path: Pat
 
 def test_default_attack_and_analyses_end_to_end(make_cfg) -> None:
     """The main job's defaults (CW, every analysis) on the tiny slice: all sections land."""
-    cfg = make_cfg("attack=cw", "analysis=all", "analysis.pse.max_steps=32")
+    cfg = make_cfg("attack=cw", "analysis=all", "analysis.pse.max_steps=32", shared=True)
     results = pipeline.run(cfg)
     run_dir = Path(cfg.paths.run_dir)
     report = (run_dir / "report.md").read_text()
@@ -93,7 +93,7 @@ def test_default_attack_and_analyses_end_to_end(make_cfg) -> None:
 
 
 def test_wandb_offline_run_reads_back(make_cfg) -> None:
-    cfg = make_cfg("logger=wandb", "attack=fgsm")
+    cfg = make_cfg("logger=wandb", "attack=fgsm", shared=True)
     results = pipeline.run(cfg)
     runs = list((Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -144,11 +144,11 @@ def test_corrupt_given_checkpoint_is_refused(make_cfg, tmp_path: Path) -> None:
         pipeline.run(cfg)
 
 
-def test_checkpoint_for_another_model_is_refused(make_cfg, tmp_path: Path) -> None:
-    pipeline.run(make_cfg("stage=fit"))
-    (ckpt,) = Path(make_cfg().paths.checkpoint_dir).glob("*.pt")
+def test_checkpoint_for_another_model_is_refused(
+    make_cfg, tmp_path: Path, trained_checkpoint: Path
+) -> None:
     moved = tmp_path / "other.pt"
-    shutil.copy(ckpt, moved)
+    shutil.copy(trained_checkpoint, moved)
     cfg = make_cfg("stage=evaluate", "model=resnet18", f"model_checkpoint={moved}")
     with pytest.raises(CheckpointError, match="model='smallcnn'"):
         pipeline.run(cfg)

@@ -8,7 +8,6 @@ mask has a known answer.
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import struct
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import constructor_keys
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -600,8 +600,7 @@ REAL = [
 def test_yaml_keys_are_the_constructor_kwargs(name: str, cls: type) -> None:
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     assert cfg._target_ == f"pse_lightning.data.{cls.__name__}"
-    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    assert set(cfg.keys()) - {"_target_"} == params
+    assert set(cfg.keys()) - {"_target_"} == constructor_keys(cls)
 
 
 @pytest.mark.parametrize(("name", "cls"), REAL)

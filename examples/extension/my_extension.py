@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
-from pse_lightning.attacks import Attack, AttackBatch
+from pse_lightning.attacks import Attack, AttackBatch, AttackOptions
 from pse_lightning.core.contract import Term, metric
 
 
@@ -18,11 +19,12 @@ class BrightnessShift(Attack):
 
     ``_perturb`` is the only method an attack writes; the base class validates the batch,
     freezes the model, resolves targets, clips to the box and the budget, and scores the
-    result.
+    result. The keywords every attack takes (``targeted``, ``target_rule``, ``seed``,
+    ``compile``) arrive in ``**common`` and go to the base class unchanged.
     """
 
-    def __init__(self, *, eps: float = 0.03, seed: int = 0) -> None:
-        super().__init__(norm="linf", eps=eps, seed=seed)
+    def __init__(self, *, eps: float = 0.03, **common: Unpack[AttackOptions]) -> None:
+        super().__init__(norm="linf", eps=eps, **common)
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Tensor:
         return batch.x + self.eps

@@ -2,7 +2,13 @@
 
 from pse_lightning.attacks.apgd import APGD
 from pse_lightning.attacks.autoattack import AutoAttack
-from pse_lightning.attacks.base import Attack, AttackBatch, AttackResult, Perturbation
+from pse_lightning.attacks.base import (
+    Attack,
+    AttackBatch,
+    AttackOptions,
+    AttackResult,
+    Perturbation,
+)
 from pse_lightning.attacks.cam_guided import CAMGuided
 from pse_lightning.attacks.cw import CWL2
 from pse_lightning.attacks.ddn import DDN
@@ -17,7 +23,7 @@ from pse_lightning.attacks.square import Square
 from pse_lightning.attacks.strattack import StrAttack
 
 __all__ = [
-    "Attack", "AttackBatch", "AttackResult", "Perturbation",
+    "Attack", "AttackBatch", "AttackOptions", "AttackResult", "Perturbation",
     "APGD", "AutoAttack", "CAMGuided", "CWL2", "DDN", "EAD", "FAB", "FGSM", "FMN", "PGD", "Square",
     "StrAttack",
     # helpers other layers need: per-sample norms and the adversarial runner-up class

@@ -16,11 +16,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.base import (
     STREAM_START,
     Attack,
     AttackBatch,
+    AttackOptions,
     Perturbation,
 )
 from pse_lightning.attacks.compiled import EAGER, Gradients
@@ -323,7 +325,7 @@ class APGD(Attack):
         rho: share of rising steps below which a checkpoint halves the step (0.75).
         early_stop: a sample leaves a run at its first adversarial iterate (the same samples
             break; false: it iterates on and keeps its last one, as the authors' code).
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"restart": (N,) the run that broke the sample, -1 where
     none did}``.
@@ -339,19 +341,9 @@ class APGD(Attack):
         restarts: int = 1,
         rho: float = 0.75,
         early_stop: bool = True,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=norm,
-            eps=eps,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=norm, eps=eps, **common)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.loss = require_choice("attack.loss", loss, APGD_LOSSES)
         self.restarts = require_at_least("attack.restarts", restarts, 1)

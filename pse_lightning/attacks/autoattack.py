@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.apgd import Tally, restart_stream, subset
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions, Perturbation
 from pse_lightning.attacks.fab import fab_stage
 from pse_lightning.attacks.losses import runner_up_aims
 from pse_lightning.attacks.norms import Norm
@@ -67,7 +68,7 @@ class AutoAttack(Attack):
         square: run the Square Attack (:class:`~pse_lightning.attacks.Square`, p_init 0.8,
             the authors' unscaled p schedule) as the last stage; None: as ``version`` says.
         square_queries: its queries per sample (the standard version: 5000).
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"stage": (N,) index into ``STAGES`` of the stage that
     broke the sample (0: misclassified already), -1 where it survived}``.
@@ -85,19 +86,9 @@ class AutoAttack(Attack):
         fab: bool | None = None,
         square: bool | None = None,
         square_queries: int = 5000,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=norm,
-            eps=eps,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=norm, eps=eps, **common)
         self.version = require_choice("attack.version", version, VERSIONS)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.target_classes = require_at_least("attack.target_classes", target_classes, 1)

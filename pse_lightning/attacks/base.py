@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,22 @@ from pse_lightning.validation import (
 )
 
 TARGET_RULES: tuple[str, ...] = ("random", "least_likely", "next")
+
+
+class AttackOptions(TypedDict, total=False):
+    """The keywords every attack takes, declared once: a subclass's constructor ends with
+    ``**common: Unpack[AttackOptions]`` and passes ``**common`` to ``Attack.__init__``
+    (which documents them). Every attack config sets them, and the static config check
+    (:mod:`pse_lightning.cli.signature`) follows ``**common`` to ``Attack.__init__``."""
+
+    targeted: bool
+    target_rule: str
+    seed: int
+    compile: bool
+
+
+#: The keys of :class:`AttackOptions`, in order.
+COMMON_KEYS: tuple[str, ...] = tuple(AttackOptions.__annotations__)
 # Streams of the counter-based RNG, one per use, so uses never share noise.
 STREAM_START, STREAM_TARGET = 1, 2
 
@@ -211,7 +228,19 @@ class Attack(ABC):
         compile: run the inner step (forward, objective, input gradient; for PGD also the
             update and projection) through ``torch.compile``, compiled on the first batch
             and reused (:mod:`~pse_lightning.attacks.compiled`, docs/METHODS.md §1.14).
+
+    A subclass takes ``targeted``, ``target_rule``, ``seed`` and ``compile`` as
+    ``**common: Unpack[AttackOptions]`` and passes them on unchanged.
+
+    Attributes:
+        success_floor: the least share of attacked rows every config of this attack must
+            break on a linear net with its configured settings
+            (``tests/test_attack_known_answers.py``, README "Extending"). 0.9 by default;
+            a baseline that is not expected to break most inputs (random noise, a weak
+            reference attack) declares a lower floor, e.g. ``success_floor = 0.0``.
     """
+
+    success_floor: ClassVar[float] = 0.9
 
     def __init__(
         self,

@@ -12,8 +12,15 @@ early-abort row compaction works: the mask is compacted with the rows).
 from __future__ import annotations
 
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import (
+    COMMON_KEYS,
+    Attack,
+    AttackBatch,
+    AttackOptions,
+    Perturbation,
+)
 from pse_lightning.core import activation_maps as amaps
 from pse_lightning.validation import require_at_least, require_choice, require_in_range
 
@@ -36,7 +43,7 @@ class CAMGuided(Attack):
         dilate: grow B by this many feature-map cells (docs/METHODS.md §3.7: one), so the
             edge of the discriminative region stays attackable.
         method: 'auto' (CAM for GAP + linear heads, Grad-CAM otherwise), 'cam', 'gradcam'.
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: the wrapped attack's extras plus ``cam_area`` (N,), the share of
     pixels the perturbation was allowed to touch.
@@ -49,19 +56,15 @@ class CAMGuided(Attack):
         threshold: float = 0.2,
         dilate: int = 1,
         method: str = "auto",
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
         if not isinstance(attack, Attack):
             raise TypeError(
                 f"attack.attack must be an attack (a nested config with _target_, e.g. "
                 f"pse_lightning.attacks.CWL2), got {type(attack).__name__}"
             )
-        super().__init__(norm=attack.norm, eps=attack.eps, targeted=targeted,
-                         target_rule=target_rule, seed=seed, compile=compile)  # fmt: skip
-        for key in ("targeted", "target_rule", "seed", "compile"):
+        super().__init__(norm=attack.norm, eps=attack.eps, **common)
+        for key in COMMON_KEYS:
             if getattr(attack, key) != getattr(self, key):
                 raise ValueError(
                     f"attack.attack.{key}={getattr(attack, key)!r} differs from attack.{key}="

@@ -6,10 +6,12 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.base import (
     Attack,
     AttackBatch,
+    AttackOptions,
     Perturbation,
     confine,
     restrict,
@@ -264,7 +266,7 @@ class CWL2(SearchSettings, Attack):
             'absolute' (Carlini's: the same c0 for every sample).
         lr_schedule: 'cosine' (lr to 0 along half a cosine, restarting with each constant)
             or 'constant' (Carlini's).
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.
@@ -282,19 +284,9 @@ class CWL2(SearchSettings, Attack):
         box: str = "clip",
         const_unit: str = "boundary",
         lr_schedule: str = "cosine",
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=None,
-            eps=None,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=None, eps=None, **common)
         self.init_search(
             kappa=kappa,
             steps=steps,

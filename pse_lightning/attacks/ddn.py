@@ -6,8 +6,9 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions, Perturbation
 from pse_lightning.attacks.losses import ascent_objective
 from pse_lightning.attacks.minnorm import (
     Iterate,
@@ -60,19 +61,9 @@ class DDN(Attack):
         gamma: float = 0.05,
         init_step: float = 1.0,
         final_step: float = 0.01,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=None,
-            eps=None,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=None, eps=None, **common)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.init_norm = require_positive("attack.init_norm", init_norm)
         self.gamma = require_in_range("attack.gamma", gamma, 0.0, 1.0, low_open=True)

@@ -7,10 +7,12 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.base import (
     Attack,
     AttackBatch,
+    AttackOptions,
     Perturbation,
     confine,
 )
@@ -96,7 +98,7 @@ class EAD(SearchSettings, Attack):
         fista: FISTA momentum (True) or plain ISTA (False).
         shrinkage: 'prox' (threshold a_k * beta) or 'paper' (threshold beta).
         abort_early: stop a sample whose loss fell less than 0.01% over steps / 10 steps.
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"const": (N,) the c of the returned example (nan where
     none succeeded)}``.
@@ -115,19 +117,9 @@ class EAD(SearchSettings, Attack):
         fista: bool = True,
         shrinkage: str = "prox",
         abort_early: bool = True,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=None,
-            eps=None,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=None, eps=None, **common)
         self.beta = require_non_negative("attack.beta", beta)
         self.init_search(
             kappa=kappa,

@@ -32,9 +32,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.apgd import Outcome, Tally, restart_stream, subset
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions, Perturbation
 from pse_lightning.attacks.compiled import EAGER, Gradients
 from pse_lightning.attacks.losses import is_success, other_max, runner_up_aims
 from pse_lightning.attacks.minnorm import DUAL_NORM, per_sample
@@ -292,7 +293,7 @@ class FAB(Attack):
         early_stop: a sample stops at its first adversarial iterate in the ball (the same
             samples break); false: it goes on shrinking its perturbation, as the authors'
             code does (``extras["norm"]`` is then FAB's minimal norm).
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras``: ``{"norm": (N,) the smallest adversarial norm FAB found (inf
     where none, also beyond eps)}``.
@@ -310,19 +311,9 @@ class FAB(Attack):
         eta: float = 1.05,
         beta: float = 0.9,
         early_stop: bool = True,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=norm,
-            eps=eps,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=norm, eps=eps, **common)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.target_classes = require_at_least("attack.target_classes", target_classes, 0)
         self.restarts = require_at_least("attack.restarts", restarts, 1)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from pse_lightning.attacks.base import Attack, AttackBatch
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions
 from pse_lightning.validation import require_choice
 
 
@@ -14,7 +15,7 @@ class FGSM(Attack):
     Args:
         eps: L-inf budget in [0, 1] pixel units.
         loss: 'ce' (the original) or 'margin'.
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
     """
 
     def __init__(
@@ -22,19 +23,9 @@ class FGSM(Attack):
         *,
         eps: float = 0.03,
         loss: str = "ce",
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm="linf",
-            eps=eps,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm="linf", eps=eps, **common)
         self.loss = require_choice("attack.loss", loss, ("ce", "margin"))
 
     def _perturb(self, model: nn.Module, batch: AttackBatch) -> Tensor:

@@ -6,8 +6,9 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions, Perturbation
 from pse_lightning.attacks.losses import margin
 from pse_lightning.attacks.minnorm import (
     MIN_NORMS,
@@ -64,19 +65,9 @@ class FMN(Attack):
         final_step: float | None = None,
         gamma: float = 0.05,
         final_gamma: float = 0.001,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=None,
-            eps=None,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=None, eps=None, **common)
         # Not ``self.norm``: that names a budget ball, and FMN has none.
         self.distance = require_choice("attack.norm", norm, MIN_NORMS)
         self.steps = require_at_least("attack.steps", steps, 1)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions, Perturbation
 from pse_lightning.attacks.losses import ATTACK_LOSSES, is_success
 from pse_lightning.attacks.norms import Norm
 from pse_lightning.validation import require_at_least, require_choice, require_positive
@@ -63,7 +64,7 @@ class PGD(Attack):
             the first always start at random: from x they would repeat the first).
         restarts: independent runs per sample.
         loss: 'ce', 'margin', or 'kl' (maximise KL(f(x) || f(x')): the TRADES inner problem).
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
     """
 
     def __init__(
@@ -76,19 +77,9 @@ class PGD(Attack):
         random_start: bool = True,
         restarts: int = 1,
         loss: str = "ce",
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm=norm,
-            eps=eps,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm=norm, eps=eps, **common)
         self.step_size = require_positive("attack.step_size", step_size)
         self.steps = require_at_least("attack.steps", steps, 1)
         self.random_start = bool(random_start)

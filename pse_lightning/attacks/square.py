@@ -15,9 +15,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.apgd import Outcome, subset
-from pse_lightning.attacks.base import Attack, AttackBatch, Perturbation
+from pse_lightning.attacks.base import Attack, AttackBatch, AttackOptions, Perturbation
 from pse_lightning.attacks.losses import is_success, margin
 from pse_lightning.attacks.norms import LpBall, Norm
 from pse_lightning.attacks.square_l2 import corner, grid_start, l2_candidate, l2_side
@@ -185,13 +186,9 @@ class Square(Attack):
         n_queries: int = 5000,
         p_init: float = 0.8,
         rescale: bool = True,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(norm=norm, eps=eps, targeted=targeted, target_rule=target_rule,
-                         seed=seed, compile=compile)  # fmt: skip
+        super().__init__(norm=norm, eps=eps, **common)
         self.n_queries = require_at_least("attack.n_queries", n_queries, 1)
         self.p_init = require_in_range("attack.p_init", p_init, 0.0, 1.0, low_open=True)
         if not isinstance(rescale, bool):

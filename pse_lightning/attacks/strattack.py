@@ -8,10 +8,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from pse_lightning.attacks.base import (
     Attack,
     AttackBatch,
+    AttackOptions,
     Perturbation,
     confine,
     keep_logits,
@@ -148,7 +150,7 @@ class StrAttack(SearchSettings, Attack):
         refine_steps, refine_search_steps, refine_lr: the refinement's CW optimiser.
         refine_quantile: magnitude quantile below which coordinates leave the support.
         refine_rounds: prune-and-re-optimise rounds; each prunes the current best again.
-        targeted, target_rule, seed, compile: see :class:`~pse_lightning.attacks.base.Attack`.
+        **common: targeted, target_rule, seed, compile: see :class:`~.base.Attack`.
 
     ``AttackResult.extras`` (keys exactly):
         ``groups``: (N, n_groups) float, L2 norm of the returned perturbation
@@ -181,19 +183,9 @@ class StrAttack(SearchSettings, Attack):
         refine_lr: float = 0.01,
         refine_quantile: float = 0.03,
         refine_rounds: int = 3,
-        targeted: bool = False,
-        target_rule: str = "random",
-        seed: int = 0,
-        compile: bool = False,
+        **common: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            norm="linf",
-            eps=eps,
-            targeted=targeted,
-            target_rule=target_rule,
-            seed=seed,
-            compile=compile,
-        )
+        super().__init__(norm="linf", eps=eps, **common)
         self.group_size = require_at_least("attack.group_size", group_size, 1)
         self.init_search(
             kappa=kappa,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import pytorch_lightning as pl
 import torch
@@ -65,6 +66,18 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
+
+
+class DataOptions(TypedDict, total=False):
+    """The keywords every datamodule takes, declared once: a subclass's constructor ends
+    with ``**common: Unpack[DataOptions]`` (or a larger options dict) and passes them on
+    to ``ImageDataModule.__init__`` (which documents them); the static config check follows
+    ``**common`` there."""
+
+    batch_size: int
+    num_workers: int
+    eval_samples: int | None
+    seed: int
 
 
 class ImageDataModule(pl.LightningDataModule):

@@ -12,12 +12,14 @@ import torch
 import torchvision
 from torch import Tensor
 from torch.utils.data import Dataset
+from typing_extensions import Unpack
 
-from pse_lightning.data.base import ImageDataModule, IndexedTensorDataset
+from pse_lightning.data.base import IndexedTensorDataset
 from pse_lightning.data.real import (
     AugmentedTensorDataset,
     CorruptedData,
     TorchvisionDataModule,
+    TorchvisionOptions,
     uint8_images,
 )
 
@@ -70,26 +72,10 @@ class CIFAR10DataModule(TorchvisionDataModule):
     def __init__(
         self,
         *,
-        root: str,
-        download: bool = False,
-        num_val: int = 5000,
         augment: bool = True,
-        probe: ImageDataModule | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        eval_samples: int | None = None,
-        seed: int = 0,
+        **options: Unpack[TorchvisionOptions],
     ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            num_val=num_val,
-            probe=probe,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_samples=eval_samples,
-            seed=seed,
-        )
+        super().__init__(**options)
         if not isinstance(augment, bool):
             raise ValueError(f"dataset.augment must be true or false, got {augment!r}")
         self.augment = augment

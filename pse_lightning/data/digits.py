@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor
+from typing_extensions import Unpack
 
-from pse_lightning.data.base import ImageDataModule, IndexedTensorDataset
+from pse_lightning.data.base import DataOptions, ImageDataModule, IndexedTensorDataset
 from pse_lightning.validation import require_at_least
 
 NUM_DIGITS = 1797  # images in sklearn.datasets.load_digits
@@ -78,14 +79,9 @@ class DigitsDataModule(ImageDataModule):
         image_size: int = 32,
         num_val: int = 180,
         num_test: int = 360,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        eval_samples: int | None = None,
-        seed: int = 0,
+        **common: Unpack[DataOptions],
     ) -> None:
-        super().__init__(
-            batch_size=batch_size, num_workers=num_workers, eval_samples=eval_samples, seed=seed
-        )
+        super().__init__(**common)
         self.image_size = require_at_least("dataset.image_size", image_size, 8)
         self.num_val = require_at_least("dataset.num_val", num_val, 1)
         self.num_test = require_at_least("dataset.num_test", num_test, 1)

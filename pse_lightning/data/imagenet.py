@@ -28,10 +28,15 @@ import torchvision
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms
+from typing_extensions import Unpack
 
-from pse_lightning.data.base import ImageDataModule
 from pse_lightning.data.digits import stratified_order
-from pse_lightning.data.real import ProbedDataModule, missing_data_error, split_train_val
+from pse_lightning.data.real import (
+    ProbedDataModule,
+    ProbedOptions,
+    missing_data_error,
+    split_train_val,
+)
 from pse_lightning.validation import InputError, require_at_least
 
 log = logging.getLogger(__name__)
@@ -148,19 +153,9 @@ class ImageNetDataModule(ProbedDataModule):
         root: str,
         image_size: int = 224,
         num_val: int = 10000,
-        probe: ImageDataModule | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        eval_samples: int | None = None,
-        seed: int = 0,
+        **common: Unpack[ProbedOptions],
     ) -> None:
-        super().__init__(
-            probe=probe,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_samples=eval_samples,
-            seed=seed,
-        )
+        super().__init__(**common)
         self.root = Path(root).expanduser()
         self.image_size = require_at_least("dataset.image_size", image_size, 8)
         self.num_val = require_at_least("dataset.num_val", num_val, 1)

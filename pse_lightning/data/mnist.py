@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor
+from typing_extensions import Unpack
 
-from pse_lightning.data.base import ImageDataModule
-from pse_lightning.data.real import TorchvisionDataModule, uint8_images
+from pse_lightning.data.real import TorchvisionDataModule, TorchvisionOptions, uint8_images
 from pse_lightning.validation import require_at_least
 
 NATIVE_SIZE = 28
@@ -61,26 +61,10 @@ class MNISTDataModule(TorchvisionDataModule):
     def __init__(
         self,
         *,
-        root: str,
-        download: bool = False,
         image_size: int = NATIVE_SIZE,
-        num_val: int = 5000,
-        probe: ImageDataModule | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        eval_samples: int | None = None,
-        seed: int = 0,
+        **options: Unpack[TorchvisionOptions],
     ) -> None:
-        super().__init__(
-            root=root,
-            download=download,
-            num_val=num_val,
-            probe=probe,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_samples=eval_samples,
-            seed=seed,
-        )
+        super().__init__(**options)
         self.image_size = require_at_least("dataset.image_size", image_size, NATIVE_SIZE)
         # Zero padding keeps every moment's sum: scale E[x] and E[x^2] by the pixel share.
         share = NATIVE_SIZE**2 / self.image_size**2

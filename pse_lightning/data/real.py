@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import Required, Unpack
 
 from pse_lightning.core.locks import cache_lock
-from pse_lightning.data.base import Concept, ImageDataModule, IndexedTensorDataset
+from pse_lightning.data.base import Concept, DataOptions, ImageDataModule, IndexedTensorDataset
 from pse_lightning.data.digits import stratified_order
 from pse_lightning.validation import InputError, require_at_least
 
@@ -114,6 +115,20 @@ class AugmentedTensorDataset(IndexedTensorDataset):
         return x, y, index
 
 
+class ProbedOptions(DataOptions, total=False):
+    """:class:`DataOptions` and the ``probe`` of a :class:`ProbedDataModule`."""
+
+    probe: ImageDataModule | None
+
+
+class TorchvisionOptions(ProbedOptions, total=False):
+    """:class:`ProbedOptions` and the files of a :class:`TorchvisionDataModule`."""
+
+    root: Required[str]
+    download: bool
+    num_val: int
+
+
 class ProbedDataModule(ImageDataModule):
     """A classification datamodule that may carry a probe datamodule for dissection.
 
@@ -135,14 +150,9 @@ class ProbedDataModule(ImageDataModule):
         self,
         *,
         probe: ImageDataModule | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        eval_samples: int | None = None,
-        seed: int = 0,
+        **common: Unpack[DataOptions],
     ) -> None:
-        super().__init__(
-            batch_size=batch_size, num_workers=num_workers, eval_samples=eval_samples, seed=seed
-        )
+        super().__init__(**common)
         if probe is not None and not isinstance(probe, ImageDataModule):
             raise TypeError(
                 "dataset.probe must be a datamodule config with a _target_ (add one with "
@@ -239,19 +249,9 @@ class TorchvisionDataModule(ProbedDataModule):
         root: str,
         download: bool = False,
         num_val: int = 5000,
-        probe: ImageDataModule | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        eval_samples: int | None = None,
-        seed: int = 0,
+        **common: Unpack[ProbedOptions],
     ) -> None:
-        super().__init__(
-            probe=probe,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_samples=eval_samples,
-            seed=seed,
-        )
+        super().__init__(**common)
         if not isinstance(download, bool):
             raise ValueError(f"dataset.download must be true or false, got {download!r}")
         self.root = Path(root).expanduser()

@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import Unpack
 
 from pse_lightning.core.atomic import file_mode
 from pse_lightning.core.locks import cache_lock
-from pse_lightning.data.base import Concept, ImageDataModule, IndexedTensorDataset
+from pse_lightning.data.base import Concept, DataOptions, ImageDataModule, IndexedTensorDataset
 from pse_lightning.validation import require_at_least
 
 log = logging.getLogger(__name__)
@@ -548,14 +549,9 @@ class ShapesDataModule(ImageDataModule):
         num_val: int = 500,
         num_test: int = 1000,
         num_probe: int = 500,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        eval_samples: int | None = None,
-        seed: int = 0,
+        **common: Unpack[DataOptions],
     ) -> None:
-        super().__init__(
-            batch_size=batch_size, num_workers=num_workers, eval_samples=eval_samples, seed=seed
-        )
+        super().__init__(**common)
         self.root = None if root is None else Path(root)
         self.image_size = require_at_least("dataset.image_size", image_size, _MIN_IMAGE_SIZE)
         self.sizes = {
