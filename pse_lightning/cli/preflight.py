@@ -198,8 +198,6 @@ def check_model(cfg: DictConfig, datamodule: Any) -> None:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from pse_lightning.models.checkpoint import CheckpointError
-
     try:
         with warnings.catch_warnings():  # the pipeline builds it again, and warns then
             warnings.simplefilter("ignore")
@@ -210,13 +208,13 @@ def check_model(cfg: DictConfig, datamodule: Any) -> None:
         raise InputError(str(err)) from err
     check_layers(cfg, model)
     if cfg.get("model_checkpoint"):
-        from pse_lightning.models.checkpoint import load_weights
+        from pse_lightning.pipeline import load_weights
 
         path = Path(str(cfg.model_checkpoint)).expanduser()
         expect = {"model": _model_name(cfg), "num_classes": model.num_classes}
         try:
             load_weights(model, path, expect=expect)
-        except CheckpointError as err:
+        except InputError as err:  # CheckpointError: corrupt, another model, wrong keys
             raise InputError(f"model_checkpoint: {err}") from err
         return
     check_something_to_evaluate(cfg, model, datamodule)
@@ -289,7 +287,7 @@ def cached_model_may_exist(cfg: DictConfig, datamodule: Any) -> bool:
     """Whether the checkpoint cache may hold this run's model: its exact entry, or, for a
     dataset whose identity includes its files (an image tree, scanned only by the run),
     any entry of the same model, dataset and training."""
-    from pse_lightning.models.checkpoint import cache_path
+    from pse_lightning.pipeline import cache_path
 
     root = Path(str(cfg.paths.checkpoint_dir)).expanduser()
     if hasattr(type(datamodule), "content_fingerprint"):
