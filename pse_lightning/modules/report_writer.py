@@ -12,6 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from pse_lightning.core.report import ReportSection
+from pse_lightning.core.threads import torch_threads
 from pse_lightning.modules.example_panels import example_map_columns, example_panels_section
 from pse_lightning.reporting.findings import run_findings
 from pse_lightning.reporting.outcomes import write_outcomes
@@ -48,6 +49,11 @@ class ReportWriter(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        # Figures and findings are small operations: one thread (core/threads.py).
+        with torch_threads(1):
+            self._write(trainer, pl_module)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         result = pl_module.result
         fig_dir = self.run_dir / "figures"
         panels = example_panels_section(result.analyses, fig_dir, self.class_names)
