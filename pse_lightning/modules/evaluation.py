@@ -14,6 +14,7 @@ from torchmetrics.utilities import dim_zero_cat
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
 from pse_lightning.attacks import Attack
 from pse_lightning.core.distributed import all_gather_objects, unshare_tensors
+from pse_lightning.core.threads import torch_threads
 from pse_lightning.modules.attack_metrics import AttackMetrics
 from pse_lightning.validation import InputError
 
@@ -161,7 +162,11 @@ class EvaluationModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         scalars = {f"test/{k}": v for k, v in self.attack_metrics.compute().items()}
-        analysis_results = {name: analysis.compute() for name, analysis in self.analyses.items()}
+        # The statistics are many small operations: one thread does them fastest (threads.py).
+        with torch_threads(1):
+            analysis_results = {
+                name: analysis.compute() for name, analysis in self.analyses.items()
+            }
         for name, computed in analysis_results.items():
             for key, value in computed.scalars.items():
                 scalars[f"test/{name}/{key}"] = torch.as_tensor(value)

@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import Logger
 from pse_lightning.analysis.base import Analysis
 from pse_lightning.core.report import ReportSection
 from pse_lightning.core.run_status import RunMarker
+from pse_lightning.core.threads import torch_threads
 from pse_lightning.modules.evaluation import EvaluationResult
 from pse_lightning.modules.example_panels import example_map_columns, example_panels_section
 from pse_lightning.reporting.findings import run_findings
@@ -77,7 +78,9 @@ class ReportWriter(pl.Callback):
             )
         if self.marker is not None:
             self.marker.enter("report")
-        self.write(self.result, trainer.logger)
+        # Figures and findings are small operations: one thread (core/threads.py).
+        with torch_threads(1):
+            self.write(self.result, trainer.logger)
 
     def write(self, result: EvaluationResult, logger: Logger | None = None) -> None:
         """Write the report of ``result`` and log it to ``logger`` (W&B only)."""
