@@ -1,6 +1,6 @@
 """A toy attack and a toy analysis, registered the documented way (README, "Extending").
 
-``tests/test_extending.py`` runs both through the real pipeline, so this example cannot rot.
+``tests/cli/test_extending.py`` runs both through the real pipeline, so this example cannot rot.
 """
 
 from __future__ import annotations

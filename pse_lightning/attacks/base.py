@@ -235,7 +235,7 @@ class Attack(ABC):
     Attributes:
         success_floor: the least share of attacked rows every config of this attack must
             break on a linear net with its configured settings
-            (``tests/test_attack_known_answers.py``, README "Extending"). 0.9 by default;
+            (``tests/attacks/test_attack_known_answers.py``, README "Extending"). 0.9 by default;
             a baseline that is not expected to break most inputs (random noise, a weak
             reference attack) declares a lower floor, e.g. ``success_floor = 0.0``.
     """

@@ -243,7 +243,7 @@ def partial_spearman(
     (R + 1). A free permutation of the residuals (Kennedy, 1995) rejects about 10% of
     true nulls when the control drives both variables (the residuals' spread then varies
     with the control in both alike); within-block permutation keeps that structure and
-    holds the nominal rate (tests/test_dissection_statistics.py).
+    holds the nominal rate (tests/analysis/test_dissection_statistics.py).
     """
     ex, ey = rank_residuals(x, control), rank_residuals(y, control)
     rho = correlation_rows(ex, ey)

@@ -37,7 +37,7 @@ from pse_lightning.analysis.pse.statistics import (
 )
 from pse_lightning.models import SmallCNN
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "analysis" / "pse.yaml"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "analysis" / "pse.yaml"
 
 
 class Linear(nn.Module):

@@ -533,7 +533,7 @@ def test_yaml_keys_are_the_constructor_kwargs(name: str, cls: type) -> None:
     from helpers import constructor_keys
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "dataset" / f"{name}.yaml"
+    conf = Path(__file__).resolve().parents[2] / "conf" / "dataset" / f"{name}.yaml"
     cfg = OmegaConf.load(conf)
     assert cfg._target_ == f"pse_lightning.data.{cls.__name__}"
     assert set(cfg.keys()) - {"_target_"} == constructor_keys(cls)

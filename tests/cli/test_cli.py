@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, choices_setting, group_choices
 
+# The smoke experiment cut to what these tests look at (how runs and grids are laid out,
+# not what the model learns): 256 training images, one epoch.
 QUICK = [
     "experiment=smoke",
+    "dataset.num_train=256",
+    "training.epochs=1",
     "logger=none",
     "dataset.eval_samples=16",
     "analysis=none",

@@ -3,7 +3,7 @@ end on tiny fixture trees with stand-in weights (random tensors in the real key 
 shapes) in a temporary torch hub cache, so nothing downloads.
 
 The end-to-end runs are the CLI in a subprocess (Hydra's multirun, the sweep callback),
-with CIFAR's MD5 check relaxed for the fake files as tests/test_real_data.py does; steps and
+with CIFAR's MD5 check relaxed for the fake files as tests/data/test_real_data.py does; steps and
 sample counts are shrunk by overrides. WideResNet-28-10 and ResNet-50 at 224 px on CPU keep
 them slow.
 """

@@ -59,7 +59,7 @@ def test_analysis_choice_instantiates(composed, choice: str) -> None:
     [
         pytest.param(
             c,
-            marks=pytest.mark.skip(reason="needs zoo weights: tests/test_zoo.py builds it"),
+            marks=pytest.mark.skip(reason="needs zoo weights: tests/models/test_zoo.py builds it"),
         )
         if c == "robustbench"
         else c
@@ -121,7 +121,7 @@ def test_grid_launchers_compose(launcher: str) -> None:
 
 def trained_variants() -> list[str]:
     """Training choices that train (training=none evaluates a ready model as it is), the
-    ablation's control aside (drift_at: experiment=pse_at_ablation, tests/test_study.py)."""
+    ablation's control aside (drift_at: experiment=pse_at_ablation, tests/training/test_study.py)."""
     return [c for c in group_choices("training") if c not in ("none", "drift_at")]
 
 

@@ -34,7 +34,7 @@ from pse_lightning.data import (
 )
 from pse_lightning.data.broden import nearest_resize
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 
 
 def batch(loader) -> tuple:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from pse_lightning import pipeline
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "extension"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "extension"
 
 
 def test_a_registered_attack_and_analysis_run_through_the_pipeline(
@@ -91,7 +91,7 @@ def test_the_readmes_extension_command_runs_from_the_cli(tmp_path: Path) -> None
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(EXAMPLE), "WANDB_MODE": "disabled"}
     base = [sys.executable, "-m", "pse_lightning",
             "hydra.searchpath=[file://examples/extension/conf]", "attack=brightness",

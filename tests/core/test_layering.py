@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pse_lightning"
+PACKAGE = Path(__file__).resolve().parents[2] / "pse_lightning"
 
 # package -> the pse_lightning packages it may import (besides itself).
 ALLOWED: dict[str, set[str]] = {
