@@ -13,10 +13,10 @@ training noise (each seed's model lands at its own accuracy) and the within-seed
 the d_s, with the one-sample t interval and t-test on S − 1 degrees of freedom
 (docs/METHODS.md §7.6): p and interval come from the same t distribution, so p < 0.05
 exactly when the 95 % interval excludes 0. It holds its level for S = 3 (tested under a
-planted seed-level null, tests/reporting/test_sweep_procedure.py). A bootstrap over 3 to 5 seeds would
-not: 3 seeds have 10 distinct resamples (5 seeds 126), and a percentile interval from them
-is too narrow (its spread is the plug-in SD, biased low by √((S − 1)/S), with normal
-rather than t quantiles).
+planted seed-level null, tests/reporting/test_sweep_procedure.py). A bootstrap over 3 to 5
+seeds would not: 3 seeds have 10 distinct resamples (5 seeds 126), and a percentile
+interval from them is too narrow (its spread is the plug-in SD, biased low by
+√((S − 1)/S), with normal rather than t quantiles).
 
 The test images are held fixed when every seed evaluates the same images: the claim then
 generalises over training seeds on this test set. With a different test set per seed

@@ -302,3 +302,28 @@ def test_standard_autoattack_matches_the_authors_standard_version(norm: str, eps
     assert theirs < clean - 0.1, "the referee must break a good share for this to mean much"
     assert theirs > 0.2, "an adversarially trained model must keep some robustness"
     assert abs(ours_robust - theirs) <= 0.01
+
+
+def test_more_targets_than_other_classes_is_capped_with_one_notice(caplog) -> None:
+    """AutoAttack's 9 targets on 6 classes: 5 targets, and one line saying so (not silent,
+    not once per batch)."""
+    import logging
+
+    import torch
+
+    from pse_lightning.attacks.losses import capped_targets_notice, runner_up_aims
+
+    capped_targets_notice.cache_clear()
+    logits = torch.randn(4, 6)
+    with caplog.at_level(logging.WARNING, logger="pse_lightning.attacks.losses"):
+        aims = runner_up_aims(logits, 9)
+        runner_up_aims(logits, 9)
+    assert [rank for _, rank in aims] == [1, 2, 3, 4, 5]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "attack.target_classes=9 is more than the 5 other classes of this dataset: "
+        "5 targets are attacked (the authors' AutoAttack caps it the same way)"
+    ]
+    caplog.clear()
+    runner_up_aims(torch.randn(2, 10), 9)
+    assert not caplog.records

@@ -121,7 +121,8 @@ def test_grid_launchers_compose(launcher: str) -> None:
 
 def trained_variants() -> list[str]:
     """Training choices that train (training=none evaluates a ready model as it is), the
-    ablation's control aside (drift_at: experiment=pse_at_ablation, tests/training/test_study.py)."""
+    ablation's control aside (drift_at: experiment=pse_at_ablation,
+    tests/training/test_study.py)."""
     return [c for c in group_choices("training") if c not in ("none", "drift_at")]
 
 

@@ -17,7 +17,8 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
 
-#: The private hook overridden here; tests/core/test_adapters.py checks it on the installed version.
+#: The private hook overridden here; tests/core/test_adapters.py checks it on the installed
+#: version.
 WRAP_COMPUTE = "_wrap_compute"
 
 

@@ -3,7 +3,8 @@
 Lightning offers no public way to rename a logger's run, or to set its job type, after
 the logger is built but before its run starts, nor to ask whether the run exists without
 starting it. The run's keyword arguments for ``wandb.init`` live in ``_wandb_init`` (a dict),
-its name in ``_name`` and the run in ``_experiment`` (None until started); tests/core/test_adapters.py
+its name in ``_name`` and the run in ``_experiment`` (None until started);
+tests/core/test_adapters.py
 fails when the installed Lightning changes them.
 """
 
