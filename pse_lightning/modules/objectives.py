@@ -174,9 +174,12 @@ class PSEObjective(AdversarialObjective):
             omega = self.unit_sensitivity / self.unit_sensitivity.sum().clamp_min(1e-12)
         return (drift * omega).sum(dim=1).mean()
 
-    def forward(
-        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
-    ) -> tuple[Tensor, Logs]:
+    def clean_and_adversarial(
+        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Clean logits and units (no gradient, no BatchNorm update), then the crafted
+        adversarial batch's logits and units (with gradient): what every PSE-type penalty
+        compares."""
         x_adv = self.craft(model, x, y, index)
         layer = self.layer or model.feature_layer
         with capture_activations(model, [layer]) as acts:
@@ -185,6 +188,12 @@ class PSEObjective(AdversarialObjective):
                 units = acts[layer].mean(dim=(2, 3))
             logits_adv = model(x_adv)
             units_adv = acts[layer].mean(dim=(2, 3))
+        return logits, logits_adv, units, units_adv
+
+    def forward(
+        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Logs]:
+        logits, logits_adv, units, units_adv = self.clean_and_adversarial(model, x, y, index)
         ce = F.cross_entropy(logits_adv, y)
         suppression, promotion = self.pse_terms(logits, logits_adv, y)
         drift = self.unit_drift(units, units_adv)
@@ -226,14 +235,7 @@ class MatchedDriftObjective(PSEObjective):
     def forward(
         self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None
     ) -> tuple[Tensor, Logs]:
-        x_adv = self.craft(model, x, y, index)
-        layer = self.layer or model.feature_layer
-        with capture_activations(model, [layer]) as acts:
-            with torch.no_grad():
-                logits = forward_without_buffer_updates(model, x)
-                units = acts[layer].mean(dim=(2, 3))
-            logits_adv = model(x_adv)
-            units_adv = acts[layer].mean(dim=(2, 3))
+        logits, logits_adv, units, units_adv = self.clean_and_adversarial(model, x, y, index)
         ce = F.cross_entropy(logits_adv, y)
         drift = logit_drift(logits, logits_adv)
         with torch.no_grad():
