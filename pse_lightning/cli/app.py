@@ -331,30 +331,73 @@ _task = hydra.main(version_base="1.3", config_path=str(config_dir()), config_nam
 
 
 class _WithoutAppendAdvice:
-    """``sys.stderr`` while Hydra composes the config: Hydra's advice for a key the chosen
-    file lacks ("To append to your config use +key=value") is dropped when the key is a typo
-    of one it has (the hint says which); everything else passes through unchanged."""
+    """``sys.stderr`` while Hydra composes the config: what Hydra writes is held back until
+    the config has composed (then passed on unchanged) or Hydra has refused it (then
+    :func:`one_line_hydra_error` prints it as one ``Error:`` line). Hydra's advice for a key
+    the chosen file lacks ("To append to your config use +key=value") is dropped when the
+    key is a typo of one it has (the hint says which)."""
 
     _ADVICE = "\nTo append to your config use +"
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.held: list[str] = []
 
     def write(self, text: str) -> int:
         if self._ADVICE in text and typo_hint(sys.argv[1:], config_dir()):
             head, _, tail = text.partition(self._ADVICE)
             _, newline, rest = tail.partition("\n")  # the advice ends at its line's end
             text = head + newline + rest
-        return self.stream.write(text)
+        self.held.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to flush while held (the stream is flushed when it is put back)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
 
-def restore_stderr() -> None:
-    """Put back the ``sys.stderr`` :func:`main` wrapped, once the config has composed."""
-    if isinstance(sys.stderr, _WithoutAppendAdvice):
-        sys.stderr = sys.stderr.stream
+#: Lines of Hydra's and OmegaConf's error text that locate rather than explain.
+_HYDRA_DETAIL = ("full_key:", "object_type=", "reference_type=", "provider=",
+                 "Set the environment variable HYDRA_FULL_ERROR")  # fmt: skip
+
+
+def one_line_hydra_error(text: str) -> str:
+    """Hydra's refusal (several lines: the message, OmegaConf's location details, a list
+    of available options, advice about HYDRA_FULL_ERROR) as one line: the message, and the
+    options joined after it."""
+    parts: list[str] = []
+    options: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip().removesuffix(".")
+        if line.startswith("Config search path"):
+            break  # then Hydra's table of where it looked: not the user's to fix
+        if not line or line.startswith(_HYDRA_DETAIL):
+            continue
+        if raw.startswith("\t") and parts and parts[-1].endswith(":"):
+            options.append(line)
+            continue
+        if options:
+            parts[-1] += " " + ", ".join(options)
+            options = []
+        parts.append(line.removeprefix("In 'config': "))
+    if options:
+        parts[-1] += " " + ", ".join(options)
+    return "; ".join(parts)
+
+
+def restore_stderr(refused: bool = False) -> None:
+    """Put back the ``sys.stderr`` :func:`main` wrapped, once the config has composed
+    (Hydra's held text passed on as written) or been refused (as one ``Error:`` line)."""
+    wrapped = sys.stderr
+    if not isinstance(wrapped, _WithoutAppendAdvice):
+        return
+    sys.stderr = wrapped.stream
+    text = "".join(wrapped.held)
+    if refused and text.strip() and not text.startswith("Error: "):
+        text = f"Error: {one_line_hydra_error(text)}\n"
+    sys.stderr.write(text)
 
 
 def main() -> None:
@@ -365,7 +408,7 @@ def main() -> None:
     try:
         _task()
     except SystemExit as stop:
-        restore_stderr()
+        restore_stderr(refused=stop.code not in (0, None))
         if stop.code not in (0, None):
             hint = override_hint(sys.argv[1:], config_dir()) or quoting_hint(sys.argv[1:])
             if hint:

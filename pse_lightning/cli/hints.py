@@ -37,6 +37,18 @@ def override_hint(argv: list[str], conf_dir: Path) -> str | None:
             chosen[key] = value
     for arg in overrides:
         name, value = arg.split("=", 1)
+        if "." in name or "," in value:
+            continue
+        if name in groups and value not in files.choices(name):
+            close = difflib.get_close_matches(value, files.choices(name), n=1)
+            if close:
+                return f"{name}={value} is not a choice of {name}: did you mean {name}={close[0]}?"
+        elif name not in groups and name not in files.top_level_keys():
+            close = difflib.get_close_matches(name, sorted(files.top_level_keys()), n=1)
+            if close:
+                return f"{name} is not a setting: did you mean {close[0]}? ({close[0]}={value})"
+    for arg in overrides:
+        name, value = arg.split("=", 1)
         group, _, rest = name.partition(".")
         choice = chosen.get(group)
         if group not in groups or not rest or not choice or "," in choice:

@@ -76,6 +76,10 @@ FAST = [
     ("checkpoint_missing", ["model_checkpoint={files}/missing.pt"], "model_checkpoint"),
     ("target_builtin", ["attack._target_=builtins.print"], "attack._target_"),
     ("multirun_eps", ["-m", "attack=pgd", "attack.eps=0.01,-1"], "attack.eps"),
+    # Refused by Hydra's composition: its several lines become one Error line (+ a Hint).
+    ("choice_unknown", ["attack=cww"], "attack/cww"),
+    ("key_typo_top_level", ["sed=3"], "sed"),
+    ("key_typo_in_group", ["attack.stpes=3"], "attack.stpes"),
 ]
 SLOW = [
     # value ranges and types
@@ -203,6 +207,16 @@ def test_a_bad_input_fails_in_one_line_before_any_work(
     args = [a.replace("{files}", str(files)) for a in args]
     result = run_bad(args, work)
     assert_refused_before_work(result, key.replace("{files}", str(files)), work)
+
+
+def test_hydras_refusals_get_a_did_you_mean(tmp_path: Path) -> None:
+    """The Hint line after Hydra's one-line refusal names what was meant."""
+    for args, hint in [
+        (["attack=cww"], "Hint: attack=cww is not a choice of attack: did you mean attack=cw?"),
+        (["sed=3"], "Hint: sed is not a setting: did you mean seed? (seed=3)"),
+    ]:
+        result = run_bad(args, tmp_path)
+        assert result.stderr.strip().splitlines()[-1] == hint, result.stderr
 
 
 def test_the_battery_has_at_least_40_inputs() -> None:
