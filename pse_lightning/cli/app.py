@@ -215,8 +215,11 @@ class _DropMessages(logging.Filter):
 # One instance per logger: addFilter ignores a filter already present, so every job of a
 # multirun calling quiet_third_party_noise() leaves one filter, not one per job.
 _DROPPED = {
-    # Lightning's cloud-logger advertisement on every Trainer is not a message.
-    "pytorch_lightning.utilities.rank_zero": _DropMessages("💡 Tip:"),
+    # Lightning's cloud-logger advertisement on every Trainer is not a message, nor is its
+    # report of accelerators that are absent (a GPU that is present but unused still shows).
+    "pytorch_lightning.utilities.rank_zero": _DropMessages(
+        "💡 Tip:", "GPU available: False, used: False", "TPU available: False"
+    ),
     # The interruption's own line names the signal (see stop_signals_raise).
     "pytorch_lightning.trainer.connectors.signal_connector": _DropMessages("Received SIGTERM"),
 }

@@ -372,3 +372,67 @@ def _wandb_summary(run_dir: Path) -> dict:
         check=True,
     ).stdout
     return json.loads(out)
+
+
+# A sitecustomize for the CLI process below: writes to findings.json's temporary file fail
+# with ENOSPC, as on a disk that fills up during the report.
+_FULL_DISK_SITE = """
+import errno, os
+_real = os.fdopen
+class _Full:
+    def __init__(self, handle):
+        self.handle = handle
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.handle.close()
+def _fdopen(fd, *args, **kwargs):
+    handle = _real(fd, *args, **kwargs)
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    return _Full(handle) if os.path.basename(target).startswith(".findings.json.") else handle
+os.fdopen = _fdopen
+"""
+
+
+@pytest.mark.slow  # a CLI evaluation run (about 15 s)
+def test_a_full_disk_mid_report_is_one_line_from_the_cli(make_cfg, tmp_path: Path) -> None:
+    """The command line's view of a full disk during the report: exit 1, one ``Error:``
+    line naming the full disk and the stage, no traceback, no complete-looking report file,
+    the run directory marked incomplete."""
+    weights = save_checkpoint(tmp_path / "random.pt", pipeline.build(make_cfg()).model, {})
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FULL_DISK_SITE)
+    env = {**os.environ, "PYTHONPATH": f"{site}:{ROOT}", "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pse_lightning", f"paths.root={tmp_path}/root", "attack=fgsm",
+         "analysis=none", "logger=none", "stage=evaluate", "dataset.eval_samples=16",
+         f"model_checkpoint={weights}", "trainer.enable_progress_bar=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 1, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), output
+    assert "no space left on device" in lines[0].lower() and "report" in lines[0], output
+    assert "Traceback" not in result.stderr, output
+    (run_dir,) = _run_dirs(tmp_path / "root")
+    assert not [name for name in REPORT_FILES if (run_dir / name).exists()], output
+    assert read_marker(run_dir)["status"] == "failed"
+
+
+def test_lightning_lines_with_nothing_to_say_are_dropped(caplog) -> None:
+    """Lightning's advertisement and its report of absent accelerators are dropped; a GPU
+    that is present but unused (worth knowing) still shows."""
+    from pse_lightning.cli.app import quiet_third_party_noise
+
+    quiet_third_party_noise()
+    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger="pytorch_lightning.utilities.rank_zero"):
+        for line in ("💡 Tip: try the cloud", "GPU available: False, used: False",
+                     "TPU available: False, using: 0 TPU cores",
+                     "GPU available: True (cuda), used: False"):  # fmt: skip
+            lightning.info(line)
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: True (cuda), used: False"]
