@@ -10,6 +10,7 @@ comparable.
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -17,7 +18,12 @@ import torchvision
 from torch import Tensor
 from typing_extensions import Unpack
 
-from pse_lightning.data.real import TorchvisionDataModule, TorchvisionOptions, uint8_images
+from pse_lightning.data.real import (
+    CorruptedData,
+    TorchvisionDataModule,
+    TorchvisionOptions,
+    uint8_images,
+)
 from pse_lightning.validation import require_at_least
 
 NATIVE_SIZE = 28
@@ -74,6 +80,28 @@ class MNISTDataModule(TorchvisionDataModule):
 
     def fetch(self) -> None:
         torchvision.datasets.MNIST(str(self.root), train=True, download=True)
+
+    def check_readable(self) -> None:
+        """Read each IDX file's header (magic 0x0801 or 0x0803, unsigned bytes, the sizes
+        of every dimension) and compare the size it declares with the file's, so a truncated
+        or fake file fails before any work, naming the file (the uncompressed files have no
+        published checksum)."""
+        for name in self.files:
+            path = self.root / name
+            dims = 3 if "images" in name else 1
+            with open(path, "rb") as handle:
+                head = handle.read(4 + 4 * dims)
+            expected = -1  # a wrong magic number or a short header: nothing to compare
+            if len(head) == 4 + 4 * dims and head[:4] == bytes((0, 0, 0x08, dims)):
+                expected = 4 + 4 * dims + math.prod(struct.unpack(f">{dims}I", head[4:]))
+            if expected != path.stat().st_size:
+                raise CorruptedData(
+                    f"dataset={self.name}: {path} is not an MNIST IDX file of "
+                    f"{'images' if dims == 3 else 'labels'} (its header or size is wrong: "
+                    f"truncated, damaged or another file) under dataset.root={self.root}; "
+                    "delete it and run with dataset.download=true on a machine that is "
+                    "online, or copy a good copy there"
+                )
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         try:

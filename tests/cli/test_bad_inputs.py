@@ -59,6 +59,12 @@ def make_bad_files(root: Path) -> Path:
     fake.mkdir(parents=True)
     for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
         (fake / name).write_bytes(b"fake")
+    # MNIST/raw with its four IDX files in place, but not MNIST's.
+    raw = root / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        for kind, dim in (("images", 3), ("labels", 1)):
+            (raw / f"{split}-{kind}-idx{dim}-ubyte").write_bytes(b"fake")
     return root
 
 
@@ -147,6 +153,7 @@ SLOW = [
     ),  # fmt: skip
     ("tree_empty", ["dataset=imagenet", "dataset.root={files}/empty"], "dataset.root"),
     ("cifar_fake", ["dataset=cifar10", "dataset.root={files}/cifar"], "data_batch_1"),
+    ("mnist_fake", ["dataset=mnist", "dataset.root={files}/mnist"], "train-images-idx3-ubyte"),
     ("cifar_missing", ["dataset=cifar10", "dataset.root={files}/empty"], "dataset.root"),
     ("mnist_missing", ["dataset=mnist", "dataset.root={files}/empty"], "dataset.root"),
     # multirun: every job is checked before job 0 runs

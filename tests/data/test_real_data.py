@@ -685,3 +685,19 @@ def test_broden_shuffled_order_is_a_seeded_permutation_of_the_file_order(tmp_pat
     assert any(order != in_file_order for order in orders.values())
     with pytest.raises(ValueError, match="dataset.shuffle"):
         broden(tmp_path / "broden", shuffle="yes")
+
+
+def test_mnist_files_are_checked_before_any_work(tmp_path: Path) -> None:
+    """Each IDX file's magic number and declared size against the file: good files pass, a
+    truncated or fake one fails naming the file (before setup reads anything)."""
+    write_mnist(tmp_path)
+    mnist(tmp_path).check_readable()
+    raw = tmp_path / "MNIST" / "raw"
+    labels = raw / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1])  # one label short
+    with pytest.raises(RuntimeError, match=r"train-labels-idx1-ubyte is not an MNIST IDX file"):
+        mnist(tmp_path).check_readable()
+    write_idx(labels, np.zeros(40, dtype=np.uint8))
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"fake")
+    with pytest.raises(RuntimeError, match=r"t10k-images-idx3-ubyte is not an MNIST IDX file"):
+        mnist(tmp_path).check_readable()
