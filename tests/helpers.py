@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +45,26 @@ def constructor_keys(obj: object) -> set[str]:
         options = getattr(sys.modules[target.__module__], found.group(1))
         keys |= options.__required_keys__ | options.__optional_keys__
     return keys
+
+
+#: The wandb command line of this environment (reads offline runs back).
+WANDB_CLI = Path(sys.executable).with_name("wandb")
+
+
+def wandb_inspect(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(state and summary, every record) of the one offline W&B run under ``run_dir``."""
+    import json
+    import subprocess
+
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+
+    def leet(*flags: str) -> str:
+        return subprocess.run(
+            [str(WANDB_CLI), "leet", "inspect", *flags, "--json", str(run)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    records = leet()
+    return json.loads(leet("--summary")), [json.loads(x) for x in records.splitlines() if x]

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import wandb_inspect as inspect
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -20,26 +19,6 @@ from pse_lightning import pipeline
 from pse_lightning.models.checkpoint import read_checkpoint
 from pse_lightning.reporting.loggers import RunLogger, run_name, safe_key, sweep_group
 from pse_lightning.reporting.wandb_run import key_results
-
-WANDB_CLI = Path(sys.executable).with_name("wandb")
-
-
-def inspect(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(state and summary, every record) of the one offline W&B run under ``run_dir``."""
-    (run,) = (run_dir / "wandb").glob("offline-run-*")
-    summary = subprocess.run(
-        [str(WANDB_CLI), "leet", "inspect", "--summary", "--json", str(run)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    records = subprocess.run(
-        [str(WANDB_CLI), "leet", "inspect", "--json", str(run)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(summary), [json.loads(line) for line in records.splitlines() if line]
 
 
 def run_record(records: list[dict]) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from conftest import TINY
-from helpers import ROOT
+from helpers import ROOT, wandb_inspect
 
 from pse_lightning import pipeline
 from pse_lightning.cli.app import stop_signals_raise, stopped_early
@@ -33,7 +33,6 @@ from pse_lightning.models.checkpoint import save_checkpoint
 from pse_lightning.reporting.sweep_jobs import collect_jobs
 
 REPORT_FILES = ("report.md", "findings.json", "metrics.json")
-WANDB_CLI = Path(sys.executable).with_name("wandb")
 
 
 # --- in-process: the mechanisms ------------------------------------------------------------
@@ -270,7 +269,7 @@ def test_a_signal_during_training_ends_in_one_line_and_resumes(
     state = read_marker(run_dir)
     assert state["status"] == "interrupted" and state["reason"] == signum.name
     assert not [name for name in REPORT_FILES if (run_dir / name).exists()]
-    summary = _wandb_summary(run_dir)
+    summary, _ = wandb_inspect(run_dir)
     assert summary["exit_code"] == 128 + signum and summary["state"] == "failed"
     assert summary["tags"] == ["incomplete"]
 
@@ -361,17 +360,6 @@ def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         return Full(handle) if Path(target).name.startswith(f".{name}.") else handle
 
     monkeypatch.setattr(atomic.os, "fdopen", fdopen)
-
-
-def _wandb_summary(run_dir: Path) -> dict:
-    (run,) = (run_dir / "wandb").glob("offline-run-*")
-    out = subprocess.run(
-        [str(WANDB_CLI), "leet", "inspect", "--summary", "--json", str(run)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)
 
 
 # A sitecustomize for the CLI process below: writes to findings.json's temporary file fail
