@@ -15,7 +15,7 @@ from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from pse_lightning import pipeline
+from pse_lightning import compare, pipeline
 from pse_lightning.attacks import PGD
 from pse_lightning.core.findings import Finding
 from pse_lightning.models import SmallCNN
@@ -367,3 +367,36 @@ def test_mark_findings_replaces_only_the_selected_robust_verdicts() -> None:
 def test_selection_stage_is_checked() -> None:
     with pytest.raises(ValueError, match="selection.stage"):
         Selection("choose")
+
+
+def _multirun_yaml(sweep: Path, selection: dict | None) -> None:
+    comparison = {"_target_": "pse_lightning.reporting.sweep.SweepComparison"}
+    if selection is not None:
+        comparison["selection"] = selection
+    saved = {"hydra": {"callbacks": {"comparison": comparison}}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(saved))
+
+
+def test_compare_rewrites_a_sweeps_comparison_with_its_own_selection(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep = _ablation_sweep(tmp_path, (0, 1, 2))
+    _multirun_yaml(sweep, {"stage": "select", "reference": "pgd_at"})
+    assert compare.main([str(sweep)]) == 0
+    assert str(sweep / "comparison.md") in capsys.readouterr().out
+    text = (sweep / "comparison.md").read_text()
+    assert "## Selection and confirmation" in text and SELECTED in text
+    # Without the callback's selection (a plain grid) no setting is marked.
+    _multirun_yaml(sweep, None)
+    assert compare.main([str(sweep)]) == 0
+    assert SELECTED not in (sweep / "comparison.md").read_text()
+
+
+def test_compare_names_a_wrong_folder_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert compare.main([str(tmp_path / "nope")]) == 2
+    assert compare.main([str(tmp_path)]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("Error: ") for line in errors)
+    assert "is not a folder" in errors[0] and "no completed job" in errors[1]
