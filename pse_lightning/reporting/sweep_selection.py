@@ -120,22 +120,23 @@ def rerun_command(selection: Selection, variants: list[str]) -> str:
 def mark_findings(
     findings: list[Finding], records: list[dict], status: dict[str, str], selection: Selection
 ) -> tuple[list[Finding], list[dict]]:
-    """Give every robust-accuracy Finding of a SELECTED variant against the reference the
-    verdict SELECTED (the judged verdict kept in its note and record): the selection must
-    not make the claim. Records are matched by their ``variant``, ``baseline`` and
-    ``measure`` fields."""
+    """Give every robust-accuracy Finding that involves a SELECTED variant, as the variant
+    (against the reference, or against its matched control) or as the baseline (a control
+    compared with a selected setting), the verdict SELECTED (the judged verdict kept in its
+    note and record): the seeds that picked a setting as a winner favour it in every
+    comparison on those seeds, so the selection must not make any of its claims. Records
+    are matched by their ``variant``, ``baseline`` and ``measure`` fields."""
     selected = sorted(v for v, s in status.items() if s == SELECTED)
     marked_f, marked_r = [], []
     for finding, record in zip(findings, records, strict=True):
-        hit = (
-            record.get("variant") in selected
-            and record.get("baseline") == selection.reference
-            and record.get("measure") == "robust"
+        hit = record.get("measure") == "robust" and (
+            record.get("variant") in selected or record.get("baseline") in selected
         )
         if hit:
+            picked = [str(record[k]) for k in ("variant", "baseline") if record[k] in selected]
             note = (
                 f"judged {finding.verdict} on the seeds that selected it; confirm on fresh "
-                f"seeds: {rerun_command(selection, [str(record['variant'])])}"
+                f"seeds: {rerun_command(selection, picked)}"
             )
             finding = replace(finding, verdict=SELECTED, note=note)
             record = record | {"verdict": SELECTED, "judged_verdict": record.get("verdict")}

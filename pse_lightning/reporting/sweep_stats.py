@@ -42,6 +42,11 @@ MIN_GAIN = 0.01
 # The smallest difference worth claiming between two training procedures (two points, the
 # size docs/METHODS.md §7.6 sizes the number of seeds for).
 PROCEDURE_GAIN = 0.02
+# The ablation's matched-strength control of a setting (docs/METHODS.md §6.5), compared with
+# it directly: "pse_at beats pgd_at, drift_control does not" (or both, or neither) is a
+# difference of verdicts, not a test of whether the PSE information adds anything beyond a
+# penalty of the same strength; only pse_at against drift_control on the same seeds is.
+MATCHED_CONTROLS = {"pse_at": "drift_control"}
 TEST = "exact McNemar, paired on the same images"
 MODELS_TEST = f"{TEST}: a comparison of two trained models"
 PROCEDURE_TEST = (
@@ -123,15 +128,19 @@ def variant_pairs(variants: list[str]) -> list[tuple[str, str, bool]]:
     """(variant, baseline, directional) to compare. Training variants have a known
     question: each against standard training and pse_at against pgd_at, one-directional
     claims (the variant is more robust); without standard, every variant against pgd_at
-    (the PSE-AT ablation: each setting against its reference); other variants (models of a
-    zoo) are compared in every pair, two-sided."""
+    (the PSE-AT ablation: each setting against its reference) and pse_at against its
+    matched-strength control (:data:`MATCHED_CONTROLS`); other variants (models of a zoo)
+    are compared in every pair, two-sided."""
     if "standard" in variants:
         pairs = [(v, "standard", True) for v in variants if v != "standard"]
         if "pse_at" in variants and "pgd_at" in variants:
             pairs.append(("pse_at", "pgd_at", True))
         return pairs
     if "pgd_at" in variants:
-        return [(v, "pgd_at", True) for v in variants if v != "pgd_at"]
+        pairs = [(v, "pgd_at", True) for v in variants if v != "pgd_at"]
+        pairs += [(v, control, True) for v, control in MATCHED_CONTROLS.items()
+                  if v in variants and control in variants]  # fmt: skip
+        return pairs
     return [(a, b, False) for a, b in combinations(variants, 2)]
 
 

@@ -364,6 +364,46 @@ def test_mark_findings_replaces_only_the_selected_robust_verdicts() -> None:
     assert marked[0]["judged_verdict"] == "supported" and "judged supported" in found[0].note
 
 
+def test_the_ablation_compares_pse_at_with_its_matched_control(tmp_path: Path) -> None:
+    """The control exists to answer "does the PSE information add anything beyond a penalty
+    of the same strength": pse_at against drift_control on the same seeds, a procedure claim
+    in the robust family, not two verdicts against pgd_at read side by side."""
+    settings = [("pgd_at", "pgd_at", None, 0.6), ("pse_at", "pse_at", (0.1,) * 3, 0.58),
+                ("drift_control", "drift_at", (0.1,) * 3, 0.5)]  # fmt: skip
+    num = 0
+    for label, training, lambdas, acc in settings:
+        for i, seed in enumerate((0, 1, 2)):
+            _job(tmp_path, num, label, seed, acc + 0.01 * i * (label == "pse_at"),
+                 _config(training, lambdas))  # fmt: skip
+            num += 1
+    write_comparison(tmp_path, SELECT)
+    record = json.loads((tmp_path / "comparison.json").read_text())
+    rows = [c for c in record["comparisons"]
+            if (c["variant"], c["baseline"], c["measure"]) == ("pse_at", "drift_control", "robust")
+            and c["over_seeds"]]  # fmt: skip
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["family"] == "training procedures" and row["directional"]
+    assert row["differences"] == pytest.approx([0.08, 0.09, 0.10])
+    assert "pse_at is more robust than drift_control" in (tmp_path / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("selected", ["pse_at", "drift_control"])
+def test_a_control_comparison_of_a_selected_setting_is_marked(selected: str) -> None:
+    """The seeds that selected a setting favour it against its control too."""
+    finding = Finding("k", "claim", "effect", "test", verdict="supported")
+    records = [
+        {"variant": "pse_at", "baseline": "drift_control", "measure": "robust",
+         "verdict": "supported"},
+        {"variant": "pse_at", "baseline": "drift_control", "measure": "clean",
+         "verdict": "supported"},
+    ]  # fmt: skip
+    found, marked = mark_findings([finding] * 2, records, {selected: SELECTED}, SELECT)
+    assert [f.verdict for f in found] == [SELECTED, "supported"]
+    assert marked[0]["judged_verdict"] == "supported"
+    assert f"ablation=pgd_at,{selected}" in found[0].note
+
+
 def test_selection_stage_is_checked() -> None:
     with pytest.raises(ValueError, match="selection.stage"):
         Selection("choose")
