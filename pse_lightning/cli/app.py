@@ -31,7 +31,7 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -75,9 +75,10 @@ class UserError(CompactHydraException):
     """An :class:`InputError` as Hydra prints it: the message alone, no traceback."""
 
 
-def check(cfg: DictConfig, choices: dict[str, Any]) -> None:
-    """All checks that need no data: the config, the accelerator, the checkpoint."""
-    check_config(cfg, choices, config_dir())
+def check(cfg: DictConfig, choices: dict[str, Any], searchpath: Sequence[str] = ()) -> None:
+    """All checks that need no data: the config (``searchpath``: Hydra's search path when
+    ``cfg`` has no ``hydra`` node), the accelerator, the checkpoint."""
+    check_config(cfg, choices, config_dir(), searchpath)
     check_environment(cfg, choices.get("trainer"))
 
 
@@ -292,15 +293,19 @@ def stopped_early(cfg: DictConfig, what: str) -> str:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One job: check (again, for multirun jobs: an earlier job may have changed what it
-    finds), import the pipeline, run it."""
+    finds), import the pipeline, run it.
+
+    The only place that reads Hydra's global state (``HydraConfig``): what the job needs of
+    it (choices, overrides, search path, sweep group) is handed down explicitly."""
+    hydra_cfg = HydraConfig.get()
     try:
         with stop_signals_raise():
-            if not (_CHECKED and HydraConfig.get().mode == RunMode.RUN):
-                check(cfg, dict(HydraConfig.get().runtime.choices))
+            if not (_CHECKED and hydra_cfg.mode == RunMode.RUN):
+                check(cfg, dict(hydra_cfg.runtime.choices), list(hydra_cfg.searchpath))
             quiet_third_party_noise()
             from pse_lightning import pipeline
 
-            results = pipeline.run(cfg, pipeline.JobContext.from_hydra(HydraConfig.get()))
+            results = pipeline.run(cfg, pipeline.JobContext.from_hydra(hydra_cfg))
     except Interrupted as stop:
         line = stopped_early(cfg, f"Interrupted ({stop.signal_name})")
         log_to_files(line)
@@ -308,7 +313,7 @@ def run_job(cfg: DictConfig) -> float | None:
         raise SystemExit(stop.exit_code) from None
     except InputError as err:
         log_to_files(str(err), sys.exc_info())
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
             raise UserError(one_line(err)) from err  # Hydra names the job's overrides first
         report_and_exit(err)
     except OSError as err:

@@ -167,17 +167,19 @@ def value_of(node: DictConfig, key: str) -> object:
         return NO_VALUE
 
 
-def search_path_dirs(cfg: DictConfig) -> list[Path]:
+def search_path_dirs(cfg: DictConfig, searchpath: Sequence[str] = ()) -> list[Path]:
     """The config folders ``hydra.searchpath`` adds (``file://`` entries, relative to the
-    working directory as Hydra reads them; ``pkg://`` entries resolved by import)."""
+    working directory as Hydra reads them; ``pkg://`` entries resolved by import).
+
+    Args:
+        cfg: the composed config; its ``hydra.searchpath`` is used when it has a ``hydra``
+            node.
+        searchpath: the search path for a job's config without its ``hydra`` node, as the
+            entry point hands it down (nothing here reads Hydra's global state).
+    """
     entries = OmegaConf.select(cfg, "hydra.searchpath", default=None)
     if entries is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            entries = HydraConfig.get().searchpath
-        except ValueError:  # not inside a Hydra run (the Python API)
-            entries = []
+        entries = searchpath
     dirs = []
     for entry in entries or []:
         scheme, _, where = str(entry).partition("://")
@@ -190,15 +192,22 @@ def search_path_dirs(cfg: DictConfig) -> list[Path]:
     return dirs
 
 
-def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: Path) -> None:
+def check_config(
+    cfg: DictConfig,
+    choices: Mapping[str, str | None],
+    conf_dir: Path,
+    searchpath: Sequence[str] = (),
+) -> None:
     """Raise :class:`InputError` for the first key of ``cfg`` the code cannot use.
 
     Args:
         cfg: the composed config (with or without its ``hydra`` node).
         choices: the chosen file of each group (``hydra.runtime.choices``).
         conf_dir: the config directory the config was composed from.
+        searchpath: ``hydra.searchpath`` for a config without its ``hydra`` node (a job's
+            config inside the run).
     """
-    files = ConfigFiles(conf_dir, search_path_dirs(cfg))
+    files = ConfigFiles(conf_dir, search_path_dirs(cfg, searchpath))
     _check_top_level(cfg, files)
     check_required_values(cfg)
     _check_seed(value_of(cfg, "seed"))
