@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -38,7 +39,7 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, ConfigCompositionException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -142,12 +143,19 @@ def check_sweep(config: DictConfig) -> None:
     if not jobs:
         return
     loader = GlobalHydra.instance().config_loader()
-    configs = [loader.load_sweep_config(config, overrides) for overrides in jobs]
     varied = {arg for overrides in jobs for arg in overrides if any(arg not in o for o in jobs)}
 
     def where(number: int) -> str:
         shown = [arg for arg in jobs[number] if arg in varied]
         return f"job {number} of {len(jobs)} ({' '.join(shown) or 'no overrides'})"
+
+    configs = []
+    for number, overrides in enumerate(jobs):
+        try:
+            configs.append(loader.load_sweep_config(config, overrides))
+        except ConfigCompositionException as err:  # as a single run's refusal: one line
+            text = f"{err}\n{err.__cause__ or ''}"
+            raise InputError(f"{where(number)}: {one_line_hydra_error(text)}") from err
 
     for number, job in enumerate(configs):
         try:
@@ -371,10 +379,24 @@ _HYDRA_DETAIL = ("full_key:", "object_type=", "reference_type=", "provider=",
                  "Set the environment variable HYDRA_FULL_ERROR")  # fmt: skip
 
 
+#: Hydra's refusal of an override whose key the config lacks.
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'.*is not in struct", re.DOTALL)
+#: Where the settings are listed, for a key that is not one of them.
+SETTINGS_HELP = "`python -m pse_lightning --help` lists the settings and the config groups"
+
+
 def one_line_hydra_error(text: str) -> str:
     """Hydra's refusal (several lines: the message, OmegaConf's location details, a list
     of available options, advice about HYDRA_FULL_ERROR) as one line: the message, and the
-    options joined after it."""
+    options joined after it.
+
+    An override of a key the config lacks becomes ``<key> is not a setting: <where the
+    settings are listed>``, phrased as the "did you mean" hint; Hydra's advice to append it
+    with ``+key`` is left out (the constructor would refuse it next; the Hint line says when
+    a target does take such a key)."""
+    unknown = _UNKNOWN_KEY.search(text)
+    if unknown:
+        return f"{unknown.group(1)} is not a setting: {SETTINGS_HELP}"
     parts: list[str] = []
     options: list[str] = []
     for raw in text.splitlines():
