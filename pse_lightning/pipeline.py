@@ -60,6 +60,7 @@ from pse_lightning.reporting.loggers import (
     run_config,
     run_name,
     start_run,
+    sweep_group,
 )
 from pse_lightning.reporting.report import flatten_params
 from pse_lightning.validation import (
@@ -86,11 +87,15 @@ class JobContext:
         overrides: the job's command-line overrides as typed (``attack.eps=0.01``).
         path_keys: the keys Hydra leaves out of a job's folder name (paths), left out of
             run names too.
+        group: the experiment logger's group for the jobs of one multirun
+            (``sweep-<date>-<time>``, :func:`~pse_lightning.reporting.loggers.sweep_group`);
+            None for a single run and the Python API.
     """
 
     choices: Mapping[str, str] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()
     path_keys: tuple[str, ...] = ()
+    group: str | None = None
 
     @classmethod
     def from_hydra(cls, hydra_cfg: Any) -> JobContext:
@@ -102,6 +107,7 @@ class JobContext:
             choices=choices,
             overrides=tuple(str(o) for o in hydra_cfg.overrides.task),
             path_keys=tuple(str(k) for k in exclude),
+            group=sweep_group(hydra_cfg),
         )
 
 
@@ -268,7 +274,7 @@ def start_stage(
         overrides=name_overrides(list(job.overrides), list(job.path_keys)),
     )
     config = run_config(OmegaConf.to_container(cfg, resolve=True), choices)
-    start_run(parts.logger, name=name, job_type=job_type, config=config)
+    start_run(parts.logger, name=name, job_type=job_type, config=config, group=job.group)
 
 
 def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:

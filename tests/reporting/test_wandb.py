@@ -68,6 +68,28 @@ def test_set_identity_fixes_name_and_job_type_only_before_the_run_starts(tmp_pat
         logger.set_identity(name=None, job_type="test")
 
 
+def test_the_sweep_group_is_handed_down_by_the_entry_point(tmp_path: Path) -> None:
+    """The job's ``hydra`` node gives the group (JobContext), the first stage sets it on the
+    unstarted run; a group given in the logger's config wins; no global Hydra state read."""
+    from pse_lightning.reporting.loggers import start_run, wandb_logger
+
+    node = OmegaConf.create({
+        "mode": "MULTIRUN", "sweep": {"dir": "/x/multirun/2026-12-01/22-48-56"},
+        "runtime": {"choices": {"attack": "pgd"}}, "overrides": {"task": ["attack=pgd"]},
+        "job": {"config": {"override_dirname": {"exclude_keys": []}}},
+    })  # fmt: skip
+    job = pipeline.JobContext.from_hydra(node)
+    assert job.group == "sweep-2026-12-01-22-48-56"
+    assert pipeline.JobContext.from_hydra(OmegaConf.merge(node, {"mode": "RUN"})).group is None
+    logger = wandb_logger(mode="disabled", save_dir=str(tmp_path))
+    assert logger._wandb_init.get("group") is None  # nothing until the job hands it over
+    start_run(logger, name="n", job_type="evaluate", config={}, group=job.group)
+    assert logger._wandb_init["group"] == "sweep-2026-12-01-22-48-56"
+    own = wandb_logger(mode="disabled", save_dir=str(tmp_path), group="mine")
+    start_run(own, name="n", job_type="evaluate", config={}, group=job.group)
+    assert own._wandb_init["group"] == "mine"
+
+
 def logged_table(records: list[dict], name: str) -> tuple[list[dict], Callable]:
     """(rows as dicts, cell -> pixel array) of a table logged to the run.
 
