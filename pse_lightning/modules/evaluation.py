@@ -68,15 +68,17 @@ def compute_analyses(analyses: Mapping[str, Analysis]) -> dict[str, AnalysisResu
     compute one after another: ``compute`` synchronises, and collectives must be issued in
     the same order on every rank.
     """
-    if len(analyses) < 2 or rank_world()[1] > 1:
-        return {name: _compute(analysis) for name, analysis in analyses.items()}
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="analysis") as pool:
-        futures = {name: pool.submit(_compute, analysis) for name, analysis in analyses.items()}
-        return {name: future.result() for name, future in futures.items()}
+    with torch_threads(1):  # set here once: two workers setting and restoring it would race
+        if len(analyses) < 2 or rank_world()[1] > 1:
+            return {name: analysis.compute() for name, analysis in analyses.items()}
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="analysis") as pool:
+            futures = {name: pool.submit(_compute, a) for name, a in analyses.items()}
+            return {name: future.result() for name, future in futures.items()}
 
 
 def _compute(analysis: Analysis) -> AnalysisResult:
-    # Per thread: with OpenMP, torch's thread count is a setting of the calling thread.
+    # Again in the worker: where torch's thread count is a per-thread setting (some OpenMP
+    # builds) a new thread starts from the default; elsewhere this is a no-op.
     with torch_threads(1):
         return analysis.compute()
 
