@@ -262,3 +262,22 @@ def test_examples_table_joins_the_analyses_maps_by_dataset_index(tmp_path: Path)
     assert [r["index"] for r in rows] == [2, 5, 7] and rows[2]["promotion"] is None
     assert np.abs(png(rows[0]["promotion"])[1, 2, :3] - top).max() <= 1
     assert rows[0]["cam_clean"] is None and rows[2]["cam_clean"] is not None
+
+
+def test_run_names_leave_out_what_every_job_of_a_sweep_shares(tmp_path: Path) -> None:
+    """A multirun job's name says what it varies: the command line's overrides that every
+    job received verbatim (the sweep's multirun.yaml) are left out; a single run keeps all."""
+    sweep = tmp_path / "multirun" / "2026-12-01" / "22-48-56"
+    sweep.mkdir(parents=True)
+    typed = ["experiment=smoke", "training.epochs=1", "attack.eps=0.01,0.02"]
+    (sweep / "multirun.yaml").write_text(
+        OmegaConf.to_yaml({"hydra": {"overrides": {"task": typed}}})
+    )
+    node = OmegaConf.create({
+        "mode": "MULTIRUN", "sweep": {"dir": str(sweep)}, "runtime": {"choices": {}},
+        "overrides": {"task": ["experiment=smoke", "training.epochs=1", "attack.eps=0.02"]},
+        "job": {"config": {"override_dirname": {"exclude_keys": []}}},
+    })  # fmt: skip
+    assert pipeline.JobContext.from_hydra(node).shared == ("experiment", "training.epochs")
+    single = OmegaConf.merge(node, {"mode": "RUN"})
+    assert pipeline.JobContext.from_hydra(single).shared == ()
