@@ -30,14 +30,21 @@ TINY = [
 # What each test exercises (README "Tests"): `make test-unit` runs the `unit` ones. A test
 # is marked by what its own body calls: `cli` starts a process (`python -m pse_lightning`,
 # pip, spawned ranks), `pipeline` runs Lightning or the pipeline's stages (training, the
-# test loop) or uses the session's trained checkpoint, `unit` is everything else. A mark set
-# by hand (`pytestmark = pytest.mark.pipeline`, or on the test) takes precedence; `slow` is
-# always set by hand.
+# test loop, an analysis's report with its figures) or uses the session's trained
+# checkpoint, `unit` is everything else. A mark set by hand (`pytestmark =
+# pytest.mark.pipeline`, or on the test) takes precedence: the full-size cross-checks
+# against the authors' or a peer library's code are marked pipeline by hand (seconds each);
+# `slow` is always set by hand.
 KINDS = ("unit", "pipeline", "cli")
-CLI_CALLS = ("run_cli(", "subprocess.", ".spawn(", 'get_context("spawn")')
+# A helper that starts a process counts as its call (run_bad: test_bad_inputs's runner;
+# wandb_inspect: the `wandb` command line); the guard below fails a unit test that starts
+# one anyway, so a helper missing here shows up as a failing test, not as a slow unit suite.
+CLI_CALLS = (
+    "run_cli(", "run_bad(", "subprocess.", ".spawn(", 'get_context("spawn")', "wandb_inspect(",
+)  # fmt: skip
 PIPELINE_CALLS = (
     "pipeline.run(", "pipeline.trained_model(", "pipeline.evaluate(", "pipeline.fit(",
-    "Trainer(", ".fit(", "trainer.test(", "shared=True",
+    "Trainer(", ".fit(", "trainer.test(", "shared=True", ".report(",
 )  # fmt: skip
 PIPELINE_FIXTURES = frozenset({"trained_checkpoint"})
 
@@ -71,6 +78,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         kind = exercised_kind(item)
         if item.get_closest_marker(kind) is None:
             item.add_marker(getattr(pytest.mark, kind))
+
+
+def _refuse(what: str, mark: str) -> Callable[..., None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(
+            f'a test marked unit {what}: mark it {mark} (tests/conftest.py, README "Tests")'
+        )
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_stays_in_process(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test marked unit that starts a process, trains or runs a Lightning loop fails: the
+    marks say what a test costs (``make test-unit`` runs the unit ones)."""
+    if exercised_kind(request.node) != "unit":
+        return
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("starts a process", "cli"))
+    lightning = sys.modules.get("pytorch_lightning")  # imported by the modules that train
+    if lightning is not None:
+        for loop in ("fit", "validate", "test", "predict"):
+            monkeypatch.setattr(
+                lightning.Trainer, loop, _refuse(f"runs Trainer.{loop}", "pipeline")
+            )
 
 
 @pytest.fixture(autouse=True, scope="session")
