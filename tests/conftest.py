@@ -117,9 +117,15 @@ def _offline_wandb(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_CONFIG_DIR"] = str(home / "config")
     os.environ["WANDB_CACHE_DIR"] = str(home / "cache")
     os.environ["WANDB_DATA_DIR"] = str(home / "data")
-    # Under pytest-xdist (`make test`: one worker per core) each worker keeps one thread.
+    # Under pytest-xdist (`make test`: one worker per core) each worker keeps one thread, and
+    # so do the processes its tests start (the CLI, spawned ranks): two threads per process
+    # beside a busy worker wait at barriers (core/threads.py) and cost far more CPU. A
+    # thread count set in the environment is kept.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // workers))
+    threads = max(1, min(2, torch.get_num_threads()) // workers)
+    torch.set_num_threads(threads)
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(scope="session")
