@@ -28,7 +28,8 @@ run: $(STAMP)  ## the main job on the embedded default (pass ARGS="key=value ...
 test: $(STAMP)  ## the fast test suite
 	$(PY) -m pytest -n 2 --dist worksteal $(ARGS)
 
-# Tests marked unit (tests/conftest.py says how a test is marked): no training, no subprocess.
+# Tests marked unit (tests/conftest.py says how a test is marked, and fails a unit test that
+# starts a process or runs a Lightning loop): no training, no test loop, no subprocess.
 test-unit: $(STAMP)  ## the unit tests only: no training, no test loop, no subprocess
 	$(PY) -m pytest -n 2 --dist worksteal -m "unit and not slow" $(ARGS)
 
