@@ -720,6 +720,7 @@ def test_report_uses_only_the_result(tmp_path: Path) -> None:
     assert "8 images." in section.markdown
 
 
+@pytest.mark.unit  # report() refuses before drawing anything
 def test_report_of_a_foreign_result_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PSE.compute"):
         PSE().report(AnalysisResult({}, {}), tmp_path, [])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import wandb_inspect as inspect
+from helpers import wandb_inspect
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -114,7 +114,7 @@ def logged_table(records: list[dict], name: str) -> tuple[list[dict], Callable]:
 def test_training_then_evaluation_runs_read_back(make_cfg, tmp_path: Path) -> None:
     fit_cfg = make_cfg("logger=wandb", "attack=fgsm", "stage=fit")
     pipeline.run(fit_cfg)
-    state, records = inspect(Path(fit_cfg.paths.run_dir))
+    state, records = wandb_inspect(Path(fit_cfg.paths.run_dir))
     run = run_record(records)
     assert run["display_name"] == "fgsm-smallcnn-shapes-standard-s0"
     assert run["job_type"] == "train" and state["exit_code"] == 0
@@ -131,7 +131,7 @@ def test_training_then_evaluation_runs_read_back(make_cfg, tmp_path: Path) -> No
     )  # fmt: skip
     results = pipeline.run(cfg)
     run_dir = Path(cfg.paths.run_dir)
-    state, records = inspect(run_dir)
+    state, records = wandb_inspect(run_dir)
     assert run_record(records)["job_type"] == "evaluate"
     summary = state["summary"]
     assert "epoch" not in summary and "trainer/global_step" not in summary
@@ -178,7 +178,7 @@ def test_multirun_jobs_share_a_sweep_group_and_are_named_by_choice(tmp_path: Pat
     run_cli(["-m", *args], tmp_path)
     jobs = sorted(p.parent for p in (tmp_path / "multirun").glob("*/*/*/metrics.json"))
     assert len(jobs) == 2
-    runs = [run_record(inspect(job)[1]) for job in jobs]
+    runs = [run_record(wandb_inspect(job)[1]) for job in jobs]
     sweep = jobs[0].parent
     assert {r["run_group"] for r in runs} == {f"sweep-{sweep.parent.name}-{sweep.name}"}
     assert [r["display_name"] for r in runs] == [
@@ -257,7 +257,7 @@ def test_examples_table_joins_the_analyses_maps_by_dataset_index(tmp_path: Path)
     run = wandb.init(mode="offline", dir=str(tmp_path), project="t")
     run.log({"examples/adversarial": table})
     run.finish()
-    _, records = inspect(tmp_path)
+    _, records = wandb_inspect(tmp_path)
     rows, png = logged_table(records, "examples/adversarial.table.json")
     assert [r["index"] for r in rows] == [2, 5, 7] and rows[2]["promotion"] is None
     assert np.abs(png(rows[0]["promotion"])[1, 2, :3] - top).max() <= 1
