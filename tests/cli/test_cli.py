@@ -150,7 +150,9 @@ def test_data_root_without_the_data_fails_in_the_preflight_and_leaves_nothing(
     args = [f"dataset={dataset}", f"dataset.root={root}", f"paths.root={tmp_path}"]
     result = run_cli([*args, "logger=wandb"], tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    (line,) = result.stderr.splitlines()
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    (line,) = lines
     assert line.startswith(message) and str(root) in line
     expected = ["data_root"] if dataset == "imagenet" else []
     assert sorted(p.name for p in tmp_path.iterdir()) == expected, "a run directory was made"

@@ -68,6 +68,7 @@ def test_set_identity_fixes_name_and_job_type_only_before_the_run_starts(tmp_pat
         logger.set_identity(name=None, job_type="test")
 
 
+@pytest.mark.cli  # start_run starts the W&B service process
 def test_the_sweep_group_is_handed_down_by_the_entry_point(tmp_path: Path) -> None:
     """The job's ``hydra`` node gives the group (JobContext), the first stage sets it on the
     unstarted run; a group given in the logger's config wins; no global Hydra state read."""
