@@ -34,18 +34,21 @@ from torch import Tensor
 
 
 def seed_t_test(
-    differences: Tensor, confidence: float = 0.95
+    differences: Tensor, confidence: float = 0.95, alternative: str = "two-sided"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One-sample t-test and interval of the mean of per-seed differences, batched.
 
     Args:
         differences: (..., S) per-seed differences d_s, S >= 2 seeds in the last dimension.
         confidence: two-sided coverage of the interval.
+        alternative: "two-sided" (mean ≠ 0), "greater" (mean > 0: p = P(T >= t)) or "less"
+            (p = P(T <= t)), T Student's t on S − 1 df.
 
     Returns:
         (mean, sd, low, high, p), each (...) float64: the mean difference, the seed-to-seed
-        SD (n − 1), the t interval mean ± t_{S−1} · sd / √S and the two-sided t-test p of
-        mean = 0. With sd = 0 the interval is the mean and p is 1 for a mean of 0, else 0.
+        SD (n − 1), the two-sided t interval mean ± t_{S−1} · sd / √S and the t-test p of
+        mean = 0 against ``alternative``. With sd = 0 the interval is the mean and p is 1
+        where the mean is 0 or on the other side of it, else 0.
 
     Raises:
         ValueError: fewer than 2 seeds.
@@ -58,24 +61,34 @@ def seed_t_test(
     se = sd / math.sqrt(seeds)
     df = seeds - 1
     half = float(stdtrit(df, 0.5 + confidence / 2)) * se
-    t = mean.abs() / se
-    p = torch.as_tensor(2 * stdtr(df, -t.numpy()), dtype=mean.dtype)
-    p = torch.where(se > 0, p, (mean == 0).double())
+    if alternative == "two-sided":
+        p = torch.as_tensor(2 * stdtr(df, -(mean.abs() / se).numpy()), dtype=mean.dtype)
+        exact = (mean == 0).double()
+    elif alternative in ("greater", "less"):
+        sign = 1.0 if alternative == "greater" else -1.0
+        p = torch.as_tensor(stdtr(df, -(sign * mean / se).numpy()), dtype=mean.dtype)
+        exact = (sign * mean <= 0).double()
+    else:
+        raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
+    p = torch.where(se > 0, p, exact)
     return mean, sd, mean - half, mean + half, p
 
 
-def procedure_difference(pairs: Sequence[tuple[Tensor, Tensor]]) -> dict[str, object]:
+def procedure_difference(
+    pairs: Sequence[tuple[Tensor, Tensor]], alternative: str = "two-sided"
+) -> dict[str, object]:
     """Two procedures compared over seeds, from each seed's paired per-image outcomes.
 
     Args:
         pairs: one (correct_a, correct_b) per seed, (N_s,) bool each, aligned image by image
             (procedure A's and B's models of that seed on the same test images).
+        alternative: of the t-test (:func:`seed_t_test`): one-sided for a directional claim.
 
     Returns:
         ``acc_variant`` and ``acc_baseline`` (per-seed accuracies), ``differences`` (d_s),
         ``difference`` (their mean), ``sd_difference`` (seed-to-seed SD), ``ci_low``,
-        ``ci_high``, ``p`` (two-sided, t on S − 1 df), ``seeds`` (S) and ``n`` (images per
-        seed, the smallest).
+        ``ci_high`` (95 %), ``p`` (against ``alternative``, t on S − 1 df), ``seeds`` (S)
+        and ``n`` (images per seed, the smallest).
 
     Raises:
         ValueError: fewer than 2 seeds.
@@ -83,7 +96,9 @@ def procedure_difference(pairs: Sequence[tuple[Tensor, Tensor]]) -> dict[str, ob
     acc_a = [float(a.double().mean()) for a, _ in pairs]
     acc_b = [float(b.double().mean()) for _, b in pairs]
     diffs = [x - y for x, y in zip(acc_a, acc_b, strict=True)]
-    mean, sd, low, high, p = seed_t_test(torch.tensor(diffs, dtype=torch.float64))
+    mean, sd, low, high, p = seed_t_test(
+        torch.tensor(diffs, dtype=torch.float64), alternative=alternative
+    )
     return {
         "acc_variant": acc_a,
         "acc_baseline": acc_b,
