@@ -140,13 +140,20 @@ def verdict(f: Finding, p_holm: float, simultaneous: tuple[float, float] | None 
     return INCONCLUSIVE
 
 
-def rule_text(what: str = "table") -> str:
-    """The sentence under a Findings table that says how its verdicts were made."""
+def rule_text(what: str = "table", simultaneous: bool = False) -> str:
+    """The sentence under a Findings table that says how its verdicts were made;
+    ``simultaneous``: "not supported" read from the simultaneous intervals (the sweep's)."""
+    interval = (
+        f"simultaneous interval (level 1 − {ALPHA}/m, m the tested claims of this {what}; "
+        "the 95 % interval when m = 1)"
+        if simultaneous
+        else "interval"
+    )
     return (
         f"Holm's correction runs over every tested p-value in this {what}. Each claim's "
         "p-value and interval come from the one resampling scheme its test column names. "
         f"Supported: the corrected test rejects at {ALPHA} and the 95 % interval excludes "
-        "no effect, in the claimed direction. Not supported: the interval excludes every "
+        f"no effect, in the claimed direction. Not supported: the {interval} excludes every "
         "effect of the claimed size, or the test rejects the other way. Otherwise "
         "inconclusive at this sample size. Untestable: measured, but this run cannot test "
         "it (the row says why). Method: docs/METHODS.md §7.13."
