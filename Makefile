@@ -23,12 +23,15 @@ run: $(STAMP)  ## the main job on the embedded default (pass ARGS="key=value ...
 	$(PY) -m pse_lightning $(ARGS)
 
 # Two workers (pytest-xdist), one per core; each test's torch uses one thread there.
+# worksteal: an idle worker takes queued tests from the busy one, so a few long tests left
+# at the end of one worker's share do not decide the wall time.
 test: $(STAMP)  ## the fast test suite
-	$(PY) -m pytest -n 2 $(ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal $(ARGS)
 
-# Tests marked unit (tests/conftest.py says how a test is marked): no training, no subprocess.
+# Tests marked unit (tests/conftest.py says how a test is marked, and fails a unit test that
+# starts a process or runs a Lightning loop): no training, no test loop, no subprocess.
 test-unit: $(STAMP)  ## the unit tests only: no training, no test loop, no subprocess
-	$(PY) -m pytest -n 2 -m "unit and not slow" $(ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal -m "unit and not slow" $(ARGS)
 
 test-all: $(STAMP)  ## every test, the slow ones (DDP, multirun, cross-checks) included
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)

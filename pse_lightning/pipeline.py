@@ -60,6 +60,7 @@ from pse_lightning.reporting.loggers import (
     run_config,
     run_name,
     start_run,
+    sweep_group,
 )
 from pse_lightning.reporting.report import flatten_params
 from pse_lightning.validation import (
@@ -86,11 +87,18 @@ class JobContext:
         overrides: the job's command-line overrides as typed (``attack.eps=0.01``).
         path_keys: the keys Hydra leaves out of a job's folder name (paths), left out of
             run names too.
+        group: the experiment logger's group for the jobs of one multirun
+            (``sweep-<date>-<time>``, :func:`~pse_lightning.reporting.loggers.sweep_group`);
+            None for a single run and the Python API.
+        shared: the keys every job of the multirun was given the same value of (the command
+            line's, without a sweep), left out of run names: a name says what the job varies.
     """
 
     choices: Mapping[str, str] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()
     path_keys: tuple[str, ...] = ()
+    group: str | None = None
+    shared: tuple[str, ...] = ()
 
     @classmethod
     def from_hydra(cls, hydra_cfg: Any) -> JobContext:
@@ -102,7 +110,25 @@ class JobContext:
             choices=choices,
             overrides=tuple(str(o) for o in hydra_cfg.overrides.task),
             path_keys=tuple(str(k) for k in exclude),
+            group=sweep_group(hydra_cfg),
+            shared=shared_overrides(hydra_cfg),
         )
+
+
+def shared_overrides(hydra_cfg: Any) -> tuple[str, ...]:
+    """The keys a multirun's command line set without a sweep (the same for every job), read
+    from the sweep's ``multirun.yaml`` (Hydra writes it before the first job, for every
+    launcher). Empty for a single run."""
+    if not str(OmegaConf.select(hydra_cfg, "mode", default="")).endswith("MULTIRUN"):
+        return ()
+    saved = Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml"
+    if not saved.is_file():
+        return ()
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    typed = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=None) or []
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in typed])
+    return tuple(o.get_key_element() for o in parsed if not o.is_sweep_override())
 
 
 @dataclass
@@ -265,10 +291,14 @@ def start_stage(
         dataset=choices.get("dataset") or parts.datamodule.name,
         training=choices.get("training") or str(cfg.training.name),
         seed=cfg.seed,
-        overrides=name_overrides(list(job.overrides), list(job.path_keys)),
+        overrides=[
+            o
+            for o in name_overrides(list(job.overrides), list(job.path_keys))
+            if o.split("=", 1)[0] not in job.shared
+        ],
     )
     config = run_config(OmegaConf.to_container(cfg, resolve=True), choices)
-    start_run(parts.logger, name=name, job_type=job_type, config=config)
+    start_run(parts.logger, name=name, job_type=job_type, config=config, group=job.group)
 
 
 def resume_key(cfg: DictConfig, identity: dict[str, Any]) -> dict[str, Any]:

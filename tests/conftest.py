@@ -30,14 +30,21 @@ TINY = [
 # What each test exercises (README "Tests"): `make test-unit` runs the `unit` ones. A test
 # is marked by what its own body calls: `cli` starts a process (`python -m pse_lightning`,
 # pip, spawned ranks), `pipeline` runs Lightning or the pipeline's stages (training, the
-# test loop) or uses the session's trained checkpoint, `unit` is everything else. A mark set
-# by hand (`pytestmark = pytest.mark.pipeline`, or on the test) takes precedence; `slow` is
-# always set by hand.
+# test loop, an analysis's report with its figures) or uses the session's trained
+# checkpoint, `unit` is everything else. A mark set by hand (`pytestmark =
+# pytest.mark.pipeline`, or on the test) takes precedence: the full-size cross-checks
+# against the authors' or a peer library's code are marked pipeline by hand (seconds each);
+# `slow` is always set by hand.
 KINDS = ("unit", "pipeline", "cli")
-CLI_CALLS = ("run_cli(", "subprocess.", ".spawn(", 'get_context("spawn")')
+# A helper that starts a process counts as its call (run_bad: test_bad_inputs's runner;
+# wandb_inspect: the `wandb` command line); the guard below fails a unit test that starts
+# one anyway, so a helper missing here shows up as a failing test, not as a slow unit suite.
+CLI_CALLS = (
+    "run_cli(", "run_bad(", "subprocess.", ".spawn(", 'get_context("spawn")', "wandb_inspect(",
+)  # fmt: skip
 PIPELINE_CALLS = (
     "pipeline.run(", "pipeline.trained_model(", "pipeline.evaluate(", "pipeline.fit(",
-    "Trainer(", ".fit(", "trainer.test(", "shared=True",
+    "Trainer(", ".fit(", "trainer.test(", "shared=True", ".report(",
 )  # fmt: skip
 PIPELINE_FIXTURES = frozenset({"trained_checkpoint"})
 
@@ -73,6 +80,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, kind))
 
 
+def _refuse(what: str, mark: str) -> Callable[..., None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(
+            f'a test marked unit {what}: mark it {mark} (tests/conftest.py, README "Tests")'
+        )
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_stays_in_process(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test marked unit that starts a process, trains or runs a Lightning loop fails: the
+    marks say what a test costs (``make test-unit`` runs the unit ones)."""
+    if exercised_kind(request.node) != "unit":
+        return
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("starts a process", "cli"))
+    lightning = sys.modules.get("pytorch_lightning")  # imported by the modules that train
+    if lightning is not None:
+        for loop in ("fit", "validate", "test", "predict"):
+            monkeypatch.setattr(
+                lightning.Trainer, loop, _refuse(f"runs Trainer.{loop}", "pipeline")
+            )
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_wandb(tmp_path_factory: pytest.TempPathFactory) -> None:
     home = tmp_path_factory.mktemp("wandb_home")
@@ -81,9 +117,15 @@ def _offline_wandb(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_CONFIG_DIR"] = str(home / "config")
     os.environ["WANDB_CACHE_DIR"] = str(home / "cache")
     os.environ["WANDB_DATA_DIR"] = str(home / "data")
-    # Under pytest-xdist (`make test`: one worker per core) each worker keeps one thread.
+    # Under pytest-xdist (`make test`: one worker per core) each worker keeps one thread, and
+    # so do the processes its tests start (the CLI, spawned ranks): two threads per process
+    # beside a busy worker wait at barriers (core/threads.py) and cost far more CPU. A
+    # thread count set in the environment is kept.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // workers))
+    threads = max(1, min(2, torch.get_num_threads()) // workers)
+    torch.set_num_threads(threads)
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(scope="session")

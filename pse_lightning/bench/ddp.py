@@ -40,7 +40,7 @@ from hydra import compose, initialize_config_dir
 from pse_lightning import pipeline
 from pse_lightning.bench.common import format_table
 from pse_lightning.models.checkpoint import load_weights, save_checkpoint
-from pse_lightning.modules.evaluation import EvaluationModule
+from pse_lightning.modules.evaluation import EvaluationModule, EvaluationResult
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,19 @@ TRAINERS = {"1 process": "cpu", "2 processes (ddp_cpu)": "ddp_cpu"}
 
 class TestLoopTimer(pl.Callback):
     """Times the test loop on global rank zero and writes ``{"seconds", "samples"}`` to
-    ``path`` (spawned workers cannot return values to the caller)."""
+    ``path`` (spawned workers cannot return values to the caller).
+
+    The number of samples comes from the evaluation's result, handed to :meth:`receive`
+    (the module's ``on_result``), not read from the module."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.start = 0.0
+        self.samples: int | None = None
+
+    def receive(self, result: EvaluationResult) -> None:
+        """The evaluation's reduced result (``EvaluationModule(on_result=...)``)."""
+        self.samples = int(result.scalars["test/samples"])
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.barrier("bench start")
@@ -65,8 +73,9 @@ class TestLoopTimer(pl.Callback):
         trainer.strategy.barrier("bench end")
         seconds = time.perf_counter() - self.start
         if trainer.is_global_zero:
-            samples = int(pl_module.result.scalars["test/samples"])
-            self.path.write_text(json.dumps({"seconds": seconds, "samples": samples}))
+            if self.samples is None:
+                raise RuntimeError("the evaluation handed no result to TestLoopTimer.receive")
+            self.path.write_text(json.dumps({"seconds": seconds, "samples": self.samples}))
 
 
 def _config(trainer: str, root: Path, args: argparse.Namespace):
@@ -101,10 +110,15 @@ def _evaluate_once(
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     parts = pipeline.build(cfg)
     load_weights(parts.model, weights)
-    module = EvaluationModule(parts.model, parts.attack, {}, log_examples=0)
     out = root / f"timer-{trainer_choice}.json"
     out.unlink(missing_ok=True)
-    trainer = pipeline.make_trainer(cfg, None, callbacks=[TestLoopTimer(out)])
+    timer = TestLoopTimer(out)
+    # One pickle carries the module and the trainer to each spawned worker, so the worker's
+    # module hands its result to that worker's timer.
+    module = EvaluationModule(
+        parts.model, parts.attack, {}, log_examples=0, on_result=timer.receive
+    )
+    trainer = pipeline.make_trainer(cfg, None, callbacks=[timer])
     start = time.perf_counter()
     trainer.test(module, datamodule=parts.datamodule, verbose=False)
     end_to_end = time.perf_counter() - start

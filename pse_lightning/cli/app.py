@@ -27,18 +27,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, ConfigCompositionException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -75,9 +76,10 @@ class UserError(CompactHydraException):
     """An :class:`InputError` as Hydra prints it: the message alone, no traceback."""
 
 
-def check(cfg: DictConfig, choices: dict[str, Any]) -> None:
-    """All checks that need no data: the config, the accelerator, the checkpoint."""
-    check_config(cfg, choices, config_dir())
+def check(cfg: DictConfig, choices: dict[str, Any], searchpath: Sequence[str] = ()) -> None:
+    """All checks that need no data: the config (``searchpath``: Hydra's search path when
+    ``cfg`` has no ``hydra`` node), the accelerator, the checkpoint."""
+    check_config(cfg, choices, config_dir(), searchpath)
     check_environment(cfg, choices.get("trainer"))
 
 
@@ -141,12 +143,19 @@ def check_sweep(config: DictConfig) -> None:
     if not jobs:
         return
     loader = GlobalHydra.instance().config_loader()
-    configs = [loader.load_sweep_config(config, overrides) for overrides in jobs]
     varied = {arg for overrides in jobs for arg in overrides if any(arg not in o for o in jobs)}
 
     def where(number: int) -> str:
         shown = [arg for arg in jobs[number] if arg in varied]
         return f"job {number} of {len(jobs)} ({' '.join(shown) or 'no overrides'})"
+
+    configs = []
+    for number, overrides in enumerate(jobs):
+        try:
+            configs.append(loader.load_sweep_config(config, overrides))
+        except ConfigCompositionException as err:  # as a single run's refusal: one line
+            text = f"{err}\n{err.__cause__ or ''}"
+            raise InputError(f"{where(number)}: {one_line_hydra_error(text)}") from err
 
     for number, job in enumerate(configs):
         try:
@@ -292,15 +301,19 @@ def stopped_early(cfg: DictConfig, what: str) -> str:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One job: check (again, for multirun jobs: an earlier job may have changed what it
-    finds), import the pipeline, run it."""
+    finds), import the pipeline, run it.
+
+    The only place that reads Hydra's global state (``HydraConfig``): what the job needs of
+    it (choices, overrides, search path, sweep group) is handed down explicitly."""
+    hydra_cfg = HydraConfig.get()
     try:
         with stop_signals_raise():
-            if not (_CHECKED and HydraConfig.get().mode == RunMode.RUN):
-                check(cfg, dict(HydraConfig.get().runtime.choices))
+            if not (_CHECKED and hydra_cfg.mode == RunMode.RUN):
+                check(cfg, dict(hydra_cfg.runtime.choices), list(hydra_cfg.searchpath))
             quiet_third_party_noise()
             from pse_lightning import pipeline
 
-            results = pipeline.run(cfg, pipeline.JobContext.from_hydra(HydraConfig.get()))
+            results = pipeline.run(cfg, pipeline.JobContext.from_hydra(hydra_cfg))
     except Interrupted as stop:
         line = stopped_early(cfg, f"Interrupted ({stop.signal_name})")
         log_to_files(line)
@@ -308,7 +321,7 @@ def run_job(cfg: DictConfig) -> float | None:
         raise SystemExit(stop.exit_code) from None
     except InputError as err:
         log_to_files(str(err), sys.exc_info())
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
             raise UserError(one_line(err)) from err  # Hydra names the job's overrides first
         report_and_exit(err)
     except OSError as err:
@@ -366,10 +379,24 @@ _HYDRA_DETAIL = ("full_key:", "object_type=", "reference_type=", "provider=",
                  "Set the environment variable HYDRA_FULL_ERROR")  # fmt: skip
 
 
+#: Hydra's refusal of an override whose key the config lacks.
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'.*is not in struct", re.DOTALL)
+#: Where the settings are listed, for a key that is not one of them.
+SETTINGS_HELP = "`python -m pse_lightning --help` lists the settings and the config groups"
+
+
 def one_line_hydra_error(text: str) -> str:
     """Hydra's refusal (several lines: the message, OmegaConf's location details, a list
     of available options, advice about HYDRA_FULL_ERROR) as one line: the message, and the
-    options joined after it."""
+    options joined after it.
+
+    An override of a key the config lacks becomes ``<key> is not a setting: <where the
+    settings are listed>``, phrased as the "did you mean" hint; Hydra's advice to append it
+    with ``+key`` is left out (the constructor would refuse it next; the Hint line says when
+    a target does take such a key)."""
+    unknown = _UNKNOWN_KEY.search(text)
+    if unknown:
+        return f"{unknown.group(1)} is not a setting: {SETTINGS_HELP}"
     parts: list[str] = []
     options: list[str] = []
     for raw in text.splitlines():

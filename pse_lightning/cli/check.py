@@ -45,6 +45,19 @@ def top_level_kinds() -> dict[str, Kind]:
     }
 
 
+def read_config_file(path: Path) -> str:
+    """The text of a config file, read once per process while the file is unchanged (its
+    modification time and size): a multirun's preflight composes and checks every job,
+    each with its own :class:`ConfigFiles`, over the same files."""
+    stat = path.stat()
+    return _read_text(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_text(path: Path, mtime_ns: int, size: int) -> str:
+    return path.read_text(encoding="utf-8")
+
+
 class ConfigFiles:
     """What the files of ``conf/`` (and of the extension folders on Hydra's search path)
     declare: the choices of each group and their keys.
@@ -84,7 +97,7 @@ class ConfigFiles:
         path = next((p for p in found if p.is_file()), None)
         if path is None:
             return ()
-        text = path.read_text(encoding="utf-8")
+        text = read_config_file(path)
         header = _PACKAGE.search(text)
         package = header.group(1) if header else group
         content = OmegaConf.to_container(OmegaConf.create(text or "{}")) or {}
@@ -122,11 +135,12 @@ class ConfigFiles:
 
     @functools.cached_property
     def targets(self) -> frozenset[str]:
-        """Every ``_target_`` a config file names (``conf/`` and the search path's folders)."""
+        """Every ``_target_`` a config file names (``conf/`` and the search path's folders);
+        each file is read once per process (a multirun's preflight checks every job)."""
         found: set[str] = set()
         for folder in self.dirs:
             for path in folder.rglob("*.yaml"):
-                found |= set(_TARGET_LINE.findall(path.read_text(encoding="utf-8")))
+                found.update(_TARGET_LINE.findall(read_config_file(path)))
         return frozenset(found)
 
     def choices_with(self, group: str, key: str) -> list[str]:
@@ -167,17 +181,19 @@ def value_of(node: DictConfig, key: str) -> object:
         return NO_VALUE
 
 
-def search_path_dirs(cfg: DictConfig) -> list[Path]:
+def search_path_dirs(cfg: DictConfig, searchpath: Sequence[str] = ()) -> list[Path]:
     """The config folders ``hydra.searchpath`` adds (``file://`` entries, relative to the
-    working directory as Hydra reads them; ``pkg://`` entries resolved by import)."""
+    working directory as Hydra reads them; ``pkg://`` entries resolved by import).
+
+    Args:
+        cfg: the composed config; its ``hydra.searchpath`` is used when it has a ``hydra``
+            node.
+        searchpath: the search path for a job's config without its ``hydra`` node, as the
+            entry point hands it down (nothing here reads Hydra's global state).
+    """
     entries = OmegaConf.select(cfg, "hydra.searchpath", default=None)
     if entries is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            entries = HydraConfig.get().searchpath
-        except ValueError:  # not inside a Hydra run (the Python API)
-            entries = []
+        entries = searchpath
     dirs = []
     for entry in entries or []:
         scheme, _, where = str(entry).partition("://")
@@ -190,15 +206,22 @@ def search_path_dirs(cfg: DictConfig) -> list[Path]:
     return dirs
 
 
-def check_config(cfg: DictConfig, choices: Mapping[str, str | None], conf_dir: Path) -> None:
+def check_config(
+    cfg: DictConfig,
+    choices: Mapping[str, str | None],
+    conf_dir: Path,
+    searchpath: Sequence[str] = (),
+) -> None:
     """Raise :class:`InputError` for the first key of ``cfg`` the code cannot use.
 
     Args:
         cfg: the composed config (with or without its ``hydra`` node).
         choices: the chosen file of each group (``hydra.runtime.choices``).
         conf_dir: the config directory the config was composed from.
+        searchpath: ``hydra.searchpath`` for a config without its ``hydra`` node (a job's
+            config inside the run).
     """
-    files = ConfigFiles(conf_dir, search_path_dirs(cfg))
+    files = ConfigFiles(conf_dir, search_path_dirs(cfg, searchpath))
     _check_top_level(cfg, files)
     check_required_values(cfg)
     _check_seed(value_of(cfg, "seed"))

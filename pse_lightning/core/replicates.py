@@ -32,6 +32,9 @@ import torch
 from scipy.special import stdtr, stdtrit
 from torch import Tensor
 
+#: A seed-to-seed SD at or below this is 0 (differences of accuracies equal up to rounding).
+DEGENERATE_SD = 1e-12
+
 
 def seed_t_test(
     differences: Tensor, confidence: float = 0.95, alternative: str = "two-sided"
@@ -47,8 +50,13 @@ def seed_t_test(
     Returns:
         (mean, sd, low, high, p), each (...) float64: the mean difference, the seed-to-seed
         SD (n − 1), the two-sided t interval mean ± t_{S−1} · sd / √S and the t-test p of
-        mean = 0 against ``alternative``. With sd = 0 the interval is the mean and p is 1
-        where the mean is 0 or on the other side of it, else 0.
+        mean = 0 against ``alternative``. With sd = 0 (every seed gives the same
+        difference, up to rounding: sd <= ``DEGENERATE_SD``) the t statistic is 0/0 or ±∞
+        and says nothing about the seed-to-seed spread, which an S-seed sample has failed
+        to show: p is 1 (no evidence, whatever ``alternative``) and the interval is the
+        point 0 when every difference is 0 (what two identical procedures give), else
+        unbounded, (−∞, ∞), the limit of the t interval as the unknown SD grows
+        (docs/METHODS.md §7.6).
 
     Raises:
         ValueError: fewer than 2 seeds.
@@ -63,15 +71,22 @@ def seed_t_test(
     half = float(stdtrit(df, 0.5 + confidence / 2)) * se
     if alternative == "two-sided":
         p = torch.as_tensor(2 * stdtr(df, -(mean.abs() / se).numpy()), dtype=mean.dtype)
-        exact = (mean == 0).double()
     elif alternative in ("greater", "less"):
         sign = 1.0 if alternative == "greater" else -1.0
         p = torch.as_tensor(stdtr(df, -(sign * mean / se).numpy()), dtype=mean.dtype)
-        exact = (sign * mean <= 0).double()
     else:
         raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
-    p = torch.where(se > 0, p, exact)
-    return mean, sd, mean - half, mean + half, p
+    degenerate = sd <= DEGENERATE_SD
+    zero = degenerate & (mean.abs() <= DEGENERATE_SD)
+    p = torch.where(degenerate, torch.ones_like(p), p)
+    unbounded = torch.full_like(mean, math.inf)
+    low = torch.where(
+        zero, torch.zeros_like(mean), torch.where(degenerate, -unbounded, mean - half)
+    )
+    high = torch.where(
+        zero, torch.zeros_like(mean), torch.where(degenerate, unbounded, mean + half)
+    )
+    return mean, sd, low, high, p
 
 
 def procedure_difference(
@@ -87,8 +102,9 @@ def procedure_difference(
     Returns:
         ``acc_variant`` and ``acc_baseline`` (per-seed accuracies), ``differences`` (d_s),
         ``difference`` (their mean), ``sd_difference`` (seed-to-seed SD), ``ci_low``,
-        ``ci_high`` (95 %), ``p`` (against ``alternative``, t on S − 1 df), ``seeds`` (S)
-        and ``n`` (images per seed, the smallest).
+        ``ci_high`` (95 %), ``p`` (against ``alternative``, t on S − 1 df), ``seeds`` (S),
+        ``n`` (images per seed, the smallest) and ``degenerate`` (every seed gave the same
+        difference: see :func:`seed_t_test`).
 
     Raises:
         ValueError: fewer than 2 seeds.
@@ -110,4 +126,5 @@ def procedure_difference(
         "p": float(p),
         "seeds": len(pairs),
         "n": min(int(a.numel()) for a, _ in pairs),
+        "degenerate": bool(sd <= DEGENERATE_SD),
     }

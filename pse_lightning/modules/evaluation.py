@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
@@ -13,7 +14,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pse_lightning.analysis.base import AdversarialBatch, Analysis, AnalysisResult
 from pse_lightning.attacks import Attack
-from pse_lightning.core.distributed import all_gather_objects, unshare_tensors
+from pse_lightning.core.distributed import all_gather_objects, rank_world, unshare_tensors
 from pse_lightning.core.threads import torch_threads
 from pse_lightning.modules.attack_metrics import AttackMetrics
 from pse_lightning.validation import InputError
@@ -54,6 +55,32 @@ def attacked_rows(adv: AdversarialBatch) -> AdversarialBatch:
     rows = {k: v[attacked] for k, v in vars(adv).items() if isinstance(v, Tensor)}
     extras = {k: v if k in SHARED_EXTRAS else v[attacked] for k, v in adv.extras.items()}
     return AdversarialBatch(**rows, targeted=adv.targeted, extras=extras)
+
+
+def compute_analyses(analyses: Mapping[str, Analysis]) -> dict[str, AnalysisResult]:
+    """Every analysis's ``compute()``, in the order given.
+
+    The statistics are many small operations: one intra-op thread does them fastest
+    (core/threads.py). In one process the analyses compute side by side, one Python thread
+    each (torch releases the GIL inside its operations), so the machine's second core is
+    not idle; each analysis draws from its own seeded generators and reads only its own
+    state, so the results are those of computing them one after another. Under DDP they
+    compute one after another: ``compute`` synchronises, and collectives must be issued in
+    the same order on every rank.
+    """
+    with torch_threads(1):  # set here once: two workers setting and restoring it would race
+        if len(analyses) < 2 or rank_world()[1] > 1:
+            return {name: analysis.compute() for name, analysis in analyses.items()}
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="analysis") as pool:
+            futures = {name: pool.submit(_compute, a) for name, a in analyses.items()}
+            return {name: future.result() for name, future in futures.items()}
+
+
+def _compute(analysis: Analysis) -> AnalysisResult:
+    # Again in the worker: where torch's thread count is a per-thread setting (some OpenMP
+    # builds) a new thread starts from the default; elsewhere this is a no-op.
+    with torch_threads(1):
+        return analysis.compute()
 
 
 class EvaluationModule(pl.LightningModule):
@@ -162,11 +189,7 @@ class EvaluationModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         scalars = {f"test/{k}": v for k, v in self.attack_metrics.compute().items()}
-        # The statistics are many small operations: one thread does them fastest (threads.py).
-        with torch_threads(1):
-            analysis_results = {
-                name: analysis.compute() for name, analysis in self.analyses.items()
-            }
+        analysis_results = compute_analyses(self.analyses)
         for name, computed in analysis_results.items():
             for key, value in computed.scalars.items():
                 scalars[f"test/{name}/{key}"] = torch.as_tensor(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from pse_lightning.core.atomic import (  # noqa: F401 (the report's writers, in 
 
 
 def json_text(data: Any) -> str:
-    """JSON with sorted keys; NaN is written as null so any JSON reader accepts it."""
+    """JSON with sorted keys; NaN and ±inf (an unbounded interval) are written as null so
+    any JSON reader accepts them."""
     return json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n"
 
 
@@ -25,7 +27,7 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 
 
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}

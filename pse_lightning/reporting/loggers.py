@@ -57,13 +57,16 @@ class RunLogger(WandbLogger):
         """Whether the W&B run exists (its name and job type are then fixed)."""
         return run_started(self)
 
-    def set_identity(self, *, name: str | None, job_type: str) -> None:
-        """Name and type the run before it starts; a started run keeps its own."""
+    def set_identity(self, *, name: str | None, job_type: str, group: str | None = None) -> None:
+        """Name, type and group the run before it starts; a started run keeps its own, and
+        a name or group given in the logger's config wins over the job's."""
         require_choice("job_type", job_type, JOB_TYPES)
         if self.started:
             return
         if name and not init_kwargs(self).get("name"):
             set_run_name(self, name)
+        if group and not init_kwargs(self).get("group"):
+            init_kwargs(self)["group"] = group
         init_kwargs(self)["job_type"] = job_type
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -89,7 +92,8 @@ def wandb_logger(
     Offline mode writes a complete run under ``<save_dir>/wandb/offline-run-*`` that
     ``wandb sync`` uploads later; online mode needs ``WANDB_API_KEY`` or ``wandb login``.
     ``name=None`` names the run from its choices when it starts (see :func:`start_run`);
-    ``group=None`` groups the jobs of a Hydra multirun by their sweep directory.
+    ``group=None`` groups the jobs of a Hydra multirun by their sweep directory, also when
+    the run starts (the entry point hands the group down: :func:`sweep_group`).
     """
     require_choice("logger.mode", mode, WANDB_MODES)
     mode = wandb_environment(mode, Path(save_dir))
@@ -112,7 +116,7 @@ def wandb_logger(
         project=project,
         entity=entity,
         mode=mode,
-        group=group or sweep_group(),
+        group=group,
         name=name,
         tags=list(tags),
         save_dir=save_dir,
@@ -181,21 +185,17 @@ def _netrc_has_wandb() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def sweep_group(hydra_cfg: Any = None) -> str | None:
+def sweep_group(hydra_cfg: Any) -> str | None:
     """``sweep-<date>-<time>`` (the sweep directory's last two parts) in a Hydra multirun.
 
     Every job of one sweep gets the same group, so W&B shows them together; a single run
-    (or a run outside Hydra) gets none.
+    gets none.
 
     Args:
-        hydra_cfg: the ``hydra`` config node; by default Hydra's own for this job.
+        hydra_cfg: the job's ``hydra`` config node, as the entry point hands it down
+            (:meth:`~pse_lightning.pipeline.JobContext.from_hydra`); nothing here reads
+            Hydra's global state.
     """
-    if hydra_cfg is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return None
-        hydra_cfg = HydraConfig.get()
     if not str(hydra_cfg.mode).endswith("MULTIRUN"):
         return None
     parts = Path(str(hydra_cfg.sweep.dir)).parts[-2:]
@@ -274,16 +274,24 @@ def safe_key(key: str) -> str:
     return re.sub(r"[^a-z0-9_./=-]+", "_", key.strip().lower()).strip("_")
 
 
-def start_run(logger: Logger | None, *, name: str, job_type: str, config: dict[str, Any]) -> None:
+def start_run(
+    logger: Logger | None,
+    *,
+    name: str,
+    job_type: str,
+    config: dict[str, Any],
+    group: str | None = None,
+) -> None:
     """Start the experiment logger's run for the first stage and log the resolved config.
 
-    Called by each stage (training, then evaluation); the first call names and types the
-    W&B run, later ones only refresh the config.
+    Called by each stage (training, then evaluation); the first call names, types and
+    groups (``group``: the job's sweep group, None outside a multirun) the W&B run, later
+    ones only refresh the config.
     """
     if logger is None:
         return
     if isinstance(logger, RunLogger):
-        logger.set_identity(name=name, job_type=job_type)
+        logger.set_identity(name=name, job_type=job_type, group=group)
     logger.log_hyperparams(config)
 
 

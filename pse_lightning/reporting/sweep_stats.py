@@ -290,7 +290,15 @@ def _over_seeds(
         f"seed-to-seed SD {stats['sd_difference']:.3f} over {stats['seeds']} seeds: {each}"
     )
     missing = [p.seed for p in planned if p.seed not in names]
-    note = f"seed(s) {', '.join(missing)} without per-image outcomes left out" if missing else ""
+    notes = (
+        [f"seed(s) {', '.join(missing)} without per-image outcomes left out"] if missing else []
+    )
+    if stats["degenerate"]:
+        notes.append(
+            "every seed gave the same difference: the seed-to-seed SD is 0, so the t-test "
+            "has no spread to judge by (p 1; interval unbounded unless the difference is 0)"
+        )
+    note = "; ".join(notes)
     finding = Finding(
         pooled.key, pooled.claim, effect, PROCEDURE_TEST,
         estimate=stats["difference"], low=stats["ci_low"], high=stats["ci_high"], p=stats["p"],

@@ -921,6 +921,7 @@ def _run_curve(defended: nn.Module, attack: FGSM, curve: Analysis, loader: list)
     return module.result
 
 
+@pytest.mark.pipeline  # the curve runs through Trainer.test (_run_curve)
 def test_neuron_mask_config_and_curve_known_answers() -> None:
     """All units masked: the model predicts one constant class whatever the input; no unit
     masked: the undefended model. Paired tests and intervals from the per-image outcomes."""

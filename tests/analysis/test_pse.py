@@ -454,6 +454,71 @@ def test_split_and_merged_states_equal_one_pass() -> None:
     torch.testing.assert_close(net_total, margin, atol=0.02 * float(margin.abs().max()), rtol=0)
 
 
+def _shifted(batch: AdversarialBatch, shift: int) -> AdversarialBatch:
+    """The same images under dataset indices ``index + shift``."""
+    return AdversarialBatch(**{**vars(batch), "index": batch.index + shift})
+
+
+def test_the_per_image_state_stays_bounded_and_samples_uniformly() -> None:
+    """10 batches of 12 images (90 analysed) with max_images=5: the per-image state never
+    holds more than 2 x 5 + one batch, and compute keeps exactly the 5 analysed images of
+    smallest seeded key (the known sample), whatever the order or split of the batches;
+    the counts still cover all 90 and the class-pair effect is that of the sample."""
+    from pse_lightning.analysis.pse.report import sample_note
+    from pse_lightning.analysis.pse.samples import IMAGE_STATES, sample_images, sample_keys
+
+    model, batch = cnn_batch()
+    batches = [_shifted(batch, 12 * k) for k in range(10)]
+    whole = PSE(method="grad", max_images=5, mixture_bootstrap=0, bootstrap=10)
+    for b in batches:
+        whole.update(model, b)
+        held = sum(len(part) for part in getattr(whole, IMAGE_STATES["index"]))
+        assert held <= 2 * 5 + 12
+    analysed = torch.cat([b.index[b.success] for b in batches])
+    expected = analysed[sample_keys(analysed).argsort()[:5]].sort().values
+    result = whole.compute()
+    images = result.details["images"]
+    assert images.index.tolist() == expected.tolist()
+    assert int(result.scalars["n_images"]) == 90 == len(analysed)
+    assert int(result.details["pairs"].counts.sum()) == 5
+    label, target = batch.y[images.index % 12], batch.target[images.index % 12]
+    assert images.label.tolist() == label.tolist()
+    eta = eta_squared(images.r, pair_ids(label, target))
+    torch.testing.assert_close(result.scalars["pair_eta2"], eta["eta2"], equal_nan=True)
+    # two "ranks", each seeing every other batch in reverse order, merged: the same sample
+    rank0, rank1 = (PSE(method="grad", max_images=5, mixture_bootstrap=0, bootstrap=10)
+                    for _ in range(2))  # fmt: skip
+    for k, b in reversed(list(enumerate(batches))):
+        (rank0 if k % 2 else rank1).update(model, b)
+    rank1.merge_state(rank0)
+    merged = sample_images(rank1._columns(IMAGE_STATES), 5)  # what compute() keeps
+    assert sorted(merged["index"].long().tolist()) == expected.tolist()
+    note = sample_note(result.scalars, images, 5)
+    assert "uniform random sample of 5 of the 90 analysed images" in note
+    assert sample_note(result.scalars, images, 90) == ""  # nothing left out: no note
+
+
+def test_images_under_the_bound_are_all_kept_unchanged() -> None:
+    """The default bound keeps every analysed image in its own order (the results are
+    those of an unbounded state), and the sample keys do not follow the dataset's order:
+    of 10,000 indices sorted by class (1,000 a class), the 1,000 smallest keys fall about
+    equally in each class."""
+    from pse_lightning.analysis.pse.samples import sample_images, sample_keys
+
+    index = torch.tensor([5.0, 3.0, 9.0, 3.0])
+    columns = {"index": index, "r": torch.tensor([0.1, 0.2, 0.3, 0.4])}
+    kept = sample_images(columns, 3)
+    assert kept["index"] is index and kept["r"] is columns["r"]  # 3 distinct images fit
+    assert sorted(sample_images(columns, 2)["index"].tolist()) in ([3.0, 5.0], [3.0, 9.0],
+                                                                   [5.0, 9.0])  # fmt: skip
+    keys = sample_keys(torch.arange(10_000))
+    assert keys.min() >= 0 and keys.max() < 1 and len(keys.unique()) == 10_000
+    per_class = torch.bincount(keys.argsort()[:1000] // 1000, minlength=10)
+    # binomial(1000, 0.1) per class: sd 9.5; 60..140 is a > 4 sd band
+    assert int(per_class.min()) >= 60 and int(per_class.max()) <= 140, per_class.tolist()
+    assert PSE().max_images == 50_000
+
+
 def test_clean_misclassified_rows_are_skipped_and_counted() -> None:
     model, batch = cnn_batch()
     wrong = torch.tensor([1, 5, 8])  # labels the model does not predict on clean images
@@ -655,6 +720,7 @@ def test_report_uses_only_the_result(tmp_path: Path) -> None:
     assert "8 images." in section.markdown
 
 
+@pytest.mark.unit  # report() refuses before drawing anything
 def test_report_of_a_foreign_result_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PSE.compute"):
         PSE().report(AnalysisResult({}, {}), tmp_path, [])

@@ -62,6 +62,7 @@ def test_dlr_values_and_invariance() -> None:
 
 
 @pytest.mark.skipif(not HAS_AUTHORS, reason=NO_AUTHORS)
+@pytest.mark.pipeline  # a full-size run against the authors' (or a peer's) code: seconds
 @pytest.mark.parametrize(
     ("norm", "eps", "loss"),
     [("linf", 0.12, "ce"), ("l2", 0.8, "ce"), ("linf", 0.12, "dlr"), ("linf", 0.12, "dlr-t")],
@@ -111,6 +112,7 @@ def test_one_run_equals_the_authors_from_the_same_start(digits, norm, eps, loss)
     assert abs(int((~ours.found).sum()) - int(still.sum())) <= len(x) / 64
 
 
+@pytest.mark.pipeline  # a full-size run against the authors' (or a peer's) code: seconds
 @pytest.mark.skipif(not HAS_AUTHORS, reason=NO_AUTHORS)
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.8)])
 def test_autoattack_robust_accuracy_matches_the_authors(digits, norm, eps) -> None:
@@ -130,6 +132,7 @@ def test_autoattack_robust_accuracy_matches_the_authors(digits, norm, eps) -> No
     assert abs(int((~ours.success).sum()) - theirs) <= len(x) / 64
 
 
+@pytest.mark.pipeline  # a full-size run against the authors' (or a peer's) code: seconds
 @pytest.mark.skipif(not HAS_TA, reason="torchattacks is not installed; extra 'peers'")
 def test_autoattack_robust_accuracy_matches_torchattacks(digits) -> None:
     """torchattacks' APGD (CE) and APGDT (9 targets), worst case per sample."""

@@ -192,29 +192,31 @@ def test_inductor_matches_eager(make) -> None:
     assert torch.equal(result.success, eager.success)
 
 
-def _check_config(*overrides: str) -> None:
-    """Compose as the CLI does and run its static config check (no attack is built)."""
+def _check_config(composed, choice: str, compile_value: object) -> None:
+    """``attack=<choice> attack.compile=<compile_value>`` as the CLI composes it, through its
+    static config check (no attack is built). The session's composition of the choice is
+    shared with tests/cli/test_config.py; the value is set on a copy, in struct mode as a
+    command-line override is (a key the attack's file lacks fails, as Hydra fails it)."""
     from helpers import CONF_DIR
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from pse_lightning.cli.check import check_config
 
-    base = ["analysis=none", "logger=none"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
+    cfg = copy.deepcopy(composed(f"attack={choice}"))
+    assert OmegaConf.is_struct(cfg) and "compile" in cfg.attack, f"attack={choice}: no compile"
+    cfg.attack.compile = compile_value
     check_config(cfg, OmegaConf.to_container(cfg.hydra.runtime.choices), CONF_DIR)
 
 
-def test_compile_is_a_key_of_every_attack_and_a_wrong_type_is_one_line() -> None:
+def test_compile_is_a_key_of_every_attack_and_a_wrong_type_is_one_line(composed) -> None:
     from helpers import group_choices
 
     from pse_lightning.validation import InputError
 
     for choice in group_choices("attack"):
-        _check_config(f"attack={choice}", "attack.compile=true")
+        _check_config(composed, choice, True)
     with pytest.raises(InputError, match=r"^attack\.compile must be true or false, got 'maybe'$"):
-        _check_config("attack=cw", "attack.compile=maybe")
+        _check_config(composed, "cw", "maybe")
 
 
 @pytest.mark.slow

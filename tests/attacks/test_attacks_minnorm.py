@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterator
 
@@ -406,28 +407,46 @@ def test_bad_hyperparameters_name_the_key(cls: type, bad: dict, key: str) -> Non
 # -- cross-check against independent implementations ----------------------------------------
 
 
-def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small MLP trained in about a second on scikit-learn's bundled digits (8 x 8)."""
+def _digits_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@functools.cache
+def _trained_digits() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The trained weights and the correctly classified test digits, computed once per
+    process (the training is deterministic; every caller gets its own copies)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     y = torch.tensor(digits.target)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    net = _digits_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(150):
         opt.zero_grad()
         nn.functional.cross_entropy(net(x[:1500]), y[:1500]).backward()
         opt.step()
     net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
     x_test, y_test = x[1500:1628], y[1500:1628]
     with torch.no_grad():
         correct = net(x_test).argmax(1) == y_test
     assert correct.float().mean() > 0.85
-    return net, x_test[correct], y_test[correct]
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return state, x_test[correct], y_test[correct]
+
+
+def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small MLP trained in about a second on scikit-learn's bundled digits (8 x 8): a
+    fresh copy of the one trained model of this process, in eval mode, weights frozen."""
+    state, x, y = _trained_digits()
+    torch.manual_seed(0)  # leaves the global generator where training it from scratch did
+    net = _digits_net()
+    net.load_state_dict(state)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, x.clone(), y.clone()
 
 
 def median_l2_on(delta: torch.Tensor, mask: torch.Tensor) -> float:
@@ -450,6 +469,7 @@ def peer_success(
 SEARCH_STEPS, STEPS, LR, C0 = 5, 50, 0.05, 1e-2
 
 
+@pytest.mark.pipeline  # a full-size run against the authors' (or a peer's) code: seconds
 @pytest.mark.skipif(
     importlib.util.find_spec("foolbox") is None,
     reason="foolbox is not installed (pip install foolbox; extra 'peers')",
@@ -476,6 +496,7 @@ def test_cw_matches_or_beats_foolbox_at_equal_gradient_evaluations() -> None:
     assert median_l2_on(ours.x_adv - x, both) <= 1.05 * median_l2_on(x_theirs - x, both)
 
 
+@pytest.mark.pipeline  # a full-size run against the authors' (or a peer's) code: seconds
 @pytest.mark.skipif(
     importlib.util.find_spec("torchattacks") is None,
     reason="torchattacks is not installed (pip install torchattacks; extra 'peers')",

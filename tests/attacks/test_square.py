@@ -213,6 +213,7 @@ def robust_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str,
             for s in range(3)]  # fmt: skip
 
 
+@pytest.mark.pipeline  # a full-size run against the authors' (or a peer's) code: seconds
 @pytest.mark.skipif(not HAS_AUTHORS, reason=NO_AUTHORS)
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 1.0)])
 def test_robust_accuracy_matches_the_authors(digits, monkeypatch, norm: str, eps: float) -> None:

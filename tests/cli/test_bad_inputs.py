@@ -226,6 +226,35 @@ def test_hydras_refusals_get_a_did_you_mean(tmp_path: Path) -> None:
         assert result.stderr.strip().splitlines()[-1] == hint, result.stderr
 
 
+def test_an_unknown_key_without_a_close_match_names_the_problem_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    """No "did you mean": the one Error line says the key is not a setting and where the
+    settings are listed, phrased as the close-match hint, without Hydra's advice to append
+    it with ``+`` (the constructor would refuse it next); a multirun says the same, naming
+    the job, before any job runs."""
+    help_ = "`python -m pse_lightning --help` lists the settings and the config groups"
+    for name, args, line in [
+        ("run", ["foo=3"], f"Error: foo is not a setting: {help_}"),
+        ("sweep", ["-m", "foo=3,4"], f"Error: job 0 of 2 (foo=3): foo is not a setting: {help_}"),
+    ]:
+        work = tmp_path / name
+        work.mkdir()
+        result = run_bad(args, work)
+        assert assert_refused_before_work(result, "foo", work) == line
+        assert "+foo" not in result.stderr and "Hint:" not in result.stderr
+    # A typo keeps its "did you mean" on the Hint line, after the same Error line.
+    work = tmp_path / "typo"
+    work.mkdir()
+    result = run_bad(["sed=3"], work)
+    assert (
+        assert_refused_before_work(result, "sed", work) == f"Error: sed is not a setting: {help_}"
+    )
+    assert (
+        result.stderr.splitlines()[-1] == "Hint: sed is not a setting: did you mean seed? (seed=3)"
+    )
+
+
 def test_the_battery_has_at_least_40_inputs() -> None:
     assert len(FAST) + len(SLOW) >= 40
     assert len({case[0] for case in FAST + SLOW}) == len(FAST) + len(SLOW)

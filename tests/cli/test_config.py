@@ -303,3 +303,37 @@ def test_analysis_keys_include_the_metric_options_only() -> None:
     assert signature is not None and not signature.open
     assert {"steps", "tol", "sync_on_compute", "dist_sync_on_step"} <= set(signature.params)
     assert "bogus" not in signature.params
+
+
+def test_the_config_files_are_read_once_per_process(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A multirun's preflight checks every job with its own ConfigFiles: the YAML files
+    behind ``targets`` and the choices are read once, not once per job; a file that changes
+    is read again."""
+    from pathlib import Path
+
+    from helpers import CONF_DIR
+
+    from pse_lightning.cli import check
+
+    reads: list[Path] = []
+    real = Path.read_text
+
+    def counting(self: Path, *args, **kwargs) -> str:  # noqa: ANN002, ANN003
+        if self.suffix == ".yaml":
+            reads.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    check._read_text.cache_clear()
+    files = sorted(CONF_DIR.rglob("*.yaml"))
+    for _job in range(3):
+        each = check.ConfigFiles(CONF_DIR)
+        assert "pse_lightning.analysis.pse.PSE" in each.targets
+        each.keys_at("attack")
+    assert sorted(reads) == files  # every file once, for three jobs
+    extension = tmp_path / "attack"
+    extension.mkdir()
+    (extension / "mine.yaml").write_text("_target_: my.Attack\n")
+    assert "my.Attack" in check.ConfigFiles(CONF_DIR, [tmp_path]).targets
+    (extension / "mine.yaml").write_text("_target_: my.OtherAttack\n")
+    assert "my.OtherAttack" in check.ConfigFiles(CONF_DIR, [tmp_path]).targets

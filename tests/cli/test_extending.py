@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF_DIR
 from omegaconf import OmegaConf
 
 from pse_lightning import pipeline
@@ -98,12 +99,39 @@ def test_the_readmes_extension_command_runs_from_the_cli(tmp_path: Path) -> None
             "analysis=mean_abs", f"paths.root={tmp_path}", "logger=none"]  # fmt: skip
     tiny = ["dataset.num_train=256", "dataset.num_val=64", "dataset.num_test=64",
             "dataset.eval_samples=16", "training.epochs=1"]  # fmt: skip
-    run = subprocess.run(base + tiny, cwd=root, env=env, capture_output=True, text=True)
+    # As a multirun: each job's config (no hydra node) is checked again when it starts, with
+    # the search path the entry point hands down.
+    run = subprocess.run(base + tiny + ["-m"], cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    (metrics,) = tmp_path.glob("outputs/*/*/metrics.json")
+    (metrics,) = tmp_path.glob("multirun/*/*/*/metrics.json")
     assert "test/mean_abs/value" in json.loads(metrics.read_text())["metrics"]
     # A typo in the extension's own key is still caught by the same check, in one line.
     typo = subprocess.run(base + ["attack.epss=0.1"], cwd=root, env=env, capture_output=True,
                           text=True)  # fmt: skip
     assert typo.returncode == 1
     assert "attack.epss" in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_the_job_check_takes_the_search_path_it_is_handed(tmp_path: Path) -> None:
+    """Inside a run the job's config has no ``hydra`` node: the entry point hands the
+    check Hydra's search path, and the check reads no global Hydra state to find it."""
+    from conftest import compose_conf
+
+    from pse_lightning.cli.check import check_config
+    from pse_lightning.validation import InputError
+
+    searchpath = [f"file://{EXAMPLE / 'conf'}"]
+    full = compose_conf(
+        f"hydra.searchpath=[{searchpath[0]}]",
+        f"paths.root={tmp_path}",
+        "attack=brightness",
+        "analysis=mean_abs",
+        hydra=True,
+    )
+    choices = dict(full.hydra.runtime.choices)
+    job = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    assert "hydra" not in job
+    check_config(full, choices, CONF_DIR)  # the search path from the hydra node
+    check_config(job, choices, CONF_DIR, searchpath)  # handed down explicitly
+    with pytest.raises(InputError, match="my_extension.BrightnessShift is not allowed"):
+        check_config(job, choices, CONF_DIR)  # not handed: the extension is unknown

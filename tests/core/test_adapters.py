@@ -98,3 +98,21 @@ def test_private_attributes_are_used_in_their_adapter_only() -> None:
         for attribute, owner in OWNERS.items():
             if rel != owner:
                 assert not re.search(rf"\.{attribute}\b", text), f"{rel} uses {attribute}"
+
+
+def test_only_the_entry_point_reads_hydras_global_state() -> None:
+    """``HydraConfig`` (Hydra's global state) is read once, in ``cli/app.py``; everything
+    below it gets what it needs (choices, overrides, search path, sweep group) as arguments."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        if rel != "cli/app.py":
+            assert "hydra.core.hydra_config" not in path.read_text(), f"{rel} reads HydraConfig"
+
+
+def test_no_module_reads_another_objects_result_attribute() -> None:
+    """An evaluation's result reaches its users through ``on_result``, not by reading
+    ``<module>.result`` behind the module's back."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        for line in path.read_text().splitlines():
+            assert not re.search(r"\b(?!self\b)\w+\.result\.\w", line), f"{rel}: {line.strip()}"

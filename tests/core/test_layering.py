@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"core", "validation", "pipeline"},
     "__main__": {"core", "validation", "pipeline", "cli"},
     "glossary": {"core", "validation", "analysis", "reporting"},
+    "compare": {"core", "validation", "reporting"},
     "gpu_check": {"core", "validation", "attacks", "models", "bench", "pipeline"},
     "bench": {"core", "validation", "attacks", "analysis", "data", "defenses", "models",
               "modules", "reporting", "pipeline"},

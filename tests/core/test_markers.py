@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+import pytorch_lightning as pl  # imported before the test: the guard patches what is imported
 from conftest import exercised_kind
 
 
@@ -36,6 +37,18 @@ def _computes(x) -> None:
     assert x + 1 == 2
 
 
+def _runs_a_bad_input(run_bad, tmp_path) -> None:
+    run_bad(["seed=-1"], tmp_path)
+
+
+def _reads_wandb_back(wandb_inspect, tmp_path) -> None:
+    wandb_inspect(tmp_path)
+
+
+def _draws_a_report(metric, result, tmp_path) -> None:
+    metric.report(result, tmp_path, [])
+
+
 @pytest.mark.parametrize(
     ("item", "kind"),
     [
@@ -44,6 +57,9 @@ def _computes(x) -> None:
         (FakeItem(_shares_a_checkpoint), "pipeline"),
         (FakeItem(_computes, fixturenames=["trained_checkpoint"]), "pipeline"),
         (FakeItem(_computes), "unit"),
+        (FakeItem(_runs_a_bad_input), "cli"),
+        (FakeItem(_reads_wandb_back), "cli"),
+        (FakeItem(_draws_a_report), "pipeline"),
         (FakeItem(_trains, marks=("unit",)), "unit"),  # a mark set by hand wins
     ],
 )
@@ -54,3 +70,19 @@ def test_a_test_is_marked_by_what_it_calls(item: FakeItem, kind: str) -> None:
 def test_this_test_is_a_unit_test(request: pytest.FixtureRequest) -> None:
     marks = {m.name for m in request.node.iter_markers()}
     assert "unit" in marks and not marks & {"pipeline", "cli"}
+
+
+@pytest.mark.unit
+def test_a_unit_test_that_starts_a_process_fails() -> None:
+    """The guard in tests/conftest.py: a test marked unit cannot start a process (nor run a
+    Lightning loop), so a mark that says less than what a test does fails."""
+    import subprocess as process
+
+    with pytest.raises(AssertionError, match=r"^a test marked unit starts a process: mark it cli"):
+        process.run(["true"], check=True)
+
+
+@pytest.mark.unit
+def test_a_unit_test_that_fits_fails(tmp_path) -> None:
+    with pytest.raises(AssertionError, match=r"runs Trainer\.fit: mark it pipeline"):
+        pl.Trainer(default_root_dir=tmp_path, logger=False).fit(None)

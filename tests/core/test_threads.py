@@ -43,3 +43,35 @@ def test_mixture_modes_identical_on_one_and_two_threads() -> None:
     assert all(torch.equal(one.p[j], two.p[j]) for j in (1, 2))
     for name in ("weights", "means", "sds", "loglik"):
         assert torch.equal(getattr(one.fit, name), getattr(two.fit, name))
+
+
+class _Recorder:
+    """Stands in for an analysis: records the thread count its ``compute`` runs with."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def compute(self) -> tuple[int, int]:
+        return self.value, torch.get_num_threads()
+
+
+def test_analyses_compute_on_one_thread_each_in_their_order() -> None:
+    from pse_lightning.modules.evaluation import compute_analyses
+
+    before = torch.get_num_threads()
+    analyses = {name: _Recorder(i) for i, name in enumerate(("pse", "cam", "dissection"))}
+    results = compute_analyses(analyses)  # type: ignore[arg-type]
+    assert list(results) == ["pse", "cam", "dissection"]
+    assert results == {"pse": (0, 1), "cam": (1, 1), "dissection": (2, 1)}
+    assert torch.get_num_threads() == before
+
+
+def test_an_analysis_error_reaches_the_caller() -> None:
+    from pse_lightning.modules.evaluation import compute_analyses
+
+    class Broken(_Recorder):
+        def compute(self) -> tuple[int, int]:
+            raise ValueError("broken statistics")
+
+    with pytest.raises(ValueError, match="broken statistics"):
+        compute_analyses({"a": _Recorder(0), "b": Broken(1)})  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from scipy.stats import nct, norm, t, ttest_1samp
 from test_sweep import _first, _job
 from torch import Tensor
 
-from pse_lightning.core.findings import Finding, judge
+from pse_lightning.core.findings import INCONCLUSIVE, Finding, judge, verdict
 from pse_lightning.core.proportions import mcnemar_exact
 from pse_lightning.core.replicates import procedure_difference, seed_t_test
 from pse_lightning.reporting.sweep import write_comparison
@@ -127,11 +127,42 @@ def test_seed_t_test_is_the_one_sample_t_test_and_interval() -> None:
         seed_t_test(d, alternative="bigger")
     with pytest.raises(ValueError, match="at least 2 seeds"):
         seed_t_test(torch.tensor([0.1]))
-    # No spread: the interval is the point, p 1 at a zero mean and 0 otherwise.
-    _, _, low, high, p = seed_t_test(torch.tensor([[0.0, 0.0], [0.02, 0.02]]))
-    assert p.tolist() == [1.0, 0.0] and torch.equal(low, high)
-    flat = torch.tensor([[0.0, 0.0], [0.02, 0.02], [-0.02, -0.02]])
-    assert seed_t_test(flat, alternative="greater")[4].tolist() == [1.0, 0.0, 1.0]
+    # No spread and a one-sided alternative: still p = 1 (no evidence), either side.
+    flat = torch.tensor([[0.0, 0.0], [0.02, 0.02], [-0.02, -0.02]], dtype=torch.float64)
+    assert seed_t_test(flat, alternative="greater")[4].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_no_seed_to_seed_spread_gives_a_defined_honest_result() -> None:
+    """Every seed gives the same difference (SD 0, also up to the rounding of differences of
+    accuracies): p is 1, never 0; the interval is the point 0 for a zero difference (two
+    identical procedures) and unbounded otherwise, so the verdict is not "supported" on a
+    spread the seeds never showed. No NaN, no warning."""
+    import warnings
+
+    same = [0.3 - 0.1, 0.5 - 0.3, 0.7 - 0.5]  # 0.2 each, unequal in the last bits
+    assert len(set(same)) > 1
+    d = torch.tensor([[0.0, 0.0, 0.0], [0.004, 0.004, 0.004], same, [-0.01, -0.01, -0.01]],
+                     dtype=torch.float64)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, sd, low, high, p = seed_t_test(d)
+    assert p.tolist() == [1.0, 1.0, 1.0, 1.0] and p.dtype == torch.float64
+    assert (float(low[0]), float(high[0])) == (0.0, 0.0)
+    assert low[1:].tolist() == [-math.inf] * 3 and high[1:].tolist() == [math.inf] * 3
+    assert float(mean[3]) == pytest.approx(-0.01) and float(sd[3]) == 0.0
+    # a tiny but real spread is an ordinary t-test
+    _, _, low, high, p = seed_t_test(torch.tensor([0.004, 0.004, 0.006], dtype=torch.float64))
+    assert 0 < float(p) < 1 and math.isfinite(float(low)) and math.isfinite(float(high))
+    # one procedure ahead by the same 3 images in 500 on every seed: inconclusive, flagged
+    a = torch.zeros(500, dtype=torch.bool)
+    a[:3] = True
+    stats = procedure_difference([(a, torch.zeros(500, dtype=torch.bool))] * 3)
+    assert stats["degenerate"] and stats["p"] == 1.0 and stats["ci_low"] == -math.inf
+    finding = Finding(
+        "k", "c", "e", "t", estimate=stats["difference"], low=stats["ci_low"],
+        high=stats["ci_high"], p=stats["p"], direction="greater", size=0.02,
+    )  # fmt: skip
+    assert verdict(finding, 1.0) == INCONCLUSIVE
 
 
 def test_procedure_difference_pairs_seed_s_with_seed_s() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import wandb_inspect as inspect
+from helpers import wandb_inspect
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -68,6 +68,28 @@ def test_set_identity_fixes_name_and_job_type_only_before_the_run_starts(tmp_pat
         logger.set_identity(name=None, job_type="test")
 
 
+def test_the_sweep_group_is_handed_down_by_the_entry_point(tmp_path: Path) -> None:
+    """The job's ``hydra`` node gives the group (JobContext), the first stage sets it on the
+    unstarted run; a group given in the logger's config wins; no global Hydra state read."""
+    from pse_lightning.reporting.loggers import start_run, wandb_logger
+
+    node = OmegaConf.create({
+        "mode": "MULTIRUN", "sweep": {"dir": "/x/multirun/2026-12-01/22-48-56"},
+        "runtime": {"choices": {"attack": "pgd"}}, "overrides": {"task": ["attack=pgd"]},
+        "job": {"config": {"override_dirname": {"exclude_keys": []}}},
+    })  # fmt: skip
+    job = pipeline.JobContext.from_hydra(node)
+    assert job.group == "sweep-2026-12-01-22-48-56"
+    assert pipeline.JobContext.from_hydra(OmegaConf.merge(node, {"mode": "RUN"})).group is None
+    logger = wandb_logger(mode="disabled", save_dir=str(tmp_path))
+    assert logger._wandb_init.get("group") is None  # nothing until the job hands it over
+    start_run(logger, name="n", job_type="evaluate", config={}, group=job.group)
+    assert logger._wandb_init["group"] == "sweep-2026-12-01-22-48-56"
+    own = wandb_logger(mode="disabled", save_dir=str(tmp_path), group="mine")
+    start_run(own, name="n", job_type="evaluate", config={}, group=job.group)
+    assert own._wandb_init["group"] == "mine"
+
+
 def logged_table(records: list[dict], name: str) -> tuple[list[dict], Callable]:
     """(rows as dicts, cell -> pixel array) of a table logged to the run.
 
@@ -92,7 +114,7 @@ def logged_table(records: list[dict], name: str) -> tuple[list[dict], Callable]:
 def test_training_then_evaluation_runs_read_back(make_cfg, tmp_path: Path) -> None:
     fit_cfg = make_cfg("logger=wandb", "attack=fgsm", "stage=fit")
     pipeline.run(fit_cfg)
-    state, records = inspect(Path(fit_cfg.paths.run_dir))
+    state, records = wandb_inspect(Path(fit_cfg.paths.run_dir))
     run = run_record(records)
     assert run["display_name"] == "fgsm-smallcnn-shapes-standard-s0"
     assert run["job_type"] == "train" and state["exit_code"] == 0
@@ -109,7 +131,7 @@ def test_training_then_evaluation_runs_read_back(make_cfg, tmp_path: Path) -> No
     )  # fmt: skip
     results = pipeline.run(cfg)
     run_dir = Path(cfg.paths.run_dir)
-    state, records = inspect(run_dir)
+    state, records = wandb_inspect(run_dir)
     assert run_record(records)["job_type"] == "evaluate"
     summary = state["summary"]
     assert "epoch" not in summary and "trainer/global_step" not in summary
@@ -156,7 +178,7 @@ def test_multirun_jobs_share_a_sweep_group_and_are_named_by_choice(tmp_path: Pat
     run_cli(["-m", *args], tmp_path)
     jobs = sorted(p.parent for p in (tmp_path / "multirun").glob("*/*/*/metrics.json"))
     assert len(jobs) == 2
-    runs = [run_record(inspect(job)[1]) for job in jobs]
+    runs = [run_record(wandb_inspect(job)[1]) for job in jobs]
     sweep = jobs[0].parent
     assert {r["run_group"] for r in runs} == {f"sweep-{sweep.parent.name}-{sweep.name}"}
     assert [r["display_name"] for r in runs] == [
@@ -235,8 +257,27 @@ def test_examples_table_joins_the_analyses_maps_by_dataset_index(tmp_path: Path)
     run = wandb.init(mode="offline", dir=str(tmp_path), project="t")
     run.log({"examples/adversarial": table})
     run.finish()
-    _, records = inspect(tmp_path)
+    _, records = wandb_inspect(tmp_path)
     rows, png = logged_table(records, "examples/adversarial.table.json")
     assert [r["index"] for r in rows] == [2, 5, 7] and rows[2]["promotion"] is None
     assert np.abs(png(rows[0]["promotion"])[1, 2, :3] - top).max() <= 1
     assert rows[0]["cam_clean"] is None and rows[2]["cam_clean"] is not None
+
+
+def test_run_names_leave_out_what_every_job_of_a_sweep_shares(tmp_path: Path) -> None:
+    """A multirun job's name says what it varies: the command line's overrides that every
+    job received verbatim (the sweep's multirun.yaml) are left out; a single run keeps all."""
+    sweep = tmp_path / "multirun" / "2026-12-01" / "22-48-56"
+    sweep.mkdir(parents=True)
+    typed = ["experiment=smoke", "training.epochs=1", "attack.eps=0.01,0.02"]
+    (sweep / "multirun.yaml").write_text(
+        OmegaConf.to_yaml({"hydra": {"overrides": {"task": typed}}})
+    )
+    node = OmegaConf.create({
+        "mode": "MULTIRUN", "sweep": {"dir": str(sweep)}, "runtime": {"choices": {}},
+        "overrides": {"task": ["experiment=smoke", "training.epochs=1", "attack.eps=0.02"]},
+        "job": {"config": {"override_dirname": {"exclude_keys": []}}},
+    })  # fmt: skip
+    assert pipeline.JobContext.from_hydra(node).shared == ("experiment", "training.epochs")
+    single = OmegaConf.merge(node, {"mode": "RUN"})
+    assert pipeline.JobContext.from_hydra(single).shared == ()

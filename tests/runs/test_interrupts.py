@@ -291,6 +291,7 @@ CAPPED = ["dataset.num_test=32", "dataset.eval_samples=40"]
 
 
 @pytest.mark.slow
+@pytest.mark.cli  # through _cli (subprocess.Popen)
 def test_a_default_run_is_quiet_ends_with_the_report_and_follows_the_umask(
     tmp_path: Path,
 ) -> None:

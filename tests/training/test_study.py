@@ -4,6 +4,8 @@ Configs are composed with Hydra, nothing is trained."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -39,9 +41,16 @@ from pse_lightning.reporting.sweep_selection import (
 from pse_lightning.reporting.sweep_stats import comparison_plan, variant_pairs
 
 
-def _compose(*overrides: str) -> DictConfig:
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def _compose(*overrides: str) -> DictConfig:
+    """``conf/`` composed with ``overrides``, once per distinct list in the process (the
+    tests compose the same study jobs again); every caller gets its own copy."""
+    return copy.deepcopy(_composed(overrides))
 
 
 def _params(experiment: str) -> DictConfig:

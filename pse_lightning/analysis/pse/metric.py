@@ -49,6 +49,7 @@ from pse_lightning.analysis.pse.samples import (
     example_maps,
     image_rows,
     image_summary,
+    sample_images,
 )
 from pse_lightning.analysis.pse.statistics import HIST_BINS, PSE_TYPES, SWEEP
 from pse_lightning.core.contract import SweepTable, Term
@@ -89,6 +90,11 @@ class PSE(Analysis):
             for a model that ``.view``-s its convolution outputs.
         max_rows: keep per-image rows (W&B table, scatter) for dataset index < max_rows.
         max_figures: keep maps for the example figure for dataset index < max_figures.
+        max_images: keep at most this many analysed images for the class-pair table,
+            eta^2 and the list of incomplete attributions: all of them when they fit, else
+            a seeded uniform random sample of this many (:func:`.samples.sample_images`),
+            so the state does not grow with the dataset (every count and the cluster
+            bootstrap still cover all images).
         pair_classes: (true, target) pairs with both classes below it are tallied exactly
             for the cluster bootstrap; other pairs share hashed slots (:mod:`.clusters`).
             The per-pair state holds pair_classes^2 slots.
@@ -133,6 +139,7 @@ class PSE(Analysis):
         channels_last: bool = True,
         max_rows: int = 1000,
         max_figures: int = 8,
+        max_images: int = 50_000,
         pair_classes: int = 64,
         bootstrap: int = 2000,
         mixture_bootstrap: int = 99,
@@ -157,6 +164,7 @@ class PSE(Analysis):
         self.chunk_size = require_at_least("analysis.pse.chunk_size", chunk_size, 1)
         self.max_rows = _require_id_bound("max_rows", max_rows)
         self.max_figures = _require_id_bound("max_figures", max_figures)
+        self.max_images = require_at_least("analysis.pse.max_images", max_images, 1)
         self.pair_classes = require_at_least("analysis.pse.pair_classes", pair_classes, 1)
         if pair_classes > MAX_PAIR_CLASSES:
             raise ValueError(
@@ -240,6 +248,7 @@ class PSE(Analysis):
         ids = {"index": batch.index[sel], "label": y, "target": target, "type": kind}
         image = {"r": r, "residual": attr.residual, "steps": attr.steps}
         self._append(IMAGE_STATES, {**ids, **image})
+        self._bound_images()
         self._keep_rows(ids, attr, totals, r, batch.success[sel])
         self._keep_examples(ids, r, x, x_adv, attr)
 
@@ -291,6 +300,15 @@ class PSE(Analysis):
         kind = statistics.classify(ratio, self.tau_s, self.tau_p).flatten()
         dev = self.group_type_counts.device
         self.group_type_counts += torch.bincount(kind, minlength=len(PSE_TYPES)).to(dev)
+
+    def _bound_images(self) -> None:
+        """Cut this process's images to ``max_images`` once they hold twice as many (the
+        sample is the same as if cut once at the end, :func:`.samples.sample_images`)."""
+        if sum(len(part) for part in getattr(self, IMAGE_STATES["index"])) <= 2 * self.max_images:
+            return
+        kept = sample_images(self._columns(IMAGE_STATES), self.max_images)
+        for name, state in IMAGE_STATES.items():
+            setattr(self, state, [kept[name]])
 
     def _keep_rows(
         self,
@@ -380,10 +398,13 @@ class PSE(Analysis):
         - the modes of r (:mod:`.mixture`): ``mixture_bic_k1..k4``, ``mixture_k`` (smallest
           BIC, 0 if not fitted), ``mixture_p_1v2`` and ``mixture_p_2v3`` (bootstrap LR tests).
 
+        The class-pair effect, ``pairs`` and ``images`` cover every analysed image up to
+        ``max_images``, a seeded uniform sample of that many above it.
+
         Details: ``rows`` (:class:`.samples.ImageRows`), ``examples``
-        (:class:`.samples.ExampleMaps`), ``images`` (:class:`.samples.ImageSummary`, every
-        analysed image), ``pairs`` (:class:`.statistics.PairBreakdown`), ``r_hist``
-        (HIST_BINS, 3) by type, ``sweep_counts`` (len(SWEEP), 3) and ``modes``
+        (:class:`.samples.ExampleMaps`), ``images`` (:class:`.samples.ImageSummary`, the
+        analysed images up to ``max_images``), ``pairs`` (:class:`.statistics.PairBreakdown`),
+        ``r_hist`` (HIST_BINS, 3) by type, ``sweep_counts`` (len(SWEEP), 3) and ``modes``
         (:class:`.mixture.Modes`), all on the CPU.
         """
         n_images = self.type_counts.double().sum()
@@ -401,7 +422,7 @@ class PSE(Analysis):
         scalars["residual_max"] = self.residual_max.clone()
         scalars["steps_mean"] = statistics.share(self.steps_sum, n_images)
         scalars.update(statistics.group_fractions(self.group_type_counts))
-        images = image_summary(self._columns(IMAGE_STATES))
+        images = image_summary(sample_images(self._columns(IMAGE_STATES), self.max_images))
         scalars.update(self._pair_effect(images.label, images.target, images.r))
         kind = statistics.classify(images.r, self.tau_s, self.tau_p)
         modes = mixture.modes(self.mix_hist.cpu(), replicates=self.mixture_bootstrap)
@@ -488,6 +509,7 @@ class PSE(Analysis):
             tau_s=self.tau_s,
             tau_p=self.tau_p,
             tol=self.tol,
+            max_images=self.max_images,
         )
 
     def settings_sentence(self, n_images: int) -> str:

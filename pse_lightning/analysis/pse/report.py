@@ -37,6 +37,7 @@ def pse_section(
     tau_s: float,
     tau_p: float,
     tol: float,
+    max_images: int | None = None,
 ) -> ReportSection:
     """Figures, text (types, sweep, class pairs, incomplete images) and W&B tables.
 
@@ -47,6 +48,7 @@ def pse_section(
         settings: the sentence describing the method and thresholds.
         tau_s, tau_p: the type thresholds drawn on the figures.
         tol: the completeness tolerance (images above it are listed as incomplete).
+        max_images: the bound on the kept images (None: all were kept).
 
     Raises:
         ValueError: ``result`` is not a PSE ``compute`` result.
@@ -59,6 +61,7 @@ def pse_section(
         )
     details = result.details
     rows = details["rows"]
+    note = "" if max_images is None else sample_note(result.scalars, details["images"], max_images)
     paths = write_figures(details, out_dir, class_names, tau_s=tau_s, tau_p=tau_p)
     pairs, incomplete = (
         pair_table(details["pairs"], class_names),
@@ -66,8 +69,8 @@ def pse_section(
     )
     text = [
         markdown(result.scalars, details["sweep_counts"], settings),
-        pair_markdown(result.scalars, pairs),
-        incomplete_markdown(result.scalars, incomplete, tol),
+        pair_markdown(result.scalars, pairs, note),
+        incomplete_markdown(result.scalars, incomplete, tol, note),
     ]
     return ReportSection(
         title=TITLE,
@@ -235,8 +238,21 @@ def pair_table(pairs: PairBreakdown, class_names: Sequence[str]) -> Table:
     return columns, rows
 
 
-def pair_markdown(scalars: Mapping[str, Tensor], pairs: Table) -> str:
-    """The class-pair effect on r and the largest pairs."""
+def sample_note(scalars: Mapping[str, Tensor], images: ImageSummary, limit: int) -> str:
+    """Empty when the kept images are all the analysed ones, else a sentence saying that the
+    class pairs and the incomplete list come from a uniform random sample of ``limit``."""
+    total = int(scalars["n_images"])
+    if len(images) < limit or total <= limit:
+        return ""
+    return (
+        f" These come from a seeded uniform random sample of {len(images)} of the {total} "
+        "analysed images (analysis.pse.max_images); the counts and the cluster bootstrap "
+        "cover them all."
+    )
+
+
+def pair_markdown(scalars: Mapping[str, Tensor], pairs: Table, note: str = "") -> str:
+    """The class-pair effect on r and the largest pairs (``note``: :func:`sample_note`)."""
     columns, rows = pairs
     eta2, null, eps2 = (float(scalars[k]) for k in ("pair_eta2", "pair_eta2_null",
                                                     "pair_epsilon2"))  # fmt: skip
@@ -246,7 +262,7 @@ def pair_markdown(scalars: Mapping[str, Tensor], pairs: Table) -> str:
         f"the pair; bias-corrected epsilon^2 = {eps2:.3f}). "
         f"{int(scalars['n_pairs_small'])} pairs have fewer than {MIN_PAIR_IMAGES} images "
         "with a defined r: their means are noise. A large eta^2 means the types mostly "
-        "encode which classes are attacked into which.",
+        "encode which classes are attacked into which." + note,
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -271,8 +287,11 @@ def incomplete_table(images: ImageSummary, tol: float, class_names: Sequence[str
     return columns, rows
 
 
-def incomplete_markdown(scalars: Mapping[str, Tensor], incomplete: Table, tol: float) -> str:
-    """How many attributions stayed incomplete, what that changes, and which they are."""
+def incomplete_markdown(
+    scalars: Mapping[str, Tensor], incomplete: Table, tol: float, note: str = ""
+) -> str:
+    """How many attributions stayed incomplete, what that changes, and which they are
+    (``note``: :func:`sample_note`, said when any is listed)."""
     columns, rows = incomplete
     head = (
         f"Incomplete attributions: {int(scalars['n_incomplete'])} images keep a completeness "
@@ -282,7 +301,7 @@ def incomplete_markdown(scalars: Mapping[str, Tensor], incomplete: Table, tol: f
     )
     if not rows:
         return head
-    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [head + note, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for index, true, target, residual, steps in rows[:MAX_LISTED]:
         lines.append(f"| {index} | {true} | {target} | {residual:.3g} | {steps} |")
     if len(rows) > MAX_LISTED:

@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,9 +52,10 @@ EXAMPLE_STATES: dict[str, str] = {
     "suppression": "example_suppression",
     "net": "example_net",
 }
-# Every analysed image, unbounded: six numbers (24 bytes) an image, what the class-pair
-# statistics and the list of incomplete attributions need. No fixed-size sufficient
-# statistic exists for them without the class count, which the constructor does not know.
+# The analysed images, six numbers (24 bytes) an image: what the class-pair statistics and
+# the list of incomplete attributions need (no fixed-size sufficient statistic exists for
+# them without the class count, which the constructor does not know). Bounded by
+# ``max_images``: above it a seeded uniform sample of that many images (:func:`sample_images`).
 IMAGE_STATES: dict[str, str] = {
     "index": "image_index",
     "label": "image_label",
@@ -63,6 +65,9 @@ IMAGE_STATES: dict[str, str] = {
     "steps": "image_steps",
 }
 _ID_COLUMNS = ("index", "label", "target", "type", "steps")
+# The seed of the images' sampling keys (:func:`sample_keys`).
+SAMPLE_SEED = 20190101
+_MASK64 = (1 << 64) - 1
 
 
 class _Sample:
@@ -189,6 +194,40 @@ def example_maps(columns: Mapping[str, Tensor], shape: Tensor) -> ExampleMaps:
     }
     order = unique_by_index(typed["index"])
     return ExampleMaps(**{name: values[order].cpu() for name, values in typed.items()})
+
+
+def sample_keys(index: Tensor, seed: int = SAMPLE_SEED) -> Tensor:
+    """(N,) float64 keys in [0, 1), a seeded hash (splitmix64) of each dataset index.
+
+    A function of the index alone: the images with the smallest keys are a uniform random
+    sample without replacement that is the same for any sharding, batch order or number of
+    processes, and one that does not follow the dataset's order (an image folder sorted by
+    class is sampled across its classes).
+    """
+    with np.errstate(over="ignore"):
+        z = index.round().long().cpu().numpy().astype(np.uint64)
+        z = z + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & _MASK64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) / 2.0**53)
+
+
+def sample_images(columns: Mapping[str, Tensor], limit: int) -> dict[str, Tensor]:
+    """At most ``limit`` distinct images of flat columns with an ``index`` column: all of
+    them, unchanged, when they fit; else those with the ``limit`` smallest
+    :func:`sample_keys` (duplicates of a dataset index dropped first).
+
+    Applied to each process's columns while they grow and to the gathered ones, it keeps the
+    same images as applied once to all of them: the smallest keys of the union are among
+    each part's smallest.
+    """
+    order = unique_by_index(columns["index"])
+    if len(order) <= limit:
+        return dict(columns)
+    keys = sample_keys(columns["index"][order])
+    keep = order[torch.argsort(keys, stable=True)[:limit].to(order.device)]
+    return {name: values[keep] for name, values in columns.items()}
 
 
 def unique_by_index(index: Tensor) -> Tensor:
