@@ -89,35 +89,50 @@ def untestable(key: str, claim: str, effect: str, test: str, why: str) -> Findin
     return Finding(key, claim, effect, test, status=UNTESTABLE, note=why)
 
 
-def judge(found: Sequence[Finding]) -> list[Finding]:
-    """Holm over the tested findings of ``found`` (one family) and every finding's verdict."""
+def judge(
+    found: Sequence[Finding],
+    simultaneous: Sequence[tuple[float, float] | None] | None = None,
+) -> list[Finding]:
+    """Holm over the tested findings of ``found`` (one family) and every finding's verdict;
+    ``simultaneous``, one entry per finding, the family-wise interval its "not supported"
+    is judged from (:func:`verdict`; None: its 95 % interval)."""
     adjusted = holm_adjust([f.p if f.tested else math.nan for f in found])
+    wide = list(simultaneous) if simultaneous is not None else [None] * len(found)
     return [
         replace(f, verdict=f.status)
         if f.status
-        else replace(f, p_holm=p_holm, verdict=verdict(f, p_holm))
-        for f, p_holm in zip(found, adjusted, strict=True)
+        else replace(f, p_holm=p_holm, verdict=verdict(f, p_holm, interval))
+        for f, p_holm, interval in zip(found, adjusted, wide, strict=True)
     ]
 
 
-def verdict(f: Finding, p_holm: float) -> str:
+def verdict(f: Finding, p_holm: float, simultaneous: tuple[float, float] | None = None) -> str:
     """The rule of the module docstring for one testable finding.
 
-    A "less" claim is a "greater" claim on the negated scale. With ``size`` >= 0, an interval
-    below ``null`` (the test rejecting the other way) is below ``null + size`` too, so one
-    comparison covers both ways of "not supported".
+    *Supported* reads the 95 % interval (``low``, ``high``); *not supported* reads
+    ``simultaneous`` when given: an interval wide enough to hold for the whole family at
+    once (the sweep passes Bonferroni intervals at level 1 − ALPHA/m, docs/METHODS.md
+    §7.6), so "not supported" is family-wise as Holm makes "supported"; without it, the
+    95 % interval (the per-run rule). A "less" claim is a "greater" claim on the negated
+    scale. With ``size`` >= 0, an interval below ``null`` (the test rejecting the other
+    way) is below ``null + size`` too, so one comparison covers both ways of "not
+    supported".
     """
     if any(math.isnan(v) for v in (f.low, f.high)) or math.isnan(p_holm):
         return INCONCLUSIVE
+    wide_low, wide_high = (f.low, f.high) if simultaneous is None else simultaneous
+    if math.isnan(wide_low) or math.isnan(wide_high):
+        wide_low, wide_high = f.low, f.high
     rejects = p_holm < ALPHA
     if f.direction == "two-sided":
         if rejects and (f.low > f.null or f.high < f.null):
             return SUPPORTED
-        if f.size > 0 and f.null - f.size < f.low and f.high < f.null + f.size:
+        if f.size > 0 and f.null - f.size < wide_low and wide_high < f.null + f.size:
             return NOT_SUPPORTED
         return INCONCLUSIVE
     sign = 1.0 if f.direction == "greater" else -1.0
-    low, high = sorted((sign * f.low, sign * f.high))
+    low = min(sign * f.low, sign * f.high)
+    high = max(sign * wide_low, sign * wide_high)
     if rejects and low > sign * f.null:
         return SUPPORTED
     if high < sign * f.null + f.size:
@@ -125,13 +140,20 @@ def verdict(f: Finding, p_holm: float) -> str:
     return INCONCLUSIVE
 
 
-def rule_text(what: str = "table") -> str:
-    """The sentence under a Findings table that says how its verdicts were made."""
+def rule_text(what: str = "table", simultaneous: bool = False) -> str:
+    """The sentence under a Findings table that says how its verdicts were made;
+    ``simultaneous``: "not supported" read from the simultaneous intervals (the sweep's)."""
+    interval = (
+        f"simultaneous interval (level 1 − {ALPHA}/m, m the tested claims of this {what}; "
+        "the 95 % interval when m = 1)"
+        if simultaneous
+        else "interval"
+    )
     return (
         f"Holm's correction runs over every tested p-value in this {what}. Each claim's "
         "p-value and interval come from the one resampling scheme its test column names. "
         f"Supported: the corrected test rejects at {ALPHA} and the 95 % interval excludes "
-        "no effect, in the claimed direction. Not supported: the interval excludes every "
+        f"no effect, in the claimed direction. Not supported: the {interval} excludes every "
         "effect of the claimed size, or the test rejects the other way. Otherwise "
         "inconclusive at this sample size. Untestable: measured, but this run cannot test "
         "it (the row says why). Method: docs/METHODS.md §7.13."

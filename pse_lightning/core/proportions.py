@@ -54,19 +54,23 @@ def discordant_pairs(correct_a: Tensor, correct_b: Tensor) -> tuple[int, int]:
     return int((a & ~b).sum()), int((~a & b).sum())
 
 
-def mcnemar_exact(correct_a: Tensor, correct_b: Tensor) -> float:
-    """Two-sided exact McNemar p-value for two classifiers scored on the same images.
+def mcnemar_exact(correct_a: Tensor, correct_b: Tensor, alternative: str = "two-sided") -> float:
+    """Exact McNemar p-value for two classifiers scored on the same images.
 
     Only discordant images carry information: under H0 (equal accuracy) each of the
     b + c discordant images is equally likely to favour either classifier, so
-    b ~ Binomial(b + c, 1/2) and p = min(1, 2·P(X <= min(b, c))). Exact, so valid for the
-    few discordant images of a small test set; conservative because the binomial is
-    discrete. No discordant image: p = 1.
+    b ~ Binomial(b + c, 1/2) and the two-sided p = min(1, 2·P(X <= min(b, c))). Exact, so
+    valid for the few discordant images of a small test set; conservative because the
+    binomial is discrete. No discordant image: p = 1.
+
+    Args:
+        alternative: "two-sided" (the accuracies differ), "greater" (``a`` is more accurate:
+            p = P(X >= b), the one-sided exact binomial) or "less" (p = P(X <= b)).
     """
     b, c = discordant_pairs(correct_a, correct_b)
     if b + c == 0:
         return 1.0
-    return float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+    return float(binomtest(b, b + c, 0.5, alternative=alternative).pvalue)
 
 
 def holm_adjust(pvalues: Sequence[float]) -> list[float]:

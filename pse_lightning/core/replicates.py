@@ -37,23 +37,26 @@ DEGENERATE_SD = 1e-12
 
 
 def seed_t_test(
-    differences: Tensor, confidence: float = 0.95
+    differences: Tensor, confidence: float = 0.95, alternative: str = "two-sided"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One-sample t-test and interval of the mean of per-seed differences, batched.
 
     Args:
         differences: (..., S) per-seed differences d_s, S >= 2 seeds in the last dimension.
         confidence: two-sided coverage of the interval.
+        alternative: "two-sided" (mean ≠ 0), "greater" (mean > 0: p = P(T >= t)) or "less"
+            (p = P(T <= t)), T Student's t on S − 1 df.
 
     Returns:
         (mean, sd, low, high, p), each (...) float64: the mean difference, the seed-to-seed
-        SD (n − 1), the t interval mean ± t_{S−1} · sd / √S and the two-sided t-test p of
-        mean = 0. With sd = 0 (every seed gives the same difference, up to rounding:
-        sd <= ``DEGENERATE_SD``) the t statistic is 0/0 or ±∞ and says nothing about the
-        seed-to-seed spread, which an S-seed sample has failed to show: p is 1 (no
-        evidence) and the interval is the point 0 when every difference is 0 (what two
-        identical procedures give), else unbounded, (−∞, ∞), the limit of the t interval
-        as the unknown SD grows (docs/METHODS.md §7.6).
+        SD (n − 1), the two-sided t interval mean ± t_{S−1} · sd / √S and the t-test p of
+        mean = 0 against ``alternative``. With sd = 0 (every seed gives the same
+        difference, up to rounding: sd <= ``DEGENERATE_SD``) the t statistic is 0/0 or ±∞
+        and says nothing about the seed-to-seed spread, which an S-seed sample has failed
+        to show: p is 1 (no evidence, whatever ``alternative``) and the interval is the
+        point 0 when every difference is 0 (what two identical procedures give), else
+        unbounded, (−∞, ∞), the limit of the t interval as the unknown SD grows
+        (docs/METHODS.md §7.6).
 
     Raises:
         ValueError: fewer than 2 seeds.
@@ -66,8 +69,13 @@ def seed_t_test(
     se = sd / math.sqrt(seeds)
     df = seeds - 1
     half = float(stdtrit(df, 0.5 + confidence / 2)) * se
-    t = mean.abs() / se
-    p = torch.as_tensor(2 * stdtr(df, -t.numpy()), dtype=mean.dtype)
+    if alternative == "two-sided":
+        p = torch.as_tensor(2 * stdtr(df, -(mean.abs() / se).numpy()), dtype=mean.dtype)
+    elif alternative in ("greater", "less"):
+        sign = 1.0 if alternative == "greater" else -1.0
+        p = torch.as_tensor(stdtr(df, -(sign * mean / se).numpy()), dtype=mean.dtype)
+    else:
+        raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
     degenerate = sd <= DEGENERATE_SD
     zero = degenerate & (mean.abs() <= DEGENERATE_SD)
     p = torch.where(degenerate, torch.ones_like(p), p)
@@ -81,19 +89,22 @@ def seed_t_test(
     return mean, sd, low, high, p
 
 
-def procedure_difference(pairs: Sequence[tuple[Tensor, Tensor]]) -> dict[str, object]:
+def procedure_difference(
+    pairs: Sequence[tuple[Tensor, Tensor]], alternative: str = "two-sided"
+) -> dict[str, object]:
     """Two procedures compared over seeds, from each seed's paired per-image outcomes.
 
     Args:
         pairs: one (correct_a, correct_b) per seed, (N_s,) bool each, aligned image by image
             (procedure A's and B's models of that seed on the same test images).
+        alternative: of the t-test (:func:`seed_t_test`): one-sided for a directional claim.
 
     Returns:
         ``acc_variant`` and ``acc_baseline`` (per-seed accuracies), ``differences`` (d_s),
         ``difference`` (their mean), ``sd_difference`` (seed-to-seed SD), ``ci_low``,
-        ``ci_high``, ``p`` (two-sided, t on S − 1 df), ``seeds`` (S), ``n`` (images per
-        seed, the smallest) and ``degenerate`` (every seed gave the same difference: see
-        :func:`seed_t_test`).
+        ``ci_high`` (95 %), ``p`` (against ``alternative``, t on S − 1 df), ``seeds`` (S),
+        ``n`` (images per seed, the smallest) and ``degenerate`` (every seed gave the same
+        difference: see :func:`seed_t_test`).
 
     Raises:
         ValueError: fewer than 2 seeds.
@@ -101,7 +112,9 @@ def procedure_difference(pairs: Sequence[tuple[Tensor, Tensor]]) -> dict[str, ob
     acc_a = [float(a.double().mean()) for a, _ in pairs]
     acc_b = [float(b.double().mean()) for _, b in pairs]
     diffs = [x - y for x, y in zip(acc_a, acc_b, strict=True)]
-    mean, sd, low, high, p = seed_t_test(torch.tensor(diffs, dtype=torch.float64))
+    mean, sd, low, high, p = seed_t_test(
+        torch.tensor(diffs, dtype=torch.float64), alternative=alternative
+    )
     return {
         "acc_variant": acc_a,
         "acc_baseline": acc_b,

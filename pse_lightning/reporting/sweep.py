@@ -172,7 +172,7 @@ def findings_sections(findings: list[Finding], records: list[dict]) -> dict[str,
     for family, heading in FAMILY_HEADINGS.items():
         mine = [f for f, r in zip(findings, records, strict=True) if r["family"] == family]
         if mine:
-            table = findings_markdown(mine, rule_text("table"))
+            table = findings_markdown(mine, rule_text("table", simultaneous=True))
             sections[family] = "\n".join([heading, "", table, ""])
     return sections
 

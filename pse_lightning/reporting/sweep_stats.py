@@ -15,23 +15,30 @@ Holm families: the procedure claims on robust accuracy (the question the study e
 clean-accuracy comparisons; the per-seed comparisons of trained models. A sweep of fixed
 models (a model zoo) has no procedures: its robust and its clean comparisons are the two
 families. Verdicts come from the rule of the run's Findings
-(:func:`~pse_lightning.core.findings.judge`), Holm within each family.
+(:func:`~pse_lightning.core.findings.judge`), Holm within each family, with one change that
+makes "not supported" family-wise too: it is judged from simultaneous (Bonferroni)
+intervals at level 1 − 0.05/m, m the family's tested claims, beside the 95 % interval that
+"supported" reads (docs/METHODS.md §7.6). A directional claim ("more robust") stores the
+one-sided p (one-sided t over seeds, one-sided exact McNemar), a "differ" claim the
+two-sided p.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from itertools import combinations
 
+import torch
 from torch import Tensor
 
-from pse_lightning.core.findings import Finding, judge, not_measured, untestable
+from pse_lightning.core.findings import ALPHA, Finding, judge, not_measured, untestable
 from pse_lightning.core.proportions import (
     discordant_pairs,
     mcnemar_exact,
     paired_difference_interval,
 )
-from pse_lightning.core.replicates import procedure_difference
+from pse_lightning.core.replicates import procedure_difference, seed_t_test
 from pse_lightning.reporting.outcomes import aligned
 from pse_lightning.reporting.sweep_jobs import Job
 
@@ -68,8 +75,15 @@ RULE = (
     "distribution over the per-seed differences, seed s of a variant paired with seed s of "
     "its baseline. Trained models: p exact McNemar, interval Newcombe's hybrid score "
     "interval for paired proportions; both resample the test images, not the training. "
+    'p is one-sided for "more robust", two-sided for "differ". '
     "Holm families: procedure claims on robust accuracy; clean accuracy; the per-seed "
-    "comparisons of trained models. Method: docs/METHODS.md §7.6."
+    "comparisons of trained models. Family-wise in both directions: Holm's p and the 95 % "
+    "interval make a claim supported; a claim is not supported only when its simultaneous "
+    f"interval (level 1 − {ALPHA}/m, m the tested claims of its table, Bonferroni; shown "
+    "after the 95 % interval when m > 1) excludes every effect of the claimed size, so "
+    'that across a table of m claims the chance of any spurious "not supported" stays '
+    "under 5 % (judged from 95 % intervals it grew with m, about m × 2.5 %). "
+    "Method: docs/METHODS.md §7.6."
 )
 
 
@@ -126,15 +140,16 @@ class Comparison:
 
 def variant_pairs(variants: list[str]) -> list[tuple[str, str, bool]]:
     """(variant, baseline, directional) to compare. Training variants have a known
-    question: each against standard training and pse_at against pgd_at, one-directional
-    claims (the variant is more robust); without standard, every variant against pgd_at
+    question: each against standard training, and each other robust procedure (pse_at,
+    trades) against pgd_at, one-directional claims (the variant is more robust); without
+    standard, every variant against pgd_at
     (the PSE-AT ablation: each setting against its reference) and pse_at against its
     matched-strength control (:data:`MATCHED_CONTROLS`); other variants (models of a zoo)
     are compared in every pair, two-sided."""
     if "standard" in variants:
         pairs = [(v, "standard", True) for v in variants if v != "standard"]
-        if "pse_at" in variants and "pgd_at" in variants:
-            pairs.append(("pse_at", "pgd_at", True))
+        if "pgd_at" in variants:
+            pairs += [(v, "pgd_at", True) for v in variants if v not in ("standard", "pgd_at")]
         return pairs
     if "pgd_at" in variants:
         pairs = [(v, "pgd_at", True) for v in variants if v != "pgd_at"]
@@ -165,9 +180,11 @@ def comparison_plan(
     return plan
 
 
-def paired_test(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
+def paired_test(
+    correct_a: Tensor, correct_b: Tensor, alternative: str = "two-sided"
+) -> dict[str, float]:
     """Accuracies, their difference with its paired 95% interval, the discordant counts and
-    the exact McNemar p of two variants on the same images."""
+    the exact McNemar p (against ``alternative``) of two variants on the same images."""
     theta, low, high = paired_difference_interval(correct_a, correct_b)
     only_a, only_b = discordant_pairs(correct_a, correct_b)
     return {
@@ -179,7 +196,7 @@ def paired_test(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
         "n": int(correct_a.numel()),
         "only_variant": only_a,
         "only_baseline": only_b,
-        "p": mcnemar_exact(correct_a, correct_b),
+        "p": mcnemar_exact(correct_a, correct_b, alternative),
     }
 
 
@@ -206,14 +223,19 @@ def _pair(c: Comparison, jobs: list[Job]) -> tuple[Tensor, Tensor] | None:
     return aligned(a, b, "clean_correct" if c.measure == "clean" else "adv_correct")
 
 
-def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
+# The interval of a finding at any two-sided level (for the simultaneous intervals).
+Widen = Callable[[float], tuple[float, float]]
+
+
+def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict, Widen | None]:
     """Two trained models compared image by image (McNemar, Newcombe)."""
     pair = _pair(c, jobs)
     record = asdict(c) | {"key": c.key, "claim": c.claim, "family": c.family}
     if pair is None:
         text = "per-image outcomes missing (a job written before outcomes.json): not paired"
-        return not_measured(c.key, c.claim, text), record
-    stats = paired_test(*pair)
+        return not_measured(c.key, c.claim, text), record, None
+    direction = "greater" if c.directional else "two-sided"
+    stats = paired_test(*pair, direction)
     text = (
         f"{stats['acc_variant']:.3f} − {stats['acc_baseline']:.3f} = {stats['difference']:+.3f} "
         f"[{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]; n = {stats['n']}, only one right: "
@@ -225,12 +247,18 @@ def _finding(c: Comparison, jobs: list[Job]) -> tuple[Finding, dict]:
     finding = Finding(
         c.key, c.claim, text, test,
         estimate=stats["difference"], low=stats["ci_low"], high=stats["ci_high"], p=stats["p"],
-        direction="greater" if c.directional else "two-sided", size=MIN_GAIN,
+        direction=direction, size=MIN_GAIN,
     )  # fmt: skip
-    return finding, record | stats
+
+    def widen(confidence: float) -> tuple[float, float]:
+        return paired_difference_interval(*pair, confidence)[1:]
+
+    return finding, record | stats, widen
 
 
-def _over_seeds(c: Comparison, jobs: list[Job], planned: list[Comparison]) -> tuple[Finding, dict]:
+def _over_seeds(
+    c: Comparison, jobs: list[Job], planned: list[Comparison]
+) -> tuple[Finding, dict, Widen | None]:
     """Two training procedures compared over the seeds of ``planned``: the t-test on the
     per-seed differences (:func:`~pse_lightning.core.replicates.procedure_difference`);
     untestable with one seed, not measured when fewer than two seeds have outcomes."""
@@ -247,11 +275,11 @@ def _over_seeds(c: Comparison, jobs: list[Job], planned: list[Comparison]) -> tu
         )
         effect = "one seed: see the trained-model row"
         finding = untestable(pooled.key, pooled.claim, effect, PROCEDURE_TEST, why)
-        return replace(finding, direction=direction, size=PROCEDURE_GAIN), record
+        return replace(finding, direction=direction, size=PROCEDURE_GAIN), record, None
     if len(pairs) < 2:
         why = f"{len(pairs)} seed(s) with per-image outcomes: no spread across seeds"
-        return not_measured(pooled.key, pooled.claim, why), record
-    stats = procedure_difference([pair for _, pair in pairs])
+        return not_measured(pooled.key, pooled.claim, why), record, None
+    stats = procedure_difference([pair for _, pair in pairs], direction)
     names = [seed for seed, _ in pairs]
     each = ", ".join(
         f"{a:.3f} − {b:.3f} (seed {s})"
@@ -278,7 +306,42 @@ def _over_seeds(c: Comparison, jobs: list[Job], planned: list[Comparison]) -> tu
     )  # fmt: skip
     seeds = [[s, d] for s, d in zip(names, stats["differences"], strict=True)]
     extra = {"seeds": seeds, "n_seeds": stats["seeds"], "mean_difference": stats["difference"]}
-    return finding, record | stats | extra
+    differences = torch.tensor(stats["differences"], dtype=torch.float64)
+
+    def widen(confidence: float) -> tuple[float, float]:
+        _, _, low, high, _ = seed_t_test(differences, confidence)
+        return float(low), float(high)
+
+    return finding, record | stats | extra, widen
+
+
+def simultaneous(
+    built: list[tuple[Finding, dict, Widen | None]],
+) -> list[tuple[Finding, dict, tuple[float, float] | None]]:
+    """One Holm family's findings with their simultaneous intervals: Bonferroni, each tested
+    finding's interval at level 1 − ALPHA/m (m the family's tested findings), the interval
+    its "not supported" is judged from. With m > 1 the effect text and the record say so;
+    with m = 1 it is the 95 % interval."""
+    m = sum(f.tested for f, _, _ in built)
+    confidence = 1 - ALPHA / max(m, 1)
+    out = []
+    for finding, record, widen in built:
+        if not finding.tested or widen is None:
+            out.append((finding, record, None))
+            continue
+        low, high = widen(confidence)
+        record = record | {
+            "simultaneous_confidence": confidence,
+            "simultaneous_low": low,
+            "simultaneous_high": high,
+            "family_size": m,
+        }
+        if m > 1:
+            level = f"{100 * confidence:.3g}"
+            text = f"{finding.effect}; simultaneous {level} % interval [{low:+.3f}, {high:+.3f}]"
+            finding = replace(finding, effect=text)
+        out.append((finding, record, (low, high)))
+    return out
 
 
 def comparison_findings(
@@ -290,7 +353,7 @@ def comparison_findings(
     groups: dict[Comparison, list[Comparison]] = {}
     for c in plan:
         groups.setdefault(replace(c, seed=""), []).append(c)
-    built: list[tuple[Finding, dict]] = []
+    built: list[tuple[Finding, dict, Widen | None]] = []
     for pooled, planned in groups.items():
         if pooled.procedures:
             built.append(_over_seeds(pooled, jobs, planned))
@@ -298,12 +361,13 @@ def comparison_findings(
     judged: list[Finding] = []
     records: list[dict] = []
     for family in FAMILIES:
-        members = [(f, r) for f, r in built if r["family"] == family]
+        members = simultaneous([b for b in built if b[1]["family"] == family])
         if not members:
             continue
-        judged += judge([f for f, _ in members])
+        judged += judge([f for f, _, _ in members], [wide for _, _, wide in members])
         records += [
-            r | {"p_holm": f.p_holm, "verdict": f.verdict, "size": f.size, "note": f.note}
-            for f, (_, r) in zip(judged[-len(members) :], members, strict=True)
-        ]
+            r | {"p_holm": f.p_holm, "verdict": f.verdict, "size": f.size, "note": f.note,
+                 "effect": f.effect, "direction": f.direction}
+            for f, (_, r, _) in zip(judged[-len(members) :], members, strict=True)
+        ]  # fmt: skip
     return judged, records

@@ -86,3 +86,27 @@ def test_findings_open_the_report_and_land_in_metrics_json(tmp_path) -> None:
     assert payload["metrics"] == scalars  # a p-value of 1.69e-79 is not stored as 0
     rows = json.loads((tmp_path / "findings.json").read_text())
     assert [r["key"] for r in rows] == ["cam_region", "pse_training"]
+
+
+def test_not_supported_reads_the_simultaneous_interval_when_given() -> None:
+    """The sweep's family-wise rule (docs/METHODS.md §7.6): "supported" reads the 95 %
+    interval and Holm's p, "not supported" the simultaneous interval; without one (every
+    per-run family) both read the 95 % interval, as before."""
+    up = Finding("k", "c", "e", "t", estimate=0.005, low=-0.01, high=0.015, p=0.3,
+                 direction="greater", size=0.02)  # fmt: skip
+    assert judge([up])[0].verdict == "not supported"
+    assert judge([up], [None])[0].verdict == "not supported"
+    assert judge([up], [(-0.03, 0.03)])[0].verdict == "inconclusive"
+    assert judge([up], [(-0.03, 0.019)])[0].verdict == "not supported"
+    down = Finding("k", "c", "e", "t", estimate=-0.005, low=-0.015, high=0.01, p=0.3,
+                   direction="less", size=0.02)  # fmt: skip
+    assert judge([down])[0].verdict == "not supported"
+    assert judge([down], [(-0.05, 0.03)])[0].verdict == "inconclusive"
+    same = Finding("k", "c", "e", "t", estimate=0.0, low=-0.005, high=0.005, p=1.0,
+                   direction="two-sided", size=0.01)  # fmt: skip
+    assert judge([same])[0].verdict == "not supported"
+    assert judge([same], [(-0.012, 0.012)])[0].verdict == "inconclusive"
+    # Supported is Holm and the 95 % interval, whatever the simultaneous interval says.
+    gain = Finding("k", "c", "e", "t", estimate=0.01, low=0.002, high=0.018, p=0.001,
+                   direction="greater", size=0.02)  # fmt: skip
+    assert judge([gain], [(-0.01, 0.03)])[0].verdict == "supported"

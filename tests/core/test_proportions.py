@@ -53,6 +53,12 @@ def test_mcnemar_exact_known_answers() -> None:
     assert mcnemar_exact(a, b) == pytest.approx(22 / 1024, rel=1e-12)
     assert mcnemar_exact(b, a) == pytest.approx(22 / 1024, rel=1e-12)
     assert mcnemar_exact(a, a) == 1.0  # no discordant image
+    # One-sided ("a is more accurate"): P(X >= 1) for a, 1 of the 10 discordant images its
+    # way; P(X >= 9) = 11 / 1024 for b; "less" mirrors it.
+    assert mcnemar_exact(a, b, "greater") == pytest.approx(1023 / 1024, rel=1e-12)
+    assert mcnemar_exact(b, a, "greater") == pytest.approx(11 / 1024, rel=1e-12)
+    assert mcnemar_exact(a, b, "less") == pytest.approx(11 / 1024, rel=1e-12)
+    assert mcnemar_exact(a, a, "greater") == 1.0
     balanced = torch.tensor([True, False, True, False]), torch.tensor([False, True, False, True])
     assert mcnemar_exact(*balanced) == 1.0
     with pytest.raises(ValueError, match="same images"):

@@ -116,13 +116,28 @@ def test_comparison_pairs_the_variants_and_writes_verdicts(sweep: Path) -> None:
     assert verdicts["robust/pse_at_vs_pgd_at/pgd/model"] == "not supported"
     # Clean 0.95 vs 0.99: 16 images only standard gets right, none the other way.
     assert verdicts["clean/pgd_at_vs_standard/model"] == "supported"
-    assert verdicts["clean/pse_at_vs_pgd_at/model"] == "not supported"  # identical
     rows = {r["key"]: r for r in result["comparisons"]}
+    # Identical clean outcomes (380 of 400 right), "differ" two-sided: the 95 % interval
+    # ±0.0086 lies inside ±0.01, but "not supported" is judged family-wise, from the
+    # simultaneous interval at 1 − 0.05/9 (9 tested claims): ±0.0170, inconclusive.
+    same = rows["clean/pse_at_vs_pgd_at/model"]
+    assert (same["ci_low"], same["ci_high"]) == pytest.approx((-0.00856, 0.00856), abs=1e-5)
+    assert same["simultaneous_confidence"] == pytest.approx(1 - 0.05 / 9)
+    assert same["family_size"] == 9
+    assert (same["simultaneous_low"], same["simultaneous_high"]) == pytest.approx(
+        (-0.01697, 0.01697), abs=1e-5
+    )
+    assert verdicts["clean/pse_at_vs_pgd_at/model"] == "inconclusive"
+    assert "; simultaneous 99.4 % interval [-0.017, +0.017] |" in text
     row = rows["robust/pgd_at_vs_standard/pgd/model"]
     assert (row["only_variant"], row["only_baseline"], row["n"]) == (232, 0, N)
     assert row["difference"] == pytest.approx(0.58)
     assert row["ci_low"] < 0.58 < row["ci_high"]
     assert row["family"] == "trained models"
+    # "more robust" is one-sided: the exact binomial P(X >= 232 | 232, 1/2) = 2^-232 (old
+    # main stored the two-sided 2^-231); "differ" (clean) keeps the two-sided p below.
+    assert row["p"] == pytest.approx(0.5**232, rel=1e-9) and row["direction"] == "greater"
+    assert rows["clean/pgd_at_vs_standard/model"]["direction"] == "two-sided"
     # Holm over the 9 comparisons of trained models (3 pairs x (clean + 2 attacks)): the
     # two clean tests against standard (16 vs 0 discordant, p = 2 / 2**16) rank 5th and 6th
     # of 9, so both are multiplied by 9 - 5 + 1 = 5. The 9 procedure rows are untestable.

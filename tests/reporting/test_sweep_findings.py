@@ -179,15 +179,18 @@ def test_a_seeded_sweep_pairs_each_variant_within_its_seed(seeded: Path) -> None
     assert pooled["sd_difference"] == pytest.approx(statistics.stdev(diffs))
     assert pooled["seeds"] == [["0", pytest.approx(0.0)], ["1", pytest.approx(0.15)]]
     # Across seeds: the procedures compared by a t-test on the 2 per-seed differences
-    # (df = 1, a Cauchy: t = 0.075 / (0.106 / √2) = 1 gives p = 0.5 exactly).
-    assert pooled["p"] == pytest.approx(0.5)
+    # (df = 1, a Cauchy: t = 0.075 / (0.106 / √2) = 1); "more robust" is one-sided, so
+    # p = P(T >= 1) = 0.25 (the two-sided 0.5 on old main).
+    assert pooled["p"] == pytest.approx(0.25)
+    assert pooled["direction"] == "greater"
     assert pooled["ci_low"] == pytest.approx(0.075 - 12.7062 * 0.075, abs=1e-4)
     assert pooled["family"] == "training procedures"
     assert pooled["acc_variant"] == [pytest.approx(0.6), pytest.approx(0.65)]
     assert verdicts["robust/pse_at_vs_pgd_at/pgd"] == "inconclusive"
     assert (
         "| pse_at is more robust than pgd_at under pgd | +0.075 [-0.878, +1.028], seed-to-seed "
-        "SD 0.106 over 2 seeds: 0.600 − 0.600 (seed 0), 0.650 − 0.500 (seed 1) |" in text
+        "SD 0.106 over 2 seeds: 0.600 − 0.600 (seed 0), 0.650 − 0.500 (seed 1); simultaneous "
+        "98.3 % interval [-2.789, +2.939] |" in text
     )
     assert (
         "| exact McNemar, paired on the same images: a comparison of two trained models "

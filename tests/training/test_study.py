@@ -38,6 +38,7 @@ from pse_lightning.reporting.sweep_selection import (
     mark_findings,
     statuses,
 )
+from pse_lightning.reporting.sweep_stats import comparison_plan, variant_pairs
 
 
 @functools.cache
@@ -395,6 +396,21 @@ def test_the_ablation_compares_pse_at_with_its_matched_control(tmp_path: Path) -
     assert row["family"] == "training procedures" and row["directional"]
     assert row["differences"] == pytest.approx([0.08, 0.09, 0.10])
     assert "pse_at is more robust than drift_control" in (tmp_path / "comparison.md").read_text()
+
+
+def test_each_robust_procedure_is_compared_with_pgd_at() -> None:
+    """robust_vs_standard: every variant against standard, and each other adversarial
+    procedure (trades as pse_at) against pgd_at, "more robust" (old main: pse_at only, so
+    the README read trades against standard alone)."""
+    variants = ["standard", "pgd_at", "trades", "pse_at"]
+    assert variant_pairs(variants) == [
+        ("pgd_at", "standard", True), ("trades", "standard", True),
+        ("pse_at", "standard", True), ("trades", "pgd_at", True), ("pse_at", "pgd_at", True),
+    ]  # fmt: skip
+    keys = {c.key for c in comparison_plan(variants, ["pgd"], ["0", "1", "2"])}
+    assert {"robust/trades_vs_pgd_at/pgd/seed=2", "clean/trades_vs_pgd_at/seed=0"} <= keys
+    # Without pgd_at there is nothing to compare a robust procedure with.
+    assert variant_pairs(["standard", "trades"]) == [("trades", "standard", True)]
 
 
 @pytest.mark.parametrize("selected", ["pse_at", "drift_control"])
