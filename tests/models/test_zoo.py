@@ -336,7 +336,12 @@ def test_every_attack_runs_on_a_zoo_model(zoo, make_cfg, choice: str) -> None:
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = model(x).argmax(1)
-    result = instantiate(make_cfg(f"attack={choice}").attack)(model, x, y)
+    # Iterations and queries are budgets, not mechanisms: fewer run the same code path.
+    steps = ["attack.steps=10", "attack.square_queries=100"]
+    budget = {"square": ["attack.n_queries=100"], "fab": ["attack.steps=10"],
+              "autoattack": steps, "autoattack_fast": steps[:1]}  # fmt: skip
+    cfg = make_cfg(f"attack={choice}", *budget.get(choice, []))
+    result = instantiate(cfg.attack)(model, x, y)
     assert result.x_adv.shape == x.shape
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
 
