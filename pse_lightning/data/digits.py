@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor
 from typing_extensions import Unpack
 
@@ -94,6 +93,8 @@ class DigitsDataModule(ImageDataModule):
 
     def load_tensors(self) -> tuple[Tensor, Tensor]:
         """All digits as images (1797, 1, S, S) float32 in [0, 1] and labels (1797,) long."""
+        from sklearn.datasets import load_digits  # here: 0.3 s to import, only this set needs it
+
         digits = load_digits()
         x = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
         if self.image_size != 8:
