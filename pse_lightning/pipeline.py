@@ -119,7 +119,7 @@ def shared_overrides(hydra_cfg: Any) -> tuple[str, ...]:
     """The keys a multirun's command line set without a sweep (the same for every job), read
     from the sweep's ``multirun.yaml`` (Hydra writes it before the first job, for every
     launcher). Empty for a single run."""
-    if not str(OmegaConf.select(hydra_cfg, "mode", default="")).endswith("MULTIRUN"):
+    if sweep_group(hydra_cfg) is None:  # not a multirun
         return ()
     saved = Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml"
     if not saved.is_file():
@@ -128,7 +128,7 @@ def shared_overrides(hydra_cfg: Any) -> tuple[str, ...]:
 
     typed = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=None) or []
     parsed = OverridesParser.create().parse_overrides([str(o) for o in typed])
-    return tuple(o.get_key_element() for o in parsed if not o.is_sweep_override())
+    return tuple(o.key_or_group for o in parsed if not o.is_sweep_override())
 
 
 @dataclass
@@ -291,11 +291,7 @@ def start_stage(
         dataset=choices.get("dataset") or parts.datamodule.name,
         training=choices.get("training") or str(cfg.training.name),
         seed=cfg.seed,
-        overrides=[
-            o
-            for o in name_overrides(list(job.overrides), list(job.path_keys))
-            if o.split("=", 1)[0] not in job.shared
-        ],
+        overrides=name_overrides(list(job.overrides), [*job.path_keys, *job.shared]),
     )
     config = run_config(OmegaConf.to_container(cfg, resolve=True), choices)
     start_run(parts.logger, name=name, job_type=job_type, config=config, group=job.group)
