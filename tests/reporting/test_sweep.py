@@ -78,6 +78,20 @@ def _first(k: int, n: int = N) -> Tensor:
     return torch.arange(n) < k
 
 
+def _seeded_sweep(sweep: Path, robust: dict[str, dict[str, int]], **job: object) -> Path:
+    """A sweep of PGD jobs, one per seed and training (``robust``: seed -> training -> the
+    first k of N images survive); standard training gets 396 clean images right, the others
+    380; ``job``: more :func:`_job` settings."""
+    num = 0
+    for seed, per_training in robust.items():
+        for training, k in per_training.items():
+            overrides = {"training": training, "seed": seed, "attack": "pgd"}
+            clean = _first(396 if training == "standard" else 380)
+            _job(sweep, num, overrides, clean, _first(k), **job)
+            num += 1
+    return sweep
+
+
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     """standard (clean 0.99, robust ~0), pgd_at (robust 0.6 under pgd), pse_at with exactly

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
-from test_sweep import _first, _job
+from test_sweep import _first, _job, _seeded_sweep
 
 from pse_lightning.analysis.pse import PSE
 from pse_lightning.reporting.sweep import write_comparison
@@ -138,14 +138,7 @@ SEEDED = {
 
 @pytest.fixture
 def seeded(tmp_path: Path) -> Path:
-    num = 0
-    for seed, robust in SEEDED.items():
-        for training, k in robust.items():
-            overrides = {"training": training, "seed": seed, "attack": "pgd"}
-            clean = _first(396 if training == "standard" else 380)
-            _job(tmp_path, num, overrides, clean, _first(k), pse=(0.5, 0.3, 0.2))
-            num += 1
-    return tmp_path
+    return _seeded_sweep(tmp_path, SEEDED, pse=(0.5, 0.3, 0.2))
 
 
 def test_seed_is_a_replicate_never_part_of_the_variant(seeded: Path) -> None:

@@ -21,7 +21,7 @@ from calibration import (
     rejections,
 )
 from scipy.stats import nct, norm, t, ttest_1samp
-from test_sweep import _first, _job
+from test_sweep import _seeded_sweep
 from torch import Tensor
 
 from pse_lightning.core.findings import INCONCLUSIVE, Finding, judge, verdict
@@ -417,14 +417,7 @@ THREE_SEEDS = {
 
 @pytest.fixture
 def three_seeds(tmp_path: Path) -> Path:
-    num = 0
-    for seed, robust in THREE_SEEDS.items():
-        for training, k in robust.items():
-            overrides = {"training": training, "seed": seed, "attack": "pgd"}
-            clean = _first(396 if training == "standard" else 380)
-            _job(tmp_path, num, overrides, clean, _first(k))
-            num += 1
-    return tmp_path
+    return _seeded_sweep(tmp_path, THREE_SEEDS)
 
 
 def test_a_three_seed_sweep_opens_with_the_procedure_finding(three_seeds: Path) -> None:
