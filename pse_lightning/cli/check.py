@@ -58,6 +58,23 @@ def _read_text(path: Path, mtime_ns: int, size: int) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def parse_config_file(path: Path) -> tuple[str | None, dict, tuple]:
+    """A config file's ``# @package`` header (None without one), its content without the
+    defaults list, and that list; parsed once per process while the file is unchanged
+    (parsing, not reading, was most of a config check's time). Shared: do not modify."""
+    stat = path.stat()
+    return _parse(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(path: Path, mtime_ns: int, size: int) -> tuple[str | None, dict, tuple]:
+    text = _read_text(path, mtime_ns, size)
+    header = _PACKAGE.search(text)
+    content = OmegaConf.to_container(OmegaConf.create(text or "{}")) or {}
+    defaults = tuple(content.pop("defaults", [])) if isinstance(content, dict) else ()
+    return (header.group(1) if header else None), content, defaults
+
+
 class ConfigFiles:
     """What the files of ``conf/`` (and of the extension folders on Hydra's search path)
     declare: the choices of each group and their keys.
@@ -74,7 +91,8 @@ class ConfigFiles:
 
     @functools.cached_property
     def main(self) -> dict:
-        return OmegaConf.to_container(OmegaConf.load(self.conf_dir / "config.yaml"))  # type: ignore[return-value]
+        _, content, defaults = parse_config_file(self.conf_dir / "config.yaml")
+        return {**content, "defaults": list(defaults)}
 
     def groups(self) -> list[str]:
         """The groups of the main config's defaults list."""
@@ -97,12 +115,10 @@ class ConfigFiles:
         path = next((p for p in found if p.is_file()), None)
         if path is None:
             return ()
-        text = read_config_file(path)
-        header = _PACKAGE.search(text)
-        package = header.group(1) if header else group
-        content = OmegaConf.to_container(OmegaConf.create(text or "{}")) or {}
+        header, content, defaults = parse_config_file(path)
+        package = header or group
         placed: list[tuple[str, dict]] = []
-        for entry in content.pop("defaults", []) if isinstance(content, dict) else []:
+        for entry in defaults:
             if isinstance(entry, str) and entry != "_self_":
                 placed += self.placed(group, entry)
         return (*placed, ("" if package == "_global_" else package, content))

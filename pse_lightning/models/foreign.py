@@ -162,13 +162,21 @@ def guess_architecture(state: dict[str, Tensor], near: str = "") -> str | None:
     """The torchvision architecture whose keys and shapes (head size aside) match ``state``.
 
     Models are built on the meta device (no memory, no initialisation), those of the
-    family of ``near`` (``resnet`` for ``resnet50``) first: the usual mistake is a sibling.
-    Only called to explain a mismatch.
+    family of ``near`` (``resnet`` for ``resnet50``) first: the usual mistake is a sibling;
+    then those whose family the file's key names recall (``squeeze`` for ``squeezenet``),
+    as building all sixty takes seconds. Only called to explain a mismatch.
     """
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     family = re.match(r"[a-z]*", near).group()
+    words = {w for k in state for w in re.findall(r"[a-z]{5,}", k.lower())}
+
+    def recalled(arch: str) -> bool:
+        return any(w[:5] == arch[:5] for w in words)
+
     archs = torchvision.models.list_models(module=torchvision.models)
-    for arch in sorted(archs, key=lambda a: (not (family and a.startswith(family)), a)):
+    for arch in sorted(
+        archs, key=lambda a: (not (family and a.startswith(family)), not recalled(a), a)
+    ):
         try:
             with torch.device("meta"):
                 net = torchvision.models.get_model(arch, weights=None)

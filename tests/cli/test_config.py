@@ -325,6 +325,7 @@ def test_the_config_files_are_read_once_per_process(tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(Path, "read_text", counting)
     check._read_text.cache_clear()
+    check._parse.cache_clear()
     files = sorted(CONF_DIR.rglob("*.yaml"))
     for _job in range(3):
         each = check.ConfigFiles(CONF_DIR)
