@@ -144,10 +144,15 @@ def shared_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the pipeline's own cache lock (:mod:`pse_lightning.core.locks`) lets the first worker
     train an entry while the others wait and then load it.
     """
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "checkpoints"
+    folder = _session_dir(tmp_path_factory) / "checkpoints"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+def _session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of the session shares: the parent of its own base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def compose_conf(*overrides: str, hydra: bool = False) -> DictConfig:
@@ -187,9 +192,12 @@ def make_cfg(
 @pytest.fixture(scope="session")
 def composed(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., DictConfig]:
     """``conf/`` composed as the CLI does (with the ``hydra`` node), once per distinct list
-    of overrides in the session: tests that only read a choice's config share it. Do not
-    modify the returned config (copy it first)."""
-    root = tmp_path_factory.mktemp("composed")
+    of overrides in the session, across xdist workers too (a pickle in the shared session
+    folder; a composition costs 0.1 s and a third of them repeated another worker's): tests
+    that only read a choice's config share it. Do not modify the returned config (copy it
+    first)."""
+    root = _session_dir(tmp_path_factory) / "composed"
+    root.mkdir(exist_ok=True)
     base = (
         f"paths.root={root}",
         f"paths.run_dir={root}/run",
@@ -201,10 +209,28 @@ def composed(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., DictConf
 
     def _composed(*overrides: str) -> DictConfig:
         if overrides not in cache:
-            cache[overrides] = compose_conf(*base, *overrides, hydra=True)
+            cache[overrides] = _compose_once(root, *base, *overrides)
         return cache[overrides]
 
     return _composed
+
+
+def _compose_once(folder: Path, *overrides: str) -> DictConfig:
+    """:func:`compose_conf` with the hydra node, stored in ``folder`` by the first worker
+    that composes ``overrides`` and read back by the others (written whole, then renamed,
+    so a reader never sees half a file; two workers composing at once both write it)."""
+    import hashlib
+    import pickle
+
+    key = hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:24]
+    stored = folder / f"{key}.pkl"
+    if stored.is_file():
+        return pickle.loads(stored.read_bytes())
+    cfg = compose_conf(*overrides, hydra=True)
+    partial = folder / f"{key}.{os.getpid()}.part"
+    partial.write_bytes(pickle.dumps(cfg))
+    partial.replace(stored)
+    return cfg
 
 
 @pytest.fixture(scope="session")
