@@ -82,8 +82,8 @@ def test_dataset_choice_instantiates(composed, choice: str) -> None:
 
 
 @pytest.mark.parametrize("choice", ["cpu", "ddp_cpu"])
-def test_cpu_trainers_instantiate(make_cfg, choice: str) -> None:
-    cfg = make_cfg(f"trainer={choice}")
+def test_cpu_trainers_instantiate(composed, choice: str) -> None:
+    cfg = composed(f"trainer={choice}")
     trainer = instantiate(cfg.trainer, logger=False)
     assert trainer.num_devices >= 1
 

@@ -328,7 +328,7 @@ def test_a_real_imagenet_entry_loads_a_robustness_library_file(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("choice", group_choices("attack"))
-def test_every_attack_runs_on_a_zoo_model(zoo, make_cfg, choice: str) -> None:
+def test_every_attack_runs_on_a_zoo_model(zoo, composed, choice: str) -> None:
     """The wrapper is an ordinary Classifier: each attack config (CAM-guided ones through
     the found feature layer) returns a valid adversarial batch."""
     torch.save(stand_in_state(TinyZooNet()), zoo_file(zoo))
@@ -340,7 +340,7 @@ def test_every_attack_runs_on_a_zoo_model(zoo, make_cfg, choice: str) -> None:
     steps = ["attack.steps=10", "attack.square_queries=100"]
     budget = {"square": ["attack.n_queries=100"], "fab": ["attack.steps=10"],
               "autoattack": steps, "autoattack_fast": steps[:1]}  # fmt: skip
-    cfg = make_cfg(f"attack={choice}", *budget.get(choice, []))
+    cfg = composed(f"attack={choice}", *budget.get(choice, []))
     result = instantiate(cfg.attack)(model, x, y)
     assert result.x_adv.shape == x.shape
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1

@@ -24,8 +24,8 @@ def model_and_batch(seed: int = 0):
 
 
 @pytest.mark.parametrize("choice", [c for c in group_choices("training") if c != "none"])
-def test_training_step_lowers_the_loss(make_cfg, choice: str) -> None:
-    cfg = make_cfg(f"training={choice}")
+def test_training_step_lowers_the_loss(composed, choice: str) -> None:
+    cfg = copy.deepcopy(composed(f"training={choice}"))  # the session's, shared
     if "attack" in cfg.training.objective:
         cfg.training.objective.attack.steps = 2  # the descent, not the attack, is under test
     objective = instantiate(cfg.training.objective)
