@@ -178,17 +178,6 @@ def test_robust_vs_standard_jobs_share_data_seed_and_training_attack() -> None:
 # The config check (pse_lightning.cli.check): every input before any heavy work ----------
 
 
-def _checked(*overrides: str) -> None:
-    """Compose as the CLI does (with the hydra node: its choices) and run the config check."""
-    from helpers import CONF_DIR
-    from hydra import compose, initialize_config_dir
-
-    base = ["attack=pgd", "analysis=none", "logger=none"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
-    _check(cfg)
-
-
 def _check(cfg) -> None:
     from helpers import CONF_DIR
     from omegaconf import OmegaConf
@@ -228,11 +217,13 @@ def test_every_choice_passes_the_config_check(composed, group: str, choice: str)
         (["log_examples=-1"], r"^log_examples must be >= 0, got -1$"),
     ],
 )
-def test_bad_inputs_are_named_by_their_full_key(overrides: list[str], message: str) -> None:
+def test_bad_inputs_are_named_by_their_full_key(
+    composed, overrides: list[str], message: str
+) -> None:
     from pse_lightning.validation import InputError
 
     with pytest.raises(InputError, match=message):
-        _checked(*overrides)
+        _check(composed(*overrides))
 
 
 @pytest.mark.parametrize(
@@ -251,17 +242,17 @@ def test_bad_inputs_are_named_by_their_full_key(overrides: list[str], message: s
         ["training=trades", "training.objective.beta=-1.0"],
     ],
 )
-def test_static_range_checks_say_what_the_constructor_says(make_cfg, overrides) -> None:
+def test_static_range_checks_say_what_the_constructor_says(composed, overrides) -> None:
     """The check re-runs the constructor's own require_* call: same bounds, same words."""
     from pse_lightning.validation import InputError
 
-    cfg = make_cfg(*overrides)
+    cfg = composed(*overrides)
     group = overrides[-1].split(".")[0]
     node = cfg.training.objective if group == "training" else cfg[group]
     with pytest.raises((ValueError, InstantiationException)) as constructor:
         instantiate(node)
     with pytest.raises(InputError) as check:
-        _checked(*overrides)
+        _check(composed(*overrides))
     cause = constructor.value.__cause__ or constructor.value
     assert str(check.value) == str(cause)
 
