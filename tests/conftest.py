@@ -80,6 +80,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, kind))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The command line's process settings (pse_lightning/core/process.py) in the test
+    process too: tests allocate and free tensors as a job does."""
+    from pse_lightning.core.process import keep_freed_memory
+
+    keep_freed_memory()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every test module is imported: spare their objects (torch's, Lightning's) the full
+    garbage collections of the tests to come, as the command line does after its import."""
+    from pse_lightning.core.process import freeze_live_objects
+
+    freeze_live_objects()
+
+
 def _refuse(what: str, mark: str) -> Callable[..., None]:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(
