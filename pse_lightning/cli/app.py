@@ -48,6 +48,7 @@ from pse_lightning.cli.check import check_config, check_required_values
 from pse_lightning.cli.hints import override_hint, quoting_hint, typo_hint
 from pse_lightning.cli.preflight import check_environment
 from pse_lightning.cli.run_dirs import register_resolvers
+from pse_lightning.core.process import freeze_live_objects, keep_freed_memory
 from pse_lightning.core.run_status import (
     DISK_ERRNOS,
     MARKER,
@@ -311,7 +312,10 @@ def run_job(cfg: DictConfig) -> float | None:
             if not (_CHECKED and hydra_cfg.mode == RunMode.RUN):
                 check(cfg, dict(hydra_cfg.runtime.choices), list(hydra_cfg.searchpath))
             quiet_third_party_noise()
+            keep_freed_memory()
             from pse_lightning import pipeline
+
+            freeze_live_objects()  # the modules just imported: see core/process.py
 
             results = pipeline.run(cfg, pipeline.JobContext.from_hydra(hydra_cfg))
     except Interrupted as stop:
@@ -446,3 +450,4 @@ def main() -> None:
         raise
     finally:
         restore_stderr()
+        freeze_live_objects()  # the process ends next: see core/process.py
