@@ -5,14 +5,16 @@ on one core. Inside :func:`background_figures`, :func:`~pse_lightning.reporting.
 hands each figure to a forked child process that renders and writes it (atomically, as
 inline), while this process draws the next one; the child shares the figure's memory, so
 nothing is copied or pickled, and renders the same bytes. :func:`wait_for_figures` (the
-report calls it before ``report.md`` names the figures) waits for every child and raises
-:class:`FigureError` naming any figure that failed. Where ``fork`` is missing (Windows,
-macOS's frameworks make it unsafe) figures are saved inline.
+report calls it before ``report.md`` names the figures) waits for every child and re-raises
+a child's exception (caused by a :class:`FigureError` naming the figure), so a full disk is
+the same error as inline. Where ``fork`` is missing (Windows, or unsafe: macOS's frameworks)
+figures are saved inline.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -26,59 +28,100 @@ WORKERS = 2
 
 
 class FigureError(RuntimeError):
-    """A figure rendered in the background failed (its child's traceback is on stderr)."""
+    """A figure rendered in the background failed: the cause of the child's own exception
+    (re-raised in this process, so a full disk is still an ``OSError``), with its traceback."""
 
 
 class ForkedRenderer:
-    """Runs each figure's save in a forked child, at most ``workers`` at once."""
+    """Runs each figure's save in a forked child, at most ``workers`` at once; a child that
+    fails sends its exception and traceback back through a pipe."""
 
     def __init__(self, workers: int = WORKERS) -> None:
         self.workers = max(1, workers)
-        self.running: dict[int, Path] = {}
-        self.failed: list[Path] = []
+        self.running: dict[int, tuple[Path, int]] = {}  # pid -> (figure, read end of its pipe)
+        self.failed: list[BaseException] = []
 
     def submit(self, save: Callable[[], Path], path: Path) -> Path:
         """Start ``save`` in a child (once a slot is free); returns ``path`` at once."""
         while len(self.running) >= self.workers:
             self._reap()
+        read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: render, write, and leave without running any exit handler
-            code = 1
+            code = 0
             try:
                 save()
-                code = 0
-            except BaseException:
-                traceback.print_exc()
+            except BaseException as err:
+                code = 1
+                _send(write, err)
             finally:
-                sys.stderr.flush()
                 os._exit(code)
-        self.running[pid] = path
+        os.close(write)
+        self.running[pid] = (path, read)
         return path
 
     def wait(self) -> None:
-        """Wait for every child; raise :class:`FigureError` naming the figures that failed."""
+        """Wait for every child; re-raise the first failure (see :class:`FigureError`)."""
         while self.running:
             self._reap()
         failed, self.failed = self.failed, []
         if failed:
-            names = ", ".join(str(p) for p in failed)
-            raise FigureError(f"rendering failed (traceback above): {names}")
+            raise failed[0]
 
     def _reap(self) -> None:
         """Collect the finished children (the oldest, waited for, if none has finished): only
         this renderer's own, never another child of the process (W&B's service)."""
-        finished = {}
-        for pid in self.running:
+        finished: dict[int, tuple[int, bytes]] = {}
+        for pid, (_, pipe) in self.running.items():
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                finished[pid] = status
+                finished[pid] = (status, _receive(pipe))
         if not finished:
-            oldest = next(iter(self.running))
-            finished[oldest] = os.waitpid(oldest, 0)[1]
-        for pid, status in finished.items():
-            path = self.running.pop(pid)
-            if os.waitstatus_to_exitcode(status) != 0:
-                self.failed.append(path)
+            oldest, (_, pipe) = next(iter(self.running.items()))
+            report = _receive(pipe)  # first: a child blocks until its report is read
+            finished[oldest] = (os.waitpid(oldest, 0)[1], report)
+        for pid, (status, report) in finished.items():
+            path, pipe = self.running.pop(pid)
+            os.close(pipe)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                self.failed.append(_failure(path, code, report))
+
+
+def _send(fd: int, err: BaseException) -> None:
+    """Write the child's exception and traceback to the parent (in the child)."""
+    trace = traceback.format_exc()
+    try:
+        payload = pickle.dumps((err, trace))
+    except Exception:  # an exception that cannot be pickled: its text
+        payload = pickle.dumps((None, trace))
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _receive(fd: int) -> bytes:
+    """Everything a child wrote to its pipe, read until it closed it (at its exit)."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _failure(path: Path, code: int, report: bytes) -> BaseException:
+    """The exception to raise for a failed child: its own, caused by a FigureError that
+    names the figure and holds the child's traceback; a FigureError alone if none came."""
+    err, trace = None, ""
+    if report:
+        with suppress(Exception):
+            err, trace = pickle.loads(report)
+    if not trace:
+        return FigureError(f"rendering {path} failed: its process ended with code {code}")
+    cause = FigureError(f"rendering {path} failed in a background process:\n{trace}")
+    if err is None:
+        return cause
+    err.__cause__ = cause
+    return err
 
 
 _ACTIVE: ContextVar[ForkedRenderer | None] = ContextVar("background_figures", default=None)
@@ -92,7 +135,7 @@ def can_fork() -> bool:
 @contextmanager
 def background_figures(workers: int = WORKERS) -> Iterator[None]:
     """Within the block, figures are saved in the background (inline where ``fork`` is
-    missing); every one is written, or :class:`FigureError` raised, when the block ends."""
+    missing); every one is written, or a failure re-raised, when the block ends."""
     if not can_fork() or _ACTIVE.get() is not None:
         yield
         return
@@ -101,7 +144,7 @@ def background_figures(workers: int = WORKERS) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        with suppress(FigureError):  # the block's own error is the one to report
+        with suppress(Exception):  # the block's own error is the one to report
             renderer.wait()
         raise
     finally:
@@ -120,7 +163,7 @@ def submit(save: Callable[[], Path], path: Path) -> Path:
 
 def wait_for_figures() -> None:
     """Wait for the figures being rendered in the background (none outside
-    :func:`background_figures`); raises :class:`FigureError` if any failed."""
+    :func:`background_figures`); re-raises the first failure (see :class:`FigureError`)."""
     renderer = _ACTIVE.get()
     if renderer is not None:
         renderer.wait()

@@ -4,6 +4,8 @@ it, without leaving a file behind."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -52,13 +54,28 @@ class Broken(Artist):
         raise RuntimeError("cannot draw")
 
 
-def test_a_failed_figure_fails_the_block_naming_it_and_leaves_nothing(tmp_path: Path) -> None:
+def test_a_failed_figure_raises_its_error_naming_it_and_leaves_nothing(tmp_path: Path) -> None:
     fig, _ = new_figure(width=2, height=2)
     fig.add_artist(Broken())
-    with pytest.raises(FigureError, match="broken.png"), background_figures():
+    with pytest.raises(RuntimeError, match="cannot draw") as raised, background_figures():
         good = draw_all(tmp_path, 1)
         save(fig, tmp_path / "broken.png")
+    cause = raised.value.__cause__
+    assert isinstance(cause, FigureError) and "broken.png" in str(cause)
+    assert "in draw" in str(cause)  # the child's traceback
     assert [p.name for p in tmp_path.iterdir()] == [good[0].name]
+
+
+def test_a_full_disk_in_a_child_is_an_oserror_here(tmp_path: Path, monkeypatch) -> None:
+    """The command line turns a full disk into one line: the child's OSError comes back."""
+
+    def full(path: Path, write: object) -> Path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("pse_lightning.reporting.figures.write_atomic", full)
+    with pytest.raises(OSError) as raised, background_figures():
+        draw_all(tmp_path, 1)
+    assert raised.value.errno == errno.ENOSPC
 
 
 def test_the_blocks_own_error_is_the_one_raised(tmp_path: Path) -> None:
