@@ -90,12 +90,11 @@ class ForkedRenderer:
 
 def _send(fd: int, err: BaseException) -> None:
     """Write the child's exception and traceback to the parent (in the child)."""
-    trace = traceback.format_exc()
     try:
-        payload = pickle.dumps((err, trace))
-    except Exception:  # an exception that cannot be pickled: its text
-        payload = pickle.dumps((None, trace))
-    view = memoryview(payload)
+        error = pickle.dumps(err)
+    except Exception:  # an exception that cannot be pickled: its traceback only
+        error = b""
+    view = memoryview(pickle.dumps((traceback.format_exc(), error)))
     while view:
         view = view[os.write(fd, view) :]
 
@@ -111,10 +110,10 @@ def _receive(fd: int) -> bytes:
 def _failure(path: Path, code: int, report: bytes) -> BaseException:
     """The exception to raise for a failed child: its own, caused by a FigureError that
     names the figure and holds the child's traceback; a FigureError alone if none came."""
-    err, trace = None, ""
-    if report:
-        with suppress(Exception):
-            err, trace = pickle.loads(report)
+    trace, error = pickle.loads(report) if report else ("", b"")
+    err = None
+    with suppress(Exception):  # one that cannot be rebuilt here: its traceback only
+        err = pickle.loads(error) if error else None
     if not trace:
         return FigureError(f"rendering {path} failed: its process ended with code {code}")
     cause = FigureError(f"rendering {path} failed in a background process:\n{trace}")
