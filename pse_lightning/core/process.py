@@ -5,9 +5,9 @@ process as it finds it.
 
 - :func:`keep_freed_memory`: torch allocates a CPU tensor with ``malloc`` per operation.
   glibc serves blocks above a moving threshold with ``mmap`` and hands freed memory back to
-  the system, so each new tensor faults in freshly zeroed pages: the main job spent 24 s of
-  system CPU (3.8 M page faults) on it. Kept for reuse, that memory costs 3 s (0.5 M
-  faults), for up to 15 % more peak memory.
+  the system, so each new tensor faults in freshly zeroed pages: the main job spent 13-24 s
+  of system CPU (3.8-5 M page faults) on it. Kept for reuse, that memory costs 3-4 s (0.5-0.8
+  M faults), for up to 15 % more peak memory.
 - :func:`freeze_live_objects`: a full garbage collection traverses every live object, and
   the modules of torch, Lightning and W&B hold half a million; the interpreter's shutdown
   runs several (2 s of a finished job's wall time, 0.3 s once frozen). Frozen after the
