@@ -5,14 +5,13 @@ process as it finds it.
 
 - :func:`keep_freed_memory`: torch allocates a CPU tensor with ``malloc`` per operation.
   glibc serves blocks above a moving threshold with ``mmap`` and hands freed memory back to
-  the system, so each new tensor faults in freshly zeroed pages: the main job spent 24 s of
-  system CPU (3.8 M page faults) on it, a tenth of its work. Kept for reuse, that memory
-  costs 3 s (0.5 M faults) at 6 % more peak memory.
-- :func:`freeze_live_objects`: each full garbage collection traverses every live object, and
-  the modules of torch, Lightning and W&B hold millions: the main job's full collections
-  took 1.7 s, and the interpreter's shutdown runs several more (2 s of a finished job's
-  wall time). Frozen once the pipeline is imported, and again as the process ends, those
-  objects are traversed once.
+  the system, so each new tensor faults in freshly zeroed pages: the main job spent 13-24 s
+  of system CPU (3.8-5 M page faults) on it. Kept for reuse, that memory costs 3-4 s (0.5-0.8
+  M faults), for up to 15 % more peak memory.
+- :func:`freeze_live_objects`: a full garbage collection traverses every live object, and
+  the modules of torch, Lightning and W&B hold half a million; the interpreter's shutdown
+  runs several (2 s of a finished job's wall time, 0.3 s once frozen). Frozen after the
+  pipeline's import, they are also skipped by the collections the report's figures set off.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from pse_lightning.modules.evaluation import EvaluationResult
 from pse_lightning.modules.example_panels import example_map_columns, example_panels_section
 from pse_lightning.reporting.findings import run_findings
 from pse_lightning.reporting.outcomes import write_outcomes
+from pse_lightning.reporting.rendering import background_figures
 from pse_lightning.reporting.report import log_report_to_wandb, with_prefix, write_report
 
 
@@ -78,8 +79,9 @@ class ReportWriter(pl.Callback):
             )
         if self.marker is not None:
             self.marker.enter("report")
-        # Figures and findings are small operations: one thread (core/threads.py).
-        with torch_threads(1):
+        # Figures and findings are small operations: one thread (core/threads.py); the
+        # figures render in forked children while the next is drawn (reporting/rendering.py).
+        with torch_threads(1), background_figures():
             self.write(self.result, trainer.logger)
 
     def write(self, result: EvaluationResult, logger: Logger | None = None) -> None:

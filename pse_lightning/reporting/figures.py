@@ -11,7 +11,9 @@ maps (``magma``), and the amplification of any amplified perturbation written on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -19,6 +21,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from pse_lightning.reporting.files import write_atomic
+from pse_lightning.reporting.rendering import submit
 
 SIGNED_CMAP = "berlin"  # diverging, perceptually uniform, zero at the centre
 HEAT_CMAP = "magma"  # sequential, perceptually uniform: CAMs, energies, |δ|
@@ -40,8 +43,14 @@ def new_figure(
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG (creating the folder, atomically) and return the path."""
-    return write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=DPI))
+    """Write ``fig`` as PNG (creating the folder, atomically) and return the path; inside
+    :func:`~pse_lightning.reporting.rendering.background_figures`, in the background."""
+    path = Path(path)
+    return submit(lambda: write_atomic(path, partial(_write_png, fig)), path)
+
+
+def _write_png(fig: Figure, handle: IO[bytes]) -> None:
+    fig.savefig(handle, format="png", dpi=DPI)
 
 
 def class_name(names: Sequence[str], c: int) -> str:

@@ -35,6 +35,7 @@ from pse_lightning.reporting.figures import (
 from pse_lightning.reporting.files import json_text, write_files_atomic
 from pse_lightning.reporting.findings import findings_markdown, run_findings
 from pse_lightning.reporting.glossary import TERMS, glossary_markdown, terms_for, unexplained
+from pse_lightning.reporting.rendering import wait_for_figures
 
 log = logging.getLogger(__name__)
 HEADINGS = ("Findings", "Key numbers", "Setup", "Glossary", "All metrics")
@@ -283,6 +284,7 @@ def write_report(
     )  # fmt: skip
     verdicts = {f.key: f.verdict for f in findings}
     payload = {"metrics": scalars, "findings": verdicts, **(extra or {})}
+    wait_for_figures()  # report.md names them: each is on disk first
     # All three or none (a full disk): renamed into place only once all are written.
     files = {
         "report": (run_dir / "report.md", text),
