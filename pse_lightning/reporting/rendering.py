@@ -13,18 +13,29 @@ figures are saved inline.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import select
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Children rendering at once: with this process drawing the next figure, a 2-core machine
 # is busy; more would only queue.
 WORKERS = 2
+# A figure renders in seconds. A child silent for this long is stuck (a lock that another
+# thread of this process held when it forked, say): it is stopped and its figure rendered
+# here instead, so the report is late, never hung.
+STUCK_SECONDS = 300.0
 
 
 class FigureError(RuntimeError):
@@ -32,13 +43,25 @@ class FigureError(RuntimeError):
     (re-raised in this process, so a full disk is still an ``OSError``), with its traceback."""
 
 
+@dataclass
+class _Child:
+    """A figure being rendered: its path, the read end of its pipe, the save to run here if
+    it gets stuck, and when it started."""
+
+    path: Path
+    pipe: int
+    save: Callable[[], Path]
+    started: float = field(default_factory=time.monotonic)
+
+
 class ForkedRenderer:
     """Runs each figure's save in a forked child, at most ``workers`` at once; a child that
     fails sends its exception and traceback back through a pipe."""
 
-    def __init__(self, workers: int = WORKERS) -> None:
+    def __init__(self, workers: int = WORKERS, stuck_seconds: float = STUCK_SECONDS) -> None:
         self.workers = max(1, workers)
-        self.running: dict[int, tuple[Path, int]] = {}  # pid -> (figure, read end of its pipe)
+        self.stuck_seconds = stuck_seconds
+        self.running: dict[int, _Child] = {}  # by pid
         self.failed: list[BaseException] = []
 
     def submit(self, save: Callable[[], Path], path: Path) -> Path:
@@ -57,7 +80,7 @@ class ForkedRenderer:
             finally:
                 os._exit(code)
         os.close(write)
-        self.running[pid] = (path, read)
+        self.running[pid] = _Child(path, read, save)
         return path
 
     def wait(self) -> None:
@@ -69,23 +92,51 @@ class ForkedRenderer:
             raise failed[0]
 
     def _reap(self) -> None:
-        """Collect the finished children (the oldest, waited for, if none has finished): only
-        this renderer's own, never another child of the process (W&B's service)."""
+        """Collect the finished children, waiting for one if none has finished (and
+        rendering the oldest's figure here if it is stuck): only this renderer's own, never
+        another child of the process (W&B's service)."""
         finished: dict[int, tuple[int, bytes]] = {}
-        for pid, (_, pipe) in self.running.items():
+        for pid, child in self.running.items():
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                finished[pid] = (status, _receive(pipe))
+                finished[pid] = (status, _receive(child.pipe))
         if not finished:
-            oldest, (_, pipe) = next(iter(self.running.items()))
-            report = _receive(pipe)  # first: a child blocks until its report is read
-            finished[oldest] = (os.waitpid(oldest, 0)[1], report)
+            oldest = next(iter(self.running))
+            left = self.running[oldest].started + self.stuck_seconds - time.monotonic()
+            pipes = {child.pipe: pid for pid, child in self.running.items()}
+            # A pipe turns readable when its child reports a failure or exits (end of file).
+            ready, _, _ = select.select(list(pipes), [], [], max(0.0, left))
+            if not ready:
+                self._render_here(oldest)
+                return
+            for pipe in ready:
+                report = _receive(pipe)  # first: a child blocks until its report is read
+                finished[pipes[pipe]] = (os.waitpid(pipes[pipe], 0)[1], report)
         for pid, (status, report) in finished.items():
-            path, pipe = self.running.pop(pid)
-            os.close(pipe)
+            child = self.running.pop(pid)
+            os.close(child.pipe)
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
-                self.failed.append(_failure(path, code, report))
+                self.failed.append(_failure(child.path, code, report))
+
+    def _render_here(self, pid: int) -> None:
+        """Stop a stuck child, remove what it left half-written, and save its figure here."""
+        child = self.running.pop(pid)
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(child.pipe)
+        for partial in child.path.parent.glob(f".{child.path.name}.*.tmp"):
+            partial.unlink(missing_ok=True)
+        log.warning(
+            "rendering %s in a background process took over %.0f s: rendering it here",
+            child.path,
+            self.stuck_seconds,
+        )
+        try:
+            child.save()
+        except Exception as err:
+            self.failed.append(err)
 
 
 def _send(fd: int, err: BaseException) -> None:

@@ -90,3 +90,29 @@ def test_the_blocks_own_error_is_the_one_raised(tmp_path: Path) -> None:
 def test_outside_the_block_a_figure_is_saved_at_once(tmp_path: Path) -> None:
     (path,) = draw_all(tmp_path, 1)
     assert path.is_file()
+
+
+def test_a_stuck_child_is_stopped_and_its_figure_rendered_here(tmp_path: Path, caplog) -> None:
+    """A child that hangs (a lock held by another thread at the fork) costs the report a
+    delay, not the run: it is killed, its half-written file removed, the figure saved here."""
+    from pse_lightning.core.atomic import temporary_beside
+    from pse_lightning.reporting.rendering import ForkedRenderer
+
+    parent = os.getpid()
+    path = tmp_path / "figure.png"
+
+    def save() -> Path:
+        if os.getpid() != parent:  # the child: leave a temporary behind and hang
+            temporary_beside(path)
+            import time
+
+            time.sleep(60)
+        path.write_bytes(b"drawn here")
+        return path
+
+    renderer = ForkedRenderer(workers=1, stuck_seconds=0.5)
+    renderer.submit(save, path)
+    renderer.wait()
+    assert path.read_bytes() == b"drawn here"
+    assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+    assert "rendering it here" in caplog.text
