@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -137,6 +136,8 @@ def _offline_wandb(tmp_path_factory: pytest.TempPathFactory) -> None:
     # so do the processes its tests start (the CLI, spawned ranks): two threads per process
     # beside a busy worker wait at barriers (core/threads.py) and cost far more CPU. A
     # thread count set in the environment is kept.
+    import torch  # here, not at the top: xdist's controller runs no test and needs no torch
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     threads = max(1, min(2, torch.get_num_threads()) // workers)
     torch.set_num_threads(threads)
