@@ -87,6 +87,19 @@ def pytest_configure(config: pytest.Config) -> None:
     keep_freed_memory()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """After a file's last test (and its fixtures' teardown), freeze what is alive: the
+    modules its tests imported (Lightning, matplotlib, a peer library) and the session's
+    caches, so the next file's full garbage collections do not traverse them again."""
+    result = yield
+    if nextitem is None or nextitem.path != item.path:
+        from pse_lightning.core.process import freeze_live_objects
+
+        freeze_live_objects()
+    return result
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Every test module is imported: spare their objects (torch's, Lightning's) the full
     garbage collections of the tests to come, as the command line does after its import."""
