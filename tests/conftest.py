@@ -264,6 +264,17 @@ def _compose_once(folder: Path, *overrides: str) -> DictConfig:
 
 
 @pytest.fixture(scope="session")
+def small_vgg16() -> object:
+    """VGG-16 adapted to 32 px images with 4 classes, in eval mode, built once per worker:
+    building one takes a second (torchvision initialises its ImageNet classifier before it
+    is replaced). Shared: do not modify it."""
+    from pse_lightning.models import TorchvisionClassifier
+
+    return TorchvisionClassifier(arch="vgg16", num_classes=4, in_channels=3, mean=[0.4, 0.5, 0.6],
+                                 std=[0.2, 0.25, 0.3], image_size=32).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_dir: Path,
                        shared_checkpoints: Path) -> Path:  # fmt: skip
     """The weights file of the tiny default model (``make_cfg(shared=True)`` trains the same

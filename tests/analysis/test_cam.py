@@ -25,7 +25,7 @@ from pse_lightning.attacks.cw import CWL2
 from pse_lightning.attacks.norms import flat_norm
 from pse_lightning.core import activation_maps as amaps
 from pse_lightning.core.activation_maps import CAM, GradCAM, activation_map_for
-from pse_lightning.models import SmallCNN, TorchvisionClassifier
+from pse_lightning.models import SmallCNN
 
 
 def small_cnn(widths: tuple[int, ...] = (8, 16), seed: int = 0) -> SmallCNN:
@@ -138,11 +138,9 @@ def test_batched_maps_use_one_target_per_image_and_per_image_normalisation() -> 
     assert not torch.allclose(other[0], CAM()(model, x, target)[0])
 
 
-def test_auto_method_cam_for_gap_linear_gradcam_for_vgg16() -> None:
+def test_auto_method_cam_for_gap_linear_gradcam_for_vgg16(small_vgg16) -> None:
     assert type(activation_map_for(small_cnn())) is CAM
-    vgg = TorchvisionClassifier(
-        arch="vgg16", num_classes=5, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, image_size=32
-    ).eval()
+    vgg = small_vgg16
     assert type(activation_map_for(vgg)) is GradCAM
     assert type(activation_map_for(small_cnn(), "gradcam")) is GradCAM
     with pytest.raises(ValueError, match="analysis.cam.method"):

@@ -28,8 +28,13 @@ def test_normalisation_lives_inside_the_model() -> None:
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vgg16"])
-def test_torchvision_models_take_small_images_and_name_their_layers(arch: str) -> None:
-    model = TorchvisionClassifier(arch=arch, num_classes=4, in_channels=3, image_size=32, **STATS)
+def test_torchvision_models_take_small_images_and_name_their_layers(request, arch: str) -> None:
+    if arch == "vgg16":  # the session's (conftest.py), built with these arguments
+        model = request.getfixturevalue("small_vgg16")
+    else:
+        model = TorchvisionClassifier(
+            arch=arch, num_classes=4, in_channels=3, image_size=32, **STATS
+        )
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
     assert (model.head is None) == (arch == "vgg16")
     for name in (model.feature_layer, *model.dissection_layers):
