@@ -45,6 +45,12 @@ def temporary_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def temporaries_beside(path: Path) -> list[Path]:
+    """The temporary files :func:`temporary_beside` made for ``path`` and left there: a
+    writer killed before it could remove its own."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write`` on a binary temporary file beside ``path``, then rename it into place."""
     path = Path(path)

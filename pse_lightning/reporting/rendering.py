@@ -27,6 +27,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pse_lightning.core.atomic import temporaries_beside
+
 log = logging.getLogger(__name__)
 
 # Children rendering at once: with this process drawing the next figure, a 2-core machine
@@ -126,7 +128,7 @@ class ForkedRenderer:
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(child.pipe)
-        for partial in child.path.parent.glob(f".{child.path.name}.*.tmp"):
+        for partial in temporaries_beside(child.path):
             partial.unlink(missing_ok=True)
         log.warning(
             "rendering %s in a background process took over %.0f s: rendering it here",
