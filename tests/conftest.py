@@ -262,19 +262,19 @@ def composed(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., DictConf
 
 def _compose_once(folder: Path, *overrides: str) -> DictConfig:
     """:func:`compose_conf` with the hydra node, stored in ``folder`` by the first worker
-    that composes ``overrides`` and read back by the others (written whole, then renamed,
-    so a reader never sees half a file; two workers composing at once both write it)."""
+    that composes ``overrides`` and read back by the others (written atomically, so a
+    reader never sees half a file; two workers composing at once both write it)."""
     import hashlib
     import pickle
+
+    from pse_lightning.core.atomic import write_atomic
 
     key = hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:24]
     stored = folder / f"{key}.pkl"
     if stored.is_file():
         return pickle.loads(stored.read_bytes())
     cfg = compose_conf(*overrides, hydra=True)
-    partial = folder / f"{key}.{os.getpid()}.part"
-    partial.write_bytes(pickle.dumps(cfg))
-    partial.replace(stored)
+    write_atomic(stored, lambda handle: pickle.dump(cfg, handle))
     return cfg
 
 
